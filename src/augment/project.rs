@@ -1,0 +1,130 @@
+//! Projection back to the vocabulary: a FAISS index over the word-embedding table with
+//! special and reserved tokens left out, searched in batches.
+
+use anyhow::{bail, Context, Result};
+use faiss::{index_factory, Index, MetricType};
+use serde::{Deserialize, Serialize};
+
+/// Distance used for nearest-neighbour search.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    /// Euclidean distance.
+    L2,
+    /// Largest inner product.
+    InnerProduct,
+}
+
+/// A nearest-token index over a word-embedding table.
+pub struct Projector {
+    index: faiss::index::IndexImpl,
+    token_ids: Vec<u32>,
+    dim: usize,
+    /// FAISS factory string the index was built with.
+    pub factory: String,
+    /// The metric.
+    pub metric: Metric,
+}
+
+impl Projector {
+    /// Indexes the rows of `table` (`vocab × dim`, row-major) whose token id passes `keep`.
+    /// `factory` is a FAISS index-factory string (`Flat`, `HNSW32`, `IVF1024,Flat`, ...).
+    pub fn build(table: &[f32], dim: usize, keep: impl Fn(u32) -> bool, factory: &str, metric: Metric) -> Result<Self> {
+        if dim == 0 || table.len() % dim != 0 {
+            bail!("embedding table of {} values is not a multiple of dimension {dim}", table.len());
+        }
+        let vocab = table.len() / dim;
+        let token_ids: Vec<u32> = (0..vocab as u32).filter(|&i| keep(i)).collect();
+        if token_ids.is_empty() {
+            bail!("no token left to index after excluding special tokens");
+        }
+        let mut data = Vec::with_capacity(token_ids.len() * dim);
+        for &t in &token_ids {
+            data.extend_from_slice(&table[t as usize * dim..(t as usize + 1) * dim]);
+        }
+        let mt = match metric {
+            Metric::L2 => MetricType::L2,
+            Metric::InnerProduct => MetricType::InnerProduct,
+        };
+        let mut index = index_factory(dim as u32, factory, mt).with_context(|| format!("FAISS index factory `{factory}` failed"))?;
+        if !index.is_trained() {
+            index.train(&data).with_context(|| format!("training FAISS index `{factory}` failed"))?;
+        }
+        index.add(&data).context("adding vectors to the FAISS index failed")?;
+        Ok(Self { index, token_ids, dim, factory: factory.to_string(), metric })
+    }
+
+    /// Number of indexed tokens.
+    pub fn len(&self) -> usize {
+        self.token_ids.len()
+    }
+
+    /// True when nothing is indexed.
+    pub fn is_empty(&self) -> bool {
+        self.token_ids.is_empty()
+    }
+
+    /// The `k` nearest token ids of each query (row-major `n × dim`), best first, with
+    /// their distances (squared L2, or inner product).
+    pub fn search(&mut self, queries: &[f32], k: usize) -> Result<(Vec<u32>, Vec<f32>)> {
+        if queries.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        if queries.len() % self.dim != 0 {
+            bail!("query buffer of {} values is not a multiple of dimension {}", queries.len(), self.dim);
+        }
+        let res = self.index.search(queries, k).context("FAISS search failed")?;
+        let ids = res
+            .labels
+            .iter()
+            .map(|l| l.get().map(|i| self.token_ids[i as usize]).unwrap_or(self.token_ids[0]))
+            .collect();
+        Ok((ids, res.distances))
+    }
+
+    /// The nearest token id of each query.
+    pub fn nearest(&mut self, queries: &[f32]) -> Result<Vec<u32>> {
+        Ok(self.search(queries, 1)?.0)
+    }
+}
+
+/// Exact nearest neighbour by brute force (the reference the tests compare FAISS against).
+pub fn brute_force_nearest(table: &[f32], dim: usize, keep: impl Fn(u32) -> bool, query: &[f32], metric: Metric) -> u32 {
+    let mut best = (u32::MAX, f32::INFINITY);
+    for (t, row) in table.chunks_exact(dim).enumerate() {
+        if !keep(t as u32) {
+            continue;
+        }
+        let score = match metric {
+            Metric::L2 => row.iter().zip(query).map(|(a, b)| (a - b) * (a - b)).sum::<f32>(),
+            Metric::InnerProduct => -row.iter().zip(query).map(|(a, b)| a * b).sum::<f32>(),
+        };
+        if score < best.1 {
+            best = (t as u32, score);
+        }
+    }
+    best.0
+}
+
+/// Median distance from an indexed token to its nearest other token, over up to
+/// `sample` tokens spread evenly over the index (L2 only; the scale for relative ε).
+pub fn median_nn_distance(table: &[f32], dim: usize, p: &mut Projector, sample: usize) -> Result<f32> {
+    let n = p.token_ids.len();
+    let step = (n / sample.max(1)).max(1);
+    let picks: Vec<u32> = p.token_ids.iter().step_by(step).copied().collect();
+    let mut q = Vec::with_capacity(picks.len() * dim);
+    for &t in &picks {
+        q.extend_from_slice(&table[t as usize * dim..(t as usize + 1) * dim]);
+    }
+    let (ids, d) = p.search(&q, 2)?;
+    let mut dists: Vec<f32> = picks
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| {
+            let j = if ids[2 * i] == t { 2 * i + 1 } else { 2 * i };
+            d[j].max(0.0).sqrt()
+        })
+        .collect();
+    dists.sort_by(f32::total_cmp);
+    Ok(dists[dists.len() / 2])
+}

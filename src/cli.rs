@@ -1,0 +1,372 @@
+//! The command tree. Each command parses its flags and calls one library entry point.
+
+use crate::config::PipelineConfig;
+use crate::data::resolve_glue_dir;
+use crate::model::bert::parse_device;
+use crate::pipeline::{self, RunOptions};
+use crate::{fetch, glue, inspect, report, shards, student, teacher};
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// augpro: distillation data by Augmentation with Projection.
+#[derive(Parser, Debug)]
+#[command(name = "augpro", version, about = "Augmentation with Projection: make knowledge-distillation data for BERT-family students")]
+pub struct Cli {
+    /// More log output (-v, -vv).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Only errors.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// Threads for rayon, FAISS and OpenBLAS (default: all cores).
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Fetch and look at GLUE data.
+    #[command(subcommand)]
+    Data(DataCmd),
+    /// Fine-tune or evaluate a teacher.
+    #[command(subcommand)]
+    Teacher(TeacherCmd),
+    /// Run a pipeline: teacher, augmentation, enriched shards.
+    Augment(AugmentArgs),
+    /// Train a student by distillation from shards.
+    TrainStudent(StudentArgs),
+    /// Compare methods: train students per method over seeds and write a report.
+    Report(ReportArgs),
+    /// Print diagnostics and example rows of a shard directory.
+    Inspect(InspectArgs),
+    /// Check a shard directory against its manifest.
+    Verify(VerifyArgs),
+}
+
+/// `data` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum DataCmd {
+    /// Download a GLUE config's Parquet files from the hub layout.
+    Fetch {
+        /// GLUE config name.
+        #[arg(long)]
+        config: String,
+        /// Only these splits (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        splits: Option<Vec<String>>,
+        /// Where to put the files.
+        #[arg(long)]
+        glue_dir: Option<PathBuf>,
+        /// Base URL of the dataset's files.
+        #[arg(long, default_value = fetch::DEFAULT_BASE_URL)]
+        base_url: String,
+    },
+    /// Print the first rows of a split and its row count.
+    Show {
+        /// GLUE config name.
+        #[arg(long)]
+        task: String,
+        /// Split name.
+        #[arg(long, default_value = "validation")]
+        split: String,
+        /// Rows to print.
+        #[arg(short, default_value_t = 5)]
+        n: usize,
+        /// GLUE directory.
+        #[arg(long)]
+        glue_dir: Option<PathBuf>,
+    },
+}
+
+/// Flags shared by commands that run a model.
+#[derive(Args, Debug, Clone)]
+pub struct DeviceArgs {
+    /// cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// GLUE directory (else AUGPRO_GLUE_DIR, else data/glue).
+    #[arg(long)]
+    pub glue_dir: Option<PathBuf>,
+}
+
+/// `teacher` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum TeacherCmd {
+    /// Fine-tune a base model on a task.
+    Train {
+        /// GLUE task.
+        #[arg(long)]
+        task: String,
+        /// Base model directory (HF layout).
+        #[arg(long, default_value = "data/models/minilm-l6")]
+        model: PathBuf,
+        /// Output checkpoint directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Epochs.
+        #[arg(long, default_value_t = 1)]
+        epochs: usize,
+        /// Use at most this many shuffled training examples.
+        #[arg(long)]
+        max_train_examples: Option<usize>,
+        /// Stop after this many steps.
+        #[arg(long)]
+        max_steps: Option<usize>,
+        /// Peak learning rate.
+        #[arg(long, default_value_t = 5e-5)]
+        lr: f64,
+        /// Batch size.
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+        /// Truncation length.
+        #[arg(long, default_value_t = 66)]
+        max_seq_len: usize,
+        /// Seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[command(flatten)]
+        dev: DeviceArgs,
+    },
+    /// Evaluate a fine-tuned checkpoint on the validation split(s).
+    Eval {
+        /// Checkpoint directory.
+        #[arg(long)]
+        teacher: PathBuf,
+        /// GLUE task.
+        #[arg(long)]
+        task: String,
+        #[command(flatten)]
+        dev: DeviceArgs,
+    },
+}
+
+/// `augment` flags.
+#[derive(Args, Debug)]
+pub struct AugmentArgs {
+    /// Pipeline file.
+    #[arg(default_value = "pipelines/sst2.toml")]
+    pub pipeline: PathBuf,
+    /// Shard count (must match across workers).
+    #[arg(long)]
+    pub num_shards: Option<usize>,
+    /// Run only this shard; also read from JOB_COMPLETION_INDEX or SLURM_ARRAY_TASK_ID.
+    #[arg(long)]
+    pub shard_index: Option<usize>,
+    /// Only write the manifest from finished shards.
+    #[arg(long)]
+    pub finalize: bool,
+    /// Replace outputs of a different configuration.
+    #[arg(long)]
+    pub force: bool,
+    /// Output root (overrides the pipeline's `output`).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub dev: DeviceArgs,
+}
+
+/// `train-student` flags.
+#[derive(Args, Debug)]
+pub struct StudentArgs {
+    /// Shard directory (with manifest.json).
+    #[arg(long)]
+    pub shards: PathBuf,
+    /// GLUE task.
+    #[arg(long)]
+    pub task: String,
+    /// Output checkpoint directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Use only rows of these methods (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub methods: Option<Vec<String>>,
+    /// Student base checkpoint.
+    #[arg(long, default_value = "data/models/minilm-l6")]
+    pub model: PathBuf,
+    /// Keep the first k layers.
+    #[arg(long, default_value_t = 3)]
+    pub layers: usize,
+    /// Weight of the gold-label loss.
+    #[arg(long, default_value_t = 0.5)]
+    pub alpha: f64,
+    /// Distillation temperature.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// Learning rate.
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// Batch size.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Epochs.
+    #[arg(long, default_value_t = 3)]
+    pub epochs: usize,
+    /// Exact step budget.
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub dev: DeviceArgs,
+}
+
+/// `report` flags.
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// GLUE task.
+    #[arg(long, default_value = "sst2")]
+    pub task: String,
+    /// smoke (CI-sized), low (low-resource) or paper (full data).
+    #[arg(long, default_value = "low")]
+    pub preset: String,
+    /// Source examples to augment (overrides the preset).
+    #[arg(long)]
+    pub train_examples: Option<usize>,
+    /// Seeds per method.
+    #[arg(long)]
+    pub seeds: Option<usize>,
+    /// Student steps per run (same for every method).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Base pipeline file whose teacher and method parameters are used.
+    #[arg(long)]
+    pub pipeline: Option<PathBuf>,
+    /// Report directory root.
+    #[arg(long, default_value = "reports")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub dev: DeviceArgs,
+}
+
+/// `inspect` flags.
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// Shard directory.
+    pub dir: PathBuf,
+    /// Example rows to print per method.
+    #[arg(short, default_value_t = 2)]
+    pub n: usize,
+}
+
+/// `verify` flags.
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// Shard directory.
+    pub dir: PathBuf,
+}
+
+fn shard_index_from_env() -> Option<usize> {
+    ["JOB_COMPLETION_INDEX", "SLURM_ARRAY_TASK_ID"].iter().find_map(|k| std::env::var(k).ok().and_then(|v| v.parse().ok()))
+}
+
+/// Runs a parsed command.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Data(DataCmd::Fetch { config, splits, glue_dir, base_url }) => {
+            let task = glue::task(&config)?;
+            let files = fetch::fetch_config(task, &resolve_glue_dir(glue_dir.as_deref()), &base_url, splits.as_deref())?;
+            for f in files {
+                println!("{}", f.display());
+            }
+        }
+        Command::Data(DataCmd::Show { task, split, n, glue_dir }) => {
+            let task = glue::task(&task)?;
+            let dir = resolve_glue_dir(glue_dir.as_deref());
+            let rows = pipeline::split_rows(&dir, task, &split)?;
+            let ex = crate::data::SplitReader::open(&dir, task, &split)?.read_all(Some(n))?;
+            println!("{} / {split}: {rows} rows", task.name);
+            for e in ex {
+                println!("{}\t{:?}\t{}\t{}", e.idx, e.label, e.text_a, e.text_b.unwrap_or_default());
+            }
+        }
+        Command::Teacher(TeacherCmd::Train { task, model, out, epochs, max_train_examples, max_steps, lr, batch_size, max_seq_len, seed, dev }) => {
+            let task = glue::task(&task)?;
+            let device = parse_device(&dev.device)?;
+            let cfg = teacher::TeacherTrainConfig {
+                epochs,
+                max_train_examples,
+                max_steps,
+                max_seq_len,
+                seed,
+                optim: crate::train::OptimConfig { lr, batch_size, ..Default::default() },
+            };
+            let m = teacher::train(&model, task, &resolve_glue_dir(dev.glue_dir.as_deref()), &out, &cfg, &device)?;
+            println!("{}", serde_json::to_string_pretty(&m)?);
+        }
+        Command::Teacher(TeacherCmd::Eval { teacher: dir, task, dev }) => {
+            let task = glue::task(&task)?;
+            let device = parse_device(&dev.device)?;
+            let t = teacher::Teacher::load(&dir, task, &device, 128)?;
+            let v = teacher::evaluate(&t.model, &t.tokenizer, task, &resolve_glue_dir(dev.glue_dir.as_deref()), &device)?;
+            let text = serde_json::to_string_pretty(&v)?;
+            crate::util::atomic_write(&dir.join("eval.json"), text.as_bytes())?;
+            println!("{text}");
+        }
+        Command::Augment(a) => {
+            let cfg = PipelineConfig::load(&a.pipeline)?;
+            let device = parse_device(&a.dev.device)?;
+            let shard_index = a.shard_index.or_else(|| if a.finalize { None } else { shard_index_from_env() });
+            let opts = RunOptions { glue_dir: a.dev.glue_dir.clone(), output: a.out.clone(), shard_index, num_shards: a.num_shards, finalize_only: a.finalize, force: a.force };
+            let out = pipeline::run(&cfg, &opts, &device)?;
+            if shard_index.is_none() {
+                let m = shards::manifest::read_manifest(&out)?;
+                println!("shards: {} ({} rows, {} shard(s))", out.display(), m.rows, m.shards.len());
+                for (k, d) in &m.diagnostics {
+                    println!("  {k:<14} {:>7} rows  changed {:>5.1}% of positions  unchanged rows {:>5.1}%  teacher agrees {:>5.1}%", d.counts.rows, 100.0 * d.changed_position_rate, 100.0 * d.unchanged_row_rate, 100.0 * d.teacher_agreement);
+                }
+            }
+        }
+        Command::TrainStudent(a) => {
+            let task = glue::task(&a.task)?;
+            let device = parse_device(&a.dev.device)?;
+            let cfg = student::StudentConfig {
+                model: a.model,
+                layers: Some(a.layers),
+                alpha: a.alpha,
+                temperature: a.temperature,
+                epochs: a.epochs,
+                max_steps: a.max_steps,
+                seed: a.seed,
+                methods: a.methods.unwrap_or_default(),
+                optim: crate::train::OptimConfig { lr: a.lr, batch_size: a.batch_size, ..Default::default() },
+                ..Default::default()
+            };
+            let m = student::train(&a.shards, task, &resolve_glue_dir(a.dev.glue_dir.as_deref()), &a.out, &cfg, &device)?;
+            println!("{}: {} = {:.4}", a.out.display(), task.primary_metric(), student::first_value(&m.validation, task.primary_metric()));
+        }
+        Command::Report(a) => {
+            let device = parse_device(&a.dev.device)?;
+            let opts = report::ReportOptions {
+                task: a.task,
+                preset: a.preset,
+                train_examples: a.train_examples,
+                seeds: a.seeds,
+                steps: a.steps,
+                pipeline: a.pipeline,
+                out: a.out,
+                glue_dir: a.dev.glue_dir,
+            };
+            let dir = report::run(&opts, &device)?;
+            println!("report: {}", dir.join("results.md").display());
+        }
+        Command::Inspect(a) => inspect::print(&a.dir, a.n)?,
+        Command::Verify(a) => {
+            let problems = shards::manifest::verify(&a.dir)?;
+            if problems.is_empty() {
+                println!("{}: ok", a.dir.display());
+            } else {
+                for p in &problems {
+                    println!("{p}");
+                }
+                bail!("{}: {} problem(s) found", a.dir.display(), problems.len());
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,270 @@
+//! Pipeline files (`pipelines/*.toml`): parsed into typed, validated configuration.
+//! Unknown keys, wrong types and out-of-range values are errors that name the key.
+
+use crate::augment::mix::LambdaMode;
+use crate::augment::project::Metric;
+use crate::teacher::TeacherTrainConfig;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// A whole pipeline: task, teacher, projection, methods, output.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Run name; output goes to `<output>/<task>/<name>/`.
+    pub name: String,
+    /// GLUE config name.
+    pub task: String,
+    /// Split to augment.
+    #[serde(default = "default_split")]
+    pub split: String,
+    /// Augment at most this many source examples (the first ones of the split).
+    #[serde(default)]
+    pub max_examples: Option<usize>,
+    /// Truncation length of source examples.
+    #[serde(default = "default_max_seq_len")]
+    pub max_seq_len: usize,
+    /// Base seed; every random choice derives from it.
+    #[serde(default)]
+    pub seed: u64,
+    /// Number of output shards.
+    #[serde(default = "one")]
+    pub shards: usize,
+    /// Source examples per teacher batch.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Output root.
+    #[serde(default = "default_output")]
+    pub output: PathBuf,
+    /// The teacher.
+    pub teacher: TeacherConfig,
+    /// Nearest-neighbour projection.
+    #[serde(default)]
+    pub projection: ProjectionConfig,
+    /// Augmentation methods; a method is enabled by its table.
+    #[serde(default)]
+    pub methods: MethodsConfig,
+}
+
+fn default_split() -> String {
+    "train".into()
+}
+fn default_max_seq_len() -> usize {
+    128
+}
+fn one() -> usize {
+    1
+}
+fn default_batch() -> usize {
+    32
+}
+fn default_output() -> PathBuf {
+    PathBuf::from("out")
+}
+
+/// Where the teacher comes from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherConfig {
+    /// Base model directory (HF layout) to fine-tune.
+    #[serde(default = "default_model")]
+    pub model: PathBuf,
+    /// A ready fine-tuned checkpoint; when set, no training happens.
+    #[serde(default)]
+    pub checkpoint: Option<PathBuf>,
+    /// Cache root for trained teachers (keyed by their configuration).
+    #[serde(default = "default_teacher_dir")]
+    pub cache_dir: PathBuf,
+    /// How to fine-tune when no checkpoint is given.
+    #[serde(default)]
+    pub train: TeacherTrainConfig,
+}
+
+fn default_model() -> PathBuf {
+    PathBuf::from("data/models/minilm-l6")
+}
+fn default_teacher_dir() -> PathBuf {
+    PathBuf::from("runs/teachers")
+}
+
+/// The FAISS index used for projection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectionConfig {
+    /// FAISS index-factory string (`Flat` exact; `HNSW32`, `IVF256,Flat` approximate).
+    #[serde(default = "default_index")]
+    pub index: String,
+    /// Distance.
+    #[serde(default = "default_metric")]
+    pub metric: Metric,
+}
+
+fn default_index() -> String {
+    "Flat".into()
+}
+fn default_metric() -> Metric {
+    Metric::L2
+}
+
+impl Default for ProjectionConfig {
+    fn default() -> Self {
+        Self { index: default_index(), metric: default_metric() }
+    }
+}
+
+/// The methods and their parameters; `None` means disabled. Original rows are always written.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MethodsConfig {
+    /// AugPro-Mix: mix with a partner, then project.
+    pub augpro_mix: Option<MixConfig>,
+    /// AugPro-FGSM: perturb along the gradient sign, then project.
+    pub augpro_fgsm: Option<FgsmConfig>,
+    /// Token replacement by nearest neighbours.
+    pub token_replace: Option<ReplaceConfig>,
+    /// MixUp of embeddings without projection.
+    pub mixup: Option<MixConfig>,
+    /// FGSM on embeddings without projection.
+    pub fgsm: Option<FgsmConfig>,
+}
+
+/// Parameters of the mixing methods.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MixConfig {
+    /// Augmented rows per source example.
+    #[serde(default = "one")]
+    pub copies: usize,
+    /// Beta(α, α) parameter of λ.
+    pub alpha: f64,
+    /// One λ per sequence or per position.
+    #[serde(default = "default_lambda_mode")]
+    pub lambda_mode: LambdaMode,
+    /// Fold λ to `max(λ, 1-λ)` so the primary example dominates.
+    #[serde(default)]
+    pub fold: bool,
+    /// Drop projected rows identical to their source.
+    #[serde(default)]
+    pub drop_unchanged: bool,
+}
+
+fn default_lambda_mode() -> LambdaMode {
+    LambdaMode::Sequence
+}
+
+/// Parameters of the gradient-sign methods.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FgsmConfig {
+    /// Absolute step ε.
+    #[serde(default)]
+    pub epsilon: Option<f64>,
+    /// ε as a multiple of the table's median nearest-neighbour distance.
+    #[serde(default)]
+    pub epsilon_rel: Option<f64>,
+    /// Drop projected rows identical to their source.
+    #[serde(default)]
+    pub drop_unchanged: bool,
+}
+
+/// Parameters of token replacement.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplaceConfig {
+    /// Augmented rows per source example.
+    #[serde(default = "one")]
+    pub copies: usize,
+    /// Probability of replacing each token.
+    pub p: f64,
+    /// Choose among this many nearest neighbours.
+    #[serde(default = "default_k")]
+    pub k: usize,
+    /// Drop rows identical to their source.
+    #[serde(default)]
+    pub drop_unchanged: bool,
+}
+
+fn default_k() -> usize {
+    8
+}
+
+impl PipelineConfig {
+    /// Reads and validates a pipeline file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read pipeline file", path.display()))?;
+        let cfg: Self = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().replace('\n', " ").trim().to_string()))?;
+        cfg.validate().with_context(|| format!("{}", path.display()))?;
+        Ok(cfg)
+    }
+
+    /// Checks ranges and consistency.
+    pub fn validate(&self) -> Result<()> {
+        let task = crate::glue::task(&self.task)?;
+        if self.shards == 0 {
+            bail!("`shards` must be at least 1, got 0");
+        }
+        if self.batch_size == 0 {
+            bail!("`batch_size` must be at least 1, got 0");
+        }
+        if self.max_seq_len < 4 || self.max_seq_len > 512 {
+            bail!("`max_seq_len` must be in 4..=512, got {}", self.max_seq_len);
+        }
+        if self.max_examples == Some(0) {
+            bail!("`max_examples` must be at least 1, got 0");
+        }
+        if self.split != task.train_split && !task.validation_splits.contains(&self.split.as_str()) {
+            bail!("`split` = `{}` is not a labelled split of `{}`", self.split, task.name);
+        }
+        let m = &self.methods;
+        for (name, c) in [("augpro_mix", &m.augpro_mix), ("mixup", &m.mixup)] {
+            if let Some(c) = c {
+                if c.copies == 0 {
+                    bail!("`methods.{name}.copies` must be at least 1, got 0");
+                }
+                if !(c.alpha > 0.0) || !c.alpha.is_finite() {
+                    bail!("`methods.{name}.alpha` must be > 0, got {}", c.alpha);
+                }
+            }
+        }
+        if let Some(c) = &m.mixup {
+            if c.lambda_mode == LambdaMode::Position {
+                bail!("`methods.mixup.lambda_mode` must be `sequence` (a per-position λ could not be rebuilt by the student)");
+            }
+        }
+        for (name, c) in [("augpro_fgsm", &m.augpro_fgsm), ("fgsm", &m.fgsm)] {
+            if let Some(c) = c {
+                match (c.epsilon, c.epsilon_rel) {
+                    (Some(_), Some(_)) => bail!("`methods.{name}`: give `epsilon` or `epsilon_rel`, not both"),
+                    (None, None) => bail!("`methods.{name}`: `epsilon` or `epsilon_rel` is required"),
+                    (Some(e), None) | (None, Some(e)) if !(e >= 0.0) || !e.is_finite() => bail!("`methods.{name}`: ε must be >= 0, got {e}"),
+                    _ => {}
+                }
+            }
+        }
+        if let Some(c) = &m.token_replace {
+            if c.copies == 0 {
+                bail!("`methods.token_replace.copies` must be at least 1, got 0");
+            }
+            if !(0.0..=1.0).contains(&c.p) {
+                bail!("`methods.token_replace.p` must be in [0, 1], got {}", c.p);
+            }
+            if c.k == 0 {
+                bail!("`methods.token_replace.k` must be at least 1, got 0");
+            }
+        }
+        let t = &self.teacher.train;
+        if t.optim.batch_size == 0 || !(t.optim.lr > 0.0) || t.epochs == 0 {
+            bail!("`teacher.train`: epochs, optim.batch_size and optim.lr must be positive");
+        }
+        if !(0.0..1.0).contains(&t.optim.warmup_ratio) {
+            bail!("`teacher.train.optim.warmup_ratio` must be in [0, 1), got {}", t.optim.warmup_ratio);
+        }
+        Ok(())
+    }
+
+    /// Output directory `<output>/<task>/<name>`.
+    pub fn out_dir(&self) -> PathBuf {
+        self.output.join(&self.task).join(&self.name)
+    }
+}

@@ -1,0 +1,99 @@
+//! Downloads GLUE Parquet files from the Hugging Face hub layout into `data/glue/`,
+//! resumably (a `.part` file continued with an HTTP Range request) and atomically.
+
+use crate::glue::TaskSpec;
+use anyhow::{bail, Context, Result};
+use std::fs::OpenOptions;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+/// Default base URL of the dataset's files.
+pub const DEFAULT_BASE_URL: &str = "https://huggingface.co/datasets/nyu-mll/glue/resolve/main";
+
+/// Downloads every split of `task` into `<glue_dir>/<config>/`; existing files are kept.
+pub fn fetch_config(task: &TaskSpec, glue_dir: &Path, base_url: &str, splits: Option<&[String]>) -> Result<Vec<PathBuf>> {
+    let dir = glue_dir.join(task.name);
+    std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create directory", dir.display()))?;
+    let mut out = Vec::new();
+    for split in task.all_splits() {
+        if let Some(s) = splits {
+            if !s.iter().any(|x| x == split) {
+                continue;
+            }
+        }
+        let name = format!("{split}-00000-of-00001.parquet");
+        let dest = dir.join(&name);
+        if dest.is_file() {
+            eprintln!("{}: present, skipped", dest.display());
+            out.push(dest);
+            continue;
+        }
+        let url = format!("{}/{}/{}", base_url.trim_end_matches('/'), task.name, name);
+        download(&url, &dest)?;
+        out.push(dest);
+    }
+    Ok(out)
+}
+
+/// Downloads `url` to `dest`, resuming a previous partial download, with up to 5 attempts.
+pub fn download(url: &str, dest: &Path) -> Result<()> {
+    let part = dest.with_extension("parquet.part");
+    let mut last_err = None;
+    for attempt in 1..=5 {
+        match try_download(url, &part) {
+            Ok(()) => {
+                let f = std::fs::File::open(&part)?;
+                f.sync_all()?;
+                std::fs::rename(&part, dest).with_context(|| format!("{}: rename failed", dest.display()))?;
+                return Ok(());
+            }
+            Err(e) => {
+                eprintln!("{url}: attempt {attempt} failed: {e:#}; resuming");
+                last_err = Some(e);
+                std::thread::sleep(std::time::Duration::from_millis(200 * attempt));
+            }
+        }
+    }
+    Err(last_err.expect("at least one attempt")).with_context(|| format!("{url}: download failed (partial data kept in {} for the next run)", part.display()))
+}
+
+fn try_download(url: &str, part: &Path) -> Result<()> {
+    let have = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
+    let mut req = ureq::get(url).timeout(std::time::Duration::from_secs(60));
+    if have > 0 {
+        req = req.set("Range", &format!("bytes={have}-"));
+    }
+    let resp = match req.call() {
+        Ok(r) => r,
+        Err(ureq::Error::Status(416, _)) if have > 0 => return Ok(()),
+        Err(ureq::Error::Status(code, _)) => bail!("{url}: HTTP {code}"),
+        Err(e) => return Err(e).with_context(|| format!("{url}: request failed")),
+    };
+    let resumed = resp.status() == 206;
+    let remaining: Option<u64> = resp.header("Content-Length").and_then(|v| v.parse().ok());
+    let total = if resumed { remaining.map(|r| r + have) } else { remaining };
+    let mut file = OpenOptions::new().create(true).write(true).append(resumed).truncate(!resumed).open(part).with_context(|| format!("{}: cannot write", part.display()))?;
+    let start = if resumed { have } else { 0 };
+    let pb = crate::util::progress(total.unwrap_or(0), "download");
+    pb.set_position(start);
+    let mut reader = resp.into_reader();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut got = start;
+    loop {
+        let n = reader.read(&mut buf).with_context(|| format!("{url}: connection lost after {got} bytes"))?;
+        if n == 0 {
+            break;
+        }
+        file.write_all(&buf[..n])?;
+        got += n as u64;
+        pb.set_position(got);
+    }
+    pb.finish_and_clear();
+    file.flush()?;
+    if let Some(t) = total {
+        if got != t {
+            bail!("{url}: connection closed after {got} of {t} bytes");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,23 @@
+//! augpro: Augmentation with Projection (AugPro) for knowledge distillation.
+//!
+//! The pipeline runs one way: GLUE Parquet ([`data`]) → [`tokenize`] → [`teacher`] →
+//! [`augment`] (mix / FGSM / replacement, FAISS projection) → [`shards`] → [`student`] →
+//! [`report`]. [`pipeline`] runs the stages for a pipeline file; the binary only wires flags.
+
+pub mod augment;
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod fetch;
+pub mod glue;
+pub mod inspect;
+pub mod metrics;
+pub mod model;
+pub mod pipeline;
+pub mod report;
+pub mod shards;
+pub mod student;
+pub mod teacher;
+pub mod tokenize;
+pub mod train;
+pub mod util;

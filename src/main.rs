@@ -1,0 +1,25 @@
+//! The `augpro` binary: parse flags, set up logging and threads, run, map errors to exit codes.
+
+use clap::Parser;
+
+fn main() {
+    let cli = augpro::cli::Cli::parse();
+    let level = if cli.quiet { "error" } else { ["warn,augpro=info", "debug", "trace"][cli.verbose.min(2) as usize] };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let threads = cli.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    augpro::util::limit_native_threads(threads);
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
+    if let Err(e) = ctrlc::set_handler(|| {
+        eprintln!("augpro: interrupted; finished shards are kept, rerun the same command to resume");
+        std::process::exit(130);
+    }) {
+        tracing::debug!("no signal handler: {e}");
+    }
+    if let Err(e) = augpro::cli::run(cli) {
+        eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,117 @@
+//! GLUE metrics: accuracy, F1, Matthews correlation, Pearson and Spearman correlation.
+
+use crate::glue::{MetricKind, TaskSpec};
+use std::collections::BTreeMap;
+
+/// Fraction of equal predictions.
+pub fn accuracy(pred: &[usize], gold: &[usize]) -> f64 {
+    if pred.is_empty() {
+        return 0.0;
+    }
+    pred.iter().zip(gold).filter(|(p, g)| p == g).count() as f64 / pred.len() as f64
+}
+
+/// F1 of class 1.
+pub fn f1(pred: &[usize], gold: &[usize]) -> f64 {
+    let tp = pred.iter().zip(gold).filter(|(&p, &g)| p == 1 && g == 1).count() as f64;
+    let fp = pred.iter().zip(gold).filter(|(&p, &g)| p == 1 && g != 1).count() as f64;
+    let fnn = pred.iter().zip(gold).filter(|(&p, &g)| p != 1 && g == 1).count() as f64;
+    if tp == 0.0 {
+        return 0.0;
+    }
+    2.0 * tp / (2.0 * tp + fp + fnn)
+}
+
+/// Matthews correlation coefficient of binary predictions.
+pub fn matthews(pred: &[usize], gold: &[usize]) -> f64 {
+    let (mut tp, mut tn, mut fp, mut fnn) = (0f64, 0f64, 0f64, 0f64);
+    for (&p, &g) in pred.iter().zip(gold) {
+        match (p == 1, g == 1) {
+            (true, true) => tp += 1.0,
+            (false, false) => tn += 1.0,
+            (true, false) => fp += 1.0,
+            (false, true) => fnn += 1.0,
+        }
+    }
+    let den = ((tp + fp) * (tp + fnn) * (tn + fp) * (tn + fnn)).sqrt();
+    if den == 0.0 {
+        0.0
+    } else {
+        (tp * tn - fp * fnn) / den
+    }
+}
+
+/// Pearson correlation.
+pub fn pearson(x: &[f64], y: &[f64]) -> f64 {
+    let n = x.len() as f64;
+    if n < 2.0 {
+        return 0.0;
+    }
+    let mx = x.iter().sum::<f64>() / n;
+    let my = y.iter().sum::<f64>() / n;
+    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+    for (a, b) in x.iter().zip(y) {
+        sxy += (a - mx) * (b - my);
+        sxx += (a - mx).powi(2);
+        syy += (b - my).powi(2);
+    }
+    if sxx == 0.0 || syy == 0.0 {
+        0.0
+    } else {
+        sxy / (sxx * syy).sqrt()
+    }
+}
+
+fn ranks(v: &[f64]) -> Vec<f64> {
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    idx.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
+    let mut r = vec![0.0; v.len()];
+    let mut i = 0;
+    while i < idx.len() {
+        let mut j = i;
+        while j + 1 < idx.len() && v[idx[j + 1]] == v[idx[i]] {
+            j += 1;
+        }
+        let avg = (i + j) as f64 / 2.0 + 1.0;
+        for k in i..=j {
+            r[idx[k]] = avg;
+        }
+        i = j + 1;
+    }
+    r
+}
+
+/// Spearman rank correlation (average ranks for ties).
+pub fn spearman(x: &[f64], y: &[f64]) -> f64 {
+    pearson(&ranks(x), &ranks(y))
+}
+
+/// Index of the largest value.
+pub fn argmax(v: &[f32]) -> usize {
+    v.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| if x > bv { (i, x) } else { (bi, bv) }).0
+}
+
+/// Scores logits against gold labels with the task's GLUE metric(s).
+pub fn score(task: &TaskSpec, logits: &[Vec<f32>], gold: &[f32]) -> BTreeMap<String, f64> {
+    let mut m = BTreeMap::new();
+    if task.is_regression() {
+        let p: Vec<f64> = logits.iter().map(|l| l[0] as f64).collect();
+        let g: Vec<f64> = gold.iter().map(|&x| x as f64).collect();
+        m.insert("pearson".into(), pearson(&p, &g));
+        m.insert("spearman".into(), spearman(&p, &g));
+        return m;
+    }
+    let p: Vec<usize> = logits.iter().map(|l| argmax(l)).collect();
+    let g: Vec<usize> = gold.iter().map(|&x| x as usize).collect();
+    m.insert("accuracy".into(), accuracy(&p, &g));
+    match task.metric {
+        MetricKind::F1Accuracy => {
+            m.insert("f1".into(), f1(&p, &g));
+        }
+        MetricKind::Matthews => {
+            m.insert("matthews".into(), matthews(&p, &g));
+        }
+        _ => {}
+    }
+    m
+}

@@ -1,0 +1,337 @@
+//! A BERT encoder in candle that runs from token ids or from input word embeddings, with a
+//! LayerNorm and softmax that keep gradients flowing to the embeddings.
+//!
+//! Weight names follow Hugging Face (`embeddings.word_embeddings.weight`,
+//! `encoder.layer.N.attention.self.query.weight`, ...), so loading is a walk over names.
+
+use super::params::{Init, Params};
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, D};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// Hugging Face `config.json` of a BERT model; unknown keys are kept for round-tripping.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BertConfig {
+    /// Vocabulary size (rows of the word-embedding table).
+    pub vocab_size: usize,
+    /// Hidden size.
+    pub hidden_size: usize,
+    /// Number of transformer layers.
+    pub num_hidden_layers: usize,
+    /// Number of attention heads.
+    pub num_attention_heads: usize,
+    /// Feed-forward inner size.
+    pub intermediate_size: usize,
+    /// Activation (`gelu` is the exact erf GELU).
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    /// Dropout on hidden states.
+    #[serde(default = "default_dropout")]
+    pub hidden_dropout_prob: f32,
+    /// Dropout on attention probabilities.
+    #[serde(default = "default_dropout")]
+    pub attention_probs_dropout_prob: f32,
+    /// Number of position embeddings.
+    pub max_position_embeddings: usize,
+    /// Number of token types.
+    #[serde(default = "default_types")]
+    pub type_vocab_size: usize,
+    /// LayerNorm epsilon.
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    /// Every other key of the file, preserved on save.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_dropout() -> f32 {
+    0.1
+}
+fn default_types() -> usize {
+    2
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+
+impl BertConfig {
+    /// Checks the fields this implementation depends on.
+    pub fn validate(&self) -> Result<()> {
+        if self.hidden_size == 0 || self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            bail!("config.json: hidden_size {} is not a multiple of num_attention_heads {}", self.hidden_size, self.num_attention_heads);
+        }
+        if !matches!(self.hidden_act.as_str(), "gelu" | "gelu_new" | "relu" | "gelu_pytorch_tanh") {
+            bail!("config.json: hidden_act `{}` is not supported (expected gelu, gelu_new or relu)", self.hidden_act);
+        }
+        Ok(())
+    }
+}
+
+/// Per-call state of a forward pass: training (dropout on) and whether gradients are
+/// needed (then composite ops with a backward pass are used instead of fused kernels).
+pub struct Ctx {
+    /// Dropout active.
+    pub train: bool,
+    /// Use differentiable ops throughout.
+    pub grad: bool,
+    rng: ChaCha8Rng,
+}
+
+impl Ctx {
+    /// Inference: no dropout, fused kernels.
+    pub fn eval() -> Self {
+        Self { train: false, grad: false, rng: ChaCha8Rng::seed_from_u64(0) }
+    }
+    /// Evaluation mode with gradients (for FGSM).
+    pub fn eval_grad() -> Self {
+        Self { train: false, grad: true, rng: ChaCha8Rng::seed_from_u64(0) }
+    }
+    /// Training: seeded dropout and gradients.
+    pub fn train(seed: u64) -> Self {
+        Self { train: true, grad: true, rng: ChaCha8Rng::seed_from_u64(seed) }
+    }
+
+    /// Inverted dropout with a mask from the context's seeded generator.
+    pub fn dropout(&mut self, x: &Tensor, p: f32) -> Result<Tensor> {
+        if !self.train || p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let n = x.elem_count();
+        let scale = 1.0 / (1.0 - p);
+        let mask: Vec<f32> = (0..n).map(|_| if self.rng.gen::<f32>() >= p { scale } else { 0.0 }).collect();
+        let m = Tensor::from_vec(mask, x.shape(), x.device())?;
+        Ok(x.mul(&m)?)
+    }
+}
+
+/// A dense layer with HF weight layout `[out, in]`.
+pub struct Linear {
+    w: Tensor,
+    b: Tensor,
+}
+
+impl Linear {
+    /// Loads `<prefix>.weight` and `<prefix>.bias`.
+    pub fn load(p: &Params, prefix: &str, in_dim: usize, out_dim: usize, init: Init) -> Result<Self> {
+        let bias_init = match init {
+            Init::Required => Init::Required,
+            _ => Init::Zeros,
+        };
+        Ok(Self { w: p.get(&format!("{prefix}.weight"), &[out_dim, in_dim], init)?, b: p.get(&format!("{prefix}.bias"), &[out_dim], bias_init)? })
+    }
+
+    /// Applies the layer to the last dimension of `x`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = *dims.last().expect("rank >= 1");
+        let rows = x.elem_count() / in_dim;
+        let y = x.reshape((rows, in_dim))?.matmul(&self.w.t()?)?.broadcast_add(&self.b)?;
+        let mut out = dims;
+        *out.last_mut().expect("rank >= 1") = self.w.dim(0)?;
+        Ok(y.reshape(out)?)
+    }
+}
+
+/// LayerNorm with a backward pass when the context needs gradients.
+pub struct LayerNorm {
+    w: Tensor,
+    b: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Loads `<prefix>.weight` and `<prefix>.bias`.
+    pub fn load(p: &Params, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self { w: p.get(&format!("{prefix}.weight"), &[dim], Init::Required)?, b: p.get(&format!("{prefix}.bias"), &[dim], Init::Required)?, eps })
+    }
+
+    /// Normalises the last dimension.
+    pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        if !ctx.grad && x.is_contiguous() {
+            return Ok(candle_nn::ops::layer_norm(x, &self.w, &self.b, self.eps as f32)?);
+        }
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        Ok(xn.broadcast_mul(&self.w)?.broadcast_add(&self.b)?)
+    }
+}
+
+fn softmax_last(x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+    if !ctx.grad {
+        return Ok(candle_nn::ops::softmax_last_dim(&x.contiguous()?)?);
+    }
+    // Shift-invariant, so the detached max does not change the gradient.
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    Ok(e.broadcast_div(&s)?)
+}
+
+/// Word, position and token-type embeddings followed by LayerNorm and dropout.
+pub struct Embeddings {
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    norm: LayerNorm,
+    dropout: f32,
+}
+
+impl Embeddings {
+    fn load(p: &Params, c: &BertConfig) -> Result<Self> {
+        Ok(Self {
+            word: p.get("embeddings.word_embeddings.weight", &[c.vocab_size, c.hidden_size], Init::Required)?,
+            position: p.get("embeddings.position_embeddings.weight", &[c.max_position_embeddings, c.hidden_size], Init::Required)?,
+            token_type: p.get("embeddings.token_type_embeddings.weight", &[c.type_vocab_size, c.hidden_size], Init::Required)?,
+            norm: LayerNorm::load(p, "embeddings.LayerNorm", c.hidden_size, c.layer_norm_eps)?,
+            dropout: c.hidden_dropout_prob,
+        })
+    }
+
+    fn forward(&self, word_embeds: &Tensor, type_ids: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let (b, s, h) = word_embeds.dims3()?;
+        if s > self.position.dim(0)? {
+            bail!("sequence length {s} exceeds max_position_embeddings {}", self.position.dim(0)?);
+        }
+        let pos = self.position.narrow(0, 0, s)?.unsqueeze(0)?;
+        let tt = self.token_type.index_select(&type_ids.flatten_all()?, 0)?.reshape((b, s, h))?;
+        let x = word_embeds.broadcast_add(&pos)?.add(&tt)?;
+        let x = self.norm.forward(&x, ctx)?;
+        ctx.dropout(&x, self.dropout)
+    }
+}
+
+struct Layer {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    inter: Linear,
+    out: Linear,
+    out_norm: LayerNorm,
+    heads: usize,
+    act: String,
+    hidden_p: f32,
+    attn_p: f32,
+}
+
+impl Layer {
+    fn load(p: &Params, c: &BertConfig, i: usize) -> Result<Self> {
+        let pre = format!("encoder.layer.{i}");
+        let h = c.hidden_size;
+        let r = Init::Required;
+        Ok(Self {
+            q: Linear::load(p, &format!("{pre}.attention.self.query"), h, h, r)?,
+            k: Linear::load(p, &format!("{pre}.attention.self.key"), h, h, r)?,
+            v: Linear::load(p, &format!("{pre}.attention.self.value"), h, h, r)?,
+            attn_out: Linear::load(p, &format!("{pre}.attention.output.dense"), h, h, r)?,
+            attn_norm: LayerNorm::load(p, &format!("{pre}.attention.output.LayerNorm"), h, c.layer_norm_eps)?,
+            inter: Linear::load(p, &format!("{pre}.intermediate.dense"), h, c.intermediate_size, r)?,
+            out: Linear::load(p, &format!("{pre}.output.dense"), c.intermediate_size, h, r)?,
+            out_norm: LayerNorm::load(p, &format!("{pre}.output.LayerNorm"), h, c.layer_norm_eps)?,
+            heads: c.num_attention_heads,
+            act: c.hidden_act.clone(),
+            hidden_p: c.hidden_dropout_prob,
+            attn_p: c.attention_probs_dropout_prob,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mask: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let (b, s, h) = x.dims3()?;
+        let d = h / self.heads;
+        let split = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((b, s, self.heads, d))?.transpose(1, 2)?.contiguous()?) };
+        let q = split(self.q.forward(x)?)?;
+        let k = split(self.k.forward(x)?)?;
+        let v = split(self.v.forward(x)?)?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(mask)?;
+        let probs = softmax_last(&scores, ctx)?;
+        let probs = ctx.dropout(&probs, self.attn_p)?;
+        let ctxv = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b, s, h))?;
+        let a = ctx.dropout(&self.attn_out.forward(&ctxv)?, self.hidden_p)?;
+        let x = self.attn_norm.forward(&(a + x)?, ctx)?;
+        let i = self.inter.forward(&x)?;
+        let i = match self.act.as_str() {
+            "relu" => i.relu()?,
+            "gelu_new" | "gelu_pytorch_tanh" => i.gelu()?,
+            _ => i.gelu_erf()?,
+        };
+        let o = ctx.dropout(&self.out.forward(&i)?, self.hidden_p)?;
+        self.out_norm.forward(&(o + x)?, ctx)
+    }
+}
+
+/// The BERT encoder.
+pub struct Bert {
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
+    /// The configuration it was built from.
+    pub config: BertConfig,
+}
+
+impl Bert {
+    /// Builds the encoder from named parameters.
+    pub fn load(p: &Params, c: &BertConfig) -> Result<Self> {
+        c.validate()?;
+        let embeddings = Embeddings::load(p, c)?;
+        let layers = (0..c.num_hidden_layers).map(|i| Layer::load(p, c, i)).collect::<Result<Vec<_>>>()?;
+        Ok(Self { embeddings, layers, config: c.clone() })
+    }
+
+    /// The word-embedding table `[vocab, hidden]`.
+    pub fn word_embeddings(&self) -> &Tensor {
+        &self.embeddings.word
+    }
+
+    /// Looks up word embeddings `[b, s, hidden]` for ids `[b, s]`.
+    pub fn embed_ids(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        Ok(self.embeddings.word.index_select(&ids.flatten_all()?, 0)?.reshape((b, s, self.config.hidden_size))?)
+    }
+
+    /// Runs the encoder from token ids; returns the last hidden state `[b, s, hidden]`.
+    pub fn forward_ids(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        self.forward_embeds(&self.embed_ids(ids)?, type_ids, mask, ctx)
+    }
+
+    /// Runs the encoder from input word embeddings `[b, s, hidden]` (positions and token
+    /// types are still added inside); `mask` is `[b, s]` with 1 for real tokens.
+    pub fn forward_embeds(&self, word_embeds: &Tensor, type_ids: &Tensor, mask: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let (b, s, _) = word_embeds.dims3()?;
+        let add_mask = ((mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?.reshape((b, 1, 1, s))?;
+        let mut x = self.embeddings.forward(word_embeds, type_ids, ctx)?;
+        for l in &self.layers {
+            x = l.forward(&x, &add_mask, ctx)?;
+        }
+        Ok(x)
+    }
+}
+
+/// Mean of the hidden states over real tokens (`mask` = 1).
+pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let m = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
+    let s = hidden.broadcast_mul(&m)?.sum(1)?;
+    let n = m.sum(1)?;
+    Ok(s.broadcast_div(&n)?)
+}
+
+/// Parses a device name: `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        n if n == "cuda" || n.starts_with("cuda:") => {
+            let ord: usize = n.strip_prefix("cuda:").map(|s| s.parse()).transpose().map_err(|_| anyhow::anyhow!("--device {n}: expected cuda:N"))?.unwrap_or(0);
+            if !candle_core::utils::cuda_is_available() {
+                bail!("--device {n}: this build has no CUDA support (rebuild with `--features cuda`)");
+            }
+            Ok(Device::new_cuda(ord)?)
+        }
+        other => bail!("--device {other}: expected cpu, cuda or cuda:N"),
+    }
+}

@@ -1,0 +1,334 @@
+//! Runs the stages in order for a pipeline file: teacher (trained once and cached by its
+//! configuration), then augmentation shard by shard with completion markers, then finalize
+//! (manifest, dataset card, timings). Reruns skip finished shards.
+
+use crate::augment::{BatchReport, Engine, MethodStats};
+use crate::config::PipelineConfig;
+use crate::data::{resolve_glue_dir, split_files, SplitReader};
+use crate::glue::{self, TaskSpec};
+use crate::model::Checkpoint;
+use crate::shards::card;
+use crate::shards::manifest::{read_manifest, shard_name, summary_name, Manifest, MethodDiagnostics, ShardSummary, FORMAT_VERSION};
+use crate::shards::writer::ShardWriter;
+use crate::shards::ShardSchema;
+use crate::teacher::{self, Teacher};
+use crate::util::{atomic_write, derive_seed, sha256_bytes, sha256_file};
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Options from the command line that are not part of the pipeline file.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// GLUE directory override.
+    pub glue_dir: Option<PathBuf>,
+    /// Output root override.
+    pub output: Option<PathBuf>,
+    /// Run only this shard (no finalize).
+    pub shard_index: Option<usize>,
+    /// Shard count override (must be the same for every worker).
+    pub num_shards: Option<usize>,
+    /// Only write the manifest from finished shards.
+    pub finalize_only: bool,
+    /// Allow replacing outputs of a different configuration.
+    pub force: bool,
+}
+
+/// sha256 of the configuration as canonical JSON.
+pub fn config_sha256(cfg: &PipelineConfig) -> Result<String> {
+    Ok(sha256_bytes(serde_json::to_string(cfg)?.as_bytes()))
+}
+
+/// Returns the teacher checkpoint directory, training (and caching) one if needed.
+pub fn ensure_teacher(cfg: &PipelineConfig, glue_dir: &Path, device: &Device) -> Result<PathBuf> {
+    let task = glue::task(&cfg.task)?;
+    if let Some(c) = &cfg.teacher.checkpoint {
+        Checkpoint::open(c)?;
+        return Ok(c.clone());
+    }
+    let (dir, key_src) = teacher_cache_dir(cfg)?;
+    let key = dir.file_name().expect("named").to_string_lossy().to_string();
+    if dir.join("metrics.json").is_file() {
+        tracing::info!("reusing teacher {}", dir.display());
+        return Ok(dir);
+    }
+    let tmp = cfg.teacher.cache_dir.join(format!(".{key}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    eprintln!("training teacher for `{}` ({} examples max, {} epoch(s)) into {}", task.name, cfg.teacher.train.max_train_examples.map(|n| n.to_string()).unwrap_or("all".into()), cfg.teacher.train.epochs, dir.display());
+    let m = teacher::train(&cfg.teacher.model, task, glue_dir, &tmp, &cfg.teacher.train, device)?;
+    atomic_write(&tmp.join("teacher_key.json"), serde_json::to_string_pretty(&key_src)?.as_bytes())?;
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::rename(&tmp, &dir).with_context(|| format!("{}: cannot move teacher into place", dir.display()))?;
+    eprintln!("teacher: {} = {:?} in {:.0}s ({:.1} ex/s)", task.primary_metric(), m.validation, m.train_seconds, m.train_examples_per_second);
+    Ok(dir)
+}
+
+/// Number of rows in a split, from Parquet metadata (no data read).
+pub fn split_rows(glue_dir: &Path, task: &TaskSpec, split: &str) -> Result<usize> {
+    let mut n = 0;
+    for f in split_files(glue_dir, task, split)? {
+        let file = std::fs::File::open(&f).with_context(|| format!("{}: cannot open", f.display()))?;
+        let r = parquet::file::reader::SerializedFileReader::new(file).with_context(|| format!("{}: not a readable Parquet file", f.display()))?;
+        use parquet::file::reader::FileReader;
+        n += r.metadata().file_metadata().num_rows() as usize;
+    }
+    Ok(n)
+}
+
+/// Source-example range `[start, end)` of shard `i` of `n` over `total` examples.
+pub fn shard_range(total: usize, i: usize, n: usize) -> (usize, usize) {
+    (total * i / n, total * (i + 1) / n)
+}
+
+/// Runs a pipeline: teacher, shards, finalize. Returns the output directory.
+pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Result<PathBuf> {
+    let mut cfg = cfg_in.clone();
+    if let Some(o) = &opts.output {
+        cfg.output = o.clone();
+    }
+    if let Some(n) = opts.num_shards {
+        if n == 0 {
+            bail!("--num-shards must be at least 1, got 0");
+        }
+        cfg.shards = n;
+    }
+    if let Some(i) = opts.shard_index {
+        if i >= cfg.shards {
+            bail!("--shard-index {i} is out of range for {} shards", cfg.shards);
+        }
+    }
+    let task = glue::task(&cfg.task)?;
+    let glue_dir = resolve_glue_dir(opts.glue_dir.as_deref());
+    let out = cfg.out_dir();
+    let cfg_hash = config_sha256(&cfg)?;
+    prepare_out_dir(&out, &cfg_hash, opts.force)?;
+    if opts.finalize_only {
+        finalize(&cfg, &out)?;
+        return Ok(out);
+    }
+    let teacher_dir = ensure_teacher(&cfg, &glue_dir, device)?;
+    let teacher = Teacher::load(&teacher_dir, task, device, cfg.max_seq_len)?;
+    let mut engine = Engine::new(&teacher, &cfg)?;
+    let total = split_rows(&glue_dir, task, &cfg.split)?.min(cfg.max_examples.unwrap_or(usize::MAX));
+    if total == 0 {
+        bail!("split `{}` of `{}` is empty", cfg.split, task.name);
+    }
+    let shards: Vec<usize> = match opts.shard_index {
+        Some(i) => vec![i],
+        None => (0..cfg.shards).collect(),
+    };
+    for i in shards {
+        if out.join(summary_name(i, cfg.shards)).is_file() && out.join(shard_name(i, cfg.shards)).is_file() {
+            eprintln!("shard {i}/{}: already complete, skipped", cfg.shards);
+            continue;
+        }
+        run_shard(&cfg, &cfg_hash, &mut engine, &glue_dir, total, i, &out)?;
+    }
+    if opts.shard_index.is_none() {
+        finalize(&cfg, &out)?;
+    }
+    Ok(out)
+}
+
+fn prepare_out_dir(out: &Path, cfg_hash: &str, force: bool) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create output directory", out.display()))?;
+    let probe = out.join(format!(".write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"").with_context(|| format!("{}: output directory is not writable", out.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    for e in std::fs::read_dir(out)?.filter_map(|e| e.ok()) {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.contains(".tmp-") {
+            let _ = std::fs::remove_file(e.path());
+            continue;
+        }
+        if name.ends_with(".done.json") {
+            let s: ShardSummary = serde_json::from_slice(&std::fs::read(e.path())?).with_context(|| format!("{}: unreadable shard summary", e.path().display()))?;
+            if s.config_sha256 != cfg_hash {
+                if !force {
+                    bail!("{}: holds shards of a different pipeline configuration (use --force to replace them, or another `name`)", out.display());
+                }
+                for f in std::fs::read_dir(out)?.filter_map(|e| e.ok()) {
+                    let _ = std::fs::remove_file(f.path());
+                }
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run_shard(cfg: &PipelineConfig, cfg_hash: &str, engine: &mut Engine, glue_dir: &Path, total: usize, i: usize, out: &Path) -> Result<()> {
+    let task = glue::task(&cfg.task)?;
+    let (start, end) = shard_range(total, i, cfg.shards);
+    let schema = ShardSchema::new(task);
+    let path = out.join(shard_name(i, cfg.shards));
+    let mut writer = ShardWriter::create(&path, &schema)?;
+    let mut reader = SplitReader::open(glue_dir, task, &cfg.split)?;
+    let tok = engine.tokenizer();
+    let mut report = BatchReport::default();
+    let (mut pos, mut truncated, mut handled, mut batch_no) = (0usize, 0usize, 0usize, 0usize);
+    let pb = crate::util::progress((end - start) as u64, &format!("shard {i}"));
+    let t0 = Instant::now();
+    let mut pending = Vec::new();
+    let mut flush = |pending: &mut Vec<crate::data::Example>, report: &mut BatchReport, batch_no: &mut usize, truncated: &mut usize, writer: &mut ShardWriter| -> Result<()> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let encs = tok.encode(pending)?;
+        *truncated += encs.iter().filter(|e| e.truncated).count();
+        let seed = derive_seed(cfg.seed, &["augment", &i.to_string(), &batch_no.to_string()]);
+        let rows = engine.augment_batch(pending, &encs, seed, report)?;
+        writer.write(&rows)?;
+        pb.inc(pending.len() as u64);
+        pending.clear();
+        *batch_no += 1;
+        Ok(())
+    };
+    'read: while let Some(batch) = reader.next_batch()? {
+        for ex in batch {
+            if pos >= end {
+                break 'read;
+            }
+            if pos >= start {
+                pending.push(ex);
+                handled += 1;
+                if pending.len() == cfg.batch_size {
+                    flush(&mut pending, &mut report, &mut batch_no, &mut truncated, &mut writer)?;
+                }
+            }
+            pos += 1;
+        }
+    }
+    flush(&mut pending, &mut report, &mut batch_no, &mut truncated, &mut writer)?;
+    pb.finish_and_clear();
+    let rows = writer.finish()?;
+    let summary = ShardSummary {
+        file: shard_name(i, cfg.shards),
+        index: i,
+        source_examples: handled,
+        truncated_examples: truncated,
+        rows: rows as u64,
+        sha256: sha256_file(&path)?,
+        config_sha256: cfg_hash.to_string(),
+        methods: report.stats.clone(),
+        median_nn_distance: engine.nn_scale,
+    };
+    let timing = serde_json::json!({ "seconds": t0.elapsed().as_secs_f64(), "method_seconds": report.seconds });
+    atomic_write(&out.join(format!(".timing-{i:05}.json")), timing.to_string().as_bytes())?;
+    atomic_write(&out.join(summary_name(i, cfg.shards)), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    eprintln!("shard {i}/{}: {rows} rows from {handled} examples in {:.1}s", cfg.shards, t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+
+/// Writes `manifest.json`, the dataset card and `timings.json` from the finished shards.
+pub fn finalize(cfg: &PipelineConfig, out: &Path) -> Result<Manifest> {
+    let task = glue::task(&cfg.task)?;
+    let cfg_hash = config_sha256(cfg)?;
+    let mut shards = Vec::new();
+    let mut missing = Vec::new();
+    for i in 0..cfg.shards {
+        let p = out.join(summary_name(i, cfg.shards));
+        match std::fs::read(&p) {
+            Ok(b) => {
+                let s: ShardSummary = serde_json::from_slice(&b).with_context(|| format!("{}: unreadable shard summary", p.display()))?;
+                if s.config_sha256 != cfg_hash {
+                    bail!("{}: shard was made by a different configuration", p.display());
+                }
+                let h = sha256_file(&out.join(&s.file))?;
+                if h != s.sha256 {
+                    bail!("{}: sha256 does not match its summary (rerun the shard)", out.join(&s.file).display());
+                }
+                shards.push(s);
+            }
+            Err(_) => missing.push(i),
+        }
+    }
+    if !missing.is_empty() {
+        bail!("{}: shards {missing:?} of {} are not complete; run them before finalize", out.display(), cfg.shards);
+    }
+    let teacher_dir = existing_teacher_dir(cfg)?;
+    let ck = Checkpoint::open(&teacher_dir)?;
+    let tmetrics: serde_json::Value = std::fs::read(teacher_dir.join("metrics.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(serde_json::Value::Null);
+    let tok_file = if teacher_dir.join("tokenizer.json").is_file() { teacher_dir.join("tokenizer.json") } else { teacher_dir.join("vocab.txt") };
+    let mut totals: BTreeMap<String, MethodStats> = BTreeMap::new();
+    for s in &shards {
+        for (k, v) in &s.methods {
+            totals.entry(k.clone()).or_default().add(v);
+        }
+    }
+    let nn_scale = shards.first().map(|s| s.median_nn_distance).unwrap_or(0.0);
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        augpro_version: env!("CARGO_PKG_VERSION").into(),
+        task: task.name.into(),
+        split: cfg.split.clone(),
+        seed: cfg.seed,
+        config: serde_json::to_value(cfg)?,
+        config_sha256: cfg_hash,
+        teacher: serde_json::json!({
+            "path": teacher_dir.display().to_string(),
+            "weights_sha256": ck.weights_sha256()?,
+            "vocab_size": ck.config.vocab_size,
+            "hidden_size": ck.config.hidden_size,
+            "metrics": tmetrics.get("validation").cloned().unwrap_or(serde_json::Value::Null),
+        }),
+        tokenizer_sha256: sha256_file(&tok_file)?,
+        projection: serde_json::json!({
+            "index": cfg.projection.index,
+            "metric": cfg.projection.metric,
+            "excluded": "special and reserved tokens ([PAD], [UNK], [CLS], [SEP], [MASK], [unusedN])",
+            "median_nn_distance": nn_scale,
+        }),
+        num_labels: task.num_labels,
+        source_examples: shards.iter().map(|s| s.source_examples).sum(),
+        truncated_examples: shards.iter().map(|s| s.truncated_examples).sum(),
+        rows: shards.iter().map(|s| s.rows).sum(),
+        method_rows: totals.iter().map(|(k, v)| (k.clone(), v.rows)).collect(),
+        diagnostics: totals.iter().map(|(k, v)| (k.clone(), MethodDiagnostics::from_counts(v))).collect(),
+        shards,
+    };
+    let schema = ShardSchema::new(task);
+    atomic_write(&out.join("README.md"), card::render(&manifest, &schema).as_bytes())?;
+    let mut timings = serde_json::Map::new();
+    for i in 0..cfg.shards {
+        if let Ok(b) = std::fs::read(out.join(format!(".timing-{i:05}.json"))) {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b) {
+                timings.insert(shard_name(i, cfg.shards), v);
+            }
+        }
+    }
+    atomic_write(&out.join("timings.json"), serde_json::to_string_pretty(&timings)?.as_bytes())?;
+    atomic_write(&out.join("manifest.json"), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+    let _ = read_manifest(out)?;
+    Ok(manifest)
+}
+
+/// The cache directory of the teacher a pipeline trains, keyed by task, base weights and
+/// training configuration; also returns the key's source.
+pub fn teacher_cache_dir(cfg: &PipelineConfig) -> Result<(PathBuf, serde_json::Value)> {
+    let base = Checkpoint::open(&cfg.teacher.model)?;
+    let key_src = serde_json::json!({
+        "task": cfg.task,
+        "base_weights_sha256": base.weights_sha256()?,
+        "train": cfg.teacher.train,
+    });
+    let key = &sha256_bytes(key_src.to_string().as_bytes())[..12];
+    Ok((cfg.teacher.cache_dir.join(format!("{}-{key}", cfg.task)), key_src))
+}
+
+/// The teacher a finished run used; never trains.
+fn existing_teacher_dir(cfg: &PipelineConfig) -> Result<PathBuf> {
+    if let Some(c) = &cfg.teacher.checkpoint {
+        return Ok(c.clone());
+    }
+    let (dir, _) = teacher_cache_dir(cfg)?;
+    if !dir.join("metrics.json").is_file() {
+        bail!("{}: teacher checkpoint missing; run the shards first", dir.display());
+    }
+    Ok(dir)
+}

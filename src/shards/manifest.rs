@@ -1,0 +1,201 @@
+//! Shard summaries (completion markers written after each shard), the manifest written
+//! by finalize, and verification of a shard directory against its manifest.
+
+use super::reader::ShardReader;
+use super::schema::{ShardSchema, METHODS};
+use crate::augment::MethodStats;
+use crate::util::sha256_file;
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Version of the shard layout and manifest format.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// File name of shard `i` of `n`.
+pub fn shard_name(i: usize, n: usize) -> String {
+    format!("train-{i:05}-of-{n:05}.parquet")
+}
+
+/// File name of the completion summary of shard `i` of `n`.
+pub fn summary_name(i: usize, n: usize) -> String {
+    format!(".train-{i:05}-of-{n:05}.done.json")
+}
+
+/// What one finished shard records (its completion marker).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ShardSummary {
+    /// Shard file name.
+    pub file: String,
+    /// Shard index.
+    pub index: usize,
+    /// Source examples handled.
+    pub source_examples: usize,
+    /// Source examples cut to `max_seq_len`.
+    pub truncated_examples: usize,
+    /// Rows written.
+    pub rows: u64,
+    /// sha256 of the shard file.
+    pub sha256: String,
+    /// sha256 of the pipeline configuration that produced it.
+    pub config_sha256: String,
+    /// Counters per method.
+    pub methods: BTreeMap<String, MethodStats>,
+    /// Median nearest-neighbour distance of the indexed table (scale of relative ε).
+    pub median_nn_distance: f32,
+}
+
+/// Diagnostics of one method over the whole output.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MethodDiagnostics {
+    /// Raw counters.
+    #[serde(flatten)]
+    pub counts: MethodStats,
+    /// Fraction of non-special positions whose token changed.
+    pub changed_position_rate: f64,
+    /// Fraction of emitted-or-dropped rows identical to their source.
+    pub unchanged_row_rate: f64,
+    /// Fraction of rows where the teacher predicts the source's gold label.
+    pub teacher_agreement: f64,
+}
+
+impl MethodDiagnostics {
+    /// Derives rates from counters.
+    pub fn from_counts(c: &MethodStats) -> Self {
+        let div = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+        Self {
+            changed_position_rate: div(c.changed_positions, c.positions),
+            unchanged_row_rate: div(c.unchanged_rows, c.rows + c.dropped_rows),
+            teacher_agreement: div(c.teacher_agrees, c.rows),
+            counts: c.clone(),
+        }
+    }
+}
+
+/// The manifest of a shard directory (`manifest.json`). Holds no timings or host names,
+/// so equal inputs give byte-identical manifests.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Format version.
+    pub format_version: u32,
+    /// augpro version that wrote it.
+    pub augpro_version: String,
+    /// GLUE task.
+    pub task: String,
+    /// Source split.
+    pub split: String,
+    /// Base seed.
+    pub seed: u64,
+    /// Full pipeline configuration.
+    pub config: serde_json::Value,
+    /// sha256 of the configuration.
+    pub config_sha256: String,
+    /// Teacher checkpoint facts.
+    pub teacher: serde_json::Value,
+    /// sha256 of the tokenizer file.
+    pub tokenizer_sha256: String,
+    /// Projection facts (index, metric, indexed tokens, ε scale).
+    pub projection: serde_json::Value,
+    /// Width of `teacher_logits`.
+    pub num_labels: usize,
+    /// Source examples in all shards.
+    pub source_examples: usize,
+    /// Source examples truncated to `max_seq_len`.
+    pub truncated_examples: usize,
+    /// Total rows.
+    pub rows: u64,
+    /// Rows per method.
+    pub method_rows: BTreeMap<String, u64>,
+    /// Diagnostics per method.
+    pub diagnostics: BTreeMap<String, MethodDiagnostics>,
+    /// Every shard.
+    pub shards: Vec<ShardSummary>,
+}
+
+/// Reads `manifest.json` from a directory.
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let p = dir.join("manifest.json");
+    let t = std::fs::read_to_string(&p).with_context(|| format!("{}: missing manifest (was the run finalized?)", p.display()))?;
+    serde_json::from_str(&t).with_context(|| format!("{}: not a valid augpro manifest", p.display()))
+}
+
+/// Shard files of a finished directory, from its manifest, in order.
+pub fn shard_paths(dir: &Path) -> Result<(Manifest, Vec<PathBuf>)> {
+    let m = read_manifest(dir)?;
+    let paths = m.shards.iter().map(|s| dir.join(&s.file)).collect();
+    Ok((m, paths))
+}
+
+/// Checks every shard against the manifest; returns one line per problem (empty = valid).
+pub fn verify(dir: &Path) -> Result<Vec<String>> {
+    let m = read_manifest(dir)?;
+    let task = crate::glue::task(&m.task)?;
+    let schema = ShardSchema::new(task);
+    let vocab = m.teacher.get("vocab_size").and_then(|v| v.as_u64()).unwrap_or(u64::MAX);
+    let mut problems = Vec::new();
+    let mut known: Vec<String> = m.shards.iter().map(|s| s.file.clone()).collect();
+    known.extend(["manifest.json", "README.md", "timings.json"].map(String::from));
+    for s in &m.shards {
+        let p = dir.join(&s.file);
+        if !p.is_file() {
+            problems.push(format!("{}: missing shard", p.display()));
+            continue;
+        }
+        match sha256_file(&p) {
+            Ok(h) if h != s.sha256 => problems.push(format!("{}: sha256 {h} does not match the manifest's {}", p.display(), s.sha256)),
+            Err(e) => problems.push(format!("{}: {e:#}", p.display())),
+            _ => {}
+        }
+        let mut rows = 0u64;
+        let mut per: BTreeMap<String, u64> = BTreeMap::new();
+        let mut bad_ids = 0u64;
+        let res = (|| -> Result<()> {
+            let mut r = ShardReader::open(&p, &schema)?;
+            while let Some(batch) = r.next_rows(&schema)? {
+                for row in batch {
+                    rows += 1;
+                    *per.entry(row.method.to_string()).or_default() += 1;
+                    if row.input_ids.iter().any(|&t| t as u64 >= vocab) {
+                        bad_ids += 1;
+                    }
+                    anyhow::ensure!(row.teacher_logits.len() == m.num_labels, "teacher_logits has width {}, manifest says {}", row.teacher_logits.len(), m.num_labels);
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = res {
+            problems.push(format!("{}: {e:#}", p.display()));
+            continue;
+        }
+        if rows != s.rows {
+            problems.push(format!("{}: has {rows} rows, manifest says {}", p.display(), s.rows));
+        }
+        if bad_ids > 0 {
+            problems.push(format!("{}: {bad_ids} rows have token ids outside the vocabulary of {vocab}", p.display()));
+        }
+        for (meth, st) in &s.methods {
+            let got = per.get(meth).copied().unwrap_or(0);
+            if got != st.rows {
+                problems.push(format!("{}: method `{meth}` has {got} rows, manifest says {}", p.display(), st.rows));
+            }
+        }
+    }
+    for k in m.method_rows.keys() {
+        if !METHODS.contains(&k.as_str()) {
+            problems.push(format!("{}: manifest names unknown method `{k}`", dir.join("manifest.json").display()));
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        let mut extra: Vec<String> = rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| !n.starts_with('.') && !known.contains(n))
+            .collect();
+        extra.sort();
+        for n in extra {
+            problems.push(format!("{}: unknown file not listed in the manifest", dir.join(n).display()));
+        }
+    }
+    Ok(problems)
+}

@@ -1,0 +1,87 @@
+//! The shard schema, defined once: the source config's own columns (text, `label`, `idx`)
+//! plus the augmentation columns.
+
+use crate::glue::TaskSpec;
+use arrow::datatypes::{DataType, Field, Schema};
+use std::sync::Arc;
+
+/// Names of the augmentation methods as written in the `method` column.
+pub const METHODS: &[&str] = &["original", "augpro_mix", "augpro_fgsm", "token_replace", "mixup", "fgsm"];
+
+/// One output row, before it becomes Arrow columns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    /// Decoded text(s) of the row's tokens.
+    pub texts: Vec<String>,
+    /// Gold label (original rows only).
+    pub label: Option<f32>,
+    /// Source example's `idx`.
+    pub idx: i64,
+    /// Method name (one of [`METHODS`]).
+    pub method: &'static str,
+    /// Copy number among the method's rows for this source.
+    pub copy: u32,
+    /// Partner example's `idx` (mixing methods).
+    pub partner_idx: Option<i64>,
+    /// λ (mixing methods, sequence mode).
+    pub lambda: Option<f32>,
+    /// ε (gradient methods).
+    pub epsilon: Option<f32>,
+    /// Token ids.
+    pub input_ids: Vec<u32>,
+    /// Segment ids.
+    pub token_type_ids: Vec<u8>,
+    /// Positions whose token differs from the source (projected methods).
+    pub changed_tokens: Option<u32>,
+    /// Teacher logits on exactly this row's input.
+    pub teacher_logits: Vec<f32>,
+    /// Partner token ids (MixUp rows, so the student can rebuild the mix).
+    pub partner_input_ids: Option<Vec<u32>>,
+    /// Partner token types (MixUp rows).
+    pub partner_token_type_ids: Option<Vec<u8>>,
+    /// Gradient signs `[len × hidden]` (FGSM rows, so the student can rebuild the point).
+    pub perturbation: Option<Vec<i8>>,
+}
+
+/// The Arrow schema of a task's shards.
+#[derive(Debug, Clone)]
+pub struct ShardSchema {
+    /// Arrow schema.
+    pub schema: Arc<Schema>,
+    /// Text column names.
+    pub text_columns: Vec<String>,
+    /// Regression task (float label).
+    pub regression: bool,
+    /// Width of `teacher_logits`.
+    pub num_labels: usize,
+}
+
+impl ShardSchema {
+    /// Builds the schema for `task`.
+    pub fn new(task: &TaskSpec) -> Self {
+        let list = |t: DataType| DataType::List(Arc::new(Field::new("item", t, true)));
+        let mut fields: Vec<Field> = task.text_columns.iter().map(|c| Field::new(*c, DataType::Utf8, false)).collect();
+        fields.push(Field::new("label", if task.is_regression() { DataType::Float32 } else { DataType::Int64 }, true));
+        fields.extend([
+            Field::new("idx", DataType::Int32, false),
+            Field::new("method", DataType::Utf8, false),
+            Field::new("copy", DataType::Int32, false),
+            Field::new("partner_idx", DataType::Int32, true),
+            Field::new("lambda", DataType::Float32, true),
+            Field::new("epsilon", DataType::Float32, true),
+            Field::new("input_ids", list(DataType::Int32), false),
+            Field::new("token_type_ids", list(DataType::Int8), false),
+            Field::new("changed_tokens", DataType::Int32, true),
+            Field::new("teacher_logits", DataType::FixedSizeList(Arc::new(Field::new("item", DataType::Float32, true)), task.num_labels as i32), false),
+            Field::new("partner_input_ids", list(DataType::Int32), true),
+            Field::new("partner_token_type_ids", list(DataType::Int8), true),
+            Field::new("perturbation", list(DataType::Int8), true),
+        ]);
+        Self {
+            schema: Arc::new(Schema::new(fields)),
+            text_columns: task.text_columns.iter().map(|s| s.to_string()).collect(),
+            regression: task.is_regression(),
+            num_labels: task.num_labels,
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! The bundled student trainer: knowledge distillation from shards.
+//!
+//! Loss per batch: `α·CE(gold)` on rows that have a gold label plus
+//! `(1-α)·T²·KL(softmax(teacher/T) ‖ softmax(student/T))` on every row (MSE to the
+//! teacher's score for regression). Rows stream from the shards through a seeded shuffle
+//! buffer and are batched by length. MixUp and FGSM rows are rebuilt in the student's own
+//! embedding space from `partner_input_ids`/`lambda` and `perturbation`/`epsilon`.
+
+use crate::augment::mix;
+use crate::glue::TaskSpec;
+use crate::model::checkpoint::save_classifier;
+use crate::model::{Checkpoint, Ctx, SeqClassifier};
+use crate::shards::manifest::shard_paths;
+use crate::shards::reader::ShardReader;
+use crate::shards::{Row, ShardSchema};
+use crate::teacher::{evaluate, label_names};
+use crate::tokenize::TextTokenizer;
+use crate::train::{kd_loss, supervised_loss, Batch, OptimConfig, Optim};
+use crate::util::{atomic_write, derive_seed};
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// How to train a student.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StudentConfig {
+    /// Base checkpoint the student starts from.
+    pub model: PathBuf,
+    /// Keep the first k encoder layers (`None` keeps all).
+    pub layers: Option<usize>,
+    /// Weight of the gold-label loss.
+    pub alpha: f64,
+    /// Distillation temperature.
+    pub temperature: f64,
+    /// Passes over the rows (ignored when `max_steps` is reached first).
+    pub epochs: usize,
+    /// Exact optimisation-step budget (cycles over the rows as needed).
+    pub max_steps: Option<usize>,
+    /// Seed for initialisation, shuffling and dropout.
+    pub seed: u64,
+    /// Methods whose rows are used (empty = all).
+    pub methods: Vec<String>,
+    /// Rows in the shuffle buffer.
+    pub shuffle_buffer: usize,
+    /// Optimiser settings.
+    pub optim: OptimConfig,
+}
+
+impl Default for StudentConfig {
+    fn default() -> Self {
+        Self {
+            model: PathBuf::from("data/models/minilm-l6"),
+            layers: Some(3),
+            alpha: 0.5,
+            temperature: 1.0,
+            epochs: 3,
+            max_steps: None,
+            seed: 0,
+            methods: Vec::new(),
+            shuffle_buffer: 4096,
+            optim: OptimConfig { lr: 1e-4, ..OptimConfig::default() },
+        }
+    }
+}
+
+/// Metrics of a student run, written to `metrics.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StudentMetrics {
+    /// Task.
+    pub task: String,
+    /// Methods trained on.
+    pub methods: Vec<String>,
+    /// Final validation metrics per split.
+    pub validation: BTreeMap<String, BTreeMap<String, f64>>,
+    /// Primary metric after each epoch (and at the end).
+    pub curve: Vec<CurvePoint>,
+    /// Optimisation steps.
+    pub steps: usize,
+    /// Rows seen (with repeats).
+    pub rows_seen: usize,
+    /// Distinct rows available after the method filter.
+    pub rows_available: usize,
+    /// Training seconds.
+    pub train_seconds: f64,
+}
+
+/// One point of the validation curve.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CurvePoint {
+    /// Step at which it was measured.
+    pub step: usize,
+    /// Primary metric value.
+    pub value: f64,
+}
+
+/// Streams rows of the selected methods from shards, through a seeded shuffle buffer.
+struct RowStream {
+    paths: Vec<PathBuf>,
+    next: usize,
+    reader: Option<ShardReader>,
+    pending: Vec<Row>,
+    buffer: Vec<Row>,
+    cap: usize,
+    rng: ChaCha8Rng,
+    schema: ShardSchema,
+    methods: Vec<String>,
+}
+
+impl RowStream {
+    fn new(paths: Vec<PathBuf>, schema: ShardSchema, methods: Vec<String>, cap: usize, seed: u64) -> Self {
+        Self { paths, next: 0, reader: None, pending: Vec::new(), buffer: Vec::new(), cap: cap.max(1), rng: ChaCha8Rng::seed_from_u64(seed), schema, methods }
+    }
+
+    fn pull(&mut self) -> Result<Option<Row>> {
+        loop {
+            if let Some(r) = self.pending.pop() {
+                return Ok(Some(r));
+            }
+            if self.reader.is_none() {
+                if self.next >= self.paths.len() {
+                    return Ok(None);
+                }
+                self.reader = Some(ShardReader::open(&self.paths[self.next], &self.schema)?);
+                self.next += 1;
+            }
+            match self.reader.as_mut().expect("open").next_rows(&self.schema)? {
+                Some(mut rows) => {
+                    rows.retain(|r| self.methods.is_empty() || self.methods.iter().any(|m| m == r.method));
+                    rows.reverse();
+                    self.pending = rows;
+                }
+                None => self.reader = None,
+            }
+        }
+    }
+
+    fn next_row(&mut self) -> Result<Option<Row>> {
+        while self.buffer.len() < self.cap {
+            match self.pull()? {
+                Some(r) => self.buffer.push(r),
+                None => break,
+            }
+        }
+        if self.buffer.is_empty() {
+            return Ok(None);
+        }
+        let i = self.rng.gen_range(0..self.buffer.len());
+        Ok(Some(self.buffer.swap_remove(i)))
+    }
+
+    /// Next group of batches (50 batches sorted by length, in shuffled order).
+    fn next_batches(&mut self, batch_size: usize) -> Result<Vec<Vec<Row>>> {
+        let mut rows = Vec::new();
+        while rows.len() < batch_size * 50 {
+            match self.next_row()? {
+                Some(r) => rows.push(r),
+                None => break,
+            }
+        }
+        rows.sort_by_key(|r| r.input_ids.len());
+        let mut batches: Vec<Vec<Row>> = Vec::new();
+        let mut it = rows.into_iter().peekable();
+        while it.peek().is_some() {
+            batches.push(it.by_ref().take(batch_size).collect());
+        }
+        batches.shuffle(&mut self.rng);
+        Ok(batches)
+    }
+}
+
+/// Word embeddings for a batch, rebuilding MixUp and FGSM rows in the student's space.
+fn student_embeds(model: &SeqClassifier, rows: &[Row], batch: &Batch, tok: &TextTokenizer) -> Result<Tensor> {
+    let base = model.bert.embed_ids(&batch.ids)?;
+    if rows.iter().all(|r| r.partner_input_ids.is_none() && r.perturbation.is_none()) {
+        return Ok(base);
+    }
+    let (b, s, h) = base.dims3()?;
+    let mut lam = vec![1f32; b * s];
+    let mut pid = vec![tok.pad_id; b * s];
+    let mut pert = vec![0f32; b * s * h];
+    for (i, r) in rows.iter().enumerate() {
+        for (j, &t) in r.input_ids.iter().enumerate() {
+            pid[i * s + j] = t;
+        }
+        if let (Some(p), Some(pt)) = (&r.partner_input_ids, &r.partner_token_type_ids) {
+            let l = r.lambda.unwrap_or(1.0);
+            let al = mix::align(&r.input_ids, &r.token_type_ids, p, pt, &|t| tok.is_special(t));
+            for (j, a) in al.iter().enumerate() {
+                if let Some(k) = a {
+                    lam[i * s + j] = l;
+                    pid[i * s + j] = p[*k];
+                }
+            }
+        }
+        if let Some(sg) = &r.perturbation {
+            if sg.len() != r.input_ids.len() * h {
+                bail!("row idx {}: perturbation has {} values, expected {} (the student's hidden size must equal the teacher's for FGSM rows)", r.idx, sg.len(), r.input_ids.len() * h);
+            }
+            let e = r.epsilon.unwrap_or(0.0);
+            for (j, &x) in sg.iter().enumerate() {
+                pert[i * s * h + j] = e * x as f32;
+            }
+        }
+    }
+    let dev = base.device();
+    let lam = Tensor::from_vec(lam, (b, s, 1), dev)?;
+    let pids = Tensor::from_vec(pid, (b, s), dev)?;
+    let partner = model.bert.embed_ids(&pids)?;
+    let pert = Tensor::from_vec(pert, (b, s, h), dev)?;
+    let one_minus = (1.0 - &lam)?;
+    Ok(((base.broadcast_mul(&lam)? + partner.broadcast_mul(&one_minus)?)? + pert)?)
+}
+
+fn batch_loss(task: &TaskSpec, model: &SeqClassifier, rows: &[Row], tok: &TextTokenizer, cfg: &StudentConfig, device: &Device, ctx: &mut Ctx) -> Result<Tensor> {
+    let pairs: Vec<(&[u32], &[u8])> = rows.iter().map(|r| (r.input_ids.as_slice(), r.token_type_ids.as_slice())).collect();
+    let batch = Batch::new(&pairs, tok.pad_id, device)?;
+    let emb = student_embeds(model, rows, &batch, tok)?;
+    let logits = model.forward_embeds(&emb, &batch.types, &batch.mask, ctx)?.logits;
+    let nl = task.num_labels;
+    let t: Vec<f32> = rows.iter().flat_map(|r| r.teacher_logits.iter().copied()).collect();
+    let teacher = Tensor::from_vec(t, (rows.len(), nl), device)?;
+    let soft = if task.is_regression() { (logits.clone() - &teacher)?.sqr()?.mean_all()? } else { kd_loss(&logits, &teacher, cfg.temperature)? };
+    let labelled: Vec<usize> = rows.iter().enumerate().filter(|(_, r)| r.label.is_some()).map(|(i, _)| i).collect();
+    if cfg.alpha <= 0.0 || labelled.is_empty() {
+        return Ok(soft);
+    }
+    let idx = Tensor::from_vec(labelled.iter().map(|&i| i as u32).collect::<Vec<_>>(), labelled.len(), device)?;
+    let gold: Vec<f32> = labelled.iter().map(|&i| rows[i].label.expect("labelled")).collect();
+    let hard = supervised_loss(&logits.index_select(&idx, 0)?, &gold, task.is_regression())?;
+    let frac = labelled.len() as f64 / rows.len() as f64;
+    Ok(((hard * (cfg.alpha * frac))? + (soft * (1.0 - cfg.alpha))?)?)
+}
+
+/// Trains a student from the shards in `shards_dir` and writes a checkpoint and
+/// `metrics.json` to `out`.
+pub fn train(shards_dir: &Path, task: &'static TaskSpec, glue_dir: &Path, out: &Path, cfg: &StudentConfig, device: &Device) -> Result<StudentMetrics> {
+    let (manifest, paths) = shard_paths(shards_dir)?;
+    if manifest.task != task.name {
+        bail!("{}: shards are for task `{}`, not `{}`", shards_dir.display(), manifest.task, task.name);
+    }
+    for m in &cfg.methods {
+        if !crate::shards::schema::METHODS.contains(&m.as_str()) {
+            bail!("--methods: unknown method `{m}` (expected one of {})", crate::shards::schema::METHODS.join(", "));
+        }
+    }
+    let ck = Checkpoint::open(&cfg.model)?;
+    let teacher_vocab = manifest.teacher.get("vocab_size").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+    if ck.config.vocab_size != teacher_vocab {
+        bail!("{}: student vocabulary has {} tokens, the teacher's has {teacher_vocab}; the student must share the teacher's vocabulary", cfg.model.display(), ck.config.vocab_size);
+    }
+    let tok = TextTokenizer::load(&cfg.model, 512)?;
+    let schema = ShardSchema::new(task);
+    let rows_available: usize = manifest.shards.iter().map(|s| s.methods.iter().filter(|(k, _)| cfg.methods.is_empty() || cfg.methods.contains(k)).map(|(_, v)| v.rows as usize).sum::<usize>()).sum();
+    if rows_available == 0 {
+        bail!("{}: no rows for methods {:?}", shards_dir.display(), cfg.methods);
+    }
+    let per_epoch = rows_available.div_ceil(cfg.optim.batch_size);
+    let total = cfg.max_steps.unwrap_or(per_epoch * cfg.epochs.max(1));
+    let (model, params) = ck.load_classifier(device, true, task.num_labels, cfg.layers, derive_seed(cfg.seed, &["student-init"]))?;
+    let mut opt = Optim::new(&params, &cfg.optim, total)?;
+    let mut ctx = Ctx::train(derive_seed(cfg.seed, &["student-dropout"]));
+    let pb = crate::util::progress(total as u64, "student");
+    let start = Instant::now();
+    let (mut step, mut seen, mut epoch) = (0usize, 0usize, 0usize);
+    let mut curve = Vec::new();
+    let primary = task.primary_metric();
+    let eval = |model: &SeqClassifier| -> Result<BTreeMap<String, BTreeMap<String, f64>>> { evaluate(model, &tok, task, glue_dir, device) };
+    while step < total {
+        let mut stream = RowStream::new(paths.clone(), schema.clone(), cfg.methods.clone(), cfg.shuffle_buffer, derive_seed(cfg.seed, &["student-epoch", &epoch.to_string()]));
+        loop {
+            let batches = stream.next_batches(cfg.optim.batch_size)?;
+            if batches.is_empty() {
+                break;
+            }
+            for rows in batches {
+                if step >= total {
+                    break;
+                }
+                let loss = batch_loss(task, &model, &rows, &tok, cfg, device, &mut ctx)?;
+                opt.backward_step(&loss)?;
+                step += 1;
+                seen += rows.len();
+                if step % 10 == 0 {
+                    pb.set_prefix(format!("loss {:.4}", loss.to_scalar::<f32>()?));
+                }
+                pb.inc(1);
+            }
+            if step >= total {
+                break;
+            }
+        }
+        epoch += 1;
+        if step < total {
+            let v = eval(&model)?;
+            curve.push(CurvePoint { step, value: first_value(&v, primary) });
+        }
+    }
+    pb.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    let validation = eval(&model)?;
+    curve.push(CurvePoint { step, value: first_value(&validation, primary) });
+    let names = label_names(glue_dir, task);
+    save_classifier(out, &params, &model.bert.config, task.num_labels, task, &names, &cfg.model)?;
+    let m = StudentMetrics {
+        task: task.name.into(),
+        methods: if cfg.methods.is_empty() { manifest.method_rows.keys().cloned().collect() } else { cfg.methods.clone() },
+        validation,
+        curve,
+        steps: step,
+        rows_seen: seen,
+        rows_available,
+        train_seconds: secs,
+    };
+    atomic_write(&out.join("metrics.json"), serde_json::to_string_pretty(&m)?.as_bytes())?;
+    Ok(m)
+}
+
+/// The primary metric of the first validation split.
+pub fn first_value(v: &BTreeMap<String, BTreeMap<String, f64>>, metric: &str) -> f64 {
+    v.values().next().and_then(|m| m.get(metric).copied()).unwrap_or(f64::NAN)
+}

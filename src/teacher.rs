@@ -1,0 +1,255 @@
+//! The teacher stage: fine-tune a BERT classifier on a GLUE task, evaluate it, and serve
+//! the inference API the augmentation stage uses (logits, pooled embeddings, word
+//! embeddings, and gradients of a loss with respect to the input embeddings).
+
+use crate::data::{label_names_from_metadata, split_files, Example, SplitReader};
+use crate::glue::TaskSpec;
+use crate::metrics;
+use crate::model::checkpoint::save_classifier;
+use crate::model::{Checkpoint, Ctx, SeqClassifier};
+use crate::tokenize::{Encoded, TextTokenizer};
+use crate::train::{bucketed_batches, predict, supervised_loss, Batch, OptimConfig, Optim};
+use crate::util::{atomic_write, derive_seed};
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor, Var, D};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// How to fine-tune a teacher.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TeacherTrainConfig {
+    /// Passes over the (possibly capped) training set.
+    pub epochs: usize,
+    /// Use at most this many shuffled training examples.
+    pub max_train_examples: Option<usize>,
+    /// Stop after this many optimisation steps.
+    pub max_steps: Option<usize>,
+    /// Truncation length for training.
+    pub max_seq_len: usize,
+    /// Seed for shuffling, dropout and head initialisation.
+    pub seed: u64,
+    /// Optimiser settings.
+    pub optim: OptimConfig,
+}
+
+impl Default for TeacherTrainConfig {
+    fn default() -> Self {
+        Self { epochs: 1, max_train_examples: None, max_steps: None, max_seq_len: 66, seed: 0, optim: OptimConfig::default() }
+    }
+}
+
+/// Validation metrics plus training figures, written to `metrics.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TeacherMetrics {
+    /// Task name.
+    pub task: String,
+    /// Validation split name to metric values.
+    pub validation: BTreeMap<String, BTreeMap<String, f64>>,
+    /// Training examples used.
+    pub train_examples: usize,
+    /// Optimisation steps taken.
+    pub steps: usize,
+    /// Training wall time in seconds.
+    pub train_seconds: f64,
+    /// Training throughput.
+    pub train_examples_per_second: f64,
+}
+
+/// Reads a split and tokenizes it; unlabelled rows are dropped when `labelled_only`.
+pub fn load_encoded(glue_dir: &Path, task: &'static TaskSpec, split: &str, tok: &TextTokenizer, labelled_only: bool) -> Result<(Vec<Example>, Vec<Encoded>)> {
+    let mut ex = SplitReader::open(glue_dir, task, split)?.read_all(None)?;
+    if labelled_only {
+        ex.retain(|e| e.label.is_some());
+    }
+    let enc = tok.encode(&ex)?;
+    Ok((ex, enc))
+}
+
+/// Class names for a task, from the train file's metadata when it has them.
+pub fn label_names(glue_dir: &Path, task: &TaskSpec) -> Vec<String> {
+    split_files(glue_dir, task, task.train_split)
+        .ok()
+        .and_then(|f| f.first().and_then(|p| label_names_from_metadata(p).ok().flatten()))
+        .unwrap_or_else(|| task.label_names.iter().map(|s| s.to_string()).collect())
+}
+
+/// Scores a classifier on every validation split of the task.
+pub fn evaluate(model: &SeqClassifier, tok: &TextTokenizer, task: &'static TaskSpec, glue_dir: &Path, device: &Device) -> Result<BTreeMap<String, BTreeMap<String, f64>>> {
+    let mut out = BTreeMap::new();
+    for split in task.validation_splits {
+        let (ex, enc) = load_encoded(glue_dir, task, split, tok, true)?;
+        let logits = predict(model, &enc, tok.pad_id, 64, device)?;
+        let gold: Vec<f32> = ex.iter().map(|e| e.label.expect("labelled")).collect();
+        out.insert(split.to_string(), metrics::score(task, &logits, &gold));
+    }
+    Ok(out)
+}
+
+/// Checks that the tokenizer's vocabulary fits the model's embedding table.
+pub fn check_vocab(tok: &TextTokenizer, ck: &Checkpoint) -> Result<()> {
+    if tok.vocab_size() != ck.config.vocab_size {
+        bail!(
+            "{}: tokenizer vocabulary has {} tokens but the model's embedding table has {} rows (tokenizer and model do not match)",
+            ck.dir.display(),
+            tok.vocab_size(),
+            ck.config.vocab_size
+        );
+    }
+    Ok(())
+}
+
+/// Fine-tunes `base` on `task` and writes an HF checkpoint plus `metrics.json` to `out`.
+pub fn train(base: &Path, task: &'static TaskSpec, glue_dir: &Path, out: &Path, cfg: &TeacherTrainConfig, device: &Device) -> Result<TeacherMetrics> {
+    let ck = Checkpoint::open(base)?;
+    let tok = TextTokenizer::load(base, cfg.max_seq_len)?;
+    check_vocab(&tok, &ck)?;
+    let (mut ex, _) = (SplitReader::open(glue_dir, task, task.train_split)?.read_all(None)?, ());
+    ex.retain(|e| e.label.is_some());
+    let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(cfg.seed, &["teacher-subset"]));
+    ex.shuffle(&mut rng);
+    if let Some(n) = cfg.max_train_examples {
+        ex.truncate(n);
+    }
+    if ex.is_empty() {
+        bail!("no labelled training examples for `{}`", task.name);
+    }
+    let enc = tok.encode(&ex)?;
+    let labels: Vec<f32> = ex.iter().map(|e| e.label.expect("labelled")).collect();
+    let lens: Vec<usize> = enc.iter().map(|e| e.ids.len()).collect();
+    let per_epoch = ex.len().div_ceil(cfg.optim.batch_size);
+    let mut total = per_epoch * cfg.epochs.max(1);
+    if let Some(m) = cfg.max_steps {
+        total = total.min(m);
+    }
+    let (model, params) = ck.load_classifier(device, true, task.num_labels, None, derive_seed(cfg.seed, &["teacher-head"]))?;
+    let mut opt = Optim::new(&params, &cfg.optim, total)?;
+    let pb = crate::util::progress(total as u64, "teacher");
+    let start = Instant::now();
+    let (mut step, mut seen) = (0usize, 0usize);
+    let mut ctx = Ctx::train(derive_seed(cfg.seed, &["teacher-dropout"]));
+    'outer: for epoch in 0..cfg.epochs.max(1) {
+        for b in bucketed_batches(&lens, cfg.optim.batch_size, derive_seed(cfg.seed, &["teacher-epoch", &epoch.to_string()])) {
+            if step >= total {
+                break 'outer;
+            }
+            let rows: Vec<&Encoded> = b.iter().map(|&i| &enc[i]).collect();
+            let batch = Batch::from_encoded(&rows, tok.pad_id, device)?;
+            let y: Vec<f32> = b.iter().map(|&i| labels[i]).collect();
+            let out = model.forward_ids(&batch.ids, &batch.types, &batch.mask, &mut ctx)?;
+            let loss = supervised_loss(&out.logits, &y, task.is_regression())?;
+            opt.backward_step(&loss)?;
+            step += 1;
+            seen += b.len();
+            if step % 10 == 0 || step == total {
+                let l = loss.to_scalar::<f32>()?;
+                pb.set_prefix(format!("loss {l:.4} {:.1} ex/s", seen as f64 / start.elapsed().as_secs_f64()));
+                tracing::debug!(step, loss = l, "teacher step");
+            }
+            pb.inc(1);
+        }
+    }
+    pb.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    let validation = evaluate(&model, &TextTokenizer::load(base, 128)?, task, glue_dir, device)?;
+    let names = label_names(glue_dir, task);
+    save_classifier(out, &params, &model.bert.config, task.num_labels, task, &names, base)?;
+    let m = TeacherMetrics { task: task.name.into(), validation, train_examples: ex.len(), steps: step, train_seconds: secs, train_examples_per_second: seen as f64 / secs };
+    atomic_write(&out.join("metrics.json"), serde_json::to_string_pretty(&m)?.as_bytes())?;
+    Ok(m)
+}
+
+/// What the gradient of [`Teacher::embedding_grad`] is taken of.
+pub enum GradLoss<'a> {
+    /// Cross-entropy to gold classes (MSE to scores for regression).
+    Labels(&'a [f32]),
+    /// KL(target ‖ softmax(logits)) to a given distribution `[b, num_labels]`.
+    Distribution(&'a Tensor),
+}
+
+/// A fine-tuned classifier used for inference by the augmentation stage.
+pub struct Teacher {
+    /// The model.
+    pub model: SeqClassifier,
+    /// Its tokenizer.
+    pub tokenizer: TextTokenizer,
+    /// The task it was trained for.
+    pub task: &'static TaskSpec,
+    /// Device it runs on.
+    pub device: Device,
+    /// Checkpoint directory.
+    pub dir: PathBuf,
+}
+
+impl Teacher {
+    /// Loads a fine-tuned checkpoint for `task`.
+    pub fn load(dir: &Path, task: &'static TaskSpec, device: &Device, max_seq_len: usize) -> Result<Self> {
+        let ck = Checkpoint::open(dir)?;
+        let tokenizer = TextTokenizer::load(dir, max_seq_len)?;
+        check_vocab(&tokenizer, &ck)?;
+        if ck.num_labels() != Some(task.num_labels) {
+            bail!("{}: teacher checkpoint has num_labels {:?}, task `{}` needs {}", dir.display(), ck.num_labels(), task.name, task.num_labels);
+        }
+        let (model, _) = ck.load_classifier(device, false, task.num_labels, None, 0).with_context(|| format!("{}: cannot load teacher", dir.display()))?;
+        Ok(Self { model, tokenizer, task, device: device.clone(), dir: dir.to_path_buf() })
+    }
+
+    /// Pads encoded rows into a batch on the teacher's device.
+    pub fn batch(&self, rows: &[(&[u32], &[u8])]) -> Result<Batch> {
+        Batch::new(rows, self.tokenizer.pad_id, &self.device)
+    }
+
+    /// Logits `[b, num_labels]` for token ids.
+    pub fn logits(&self, b: &Batch) -> Result<Tensor> {
+        Ok(self.model.forward_ids(&b.ids, &b.types, &b.mask, &mut Ctx::eval())?.logits)
+    }
+
+    /// Logits for input word embeddings `[b, s, hidden]` (virtual inputs).
+    pub fn logits_from_embeds(&self, embeds: &Tensor, b: &Batch) -> Result<Tensor> {
+        Ok(self.model.forward_embeds(embeds, &b.types, &b.mask, &mut Ctx::eval())?.logits)
+    }
+
+    /// Pooled `[CLS]` embeddings `[b, hidden]`.
+    pub fn pooled(&self, b: &Batch) -> Result<Tensor> {
+        Ok(self.model.forward_ids(&b.ids, &b.types, &b.mask, &mut Ctx::eval())?.pooled)
+    }
+
+    /// Word embeddings of the batch's tokens `[b, s, hidden]`.
+    pub fn word_embeds(&self, b: &Batch) -> Result<Tensor> {
+        self.model.bert.embed_ids(&b.ids)
+    }
+
+    /// The word-embedding table `[vocab, hidden]`.
+    pub fn embedding_table(&self) -> &Tensor {
+        self.model.bert.word_embeddings()
+    }
+
+    /// Gradient of `loss` with respect to the input word embeddings (eval mode);
+    /// returns `(embeddings, gradient, logits)`.
+    pub fn embedding_grad(&self, b: &Batch, loss: GradLoss) -> Result<(Tensor, Tensor, Tensor)> {
+        embedding_grad(&self.model, b, loss, self.task.is_regression())
+    }
+}
+
+/// Gradient of `loss` with respect to a classifier's input word embeddings, in eval mode
+/// (no dropout); returns `(embeddings, gradient, logits)`.
+pub fn embedding_grad(model: &SeqClassifier, b: &Batch, loss: GradLoss, regression: bool) -> Result<(Tensor, Tensor, Tensor)> {
+    let emb = model.bert.embed_ids(&b.ids)?.detach();
+    let var = Var::from_tensor(&emb)?;
+    let out = model.forward_embeds(var.as_tensor(), &b.types, &b.mask, &mut Ctx::eval_grad())?;
+    let l = match loss {
+        GradLoss::Labels(y) => supervised_loss(&out.logits, y, regression)?,
+        GradLoss::Distribution(p) => {
+            let ls = candle_nn::ops::log_softmax(&out.logits, D::Minus1)?;
+            (p * (p.clamp(1e-12, 1.0)?.log()? - ls)?)?.sum(D::Minus1)?.mean_all()?
+        }
+    };
+    let grads = l.backward()?;
+    let g = grads.get(var.as_tensor()).context("no gradient reached the input embeddings")?.clone();
+    Ok((emb, g, out.logits.detach()))
+}

@@ -1,0 +1,135 @@
+//! Small shared helpers: crash-safe file writes, hashing, seed derivation.
+
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+/// A file being written under a temporary name next to its final path.
+/// `commit` flushes, fsyncs and renames it; dropping it uncommitted removes the temporary.
+pub struct AtomicFile {
+    tmp: PathBuf,
+    dest: PathBuf,
+    file: Option<File>,
+}
+
+impl AtomicFile {
+    /// Opens `<dir>/.<name>.tmp-<pid>` for writing; the final name is `dest`.
+    pub fn create(dest: &Path) -> Result<Self> {
+        let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        fs::create_dir_all(dir).with_context(|| format!("{}: cannot create directory", dir.display()))?;
+        let name = dest.file_name().context("destination has no file name")?.to_string_lossy();
+        let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        let file = File::create(&tmp).with_context(|| format!("{}: cannot create file (is the directory writable?)", tmp.display()))?;
+        Ok(Self { tmp, dest: dest.to_path_buf(), file: Some(file) })
+    }
+
+    /// The open file handle.
+    pub fn file(&mut self) -> &mut File {
+        self.file.as_mut().expect("file open until commit")
+    }
+
+    /// Flushes, fsyncs and renames to the final name, then fsyncs the directory.
+    pub fn commit(mut self) -> Result<()> {
+        let mut f = self.file.take().expect("file open until commit");
+        f.flush().with_context(|| format!("{}: write failed", self.tmp.display()))?;
+        f.sync_all().with_context(|| format!("{}: fsync failed", self.tmp.display()))?;
+        drop(f);
+        fs::rename(&self.tmp, &self.dest).with_context(|| format!("{}: rename failed", self.dest.display()))?;
+        if let Some(dir) = self.dest.parent() {
+            if let Ok(d) = File::open(if dir.as_os_str().is_empty() { Path::new(".") } else { dir }) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            self.file = None;
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+impl Write for AtomicFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file().write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file().flush()
+    }
+}
+
+/// Writes `bytes` to `dest` atomically (temporary name, fsync, rename).
+pub fn atomic_write(dest: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = AtomicFile::create(dest)?;
+    f.write_all(bytes).with_context(|| format!("{}: write failed", dest.display()))?;
+    f.commit()
+}
+
+/// Hex sha256 of a file's bytes.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).with_context(|| format!("{}: read failed", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Hex sha256 of a byte string.
+pub fn sha256_bytes(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Derives an independent 64-bit seed from a base seed and a list of labels.
+pub fn derive_seed(base: u64, labels: &[&str]) -> u64 {
+    let mut h = Sha256::new();
+    h.update(base.to_le_bytes());
+    for l in labels {
+        h.update((l.len() as u64).to_le_bytes());
+        h.update(l.as_bytes());
+    }
+    let d = h.finalize();
+    u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
+}
+
+/// Limits the native thread pools (OpenMP in FAISS, OpenBLAS) to `n` threads so they
+/// do not oversubscribe the cores that rayon and candle also use.
+pub fn limit_native_threads(n: usize) {
+    extern "C" {
+        fn omp_set_num_threads(n: std::os::raw::c_int);
+    }
+    let n = n.max(1) as std::os::raw::c_int;
+    // SAFETY: omp_set_num_threads only sets a global thread count. OpenBLAS's setter is
+    // looked up at run time because the BLAS linked in may not be OpenBLAS.
+    unsafe {
+        omp_set_num_threads(n);
+        let sym = libc::dlsym(libc::RTLD_DEFAULT, c"openblas_set_num_threads".as_ptr());
+        if !sym.is_null() {
+            let f: extern "C" fn(std::os::raw::c_int) = std::mem::transmute(sym);
+            f(n);
+        }
+    }
+}
+
+/// A progress bar with the project's style, hidden when `quiet` or not a terminal.
+pub fn progress(len: u64, msg: &str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(len);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {prefix}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_message(msg.to_string());
+    pb
+}

@@ -1,0 +1,99 @@
+//! Projection against brute force, identity cases (λ = 1, ε = 0), and the mixing rules.
+
+mod common;
+
+use augpro::augment::mix::{align, mix};
+use augpro::augment::project::{brute_force_nearest, Metric, Projector};
+use augpro::augment::{fgsm, replace};
+use augpro::model::Checkpoint;
+use augpro::tokenize::TextTokenizer;
+use candle_core::Device;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn random_table(n: usize, d: usize, seed: u64) -> Vec<f32> {
+    let mut r = ChaCha8Rng::seed_from_u64(seed);
+    (0..n * d).map(|_| r.gen_range(-1.0f32..1.0)).collect()
+}
+
+#[test]
+fn flat_projection_equals_brute_force() {
+    let (n, d) = (3000, 48);
+    let table = random_table(n, d, 1);
+    let keep = |t: u32| t % 7 != 0;
+    let mut r = ChaCha8Rng::seed_from_u64(2);
+    let queries: Vec<f32> = (0..200 * d).map(|_| r.gen_range(-1.0f32..1.0)).collect();
+    for metric in [Metric::L2, Metric::InnerProduct] {
+        let mut p = Projector::build(&table, d, keep, "Flat", metric).unwrap();
+        assert_eq!(p.len(), (0..n as u32).filter(|&t| keep(t)).count());
+        let got = p.nearest(&queries).unwrap();
+        for (i, q) in queries.chunks(d).enumerate() {
+            let want = brute_force_nearest(&table, d, keep, q, metric);
+            assert_eq!(got[i], want, "{metric:?} query {i}");
+            assert!(keep(got[i]), "excluded ids never come back");
+        }
+    }
+    // An approximate index is selectable by factory string and mostly agrees.
+    let mut h = Projector::build(&table, d, keep, "HNSW32", Metric::L2).unwrap();
+    let approx = h.nearest(&queries).unwrap();
+    let exact = Projector::build(&table, d, keep, "Flat", Metric::L2).unwrap().nearest(&queries).unwrap();
+    let recall = approx.iter().zip(&exact).filter(|(a, b)| a == b).count() as f64 / exact.len() as f64;
+    assert!(recall > 0.8, "HNSW recall@1 {recall}");
+}
+
+fn real_table() -> (Vec<f32>, usize, TextTokenizer) {
+    let ck = Checkpoint::open(&common::model_dir()).unwrap();
+    let p = ck.params(&Device::Cpu, false, 0).unwrap();
+    let bert = augpro::model::Bert::load(&p, &ck.config).unwrap();
+    let t: Vec<f32> = bert.word_embeddings().flatten_all().unwrap().to_vec1().unwrap();
+    (t, ck.config.hidden_size, TextTokenizer::load(&common::model_dir(), 128).unwrap())
+}
+
+#[test]
+fn identity_settings_reproduce_the_source_and_specials_survive() {
+    let (table, d, tok) = real_table();
+    let special = |t: u32| tok.is_special(t);
+    let mut p = Projector::build(&table, d, |t| !tok.is_special(t), "Flat", Metric::L2).unwrap();
+    let ex = |a: &str, b: Option<&str>| augpro::data::Example { idx: 0, text_a: a.into(), text_b: b.map(String::from), label: None };
+    let e = tok.encode(&[ex("the movie was a charming and often affecting journey .", Some("a dull , lifeless film"))]).unwrap().remove(0);
+    let q = tok.encode(&[ex("an utterly brilliant piece", Some("bad"))]).unwrap().remove(0);
+    let al = align(&e.ids, &e.type_ids, &q.ids, &q.type_ids, &special);
+    // Segment-wise alignment: A with A', B with B'; specials and the longer tail are kept.
+    assert_eq!(al[0], None, "[CLS] never mixed");
+    assert_eq!(al[1], Some(1));
+    let first_b = e.type_ids.iter().position(|&t| t == 1).unwrap();
+    let partner_b = q.type_ids.iter().position(|&t| t == 1).unwrap();
+    assert_eq!(al[first_b], Some(partner_b));
+    assert_eq!(al[first_b + 1], None, "partner's segment B is shorter");
+    // λ = 1 projects back to the source exactly.
+    let mixed = mix(&table, d, &e.ids, &q.ids, &al, &vec![1.0; e.ids.len()]);
+    let non_special: Vec<usize> = (0..e.ids.len()).filter(|&i| !special(e.ids[i])).collect();
+    let queries: Vec<f32> = non_special.iter().flat_map(|&i| mixed[i * d..(i + 1) * d].to_vec()).collect();
+    let got = p.nearest(&queries).unwrap();
+    assert_eq!(got, non_special.iter().map(|&i| e.ids[i]).collect::<Vec<_>>());
+    // λ = 0 at aligned positions gives the partner's tokens there.
+    let mixed0 = mix(&table, d, &e.ids, &q.ids, &al, &vec![0.0; e.ids.len()]);
+    let aligned: Vec<usize> = (0..e.ids.len()).filter(|&i| al[i].is_some()).collect();
+    let q0: Vec<f32> = aligned.iter().flat_map(|&i| mixed0[i * d..(i + 1) * d].to_vec()).collect();
+    assert_eq!(p.nearest(&q0).unwrap(), aligned.iter().map(|&i| q.ids[al[i].unwrap()]).collect::<Vec<_>>());
+    // ε = 0 reproduces the source; a perturbation never touches special positions.
+    let emb: Vec<f32> = e.ids.iter().flat_map(|&t| table[t as usize * d..(t as usize + 1) * d].to_vec()).collect();
+    let mut r = ChaCha8Rng::seed_from_u64(5);
+    let grad: Vec<f32> = (0..emb.len()).map(|_| r.gen_range(-1.0f32..1.0)).collect();
+    let on: Vec<bool> = e.ids.iter().map(|&t| !special(t)).collect();
+    let s = fgsm::signs(&grad, d, &on);
+    assert!(s[..d].iter().all(|&x| x == 0), "[CLS] row has no perturbation");
+    assert_eq!(fgsm::apply(&emb, &s, 0.0), emb);
+    // Replacement with p = 0 keeps everything; with p = 1 changes every non-special token.
+    let (nb, _) = p.search(&emb, 9).unwrap();
+    assert_eq!(replace::replace(&e.ids, &special, 0.0, 8, &nb, &mut r), e.ids);
+    let all = replace::replace(&e.ids, &special, 1.0, 8, &nb, &mut r);
+    for (i, (&a, &b)) in e.ids.iter().zip(&all).enumerate() {
+        if special(a) {
+            assert_eq!(a, b, "special position {i} kept");
+        } else {
+            assert_ne!(a, b, "position {i} replaced");
+            assert!(!special(b));
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! The candle BERT against the PyTorch reference, and its input-embedding gradients
+//! against finite differences.
+
+mod common;
+
+use augpro::model::bert::{mean_pool, Bert, BertConfig, Ctx, Linear};
+use augpro::model::params::{Init, Params};
+use augpro::model::{Checkpoint, SeqClassifier};
+use augpro::teacher::{embedding_grad, GradLoss};
+use augpro::train::Batch;
+use candle_core::{Device, Tensor, D};
+use std::collections::HashMap;
+
+fn first8(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn encoder_matches_pytorch_reference() {
+    let dev = Device::Cpu;
+    let ck = Checkpoint::open(&common::model_dir()).unwrap();
+    let p = ck.params(&dev, false, 0).unwrap();
+    let bert = Bert::load(&p, &ck.config).unwrap();
+    let pooler = Linear::load(&p, "pooler.dense", 384, 384, Init::Required).unwrap();
+    let r = common::reference();
+    let cases = r["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 3);
+    for case in cases {
+        let ids: Vec<u32> = case["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        let types: Vec<u8> = case["token_type_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u8).collect();
+        let b = Batch::new(&[(&ids, &types)], 0, &dev).unwrap();
+        for ctx in [Ctx::eval(), Ctx::eval_grad()] {
+            let mut ctx = ctx;
+            let h = bert.forward_ids(&b.ids, &b.types, &b.mask, &mut ctx).unwrap();
+            let hv: Vec<Vec<Vec<f32>>> = h.to_vec3().unwrap();
+            let want = case["last_hidden_state_first8"].as_array().unwrap();
+            assert_eq!(want.len(), ids.len());
+            for (pos, w) in want.iter().enumerate() {
+                let d = max_abs_diff(&hv[0][pos][..8], &first8(w));
+                assert!(d < 2e-4, "{}: position {pos} differs by {d}", case["text"]);
+            }
+            let mean: Vec<Vec<f32>> = mean_pool(&h, &b.mask).unwrap().to_vec2().unwrap();
+            let d = max_abs_diff(&mean[0][..8], &first8(&case["mean_pooled_first8"]));
+            assert!(d < 2e-4, "mean pooling differs by {d}");
+            let cls = h.narrow(1, 0, 1).unwrap().squeeze(1).unwrap();
+            let pooled: Vec<Vec<f32>> = pooler.forward(&cls).unwrap().tanh().unwrap().to_vec2().unwrap();
+            let d = max_abs_diff(&pooled[0][..8], &first8(&case["pooler_output_first8"]));
+            assert!(d < 2e-4, "pooler output differs by {d}");
+        }
+        let we: Vec<Vec<Vec<f32>>> = bert.embed_ids(&b.ids).unwrap().to_vec3().unwrap();
+        let d = max_abs_diff(&we[0][1][..8], &first8(&case["word_embedding_first_token_first8"]));
+        assert!(d < 1e-5, "word embedding of the first real token differs by {d}");
+    }
+}
+
+fn tiny_config() -> BertConfig {
+    serde_json::from_value(serde_json::json!({
+        "vocab_size": 40, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 32, "max_position_embeddings": 32, "type_vocab_size": 2,
+        "hidden_act": "gelu", "layer_norm_eps": 1e-12
+    }))
+    .unwrap()
+}
+
+fn random_params(c: &BertConfig, seed: u64) -> Params {
+    let dev = Device::Cpu;
+    let mut m: HashMap<String, Tensor> = HashMap::new();
+    let mut n = 0u64;
+    let mut rnd = |shape: &[usize], scale: f64, offset: f64| {
+        n += 1;
+        let t = Tensor::randn(0f32, 1f32, shape, &dev).unwrap();
+        // Deterministic enough for a gradient check; scale keeps activations moderate.
+        ((t * scale).unwrap() + offset).unwrap()
+    };
+    let h = c.hidden_size;
+    m.insert("embeddings.word_embeddings.weight".into(), rnd(&[c.vocab_size, h], 0.5, 0.0));
+    m.insert("embeddings.position_embeddings.weight".into(), rnd(&[c.max_position_embeddings, h], 0.1, 0.0));
+    m.insert("embeddings.token_type_embeddings.weight".into(), rnd(&[2, h], 0.1, 0.0));
+    let ln = |m: &mut HashMap<String, Tensor>, name: &str, r: &mut dyn FnMut(&[usize], f64, f64) -> Tensor| {
+        m.insert(format!("{name}.weight"), r(&[h], 0.1, 1.0));
+        m.insert(format!("{name}.bias"), r(&[h], 0.1, 0.0));
+    };
+    ln(&mut m, "embeddings.LayerNorm", &mut rnd);
+    for l in 0..c.num_hidden_layers {
+        let pre = format!("encoder.layer.{l}");
+        for (name, i, o) in [
+            ("attention.self.query", h, h),
+            ("attention.self.key", h, h),
+            ("attention.self.value", h, h),
+            ("attention.output.dense", h, h),
+            ("intermediate.dense", h, c.intermediate_size),
+            ("output.dense", c.intermediate_size, h),
+        ] {
+            m.insert(format!("{pre}.{name}.weight"), rnd(&[o, i], 0.3, 0.0));
+            m.insert(format!("{pre}.{name}.bias"), rnd(&[o], 0.1, 0.0));
+        }
+        ln(&mut m, &format!("{pre}.attention.output.LayerNorm"), &mut rnd);
+        ln(&mut m, &format!("{pre}.output.LayerNorm"), &mut rnd);
+    }
+    Params::new(m, &dev, false, seed, "random")
+}
+
+#[test]
+fn embedding_gradient_matches_finite_differences() {
+    let dev = Device::Cpu;
+    let c = tiny_config();
+    let p = random_params(&c, 3);
+    let model = SeqClassifier::load(&p, &c, 3).unwrap();
+    let ids: Vec<Vec<u32>> = vec![vec![1, 5, 9, 13, 2], vec![1, 7, 2, 30, 31, 2]];
+    let types: Vec<Vec<u8>> = vec![vec![0; 5], vec![0, 0, 0, 1, 1, 1]];
+    let rows: Vec<(&[u32], &[u8])> = ids.iter().zip(&types).map(|(a, b)| (a.as_slice(), b.as_slice())).collect();
+    let b = Batch::new(&rows, 0, &dev).unwrap();
+    let labels = [2f32, 0.0];
+    let (emb, grad, _) = embedding_grad(&model, &b, GradLoss::Labels(&labels), false).unwrap();
+    let loss_at = |e: &Tensor| -> f64 {
+        let out = model.forward_embeds(e, &b.types, &b.mask, &mut Ctx::eval_grad()).unwrap();
+        augpro::train::supervised_loss(&out.logits, &labels, false).unwrap().to_scalar::<f32>().unwrap() as f64
+    };
+    // Directional derivatives along random directions (masked to real tokens).
+    let mask = b.mask.unsqueeze(2).unwrap();
+    for k in 0..4 {
+        let d = Tensor::randn(0f32, 1f32, emb.shape(), &dev).unwrap().broadcast_mul(&mask).unwrap();
+        let h = 1e-2;
+        let plus = loss_at(&(&emb + (&d * h).unwrap()).unwrap());
+        let minus = loss_at(&(&emb - (&d * h).unwrap()).unwrap());
+        let fd = (plus - minus) / (2.0 * h);
+        let an = (&grad * &d).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+        let rel = (fd - an).abs() / an.abs().max(1e-3);
+        assert!(rel < 2e-2, "direction {k}: finite difference {fd} vs gradient {an} (rel {rel})");
+    }
+    // The KL loss to a distribution has a gradient too.
+    let target = candle_nn::ops::softmax(&Tensor::new(&[[0.2f32, 0.3, 0.5], [0.9, 0.05, 0.05]], &dev).unwrap(), D::Minus1).unwrap();
+    let (_, g2, _) = embedding_grad(&model, &b, GradLoss::Distribution(&target), false).unwrap();
+    let norm = g2.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(norm > 0.0 && norm.is_finite());
+}
+
+#[test]
+fn checkpoint_mismatch_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["model.safetensors", "tokenizer.json", "vocab.txt"] {
+        std::fs::copy(common::model_dir().join(f), dir.path().join(f)).unwrap();
+    }
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(common::model_dir().join("config.json")).unwrap()).unwrap();
+    cfg["hidden_size"] = 768.into();
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let err = ck.load_classifier(&Device::Cpu, false, 2, None, 0).err().expect("mismatch must fail");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("embeddings.word_embeddings.weight") && msg.contains("do not match"), "{msg}");
+    std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+    let msg = format!("{:#}", Checkpoint::open(dir.path()).err().unwrap());
+    assert!(msg.contains("model.safetensors"), "{msg}");
+}

@@ -1,0 +1,254 @@
+//! The smoke pipeline end to end through the binary: teacher, augmentation, shards,
+//! determinism across threads and shard splitting, resume, verify, interoperability
+//! (pyarrow, polars), inspect, the student trainer, and configuration errors.
+
+mod common;
+
+use augpro::shards::reader::ShardReader;
+use augpro::shards::{Row, ShardSchema};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn augpro(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_augpro"))
+        .args(args)
+        .current_dir(common::root())
+        .env("AUGPRO_GLUE_DIR", common::glue_dir())
+        .output()
+        .expect("run augpro");
+    out
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = augpro(args);
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "augpro {args:?} failed:\n{text}");
+    text
+}
+
+fn fail(args: &[&str]) -> String {
+    let o = augpro(args);
+    assert!(!o.status.success(), "augpro {args:?} should fail");
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "one error line expected, got:\n{err}");
+    lines[0].to_string()
+}
+
+fn files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    v.sort();
+    v
+}
+
+fn read_rows(dir: &Path) -> Vec<Row> {
+    let schema = ShardSchema::new(augpro::glue::task("sst2").unwrap());
+    let (_, paths) = augpro::shards::manifest::shard_paths(dir).unwrap();
+    let mut rows = Vec::new();
+    for p in paths {
+        let mut r = ShardReader::open(&p, &schema).unwrap();
+        while let Some(b) = r.next_rows(&schema).unwrap() {
+            rows.extend(b);
+        }
+    }
+    rows
+}
+
+fn out_dir(root: &Path) -> PathBuf {
+    root.join("sst2/smoke")
+}
+
+#[test]
+fn smoke_pipeline_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a_root = tmp.path().join("a");
+    let a = out_dir(&a_root);
+    let text = ok(&["augment", "pipelines/smoke.toml", "--out", a_root.to_str().unwrap()]);
+    assert!(text.contains("shards:"), "{text}");
+    let names = files(&a);
+    for f in ["manifest.json", "README.md", "timings.json", "train-00000-of-00002.parquet", "train-00001-of-00002.parquet"] {
+        assert!(names.contains(&f.to_string()), "{f} missing in {names:?}");
+    }
+    assert!(!names.iter().any(|n| n.contains(".tmp-")), "no temporary file left: {names:?}");
+    assert!(ok(&["verify", a.to_str().unwrap()]).contains("ok"));
+
+    // Every row: teacher logits of the task's width; augmented rows keep the source's
+    // length, segments and special positions; projected rows contain no special token
+    // elsewhere; virtual rows carry what the student needs to rebuild them.
+    let rows = read_rows(&a);
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(a.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["source_examples"], 64);
+    assert_eq!(rows.len() as u64, manifest["rows"].as_u64().unwrap());
+    let tok = augpro::tokenize::TextTokenizer::load(&common::model_dir(), 128).unwrap();
+    let originals: HashMap<i64, &Row> = rows.iter().filter(|r| r.method == "original").map(|r| (r.idx, r)).collect();
+    assert_eq!(originals.len(), 64);
+    let mut per: HashMap<&str, usize> = HashMap::new();
+    for r in &rows {
+        *per.entry(r.method).or_default() += 1;
+        assert_eq!(r.teacher_logits.len(), 2);
+        assert!(r.teacher_logits.iter().all(|x| x.is_finite()));
+        let src = originals[&r.idx];
+        assert_eq!(r.input_ids.len(), src.input_ids.len(), "{} keeps the length", r.method);
+        assert_eq!(r.token_type_ids, src.token_type_ids, "{} keeps the segments", r.method);
+        for (i, (&x, &y)) in r.input_ids.iter().zip(&src.input_ids).enumerate() {
+            if tok.is_special(y) {
+                assert_eq!(x, y, "{}: special position {i} kept", r.method);
+            } else {
+                assert!(!tok.is_special(x), "{}: projection produced a special token", r.method);
+            }
+        }
+        match r.method {
+            "original" => assert!(r.label.is_some()),
+            "mixup" => assert!(r.partner_input_ids.is_some() && r.lambda.is_some() && r.partner_idx.is_some()),
+            "fgsm" => assert_eq!(r.perturbation.as_ref().unwrap().len(), r.input_ids.len() * 384),
+            "augpro_mix" | "augpro_fgsm" | "token_replace" => {
+                assert_eq!(r.changed_tokens.unwrap() as usize, r.input_ids.iter().zip(&src.input_ids).filter(|(x, y)| x != y).count());
+                assert!(r.label.is_none());
+            }
+            m => panic!("unknown method {m}"),
+        }
+    }
+    for m in ["original", "augpro_mix", "augpro_fgsm", "token_replace", "mixup", "fgsm"] {
+        assert_eq!(per.get(m).copied().unwrap_or(0), 64, "{m} rows");
+    }
+    let d = &manifest["diagnostics"];
+    assert!(d["augpro_mix"]["changed_position_rate"].as_f64().unwrap() > 0.0);
+    assert!(d["augpro_fgsm"]["changed_position_rate"].as_f64().unwrap() > 0.0);
+
+    // Same config, one thread, one process per shard, then finalize: byte-identical.
+    let b_root = tmp.path().join("b");
+    let b = out_dir(&b_root);
+    for i in ["0", "1"] {
+        ok(&["--threads", "1", "augment", "pipelines/smoke.toml", "--out", b_root.to_str().unwrap(), "--num-shards", "2", "--shard-index", i]);
+    }
+    assert!(!b.join("manifest.json").exists(), "a single shard does not finalize");
+    ok(&["augment", "pipelines/smoke.toml", "--out", b_root.to_str().unwrap(), "--finalize"]);
+    for f in ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet", "manifest.json", "README.md"] {
+        assert_eq!(std::fs::read(a.join(f)).unwrap(), std::fs::read(b.join(f)).unwrap(), "{f} differs between runs");
+    }
+
+    // Rerun: complete shards are skipped and nothing changes.
+    let before = std::fs::read(a.join("train-00000-of-00002.parquet")).unwrap();
+    let text = ok(&["augment", "pipelines/smoke.toml", "--out", a_root.to_str().unwrap()]);
+    assert!(text.contains("already complete, skipped"), "{text}");
+    assert_eq!(before, std::fs::read(a.join("train-00000-of-00002.parquet")).unwrap());
+
+    // A different configuration in the same directory is refused without --force.
+    let cfg2 = tmp.path().join("smoke2.toml");
+    std::fs::write(&cfg2, std::fs::read_to_string(common::root().join("pipelines/smoke.toml")).unwrap().replace("seed = 7", "seed = 8")).unwrap();
+    let e = fail(&["augment", cfg2.to_str().unwrap(), "--out", a_root.to_str().unwrap()]);
+    assert!(e.contains("different pipeline configuration") && e.contains("--force"), "{e}");
+
+    // Interoperability: pyarrow and polars read the shards.
+    let py = format!(
+        r#"
+import pyarrow.parquet as pq, polars as pl, json, glob
+d = "{dir}"
+m = json.load(open(d + "/manifest.json"))
+t = pq.read_table(glob.glob(d + "/train-00000-*.parquet")[0])
+assert t.schema.field("input_ids").type == "list<item: int32>", t.schema
+assert str(t.schema.field("teacher_logits").type) == "fixed_size_list<item: float>[2]", t.schema
+assert t.num_rows == m["shards"][0]["rows"]
+df = pl.read_parquet(d + "/train-*.parquet")
+assert df.height == m["rows"], (df.height, m["rows"])
+assert set(df["method"].unique()) == {{"original","augpro_mix","augpro_fgsm","token_replace","mixup","fgsm"}}
+assert df.schema["label"] == pl.Int64 and df.schema["idx"] == pl.Int32
+print("interop ok", df.height)
+"#,
+        dir = a.display()
+    );
+    let o = Command::new("python3").arg("-c").arg(&py).output().expect("python3");
+    assert!(o.status.success(), "python interop failed: {}", String::from_utf8_lossy(&o.stderr));
+
+    let text = ok(&["inspect", a.to_str().unwrap()]);
+    assert!(text.contains("augpro_mix") && text.contains("source :"), "{text}");
+
+    // The student trainer reads the shards and reports the metric.
+    let s = tmp.path().join("student");
+    let text = ok(&["train-student", "--shards", a.to_str().unwrap(), "--task", "sst2", "--out", s.to_str().unwrap(), "--max-steps", "6", "--methods", "original,augpro_mix,mixup,fgsm"]);
+    assert!(text.contains("accuracy"), "{text}");
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(s.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(m["steps"], 6);
+    let acc = m["validation"]["validation"]["accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc));
+    assert_eq!(m["rows_available"], 256);
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(s.join(f).is_file(), "{f}");
+    }
+    let e = fail(&["train-student", "--shards", a.to_str().unwrap(), "--task", "sst2", "--out", s.to_str().unwrap(), "--methods", "nope"]);
+    assert!(e.contains("unknown method `nope`"), "{e}");
+
+    verify_detects_damage(&a, tmp.path());
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+}
+
+fn verify_detects_damage(good: &Path, tmp: &Path) {
+    let shard = "train-00001-of-00002.parquet";
+    let case = |name: &str, damage: &dyn Fn(&Path), expect: &str| {
+        let d = tmp.join(format!("damaged-{name}"));
+        copy_dir(good, &d);
+        damage(&d);
+        let o = augpro(&["verify", d.to_str().unwrap()]);
+        let out = String::from_utf8_lossy(&o.stdout).to_string();
+        assert!(!o.status.success(), "{name}: verify should fail");
+        assert!(out.contains(expect), "{name}: expected `{expect}` in:\n{out}");
+    };
+    case("truncated", &|d| {
+        let p = d.join(shard);
+        let b = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &b[..b.len() / 2]).unwrap();
+    }, "sha256");
+    case("flipped", &|d| {
+        let p = d.join(shard);
+        let mut b = std::fs::read(&p).unwrap();
+        let i = b.len() / 3;
+        b[i] ^= 0x40;
+        std::fs::write(&p, &b).unwrap();
+    }, "does not match the manifest");
+    case("missing", &|d| std::fs::remove_file(d.join(shard)).unwrap(), "missing shard");
+    case("extra", &|d| std::fs::write(d.join("stray.bin"), b"x").unwrap(), "unknown file");
+    case("lying-manifest", &|d| {
+        let p = d.join("manifest.json");
+        let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        m["shards"][1]["rows"] = (m["shards"][1]["rows"].as_u64().unwrap() + 5).into();
+        std::fs::write(&p, serde_json::to_string_pretty(&m).unwrap()).unwrap();
+    }, "manifest says");
+}
+
+#[test]
+fn bad_pipeline_files_are_refused_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = std::fs::read_to_string(common::root().join("pipelines/smoke.toml")).unwrap();
+    let cases: &[(&str, &str, &str)] = &[
+        ("unknown-key", "seed = 7", "seed = 7\ncolour = \"red\""),
+        ("wrong-type", "seed = 7", "seed = \"seven\""),
+        ("alpha", "alpha = 0.4\nlambda_mode", "alpha = 0.0\nlambda_mode"),
+        ("epsilon", "[methods.augpro_fgsm]\nepsilon_rel = 0.3", "[methods.augpro_fgsm]\nepsilon_rel = -0.1"),
+        ("p", "p = 0.15", "p = 1.5"),
+        ("copies", "copies = 1\np", "copies = 0\np"),
+        ("shards", "shards = 2", "shards = 0"),
+        ("task", "task = \"sst2\"", "task = \"imdb\""),
+    ];
+    let expect = ["colour", "seed", "alpha", "ε must be >= 0", "`methods.token_replace.p`", "copies", "`shards`", "unknown GLUE task"];
+    for ((name, from, to), want) in cases.iter().zip(expect) {
+        assert!(base.contains(from), "{name}: fixture text not found");
+        let p = tmp.path().join(format!("{name}.toml"));
+        std::fs::write(&p, base.replacen(from, to, 1)).unwrap();
+        let out = tmp.path().join(format!("out-{name}"));
+        let e = fail(&["augment", p.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        assert!(e.contains(want) && e.contains(&format!("{name}.toml")), "{name}: {e}");
+        assert!(!out.exists(), "{name}: no output written");
+    }
+    let e = fail(&["augment", "pipelines/smoke.toml", "--out", tmp.path().join("o").to_str().unwrap(), "--num-shards", "2", "--shard-index", "2"]);
+    assert!(e.contains("--shard-index 2 is out of range"), "{e}");
+    let e = fail(&["augment", tmp.path().join("nope.toml").to_str().unwrap()]);
+    assert!(e.contains("nope.toml: cannot read pipeline file"), "{e}");
+}

@@ -52,7 +52,7 @@ test: setup
 	cargo test --release -- --test-threads=1
 
 bench: setup build
-	cargo run --release --bin augpro-bench -- $(BENCH_ARGS)
+	$(CARGO_TARGET_DIR)/release/augpro-bench --device $(DEVICE) $(BENCH_ARGS)
 
 compare: setup build
 	$(BIN) report --task $(TASK) --preset $(or $(PRESET),low) $(if $(TRAIN_EXAMPLES),--train-examples $(TRAIN_EXAMPLES)) --device $(DEVICE)

@@ -98,6 +98,9 @@ pub struct ProjectionConfig {
     /// Distance.
     #[serde(default = "default_metric")]
     pub metric: Metric,
+    /// FAISS search parameters for approximate indexes (`nprobe=16`, `efSearch=128`).
+    #[serde(default)]
+    pub params: Option<String>,
 }
 
 fn default_index() -> String {
@@ -109,7 +112,7 @@ fn default_metric() -> Metric {
 
 impl Default for ProjectionConfig {
     fn default() -> Self {
-        Self { index: default_index(), metric: default_metric() }
+        Self { index: default_index(), metric: default_metric(), params: None }
     }
 }
 
@@ -141,9 +144,9 @@ pub struct MixConfig {
     /// One λ per sequence or per position.
     #[serde(default = "default_lambda_mode")]
     pub lambda_mode: LambdaMode,
-    /// Fold λ to `max(λ, 1-λ)` so the primary example dominates.
+    /// Lower bound of λ: λ = lambda_min + (1 - lambda_min)·Beta(α, α).
     #[serde(default)]
-    pub fold: bool,
+    pub lambda_min: f64,
     /// Drop projected rows identical to their source.
     #[serde(default)]
     pub drop_unchanged: bool,
@@ -163,6 +166,10 @@ pub struct FgsmConfig {
     /// ε as a multiple of the table's median nearest-neighbour distance.
     #[serde(default)]
     pub epsilon_rel: Option<f64>,
+    /// A student checkpoint: the gradient is that of KL(teacher ‖ student), taken and
+    /// projected in the student's embedding space (AugPro-FGSM only).
+    #[serde(default)]
+    pub student: Option<PathBuf>,
     /// Drop projected rows identical to their source.
     #[serde(default)]
     pub drop_unchanged: bool,
@@ -225,6 +232,9 @@ impl PipelineConfig {
                 if !(c.alpha > 0.0) || !c.alpha.is_finite() {
                     bail!("`methods.{name}.alpha` must be > 0, got {}", c.alpha);
                 }
+                if !(0.0..1.0).contains(&c.lambda_min) {
+                    bail!("`methods.{name}.lambda_min` must be in [0, 1), got {}", c.lambda_min);
+                }
             }
         }
         if let Some(c) = &m.mixup {
@@ -241,6 +251,9 @@ impl PipelineConfig {
                     _ => {}
                 }
             }
+        }
+        if m.fgsm.as_ref().is_some_and(|c| c.student.is_some()) {
+            bail!("`methods.fgsm.student` is not supported: the unprojected baseline perturbs the teacher's embeddings");
         }
         if let Some(c) = &m.token_replace {
             if c.copies == 0 {
@@ -263,8 +276,4 @@ impl PipelineConfig {
         Ok(())
     }
 
-    /// Output directory `<output>/<task>/<name>`.
-    pub fn out_dir(&self) -> PathBuf {
-        self.output.join(&self.task).join(&self.name)
-    }
 }

@@ -3,6 +3,7 @@
 use clap::Parser;
 
 fn main() {
+    augpro::util::tune_allocator();
     let cli = augpro::cli::Cli::parse();
     let level = if cli.quiet { "error" } else { ["warn,augpro=info", "debug", "trace"][cli.verbose.min(2) as usize] };
     tracing_subscriber::fmt()

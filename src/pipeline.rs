@@ -87,9 +87,6 @@ pub fn shard_range(total: usize, i: usize, n: usize) -> (usize, usize) {
 /// Runs a pipeline: teacher, shards, finalize. Returns the output directory.
 pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Result<PathBuf> {
     let mut cfg = cfg_in.clone();
-    if let Some(o) = &opts.output {
-        cfg.output = o.clone();
-    }
     if let Some(n) = opts.num_shards {
         if n == 0 {
             bail!("--num-shards must be at least 1, got 0");
@@ -103,7 +100,9 @@ pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Resul
     }
     let task = glue::task(&cfg.task)?;
     let glue_dir = resolve_glue_dir(opts.glue_dir.as_deref());
-    let out = cfg.out_dir();
+    // The output location is not part of the configuration: moving a run elsewhere
+    // changes nothing inside it.
+    let out = opts.output.as_ref().unwrap_or(&cfg.output).join(&cfg.task).join(&cfg.name);
     let cfg_hash = config_sha256(&cfg)?;
     prepare_out_dir(&out, &cfg_hash, opts.force)?;
     if opts.finalize_only {
@@ -170,22 +169,37 @@ fn run_shard(cfg: &PipelineConfig, cfg_hash: &str, engine: &mut Engine, glue_dir
     let mut reader = SplitReader::open(glue_dir, task, &cfg.split)?;
     let tok = engine.tokenizer();
     let mut report = BatchReport::default();
+    engine.take_stage_seconds();
     let (mut pos, mut truncated, mut handled, mut batch_no) = (0usize, 0usize, 0usize, 0usize);
     let pb = crate::util::progress((end - start) as u64, &format!("shard {i}"));
     let t0 = Instant::now();
     let mut pending = Vec::new();
+    // Examples are read in windows of 16 batches, tokenized, sorted by length (stable) and
+    // processed batch by batch, so padding stays small and mixing partners have similar
+    // lengths. The order is a pure function of the input, so output stays deterministic.
+    let window = cfg.batch_size * 16;
     let mut flush = |pending: &mut Vec<crate::data::Example>, report: &mut BatchReport, batch_no: &mut usize, truncated: &mut usize, writer: &mut ShardWriter| -> Result<()> {
         if pending.is_empty() {
             return Ok(());
         }
+        let t = Instant::now();
         let encs = tok.encode(pending)?;
+        engine.add_stage("tokenize", t.elapsed().as_secs_f64());
         *truncated += encs.iter().filter(|e| e.truncated).count();
-        let seed = derive_seed(cfg.seed, &["augment", &i.to_string(), &batch_no.to_string()]);
-        let rows = engine.augment_batch(pending, &encs, seed, report)?;
-        writer.write(&rows)?;
-        pb.inc(pending.len() as u64);
+        let mut order: Vec<usize> = (0..pending.len()).collect();
+        order.sort_by_key(|&k| encs[k].ids.len());
+        for chunk in order.chunks(cfg.batch_size) {
+            let ex: Vec<crate::data::Example> = chunk.iter().map(|&k| pending[k].clone()).collect();
+            let en: Vec<crate::tokenize::Encoded> = chunk.iter().map(|&k| encs[k].clone()).collect();
+            let seed = derive_seed(cfg.seed, &["augment", &i.to_string(), &batch_no.to_string()]);
+            let rows = engine.augment_batch(&ex, &en, seed, report)?;
+            let t = Instant::now();
+            writer.write(&rows)?;
+            engine.add_stage("write", t.elapsed().as_secs_f64());
+            pb.inc(ex.len() as u64);
+            *batch_no += 1;
+        }
         pending.clear();
-        *batch_no += 1;
         Ok(())
     };
     'read: while let Some(batch) = reader.next_batch()? {
@@ -196,7 +210,7 @@ fn run_shard(cfg: &PipelineConfig, cfg_hash: &str, engine: &mut Engine, glue_dir
             if pos >= start {
                 pending.push(ex);
                 handled += 1;
-                if pending.len() == cfg.batch_size {
+                if pending.len() == window {
                     flush(&mut pending, &mut report, &mut batch_no, &mut truncated, &mut writer)?;
                 }
             }
@@ -205,7 +219,9 @@ fn run_shard(cfg: &PipelineConfig, cfg_hash: &str, engine: &mut Engine, glue_dir
     }
     flush(&mut pending, &mut report, &mut batch_no, &mut truncated, &mut writer)?;
     pb.finish_and_clear();
+    let t = Instant::now();
     let rows = writer.finish()?;
+    engine.add_stage("write", t.elapsed().as_secs_f64());
     let summary = ShardSummary {
         file: shard_name(i, cfg.shards),
         index: i,
@@ -217,7 +233,7 @@ fn run_shard(cfg: &PipelineConfig, cfg_hash: &str, engine: &mut Engine, glue_dir
         methods: report.stats.clone(),
         median_nn_distance: engine.nn_scale,
     };
-    let timing = serde_json::json!({ "seconds": t0.elapsed().as_secs_f64(), "method_seconds": report.seconds });
+    let timing = serde_json::json!({ "seconds": t0.elapsed().as_secs_f64(), "examples": handled, "method_seconds": report.seconds, "stage_seconds": engine.take_stage_seconds() });
     atomic_write(&out.join(format!(".timing-{i:05}.json")), timing.to_string().as_bytes())?;
     atomic_write(&out.join(summary_name(i, cfg.shards)), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     eprintln!("shard {i}/{}: {rows} rows from {handled} examples in {:.1}s", cfg.shards, t0.elapsed().as_secs_f64());

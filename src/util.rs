@@ -122,6 +122,17 @@ pub fn limit_native_threads(n: usize) {
     }
 }
 
+/// Keeps freed tensor buffers in the heap instead of returning them to the kernel, so
+/// each new tensor does not pay for page faults and page zeroing (glibc's default is to
+/// `mmap` every allocation above 128 KiB).
+pub fn tune_allocator() {
+    // SAFETY: mallopt only adjusts allocator parameters.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 /// A progress bar with the project's style, hidden when `quiet` or not a terminal.
 pub fn progress(len: u64, msg: &str) -> indicatif::ProgressBar {
     let pb = indicatif::ProgressBar::new(len);

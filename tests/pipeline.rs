@@ -125,14 +125,15 @@ fn smoke_pipeline_end_to_end() {
     assert!(!b.join("manifest.json").exists(), "a single shard does not finalize");
     ok(&["augment", "pipelines/smoke.toml", "--out", b_root.to_str().unwrap(), "--finalize"]);
     for f in ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet", "manifest.json", "README.md"] {
-        assert_eq!(std::fs::read(a.join(f)).unwrap(), std::fs::read(b.join(f)).unwrap(), "{f} differs between runs");
+        let (x, y) = (std::fs::read(a.join(f)).unwrap(), std::fs::read(b.join(f)).unwrap());
+        assert!(x == y, "{f} differs between runs");
     }
 
     // Rerun: complete shards are skipped and nothing changes.
     let before = std::fs::read(a.join("train-00000-of-00002.parquet")).unwrap();
     let text = ok(&["augment", "pipelines/smoke.toml", "--out", a_root.to_str().unwrap()]);
     assert!(text.contains("already complete, skipped"), "{text}");
-    assert_eq!(before, std::fs::read(a.join("train-00000-of-00002.parquet")).unwrap());
+    assert!(before == std::fs::read(a.join("train-00000-of-00002.parquet")).unwrap(), "a skipped shard is untouched");
 
     // A different configuration in the same directory is refused without --force.
     let cfg2 = tmp.path().join("smoke2.toml");
@@ -143,12 +144,14 @@ fn smoke_pipeline_end_to_end() {
     // Interoperability: pyarrow and polars read the shards.
     let py = format!(
         r#"
-import pyarrow.parquet as pq, polars as pl, json, glob
+import pyarrow as pa, pyarrow.parquet as pq, polars as pl, json, glob
 d = "{dir}"
 m = json.load(open(d + "/manifest.json"))
 t = pq.read_table(glob.glob(d + "/train-00000-*.parquet")[0])
-assert t.schema.field("input_ids").type == "list<item: int32>", t.schema
-assert str(t.schema.field("teacher_logits").type) == "fixed_size_list<item: float>[2]", t.schema
+assert t.schema.field("input_ids").type == pa.list_(pa.int32()), t.schema
+assert t.schema.field("token_type_ids").type == pa.list_(pa.int8()), t.schema
+assert t.schema.field("teacher_logits").type == pa.list_(pa.float32(), 2), t.schema
+assert t.schema.field("label").type == pa.int64() and t.schema.field("idx").type == pa.int32(), t.schema
 assert t.num_rows == m["shards"][0]["rows"]
 df = pl.read_parquet(d + "/train-*.parquet")
 assert df.height == m["rows"], (df.height, m["rows"])
@@ -230,8 +233,8 @@ fn bad_pipeline_files_are_refused_cleanly() {
     let cases: &[(&str, &str, &str)] = &[
         ("unknown-key", "seed = 7", "seed = 7\ncolour = \"red\""),
         ("wrong-type", "seed = 7", "seed = \"seven\""),
-        ("alpha", "alpha = 0.4\nlambda_mode", "alpha = 0.0\nlambda_mode"),
-        ("epsilon", "[methods.augpro_fgsm]\nepsilon_rel = 0.3", "[methods.augpro_fgsm]\nepsilon_rel = -0.1"),
+        ("alpha", "alpha = 1.0\nlambda_mode", "alpha = 0.0\nlambda_mode"),
+        ("epsilon", "[methods.augpro_fgsm]\nepsilon_rel = 0.2", "[methods.augpro_fgsm]\nepsilon_rel = -0.1"),
         ("p", "p = 0.15", "p = 1.5"),
         ("copies", "copies = 1\np", "copies = 0\np"),
         ("shards", "shards = 2", "shards = 0"),
@@ -251,4 +254,33 @@ fn bad_pipeline_files_are_refused_cleanly() {
     assert!(e.contains("--shard-index 2 is out of range"), "{e}");
     let e = fail(&["augment", tmp.path().join("nope.toml").to_str().unwrap()]);
     assert!(e.contains("nope.toml: cannot read pipeline file"), "{e}");
+}
+
+#[test]
+fn shipped_pipelines_are_valid() {
+    for p in ["sst2", "cola", "mrpc", "stsb", "smoke"] {
+        let cfg = augpro::config::PipelineConfig::load(&common::root().join(format!("pipelines/{p}.toml"))).unwrap();
+        assert!(cfg.methods.augpro_mix.is_some() && cfg.methods.augpro_fgsm.is_some(), "{p} enables AugPro");
+    }
+}
+
+#[test]
+fn report_smoke_preset_writes_every_method() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = ok(&["report", "--task", "sst2", "--preset", "smoke", "--out", tmp.path().to_str().unwrap()]);
+    assert!(text.contains("| augpro_fgsm |"), "{text}");
+    let dir = tmp.path().join("sst2");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("results.json")).unwrap()).unwrap();
+    let methods: Vec<&str> = r["methods"].as_array().unwrap().iter().map(|m| m["method"].as_str().unwrap()).collect();
+    assert_eq!(methods, ["original", "token_replace", "mixup", "fgsm", "augpro_mix", "augpro_fgsm"]);
+    for m in r["methods"].as_array().unwrap() {
+        let v = m["mean"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&v), "{m}");
+        assert_eq!(m["n"], 2);
+    }
+    assert_eq!(r["runs"].as_array().unwrap().len(), 12);
+    for f in ["results.md", "bars.png", "curves.png"] {
+        let meta = std::fs::metadata(dir.join(f)).unwrap();
+        assert!(meta.len() > 200, "{f} is written");
+    }
 }

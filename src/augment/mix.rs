@@ -32,15 +32,11 @@ pub fn align(primary_ids: &[u32], primary_types: &[u8], partner_ids: &[u32], par
     out
 }
 
-/// Draws λ ∈ [0, 1] from Beta(α, α) and folds it so the primary dominates: the result is
-/// `max(λ, 1-λ)` when `fold`, else λ itself.
-pub fn draw_lambda(rng: &mut impl Rng, alpha: f64, fold: bool) -> f32 {
-    let l = Beta::new(alpha, alpha).map(|b| b.sample(rng)).unwrap_or(0.5) as f32;
-    if fold {
-        l.max(1.0 - l)
-    } else {
-        l
-    }
+/// Draws λ = `lambda_min + (1 - lambda_min)·B` with B ~ Beta(α, α), so λ ∈ [lambda_min, 1]
+/// and the primary example keeps at least that weight.
+pub fn draw_lambda(rng: &mut impl Rng, alpha: f64, lambda_min: f64) -> f32 {
+    let b = Beta::new(alpha, alpha).map(|b| b.sample(rng)).unwrap_or(0.5);
+    (lambda_min + (1.0 - lambda_min) * b) as f32
 }
 
 /// Mixes embeddings position by position: `λ·E(primary) + (1-λ)·E(partner)` where aligned,

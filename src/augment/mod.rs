@@ -12,10 +12,11 @@ use crate::config::{FgsmConfig, MethodsConfig, PipelineConfig};
 use crate::data::Example;
 use crate::metrics::argmax;
 use crate::shards::Row;
-use crate::teacher::{GradLoss, Teacher};
+use crate::model::{Checkpoint, SeqClassifier};
+use crate::teacher::{embedding_grad, GradLoss, Teacher};
 use crate::tokenize::Encoded;
 use crate::util::derive_seed;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use mix::LambdaMode;
 use project::{median_nn_distance, Projector};
@@ -74,6 +75,16 @@ pub struct Engine<'a> {
     pub nn_scale: f32,
     special: Vec<bool>,
     pad_id: u32,
+    stages: std::cell::RefCell<BTreeMap<String, f64>>,
+    student: Option<StudentSpace>,
+}
+
+/// A student's embedding space for AugPro-FGSM with KL(teacher ‖ student).
+struct StudentSpace {
+    model: SeqClassifier,
+    table: Vec<f32>,
+    dim: usize,
+    projector: Projector,
 }
 
 struct Variant {
@@ -101,9 +112,34 @@ impl<'a> Engine<'a> {
         let projector = if cfg.projection.index == "Flat" && cfg.projection.metric == project::Metric::L2 {
             exact
         } else {
-            Projector::build(&table, dim, keep, &cfg.projection.index, cfg.projection.metric)?
+            Projector::build_with(&table, dim, keep, &cfg.projection.index, cfg.projection.metric, cfg.projection.params.as_deref())?
         };
-        Ok(Self { teacher, table, dim, projector, methods: cfg.methods.clone(), nn_scale, special, pad_id: tok.pad_id })
+        let student = match cfg.methods.augpro_fgsm.as_ref().and_then(|c| c.student.as_ref()) {
+            Some(dir) => {
+                let ck = Checkpoint::open(dir)?;
+                if ck.config.vocab_size != table.len() / dim {
+                    bail!("{}: student vocabulary has {} tokens, the teacher's has {}; they must share the vocabulary", dir.display(), ck.config.vocab_size, table.len() / dim);
+                }
+                let (model, _) = ck.load_classifier(&teacher.device, false, teacher.task.num_labels, None, 0)?;
+                let st = model.bert.word_embeddings().to_device(&candle_core::Device::Cpu)?.to_dtype(DType::F32)?;
+                let sdim = st.dim(1)?;
+                let stable: Vec<f32> = st.flatten_all()?.to_vec1()?;
+                let projector = Projector::build_with(&stable, sdim, keep, &cfg.projection.index, cfg.projection.metric, cfg.projection.params.as_deref())?;
+                Some(StudentSpace { model, table: stable, dim: sdim, projector })
+            }
+            None => None,
+        };
+        Ok(Self { teacher, table, dim, projector, methods: cfg.methods.clone(), nn_scale, special, pad_id: tok.pad_id, stages: Default::default(), student })
+    }
+
+    /// Adds `secs` to the time of a pipeline stage (`teacher`, `projection`, `decode`, ...).
+    pub fn add_stage(&self, stage: &str, secs: f64) {
+        *self.stages.borrow_mut().entry(stage.to_string()).or_default() += secs;
+    }
+
+    /// Seconds spent per stage since the last call (drains the counters).
+    pub fn take_stage_seconds(&self) -> BTreeMap<String, f64> {
+        std::mem::take(&mut *self.stages.borrow_mut())
     }
 
     /// The teacher's tokenizer.
@@ -130,33 +166,45 @@ impl<'a> Engine<'a> {
     }
 
     fn embeds_of(&self, ids: &[u32]) -> Vec<f32> {
-        ids.iter().flat_map(|&t| self.table[t as usize * self.dim..(t as usize + 1) * self.dim].iter().copied()).collect()
+        rows_of(&self.table, self.dim, ids)
     }
 
     /// Projects the rows of `embeds` at positions where `mask` is set; other positions keep `ids`.
     fn project(&mut self, ids: &[Vec<u32>], embeds: &[Vec<f32>], masks: &[Vec<bool>]) -> Result<Vec<Vec<u32>>> {
-        let d = self.dim;
-        let mut q = Vec::new();
-        for (e, m) in embeds.iter().zip(masks) {
-            for (p, &on) in m.iter().enumerate() {
-                if on {
-                    q.extend_from_slice(&e[p * d..(p + 1) * d]);
-                }
-            }
-        }
-        let found = self.projector.nearest(&q)?;
-        let mut it = found.into_iter();
-        Ok(ids
+        let t = Instant::now();
+        let out = project_rows(&mut self.projector, self.dim, ids, embeds, masks);
+        self.add_stage("projection", t.elapsed().as_secs_f64());
+        out
+    }
+
+    /// Signs of the gradient of `loss` w.r.t. `model`'s input embeddings, per example
+    /// (`[len × hidden]`, zero at special positions).
+    fn gradient_signs(&self, model: &SeqClassifier, encs: &[Encoded], loss: GradLoss) -> Result<Vec<Vec<i8>>> {
+        let t = Instant::now();
+        let r: Vec<(&[u32], &[u8])> = encs.iter().map(|e| (e.ids.as_slice(), e.type_ids.as_slice())).collect();
+        let b = crate::train::Batch::new(&r, self.pad_id, &self.teacher.device)?;
+        let (_, grad, _) = embedding_grad(model, &b, loss, self.teacher.task.is_regression())?;
+        let dim = grad.dim(2)?;
+        let g: Vec<Vec<Vec<f32>>> = grad.to_device(&candle_core::Device::Cpu)?.to_vec3()?;
+        self.add_stage("teacher", t.elapsed().as_secs_f64());
+        Ok(encs
             .iter()
-            .zip(masks)
-            .map(|(row, m)| row.iter().zip(m).map(|(&t, &on)| if on { it.next().expect("one result per query") } else { t }).collect())
+            .zip(&g)
+            .map(|(e, gi)| {
+                let flat: Vec<f32> = gi[..e.ids.len()].iter().flatten().copied().collect();
+                let on: Vec<bool> = e.ids.iter().map(|&t| !self.is_special(t)).collect();
+                fgsm::signs(&flat, dim, &on)
+            })
             .collect())
     }
 
     fn logits_ids(&self, rows: &[(Vec<u32>, &[u8])]) -> Result<Vec<Vec<f32>>> {
         let r: Vec<(&[u32], &[u8])> = rows.iter().map(|(a, b)| (a.as_slice(), *b)).collect();
+        let t = Instant::now();
         let b = self.teacher.batch(&r)?;
-        Ok(self.teacher.logits(&b)?.to_dtype(DType::F32)?.to_vec2()?)
+        let out = self.teacher.logits(&b)?.to_dtype(DType::F32)?.to_vec2()?;
+        self.add_stage("teacher", t.elapsed().as_secs_f64());
+        Ok(out)
     }
 
     fn logits_embeds(&self, encs: &[&Encoded], embeds: &[Vec<f32>]) -> Result<Vec<Vec<f32>>> {
@@ -170,8 +218,11 @@ impl<'a> Engine<'a> {
                 flat.extend_from_slice(&pad);
             }
         }
+        let t0 = Instant::now();
         let t = Tensor::from_vec(flat, (encs.len(), b.seq_len, self.dim), &self.teacher.device)?;
-        Ok(self.teacher.logits_from_embeds(&t, &b)?.to_dtype(DType::F32)?.to_vec2()?)
+        let out = self.teacher.logits_from_embeds(&t, &b)?.to_dtype(DType::F32)?.to_vec2()?;
+        self.add_stage("teacher", t0.elapsed().as_secs_f64());
+        Ok(out)
     }
 
     fn partners(&self, n: usize, rng: &mut ChaCha8Rng) -> Vec<usize> {
@@ -201,10 +252,10 @@ impl<'a> Engine<'a> {
             let al = mix::align(&e.ids, &e.type_ids, &p.ids, &p.type_ids, &|t| self.is_special(t));
             let (lam, per_pos): (Option<f32>, Vec<f32>) = match c.lambda_mode {
                 LambdaMode::Sequence => {
-                    let l = mix::draw_lambda(rng, c.alpha, c.fold);
+                    let l = mix::draw_lambda(rng, c.alpha, c.lambda_min);
                     (Some(l), vec![l; e.ids.len()])
                 }
-                LambdaMode::Position => (None, (0..e.ids.len()).map(|_| mix::draw_lambda(rng, c.alpha, c.fold)).collect()),
+                LambdaMode::Position => (None, (0..e.ids.len()).map(|_| mix::draw_lambda(rng, c.alpha, c.lambda_min)).collect()),
             };
             embeds.push(mix::mix(&self.table, self.dim, &e.ids, &p.ids, &al, &per_pos));
             masks.push(al.iter().map(|a| a.is_some()).collect::<Vec<bool>>());
@@ -263,48 +314,73 @@ impl<'a> Engine<'a> {
                 self.account(report, "augpro_mix", t);
             }
         }
-        if methods.augpro_fgsm.is_some() || methods.fgsm.is_some() {
+        let gold: Vec<f32> = examples
+            .iter()
+            .zip(&orig_logits)
+            .map(|(e, l)| e.label.unwrap_or(if self.teacher.task.is_regression() { l[0] } else { argmax(l) as f32 }))
+            .collect();
+        let student_fgsm = methods.augpro_fgsm.as_ref().is_some_and(|c| c.student.is_some());
+        let teacher_signs = if methods.fgsm.is_some() || (methods.augpro_fgsm.is_some() && !student_fgsm) {
             let t = Instant::now();
-            let r: Vec<(&[u32], &[u8])> = encs.iter().map(|e| (e.ids.as_slice(), e.type_ids.as_slice())).collect();
-            let b = self.teacher.batch(&r)?;
-            let labels: Vec<f32> = examples.iter().zip(&orig_logits).map(|(e, l)| e.label.unwrap_or(if self.teacher.task.is_regression() { l[0] } else { argmax(l) as f32 })).collect();
-            let (_, grad, _) = self.teacher.embedding_grad(&b, GradLoss::Labels(&labels))?;
-            let g: Vec<Vec<Vec<f32>>> = grad.to_device(&candle_core::Device::Cpu)?.to_vec3()?;
-            let signs: Vec<Vec<i8>> = encs
-                .iter()
-                .zip(&g)
-                .map(|(e, gi)| {
-                    let flat: Vec<f32> = gi[..e.ids.len()].iter().flatten().copied().collect();
-                    let on: Vec<bool> = e.ids.iter().map(|&t| !self.is_special(t)).collect();
-                    fgsm::signs(&flat, self.dim, &on)
-                })
+            let s = self.gradient_signs(&self.teacher.model, encs, GradLoss::Labels(&gold))?;
+            Some((s, t.elapsed().as_secs_f64()))
+        } else {
+            None
+        };
+        if let Some(c) = &methods.augpro_fgsm {
+            let t = Instant::now();
+            let eps = self.epsilon(c);
+            let ids: Vec<Vec<u32>> = encs.iter().map(|e| e.ids.clone()).collect();
+            let masks: Vec<Vec<bool>> = encs.iter().map(|e| e.ids.iter().map(|&t| !self.is_special(t)).collect()).collect();
+            let projected = match self.student.take() {
+                // KL(teacher ‖ student), gradient and projection in the student's embedding space.
+                Some(mut st) => {
+                    let res = (|| -> Result<Vec<Vec<u32>>> {
+                        let signs = if self.teacher.task.is_regression() {
+                            let target: Vec<f32> = orig_logits.iter().map(|l| l[0]).collect();
+                            self.gradient_signs(&st.model, encs, GradLoss::Labels(&target))?
+                        } else {
+                            let flat: Vec<f32> = orig_logits.iter().flatten().copied().collect();
+                            let lt = Tensor::from_vec(flat, (n, self.teacher.task.num_labels), &self.teacher.device)?;
+                            let p = candle_nn::ops::softmax_last_dim(&lt)?;
+                            self.gradient_signs(&st.model, encs, GradLoss::Distribution(&p))?
+                        };
+                        let embeds: Vec<Vec<f32>> = encs.iter().zip(&signs).map(|(e, s)| fgsm::apply(&rows_of(&st.table, st.dim, &e.ids), s, eps)).collect();
+                        let tp = Instant::now();
+                        let out = project_rows(&mut st.projector, st.dim, &ids, &embeds, &masks);
+                        self.add_stage("projection", tp.elapsed().as_secs_f64());
+                        out
+                    })();
+                    self.student = Some(st);
+                    res?
+                }
+                None => {
+                    let (signs, gs) = teacher_signs.as_ref().expect("teacher gradient computed");
+                    *report.seconds.entry("augpro_fgsm".to_string()).or_default() += if methods.fgsm.is_some() { gs / 2.0 } else { *gs };
+                    let embeds: Vec<Vec<f32>> = encs.iter().zip(signs).map(|(e, s)| fgsm::apply(&self.embeds_of(&e.ids), s, eps)).collect();
+                    self.project(&ids, &embeds, &masks)?
+                }
+            };
+            let v = projected
+                .into_iter()
+                .zip(encs)
+                .map(|(p, e)| Variant { changed: Some(changed(&e.ids, &p)), ids: p, partner: None, lambda: None, epsilon: Some(eps), embeds: None, partner_ids: None, perturbation: None })
                 .collect();
-            let grad_secs = t.elapsed().as_secs_f64();
-            for (name, cfg, project) in [("augpro_fgsm", &methods.augpro_fgsm, true), ("fgsm", &methods.fgsm, false)] {
-                let Some(c) = cfg else { continue };
-                let t = Instant::now();
-                let eps = self.epsilon(c);
-                let embeds: Vec<Vec<f32>> = encs.iter().zip(&signs).map(|(e, s)| fgsm::apply(&self.embeds_of(&e.ids), s, eps)).collect();
-                let v: Vec<Variant> = if project {
-                    let ids: Vec<Vec<u32>> = encs.iter().map(|e| e.ids.clone()).collect();
-                    let masks: Vec<Vec<bool>> = encs.iter().map(|e| e.ids.iter().map(|&t| !self.is_special(t)).collect()).collect();
-                    let pr = self.project(&ids, &embeds, &masks)?;
-                    pr.into_iter()
-                        .zip(encs)
-                        .map(|(p, e)| Variant { changed: Some(changed(&e.ids, &p)), ids: p, partner: None, lambda: None, epsilon: Some(eps), embeds: None, partner_ids: None, perturbation: None })
-                        .collect()
-                } else {
-                    embeds
-                        .into_iter()
-                        .zip(encs)
-                        .zip(&signs)
-                        .map(|((em, e), s)| Variant { ids: e.ids.clone(), partner: None, lambda: None, epsilon: Some(eps), changed: None, embeds: Some(em), partner_ids: None, perturbation: Some(s.clone()) })
-                        .collect()
-                };
-                results.push((name, 0, v, c.drop_unchanged));
-                *report.seconds.entry(name.to_string()).or_default() += grad_secs / 2.0;
-                self.account(report, name, t);
-            }
+            results.push(("augpro_fgsm", 0, v, c.drop_unchanged));
+            self.account(report, "augpro_fgsm", t);
+        }
+        if let Some(c) = &methods.fgsm {
+            let t = Instant::now();
+            let eps = self.epsilon(c);
+            let (signs, gs) = teacher_signs.as_ref().expect("teacher gradient computed");
+            *report.seconds.entry("fgsm".to_string()).or_default() += if methods.augpro_fgsm.is_some() && !student_fgsm { gs / 2.0 } else { *gs };
+            let v = encs
+                .iter()
+                .zip(signs)
+                .map(|(e, s)| Variant { ids: e.ids.clone(), partner: None, lambda: None, epsilon: Some(eps), changed: None, embeds: Some(fgsm::apply(&self.embeds_of(&e.ids), s, eps)), partner_ids: None, perturbation: Some(s.clone()) })
+                .collect();
+            results.push(("fgsm", 0, v, false));
+            self.account(report, "fgsm", t);
         }
         if let Some(c) = &methods.token_replace {
             let t = Instant::now();
@@ -313,7 +389,9 @@ impl<'a> Engine<'a> {
             for e in encs {
                 q.extend(self.embeds_of(&e.ids));
             }
+            let ts = Instant::now();
             let (nb, _) = self.projector.search(&q, k + 1)?;
+            self.add_stage("projection", ts.elapsed().as_secs_f64());
             let mut off = 0;
             let per_row: Vec<&[u32]> = encs
                 .iter()
@@ -423,7 +501,9 @@ impl<'a> Engine<'a> {
         perturbation: Option<Vec<i8>>,
     ) -> Row {
         let ids = ids.unwrap_or_else(|| enc.ids.clone());
+        let t = Instant::now();
         let (a, b) = self.teacher.tokenizer.decode_segments(&ids, &enc.type_ids).unwrap_or_default();
+        self.add_stage("decode", t.elapsed().as_secs_f64());
         let mut texts = vec![a];
         if self.teacher.task.is_pair() {
             texts.push(b.unwrap_or_default());
@@ -446,6 +526,31 @@ impl<'a> Engine<'a> {
             perturbation,
         }
     }
+}
+
+/// Rows of `table` (`dim` wide) for the given ids, concatenated.
+fn rows_of(table: &[f32], dim: usize, ids: &[u32]) -> Vec<f32> {
+    ids.iter().flat_map(|&t| table[t as usize * dim..(t as usize + 1) * dim].iter().copied()).collect()
+}
+
+/// Projects the positions of `embeds` where `masks` is set, in one batched search; other
+/// positions keep their ids.
+fn project_rows(projector: &mut Projector, d: usize, ids: &[Vec<u32>], embeds: &[Vec<f32>], masks: &[Vec<bool>]) -> Result<Vec<Vec<u32>>> {
+    let mut q = Vec::new();
+    for (e, m) in embeds.iter().zip(masks) {
+        for (p, &on) in m.iter().enumerate() {
+            if on {
+                q.extend_from_slice(&e[p * d..(p + 1) * d]);
+            }
+        }
+    }
+    let found = projector.nearest(&q)?;
+    let mut it = found.into_iter();
+    Ok(ids
+        .iter()
+        .zip(masks)
+        .map(|(row, m)| row.iter().zip(m).map(|(&t, &on)| if on { it.next().expect("one result per query") } else { t }).collect())
+        .collect())
 }
 
 /// Number of positions where two equal-length sequences differ.

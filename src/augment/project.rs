@@ -30,6 +30,12 @@ impl Projector {
     /// Indexes the rows of `table` (`vocab × dim`, row-major) whose token id passes `keep`.
     /// `factory` is a FAISS index-factory string (`Flat`, `HNSW32`, `IVF1024,Flat`, ...).
     pub fn build(table: &[f32], dim: usize, keep: impl Fn(u32) -> bool, factory: &str, metric: Metric) -> Result<Self> {
+        Self::build_with(table, dim, keep, factory, metric, None)
+    }
+
+    /// Like [`build`](Self::build), then applies FAISS search parameters such as
+    /// `nprobe=16` or `efSearch=128` (comma-separated, as FAISS's ParameterSpace reads them).
+    pub fn build_with(table: &[f32], dim: usize, keep: impl Fn(u32) -> bool, factory: &str, metric: Metric, params: Option<&str>) -> Result<Self> {
         if dim == 0 || table.len() % dim != 0 {
             bail!("embedding table of {} values is not a multiple of dimension {dim}", table.len());
         }
@@ -51,6 +57,9 @@ impl Projector {
             index.train(&data).with_context(|| format!("training FAISS index `{factory}` failed"))?;
         }
         index.add(&data).context("adding vectors to the FAISS index failed")?;
+        if let Some(p) = params.filter(|p| !p.is_empty()) {
+            set_parameters(&mut index, p).with_context(|| format!("FAISS parameters `{p}` do not apply to index `{factory}`"))?;
+        }
         Ok(Self { index, token_ids, dim, factory: factory.to_string(), metric })
     }
 
@@ -86,6 +95,23 @@ impl Projector {
     pub fn nearest(&mut self, queries: &[f32]) -> Result<Vec<u32>> {
         Ok(self.search(queries, 1)?.0)
     }
+}
+
+fn set_parameters(index: &mut faiss::index::IndexImpl, params: &str) -> Result<()> {
+    let c = std::ffi::CString::new(params)?;
+    // SAFETY: the parameter space is created, used on a live index and freed here.
+    unsafe {
+        let mut space = std::ptr::null_mut();
+        if faiss_sys::faiss_ParameterSpace_new(&mut space) != 0 {
+            bail!("cannot create a FAISS parameter space");
+        }
+        let rc = faiss_sys::faiss_ParameterSpace_set_index_parameters(space, index.inner_ptr(), c.as_ptr());
+        faiss_sys::faiss_ParameterSpace_free(space);
+        if rc != 0 {
+            bail!("FAISS rejected the parameters");
+        }
+    }
+    Ok(())
 }
 
 /// Exact nearest neighbour by brute force (the reference the tests compare FAISS against).

@@ -1,0 +1,335 @@
+//! `make bench`: measures every stage against its limit and its alternative, on the real
+//! default model and SST-2 data, and writes `bench/results.json` and `bench/results.md`.
+//!
+//! Sections: matmul peak; projection (FAISS Flat / HNSW / IVF vs a candle matmul + argmin)
+//! on the MiniLM table and synthetic tables; teacher forward and forward+backward
+//! throughput; end-to-end `augment` per method with the share of time per stage; and peak
+//! memory of `augment` as the input grows.
+
+use anyhow::{Context, Result};
+use augpro::augment::project::{Metric, Projector};
+use augpro::config::PipelineConfig;
+use augpro::data::{resolve_glue_dir, SplitReader};
+use augpro::glue;
+use augpro::model::{Checkpoint, Ctx};
+use augpro::teacher::{embedding_grad, GradLoss};
+use augpro::tokenize::TextTokenizer;
+use augpro::train::{sorted_batches, Batch};
+use candle_core::{DType, Device, Tensor, D};
+use clap::Parser;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Value};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Parser, Debug)]
+#[command(about = "augpro benchmarks")]
+struct Args {
+    /// Smaller sizes (a couple of minutes).
+    #[arg(long)]
+    quick: bool,
+    /// Also the 250,000 × 768 synthetic table.
+    #[arg(long)]
+    large: bool,
+    /// Output directory.
+    #[arg(long, default_value = "bench")]
+    out: PathBuf,
+    /// Base model.
+    #[arg(long, default_value = "data/models/minilm-l6")]
+    model: PathBuf,
+    /// cpu or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// GLUE directory.
+    #[arg(long)]
+    glue_dir: Option<PathBuf>,
+    /// Sections to run (matmul, projection, teacher, e2e, memory); all when empty.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+}
+
+fn secs<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
+    let t = Instant::now();
+    let v = f()?;
+    Ok((v, t.elapsed().as_secs_f64()))
+}
+
+fn matmul_peak(device: &Device) -> Result<Value> {
+    let n = 1024;
+    let a = Tensor::randn(0f32, 1.0, (n, n), device)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), device)?;
+    let _ = a.matmul(&b)?.sum_all()?.to_scalar::<f32>()?;
+    let reps = 10;
+    let (_, t) = secs(|| {
+        let mut s = 0f32;
+        for _ in 0..reps {
+            s += a.matmul(&b)?.sum_all()?.to_scalar::<f32>()?;
+        }
+        Ok(s)
+    })?;
+    let gflops = 2.0 * (n as f64).powi(3) * reps as f64 / t / 1e9;
+    Ok(json!({ "size": n, "gflops": gflops }))
+}
+
+fn projection_case(name: &str, table: &[f32], dim: usize, nq: usize, device: &Device) -> Result<Value> {
+    let n = table.len() / dim;
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let mut q = Vec::with_capacity(nq * dim);
+    for _ in 0..nq {
+        let r = rng.gen_range(0..n);
+        q.extend(table[r * dim..(r + 1) * dim].iter().map(|&x| x + rng.gen_range(-0.05f32..0.05)));
+    }
+    let keep = |_: u32| true;
+    let flops = 2.0 * n as f64 * dim as f64 * nq as f64;
+    let (mut flat, build_flat) = secs(|| Projector::build(table, dim, keep, "Flat", Metric::L2))?;
+    let (exact, t_flat) = secs(|| flat.nearest(&q))?;
+    let mut rows = vec![json!({ "index": "Flat (exact)", "build_s": build_flat, "qps": nq as f64 / t_flat, "gflops": flops / t_flat / 1e9, "recall_at_1": 1.0 })];
+    for (factory, params) in [("HNSW32", "efSearch=64"), (ivf_factory(n).as_str(), "nprobe=16")] {
+        let (mut p, build) = secs(|| Projector::build_with(table, dim, keep, factory, Metric::L2, Some(params)))?;
+        let (got, t) = secs(|| p.nearest(&q))?;
+        let recall = got.iter().zip(&exact).filter(|(a, b)| a == b).count() as f64 / nq as f64;
+        rows.push(json!({ "index": format!("{factory} ({params})"), "build_s": build, "qps": nq as f64 / t, "recall_at_1": recall }));
+    }
+    // Brute force with candle: argmin over ||t||² - 2·q·t.
+    let tt = Tensor::from_slice(table, (n, dim), device)?;
+    let norms = tt.sqr()?.sum(D::Minus1)?;
+    let qt = Tensor::from_slice(&q, (nq, dim), device)?;
+    let (ids, t_mm) = secs(|| {
+        let mut all = Vec::with_capacity(nq);
+        for chunk in 0..nq.div_ceil(512) {
+            let qc = qt.narrow(0, chunk * 512, 512.min(nq - chunk * 512))?;
+            let d = norms.unsqueeze(0)?.broadcast_sub(&(qc.matmul(&tt.t()?)? * 2.0)?)?;
+            all.extend(d.argmin(D::Minus1)?.to_dtype(DType::U32)?.to_vec1::<u32>()?);
+        }
+        Ok(all)
+    })?;
+    let agree = ids.iter().zip(&exact).filter(|(a, b)| a == b).count() as f64 / nq as f64;
+    rows.push(json!({ "index": "candle matmul + argmin", "build_s": 0.0, "qps": nq as f64 / t_mm, "gflops": flops / t_mm / 1e9, "recall_at_1": agree }));
+    Ok(json!({ "table": name, "rows": n, "dim": dim, "queries": nq, "results": rows }))
+}
+
+fn ivf_factory(n: usize) -> String {
+    let nlist = ((n as f64).sqrt() * 4.0).round() as usize;
+    format!("IVF{},Flat", nlist.next_power_of_two().min(4096))
+}
+
+fn teacher_speed(model: &Path, glue_dir: &Path, device: &Device, quick: bool) -> Result<Value> {
+    let task = glue::task("sst2")?;
+    let ck = Checkpoint::open(model)?;
+    let tok = TextTokenizer::load(model, 128)?;
+    let (m, _) = ck.load_classifier(device, false, 2, None, 0)?;
+    let mut ex = SplitReader::open(glue_dir, task, "validation")?.read_all(None)?;
+    if quick {
+        ex.truncate(256);
+    }
+    let enc = tok.encode(&ex)?;
+    let lens: Vec<usize> = enc.iter().map(|e| e.ids.len()).collect();
+    let real: usize = lens.iter().sum();
+    let mut fwd = Vec::new();
+    for bs in [8, 32, 128] {
+        let batches = sorted_batches(&lens, bs);
+        let (_, t) = secs(|| {
+            for b in &batches {
+                let rows: Vec<_> = b.iter().map(|&i| &enc[i]).collect();
+                let batch = Batch::from_encoded(&rows, tok.pad_id, device)?;
+                m.forward_ids(&batch.ids, &batch.types, &batch.mask, &mut Ctx::eval())?.logits.to_vec2::<f32>()?;
+            }
+            Ok(())
+        })?;
+        fwd.push(json!({ "batch": bs, "examples_per_s": ex.len() as f64 / t, "real_tokens_per_s": real as f64 / t }));
+    }
+    let batches = sorted_batches(&lens, 32);
+    let (_, t) = secs(|| {
+        for b in &batches {
+            let rows: Vec<_> = b.iter().map(|&i| &enc[i]).collect();
+            let batch = Batch::from_encoded(&rows, tok.pad_id, device)?;
+            let y: Vec<f32> = b.iter().map(|&i| ex[i].label.unwrap_or(0.0)).collect();
+            embedding_grad(&m, &batch, GradLoss::Labels(&y), false)?.1.sum_all()?.to_scalar::<f32>()?;
+        }
+        Ok(())
+    })?;
+    Ok(json!({ "examples": ex.len(), "real_tokens": real, "forward": fwd,
+        "forward_backward_batch32": { "examples_per_s": ex.len() as f64 / t, "real_tokens_per_s": real as f64 / t } }))
+}
+
+fn bench_pipeline(dir: &Path, name: &str, examples: usize, methods: &str) -> Result<PathBuf> {
+    let smoke = std::fs::read_to_string("pipelines/smoke.toml").context("pipelines/smoke.toml")?;
+    let head: String = smoke.lines().take_while(|l| !l.starts_with("[methods")).collect::<Vec<_>>().join("\n");
+    let text = head
+        .replace("name = \"smoke\"", &format!("name = \"{name}\""))
+        .replace("max_examples = 64", &format!("max_examples = {examples}"))
+        .replace("shards = 2", "shards = 1")
+        .replace("batch_size = 16", "batch_size = 32")
+        .replace("output = \"out\"", &format!("output = \"{}\"", dir.join("out").display()));
+    let p = dir.join(format!("{name}.toml"));
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(&p, format!("{text}\n{methods}"))?;
+    PipelineConfig::load(&p)?;
+    Ok(p)
+}
+
+/// Runs `augpro augment` as a child; returns (wall seconds, peak RSS in MiB).
+fn run_augment(pipeline: &Path, glue_dir: &Path, device: &str) -> Result<(f64, f64)> {
+    let exe = std::env::current_exe()?.with_file_name("augpro");
+    let t = Instant::now();
+    let child = std::process::Command::new(&exe)
+        .args(["-q", "augment", pipeline.to_str().unwrap(), "--force", "--device", device])
+        .env("AUGPRO_GLUE_DIR", glue_dir)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("{}: cannot start (build it with `cargo build --release`)", exe.display()))?;
+    let mut status = 0;
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child and fills a zeroed rusage.
+    let rc = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    anyhow::ensure!(rc > 0 && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "augment failed for {}", pipeline.display());
+    Ok((t.elapsed().as_secs_f64(), ru.ru_maxrss as f64 / 1024.0))
+}
+
+const ALL_METHODS: &str = r#"
+[methods.augpro_mix]
+alpha = 1.0
+lambda_mode = "position"
+lambda_min = 0.35
+[methods.augpro_fgsm]
+epsilon_rel = 0.2
+[methods.token_replace]
+p = 0.15
+[methods.mixup]
+alpha = 0.4
+[methods.fgsm]
+epsilon_rel = 0.2
+"#;
+
+fn main() -> Result<()> {
+    augpro::util::tune_allocator();
+    let a = Args::parse();
+    let device = augpro::model::bert::parse_device(&a.device)?;
+    let glue_dir = resolve_glue_dir(a.glue_dir.as_deref()).canonicalize().context("GLUE directory")?;
+    let want = |s: &str| a.only.is_empty() || a.only.iter().any(|x| x == s);
+    let mut res = serde_json::Map::new();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())).unwrap_or_default();
+    res.insert("machine".into(), json!({ "cpu": cpu, "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), "device": a.device }));
+    if want("matmul") || want("projection") {
+        eprintln!("matmul peak…");
+        res.insert("matmul_peak".into(), matmul_peak(&device)?);
+    }
+    if want("projection") {
+        let ck = Checkpoint::open(&a.model)?;
+        let p = ck.params(&Device::Cpu, false, 0)?;
+        let bert = augpro::model::Bert::load(&p, &ck.config)?;
+        let table: Vec<f32> = bert.word_embeddings().flatten_all()?.to_vec1()?;
+        let nq = if a.quick { 512 } else { 4096 };
+        let mut cases = vec![];
+        eprintln!("projection: MiniLM table…");
+        cases.push(projection_case("MiniLM-L6 word embeddings", &table, ck.config.hidden_size, nq, &device)?);
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let mut sizes = vec![(30522usize, 768usize)];
+        if a.large {
+            sizes.push((250_000, 768));
+        }
+        for (n, d) in sizes {
+            eprintln!("projection: synthetic {n} × {d}…");
+            let t: Vec<f32> = (0..n * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+            cases.push(projection_case(&format!("synthetic {n} × {d}"), &t, d, nq, &device)?);
+        }
+        res.insert("projection".into(), json!(cases));
+    }
+    if want("teacher") {
+        eprintln!("teacher throughput…");
+        res.insert("teacher".into(), teacher_speed(&a.model, &glue_dir, &device, a.quick)?);
+    }
+    let tmp = a.out.join("tmp");
+    if want("e2e") {
+        let n = if a.quick { 256 } else { 1024 };
+        eprintln!("end to end: augment {n} SST-2 examples with every method…");
+        let p = bench_pipeline(&tmp, "e2e", n, ALL_METHODS)?;
+        let (wall, rss) = run_augment(&p, &glue_dir, &a.device)?;
+        let timings: Value = serde_json::from_slice(&std::fs::read(tmp.join("out/sst2/e2e/timings.json"))?)?;
+        let shard = timings.as_object().and_then(|o| o.values().next()).cloned().unwrap_or_default();
+        let total = shard["seconds"].as_f64().unwrap_or(f64::NAN);
+        let methods: serde_json::Map<String, Value> = shard["method_seconds"].as_object().cloned().unwrap_or_default().into_iter().map(|(k, v)| {
+            let s = v.as_f64().unwrap_or(f64::NAN);
+            (k, json!({ "seconds": s, "examples_per_s": n as f64 / s }))
+        }).collect();
+        let stages: serde_json::Map<String, Value> = shard["stage_seconds"].as_object().cloned().unwrap_or_default().into_iter().map(|(k, v)| {
+            let s = v.as_f64().unwrap_or(f64::NAN);
+            (k, json!({ "seconds": s, "share": s / total }))
+        }).collect();
+        let accounted: f64 = stages.values().map(|v| v["seconds"].as_f64().unwrap_or(0.0)).sum();
+        res.insert("end_to_end".into(), json!({ "examples": n, "augment_seconds": total, "wall_seconds_with_startup": wall, "examples_per_s": n as f64 / total, "peak_rss_mib": rss, "methods": methods, "stages": stages, "other_share": 1.0 - accounted / total }));
+    }
+    if want("memory") {
+        let sizes: &[usize] = if a.quick { &[250, 500, 1000] } else { &[1000, 4000, 16000] };
+        let mut rows = vec![];
+        for &n in sizes {
+            eprintln!("memory: augment {n} examples (original + augpro_mix)…");
+            let p = bench_pipeline(&tmp, &format!("mem{n}"), n, "[methods.augpro_mix]\nalpha = 1.0\nlambda_mode = \"position\"\nlambda_min = 0.35\n")?;
+            let (wall, rss) = run_augment(&p, &glue_dir, &a.device)?;
+            rows.push(json!({ "examples": n, "peak_rss_mib": rss, "wall_seconds": wall }));
+        }
+        res.insert("memory".into(), json!(rows));
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    let res = Value::Object(res);
+    std::fs::create_dir_all(&a.out)?;
+    augpro::util::atomic_write(&a.out.join("results.json"), serde_json::to_string_pretty(&res)?.as_bytes())?;
+    let md = markdown(&res);
+    augpro::util::atomic_write(&a.out.join("results.md"), md.as_bytes())?;
+    print!("{md}");
+    Ok(())
+}
+
+fn f(v: &Value) -> String {
+    v.as_f64().map(|x| if x >= 100.0 { format!("{x:.0}") } else if x >= 1.0 { format!("{x:.2}") } else { format!("{x:.3}") }).unwrap_or("–".into())
+}
+
+fn markdown(r: &Value) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# augpro benchmarks\n\nMachine: {} ({} threads), device {}.\n", r["machine"]["cpu"].as_str().unwrap_or("?"), r["machine"]["threads"], r["machine"]["device"].as_str().unwrap_or("cpu"));
+    let peak = r["matmul_peak"]["gflops"].as_f64();
+    if let Some(p) = peak {
+        let _ = writeln!(s, "Measured fp32 matmul peak (candle, 1024³): **{p:.1} GFLOP/s**.\n");
+    }
+    if let Some(cases) = r["projection"].as_array() {
+        let _ = writeln!(s, "## Projection (nearest token, k = 1)\n\n| table | index | build s | queries/s | GFLOP/s | % of peak | recall@1 vs exact |\n|---|---|---:|---:|---:|---:|---:|");
+        for c in cases {
+            for row in c["results"].as_array().into_iter().flatten() {
+                let pct = match (row["gflops"].as_f64(), peak) {
+                    (Some(g), Some(p)) => format!("{:.0}%", 100.0 * g / p),
+                    _ => "–".into(),
+                };
+                let _ = writeln!(s, "| {} ({}×{}) | {} | {} | {} | {} | {} | {} |", c["table"].as_str().unwrap_or(""), c["rows"], c["dim"], row["index"].as_str().unwrap_or(""), f(&row["build_s"]), f(&row["qps"]), f(&row["gflops"]), pct, f(&row["recall_at_1"]));
+            }
+        }
+        s.push('\n');
+    }
+    if let Some(t) = r.get("teacher").filter(|t| !t.is_null()) {
+        let _ = writeln!(s, "## Teacher (MiniLM-L6, SST-2 validation, {} examples, {} real tokens)\n\n| pass | batch | examples/s | real tokens/s |\n|---|---:|---:|---:|", t["examples"], t["real_tokens"]);
+        for row in t["forward"].as_array().into_iter().flatten() {
+            let _ = writeln!(s, "| forward | {} | {} | {} |", row["batch"], f(&row["examples_per_s"]), f(&row["real_tokens_per_s"]));
+        }
+        let fb = &t["forward_backward_batch32"];
+        let _ = writeln!(s, "| forward + backward to embeddings | 32 | {} | {} |\n", f(&fb["examples_per_s"]), f(&fb["real_tokens_per_s"]));
+    }
+    if let Some(e) = r.get("end_to_end").filter(|t| !t.is_null()) {
+        let _ = writeln!(s, "## End to end: `augment` on {} SST-2 examples, all methods\n\n{} examples/s overall ({} s), peak RSS {} MiB.\n\n| method | seconds | examples/s |\n|---|---:|---:|", e["examples"], f(&e["examples_per_s"]), f(&e["augment_seconds"]), f(&e["peak_rss_mib"]));
+        for (k, v) in e["methods"].as_object().into_iter().flatten() {
+            let _ = writeln!(s, "| {k} | {} | {} |", f(&v["seconds"]), f(&v["examples_per_s"]));
+        }
+        let _ = writeln!(s, "\n| stage | seconds | share |\n|---|---:|---:|");
+        for (k, v) in e["stages"].as_object().into_iter().flatten() {
+            let _ = writeln!(s, "| {k} | {} | {:.1}% |", f(&v["seconds"]), 100.0 * v["share"].as_f64().unwrap_or(0.0));
+        }
+        let _ = writeln!(s, "| other (glue code, row assembly) | | {:.1}% |\n", 100.0 * e["other_share"].as_f64().unwrap_or(0.0));
+    }
+    if let Some(m) = r["memory"].as_array() {
+        let _ = writeln!(s, "## Peak memory of `augment` (original + augpro_mix)\n\n| examples | peak RSS MiB | wall s |\n|---:|---:|---:|");
+        for row in m {
+            let _ = writeln!(s, "| {} | {} | {} |", row["examples"], f(&row["peak_rss_mib"]), f(&row["wall_seconds"]));
+        }
+    }
+    s
+}

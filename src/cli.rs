@@ -318,7 +318,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 let m = shards::manifest::read_manifest(&out)?;
                 println!("shards: {} ({} rows, {} shard(s))", out.display(), m.rows, m.shards.len());
                 for (k, d) in &m.diagnostics {
-                    println!("  {k:<14} {:>7} rows  changed {:>5.1}% of positions  unchanged rows {:>5.1}%  teacher agrees {:>5.1}%", d.counts.rows, 100.0 * d.changed_position_rate, 100.0 * d.unchanged_row_rate, 100.0 * d.teacher_agreement);
+                    println!("  {}", d.summary(k));
                 }
             }
         }

@@ -38,16 +38,40 @@ pub fn print(dir: &Path, n: usize) -> Result<()> {
     println!("{}", method_table(dir)?);
     println!("diagnostics (manifest):");
     for (k, d) in &m.diagnostics {
-        println!("  {k:<14} changed {:>5.1}% of positions, {:>5.1}% rows unchanged, teacher agrees with source label {:>5.1}%", 100.0 * d.changed_position_rate, 100.0 * d.unchanged_row_rate, 100.0 * d.teacher_agreement);
+        println!("  {}", d.summary(k));
+    }
+    if let Ok(t) = std::fs::read(dir.join("timings.json")) {
+        let t: serde_json::Value = serde_json::from_slice(&t)?;
+        let mut per: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
+        for shard in t.as_object().into_iter().flat_map(|o| o.values()) {
+            let ex = shard["examples"].as_f64().unwrap_or(0.0);
+            for (k, v) in shard["method_seconds"].as_object().into_iter().flatten() {
+                let e = per.entry(k.clone()).or_default();
+                e.0 += ex;
+                e.1 += v.as_f64().unwrap_or(0.0);
+            }
+        }
+        let rates: Vec<String> = per.iter().map(|(k, (ex, s))| format!("{k} {:.0}", ex / s.max(1e-9))).collect();
+        println!("source examples/s per method (teacher time included): {}", rates.join(", "));
     }
     let task = crate::glue::task(&m.task)?;
     let schema = ShardSchema::new(task);
     let Some(first) = paths.first() else { return Ok(()) };
     let mut r = ShardReader::open(first, &schema)?;
-    let rows: Vec<Row> = r.next_rows(&schema)?.unwrap_or_default();
+    let mut rows: Vec<Row> = Vec::new();
+    while rows.len() < 8192 {
+        match r.next_rows(&schema)? {
+            Some(b) => rows.extend(b),
+            None => break,
+        }
+    }
     let originals: HashMap<i64, &Row> = rows.iter().filter(|r| r.method == "original").map(|r| (r.idx, r)).collect();
     for method in crate::shards::schema::METHODS.iter().skip(1) {
-        let picks: Vec<&Row> = rows.iter().filter(|r| r.method == *method).take(n).collect();
+        // Prefer sentences of some length: rows are processed shortest first.
+        let mut picks: Vec<&Row> = rows.iter().filter(|r| r.method == *method && r.input_ids.len() >= 12).take(n).collect();
+        if picks.is_empty() {
+            picks = rows.iter().filter(|r| r.method == *method).take(n).collect();
+        }
         if picks.is_empty() {
             continue;
         }

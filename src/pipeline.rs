@@ -140,8 +140,12 @@ fn prepare_out_dir(out: &Path, cfg_hash: &str, force: bool) -> Result<()> {
     let _ = std::fs::remove_file(&probe);
     for e in std::fs::read_dir(out)?.filter_map(|e| e.ok()) {
         let name = e.file_name().to_string_lossy().to_string();
-        if name.contains(".tmp-") {
-            let _ = std::fs::remove_file(e.path());
+        if let Some(pid) = name.rsplit(".tmp-").nth(0).filter(|_| name.contains(".tmp-")) {
+            // Left by an interrupted run; another worker's live temporary file is kept.
+            let alive = pid.parse::<u32>().is_ok_and(|p| p != std::process::id() && Path::new(&format!("/proc/{p}")).exists());
+            if !alive {
+                let _ = std::fs::remove_file(e.path());
+            }
             continue;
         }
         if name.ends_with(".done.json") {

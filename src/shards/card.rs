@@ -20,10 +20,11 @@ pub fn render(m: &Manifest, schema: &ShardSchema) -> String {
         task = m.task,
         ver = m.augpro_version
     );
-    let _ = writeln!(s, "## Contents\n\n| method | rows | changed positions | unchanged rows | teacher agrees with source label |\n|---|---:|---:|---:|---:|");
+    let _ = writeln!(s, "## Contents\n\n```");
     for (k, d) in &m.diagnostics {
-        let _ = writeln!(s, "| {k} | {} | {:.1}% | {:.1}% | {:.1}% |", d.counts.rows, 100.0 * d.changed_position_rate, 100.0 * d.unchanged_row_rate, 100.0 * d.teacher_agreement);
+        let _ = writeln!(s, "{}", d.summary(k));
     }
+    let _ = writeln!(s, "```");
     let _ = writeln!(s, "\n{} rows from {} source examples in {} shard(s); {} source examples were truncated to max_seq_len. Seed {}.\n", m.rows, m.source_examples, m.shards.len(), m.truncated_examples, m.seed);
     let _ = writeln!(s, "Teacher: `{}`.\n", m.teacher.get("path").and_then(|v| v.as_str()).unwrap_or("?"));
     let _ = writeln!(s, "Projection: {}.\n", m.projection);

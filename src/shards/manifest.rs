@@ -61,6 +61,19 @@ pub struct MethodDiagnostics {
 }
 
 impl MethodDiagnostics {
+    /// One human-readable line: rows, changed positions (or "virtual input"), unchanged
+    /// rows and teacher agreement.
+    pub fn summary(&self, method: &str) -> String {
+        let changed = if matches!(method, "mixup" | "fgsm") {
+            "virtual input (no tokens change)".to_string()
+        } else if method == "original" {
+            "source rows".to_string()
+        } else {
+            format!("changed {:>5.1}% of positions, {:>5.1}% rows unchanged", 100.0 * self.changed_position_rate, 100.0 * self.unchanged_row_rate)
+        };
+        format!("{method:<14} {:>7} rows  {changed}; teacher agrees with source label {:>5.1}%", self.counts.rows, 100.0 * self.teacher_agreement)
+    }
+
     /// Derives rates from counters.
     pub fn from_counts(c: &MethodStats) -> Self {
         let div = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };

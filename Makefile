@@ -26,7 +26,7 @@ system-deps:
 	fi
 
 python-deps:
-	@python3 -c "import pyarrow, polars" 2>/dev/null || python3 -m pip install -q pyarrow polars
+	@python3 -c "import pyarrow, polars" 2>/dev/null || python3 -m pip install -q pyarrow polars || python3 -m pip install -q --break-system-packages pyarrow polars
 
 model: $(MODEL_DIR)/model.safetensors
 

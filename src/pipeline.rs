@@ -57,11 +57,15 @@ pub fn ensure_teacher(cfg: &PipelineConfig, glue_dir: &Path, device: &Device) ->
     let tmp = cfg.teacher.cache_dir.join(format!(".{key}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     eprintln!("training teacher for `{}` ({} examples max, {} epoch(s)) into {}", task.name, cfg.teacher.train.max_train_examples.map(|n| n.to_string()).unwrap_or("all".into()), cfg.teacher.train.epochs, dir.display());
+    sweep_dead_temporaries(&cfg.teacher.cache_dir);
     let m = teacher::train(&cfg.teacher.model, task, glue_dir, &tmp, &cfg.teacher.train, device)?;
     atomic_write(&tmp.join("teacher_key.json"), serde_json::to_string_pretty(&key_src)?.as_bytes())?;
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir)?;
+    if dir.join("metrics.json").is_file() {
+        // Another worker finished the same teacher first: use that one, never replace it.
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Ok(dir);
     }
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&tmp, &dir).with_context(|| format!("{}: cannot move teacher into place", dir.display()))?;
     eprintln!("teacher: {} = {:?} in {:.0}s ({:.1} ex/s)", task.primary_metric(), m.validation, m.train_seconds, m.train_examples_per_second);
     Ok(dir)
@@ -110,6 +114,8 @@ pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Resul
         return Ok(out);
     }
     let teacher_dir = ensure_teacher(&cfg, &glue_dir, device)?;
+    let teacher_sha = Checkpoint::open(&teacher_dir)?.weights_sha256()?;
+    check_same_teacher(&out, &teacher_sha, opts.force)?;
     let teacher = Teacher::load(&teacher_dir, task, device, cfg.max_seq_len)?;
     let mut engine = Engine::new(&teacher, &cfg)?;
     let total = split_rows(&glue_dir, task, &cfg.split)?.min(cfg.max_examples.unwrap_or(usize::MAX));
@@ -125,7 +131,7 @@ pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Resul
             eprintln!("shard {i}/{}: already complete, skipped", cfg.shards);
             continue;
         }
-        run_shard(&cfg, &cfg_hash, &mut engine, &glue_dir, total, i, &out)?;
+        run_shard(&cfg, &cfg_hash, &teacher_sha, &mut engine, &glue_dir, total, i, &out)?;
     }
     if opts.shard_index.is_none() {
         finalize(&cfg, &out)?;
@@ -133,38 +139,66 @@ pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Resul
     Ok(out)
 }
 
-fn prepare_out_dir(out: &Path, cfg_hash: &str, force: bool) -> Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create output directory", out.display()))?;
-    let probe = out.join(format!(".write-test-{}", std::process::id()));
-    std::fs::write(&probe, b"").with_context(|| format!("{}: output directory is not writable", out.display()))?;
-    let _ = std::fs::remove_file(&probe);
+/// True when `name` is a temporary (`….tmp-PID`) whose process is gone.
+fn is_dead_temporary(name: &str) -> bool {
+    match name.rsplit_once(".tmp-") {
+        Some((_, pid)) => !pid.parse::<u32>().is_ok_and(|p| p == std::process::id() || Path::new(&format!("/proc/{p}")).exists()),
+        None => false,
+    }
+}
+
+/// Removes temporaries (files or directories) left in `dir` by interrupted runs; a live
+/// worker's temporaries are kept.
+fn sweep_dead_temporaries(dir: &Path) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().filter_map(|e| e.ok()) {
+        if is_dead_temporary(&e.file_name().to_string_lossy()) {
+            let p = e.path();
+            let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        }
+    }
+}
+
+/// Checks the shard summaries already in `out` with `differs`; on the first mismatch it
+/// fails with `what` in the message, or with `force` clears the directory.
+fn check_summaries(out: &Path, force: bool, what: &str, differs: impl Fn(&ShardSummary) -> bool) -> Result<()> {
     for e in std::fs::read_dir(out)?.filter_map(|e| e.ok()) {
         let name = e.file_name().to_string_lossy().to_string();
-        if let Some(pid) = name.rsplit(".tmp-").nth(0).filter(|_| name.contains(".tmp-")) {
-            // Left by an interrupted run; another worker's live temporary file is kept.
-            let alive = pid.parse::<u32>().is_ok_and(|p| p != std::process::id() && Path::new(&format!("/proc/{p}")).exists());
-            if !alive {
-                let _ = std::fs::remove_file(e.path());
-            }
+        if !name.ends_with(".done.json") || name.contains(".tmp-") {
             continue;
         }
-        if name.ends_with(".done.json") {
-            let s: ShardSummary = serde_json::from_slice(&std::fs::read(e.path())?).with_context(|| format!("{}: unreadable shard summary", e.path().display()))?;
-            if s.config_sha256 != cfg_hash {
-                if !force {
-                    bail!("{}: holds shards of a different pipeline configuration (use --force to replace them, or another `name`)", out.display());
-                }
-                for f in std::fs::read_dir(out)?.filter_map(|e| e.ok()) {
-                    let _ = std::fs::remove_file(f.path());
-                }
-                return Ok(());
+        let s: ShardSummary = serde_json::from_slice(&std::fs::read(e.path())?).with_context(|| format!("{}: unreadable shard summary", e.path().display()))?;
+        if differs(&s) {
+            if !force {
+                bail!("{}: holds shards of {what} (use --force to replace them, or another `name`)", out.display());
             }
+            for f in std::fs::read_dir(out)?.filter_map(|e| e.ok()) {
+                let _ = std::fs::remove_file(f.path());
+            }
+            return Ok(());
         }
     }
     Ok(())
 }
 
-fn run_shard(cfg: &PipelineConfig, cfg_hash: &str, engine: &mut Engine, glue_dir: &Path, total: usize, i: usize, out: &Path) -> Result<()> {
+/// Refuses to add shards made with different teacher weights (a checkpoint retrained in
+/// place) to a directory, unless `force`.
+fn check_same_teacher(out: &Path, teacher_sha: &str, force: bool) -> Result<()> {
+    check_summaries(out, force, "different teacher weights", |s| s.teacher_sha256 != teacher_sha)
+}
+
+/// Creates the output directory, checks it is writable, removes dead temporaries, and
+/// refuses outputs of a different configuration unless `force`.
+fn prepare_out_dir(out: &Path, cfg_hash: &str, force: bool) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create output directory", out.display()))?;
+    sweep_dead_temporaries(out);
+    let probe = out.join(format!(".write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"").with_context(|| format!("{}: output directory is not writable", out.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    check_summaries(out, force, "a different pipeline configuration", |s| s.config_sha256 != cfg_hash)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_shard(cfg: &PipelineConfig, cfg_hash: &str, teacher_sha: &str, engine: &mut Engine, glue_dir: &Path, total: usize, i: usize, out: &Path) -> Result<()> {
     let task = glue::task(&cfg.task)?;
     let (start, end) = shard_range(total, i, cfg.shards);
     let schema = ShardSchema::new(task);
@@ -192,7 +226,14 @@ fn run_shard(cfg: &PipelineConfig, cfg_hash: &str, engine: &mut Engine, glue_dir
         *truncated += encs.iter().filter(|e| e.truncated).count();
         let mut order: Vec<usize> = (0..pending.len()).collect();
         order.sort_by_key(|&k| encs[k].ids.len());
-        for chunk in order.chunks(cfg.batch_size) {
+        let mut chunks: Vec<&[usize]> = order.chunks(cfg.batch_size).collect();
+        if chunks.len() > 1 && chunks[chunks.len() - 1].len() == 1 {
+            // A batch of one has no mixing partner: fold it into the previous batch.
+            let k = chunks.len() - 2;
+            chunks[k] = &order[k * cfg.batch_size..];
+            chunks.pop();
+        }
+        for chunk in chunks {
             let ex: Vec<crate::data::Example> = chunk.iter().map(|&k| pending[k].clone()).collect();
             let en: Vec<crate::tokenize::Encoded> = chunk.iter().map(|&k| encs[k].clone()).collect();
             let seed = derive_seed(cfg.seed, &["augment", &i.to_string(), &batch_no.to_string()]);
@@ -234,6 +275,7 @@ fn run_shard(cfg: &PipelineConfig, cfg_hash: &str, engine: &mut Engine, glue_dir
         rows: rows as u64,
         sha256: sha256_file(&path)?,
         config_sha256: cfg_hash.to_string(),
+        teacher_sha256: teacher_sha.to_string(),
         methods: report.stats.clone(),
         median_nn_distance: engine.nn_scale,
     };
@@ -267,6 +309,9 @@ pub fn finalize(cfg: &PipelineConfig, out: &Path) -> Result<Manifest> {
             }
             Err(_) => missing.push(i),
         }
+    }
+    if shards.windows(2).any(|w| w[0].teacher_sha256 != w[1].teacher_sha256) {
+        bail!("{}: shards were made with different teacher weights; rerun them with --force", out.display());
     }
     if !missing.is_empty() {
         bail!("{}: shards {missing:?} of {} are not complete; run them before finalize", out.display(), cfg.shards);

@@ -106,6 +106,22 @@ pub fn derive_seed(base: u64, labels: &[&str]) -> u64 {
 /// Limits the native thread pools (OpenMP in FAISS, OpenBLAS) to `n` threads so they
 /// do not oversubscribe the cores that rayon and candle also use.
 pub fn limit_native_threads(n: usize) {
+    NATIVE_THREADS.store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+    set_native_threads(n);
+}
+
+static NATIVE_THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Runs `f` with the native pools at one thread, then restores the configured count.
+pub fn with_one_native_thread<T>(f: impl FnOnce() -> T) -> T {
+    set_native_threads(1);
+    let out = f();
+    let n = NATIVE_THREADS.load(std::sync::atomic::Ordering::Relaxed);
+    set_native_threads(if n == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { n });
+    out
+}
+
+fn set_native_threads(n: usize) {
     extern "C" {
         fn omp_set_num_threads(n: std::os::raw::c_int);
     }

@@ -284,3 +284,53 @@ fn report_smoke_preset_writes_every_method() {
         assert!(meta.len() > 200, "{f} is written");
     }
 }
+
+#[test]
+fn augpro_fgsm_with_a_student_checkpoint() {
+    // The gradient of KL(teacher ‖ student) is taken in the student's embedding space and
+    // projected there; the base encoder (fresh head) stands in for a student.
+    let tmp = tempfile::tempdir().unwrap();
+    let base = std::fs::read_to_string(common::root().join("pipelines/smoke.toml")).unwrap();
+    let methods_at = base.find("[methods.augpro_mix]").unwrap();
+    let text = base[..methods_at].replace("max_examples = 64", "max_examples = 16").replace("shards = 2", "shards = 1")
+        + "[methods.augpro_fgsm]\nepsilon_rel = 0.3\nstudent = \"data/models/minilm-l6\"\n";
+    let p = tmp.path().join("student-fgsm.toml");
+    std::fs::write(&p, text).unwrap();
+    let out = tmp.path().join("o");
+    ok(&["augment", p.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let rows = read_rows(&out.join("sst2/smoke"));
+    let fg: Vec<&Row> = rows.iter().filter(|r| r.method == "augpro_fgsm").collect();
+    assert_eq!(fg.len(), 16);
+    assert!(fg.iter().map(|r| r.changed_tokens.unwrap()).sum::<u32>() > 0, "the student-space perturbation changes tokens");
+
+    let bad = tmp.path().join("bad-student.toml");
+    std::fs::write(&bad, std::fs::read_to_string(&p).unwrap().replace("data/models/minilm-l6\"\n", "/nonexistent/student\"\n")).unwrap();
+    let e = fail(&["augment", bad.to_str().unwrap(), "--out", tmp.path().join("o2").to_str().unwrap()]);
+    assert!(e.contains("/nonexistent/student"), "{e}");
+}
+
+#[test]
+fn unusable_outputs_and_models_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Output below a regular file cannot be created.
+    let file = tmp.path().join("plain-file");
+    std::fs::write(&file, b"x").unwrap();
+    let e = fail(&["augment", "pipelines/smoke.toml", "--out", file.join("sub").to_str().unwrap()]);
+    assert!(e.contains("cannot create output directory"), "{e}");
+    // A student whose vocabulary differs from the teacher's.
+    let student = tmp.path().join("student");
+    std::fs::create_dir_all(&student).unwrap();
+    for f in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(common::model_dir().join(f), student.join(f)).unwrap();
+    }
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(common::model_dir().join("config.json")).unwrap()).unwrap();
+    cfg["vocab_size"] = 30000.into();
+    std::fs::write(student.join("config.json"), cfg.to_string()).unwrap();
+    let out = tmp.path().join("shards");
+    ok(&["augment", "pipelines/smoke.toml", "--out", out.to_str().unwrap()]);
+    let e = fail(&["train-student", "--shards", out.join("sst2/smoke").to_str().unwrap(), "--task", "sst2", "--out", tmp.path().join("s").to_str().unwrap(), "--model", student.to_str().unwrap()]);
+    assert!(e.contains("must share the teacher's vocabulary"), "{e}");
+    // A tokenizer that does not fit the model's embedding table.
+    let e = fail(&["teacher", "train", "--task", "sst2", "--model", student.to_str().unwrap(), "--out", tmp.path().join("t").to_str().unwrap(), "--max-steps", "1"]);
+    assert!(e.contains("tokenizer and model do not match"), "{e}");
+}

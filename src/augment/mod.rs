@@ -85,6 +85,7 @@ struct StudentSpace {
     table: Vec<f32>,
     dim: usize,
     projector: Projector,
+    nn_scale: f32,
 }
 
 struct Variant {
@@ -124,8 +125,14 @@ impl<'a> Engine<'a> {
                 let st = model.bert.word_embeddings().to_device(&candle_core::Device::Cpu)?.to_dtype(DType::F32)?;
                 let sdim = st.dim(1)?;
                 let stable: Vec<f32> = st.flatten_all()?.to_vec1()?;
-                let projector = Projector::build_with(&stable, sdim, keep, &cfg.projection.index, cfg.projection.metric, cfg.projection.params.as_deref())?;
-                Some(StudentSpace { model, table: stable, dim: sdim, projector })
+                let mut exact_s = Projector::build(&stable, sdim, keep, "Flat", project::Metric::L2)?;
+                let nn_scale = median_nn_distance(&stable, sdim, &mut exact_s, 2000)?;
+                let projector = if cfg.projection.index == "Flat" && cfg.projection.metric == project::Metric::L2 {
+                    exact_s
+                } else {
+                    Projector::build_with(&stable, sdim, keep, &cfg.projection.index, cfg.projection.metric, cfg.projection.params.as_deref())?
+                };
+                Some(StudentSpace { model, table: stable, dim: sdim, projector, nn_scale })
             }
             None => None,
         };
@@ -156,13 +163,9 @@ impl<'a> Engine<'a> {
         self.special.get(id as usize).copied().unwrap_or(true)
     }
 
-    /// Absolute ε of a gradient method.
+    /// Absolute ε of a gradient method in the teacher's embedding space.
     pub fn epsilon(&self, c: &FgsmConfig) -> f32 {
-        match (c.epsilon, c.epsilon_rel) {
-            (Some(e), _) => e as f32,
-            (None, Some(r)) => r as f32 * self.nn_scale,
-            _ => 0.0,
-        }
+        absolute_epsilon(c, self.nn_scale)
     }
 
     fn embeds_of(&self, ids: &[u32]) -> Vec<f32> {
@@ -228,9 +231,6 @@ impl<'a> Engine<'a> {
     fn partners(&self, n: usize, rng: &mut ChaCha8Rng) -> Vec<usize> {
         (0..n)
             .map(|i| {
-                if n < 2 {
-                    return i;
-                }
                 let j = rng.gen_range(0..n - 1);
                 if j >= i {
                     j + 1
@@ -242,6 +242,10 @@ impl<'a> Engine<'a> {
     }
 
     fn mix_variants(&mut self, encs: &[&Encoded], c: &crate::config::MixConfig, project: bool, rng: &mut ChaCha8Rng) -> Result<Vec<Variant>> {
+        if encs.len() < 2 {
+            // No partner other than the example itself: no mixed row.
+            return Ok(Vec::new());
+        }
         let partners = self.partners(encs.len(), rng);
         let mut ids = Vec::new();
         let mut embeds = Vec::new();
@@ -329,7 +333,10 @@ impl<'a> Engine<'a> {
         };
         if let Some(c) = &methods.augpro_fgsm {
             let t = Instant::now();
-            let eps = self.epsilon(c);
+            let eps = match &self.student {
+                Some(st) => absolute_epsilon(c, st.nn_scale),
+                None => self.epsilon(c),
+            };
             let ids: Vec<Vec<u32>> = encs.iter().map(|e| e.ids.clone()).collect();
             let masks: Vec<Vec<bool>> = encs.iter().map(|e| e.ids.iter().map(|&t| !self.is_special(t)).collect()).collect();
             let projected = match self.student.take() {
@@ -435,6 +442,9 @@ impl<'a> Engine<'a> {
         }
         // Teacher logits for every variant, then rows.
         for (name, copy, variants, drop_unchanged) in results {
+            if variants.is_empty() {
+                continue;
+            }
             let t = Instant::now();
             let logits = if variants.iter().any(|v| v.embeds.is_some()) {
                 let em: Vec<Vec<f32>> = variants.iter().map(|v| v.embeds.clone().expect("virtual")).collect();
@@ -528,6 +538,16 @@ impl<'a> Engine<'a> {
     }
 }
 
+/// ε of a gradient method: `epsilon`, or `epsilon_rel` × the table's median
+/// nearest-neighbour distance `scale`.
+fn absolute_epsilon(c: &FgsmConfig, scale: f32) -> f32 {
+    match (c.epsilon, c.epsilon_rel) {
+        (Some(e), _) => e as f32,
+        (None, Some(r)) => r as f32 * scale,
+        _ => 0.0,
+    }
+}
+
 /// Rows of `table` (`dim` wide) for the given ids, concatenated.
 fn rows_of(table: &[f32], dim: usize, ids: &[u32]) -> Vec<f32> {
     ids.iter().flat_map(|&t| table[t as usize * dim..(t as usize + 1) * dim].iter().copied()).collect()
@@ -549,7 +569,15 @@ fn project_rows(projector: &mut Projector, d: usize, ids: &[Vec<u32>], embeds: &
     Ok(ids
         .iter()
         .zip(masks)
-        .map(|(row, m)| row.iter().zip(m).map(|(&t, &on)| if on { it.next().expect("one result per query") } else { t }).collect())
+        .map(|(row, m)| {
+            row.iter()
+                .zip(m)
+                .map(|(&t, &on)| match on.then(|| it.next().expect("one result per query")) {
+                    Some(found) if found != project::MISSING => found,
+                    _ => t,
+                })
+                .collect()
+        })
         .collect())
 }
 

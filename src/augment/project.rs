@@ -15,6 +15,9 @@ pub enum Metric {
     InnerProduct,
 }
 
+/// Id returned where an approximate index finds fewer than `k` neighbours.
+pub const MISSING: u32 = u32::MAX;
+
 /// A nearest-token index over a word-embedding table.
 pub struct Projector {
     index: faiss::index::IndexImpl,
@@ -56,7 +59,13 @@ impl Projector {
         if !index.is_trained() {
             index.train(&data).with_context(|| format!("training FAISS index `{factory}` failed"))?;
         }
-        index.add(&data).context("adding vectors to the FAISS index failed")?;
+        if factory == "Flat" {
+            index.add(&data).context("adding vectors to the FAISS index failed")?;
+        } else {
+            // Graph and cluster construction is threaded and order-dependent in FAISS;
+            // one thread keeps the index, and so the shards, identical from run to run.
+            crate::util::with_one_native_thread(|| index.add(&data)).context("adding vectors to the FAISS index failed")?;
+        }
         if let Some(p) = params.filter(|p| !p.is_empty()) {
             set_parameters(&mut index, p).with_context(|| format!("FAISS parameters `{p}` do not apply to index `{factory}`"))?;
         }
@@ -74,7 +83,8 @@ impl Projector {
     }
 
     /// The `k` nearest token ids of each query (row-major `n × dim`), best first, with
-    /// their distances (squared L2, or inner product).
+    /// their distances (squared L2, or inner product); [`MISSING`] where an approximate
+    /// index found fewer than `k`.
     pub fn search(&mut self, queries: &[f32], k: usize) -> Result<(Vec<u32>, Vec<f32>)> {
         if queries.is_empty() {
             return Ok((Vec::new(), Vec::new()));
@@ -86,7 +96,7 @@ impl Projector {
         let ids = res
             .labels
             .iter()
-            .map(|l| l.get().map(|i| self.token_ids[i as usize]).unwrap_or(self.token_ids[0]))
+            .map(|l| l.get().map(|i| self.token_ids[i as usize]).unwrap_or(MISSING))
             .collect();
         Ok((ids, res.distances))
     }

@@ -12,7 +12,7 @@ pub fn replace(ids: &[u32], is_special: &dyn Fn(u32) -> bool, p: f64, k: usize, 
             if is_special(t) || !rng.gen_bool(p) {
                 return t;
             }
-            let cands: Vec<u32> = neighbours[i * (k + 1)..(i + 1) * (k + 1)].iter().copied().filter(|&c| c != t).take(k).collect();
+            let cands: Vec<u32> = neighbours[i * (k + 1)..(i + 1) * (k + 1)].iter().copied().filter(|&c| c != t && c != super::project::MISSING).take(k).collect();
             if cands.is_empty() {
                 t
             } else {

@@ -40,6 +40,8 @@ pub struct ShardSummary {
     pub sha256: String,
     /// sha256 of the pipeline configuration that produced it.
     pub config_sha256: String,
+    /// sha256 of the teacher weights that produced it.
+    pub teacher_sha256: String,
     /// Counters per method.
     pub methods: BTreeMap<String, MethodStats>,
     /// Median nearest-neighbour distance of the indexed table (scale of relative ε).

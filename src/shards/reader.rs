@@ -97,6 +97,16 @@ pub fn rows_from_batch(b: &RecordBatch, schema: &ShardSchema) -> Result<Vec<Row>
             partner_token_type_ids: list_i8(ptypes.as_ref(), i).map(|v| v.into_iter().map(|x| x as u8).collect()),
             perturbation: list_i8(pert.as_ref(), i),
         });
+        let r = out.last().expect("pushed");
+        if r.input_ids.is_empty() || r.token_type_ids.len() != r.input_ids.len() {
+            bail!("row {i}: `token_type_ids` has {} values for {} `input_ids`", r.token_type_ids.len(), r.input_ids.len());
+        }
+        if r.partner_input_ids.as_ref().map(|v| v.len()) != r.partner_token_type_ids.as_ref().map(|v| v.len()) {
+            bail!("row {i}: `partner_input_ids` and `partner_token_type_ids` differ in length");
+        }
+        if r.perturbation.as_ref().is_some_and(|p| p.len() % r.input_ids.len() != 0) {
+            bail!("row {i}: `perturbation` length is not a multiple of the row length");
+        }
     }
     Ok(out)
 }

@@ -108,13 +108,7 @@ impl<'a> Engine<'a> {
         let tok = &teacher.tokenizer;
         let special: Vec<bool> = (0..table.len() / dim).map(|i| tok.is_special(i as u32)).collect();
         let keep = |i: u32| !special[i as usize];
-        let mut exact = Projector::build(&table, dim, keep, "Flat", project::Metric::L2)?;
-        let nn_scale = median_nn_distance(&table, dim, &mut exact, 2000)?;
-        let projector = if cfg.projection.index == "Flat" && cfg.projection.metric == project::Metric::L2 {
-            exact
-        } else {
-            Projector::build_with(&table, dim, keep, &cfg.projection.index, cfg.projection.metric, cfg.projection.params.as_deref())?
-        };
+        let (projector, nn_scale) = index_table(&table, dim, keep, &cfg.projection)?;
         let student = match cfg.methods.augpro_fgsm.as_ref().and_then(|c| c.student.as_ref()) {
             Some(dir) => {
                 let ck = Checkpoint::open(dir)?;
@@ -125,13 +119,7 @@ impl<'a> Engine<'a> {
                 let st = model.bert.word_embeddings().to_device(&candle_core::Device::Cpu)?.to_dtype(DType::F32)?;
                 let sdim = st.dim(1)?;
                 let stable: Vec<f32> = st.flatten_all()?.to_vec1()?;
-                let mut exact_s = Projector::build(&stable, sdim, keep, "Flat", project::Metric::L2)?;
-                let nn_scale = median_nn_distance(&stable, sdim, &mut exact_s, 2000)?;
-                let projector = if cfg.projection.index == "Flat" && cfg.projection.metric == project::Metric::L2 {
-                    exact_s
-                } else {
-                    Projector::build_with(&stable, sdim, keep, &cfg.projection.index, cfg.projection.metric, cfg.projection.params.as_deref())?
-                };
+                let (projector, nn_scale) = index_table(&stable, sdim, keep, &cfg.projection)?;
                 Some(StudentSpace { model, table: stable, dim: sdim, projector, nn_scale })
             }
             None => None,
@@ -536,6 +524,17 @@ impl<'a> Engine<'a> {
             perturbation,
         }
     }
+}
+
+/// Indexes a table for projection as configured, and measures its median
+/// nearest-neighbour distance (the scale of relative ε) with an exact L2 index.
+fn index_table(table: &[f32], dim: usize, keep: impl Fn(u32) -> bool + Copy, cfg: &crate::config::ProjectionConfig) -> Result<(Projector, f32)> {
+    let mut exact = Projector::build(table, dim, keep, "Flat", project::Metric::L2)?;
+    let scale = median_nn_distance(table, dim, &mut exact, 2000)?;
+    if cfg.index == "Flat" && cfg.metric == project::Metric::L2 {
+        return Ok((exact, scale));
+    }
+    Ok((Projector::build_with(table, dim, keep, &cfg.index, cfg.metric, cfg.params.as_deref())?, scale))
 }
 
 /// ε of a gradient method: `epsilon`, or `epsilon_rel` × the table's median

@@ -55,7 +55,7 @@ bench: setup build
 	$(CARGO_TARGET_DIR)/release/augpro-bench --device $(DEVICE) $(BENCH_ARGS)
 
 compare: setup build
-	$(BIN) report --task $(TASK) --preset $(or $(PRESET),low) $(if $(TRAIN_EXAMPLES),--train-examples $(TRAIN_EXAMPLES)) --device $(DEVICE)
+	$(BIN) report --task $(TASK) --preset $(or $(PRESET),low) $(if $(TRAIN_EXAMPLES),--train-examples $(TRAIN_EXAMPLES)) $(if $(SEEDS),--seeds $(SEEDS)) --device $(DEVICE)
 
 clean:
 	rm -rf out runs

@@ -318,7 +318,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 let m = shards::manifest::read_manifest(&out)?;
                 println!("shards: {} ({} rows, {} shard(s))", out.display(), m.rows, m.shards.len());
                 for (k, d) in &m.diagnostics {
-                    println!("  {}", d.summary(k));
+                    println!("  {}", d.summary(k, m.num_labels == 1));
                 }
             }
         }

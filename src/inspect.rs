@@ -38,7 +38,7 @@ pub fn print(dir: &Path, n: usize) -> Result<()> {
     println!("{}", method_table(dir)?);
     println!("diagnostics (manifest):");
     for (k, d) in &m.diagnostics {
-        println!("  {}", d.summary(k));
+        println!("  {}", d.summary(k, m.num_labels == 1));
     }
     if let Ok(t) = std::fs::read(dir.join("timings.json")) {
         let t: serde_json::Value = serde_json::from_slice(&t)?;

@@ -22,7 +22,7 @@ pub fn render(m: &Manifest, schema: &ShardSchema) -> String {
     );
     let _ = writeln!(s, "## Contents\n\n```");
     for (k, d) in &m.diagnostics {
-        let _ = writeln!(s, "{}", d.summary(k));
+        let _ = writeln!(s, "{}", d.summary(k, m.num_labels == 1));
     }
     let _ = writeln!(s, "```");
     let _ = writeln!(s, "\n{} rows from {} source examples in {} shard(s); {} source examples were truncated to max_seq_len. Seed {}.\n", m.rows, m.source_examples, m.shards.len(), m.truncated_examples, m.seed);

@@ -64,8 +64,8 @@ pub struct MethodDiagnostics {
 
 impl MethodDiagnostics {
     /// One human-readable line: rows, changed positions (or "virtual input"), unchanged
-    /// rows and teacher agreement.
-    pub fn summary(&self, method: &str) -> String {
+    /// rows and teacher agreement (classification tasks only).
+    pub fn summary(&self, method: &str, regression: bool) -> String {
         let changed = if matches!(method, "mixup" | "fgsm") {
             "virtual input (no tokens change)".to_string()
         } else if method == "original" {
@@ -73,7 +73,8 @@ impl MethodDiagnostics {
         } else {
             format!("changed {:>5.1}% of positions, {:>5.1}% rows unchanged", 100.0 * self.changed_position_rate, 100.0 * self.unchanged_row_rate)
         };
-        format!("{method:<14} {:>7} rows  {changed}; teacher agrees with source label {:>5.1}%", self.counts.rows, 100.0 * self.teacher_agreement)
+        let agree = if regression { String::new() } else { format!("; teacher agrees with source label {:>5.1}%", 100.0 * self.teacher_agreement) };
+        format!("{method:<14} {:>7} rows  {changed}{agree}", self.counts.rows)
     }
 
     /// Derives rates from counters.

@@ -334,3 +334,34 @@ fn unusable_outputs_and_models_are_refused() {
     let e = fail(&["teacher", "train", "--task", "sst2", "--model", student.to_str().unwrap(), "--out", tmp.path().join("t").to_str().unwrap(), "--max-steps", "1"]);
     assert!(e.contains("tokenizer and model do not match"), "{e}");
 }
+
+#[test]
+fn pair_and_regression_tasks_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = std::fs::read_to_string(common::root().join("pipelines/smoke.toml")).unwrap();
+    for (task, metric) in [("mrpc", "f1"), ("stsb", "pearson")] {
+        let text = base
+            .replace("task = \"sst2\"", &format!("task = \"{task}\""))
+            .replace("max_examples = 64", "max_examples = 24")
+            .replace("max_train_examples = 320", "max_train_examples = 64")
+            .replace("max_seq_len = 64", "max_seq_len = 128");
+        let p = tmp.path().join(format!("{task}.toml"));
+        std::fs::write(&p, text).unwrap();
+        let root = tmp.path().join("out");
+        ok(&["augment", p.to_str().unwrap(), "--out", root.to_str().unwrap()]);
+        let dir = root.join(task).join("smoke");
+        ok(&["verify", dir.to_str().unwrap()]);
+        let schema = ShardSchema::new(augpro::glue::task(task).unwrap());
+        let (_, paths) = augpro::shards::manifest::shard_paths(&dir).unwrap();
+        let mut r = ShardReader::open(&paths[0], &schema).unwrap();
+        let rows = r.next_rows(&schema).unwrap().unwrap();
+        for row in &rows {
+            assert_eq!(row.texts.len(), 2, "{task}: both sentences written");
+            assert!(row.token_type_ids.contains(&1), "{task}: second segment kept");
+            assert_eq!(row.teacher_logits.len(), if task == "stsb" { 1 } else { 2 });
+        }
+        let s = tmp.path().join(format!("student-{task}"));
+        let text = ok(&["train-student", "--shards", dir.to_str().unwrap(), "--task", task, "--out", s.to_str().unwrap(), "--max-steps", "2"]);
+        assert!(text.contains(metric), "{text}");
+    }
+}

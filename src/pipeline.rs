@@ -337,7 +337,7 @@ pub fn finalize(cfg: &PipelineConfig, out: &Path) -> Result<Manifest> {
         config_sha256: cfg_hash,
         teacher: serde_json::json!({
             "path": teacher_dir.display().to_string(),
-            "weights_sha256": ck.weights_sha256()?,
+            "weights_sha256": shards[0].teacher_sha256,
             "vocab_size": ck.config.vocab_size,
             "hidden_size": ck.config.hidden_size,
             "metrics": tmetrics.get("validation").cloned().unwrap_or(serde_json::Value::Null),

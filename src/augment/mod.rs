@@ -173,7 +173,7 @@ impl<'a> Engine<'a> {
     fn gradient_signs(&self, model: &SeqClassifier, encs: &[Encoded], loss: GradLoss) -> Result<Vec<Vec<i8>>> {
         let t = Instant::now();
         let r: Vec<(&[u32], &[u8])> = encs.iter().map(|e| (e.ids.as_slice(), e.type_ids.as_slice())).collect();
-        let b = crate::train::Batch::new(&r, self.pad_id, &self.teacher.device)?;
+        let b = self.teacher.batch(&r)?;
         let (_, grad, _) = embedding_grad(model, &b, loss, self.teacher.task.is_regression())?;
         let dim = grad.dim(2)?;
         let g: Vec<Vec<Vec<f32>>> = grad.to_device(&candle_core::Device::Cpu)?.to_vec3()?;

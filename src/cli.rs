@@ -166,6 +166,9 @@ pub struct AugmentArgs {
     /// Output root (overrides the pipeline's `output`).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Override a pipeline key, e.g. `--set methods.augpro_fgsm.epsilon_rel=0.25` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
     #[command(flatten)]
     pub dev: DeviceArgs,
 }
@@ -240,6 +243,15 @@ pub struct ReportArgs {
     /// Report directory root.
     #[arg(long, default_value = "reports")]
     pub out: PathBuf,
+    /// Compare only these methods (comma-separated; include `original` for the Δ column).
+    #[arg(long, value_delimiter = ',')]
+    pub methods: Option<Vec<String>>,
+    /// Override a pipeline key, e.g. `--set methods.augpro_mix.lambda_min=0.25` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Name of this variant: shards and report go to `<task>-<tag>` instead of `<task>`.
+    #[arg(long)]
+    pub tag: Option<String>,
     #[command(flatten)]
     pub dev: DeviceArgs,
 }
@@ -309,7 +321,7 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{text}");
         }
         Command::Augment(a) => {
-            let cfg = PipelineConfig::load(&a.pipeline)?;
+            let cfg = PipelineConfig::load_with(&a.pipeline, &a.set)?;
             let device = parse_device(&a.dev.device)?;
             let shard_index = a.shard_index.or_else(|| if a.finalize { None } else { shard_index_from_env() });
             let opts = RunOptions { glue_dir: a.dev.glue_dir.clone(), output: a.out.clone(), shard_index, num_shards: a.num_shards, finalize_only: a.finalize, force: a.force };
@@ -351,6 +363,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 pipeline: a.pipeline,
                 out: a.out,
                 glue_dir: a.dev.glue_dir,
+                methods: a.methods,
+                overrides: a.set,
+                tag: a.tag,
             };
             let dir = report::run(&opts, &device)?;
             println!("report: {}", dir.join("results.md").display());

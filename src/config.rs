@@ -199,8 +199,19 @@ fn default_k() -> usize {
 impl PipelineConfig {
     /// Reads and validates a pipeline file.
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_with(path, &[])
+    }
+
+    /// Reads a pipeline file, applies `dotted.key=value` overrides (values in TOML syntax,
+    /// bare words taken as strings), then validates.
+    pub fn load_with(path: &Path, overrides: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read pipeline file", path.display()))?;
-        let cfg: Self = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().replace('\n', " ").trim().to_string()))?;
+        let flat = |e: &dyn std::fmt::Display| e.to_string().replace('\n', " ").trim().to_string();
+        let mut doc: toml::Table = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), flat(&e)))?;
+        for o in overrides {
+            apply_override(&mut doc, o)?;
+        }
+        let cfg: Self = toml::Value::Table(doc).try_into().map_err(|e| anyhow::anyhow!("{}: {}", path.display(), flat(&e)))?;
         cfg.validate().with_context(|| format!("{}", path.display()))?;
         Ok(cfg)
     }
@@ -276,4 +287,21 @@ impl PipelineConfig {
         Ok(())
     }
 
+}
+
+/// Sets `a.b.c=value` in a TOML document, creating tables on the way.
+fn apply_override(doc: &mut toml::Table, spec: &str) -> Result<()> {
+    let (key, raw) = spec.split_once('=').ok_or_else(|| anyhow::anyhow!("--set {spec}: expected key=value (e.g. methods.augpro_mix.lambda_min=0.25)"))?;
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}")).ok().and_then(|mut t| t.remove("v")).unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        anyhow::bail!("--set {spec}: empty key segment");
+    }
+    let mut table = doc;
+    for p in &parts[..parts.len() - 1] {
+        let entry = table.entry(p.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
+        table = entry.as_table_mut().ok_or_else(|| anyhow::anyhow!("--set {spec}: `{p}` is not a table"))?;
+    }
+    table.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
 }

@@ -14,7 +14,8 @@ fn main() {
     augpro::util::limit_native_threads(threads);
     let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
     if let Err(e) = ctrlc::set_handler(|| {
-        eprintln!("augpro: interrupted; finished shards are kept, rerun the same command to resume");
+        augpro::util::remove_temporaries();
+        eprintln!("augpro: interrupted (SIGINT/SIGTERM); finished shards are kept, rerun the same command to resume");
         std::process::exit(130);
     }) {
         tracing::debug!("no signal handler: {e}");

@@ -56,6 +56,7 @@ pub fn ensure_teacher(cfg: &PipelineConfig, glue_dir: &Path, device: &Device) ->
     }
     let tmp = cfg.teacher.cache_dir.join(format!(".{key}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
+    crate::util::register_temporary(&tmp);
     eprintln!("training teacher for `{}` ({} examples max, {} epoch(s)) into {}", task.name, cfg.teacher.train.max_train_examples.map(|n| n.to_string()).unwrap_or("all".into()), cfg.teacher.train.epochs, dir.display());
     sweep_dead_temporaries(&cfg.teacher.cache_dir);
     let m = teacher::train(&cfg.teacher.model, task, glue_dir, &tmp, &cfg.teacher.train, device)?;
@@ -67,6 +68,7 @@ pub fn ensure_teacher(cfg: &PipelineConfig, glue_dir: &Path, device: &Device) ->
     }
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&tmp, &dir).with_context(|| format!("{}: cannot move teacher into place", dir.display()))?;
+    crate::util::forget_temporary(&tmp);
     eprintln!("teacher: {} = {:?} in {:.0}s ({:.1} ex/s)", task.primary_metric(), m.validation, m.train_seconds, m.train_examples_per_second);
     Ok(dir)
 }
@@ -204,6 +206,7 @@ fn run_shard(cfg: &PipelineConfig, cfg_hash: &str, teacher_sha: &str, engine: &m
     let schema = ShardSchema::new(task);
     let path = out.join(shard_name(i, cfg.shards));
     let mut writer = ShardWriter::create(&path, &schema)?;
+    tracing::info!("shard {i}/{}: augmenting source examples {start}..{end}", cfg.shards);
     let mut reader = SplitReader::open(glue_dir, task, &cfg.split)?;
     let tok = engine.tokenizer();
     let mut report = BatchReport::default();
@@ -241,6 +244,7 @@ fn run_shard(cfg: &PipelineConfig, cfg_hash: &str, teacher_sha: &str, engine: &m
             let t = Instant::now();
             writer.write(&rows)?;
             engine.add_stage("write", t.elapsed().as_secs_f64());
+            crate::util::failpoint("shard-batch");
             pb.inc(ex.len() as u64);
             *batch_no += 1;
         }
@@ -282,6 +286,7 @@ fn run_shard(cfg: &PipelineConfig, cfg_hash: &str, teacher_sha: &str, engine: &m
     let timing = serde_json::json!({ "seconds": t0.elapsed().as_secs_f64(), "examples": handled, "method_seconds": report.seconds, "stage_seconds": engine.take_stage_seconds() });
     atomic_write(&out.join(format!(".timing-{i:05}.json")), timing.to_string().as_bytes())?;
     atomic_write(&out.join(summary_name(i, cfg.shards)), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    crate::util::failpoint("shard-done");
     eprintln!("shard {i}/{}: {rows} rows from {handled} examples in {:.1}s", cfg.shards, t0.elapsed().as_secs_f64());
     Ok(())
 }
@@ -368,7 +373,10 @@ pub fn finalize(cfg: &PipelineConfig, out: &Path) -> Result<Manifest> {
         }
     }
     atomic_write(&out.join("timings.json"), serde_json::to_string_pretty(&timings)?.as_bytes())?;
-    atomic_write(&out.join("manifest.json"), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+    let mut mf = crate::util::AtomicFile::create(&out.join("manifest.json"))?;
+    std::io::Write::write_all(&mut mf, serde_json::to_string_pretty(&manifest)?.as_bytes()).with_context(|| format!("{}: write failed", out.join("manifest.json").display()))?;
+    crate::util::failpoint("manifest-write");
+    mf.commit()?;
     let _ = read_manifest(out)?;
     Ok(manifest)
 }

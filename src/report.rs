@@ -37,6 +37,12 @@ pub struct ReportOptions {
     pub out: PathBuf,
     /// GLUE directory.
     pub glue_dir: Option<PathBuf>,
+    /// Methods to compare (all of [`COMPARED`] when `None`; list `original` to get the Δ column).
+    pub methods: Option<Vec<String>>,
+    /// `key=value` overrides applied to the base pipeline.
+    pub overrides: Vec<String>,
+    /// Variant name appended to the shard and report directory names.
+    pub tag: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -62,11 +68,22 @@ pub fn run(o: &ReportOptions, device: &Device) -> Result<PathBuf> {
     let examples = o.train_examples.unwrap_or(examples);
     let seeds = o.seeds.unwrap_or(seeds);
     let pipe_path = o.pipeline.clone().unwrap_or_else(|| if o.preset == "smoke" { PathBuf::from("pipelines/smoke.toml") } else { PathBuf::from(format!("pipelines/{}.toml", task.name)) });
-    let mut cfg = PipelineConfig::load(&pipe_path)?;
+    let mut cfg = PipelineConfig::load_with(&pipe_path, &o.overrides)?;
     if cfg.task != task.name {
         bail!("{}: pipeline is for task `{}`, not `{}`", pipe_path.display(), cfg.task, task.name);
     }
-    cfg.name = format!("report-{}-{}", o.preset, if examples == usize::MAX { "all".into() } else { examples.to_string() });
+    if let Some(t) = &o.tag {
+        if t.is_empty() || !t.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') {
+            bail!("--tag {t:?}: expected letters, digits, '-', '_' or '.'");
+        }
+    }
+    if let Some(ms) = &o.methods {
+        if let Some(m) = ms.iter().find(|m| !COMPARED.contains(&m.as_str())) {
+            bail!("--methods: unknown method `{m}` (expected some of {})", COMPARED.join(", "));
+        }
+    }
+    let suffix = o.tag.as_ref().map(|t| format!("-{t}")).unwrap_or_default();
+    cfg.name = format!("report-{}-{}{suffix}", o.preset, if examples == usize::MAX { "all".into() } else { examples.to_string() });
     cfg.max_examples = (examples != usize::MAX).then_some(examples);
     cfg.validate()?;
     let glue_dir = resolve_glue_dir(o.glue_dir.as_deref());
@@ -77,10 +94,11 @@ pub fn run(o: &ReportOptions, device: &Device) -> Result<PathBuf> {
     let teacher_score = manifest.teacher.get("metrics").and_then(|m| m.as_object()).and_then(|m| m.values().next()).and_then(|v| v.get(primary)).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
     let orig_rows = manifest.method_rows.get("original").copied().unwrap_or(0) as usize;
     let steps = o.steps.unwrap_or(if steps == 0 { 3 * (2 * orig_rows).div_ceil(32) } else { steps });
-    let dir = o.out.join(task.name);
+    let dir = o.out.join(format!("{}{suffix}", task.name));
     std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create report directory", dir.display()))?;
     let mut runs = Vec::new();
-    for method in COMPARED {
+    let wanted = |m: &str| o.methods.as_ref().is_none_or(|ms| ms.iter().any(|x| x == m));
+    for method in COMPARED.iter().filter(|m| wanted(m)) {
         if !manifest.method_rows.contains_key(*method) {
             tracing::warn!("method {method} not in the shards; skipped");
             continue;

@@ -145,6 +145,7 @@ pub fn train(base: &Path, task: &'static TaskSpec, glue_dir: &Path, out: &Path, 
             let loss = supervised_loss(&out.logits, &y, task.is_regression())?;
             opt.backward_step(&loss)?;
             step += 1;
+            crate::util::failpoint("teacher-step");
             seen += b.len();
             if step % 10 == 0 || step == total {
                 let l = loss.to_scalar::<f32>()?;

@@ -22,6 +22,7 @@ impl AtomicFile {
         let name = dest.file_name().context("destination has no file name")?.to_string_lossy();
         let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
         let file = File::create(&tmp).with_context(|| format!("{}: cannot create file (is the directory writable?)", tmp.display()))?;
+        register_temporary(&tmp);
         Ok(Self { tmp, dest: dest.to_path_buf(), file: Some(file) })
     }
 
@@ -37,6 +38,7 @@ impl AtomicFile {
         f.sync_all().with_context(|| format!("{}: fsync failed", self.tmp.display()))?;
         drop(f);
         fs::rename(&self.tmp, &self.dest).with_context(|| format!("{}: rename failed", self.dest.display()))?;
+        forget_temporary(&self.tmp);
         if let Some(dir) = self.dest.parent() {
             if let Ok(d) = File::open(if dir.as_os_str().is_empty() { Path::new(".") } else { dir }) {
                 let _ = d.sync_all();
@@ -51,6 +53,7 @@ impl Drop for AtomicFile {
         if self.file.is_some() {
             self.file = None;
             let _ = fs::remove_file(&self.tmp);
+            forget_temporary(&self.tmp);
         }
     }
 }
@@ -61,6 +64,40 @@ impl Write for AtomicFile {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.file().flush()
+    }
+}
+
+/// Temporaries (files or directories) this process is writing, removed by
+/// [`remove_temporaries`] when it is interrupted.
+static TEMPORARIES: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Records a temporary path so an interrupt can remove it.
+pub fn register_temporary(path: &Path) {
+    TEMPORARIES.lock().unwrap_or_else(|e| e.into_inner()).push(path.to_path_buf());
+}
+
+/// Forgets a temporary that was renamed into place or removed.
+pub fn forget_temporary(path: &Path) {
+    TEMPORARIES.lock().unwrap_or_else(|e| e.into_inner()).retain(|p| p != path);
+}
+
+/// Removes every registered temporary (called from the SIGINT/SIGTERM handler).
+pub fn remove_temporaries() {
+    let list = std::mem::take(&mut *TEMPORARIES.lock().unwrap_or_else(|e| e.into_inner()));
+    for p in list {
+        let _ = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+    }
+}
+
+/// Fault injection for crash tests: when `AUGPRO_FAILPOINT` names `point`, the process
+/// kills itself with SIGKILL there, exactly as an external `kill -9` would.
+pub fn failpoint(point: &str) {
+    if std::env::var("AUGPRO_FAILPOINT").is_ok_and(|v| v.split(',').any(|p| p.trim() == point)) {
+        eprintln!("failpoint {point}: SIGKILL");
+        // SAFETY: raising a signal on the current process.
+        unsafe {
+            libc::raise(libc::SIGKILL);
+        }
     }
 }
 

@@ -8,39 +8,8 @@ use augpro::shards::reader::ShardReader;
 use augpro::shards::{Row, ShardSchema};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn augpro(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_augpro"))
-        .args(args)
-        .current_dir(common::root())
-        .env("AUGPRO_GLUE_DIR", common::glue_dir())
-        .output()
-        .expect("run augpro");
-    out
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = augpro(args);
-    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    assert!(o.status.success(), "augpro {args:?} failed:\n{text}");
-    text
-}
-
-fn fail(args: &[&str]) -> String {
-    let o = augpro(args);
-    assert!(!o.status.success(), "augpro {args:?} should fail");
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(lines.len(), 1, "one error line expected, got:\n{err}");
-    lines[0].to_string()
-}
-
-fn files(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
-    v.sort();
-    v
-}
+use common::{augpro, fail, files, ok};
+use std::process::Command;
 
 fn read_rows(dir: &Path) -> Vec<Row> {
     let schema = ShardSchema::new(augpro::glue::task("sst2").unwrap());

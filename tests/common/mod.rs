@@ -1,7 +1,8 @@
-//! Paths shared by the integration tests.
+//! Paths and command helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 /// Repository root.
 pub fn root() -> PathBuf {
@@ -25,4 +26,40 @@ pub fn model_dir() -> PathBuf {
 pub fn reference() -> serde_json::Value {
     let p = root().join("../shared/reference/minilm_l6_base.json");
     serde_json::from_slice(&std::fs::read(&p).expect("reference file")).expect("reference json")
+}
+
+/// Runs the `augpro` binary in the repository root with the test GLUE directory.
+pub fn augpro(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_augpro"))
+        .args(args)
+        .current_dir(root())
+        .env("AUGPRO_GLUE_DIR", glue_dir())
+        .output()
+        .expect("run augpro");
+    out
+}
+
+/// Runs `augpro`, asserts success and returns stdout + stderr.
+pub fn ok(args: &[&str]) -> String {
+    let o = augpro(args);
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "augpro {args:?} failed:\n{text}");
+    text
+}
+
+/// Runs `augpro`, asserts failure with exactly one `error:` line, and returns that line.
+pub fn fail(args: &[&str]) -> String {
+    let o = augpro(args);
+    assert!(!o.status.success(), "augpro {args:?} should fail");
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "one error line expected, got:\n{err}");
+    lines[0].to_string()
+}
+
+/// Sorted file names in a directory.
+pub fn files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    v.sort();
+    v
 }

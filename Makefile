@@ -1,4 +1,4 @@
-# augpro — `make setup`, `make augment`, `make test`, `make bench`, `make compare`.
+# augpro — `make setup`, `make augment`, `make test`, `make test-slurm`, `make bench`, `make compare`.
 SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/augpro-target
 # GLUE data: the shared copy on this machine kind when present, else data/glue (fetched).
@@ -13,17 +13,24 @@ MODEL_DIR := data/models/minilm-l6
 MODEL_SHA := 53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
 APT_PKGS := cmake g++ libopenblas-dev liblapack-dev python3 python3-pip fonts-dejavu-core
 
-.PHONY: setup system-deps python-deps model build augment test bench compare clean
+.PHONY: setup system-deps slurm-deps python-deps model build augment test test-slurm bench compare clean
 
 setup: system-deps python-deps model
 
-system-deps:
-	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+# Installs the Debian packages given as $(1) that are missing.
+apt_install = missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
+
+system-deps:
+	@$(call apt_install,$(APT_PKGS))
+
+# Slurm and munge for the scale-out test (a single-node cluster on localhost).
+slurm-deps:
+	@$(call apt_install,slurm-wlm munge)
 
 python-deps:
 	@python3 -c "import pyarrow, polars" 2>/dev/null || python3 -m pip install -q pyarrow polars || python3 -m pip install -q --break-system-packages pyarrow polars
@@ -50,6 +57,10 @@ augment: setup build
 
 test: setup
 	cargo test --release -- --test-threads=1
+
+# Starts munged, slurmctld and slurmd on localhost, runs the Slurm chain and fault test, stops them.
+test-slurm: setup slurm-deps build
+	bash tests/slurm/test.sh
 
 bench: setup build
 	$(CARGO_TARGET_DIR)/release/augpro-bench --device $(DEVICE) $(BENCH_ARGS)

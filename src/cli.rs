@@ -38,6 +38,9 @@ pub enum Command {
     Teacher(TeacherCmd),
     /// Run a pipeline: teacher, augmentation, enriched shards.
     Augment(AugmentArgs),
+    /// Run a pipeline on a Slurm cluster as a chain of batch jobs.
+    #[command(subcommand)]
+    Slurm(SlurmCmd),
     /// Train a student by distillation from shards.
     TrainStudent(StudentArgs),
     /// Compare methods: train students per method over seeds and write a report.
@@ -160,6 +163,9 @@ pub struct AugmentArgs {
     /// Only write the manifest from finished shards.
     #[arg(long)]
     pub finalize: bool,
+    /// Only make sure the teacher checkpoint exists (the first job of a cluster chain).
+    #[arg(long, conflicts_with_all = ["finalize", "shard_index"])]
+    pub teacher_only: bool,
     /// Replace outputs of a different configuration.
     #[arg(long)]
     pub force: bool,
@@ -215,6 +221,53 @@ pub struct StudentArgs {
     /// Seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    #[command(flatten)]
+    pub dev: DeviceArgs,
+}
+
+/// `slurm` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum SlurmCmd {
+    /// Write sbatch scripts and submit teacher → shard array → finalize (only what is missing).
+    Submit(SlurmSubmitArgs),
+}
+
+/// `slurm submit` flags.
+#[derive(Args, Debug)]
+pub struct SlurmSubmitArgs {
+    /// Pipeline file.
+    #[arg(default_value = "pipelines/sst2.toml")]
+    pub pipeline: PathBuf,
+    /// Number of shards, one array task each.
+    #[arg(long)]
+    pub shards: usize,
+    /// Slurm partition.
+    #[arg(long)]
+    pub partition: Option<String>,
+    /// Slurm account.
+    #[arg(long)]
+    pub account: Option<String>,
+    /// Time limit per job (Slurm syntax, e.g. 2:00:00).
+    #[arg(long)]
+    pub time: Option<String>,
+    /// CPUs per task; also the threads each job uses.
+    #[arg(long)]
+    pub cpus_per_task: Option<u32>,
+    /// GPUs per task (use with `--device cuda`).
+    #[arg(long)]
+    pub gpus_per_task: Option<u32>,
+    /// Memory per job (Slurm syntax, e.g. 8G).
+    #[arg(long)]
+    pub mem: Option<String>,
+    /// Print the scripts without writing or submitting anything.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Output root (overrides the pipeline's `output`).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Override a pipeline key (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
     #[command(flatten)]
     pub dev: DeviceArgs,
 }
@@ -323,16 +376,37 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Augment(a) => {
             let cfg = PipelineConfig::load_with(&a.pipeline, &a.set)?;
             let device = parse_device(&a.dev.device)?;
-            let shard_index = a.shard_index.or_else(|| if a.finalize { None } else { shard_index_from_env() });
-            let opts = RunOptions { glue_dir: a.dev.glue_dir.clone(), output: a.out.clone(), shard_index, num_shards: a.num_shards, finalize_only: a.finalize, force: a.force };
+            let shard_index = a.shard_index.or_else(|| if a.finalize || a.teacher_only { None } else { shard_index_from_env() });
+            let opts = RunOptions { glue_dir: a.dev.glue_dir.clone(), output: a.out.clone(), shard_index, num_shards: a.num_shards, finalize_only: a.finalize, force: a.force, teacher_only: a.teacher_only };
             let out = pipeline::run(&cfg, &opts, &device)?;
-            if shard_index.is_none() {
+            if a.teacher_only {
+                println!("teacher: {}", out.display());
+            } else if shard_index.is_none() {
                 let m = shards::manifest::read_manifest(&out)?;
                 println!("shards: {} ({} rows, {} shard(s))", out.display(), m.rows, m.shards.len());
                 for (k, d) in &m.diagnostics {
                     println!("  {}", d.summary(k, m.num_labels == 1));
                 }
             }
+        }
+        Command::Slurm(SlurmCmd::Submit(a)) => {
+            parse_device(&a.dev.device)?;
+            let o = crate::slurm::SubmitOptions {
+                pipeline: a.pipeline,
+                overrides: a.set,
+                shards: a.shards,
+                out: a.out,
+                glue_dir: a.dev.glue_dir,
+                device: a.dev.device,
+                partition: a.partition,
+                account: a.account,
+                time: a.time,
+                cpus_per_task: a.cpus_per_task,
+                gpus_per_task: a.gpus_per_task,
+                mem: a.mem,
+                dry_run: a.dry_run,
+            };
+            crate::slurm::submit(&o)?;
         }
         Command::TrainStudent(a) => {
             let task = glue::task(&a.task)?;

@@ -16,6 +16,7 @@ pub mod model;
 pub mod pipeline;
 pub mod report;
 pub mod shards;
+pub mod slurm;
 pub mod student;
 pub mod teacher;
 pub mod tokenize;

@@ -34,6 +34,23 @@ pub struct RunOptions {
     pub finalize_only: bool,
     /// Allow replacing outputs of a different configuration.
     pub force: bool,
+    /// Only make sure the teacher checkpoint exists (train and cache it if needed).
+    pub teacher_only: bool,
+}
+
+/// The directory a pipeline writes: `<output root>/<task>/<name>`.
+pub fn output_dir(cfg: &PipelineConfig, output_override: Option<&Path>) -> PathBuf {
+    output_override.unwrap_or(&cfg.output).join(&cfg.task).join(&cfg.name)
+}
+
+/// True when shard `i` of `n` is complete in `out` (its file and its summary exist).
+pub fn shard_complete(out: &Path, i: usize, n: usize) -> bool {
+    out.join(summary_name(i, n)).is_file() && out.join(shard_name(i, n)).is_file()
+}
+
+/// True when the pipeline's teacher checkpoint exists (given, or trained and cached).
+pub fn teacher_ready(cfg: &PipelineConfig) -> Result<bool> {
+    Ok(cfg.teacher.checkpoint.is_some() || teacher_cache_dir(cfg)?.0.join("metrics.json").is_file())
 }
 
 /// sha256 of the configuration as canonical JSON.
@@ -90,7 +107,8 @@ pub fn shard_range(total: usize, i: usize, n: usize) -> (usize, usize) {
     (total * i / n, total * (i + 1) / n)
 }
 
-/// Runs a pipeline: teacher, shards, finalize. Returns the output directory.
+/// Runs a pipeline: teacher, shards, finalize. Returns the output directory (the teacher
+/// checkpoint directory with `teacher_only`).
 pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Result<PathBuf> {
     let mut cfg = cfg_in.clone();
     if let Some(n) = opts.num_shards {
@@ -108,7 +126,11 @@ pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Resul
     let glue_dir = resolve_glue_dir(opts.glue_dir.as_deref());
     // The output location is not part of the configuration: moving a run elsewhere
     // changes nothing inside it.
-    let out = opts.output.as_ref().unwrap_or(&cfg.output).join(&cfg.task).join(&cfg.name);
+    if opts.teacher_only {
+        let dir = ensure_teacher(&cfg, &glue_dir, device)?;
+        return Ok(dir);
+    }
+    let out = output_dir(&cfg, opts.output.as_deref());
     let cfg_hash = config_sha256(&cfg)?;
     prepare_out_dir(&out, &cfg_hash, opts.force)?;
     if opts.finalize_only {
@@ -129,7 +151,7 @@ pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Resul
         None => (0..cfg.shards).collect(),
     };
     for i in shards {
-        if out.join(summary_name(i, cfg.shards)).is_file() && out.join(shard_name(i, cfg.shards)).is_file() {
+        if shard_complete(&out, i, cfg.shards) {
             eprintln!("shard {i}/{}: already complete, skipped", cfg.shards);
             continue;
         }
@@ -190,7 +212,7 @@ fn check_same_teacher(out: &Path, teacher_sha: &str, force: bool) -> Result<()> 
 
 /// Creates the output directory, checks it is writable, removes dead temporaries, and
 /// refuses outputs of a different configuration unless `force`.
-fn prepare_out_dir(out: &Path, cfg_hash: &str, force: bool) -> Result<()> {
+pub fn prepare_out_dir(out: &Path, cfg_hash: &str, force: bool) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create output directory", out.display()))?;
     sweep_dead_temporaries(out);
     let probe = out.join(format!(".write-test-{}", std::process::id()));

@@ -334,3 +334,27 @@ fn pair_and_regression_tasks_end_to_end() {
         assert!(text.contains(metric), "{text}");
     }
 }
+
+#[test]
+fn slurm_dry_run_and_pipeline_overrides() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("o");
+    let cache = format!("teacher.cache_dir={}", tmp.path().join("t").display());
+    let text = ok(&["slurm", "submit", "pipelines/smoke.toml", "--shards", "3", "--out", root.to_str().unwrap(), "--set", &cache, "--partition", "gpu", "--cpus-per-task", "4", "--dry-run"]);
+    // No teacher yet in the fresh cache: three stages, chained with afterok.
+    assert!(text.contains("# teacher: sbatch --parsable") && text.contains("--teacher-only"), "{text}");
+    assert!(text.contains("--array=0-2 --dependency=afterok:<teacher job id> --kill-on-invalid-dep=yes"), "{text}");
+    assert!(text.contains("--shard-index \"$SLURM_ARRAY_TASK_ID\"") && text.contains("--num-shards 3"), "{text}");
+    assert!(text.contains("#SBATCH --partition=gpu") && text.contains("#SBATCH --cpus-per-task=4"), "{text}");
+    assert!(text.contains("--finalize") && text.contains(" verify "), "{text}");
+    assert!(!root.exists(), "a dry run writes nothing");
+
+    let e = fail(&["slurm", "submit", "pipelines/smoke.toml", "--shards", "0", "--dry-run"]);
+    assert!(e.contains("--shards must be at least 1"), "{e}");
+    let e = fail(&["augment", "pipelines/smoke.toml", "--set", "methods.augpro_mix.alpha=-1"]);
+    assert!(e.contains("alpha"), "{e}");
+    let e = fail(&["augment", "pipelines/smoke.toml", "--set", "nonsense=1"]);
+    assert!(e.contains("nonsense"), "{e}");
+    let e = fail(&["augment", "pipelines/smoke.toml", "--set", "novalue"]);
+    assert!(e.contains("expected key=value"), "{e}");
+}

@@ -206,7 +206,7 @@ pub fn verify(dir: &Path) -> Result<Vec<String>> {
         let mut extra: Vec<String> = rd
             .filter_map(|e| e.ok())
             .map(|e| e.file_name().to_string_lossy().to_string())
-            .filter(|n| !n.starts_with('.') && !known.contains(n))
+            .filter(|n| !n.starts_with('.') && !known.contains(n) && n != "slurm")
             .collect();
         extra.sort();
         for n in extra {

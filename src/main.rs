@@ -10,9 +10,7 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()))
         .with_writer(std::io::stderr)
         .init();
-    let threads = cli.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    augpro::util::limit_native_threads(threads);
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
+    augpro::util::init_threads(cli.threads);
     if let Err(e) = ctrlc::set_handler(|| {
         augpro::util::remove_temporaries();
         eprintln!("augpro: interrupted (SIGINT/SIGTERM); finished shards are kept, rerun the same command to resume");

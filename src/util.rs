@@ -140,6 +140,22 @@ pub fn derive_seed(base: u64, labels: &[&str]) -> u64 {
     u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
 }
 
+/// Sets every thread pool to `threads` (default: all cores): rayon's global pool, candle's
+/// matmul pool (through `RAYON_NUM_THREADS`, which candle reads), OpenMP and OpenBLAS.
+/// Candle's element-wise ops run on the calling thread (`CANDLE_NUM_THREADS=1` unless set):
+/// its element-wise worker pool spin-waits, and on few cores those workers compete with the
+/// matmul threads (measured with `make bench`). Call once at start-up, before any tensor op.
+pub fn init_threads(threads: Option<usize>) -> usize {
+    let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1);
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    limit_native_threads(n);
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    n
+}
+
 /// Limits the native thread pools (OpenMP in FAISS, OpenBLAS) to `n` threads so they
 /// do not oversubscribe the cores that rayon and candle also use.
 pub fn limit_native_threads(n: usize) {

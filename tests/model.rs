@@ -121,17 +121,30 @@ fn embedding_gradient_matches_finite_differences() {
         let out = model.forward_embeds(e, &b.types, &b.mask, &mut Ctx::eval_grad()).unwrap();
         augpro::train::supervised_loss(&out.logits, &labels, false).unwrap().to_scalar::<f32>().unwrap() as f64
     };
-    // Directional derivatives along random directions (masked to real tokens).
+    // Directional derivatives (central differences) along the gradient itself and along
+    // seeded random directions, masked to real tokens. Float32 losses put a noise floor of
+    // about 1e-4 under a finite difference with h = 1e-2 along a random direction; along the
+    // unit gradient direction a step of 5e-2 keeps the floor near 1e-5, and it is held to 2%.
     let mask = b.mask.unsqueeze(2).unwrap();
-    for k in 0..4 {
-        let d = Tensor::randn(0f32, 1f32, emb.shape(), &dev).unwrap().broadcast_mul(&mask).unwrap();
-        let h = 1e-2;
-        let plus = loss_at(&(&emb + (&d * h).unwrap()).unwrap());
-        let minus = loss_at(&(&emb - (&d * h).unwrap()).unwrap());
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let gnorm = grad.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+    let mut dirs = vec![(&grad / gnorm as f64).unwrap()];
+    for _ in 0..4 {
+        let v: Vec<f32> = (0..emb.elem_count()).map(|_| rng.sample::<f32, _>(rand_distr::StandardNormal)).collect();
+        dirs.push(Tensor::from_vec(v, emb.shape(), &dev).unwrap().broadcast_mul(&mask).unwrap());
+    }
+    for (k, d) in dirs.iter().enumerate() {
+        let h = if k == 0 { 5e-2 } else { 1e-2 };
+        let plus = loss_at(&(&emb + (d * h).unwrap()).unwrap());
+        let minus = loss_at(&(&emb - (d * h).unwrap()).unwrap());
         let fd = (plus - minus) / (2.0 * h);
-        let an = (&grad * &d).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
-        let rel = (fd - an).abs() / an.abs().max(1e-3);
-        assert!(rel < 2e-2, "direction {k}: finite difference {fd} vs gradient {an} (rel {rel})");
+        let an = (&grad * d).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+        if k == 0 {
+            assert!(an > 1e-3, "gradient norm {an} too small to test");
+        }
+        let tol = 2e-2 * an.abs() + if k == 0 { 0.0 } else { 1e-4 };
+        assert!((fd - an).abs() <= tol, "direction {k}: finite difference {fd} vs gradient {an} (tolerance {tol})");
     }
     // The KL loss to a distribution has a gradient too.
     let target = candle_nn::ops::softmax(&Tensor::new(&[[0.2f32, 0.3, 0.5], [0.9, 0.05, 0.05]], &dev).unwrap(), D::Minus1).unwrap();

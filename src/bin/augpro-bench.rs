@@ -206,6 +206,7 @@ epsilon_rel = 0.2
 fn main() -> Result<()> {
     augpro::util::tune_allocator();
     let a = Args::parse();
+    augpro::util::init_threads(None);
     let device = augpro::model::bert::parse_device(&a.device)?;
     let glue_dir = resolve_glue_dir(a.glue_dir.as_deref()).canonicalize().context("GLUE directory")?;
     let want = |s: &str| a.only.is_empty() || a.only.iter().any(|x| x == s);

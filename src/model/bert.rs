@@ -135,6 +135,14 @@ impl Linear {
         *out.last_mut().expect("rank >= 1") = self.w.dim(0)?;
         Ok(y.reshape(out)?)
     }
+
+    /// One layer computing several layers' outputs side by side (their rows stacked), for
+    /// frozen weights: one larger matmul instead of several small ones.
+    pub fn stacked(parts: &[&Linear]) -> Result<Self> {
+        let w = Tensor::cat(&parts.iter().map(|l| &l.w).collect::<Vec<_>>(), 0)?;
+        let b = Tensor::cat(&parts.iter().map(|l| &l.b).collect::<Vec<_>>(), 0)?;
+        Ok(Self { w, b })
+    }
 }
 
 /// LayerNorm with a backward pass when the context needs gradients.
@@ -211,6 +219,8 @@ struct Layer {
     q: Linear,
     k: Linear,
     v: Linear,
+    /// Query, key and value stacked, when the weights are frozen (inference).
+    qkv: Option<Linear>,
     attn_out: Linear,
     attn_norm: LayerNorm,
     inter: Linear,
@@ -227,10 +237,15 @@ impl Layer {
         let pre = format!("encoder.layer.{i}");
         let h = c.hidden_size;
         let r = Init::Required;
+        let q = Linear::load(p, &format!("{pre}.attention.self.query"), h, h, r)?;
+        let k = Linear::load(p, &format!("{pre}.attention.self.key"), h, h, r)?;
+        let v = Linear::load(p, &format!("{pre}.attention.self.value"), h, h, r)?;
+        let qkv = if p.is_trainable() { None } else { Some(Linear::stacked(&[&q, &k, &v])?) };
         Ok(Self {
-            q: Linear::load(p, &format!("{pre}.attention.self.query"), h, h, r)?,
-            k: Linear::load(p, &format!("{pre}.attention.self.key"), h, h, r)?,
-            v: Linear::load(p, &format!("{pre}.attention.self.value"), h, h, r)?,
+            q,
+            k,
+            v,
+            qkv,
             attn_out: Linear::load(p, &format!("{pre}.attention.output.dense"), h, h, r)?,
             attn_norm: LayerNorm::load(p, &format!("{pre}.attention.output.LayerNorm"), h, c.layer_norm_eps)?,
             inter: Linear::load(p, &format!("{pre}.intermediate.dense"), h, c.intermediate_size, r)?,
@@ -247,9 +262,13 @@ impl Layer {
         let (b, s, h) = x.dims3()?;
         let d = h / self.heads;
         let split = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((b, s, self.heads, d))?.transpose(1, 2)?.contiguous()?) };
-        let q = split(self.q.forward(x)?)?;
-        let k = split(self.k.forward(x)?)?;
-        let v = split(self.v.forward(x)?)?;
+        let (q, k, v) = match &self.qkv {
+            Some(qkv) => {
+                let all = qkv.forward(x)?;
+                (split(all.narrow(2, 0, h)?)?, split(all.narrow(2, h, h)?)?, split(all.narrow(2, 2 * h, h)?)?)
+            }
+            None => (split(self.q.forward(x)?)?, split(self.k.forward(x)?)?, split(self.v.forward(x)?)?),
+        };
         let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(mask)?;
         let probs = softmax_last(&scores, ctx)?;
         let probs = ctx.dropout(&probs, self.attn_p)?;

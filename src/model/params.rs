@@ -90,6 +90,11 @@ impl Params {
         self.tensors.contains_key(name)
     }
 
+    /// True when parameters are loaded as trainable variables.
+    pub fn is_trainable(&self) -> bool {
+        self.trainable
+    }
+
     /// Every parameter the model took, with its variable when trainable.
     pub fn used(&self) -> Vec<(String, Tensor, Option<Var>)> {
         self.used.borrow().clone()

@@ -384,6 +384,9 @@ pub fn run(cli: Cli) -> Result<()> {
             } else if shard_index.is_none() {
                 let m = shards::manifest::read_manifest(&out)?;
                 println!("shards: {} ({} rows, {} shard(s))", out.display(), m.rows, m.shards.len());
+                if m.truncated_examples > 0 {
+                    println!("  {} of {} source examples were longer than max_seq_len = {} tokens and truncated", m.truncated_examples, m.source_examples, cfg.max_seq_len);
+                }
                 for (k, d) in &m.diagnostics {
                     println!("  {}", d.summary(k, m.num_labels == 1));
                 }

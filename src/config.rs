@@ -132,6 +132,28 @@ pub struct MethodsConfig {
     pub fgsm: Option<FgsmConfig>,
 }
 
+impl MethodsConfig {
+    /// Disables every method not named in `keep`.
+    pub fn retain(&mut self, keep: &[String]) {
+        let kept = |name: &str| keep.iter().any(|k| k == name);
+        if !kept("augpro_mix") {
+            self.augpro_mix = None;
+        }
+        if !kept("augpro_fgsm") {
+            self.augpro_fgsm = None;
+        }
+        if !kept("token_replace") {
+            self.token_replace = None;
+        }
+        if !kept("mixup") {
+            self.mixup = None;
+        }
+        if !kept("fgsm") {
+            self.fgsm = None;
+        }
+    }
+}
+
 /// Parameters of the mixing methods.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

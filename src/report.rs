@@ -82,7 +82,15 @@ pub fn run(o: &ReportOptions, device: &Device) -> Result<PathBuf> {
             bail!("--methods: unknown method `{m}` (expected some of {})", COMPARED.join(", "));
         }
     }
-    let suffix = o.tag.as_ref().map(|t| format!("-{t}")).unwrap_or_default();
+    if let Some(ms) = &o.methods {
+        cfg.methods.retain(ms);
+    }
+    // Shards of a different configuration need their own directory.
+    let suffix = match (&o.tag, &o.methods) {
+        (Some(t), _) => format!("-{t}"),
+        (None, Some(ms)) => format!("-{}", ms.join("+")),
+        (None, None) => String::new(),
+    };
     cfg.name = format!("report-{}-{}{suffix}", o.preset, if examples == usize::MAX { "all".into() } else { examples.to_string() });
     cfg.max_examples = (examples != usize::MAX).then_some(examples);
     cfg.validate()?;
@@ -130,7 +138,8 @@ pub fn run(o: &ReportOptions, device: &Device) -> Result<PathBuf> {
         task.name, o.preset, manifest.teacher.get("path").and_then(|v| v.as_str()).unwrap_or("?"), teacher_score, manifest.source_examples
     );
     for r in &table {
-        md.push_str(&format!("| {} | {:.4} ± {:.4} | {:+.4} | {} | {:.1} | {:.1} |\n", r.method, r.mean, r.std, r.mean - base, r.rows, aug_secs(&r.method), r.train_seconds));
+        let delta = if base.is_nan() { "–".to_string() } else { format!("{:+.4}", r.mean - base) };
+        md.push_str(&format!("| {} | {:.4} ± {:.4} | {delta} | {} | {:.1} | {:.1} |\n", r.method, r.mean, r.std, r.rows, aug_secs(&r.method), r.train_seconds));
     }
     md.push_str(&format!("\nShards: `{}`. Plots: `bars.png`, `curves.png`.\n", shards.display()));
     let json = serde_json::json!({

@@ -357,4 +357,12 @@ fn slurm_dry_run_and_pipeline_overrides() {
     assert!(e.contains("nonsense"), "{e}");
     let e = fail(&["augment", "pipelines/smoke.toml", "--set", "novalue"]);
     assert!(e.contains("expected key=value"), "{e}");
+
+    // Texts longer than max_seq_len are truncated, not refused, and counted.
+    let out = tmp.path().join("short");
+    let text = ok(&["augment", "pipelines/smoke.toml", "--out", out.to_str().unwrap(), "--set", "max_seq_len=8", "--set", "max_examples=8", "--set", "shards=1", "--set", "methods={}"]);
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("sst2/smoke/manifest.json")).unwrap()).unwrap();
+    let n = m["truncated_examples"].as_u64().unwrap();
+    assert!(n > 0 && text.contains(&format!("{n} of 8 source examples were longer than max_seq_len = 8 tokens and truncated")), "{text}");
+    assert!(read_rows(&out.join("sst2/smoke")).iter().all(|r| r.input_ids.len() <= 8));
 }

@@ -190,9 +190,16 @@ fn check_summaries(out: &Path, force: bool, what: &str, differs: impl Fn(&ShardS
         if !name.ends_with(".done.json") || name.contains(".tmp-") {
             continue;
         }
-        let s: ShardSummary = serde_json::from_slice(&std::fs::read(e.path())?).with_context(|| format!("{}: unreadable shard summary", e.path().display()))?;
-        if differs(&s) {
+        let parsed: Result<ShardSummary, _> = serde_json::from_slice(&std::fs::read(e.path())?);
+        let mismatch = match &parsed {
+            Ok(s) => differs(s),
+            Err(_) => true,
+        };
+        if mismatch {
             if !force {
+                if let Err(err) = parsed {
+                    bail!("{}: unreadable shard summary ({err}; written by another augpro version?); use --force to replace the directory's shards", e.path().display());
+                }
                 bail!("{}: holds shards of {what} (use --force to replace them, or another `name`)", out.display());
             }
             for f in std::fs::read_dir(out)?.filter_map(|e| e.ok()) {

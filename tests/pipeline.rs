@@ -109,6 +109,12 @@ fn smoke_pipeline_end_to_end() {
     std::fs::write(&cfg2, std::fs::read_to_string(common::root().join("pipelines/smoke.toml")).unwrap().replace("seed = 7", "seed = 8")).unwrap();
     let e = fail(&["augment", cfg2.to_str().unwrap(), "--out", a_root.to_str().unwrap()]);
     assert!(e.contains("different pipeline configuration") && e.contains("--force"), "{e}");
+    // A completion summary this version cannot read is refused the same way.
+    let odd_root = tmp.path().join("odd");
+    std::fs::create_dir_all(out_dir(&odd_root)).unwrap();
+    std::fs::write(out_dir(&odd_root).join(".train-00000-of-00002.done.json"), b"{\"file\": 1}").unwrap();
+    let e = fail(&["augment", "pipelines/smoke.toml", "--out", odd_root.to_str().unwrap()]);
+    assert!(e.contains("unreadable shard summary") && e.contains("--force"), "{e}");
 
     // Interoperability: pyarrow and polars read the shards.
     let py = format!(
@@ -236,7 +242,8 @@ fn shipped_pipelines_are_valid() {
 #[test]
 fn report_smoke_preset_writes_every_method() {
     let tmp = tempfile::tempdir().unwrap();
-    let text = ok(&["report", "--task", "sst2", "--preset", "smoke", "--out", tmp.path().to_str().unwrap()]);
+    let shards = format!("output={}", tmp.path().join("shards").display());
+    let text = ok(&["report", "--task", "sst2", "--preset", "smoke", "--out", tmp.path().to_str().unwrap(), "--set", &shards]);
     assert!(text.contains("| augpro_fgsm |"), "{text}");
     let dir = tmp.path().join("sst2");
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("results.json")).unwrap()).unwrap();

@@ -63,6 +63,8 @@ pub struct Plan {
     pub missing: Vec<usize>,
     /// Stages to submit (empty when the output is complete).
     pub stages: Vec<Stage>,
+    /// Prefix of the chain's job names.
+    pub job: String,
 }
 
 /// Quotes a word for a POSIX shell.
@@ -136,7 +138,9 @@ pub fn plan(o: &SubmitOptions) -> Result<Plan> {
         words.extend(extra.iter().map(|w| w.to_string()));
         words.join(" ")
     };
-    let job = format!("augpro-{}-{}", cfg.task, cfg.name);
+    // The job name carries a short hash of the output directory, so a resubmission can see
+    // whether jobs for the same output are still queued.
+    let job = job_prefix(&cfg.task, &cfg.name, &out);
     let header = |stage: &str, log: &str| -> String {
         let mut h = format!("#!/bin/bash\n#SBATCH --job-name={}\n#SBATCH --chdir={}\n#SBATCH --output={}\n", sh(&format!("{job}-{stage}")), sh(&workdir.display().to_string()), sh(&script_dir.join(log).display().to_string()));
         let mut opt = |k: &str, v: Option<String>| {
@@ -168,7 +172,21 @@ pub fn plan(o: &SubmitOptions) -> Result<Plan> {
         let verify = format!("{} verify {}", sh(&exe.display().to_string()), sh(&out.display().to_string()));
         stages.push(Stage { name: "finalize", script: format!("{}{}\n{verify}\n", header("finalize", "finalize-%j.out"), augpro(&["--finalize"])), flags: vec![] });
     }
-    Ok(Plan { out, script_dir, missing, stages })
+    Ok(Plan { out, script_dir, missing, stages, job })
+}
+
+/// `augpro-<task>-<name>-<hash of the output directory>`, the prefix of every job name.
+fn job_prefix(task: &str, name: &str, out: &Path) -> String {
+    format!("augpro-{task}-{name}-{}", &crate::util::sha256_bytes(out.display().to_string().as_bytes())[..6])
+}
+
+/// Ids of queued or running jobs whose name starts with `prefix`.
+fn queued_jobs(prefix: &str) -> Result<Vec<String>> {
+    let o = Command::new("squeue").args(["-h", "-o", "%i %j"]).output().context("squeue: cannot run (is Slurm installed and on PATH?)")?;
+    if !o.status.success() {
+        bail!("squeue: {}", String::from_utf8_lossy(&o.stderr).trim().replace('\n', " "));
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).lines().filter_map(|l| l.split_once(' ')).filter(|(_, n)| n.starts_with(prefix)).map(|(i, _)| i.to_string()).collect())
 }
 
 /// Writes the scripts and submits the chain (or prints it with `dry_run`); returns the
@@ -200,6 +218,10 @@ pub fn submit(o: &SubmitOptions) -> Result<Vec<(String, String)>> {
         }
         println!("(dry run: nothing written or submitted; scripts would go to {})", p.script_dir.display());
         return Ok(Vec::new());
+    }
+    let queued = queued_jobs(&p.job)?;
+    if !queued.is_empty() {
+        bail!("{}: jobs {} of an earlier submission are still queued or running (squeue -j {}); wait for them or scancel them, then submit again", p.out.display(), queued.join(","), queued.join(","));
     }
     std::fs::create_dir_all(&p.script_dir).with_context(|| format!("{}: cannot create script directory", p.script_dir.display()))?;
     let mut ids: Vec<(String, String)> = Vec::new();

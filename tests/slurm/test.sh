@@ -51,6 +51,9 @@ echo "== 2. fault: cancel a running array task, then resubmit"
 out=$(submit --out "$W/b"); echo "$out"
 grep -q "^submitted: shards [0-9]*, finalize [0-9]*$" <<<"$out" || fail "the teacher exists: expected no teacher stage"
 arr=$(job_of "$out" shards)
+if dup=$(submit --out "$W/b" 2>&1); then fail "a second submission while the chain is queued was accepted: $dup"; fi
+grep -q "still queued or running" <<<"$dup" || fail "unexpected refusal: $dup"
+echo "second submission refused while the chain runs"
 task=""
 for _ in $(seq 600); do
   task=$(squeue -h -r -t R -j "$arr" -o %i 2>/dev/null | head -1)

@@ -45,7 +45,7 @@ pub struct ReportOptions {
     pub tag: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 struct Run {
     method: String,
     seed: u64,
@@ -114,10 +114,19 @@ pub fn run(o: &ReportOptions, device: &Device) -> Result<PathBuf> {
         let methods: Vec<String> = if *method == "original" { vec!["original".into()] } else { vec!["original".into(), method.to_string()] };
         for seed in 0..seeds as u64 {
             let out = dir.join("students").join(format!("{method}-seed{seed}"));
+            // A finished run on the same shards with the same budget is reused, so an
+            // interrupted report resumes and `--seeds` can be raised later.
+            let key = serde_json::json!({ "shards_config_sha256": manifest.config_sha256, "steps": steps, "seed": seed, "methods": methods });
+            let done = out.join("report-run.json");
+            if let Some(run) = std::fs::read(&done).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()).filter(|v| v["key"] == key).and_then(|v| serde_json::from_value::<Run>(v["run"].clone()).ok()) {
+                eprintln!("student: {method} seed {seed}: reusing {}", out.display());
+                runs.push(run);
+                continue;
+            }
             let scfg = StudentConfig { max_steps: Some(steps), seed, methods: methods.clone(), ..Default::default() };
             eprintln!("student: {method} seed {seed} ({steps} steps)");
             let m: StudentMetrics = student::train(&shards, task, &glue_dir, &out, &scfg, device)?;
-            runs.push(Run {
+            let run = Run {
                 method: method.to_string(),
                 seed,
                 value: student::first_value(&m.validation, primary),
@@ -125,7 +134,9 @@ pub fn run(o: &ReportOptions, device: &Device) -> Result<PathBuf> {
                 steps: m.steps,
                 train_seconds: m.train_seconds,
                 curve: m.curve.iter().map(|c| (c.step, c.value)).collect(),
-            });
+            };
+            atomic_write(&done, serde_json::to_string_pretty(&serde_json::json!({ "key": key, "run": run }))?.as_bytes())?;
+            runs.push(run);
         }
     }
     let table = aggregate(&runs)?;

@@ -259,6 +259,11 @@ fn report_smoke_preset_writes_every_method() {
         let meta = std::fs::metadata(dir.join(f)).unwrap();
         assert!(meta.len() > 200, "{f} is written");
     }
+    // A rerun reuses the finished students and gives the same table.
+    let again = ok(&["report", "--task", "sst2", "--preset", "smoke", "--out", tmp.path().to_str().unwrap(), "--set", &shards]);
+    assert_eq!(again.matches("reusing").count(), 12, "{again}");
+    let r2: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("results.json")).unwrap()).unwrap();
+    assert_eq!(r["methods"], r2["methods"]);
 }
 
 #[test]

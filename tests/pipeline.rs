@@ -361,6 +361,19 @@ fn slurm_dry_run_and_pipeline_overrides() {
     assert!(text.contains("--finalize") && text.contains(" verify "), "{text}");
     assert!(!root.exists(), "a dry run writes nothing");
 
+    // A Kubernetes Indexed Job gives the shard in JOB_COMPLETION_INDEX.
+    let k8s = tmp.path().join("k8s");
+    let o = Command::new(env!("CARGO_BIN_EXE_augpro"))
+        .args(["augment", "pipelines/smoke.toml", "--num-shards", "2", "--out", k8s.to_str().unwrap()])
+        .current_dir(common::root())
+        .env("AUGPRO_GLUE_DIR", common::glue_dir())
+        .env("JOB_COMPLETION_INDEX", "1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let names = files(&k8s.join("sst2/smoke"));
+    assert!(names.contains(&"train-00001-of-00002.parquet".to_string()) && !names.iter().any(|n| n.contains("00000") || n == "manifest.json"), "{names:?}");
+
     let e = fail(&["slurm", "submit", "pipelines/smoke.toml", "--shards", "0", "--dry-run"]);
     assert!(e.contains("--shards must be at least 1"), "{e}");
     let e = fail(&["augment", "pipelines/smoke.toml", "--set", "methods.augpro_mix.alpha=-1"]);

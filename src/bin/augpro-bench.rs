@@ -45,7 +45,8 @@ struct Args {
     /// GLUE directory.
     #[arg(long)]
     glue_dir: Option<PathBuf>,
-    /// Sections to run (matmul, projection, teacher, e2e, memory); all when empty.
+    /// Sections to run (matmul, projection, teacher, e2e, memory); all when empty. A partial
+    /// run replaces those sections in an existing `results.json` and keeps the others.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -195,12 +196,22 @@ fn run_augment(pipeline: &Path, glue_dir: &Path, device: &str) -> Result<(f64, f
         .stdout(std::process::Stdio::null())
         .spawn()
         .with_context(|| format!("{}: cannot start (build it with `cargo build --release`)", exe.display()))?;
-    let mut status = 0;
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waits for our own child and fills a zeroed rusage.
-    let rc = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
-    anyhow::ensure!(rc > 0 && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "augment failed for {}", pipeline.display());
-    Ok((t.elapsed().as_secs_f64(), ru.ru_maxrss as f64 / 1024.0))
+    // Peak RSS is the child's own VmHWM, polled until it exits. (`wait4`'s ru_maxrss would
+    // also count this process's RSS at fork time, which Linux carries across exec.)
+    let mut child = child;
+    let status_file = format!("/proc/{}/status", child.id());
+    let mut hwm_kib = 0u64;
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if let Some(v) = std::fs::read_to_string(&status_file).ok().and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())) {
+            hwm_kib = hwm_kib.max(v);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    anyhow::ensure!(status.success(), "augment failed for {}", pipeline.display());
+    Ok((t.elapsed().as_secs_f64(), hwm_kib as f64 / 1024.0))
 }
 
 const ALL_METHODS: &str = r#"
@@ -290,6 +301,14 @@ fn main() -> Result<()> {
         res.insert("memory".into(), json!(rows));
     }
     let _ = std::fs::remove_dir_all(&tmp);
+    if !a.only.is_empty() {
+        // A partial run updates its sections of the previous results and keeps the rest.
+        if let Some(Value::Object(prev)) = std::fs::read(a.out.join("results.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
+            for (k, v) in prev {
+                res.entry(k).or_insert(v);
+            }
+        }
+    }
     let res = Value::Object(res);
     std::fs::create_dir_all(&a.out)?;
     augpro::util::atomic_write(&a.out.join("results.json"), serde_json::to_string_pretty(&res)?.as_bytes())?;

@@ -66,12 +66,11 @@ pub fn ensure_teacher(cfg: &PipelineConfig, glue_dir: &Path, device: &Device) ->
         return Ok(c.clone());
     }
     let (dir, key_src) = teacher_cache_dir(cfg)?;
-    let key = dir.file_name().expect("named").to_string_lossy().to_string();
     if dir.join("metrics.json").is_file() {
         tracing::info!("reusing teacher {}", dir.display());
         return Ok(dir);
     }
-    let tmp = cfg.teacher.cache_dir.join(format!(".{key}.tmp-{}", std::process::id()));
+    let tmp = crate::util::temporary_for(&dir)?;
     let _ = std::fs::remove_dir_all(&tmp);
     crate::util::register_temporary(&tmp);
     eprintln!("training teacher for `{}` ({} examples max, {} epoch(s)) into {}", task.name, cfg.teacher.train.max_train_examples.map(|n| n.to_string()).unwrap_or("all".into()), cfg.teacher.train.epochs, dir.display());
@@ -163,19 +162,16 @@ pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Resul
     Ok(out)
 }
 
-/// True when `name` is a temporary (`….tmp-PID`) whose process is gone.
-fn is_dead_temporary(name: &str) -> bool {
-    match name.rsplit_once(".tmp-") {
-        Some((_, pid)) => !pid.parse::<u32>().is_ok_and(|p| p == std::process::id() || Path::new(&format!("/proc/{p}")).exists()),
-        None => false,
-    }
+/// Removes temporaries (files or directories) left in `dir` by interrupted runs on this
+/// host; a live worker's temporaries, and other hosts', are kept.
+fn sweep_dead_temporaries(dir: &Path) {
+    sweep_temporaries(dir, crate::util::is_dead_temporary);
 }
 
-/// Removes temporaries (files or directories) left in `dir` by interrupted runs; a live
-/// worker's temporaries are kept.
-fn sweep_dead_temporaries(dir: &Path) {
+/// Removes the temporaries in `dir` whose names `doomed` accepts.
+fn sweep_temporaries(dir: &Path, doomed: impl Fn(&str) -> bool) {
     for e in std::fs::read_dir(dir).into_iter().flatten().filter_map(|e| e.ok()) {
-        if is_dead_temporary(&e.file_name().to_string_lossy()) {
+        if doomed(&e.file_name().to_string_lossy()) {
             let p = e.path();
             let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
         }
@@ -350,6 +346,9 @@ pub fn finalize(cfg: &PipelineConfig, out: &Path) -> Result<Manifest> {
     if !missing.is_empty() {
         bail!("{}: shards {missing:?} of {} are not complete; run them before finalize", out.display(), cfg.shards);
     }
+    // Every shard is complete, so no worker writes here any more: temporaries left by
+    // interrupted workers on any host go.
+    sweep_temporaries(out, |n| n.contains(".tmp-") && !crate::util::is_own_temporary(n));
     let teacher_dir = existing_teacher_dir(cfg)?;
     let ck = Checkpoint::open(&teacher_dir)?;
     let tmetrics: serde_json::Value = std::fs::read(teacher_dir.join("metrics.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(serde_json::Value::Null);

@@ -15,15 +15,19 @@ pub struct AtomicFile {
 }
 
 impl AtomicFile {
-    /// Opens `<dir>/.<name>.tmp-<pid>` for writing; the final name is `dest`.
+    /// Opens `<dir>/.<name>.tmp-<host>-<pid>` for writing; the final name is `dest`.
     pub fn create(dest: &Path) -> Result<Self> {
         let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         fs::create_dir_all(dir).with_context(|| format!("{}: cannot create directory", dir.display()))?;
-        let name = dest.file_name().context("destination has no file name")?.to_string_lossy();
-        let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        let tmp = temporary_for(dest)?;
         let file = File::create(&tmp).with_context(|| format!("{}: cannot create file (is the directory writable?)", tmp.display()))?;
         register_temporary(&tmp);
         Ok(Self { tmp, dest: dest.to_path_buf(), file: Some(file) })
+    }
+
+    /// The temporary path, for writers that take a path rather than a handle.
+    pub fn temp_path(&self) -> &Path {
+        &self.tmp
     }
 
     /// The open file handle.
@@ -65,6 +69,41 @@ impl Write for AtomicFile {
     fn flush(&mut self) -> std::io::Result<()> {
         self.file().flush()
     }
+}
+
+/// This machine's host name, as it appears in temporary names.
+fn hostname() -> &'static str {
+    static HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HOST.get_or_init(|| {
+        let mut buf = [0u8; 256];
+        // SAFETY: gethostname writes at most `buf.len()` bytes into our buffer.
+        let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        let h: String = String::from_utf8_lossy(&buf[..end]).chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect();
+        if ok && !h.is_empty() { h } else { "localhost".into() }
+    })
+}
+
+/// The temporary name next to `dest` for this process: `.<name>.tmp-<host>-<pid>`. The host
+/// keeps workers on different machines that share a directory from taking each other's
+/// temporaries for those of dead processes.
+pub fn temporary_for(dest: &Path) -> Result<PathBuf> {
+    let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = dest.file_name().context("destination has no file name")?.to_string_lossy();
+    Ok(dir.join(format!(".{name}.tmp-{}-{}", hostname(), std::process::id())))
+}
+
+/// True when `name` is a temporary of a process of this host that is gone. Temporaries of
+/// other hosts are never taken for dead (their processes cannot be seen from here).
+pub fn is_dead_temporary(name: &str) -> bool {
+    let Some((_, owner)) = name.rsplit_once(".tmp-") else { return false };
+    let Some((host, pid)) = owner.rsplit_once('-') else { return false };
+    host == hostname() && !pid.parse::<u32>().is_ok_and(|p| p == std::process::id() || Path::new(&format!("/proc/{p}")).exists())
+}
+
+/// True when `name` is a temporary of this very process.
+pub fn is_own_temporary(name: &str) -> bool {
+    name.ends_with(&format!(".tmp-{}-{}", hostname(), std::process::id()))
 }
 
 /// Temporaries (files or directories) this process is writing, removed by
@@ -212,4 +251,20 @@ pub fn progress(len: u64, msg: &str) -> indicatif::ProgressBar {
     );
     pb.set_message(msg.to_string());
     pb
+}
+
+#[cfg(test)]
+mod temporary_tests {
+    use super::*;
+
+    #[test]
+    fn only_this_hosts_gone_processes_own_dead_temporaries() {
+        let me = temporary_for(Path::new("/x/train.parquet")).unwrap();
+        let name = me.file_name().unwrap().to_string_lossy().to_string();
+        assert!(name.starts_with(".train.parquet.tmp-") && is_own_temporary(&name) && !is_dead_temporary(&name));
+        let gone = format!(".train.parquet.tmp-{}-4294967295", hostname());
+        assert!(is_dead_temporary(&gone) && !is_own_temporary(&gone));
+        assert!(!is_dead_temporary(".train.parquet.tmp-some-other-node-4294967295"), "another host's worker may be alive");
+        assert!(!is_dead_temporary("train.parquet"));
+    }
 }

@@ -120,15 +120,10 @@ pub fn save_classifier(out: &Path, params: &Params, config: &BertConfig, num_lab
         let key = if name.starts_with("classifier.") { name } else { format!("bert.{name}") };
         tensors.insert(key, t.to_device(&Device::Cpu)?.contiguous()?);
     }
-    let tmp = out.join(format!(".model.safetensors.tmp-{}", std::process::id()));
-    crate::util::register_temporary(&tmp);
-    let saved = candle_core::safetensors::save(&tensors, &tmp).with_context(|| format!("{}: cannot write weights", tmp.display()));
-    let saved = saved.and_then(|_| Ok(std::fs::File::open(&tmp)?.sync_all()?)).and_then(|_| Ok(std::fs::rename(&tmp, out.join("model.safetensors"))?));
-    if saved.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    crate::util::forget_temporary(&tmp);
-    saved?;
+    // candle writes by path: it rewrites the temporary's file, which commit then fsyncs and renames.
+    let weights = crate::util::AtomicFile::create(&out.join("model.safetensors"))?;
+    candle_core::safetensors::save(&tensors, weights.temp_path()).with_context(|| format!("{}: cannot write weights", weights.temp_path().display()))?;
+    weights.commit()?;
     atomic_write(&out.join("config.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
     for f in ["tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"] {
         let src = tokenizer_src.join(f);

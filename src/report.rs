@@ -81,8 +81,6 @@ pub fn run(o: &ReportOptions, device: &Device) -> Result<PathBuf> {
         if let Some(m) = ms.iter().find(|m| !COMPARED.contains(&m.as_str())) {
             bail!("--methods: unknown method `{m}` (expected some of {})", COMPARED.join(", "));
         }
-    }
-    if let Some(ms) = &o.methods {
         cfg.methods.retain(ms);
     }
     // Shards of a different configuration need their own directory.

@@ -363,13 +363,7 @@ fn slurm_dry_run_and_pipeline_overrides() {
 
     // A Kubernetes Indexed Job gives the shard in JOB_COMPLETION_INDEX.
     let k8s = tmp.path().join("k8s");
-    let o = Command::new(env!("CARGO_BIN_EXE_augpro"))
-        .args(["augment", "pipelines/smoke.toml", "--num-shards", "2", "--out", k8s.to_str().unwrap()])
-        .current_dir(common::root())
-        .env("AUGPRO_GLUE_DIR", common::glue_dir())
-        .env("JOB_COMPLETION_INDEX", "1")
-        .output()
-        .unwrap();
+    let o = common::augpro_cmd(&["augment", "pipelines/smoke.toml", "--num-shards", "2", "--out", k8s.to_str().unwrap()]).env("JOB_COMPLETION_INDEX", "1").output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let names = files(&k8s.join("sst2/smoke"));
     assert!(names.contains(&"train-00001-of-00002.parquet".to_string()) && !names.iter().any(|n| n.contains("00000") || n == "manifest.json"), "{names:?}");

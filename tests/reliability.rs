@@ -13,8 +13,8 @@ use std::process::{Command, Stdio};
 const SMOKE: &str = "sst2/smoke";
 
 fn augment_cmd(out_root: &Path, extra: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_augpro"));
-    c.arg("augment").arg("pipelines/smoke.toml").arg("--out").arg(out_root).args(extra).current_dir(common::root()).env("AUGPRO_GLUE_DIR", common::glue_dir());
+    let mut c = common::augpro_cmd(&["augment", "pipelines/smoke.toml", "--out", out_root.to_str().unwrap()]);
+    c.args(extra);
     c
 }
 

@@ -190,7 +190,7 @@ fn bench_pipeline(dir: &Path, name: &str, examples: usize, methods: &str) -> Res
 fn run_augment(pipeline: &Path, glue_dir: &Path, device: &str) -> Result<(f64, f64)> {
     let exe = std::env::current_exe()?.with_file_name("augpro");
     let t = Instant::now();
-    let child = std::process::Command::new(&exe)
+    let mut child = std::process::Command::new(&exe)
         .args(["-q", "augment", pipeline.to_str().unwrap(), "--force", "--device", device])
         .env("AUGPRO_GLUE_DIR", glue_dir)
         .stdout(std::process::Stdio::null())
@@ -198,7 +198,6 @@ fn run_augment(pipeline: &Path, glue_dir: &Path, device: &str) -> Result<(f64, f
         .with_context(|| format!("{}: cannot start (build it with `cargo build --release`)", exe.display()))?;
     // Peak RSS is the child's own VmHWM, polled until it exits. (`wait4`'s ru_maxrss would
     // also count this process's RSS at fork time, which Linux carries across exec.)
-    let mut child = child;
     let status_file = format!("/proc/{}/status", child.id());
     let mut hwm_kib = 0u64;
     let status = loop {

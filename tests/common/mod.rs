@@ -28,15 +28,16 @@ pub fn reference() -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(&p).expect("reference file")).expect("reference json")
 }
 
+/// The `augpro` binary with `args`, in the repository root, with the test GLUE directory.
+pub fn augpro_cmd(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_augpro"));
+    c.args(args).current_dir(root()).env("AUGPRO_GLUE_DIR", glue_dir());
+    c
+}
+
 /// Runs the `augpro` binary in the repository root with the test GLUE directory.
 pub fn augpro(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_augpro"))
-        .args(args)
-        .current_dir(root())
-        .env("AUGPRO_GLUE_DIR", glue_dir())
-        .output()
-        .expect("run augpro");
-    out
+    augpro_cmd(args).output().expect("run augpro")
 }
 
 /// Runs `augpro`, asserts success and returns stdout + stderr.

@@ -11,7 +11,11 @@ use std::path::PathBuf;
 
 /// augpro: distillation data by Augmentation with Projection.
 #[derive(Parser, Debug)]
-#[command(name = "augpro", version, about = "Augmentation with Projection: make knowledge-distillation data for BERT-family students")]
+#[command(
+    name = "augpro",
+    version,
+    about = "Augmentation with Projection: make knowledge-distillation data for BERT-family students"
+)]
 pub struct Cli {
     /// More log output (-v, -vv).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -327,30 +331,65 @@ pub struct VerifyArgs {
 }
 
 fn shard_index_from_env() -> Option<usize> {
-    ["JOB_COMPLETION_INDEX", "SLURM_ARRAY_TASK_ID"].iter().find_map(|k| std::env::var(k).ok().and_then(|v| v.parse().ok()))
+    ["JOB_COMPLETION_INDEX", "SLURM_ARRAY_TASK_ID"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok().and_then(|v| v.parse().ok()))
 }
 
 /// Runs a parsed command.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Data(DataCmd::Fetch { config, splits, glue_dir, base_url }) => {
+        Command::Data(DataCmd::Fetch {
+            config,
+            splits,
+            glue_dir,
+            base_url,
+        }) => {
             let task = glue::task(&config)?;
-            let files = fetch::fetch_config(task, &resolve_glue_dir(glue_dir.as_deref()), &base_url, splits.as_deref())?;
+            let files = fetch::fetch_config(
+                task,
+                &resolve_glue_dir(glue_dir.as_deref()),
+                &base_url,
+                splits.as_deref(),
+            )?;
             for f in files {
                 println!("{}", f.display());
             }
         }
-        Command::Data(DataCmd::Show { task, split, n, glue_dir }) => {
+        Command::Data(DataCmd::Show {
+            task,
+            split,
+            n,
+            glue_dir,
+        }) => {
             let task = glue::task(&task)?;
             let dir = resolve_glue_dir(glue_dir.as_deref());
             let rows = pipeline::split_rows(&dir, task, &split)?;
             let ex = crate::data::SplitReader::open(&dir, task, &split)?.read_all(Some(n))?;
             println!("{} / {split}: {rows} rows", task.name);
             for e in ex {
-                println!("{}\t{:?}\t{}\t{}", e.idx, e.label, e.text_a, e.text_b.unwrap_or_default());
+                println!(
+                    "{}\t{:?}\t{}\t{}",
+                    e.idx,
+                    e.label,
+                    e.text_a,
+                    e.text_b.unwrap_or_default()
+                );
             }
         }
-        Command::Teacher(TeacherCmd::Train { task, model, out, epochs, max_train_examples, max_steps, lr, batch_size, max_seq_len, seed, dev }) => {
+        Command::Teacher(TeacherCmd::Train {
+            task,
+            model,
+            out,
+            epochs,
+            max_train_examples,
+            max_steps,
+            lr,
+            batch_size,
+            max_seq_len,
+            seed,
+            dev,
+        }) => {
             let task = glue::task(&task)?;
             let device = parse_device(&dev.device)?;
             let cfg = teacher::TeacherTrainConfig {
@@ -359,16 +398,37 @@ pub fn run(cli: Cli) -> Result<()> {
                 max_steps,
                 max_seq_len,
                 seed,
-                optim: crate::train::OptimConfig { lr, batch_size, ..Default::default() },
+                optim: crate::train::OptimConfig {
+                    lr,
+                    batch_size,
+                    ..Default::default()
+                },
             };
-            let m = teacher::train(&model, task, &resolve_glue_dir(dev.glue_dir.as_deref()), &out, &cfg, &device)?;
+            let m = teacher::train(
+                &model,
+                task,
+                &resolve_glue_dir(dev.glue_dir.as_deref()),
+                &out,
+                &cfg,
+                &device,
+            )?;
             println!("{}", serde_json::to_string_pretty(&m)?);
         }
-        Command::Teacher(TeacherCmd::Eval { teacher: dir, task, dev }) => {
+        Command::Teacher(TeacherCmd::Eval {
+            teacher: dir,
+            task,
+            dev,
+        }) => {
             let task = glue::task(&task)?;
             let device = parse_device(&dev.device)?;
             let t = teacher::Teacher::load(&dir, task, &device, 128)?;
-            let v = teacher::evaluate(&t.model, &t.tokenizer, task, &resolve_glue_dir(dev.glue_dir.as_deref()), &device)?;
+            let v = teacher::evaluate(
+                &t.model,
+                &t.tokenizer,
+                task,
+                &resolve_glue_dir(dev.glue_dir.as_deref()),
+                &device,
+            )?;
             let text = serde_json::to_string_pretty(&v)?;
             crate::util::atomic_write(&dir.join("eval.json"), text.as_bytes())?;
             println!("{text}");
@@ -376,14 +436,33 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Augment(a) => {
             let cfg = PipelineConfig::load_with(&a.pipeline, &a.set)?;
             let device = parse_device(&a.dev.device)?;
-            let shard_index = a.shard_index.or_else(|| if a.finalize || a.teacher_only { None } else { shard_index_from_env() });
-            let opts = RunOptions { glue_dir: a.dev.glue_dir.clone(), output: a.out.clone(), shard_index, num_shards: a.num_shards, finalize_only: a.finalize, force: a.force, teacher_only: a.teacher_only };
+            let shard_index = a.shard_index.or_else(|| {
+                if a.finalize || a.teacher_only {
+                    None
+                } else {
+                    shard_index_from_env()
+                }
+            });
+            let opts = RunOptions {
+                glue_dir: a.dev.glue_dir.clone(),
+                output: a.out.clone(),
+                shard_index,
+                num_shards: a.num_shards,
+                finalize_only: a.finalize,
+                force: a.force,
+                teacher_only: a.teacher_only,
+            };
             let out = pipeline::run(&cfg, &opts, &device)?;
             if a.teacher_only {
                 println!("teacher: {}", out.display());
             } else if shard_index.is_none() {
                 let m = shards::manifest::read_manifest(&out)?;
-                println!("shards: {} ({} rows, {} shard(s))", out.display(), m.rows, m.shards.len());
+                println!(
+                    "shards: {} ({} rows, {} shard(s))",
+                    out.display(),
+                    m.rows,
+                    m.shards.len()
+                );
                 if m.truncated_examples > 0 {
                     println!("  {} of {} source examples were longer than max_seq_len = {} tokens and truncated", m.truncated_examples, m.source_examples, cfg.max_seq_len);
                 }
@@ -423,11 +502,27 @@ pub fn run(cli: Cli) -> Result<()> {
                 max_steps: a.max_steps,
                 seed: a.seed,
                 methods: a.methods.unwrap_or_default(),
-                optim: crate::train::OptimConfig { lr: a.lr, batch_size: a.batch_size, ..Default::default() },
+                optim: crate::train::OptimConfig {
+                    lr: a.lr,
+                    batch_size: a.batch_size,
+                    ..Default::default()
+                },
                 ..Default::default()
             };
-            let m = student::train(&a.shards, task, &resolve_glue_dir(a.dev.glue_dir.as_deref()), &a.out, &cfg, &device)?;
-            println!("{}: {} = {:.4}", a.out.display(), task.primary_metric(), student::first_value(&m.validation, task.primary_metric()));
+            let m = student::train(
+                &a.shards,
+                task,
+                &resolve_glue_dir(a.dev.glue_dir.as_deref()),
+                &a.out,
+                &cfg,
+                &device,
+            )?;
+            println!(
+                "{}: {} = {:.4}",
+                a.out.display(),
+                task.primary_metric(),
+                student::first_value(&m.validation, task.primary_metric())
+            );
         }
         Command::Report(a) => {
             let device = parse_device(&a.dev.device)?;

@@ -112,7 +112,11 @@ fn default_metric() -> Metric {
 
 impl Default for ProjectionConfig {
     fn default() -> Self {
-        Self { index: default_index(), metric: default_metric(), params: None }
+        Self {
+            index: default_index(),
+            metric: default_metric(),
+            params: None,
+        }
     }
 }
 
@@ -227,14 +231,19 @@ impl PipelineConfig {
     /// Reads a pipeline file, applies `dotted.key=value` overrides (values in TOML syntax,
     /// bare words taken as strings), then validates.
     pub fn load_with(path: &Path, overrides: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read pipeline file", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read pipeline file", path.display()))?;
         let flat = |e: &dyn std::fmt::Display| e.to_string().replace('\n', " ").trim().to_string();
-        let mut doc: toml::Table = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), flat(&e)))?;
+        let mut doc: toml::Table = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), flat(&e)))?;
         for o in overrides {
             apply_override(&mut doc, o)?;
         }
-        let cfg: Self = toml::Value::Table(doc).try_into().map_err(|e| anyhow::anyhow!("{}: {}", path.display(), flat(&e)))?;
-        cfg.validate().with_context(|| format!("{}", path.display()))?;
+        let cfg: Self = toml::Value::Table(doc)
+            .try_into()
+            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), flat(&e)))?;
+        cfg.validate()
+            .with_context(|| format!("{}", path.display()))?;
         Ok(cfg)
     }
 
@@ -253,8 +262,13 @@ impl PipelineConfig {
         if self.max_examples == Some(0) {
             bail!("`max_examples` must be at least 1, got 0");
         }
-        if self.split != task.train_split && !task.validation_splits.contains(&self.split.as_str()) {
-            bail!("`split` = `{}` is not a labelled split of `{}`", self.split, task.name);
+        if self.split != task.train_split && !task.validation_splits.contains(&self.split.as_str())
+        {
+            bail!(
+                "`split` = `{}` is not a labelled split of `{}`",
+                self.split,
+                task.name
+            );
         }
         let m = &self.methods;
         for (name, c) in [("augpro_mix", &m.augpro_mix), ("mixup", &m.mixup)] {
@@ -266,7 +280,10 @@ impl PipelineConfig {
                     bail!("`methods.{name}.alpha` must be > 0, got {}", c.alpha);
                 }
                 if !(0.0..1.0).contains(&c.lambda_min) {
-                    bail!("`methods.{name}.lambda_min` must be in [0, 1), got {}", c.lambda_min);
+                    bail!(
+                        "`methods.{name}.lambda_min` must be in [0, 1), got {}",
+                        c.lambda_min
+                    );
                 }
             }
         }
@@ -278,9 +295,15 @@ impl PipelineConfig {
         for (name, c) in [("augpro_fgsm", &m.augpro_fgsm), ("fgsm", &m.fgsm)] {
             if let Some(c) = c {
                 match (c.epsilon, c.epsilon_rel) {
-                    (Some(_), Some(_)) => bail!("`methods.{name}`: give `epsilon` or `epsilon_rel`, not both"),
-                    (None, None) => bail!("`methods.{name}`: `epsilon` or `epsilon_rel` is required"),
-                    (Some(e), None) | (None, Some(e)) if !(e >= 0.0) || !e.is_finite() => bail!("`methods.{name}`: ε must be >= 0, got {e}"),
+                    (Some(_), Some(_)) => {
+                        bail!("`methods.{name}`: give `epsilon` or `epsilon_rel`, not both")
+                    }
+                    (None, None) => {
+                        bail!("`methods.{name}`: `epsilon` or `epsilon_rel` is required")
+                    }
+                    (Some(e), None) | (None, Some(e)) if !(e >= 0.0) || !e.is_finite() => {
+                        bail!("`methods.{name}`: ε must be >= 0, got {e}")
+                    }
                     _ => {}
                 }
             }
@@ -304,25 +327,38 @@ impl PipelineConfig {
             bail!("`teacher.train`: epochs, optim.batch_size and optim.lr must be positive");
         }
         if !(0.0..1.0).contains(&t.optim.warmup_ratio) {
-            bail!("`teacher.train.optim.warmup_ratio` must be in [0, 1), got {}", t.optim.warmup_ratio);
+            bail!(
+                "`teacher.train.optim.warmup_ratio` must be in [0, 1), got {}",
+                t.optim.warmup_ratio
+            );
         }
         Ok(())
     }
-
 }
 
 /// Sets `a.b.c=value` in a TOML document, creating tables on the way.
 fn apply_override(doc: &mut toml::Table, spec: &str) -> Result<()> {
-    let (key, raw) = spec.split_once('=').ok_or_else(|| anyhow::anyhow!("--set {spec}: expected key=value (e.g. methods.augpro_mix.lambda_min=0.25)"))?;
-    let value = toml::from_str::<toml::Table>(&format!("v = {raw}")).ok().and_then(|mut t| t.remove("v")).unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let (key, raw) = spec.split_once('=').ok_or_else(|| {
+        anyhow::anyhow!(
+            "--set {spec}: expected key=value (e.g. methods.augpro_mix.lambda_min=0.25)"
+        )
+    })?;
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
     let parts: Vec<&str> = key.trim().split('.').collect();
     if parts.iter().any(|p| p.is_empty()) {
         anyhow::bail!("--set {spec}: empty key segment");
     }
     let mut table = doc;
     for p in &parts[..parts.len() - 1] {
-        let entry = table.entry(p.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
-        table = entry.as_table_mut().ok_or_else(|| anyhow::anyhow!("--set {spec}: `{p}` is not a table"))?;
+        let entry = table
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| anyhow::anyhow!("--set {spec}: `{p}` is not a table"))?;
     }
     table.insert(parts[parts.len() - 1].to_string(), value);
     Ok(())

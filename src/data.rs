@@ -52,13 +52,20 @@ pub fn split_files(glue_dir: &Path, task: &TaskSpec, split: &str) -> Result<Vec<
     let mut files: Vec<PathBuf> = rd
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            let n = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+            let n = p
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
             n.starts_with(&prefix) && n.ends_with(".parquet") && n[prefix.len()..].contains("-of-")
         })
         .collect();
     files.sort();
     if files.is_empty() {
-        bail!("{}: no file `{split}-NNNNN-of-NNNNN.parquet` for split `{split}` of `{}`", dir.display(), task.name);
+        bail!(
+            "{}: no file `{split}-NNNNN-of-NNNNN.parquet` for split `{split}` of `{}`",
+            dir.display(),
+            task.name
+        );
     }
     Ok(files)
 }
@@ -68,14 +75,21 @@ pub fn label_names_from_metadata(path: &Path) -> Result<Option<Vec<String>>> {
     let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file)
         .with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
-    let Some(meta) = builder.schema().metadata().get("huggingface") else { return Ok(None) };
+    let Some(meta) = builder.schema().metadata().get("huggingface") else {
+        return Ok(None);
+    };
     let v: serde_json::Value = match serde_json::from_str(meta) {
         Ok(v) => v,
         Err(_) => return Ok(None),
     };
-    let names = v.pointer("/info/features/label/names").and_then(|n| n.as_array()).map(|a| {
-        a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect::<Vec<_>>()
-    });
+    let names = v
+        .pointer("/info/features/label/names")
+        .and_then(|n| n.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect::<Vec<_>>()
+        });
     Ok(names)
 }
 
@@ -84,7 +98,10 @@ pub struct SplitReader {
     task: &'static TaskSpec,
     files: Vec<PathBuf>,
     next_file: usize,
-    current: Option<(PathBuf, parquet::arrow::arrow_reader::ParquetRecordBatchReader)>,
+    current: Option<(
+        PathBuf,
+        parquet::arrow::arrow_reader::ParquetRecordBatchReader,
+    )>,
     row_in_file: usize,
     yielded: usize,
 }
@@ -93,12 +110,26 @@ impl SplitReader {
     /// Opens a split for streaming; fails early when no file exists.
     pub fn open(glue_dir: &Path, task: &'static TaskSpec, split: &str) -> Result<Self> {
         let files = split_files(glue_dir, task, split)?;
-        Ok(Self { task, files, next_file: 0, current: None, row_in_file: 0, yielded: 0 })
+        Ok(Self {
+            task,
+            files,
+            next_file: 0,
+            current: None,
+            row_in_file: 0,
+            yielded: 0,
+        })
     }
 
     /// Opens explicit files (used by tests and by callers that already resolved paths).
     pub fn from_files(task: &'static TaskSpec, files: Vec<PathBuf>) -> Self {
-        Self { task, files, next_file: 0, current: None, row_in_file: 0, yielded: 0 }
+        Self {
+            task,
+            files,
+            next_file: 0,
+            current: None,
+            row_in_file: 0,
+            yielded: 0,
+        }
     }
 
     fn open_next(&mut self) -> Result<bool> {
@@ -142,7 +173,10 @@ impl SplitReader {
                 if self.yielded == 0 {
                     bail!(
                         "{}: split is empty (no rows)",
-                        self.files.first().map(|p| p.display().to_string()).unwrap_or_default()
+                        self.files
+                            .first()
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_default()
                     );
                 }
                 return Ok(None);
@@ -151,7 +185,8 @@ impl SplitReader {
             match reader.next() {
                 Some(batch) => {
                     let path = path.clone();
-                    let batch = batch.with_context(|| format!("{}: corrupt Parquet data", path.display()))?;
+                    let batch = batch
+                        .with_context(|| format!("{}: corrupt Parquet data", path.display()))?;
                     let rows = convert_batch(&path, self.task, &batch, self.row_in_file)?;
                     self.row_in_file += batch.num_rows();
                     self.yielded += rows.len();
@@ -167,7 +202,10 @@ impl SplitReader {
 }
 
 fn is_text(dt: &DataType) -> bool {
-    matches!(dt, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
+    matches!(
+        dt,
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+    )
 }
 
 fn check_schema(path: &Path, task: &TaskSpec, schema: &arrow::datatypes::Schema) -> Result<()> {
@@ -184,7 +222,9 @@ fn check_schema(path: &Path, task: &TaskSpec, schema: &arrow::datatypes::Schema)
             ),
         }
     }
-    let label = schema.field_with_name("label").map_err(|_| anyhow::anyhow!("{}: missing column `label`", path.display()))?;
+    let label = schema
+        .field_with_name("label")
+        .map_err(|_| anyhow::anyhow!("{}: missing column `label`", path.display()))?;
     let ok = if task.is_regression() {
         matches!(label.data_type(), DataType::Float32 | DataType::Float64)
     } else {
@@ -195,12 +235,22 @@ fn check_schema(path: &Path, task: &TaskSpec, schema: &arrow::datatypes::Schema)
             "{}: column `label` has type {}, expected {}",
             path.display(),
             label.data_type(),
-            if task.is_regression() { "float32 score" } else { "int64 ClassLabel" }
+            if task.is_regression() {
+                "float32 score"
+            } else {
+                "int64 ClassLabel"
+            }
         );
     }
-    let idx = schema.field_with_name("idx").map_err(|_| anyhow::anyhow!("{}: missing column `idx`", path.display()))?;
+    let idx = schema
+        .field_with_name("idx")
+        .map_err(|_| anyhow::anyhow!("{}: missing column `idx`", path.display()))?;
     if !matches!(idx.data_type(), DataType::Int32 | DataType::Int64) {
-        bail!("{}: column `idx` has type {}, expected int32", path.display(), idx.data_type());
+        bail!(
+            "{}: column `idx` has type {}, expected int32",
+            path.display(),
+            idx.data_type()
+        );
     }
     Ok(())
 }
@@ -217,7 +267,12 @@ fn text_at(col: &dyn Array, i: usize) -> Option<String> {
     })
 }
 
-fn convert_batch(path: &Path, task: &TaskSpec, batch: &RecordBatch, row0: usize) -> Result<Vec<Example>> {
+fn convert_batch(
+    path: &Path,
+    task: &TaskSpec,
+    batch: &RecordBatch,
+    row0: usize,
+) -> Result<Vec<Example>> {
     let col = |name: &str| batch.column_by_name(name).expect("schema checked").clone();
     let texts: Vec<_> = task.text_columns.iter().map(|c| col(c)).collect();
     let label = col("label");
@@ -229,8 +284,14 @@ fn convert_batch(path: &Path, task: &TaskSpec, batch: &RecordBatch, row0: usize)
         for (c, name) in texts.iter().zip(task.text_columns) {
             match text_at(c.as_ref(), i) {
                 Some(s) if !s.trim().is_empty() => t.push(s),
-                Some(_) => bail!("{}: row {row}: column `{name}` is empty, expected text", path.display()),
-                None => bail!("{}: row {row}: column `{name}` is null, expected text", path.display()),
+                Some(_) => bail!(
+                    "{}: row {row}: column `{name}` is empty, expected text",
+                    path.display()
+                ),
+                None => bail!(
+                    "{}: row {row}: column `{name}` is null, expected text",
+                    path.display()
+                ),
             }
         }
         let lab = if label.is_null(i) {
@@ -245,13 +306,21 @@ fn convert_batch(path: &Path, task: &TaskSpec, batch: &RecordBatch, row0: usize)
             };
             if task.is_regression() {
                 if !v.is_finite() {
-                    bail!("{}: row {row}: column `label` is {v}, expected a finite score", path.display());
+                    bail!(
+                        "{}: row {row}: column `label` is {v}, expected a finite score",
+                        path.display()
+                    );
                 }
                 Some(v as f32)
             } else if v == -1.0 {
                 None
             } else if v < 0.0 || v >= task.num_labels as f64 {
-                bail!("{}: row {row}: column `label` is {v}, expected a class in 0..{} for `{}`", path.display(), task.num_labels, task.name);
+                bail!(
+                    "{}: row {row}: column `label` is {v}, expected a class in 0..{} for `{}`",
+                    path.display(),
+                    task.num_labels,
+                    task.name
+                );
             } else {
                 Some(v as f32)
             }
@@ -265,7 +334,12 @@ fn convert_batch(path: &Path, task: &TaskSpec, batch: &RecordBatch, row0: usize)
             }
         };
         let mut it = t.into_iter();
-        out.push(Example { idx: id, text_a: it.next().expect("one text"), text_b: it.next(), label: lab });
+        out.push(Example {
+            idx: id,
+            text_a: it.next().expect("one text"),
+            text_b: it.next(),
+            label: lab,
+        });
     }
     Ok(out)
 }

@@ -11,9 +11,15 @@ use std::path::{Path, PathBuf};
 pub const DEFAULT_BASE_URL: &str = "https://huggingface.co/datasets/nyu-mll/glue/resolve/main";
 
 /// Downloads every split of `task` into `<glue_dir>/<config>/`; existing files are kept.
-pub fn fetch_config(task: &TaskSpec, glue_dir: &Path, base_url: &str, splits: Option<&[String]>) -> Result<Vec<PathBuf>> {
+pub fn fetch_config(
+    task: &TaskSpec,
+    glue_dir: &Path,
+    base_url: &str,
+    splits: Option<&[String]>,
+) -> Result<Vec<PathBuf>> {
     let dir = glue_dir.join(task.name);
-    std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create directory", dir.display()))?;
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("{}: cannot create directory", dir.display()))?;
     let mut out = Vec::new();
     for split in task.all_splits() {
         if let Some(s) = splits {
@@ -44,7 +50,8 @@ pub fn download(url: &str, dest: &Path) -> Result<()> {
             Ok(()) => {
                 let f = std::fs::File::open(&part)?;
                 f.sync_all()?;
-                std::fs::rename(&part, dest).with_context(|| format!("{}: rename failed", dest.display()))?;
+                std::fs::rename(&part, dest)
+                    .with_context(|| format!("{}: rename failed", dest.display()))?;
                 return Ok(());
             }
             Err(e) => {
@@ -54,7 +61,12 @@ pub fn download(url: &str, dest: &Path) -> Result<()> {
             }
         }
     }
-    Err(last_err.expect("at least one attempt")).with_context(|| format!("{url}: download failed (partial data kept in {} for the next run)", part.display()))
+    Err(last_err.expect("at least one attempt")).with_context(|| {
+        format!(
+            "{url}: download failed (partial data kept in {} for the next run)",
+            part.display()
+        )
+    })
 }
 
 fn try_download(url: &str, part: &Path) -> Result<()> {
@@ -71,8 +83,18 @@ fn try_download(url: &str, part: &Path) -> Result<()> {
     };
     let resumed = resp.status() == 206;
     let remaining: Option<u64> = resp.header("Content-Length").and_then(|v| v.parse().ok());
-    let total = if resumed { remaining.map(|r| r + have) } else { remaining };
-    let mut file = OpenOptions::new().create(true).write(true).append(resumed).truncate(!resumed).open(part).with_context(|| format!("{}: cannot write", part.display()))?;
+    let total = if resumed {
+        remaining.map(|r| r + have)
+    } else {
+        remaining
+    };
+    let mut file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(resumed)
+        .truncate(!resumed)
+        .open(part)
+        .with_context(|| format!("{}: cannot write", part.display()))?;
     let start = if resumed { have } else { 0 };
     let pb = crate::util::progress(total.unwrap_or(0), "download");
     pb.set_position(start);
@@ -80,7 +102,9 @@ fn try_download(url: &str, part: &Path) -> Result<()> {
     let mut buf = vec![0u8; 1 << 16];
     let mut got = start;
     loop {
-        let n = reader.read(&mut buf).with_context(|| format!("{url}: connection lost after {got} bytes"))?;
+        let n = reader
+            .read(&mut buf)
+            .with_context(|| format!("{url}: connection lost after {got} bytes"))?;
         if n == 0 {
             break;
         }

@@ -14,16 +14,32 @@ pub fn method_table(dir: &Path) -> Result<DataFrame> {
     let (_, paths) = shard_paths(dir)?;
     let frames = paths
         .iter()
-        .map(|p| LazyFrame::scan_parquet(PlRefPath::new(p.to_string_lossy().to_string()), ScanArgsParquet::default()))
+        .map(|p| {
+            LazyFrame::scan_parquet(
+                PlRefPath::new(p.to_string_lossy().to_string()),
+                ScanArgsParquet::default(),
+            )
+        })
         .collect::<PolarsResult<Vec<_>>>()?;
     let lf = concat(frames, UnionArgs::default())?;
     let df = lf
         .group_by([col("method")])
         .agg([
             len().alias("rows"),
-            col("changed_tokens").cast(DataType::Float64).mean().alias("mean_changed_tokens"),
-            col("changed_tokens").eq(lit(0)).sum().alias("unchanged_rows"),
-            col("input_ids").list().len().cast(DataType::Float64).mean().alias("mean_len"),
+            col("changed_tokens")
+                .cast(DataType::Float64)
+                .mean()
+                .alias("mean_changed_tokens"),
+            col("changed_tokens")
+                .eq(lit(0))
+                .sum()
+                .alias("unchanged_rows"),
+            col("input_ids")
+                .list()
+                .len()
+                .cast(DataType::Float64)
+                .mean()
+                .alias("mean_len"),
         ])
         .sort(["method"], SortMultipleOptions::default())
         .collect()
@@ -34,7 +50,17 @@ pub fn method_table(dir: &Path) -> Result<DataFrame> {
 /// Prints the diagnostics table and `n` example rows per method with their sources.
 pub fn print(dir: &Path, n: usize) -> Result<()> {
     let (m, paths) = shard_paths(dir)?;
-    println!("{} — task {}, {} rows in {} shard(s), teacher {}", dir.display(), m.task, m.rows, m.shards.len(), m.teacher.get("path").and_then(|v| v.as_str()).unwrap_or("?"));
+    println!(
+        "{} — task {}, {} rows in {} shard(s), teacher {}",
+        dir.display(),
+        m.task,
+        m.rows,
+        m.shards.len(),
+        m.teacher
+            .get("path")
+            .and_then(|v| v.as_str())
+            .unwrap_or("?")
+    );
     println!("{}", method_table(dir)?);
     println!("diagnostics (manifest):");
     for (k, d) in &m.diagnostics {
@@ -51,12 +77,20 @@ pub fn print(dir: &Path, n: usize) -> Result<()> {
                 e.1 += v.as_f64().unwrap_or(0.0);
             }
         }
-        let rates: Vec<String> = per.iter().map(|(k, (ex, s))| format!("{k} {:.0}", ex / s.max(1e-9))).collect();
-        println!("source examples/s per method (teacher time included): {}", rates.join(", "));
+        let rates: Vec<String> = per
+            .iter()
+            .map(|(k, (ex, s))| format!("{k} {:.0}", ex / s.max(1e-9)))
+            .collect();
+        println!(
+            "source examples/s per method (teacher time included): {}",
+            rates.join(", ")
+        );
     }
     let task = crate::glue::task(&m.task)?;
     let schema = ShardSchema::new(task);
-    let Some(first) = paths.first() else { return Ok(()) };
+    let Some(first) = paths.first() else {
+        return Ok(());
+    };
     let mut r = ShardReader::open(first, &schema)?;
     let mut rows: Vec<Row> = Vec::new();
     while rows.len() < 8192 {
@@ -65,25 +99,50 @@ pub fn print(dir: &Path, n: usize) -> Result<()> {
             None => break,
         }
     }
-    let originals: HashMap<i64, &Row> = rows.iter().filter(|r| r.method == "original").map(|r| (r.idx, r)).collect();
+    let originals: HashMap<i64, &Row> = rows
+        .iter()
+        .filter(|r| r.method == "original")
+        .map(|r| (r.idx, r))
+        .collect();
     for method in crate::shards::schema::METHODS.iter().skip(1) {
         // Prefer sentences of some length: rows are processed shortest first.
-        let mut picks: Vec<&Row> = rows.iter().filter(|r| r.method == *method && r.input_ids.len() >= 12).take(n).collect();
+        let mut picks: Vec<&Row> = rows
+            .iter()
+            .filter(|r| r.method == *method && r.input_ids.len() >= 12)
+            .take(n)
+            .collect();
         if picks.is_empty() {
-            picks = rows.iter().filter(|r| r.method == *method).take(n).collect();
+            picks = rows
+                .iter()
+                .filter(|r| r.method == *method)
+                .take(n)
+                .collect();
         }
         if picks.is_empty() {
             continue;
         }
         println!("\n== {method}");
         for p in picks {
-            let src = originals.get(&p.idx).map(|o| o.texts.join(" || ")).unwrap_or_default();
+            let src = originals
+                .get(&p.idx)
+                .map(|o| o.texts.join(" || "))
+                .unwrap_or_default();
             let extra = match (p.lambda, p.epsilon, p.changed_tokens) {
-                (Some(l), _, c) => format!("λ={l:.2} changed={}", c.map(|c| c.to_string()).unwrap_or("-".into())),
-                (_, Some(e), c) => format!("ε={e:.3} changed={}", c.map(|c| c.to_string()).unwrap_or("-".into())),
+                (Some(l), _, c) => format!(
+                    "λ={l:.2} changed={}",
+                    c.map(|c| c.to_string()).unwrap_or("-".into())
+                ),
+                (_, Some(e), c) => format!(
+                    "ε={e:.3} changed={}",
+                    c.map(|c| c.to_string()).unwrap_or("-".into())
+                ),
                 (_, _, c) => format!("changed={}", c.map(|c| c.to_string()).unwrap_or("-".into())),
             };
-            println!("  source : {src}\n  {method:<7}: {}   [{extra}; teacher {:?}]", p.texts.join(" || "), p.teacher_logits);
+            println!(
+                "  source : {src}\n  {method:<7}: {}   [{extra}; teacher {:?}]",
+                p.texts.join(" || "),
+                p.teacher_logits
+            );
         }
     }
     Ok(())

@@ -5,9 +5,15 @@ use clap::Parser;
 fn main() {
     augpro::util::tune_allocator();
     let cli = augpro::cli::Cli::parse();
-    let level = if cli.quiet { "error" } else { ["warn,augpro=info", "debug", "trace"][cli.verbose.min(2) as usize] };
+    let level = if cli.quiet {
+        "error"
+    } else {
+        ["warn,augpro=info", "debug", "trace"][cli.verbose.min(2) as usize]
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     augpro::util::init_threads(cli.threads);

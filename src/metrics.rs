@@ -13,9 +13,21 @@ pub fn accuracy(pred: &[usize], gold: &[usize]) -> f64 {
 
 /// F1 of class 1.
 pub fn f1(pred: &[usize], gold: &[usize]) -> f64 {
-    let tp = pred.iter().zip(gold).filter(|(&p, &g)| p == 1 && g == 1).count() as f64;
-    let fp = pred.iter().zip(gold).filter(|(&p, &g)| p == 1 && g != 1).count() as f64;
-    let fnn = pred.iter().zip(gold).filter(|(&p, &g)| p != 1 && g == 1).count() as f64;
+    let tp = pred
+        .iter()
+        .zip(gold)
+        .filter(|(&p, &g)| p == 1 && g == 1)
+        .count() as f64;
+    let fp = pred
+        .iter()
+        .zip(gold)
+        .filter(|(&p, &g)| p == 1 && g != 1)
+        .count() as f64;
+    let fnn = pred
+        .iter()
+        .zip(gold)
+        .filter(|(&p, &g)| p != 1 && g == 1)
+        .count() as f64;
     if tp == 0.0 {
         return 0.0;
     }
@@ -88,7 +100,16 @@ pub fn spearman(x: &[f64], y: &[f64]) -> f64 {
 
 /// Index of the largest value.
 pub fn argmax(v: &[f32]) -> usize {
-    v.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| if x > bv { (i, x) } else { (bi, bv) }).0
+    v.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
+            if x > bv {
+                (i, x)
+            } else {
+                (bi, bv)
+            }
+        })
+        .0
 }
 
 /// Scores logits against gold labels with the task's GLUE metric(s).

@@ -8,7 +8,10 @@ use crate::data::{resolve_glue_dir, split_files, SplitReader};
 use crate::glue::{self, TaskSpec};
 use crate::model::Checkpoint;
 use crate::shards::card;
-use crate::shards::manifest::{read_manifest, shard_name, summary_name, Manifest, MethodDiagnostics, ShardSummary, FORMAT_VERSION};
+use crate::shards::manifest::{
+    read_manifest, shard_name, summary_name, Manifest, MethodDiagnostics, ShardSummary,
+    FORMAT_VERSION,
+};
 use crate::shards::writer::ShardWriter;
 use crate::shards::ShardSchema;
 use crate::teacher::{self, Teacher};
@@ -40,7 +43,10 @@ pub struct RunOptions {
 
 /// The directory a pipeline writes: `<output root>/<task>/<name>`.
 pub fn output_dir(cfg: &PipelineConfig, output_override: Option<&Path>) -> PathBuf {
-    output_override.unwrap_or(&cfg.output).join(&cfg.task).join(&cfg.name)
+    output_override
+        .unwrap_or(&cfg.output)
+        .join(&cfg.task)
+        .join(&cfg.name)
 }
 
 /// True when shard `i` of `n` is complete in `out` (its file and its summary exist).
@@ -50,7 +56,10 @@ pub fn shard_complete(out: &Path, i: usize, n: usize) -> bool {
 
 /// True when the pipeline's teacher checkpoint exists (given, or trained and cached).
 pub fn teacher_ready(cfg: &PipelineConfig) -> Result<bool> {
-    Ok(cfg.teacher.checkpoint.is_some() || teacher_cache_dir(cfg)?.0.join("metrics.json").is_file())
+    Ok(
+        cfg.teacher.checkpoint.is_some()
+            || teacher_cache_dir(cfg)?.0.join("metrics.json").is_file(),
+    )
 }
 
 /// sha256 of the configuration as canonical JSON.
@@ -73,19 +82,46 @@ pub fn ensure_teacher(cfg: &PipelineConfig, glue_dir: &Path, device: &Device) ->
     let tmp = crate::util::temporary_for(&dir)?;
     let _ = std::fs::remove_dir_all(&tmp);
     crate::util::register_temporary(&tmp);
-    eprintln!("training teacher for `{}` ({} examples max, {} epoch(s)) into {}", task.name, cfg.teacher.train.max_train_examples.map(|n| n.to_string()).unwrap_or("all".into()), cfg.teacher.train.epochs, dir.display());
+    eprintln!(
+        "training teacher for `{}` ({} examples max, {} epoch(s)) into {}",
+        task.name,
+        cfg.teacher
+            .train
+            .max_train_examples
+            .map(|n| n.to_string())
+            .unwrap_or("all".into()),
+        cfg.teacher.train.epochs,
+        dir.display()
+    );
     sweep_dead_temporaries(&cfg.teacher.cache_dir);
-    let m = teacher::train(&cfg.teacher.model, task, glue_dir, &tmp, &cfg.teacher.train, device)?;
-    atomic_write(&tmp.join("teacher_key.json"), serde_json::to_string_pretty(&key_src)?.as_bytes())?;
+    let m = teacher::train(
+        &cfg.teacher.model,
+        task,
+        glue_dir,
+        &tmp,
+        &cfg.teacher.train,
+        device,
+    )?;
+    atomic_write(
+        &tmp.join("teacher_key.json"),
+        serde_json::to_string_pretty(&key_src)?.as_bytes(),
+    )?;
     if dir.join("metrics.json").is_file() {
         // Another worker finished the same teacher first: use that one, never replace it.
         let _ = std::fs::remove_dir_all(&tmp);
         return Ok(dir);
     }
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&tmp, &dir).with_context(|| format!("{}: cannot move teacher into place", dir.display()))?;
+    std::fs::rename(&tmp, &dir)
+        .with_context(|| format!("{}: cannot move teacher into place", dir.display()))?;
     crate::util::forget_temporary(&tmp);
-    eprintln!("teacher: {} = {:?} in {:.0}s ({:.1} ex/s)", task.primary_metric(), m.validation, m.train_seconds, m.train_examples_per_second);
+    eprintln!(
+        "teacher: {} = {:?} in {:.0}s ({:.1} ex/s)",
+        task.primary_metric(),
+        m.validation,
+        m.train_seconds,
+        m.train_examples_per_second
+    );
     Ok(dir)
 }
 
@@ -93,8 +129,10 @@ pub fn ensure_teacher(cfg: &PipelineConfig, glue_dir: &Path, device: &Device) ->
 pub fn split_rows(glue_dir: &Path, task: &TaskSpec, split: &str) -> Result<usize> {
     let mut n = 0;
     for f in split_files(glue_dir, task, split)? {
-        let file = std::fs::File::open(&f).with_context(|| format!("{}: cannot open", f.display()))?;
-        let r = parquet::file::reader::SerializedFileReader::new(file).with_context(|| format!("{}: not a readable Parquet file", f.display()))?;
+        let file =
+            std::fs::File::open(&f).with_context(|| format!("{}: cannot open", f.display()))?;
+        let r = parquet::file::reader::SerializedFileReader::new(file)
+            .with_context(|| format!("{}: not a readable Parquet file", f.display()))?;
         use parquet::file::reader::FileReader;
         n += r.metadata().file_metadata().num_rows() as usize;
     }
@@ -118,7 +156,10 @@ pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Resul
     }
     if let Some(i) = opts.shard_index {
         if i >= cfg.shards {
-            bail!("--shard-index {i} is out of range for {} shards", cfg.shards);
+            bail!(
+                "--shard-index {i} is out of range for {} shards",
+                cfg.shards
+            );
         }
     }
     let task = glue::task(&cfg.task)?;
@@ -141,7 +182,8 @@ pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Resul
     check_same_teacher(&out, &teacher_sha, opts.force)?;
     let teacher = Teacher::load(&teacher_dir, task, device, cfg.max_seq_len)?;
     let mut engine = Engine::new(&teacher, &cfg)?;
-    let total = split_rows(&glue_dir, task, &cfg.split)?.min(cfg.max_examples.unwrap_or(usize::MAX));
+    let total =
+        split_rows(&glue_dir, task, &cfg.split)?.min(cfg.max_examples.unwrap_or(usize::MAX));
     if total == 0 {
         bail!("split `{}` of `{}` is empty", cfg.split, task.name);
     }
@@ -154,7 +196,16 @@ pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Resul
             eprintln!("shard {i}/{}: already complete, skipped", cfg.shards);
             continue;
         }
-        run_shard(&cfg, &cfg_hash, &teacher_sha, &mut engine, &glue_dir, total, i, &out)?;
+        run_shard(
+            &cfg,
+            &cfg_hash,
+            &teacher_sha,
+            &mut engine,
+            &glue_dir,
+            total,
+            i,
+            &out,
+        )?;
     }
     if opts.shard_index.is_none() {
         finalize(&cfg, &out)?;
@@ -170,17 +221,30 @@ fn sweep_dead_temporaries(dir: &Path) {
 
 /// Removes the temporaries in `dir` whose names `doomed` accepts.
 fn sweep_temporaries(dir: &Path, doomed: impl Fn(&str) -> bool) {
-    for e in std::fs::read_dir(dir).into_iter().flatten().filter_map(|e| e.ok()) {
+    for e in std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+    {
         if doomed(&e.file_name().to_string_lossy()) {
             let p = e.path();
-            let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+            let _ = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
         }
     }
 }
 
 /// Checks the shard summaries already in `out` with `differs`; on the first mismatch it
 /// fails with `what` in the message, or with `force` clears the directory.
-fn check_summaries(out: &Path, force: bool, what: &str, differs: impl Fn(&ShardSummary) -> bool) -> Result<()> {
+fn check_summaries(
+    out: &Path,
+    force: bool,
+    what: &str,
+    differs: impl Fn(&ShardSummary) -> bool,
+) -> Result<()> {
     for e in std::fs::read_dir(out)?.filter_map(|e| e.ok()) {
         let name = e.file_name().to_string_lossy().to_string();
         if !name.ends_with(".done.json") || name.contains(".tmp-") {
@@ -196,7 +260,10 @@ fn check_summaries(out: &Path, force: bool, what: &str, differs: impl Fn(&ShardS
                 if let Err(err) = parsed {
                     bail!("{}: unreadable shard summary ({err}; written by another augpro version?); use --force to replace the directory's shards", e.path().display());
                 }
-                bail!("{}: holds shards of {what} (use --force to replace them, or another `name`)", out.display());
+                bail!(
+                    "{}: holds shards of {what} (use --force to replace them, or another `name`)",
+                    out.display()
+                );
             }
             for f in std::fs::read_dir(out)?.filter_map(|e| e.ok()) {
                 let _ = std::fs::remove_file(f.path());
@@ -210,28 +277,46 @@ fn check_summaries(out: &Path, force: bool, what: &str, differs: impl Fn(&ShardS
 /// Refuses to add shards made with different teacher weights (a checkpoint retrained in
 /// place) to a directory, unless `force`.
 fn check_same_teacher(out: &Path, teacher_sha: &str, force: bool) -> Result<()> {
-    check_summaries(out, force, "different teacher weights", |s| s.teacher_sha256 != teacher_sha)
+    check_summaries(out, force, "different teacher weights", |s| {
+        s.teacher_sha256 != teacher_sha
+    })
 }
 
 /// Creates the output directory, checks it is writable, removes dead temporaries, and
 /// refuses outputs of a different configuration unless `force`.
 pub fn prepare_out_dir(out: &Path, cfg_hash: &str, force: bool) -> Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create output directory", out.display()))?;
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("{}: cannot create output directory", out.display()))?;
     sweep_dead_temporaries(out);
     let probe = out.join(format!(".write-test-{}", std::process::id()));
-    std::fs::write(&probe, b"").with_context(|| format!("{}: output directory is not writable", out.display()))?;
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("{}: output directory is not writable", out.display()))?;
     let _ = std::fs::remove_file(&probe);
-    check_summaries(out, force, "a different pipeline configuration", |s| s.config_sha256 != cfg_hash)
+    check_summaries(out, force, "a different pipeline configuration", |s| {
+        s.config_sha256 != cfg_hash
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run_shard(cfg: &PipelineConfig, cfg_hash: &str, teacher_sha: &str, engine: &mut Engine, glue_dir: &Path, total: usize, i: usize, out: &Path) -> Result<()> {
+fn run_shard(
+    cfg: &PipelineConfig,
+    cfg_hash: &str,
+    teacher_sha: &str,
+    engine: &mut Engine,
+    glue_dir: &Path,
+    total: usize,
+    i: usize,
+    out: &Path,
+) -> Result<()> {
     let task = glue::task(&cfg.task)?;
     let (start, end) = shard_range(total, i, cfg.shards);
     let schema = ShardSchema::new(task);
     let path = out.join(shard_name(i, cfg.shards));
     let mut writer = ShardWriter::create(&path, &schema)?;
-    tracing::info!("shard {i}/{}: augmenting source examples {start}..{end}", cfg.shards);
+    tracing::info!(
+        "shard {i}/{}: augmenting source examples {start}..{end}",
+        cfg.shards
+    );
     let mut reader = SplitReader::open(glue_dir, task, &cfg.split)?;
     let tok = engine.tokenizer();
     let mut report = BatchReport::default();
@@ -244,7 +329,12 @@ fn run_shard(cfg: &PipelineConfig, cfg_hash: &str, teacher_sha: &str, engine: &m
     // processed batch by batch, so padding stays small and mixing partners have similar
     // lengths. The order is a pure function of the input, so output stays deterministic.
     let window = cfg.batch_size * 16;
-    let mut flush = |pending: &mut Vec<crate::data::Example>, report: &mut BatchReport, batch_no: &mut usize, truncated: &mut usize, writer: &mut ShardWriter| -> Result<()> {
+    let mut flush = |pending: &mut Vec<crate::data::Example>,
+                     report: &mut BatchReport,
+                     batch_no: &mut usize,
+                     truncated: &mut usize,
+                     writer: &mut ShardWriter|
+     -> Result<()> {
         if pending.is_empty() {
             return Ok(());
         }
@@ -263,8 +353,12 @@ fn run_shard(cfg: &PipelineConfig, cfg_hash: &str, teacher_sha: &str, engine: &m
         }
         for chunk in chunks {
             let ex: Vec<crate::data::Example> = chunk.iter().map(|&k| pending[k].clone()).collect();
-            let en: Vec<crate::tokenize::Encoded> = chunk.iter().map(|&k| encs[k].clone()).collect();
-            let seed = derive_seed(cfg.seed, &["augment", &i.to_string(), &batch_no.to_string()]);
+            let en: Vec<crate::tokenize::Encoded> =
+                chunk.iter().map(|&k| encs[k].clone()).collect();
+            let seed = derive_seed(
+                cfg.seed,
+                &["augment", &i.to_string(), &batch_no.to_string()],
+            );
             let rows = engine.augment_batch(&ex, &en, seed, report)?;
             let t = Instant::now();
             writer.write(&rows)?;
@@ -285,13 +379,25 @@ fn run_shard(cfg: &PipelineConfig, cfg_hash: &str, teacher_sha: &str, engine: &m
                 pending.push(ex);
                 handled += 1;
                 if pending.len() == window {
-                    flush(&mut pending, &mut report, &mut batch_no, &mut truncated, &mut writer)?;
+                    flush(
+                        &mut pending,
+                        &mut report,
+                        &mut batch_no,
+                        &mut truncated,
+                        &mut writer,
+                    )?;
                 }
             }
             pos += 1;
         }
     }
-    flush(&mut pending, &mut report, &mut batch_no, &mut truncated, &mut writer)?;
+    flush(
+        &mut pending,
+        &mut report,
+        &mut batch_no,
+        &mut truncated,
+        &mut writer,
+    )?;
     pb.finish_and_clear();
     let t = Instant::now();
     let rows = writer.finish()?;
@@ -309,13 +415,22 @@ fn run_shard(cfg: &PipelineConfig, cfg_hash: &str, teacher_sha: &str, engine: &m
         median_nn_distance: engine.nn_scale,
     };
     let timing = serde_json::json!({ "seconds": t0.elapsed().as_secs_f64(), "examples": handled, "method_seconds": report.seconds, "stage_seconds": engine.take_stage_seconds() });
-    atomic_write(&out.join(format!(".timing-{i:05}.json")), timing.to_string().as_bytes())?;
-    atomic_write(&out.join(summary_name(i, cfg.shards)), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    atomic_write(
+        &out.join(format!(".timing-{i:05}.json")),
+        timing.to_string().as_bytes(),
+    )?;
+    atomic_write(
+        &out.join(summary_name(i, cfg.shards)),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
     crate::util::failpoint("shard-done");
-    eprintln!("shard {i}/{}: {rows} rows from {handled} examples in {:.1}s", cfg.shards, t0.elapsed().as_secs_f64());
+    eprintln!(
+        "shard {i}/{}: {rows} rows from {handled} examples in {:.1}s",
+        cfg.shards,
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }
-
 
 /// Writes `manifest.json`, the dataset card and `timings.json` from the finished shards.
 pub fn finalize(cfg: &PipelineConfig, out: &Path) -> Result<Manifest> {
@@ -327,32 +442,58 @@ pub fn finalize(cfg: &PipelineConfig, out: &Path) -> Result<Manifest> {
         let p = out.join(summary_name(i, cfg.shards));
         match std::fs::read(&p) {
             Ok(b) => {
-                let s: ShardSummary = serde_json::from_slice(&b).with_context(|| format!("{}: unreadable shard summary", p.display()))?;
+                let s: ShardSummary = serde_json::from_slice(&b)
+                    .with_context(|| format!("{}: unreadable shard summary", p.display()))?;
                 if s.config_sha256 != cfg_hash {
-                    bail!("{}: shard was made by a different configuration", p.display());
+                    bail!(
+                        "{}: shard was made by a different configuration",
+                        p.display()
+                    );
                 }
                 let h = sha256_file(&out.join(&s.file))?;
                 if h != s.sha256 {
-                    bail!("{}: sha256 does not match its summary (rerun the shard)", out.join(&s.file).display());
+                    bail!(
+                        "{}: sha256 does not match its summary (rerun the shard)",
+                        out.join(&s.file).display()
+                    );
                 }
                 shards.push(s);
             }
             Err(_) => missing.push(i),
         }
     }
-    if shards.windows(2).any(|w| w[0].teacher_sha256 != w[1].teacher_sha256) {
-        bail!("{}: shards were made with different teacher weights; rerun them with --force", out.display());
+    if shards
+        .windows(2)
+        .any(|w| w[0].teacher_sha256 != w[1].teacher_sha256)
+    {
+        bail!(
+            "{}: shards were made with different teacher weights; rerun them with --force",
+            out.display()
+        );
     }
     if !missing.is_empty() {
-        bail!("{}: shards {missing:?} of {} are not complete; run them before finalize", out.display(), cfg.shards);
+        bail!(
+            "{}: shards {missing:?} of {} are not complete; run them before finalize",
+            out.display(),
+            cfg.shards
+        );
     }
     // Every shard is complete, so no worker writes here any more: temporaries left by
     // interrupted workers on any host go.
-    sweep_temporaries(out, |n| n.contains(".tmp-") && !crate::util::is_own_temporary(n));
+    sweep_temporaries(out, |n| {
+        n.contains(".tmp-") && !crate::util::is_own_temporary(n)
+    });
     let teacher_dir = existing_teacher_dir(cfg)?;
     let ck = Checkpoint::open(&teacher_dir)?;
-    let tmetrics: serde_json::Value = std::fs::read(teacher_dir.join("metrics.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(serde_json::Value::Null);
-    let tok_file = if teacher_dir.join("tokenizer.json").is_file() { teacher_dir.join("tokenizer.json") } else { teacher_dir.join("vocab.txt") };
+    let tmetrics: serde_json::Value = std::fs::read(teacher_dir.join("metrics.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null);
+    let tok_file = if teacher_dir.join("tokenizer.json").is_file() {
+        teacher_dir.join("tokenizer.json")
+    } else {
+        teacher_dir.join("vocab.txt")
+    };
     let mut totals: BTreeMap<String, MethodStats> = BTreeMap::new();
     for s in &shards {
         for (k, v) in &s.methods {
@@ -387,11 +528,17 @@ pub fn finalize(cfg: &PipelineConfig, out: &Path) -> Result<Manifest> {
         truncated_examples: shards.iter().map(|s| s.truncated_examples).sum(),
         rows: shards.iter().map(|s| s.rows).sum(),
         method_rows: totals.iter().map(|(k, v)| (k.clone(), v.rows)).collect(),
-        diagnostics: totals.iter().map(|(k, v)| (k.clone(), MethodDiagnostics::from_counts(v))).collect(),
+        diagnostics: totals
+            .iter()
+            .map(|(k, v)| (k.clone(), MethodDiagnostics::from_counts(v)))
+            .collect(),
         shards,
     };
     let schema = ShardSchema::new(task);
-    atomic_write(&out.join("README.md"), card::render(&manifest, &schema).as_bytes())?;
+    atomic_write(
+        &out.join("README.md"),
+        card::render(&manifest, &schema).as_bytes(),
+    )?;
     let mut timings = serde_json::Map::new();
     for i in 0..cfg.shards {
         if let Ok(b) = std::fs::read(out.join(format!(".timing-{i:05}.json"))) {
@@ -400,9 +547,13 @@ pub fn finalize(cfg: &PipelineConfig, out: &Path) -> Result<Manifest> {
             }
         }
     }
-    atomic_write(&out.join("timings.json"), serde_json::to_string_pretty(&timings)?.as_bytes())?;
+    atomic_write(
+        &out.join("timings.json"),
+        serde_json::to_string_pretty(&timings)?.as_bytes(),
+    )?;
     let mut mf = crate::util::AtomicFile::create(&out.join("manifest.json"))?;
-    std::io::Write::write_all(&mut mf, serde_json::to_string_pretty(&manifest)?.as_bytes()).with_context(|| format!("{}: write failed", out.join("manifest.json").display()))?;
+    std::io::Write::write_all(&mut mf, serde_json::to_string_pretty(&manifest)?.as_bytes())
+        .with_context(|| format!("{}: write failed", out.join("manifest.json").display()))?;
     crate::util::failpoint("manifest-write");
     mf.commit()?;
     let _ = read_manifest(out)?;
@@ -419,7 +570,10 @@ pub fn teacher_cache_dir(cfg: &PipelineConfig) -> Result<(PathBuf, serde_json::V
         "train": cfg.teacher.train,
     });
     let key = &sha256_bytes(key_src.to_string().as_bytes())[..12];
-    Ok((cfg.teacher.cache_dir.join(format!("{}-{key}", cfg.task)), key_src))
+    Ok((
+        cfg.teacher.cache_dir.join(format!("{}-{key}", cfg.task)),
+        key_src,
+    ))
 }
 
 /// The teacher a finished run used; never trains.
@@ -429,7 +583,10 @@ fn existing_teacher_dir(cfg: &PipelineConfig) -> Result<PathBuf> {
     }
     let (dir, _) = teacher_cache_dir(cfg)?;
     if !dir.join("metrics.json").is_file() {
-        bail!("{}: teacher checkpoint missing; run the shards first", dir.display());
+        bail!(
+            "{}: teacher checkpoint missing; run the shards first",
+            dir.display()
+        );
     }
     Ok(dir)
 }

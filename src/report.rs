@@ -16,7 +16,14 @@ use serde::Serialize;
 use std::path::{Path, PathBuf};
 
 /// Methods compared, each trained as `original` + itself (plain KD is `original` alone).
-pub const COMPARED: &[&str] = &["original", "token_replace", "mixup", "fgsm", "augpro_mix", "augpro_fgsm"];
+pub const COMPARED: &[&str] = &[
+    "original",
+    "token_replace",
+    "mixup",
+    "fgsm",
+    "augpro_mix",
+    "augpro_fgsm",
+];
 
 /// What to compare and how big.
 #[derive(Debug, Clone)]
@@ -67,19 +74,37 @@ pub fn run(o: &ReportOptions, device: &Device) -> Result<PathBuf> {
     };
     let examples = o.train_examples.unwrap_or(examples);
     let seeds = o.seeds.unwrap_or(seeds);
-    let pipe_path = o.pipeline.clone().unwrap_or_else(|| if o.preset == "smoke" { PathBuf::from("pipelines/smoke.toml") } else { PathBuf::from(format!("pipelines/{}.toml", task.name)) });
+    let pipe_path = o.pipeline.clone().unwrap_or_else(|| {
+        if o.preset == "smoke" {
+            PathBuf::from("pipelines/smoke.toml")
+        } else {
+            PathBuf::from(format!("pipelines/{}.toml", task.name))
+        }
+    });
     let mut cfg = PipelineConfig::load_with(&pipe_path, &o.overrides)?;
     if cfg.task != task.name {
-        bail!("{}: pipeline is for task `{}`, not `{}`", pipe_path.display(), cfg.task, task.name);
+        bail!(
+            "{}: pipeline is for task `{}`, not `{}`",
+            pipe_path.display(),
+            cfg.task,
+            task.name
+        );
     }
     if let Some(t) = &o.tag {
-        if t.is_empty() || !t.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') {
+        if t.is_empty()
+            || !t
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
             bail!("--tag {t:?}: expected letters, digits, '-', '_' or '.'");
         }
     }
     if let Some(ms) = &o.methods {
         if let Some(m) = ms.iter().find(|m| !COMPARED.contains(&m.as_str())) {
-            bail!("--methods: unknown method `{m}` (expected some of {})", COMPARED.join(", "));
+            bail!(
+                "--methods: unknown method `{m}` (expected some of {})",
+                COMPARED.join(", ")
+            );
         }
         cfg.methods.retain(ms);
     }
@@ -89,39 +114,87 @@ pub fn run(o: &ReportOptions, device: &Device) -> Result<PathBuf> {
         (None, Some(ms)) => format!("-{}", ms.join("+")),
         (None, None) => String::new(),
     };
-    cfg.name = format!("report-{}-{}{suffix}", o.preset, if examples == usize::MAX { "all".into() } else { examples.to_string() });
+    cfg.name = format!(
+        "report-{}-{}{suffix}",
+        o.preset,
+        if examples == usize::MAX {
+            "all".into()
+        } else {
+            examples.to_string()
+        }
+    );
     cfg.max_examples = (examples != usize::MAX).then_some(examples);
     cfg.validate()?;
     let glue_dir = resolve_glue_dir(o.glue_dir.as_deref());
-    let shards = pipeline::run(&cfg, &RunOptions { glue_dir: Some(glue_dir.clone()), ..Default::default() }, device)?;
+    let shards = pipeline::run(
+        &cfg,
+        &RunOptions {
+            glue_dir: Some(glue_dir.clone()),
+            ..Default::default()
+        },
+        device,
+    )?;
     let manifest = read_manifest(&shards)?;
-    let timings: serde_json::Value = std::fs::read(shards.join("timings.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+    let timings: serde_json::Value = std::fs::read(shards.join("timings.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
     let primary = task.primary_metric();
-    let teacher_score = manifest.teacher.get("metrics").and_then(|m| m.as_object()).and_then(|m| m.values().next()).and_then(|v| v.get(primary)).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+    let teacher_score = manifest
+        .teacher
+        .get("metrics")
+        .and_then(|m| m.as_object())
+        .and_then(|m| m.values().next())
+        .and_then(|v| v.get(primary))
+        .and_then(|v| v.as_f64())
+        .unwrap_or(f64::NAN);
     let orig_rows = manifest.method_rows.get("original").copied().unwrap_or(0) as usize;
-    let steps = o.steps.unwrap_or(if steps == 0 { 3 * (2 * orig_rows).div_ceil(32) } else { steps });
+    let steps = o.steps.unwrap_or(if steps == 0 {
+        3 * (2 * orig_rows).div_ceil(32)
+    } else {
+        steps
+    });
     let dir = o.out.join(format!("{}{suffix}", task.name));
-    std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create report directory", dir.display()))?;
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("{}: cannot create report directory", dir.display()))?;
     let mut runs = Vec::new();
-    let wanted = |m: &str| o.methods.as_ref().is_none_or(|ms| ms.iter().any(|x| x == m));
+    let wanted = |m: &str| {
+        o.methods
+            .as_ref()
+            .is_none_or(|ms| ms.iter().any(|x| x == m))
+    };
     for method in COMPARED.iter().filter(|m| wanted(m)) {
         if !manifest.method_rows.contains_key(*method) {
             tracing::warn!("method {method} not in the shards; skipped");
             continue;
         }
-        let methods: Vec<String> = if *method == "original" { vec!["original".into()] } else { vec!["original".into(), method.to_string()] };
+        let methods: Vec<String> = if *method == "original" {
+            vec!["original".into()]
+        } else {
+            vec!["original".into(), method.to_string()]
+        };
         for seed in 0..seeds as u64 {
             let out = dir.join("students").join(format!("{method}-seed{seed}"));
             // A finished run on the same shards with the same budget is reused, so an
             // interrupted report resumes and `--seeds` can be raised later.
             let key = serde_json::json!({ "shards_config_sha256": manifest.config_sha256, "steps": steps, "seed": seed, "methods": methods });
             let done = out.join("report-run.json");
-            if let Some(run) = std::fs::read(&done).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()).filter(|v| v["key"] == key).and_then(|v| serde_json::from_value::<Run>(v["run"].clone()).ok()) {
+            if let Some(run) = std::fs::read(&done)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .filter(|v| v["key"] == key)
+                .and_then(|v| serde_json::from_value::<Run>(v["run"].clone()).ok())
+            {
                 eprintln!("student: {method} seed {seed}: reusing {}", out.display());
                 runs.push(run);
                 continue;
             }
-            let scfg = StudentConfig { max_steps: Some(steps), seed, methods: methods.clone(), ..Default::default() };
+            let scfg = StudentConfig {
+                max_steps: Some(steps),
+                seed,
+                methods: methods.clone(),
+                ..Default::default()
+            };
             eprintln!("student: {method} seed {seed} ({steps} steps)");
             let m: StudentMetrics = student::train(&shards, task, &glue_dir, &out, &scfg, device)?;
             let run = Run {
@@ -133,30 +206,67 @@ pub fn run(o: &ReportOptions, device: &Device) -> Result<PathBuf> {
                 train_seconds: m.train_seconds,
                 curve: m.curve.iter().map(|c| (c.step, c.value)).collect(),
             };
-            atomic_write(&done, serde_json::to_string_pretty(&serde_json::json!({ "key": key, "run": run }))?.as_bytes())?;
+            atomic_write(
+                &done,
+                serde_json::to_string_pretty(&serde_json::json!({ "key": key, "run": run }))?
+                    .as_bytes(),
+            )?;
             runs.push(run);
         }
     }
     let table = aggregate(&runs)?;
-    let base = table.iter().find(|r| r.method == "original").map(|r| r.mean).unwrap_or(f64::NAN);
+    let base = table
+        .iter()
+        .find(|r| r.method == "original")
+        .map(|r| r.mean)
+        .unwrap_or(f64::NAN);
     let aug_secs = |m: &str| -> f64 {
-        timings.as_object().map(|o| o.values().filter_map(|v| v.get("method_seconds").and_then(|s| s.get(m)).and_then(|x| x.as_f64())).sum()).unwrap_or(0.0)
+        timings
+            .as_object()
+            .map(|o| {
+                o.values()
+                    .filter_map(|v| {
+                        v.get("method_seconds")
+                            .and_then(|s| s.get(m))
+                            .and_then(|x| x.as_f64())
+                    })
+                    .sum()
+            })
+            .unwrap_or(0.0)
     };
     let mut md = format!(
         "# {} — student comparison ({} preset)\n\nTeacher ({}) validation {primary}: {:.4}. Student: first 3 layers of the base encoder, {steps} steps of batch 32 per run, {seeds} seed(s); augmented source examples: {}.\n\n| method | {primary} mean ± std | Δ vs plain KD | rows used | augmentation s | student s (mean) |\n|---|---:|---:|---:|---:|---:|\n",
         task.name, o.preset, manifest.teacher.get("path").and_then(|v| v.as_str()).unwrap_or("?"), teacher_score, manifest.source_examples
     );
     for r in &table {
-        let delta = if base.is_nan() { "–".to_string() } else { format!("{:+.4}", r.mean - base) };
-        md.push_str(&format!("| {} | {:.4} ± {:.4} | {delta} | {} | {:.1} | {:.1} |\n", r.method, r.mean, r.std, r.rows, aug_secs(&r.method), r.train_seconds));
+        let delta = if base.is_nan() {
+            "–".to_string()
+        } else {
+            format!("{:+.4}", r.mean - base)
+        };
+        md.push_str(&format!(
+            "| {} | {:.4} ± {:.4} | {delta} | {} | {:.1} | {:.1} |\n",
+            r.method,
+            r.mean,
+            r.std,
+            r.rows,
+            aug_secs(&r.method),
+            r.train_seconds
+        ));
     }
-    md.push_str(&format!("\nShards: `{}`. Plots: `bars.png`, `curves.png`.\n", shards.display()));
+    md.push_str(&format!(
+        "\nShards: `{}`. Plots: `bars.png`, `curves.png`.\n",
+        shards.display()
+    ));
     let json = serde_json::json!({
         "task": task.name, "preset": o.preset, "metric": primary, "teacher_score": teacher_score,
         "steps": steps, "seeds": seeds, "source_examples": manifest.source_examples, "shards": shards.display().to_string(),
         "methods": table, "runs": runs,
     });
-    atomic_write(&dir.join("results.json"), serde_json::to_string_pretty(&json)?.as_bytes())?;
+    atomic_write(
+        &dir.join("results.json"),
+        serde_json::to_string_pretty(&json)?.as_bytes(),
+    )?;
     atomic_write(&dir.join("results.md"), md.as_bytes())?;
     if let Err(e) = plots(&dir, &table, &runs, primary) {
         tracing::warn!("plots not written: {e:#}");
@@ -222,10 +332,18 @@ fn register_font() -> Result<()> {
     use std::sync::OnceLock;
     static DONE: OnceLock<bool> = OnceLock::new();
     let ok = *DONE.get_or_init(|| {
-        for p in ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/TTF/DejaVuSans.ttf"] {
+        for p in [
+            "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+            "/usr/share/fonts/TTF/DejaVuSans.ttf",
+        ] {
             if let Ok(b) = std::fs::read(p) {
                 let b: &'static [u8] = Box::leak(b.into_boxed_slice());
-                return plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, b).is_ok();
+                return plotters::style::register_font(
+                    "sans-serif",
+                    plotters::style::FontStyle::Normal,
+                    b,
+                )
+                .is_ok();
             }
         }
         false
@@ -244,12 +362,21 @@ fn plots(dir: &Path, table: &[MethodSummary], runs: &[Run], metric: &str) -> Res
         let path = dir.join("bars.png");
         let root = BitMapBackend::new(&path, (900, 500)).into_drawing_area();
         root.fill(&WHITE).map_err(|x| e(Box::new(x)))?;
-        let lo = table.iter().map(|r| r.mean - r.std).fold(f64::INFINITY, f64::min);
-        let hi = table.iter().map(|r| r.mean + r.std).fold(f64::NEG_INFINITY, f64::max);
+        let lo = table
+            .iter()
+            .map(|r| r.mean - r.std)
+            .fold(f64::INFINITY, f64::min);
+        let hi = table
+            .iter()
+            .map(|r| r.mean + r.std)
+            .fold(f64::NEG_INFINITY, f64::max);
         let pad = ((hi - lo) * 0.2).max(0.01);
         let n = table.len();
         let mut chart = ChartBuilder::on(&root)
-            .caption(format!("student {metric} by method (mean ± std)"), ("sans-serif", 22))
+            .caption(
+                format!("student {metric} by method (mean ± std)"),
+                ("sans-serif", 22),
+            )
             .margin(15)
             .x_label_area_size(40)
             .y_label_area_size(60)
@@ -265,12 +392,28 @@ fn plots(dir: &Path, table: &[MethodSummary], runs: &[Run], metric: &str) -> Res
             .map_err(|x| e(Box::new(x)))?;
         chart
             .draw_series(table.iter().enumerate().map(|(i, r)| {
-                let color = if r.method.starts_with("augpro") { RED.mix(0.7) } else { BLUE.mix(0.5) };
-                Rectangle::new([(i as f64 - 0.35, lo - pad), (i as f64 + 0.35, r.mean)], color.filled())
+                let color = if r.method.starts_with("augpro") {
+                    RED.mix(0.7)
+                } else {
+                    BLUE.mix(0.5)
+                };
+                Rectangle::new(
+                    [(i as f64 - 0.35, lo - pad), (i as f64 + 0.35, r.mean)],
+                    color.filled(),
+                )
             }))
             .map_err(|x| e(Box::new(x)))?;
         chart
-            .draw_series(table.iter().enumerate().map(|(i, r)| ErrorBar::new_vertical(i as f64, r.mean - r.std, r.mean, r.mean + r.std, BLACK.filled(), 10)))
+            .draw_series(table.iter().enumerate().map(|(i, r)| {
+                ErrorBar::new_vertical(
+                    i as f64,
+                    r.mean - r.std,
+                    r.mean,
+                    r.mean + r.std,
+                    BLACK.filled(),
+                    10,
+                )
+            }))
             .map_err(|x| e(Box::new(x)))?;
         root.present().map_err(|x| e(Box::new(x)))?;
     }
@@ -284,22 +427,40 @@ fn plots(dir: &Path, table: &[MethodSummary], runs: &[Run], metric: &str) -> Res
         let hi = pts.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
         let pad = ((hi - lo) * 0.1).max(0.01);
         let mut chart = ChartBuilder::on(&root)
-            .caption(format!("validation {metric} during student training (seed 0)"), ("sans-serif", 22))
+            .caption(
+                format!("validation {metric} during student training (seed 0)"),
+                ("sans-serif", 22),
+            )
             .margin(15)
             .x_label_area_size(40)
             .y_label_area_size(60)
             .build_cartesian_2d(0f64..xmax, (lo - pad)..(hi + pad))
             .map_err(|x| e(Box::new(x)))?;
-        chart.configure_mesh().x_desc("step").y_desc(metric).draw().map_err(|x| e(Box::new(x)))?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc(metric)
+            .draw()
+            .map_err(|x| e(Box::new(x)))?;
         for (i, r) in runs.iter().filter(|r| r.seed == 0).enumerate() {
             let c = Palette99::pick(i).to_rgba();
             chart
-                .draw_series(LineSeries::new(r.curve.iter().map(|&(s, v)| (s as f64, v)), c.stroke_width(2)))
+                .draw_series(LineSeries::new(
+                    r.curve.iter().map(|&(s, v)| (s as f64, v)),
+                    c.stroke_width(2),
+                ))
                 .map_err(|x| e(Box::new(x)))?
                 .label(r.method.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
+                });
         }
-        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|x| e(Box::new(x)))?;
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|x| e(Box::new(x)))?;
         root.present().map_err(|x| e(Box::new(x)))?;
     }
     Ok(())

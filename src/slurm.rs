@@ -69,7 +69,11 @@ pub struct Plan {
 
 /// Quotes a word for a POSIX shell.
 fn sh(word: &str) -> String {
-    if !word.is_empty() && word.chars().all(|c| c.is_ascii_alphanumeric() || "/._-=:,+@%".contains(c)) {
+    if !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-=:,+@%".contains(c))
+    {
         word.to_string()
     } else {
         format!("'{}'", word.replace('\'', r"'\''"))
@@ -77,7 +81,11 @@ fn sh(word: &str) -> String {
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {
-    Ok(if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir()?.join(p) })
+    Ok(if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(p)
+    })
 }
 
 /// Compresses sorted indices into Slurm's array syntax (`0-3,5,7-8`).
@@ -89,7 +97,11 @@ pub fn array_spec(idx: &[usize]) -> String {
         while j + 1 < idx.len() && idx[j + 1] == idx[j] + 1 {
             j += 1;
         }
-        parts.push(if i == j { idx[i].to_string() } else { format!("{}-{}", idx[i], idx[j]) });
+        parts.push(if i == j {
+            idx[i].to_string()
+        } else {
+            format!("{}-{}", idx[i], idx[j])
+        });
         i = j + 1;
     }
     parts.join(",")
@@ -102,14 +114,17 @@ pub fn plan(o: &SubmitOptions) -> Result<Plan> {
     }
     let mut cfg = PipelineConfig::load_with(&o.pipeline, &o.overrides)?;
     cfg.shards = o.shards;
-    cfg.validate().with_context(|| o.pipeline.display().to_string())?;
+    cfg.validate()
+        .with_context(|| o.pipeline.display().to_string())?;
     let out_root = absolute(o.out.as_deref().unwrap_or(&cfg.output))?;
     let out = pipeline::output_dir(&cfg, Some(&out_root));
     if out.is_dir() {
         // The same refusals as a local run: never mix configurations in one directory.
         pipeline::prepare_out_dir(&out, &pipeline::config_sha256(&cfg)?, false)?;
     }
-    let missing: Vec<usize> = (0..o.shards).filter(|&i| !pipeline::shard_complete(&out, i, o.shards)).collect();
+    let missing: Vec<usize> = (0..o.shards)
+        .filter(|&i| !pipeline::shard_complete(&out, i, o.shards))
+        .collect();
     let finalized = missing.is_empty() && out.join("manifest.json").is_file();
     let script_dir = out.join("slurm");
     let exe = std::env::current_exe().context("cannot locate the augpro binary")?;
@@ -133,7 +148,11 @@ pub fn plan(o: &SubmitOptions) -> Result<Plan> {
         common.push(s.clone());
     }
     let augpro = |extra: &[&str]| -> String {
-        let mut words = vec![sh(&exe.display().to_string()), "--threads".into(), "\"${SLURM_CPUS_PER_TASK:-1}\"".into()];
+        let mut words = vec![
+            sh(&exe.display().to_string()),
+            "--threads".into(),
+            "\"${SLURM_CPUS_PER_TASK:-1}\"".into(),
+        ];
         words.extend(common.iter().map(|w| sh(w)));
         words.extend(extra.iter().map(|w| w.to_string()));
         words.join(" ")
@@ -142,7 +161,12 @@ pub fn plan(o: &SubmitOptions) -> Result<Plan> {
     // whether jobs for the same output are still queued.
     let job = job_prefix(&cfg.task, &cfg.name, &out);
     let header = |stage: &str, log: &str| -> String {
-        let mut h = format!("#!/bin/bash\n#SBATCH --job-name={}\n#SBATCH --chdir={}\n#SBATCH --output={}\n", sh(&format!("{job}-{stage}")), sh(&workdir.display().to_string()), sh(&script_dir.join(log).display().to_string()));
+        let mut h = format!(
+            "#!/bin/bash\n#SBATCH --job-name={}\n#SBATCH --chdir={}\n#SBATCH --output={}\n",
+            sh(&format!("{job}-{stage}")),
+            sh(&workdir.display().to_string()),
+            sh(&script_dir.join(log).display().to_string())
+        );
         let mut opt = |k: &str, v: Option<String>| {
             if let Some(v) = v {
                 h.push_str(&format!("#SBATCH --{k}={}\n", sh(&v)));
@@ -152,41 +176,88 @@ pub fn plan(o: &SubmitOptions) -> Result<Plan> {
         opt("account", o.account.clone());
         opt("time", o.time.clone());
         opt("cpus-per-task", o.cpus_per_task.map(|c| c.to_string()));
-        opt("gpus-per-task", o.gpus_per_task.filter(|&g| g > 0).map(|g| g.to_string()));
+        opt(
+            "gpus-per-task",
+            o.gpus_per_task.filter(|&g| g > 0).map(|g| g.to_string()),
+        );
         opt("mem", o.mem.clone());
         h.push_str("set -euo pipefail\n");
         h
     };
     let mut stages = Vec::new();
     if !missing.is_empty() && !pipeline::teacher_ready(&cfg)? {
-        stages.push(Stage { name: "teacher", script: format!("{}{}\n", header("teacher", "teacher-%j.out"), augpro(&["--teacher-only"])), flags: vec![] });
+        stages.push(Stage {
+            name: "teacher",
+            script: format!(
+                "{}{}\n",
+                header("teacher", "teacher-%j.out"),
+                augpro(&["--teacher-only"])
+            ),
+            flags: vec![],
+        });
     }
     if !missing.is_empty() {
         stages.push(Stage {
             name: "shards",
-            script: format!("{}{}\n", header("shards", "shard-%a-%A.out"), augpro(&["--shard-index", "\"$SLURM_ARRAY_TASK_ID\""])),
+            script: format!(
+                "{}{}\n",
+                header("shards", "shard-%a-%A.out"),
+                augpro(&["--shard-index", "\"$SLURM_ARRAY_TASK_ID\""])
+            ),
             flags: vec![format!("--array={}", array_spec(&missing))],
         });
     }
     if !finalized {
-        let verify = format!("{} verify {}", sh(&exe.display().to_string()), sh(&out.display().to_string()));
-        stages.push(Stage { name: "finalize", script: format!("{}{}\n{verify}\n", header("finalize", "finalize-%j.out"), augpro(&["--finalize"])), flags: vec![] });
+        let verify = format!(
+            "{} verify {}",
+            sh(&exe.display().to_string()),
+            sh(&out.display().to_string())
+        );
+        stages.push(Stage {
+            name: "finalize",
+            script: format!(
+                "{}{}\n{verify}\n",
+                header("finalize", "finalize-%j.out"),
+                augpro(&["--finalize"])
+            ),
+            flags: vec![],
+        });
     }
-    Ok(Plan { out, script_dir, missing, stages, job })
+    Ok(Plan {
+        out,
+        script_dir,
+        missing,
+        stages,
+        job,
+    })
 }
 
 /// `augpro-<task>-<name>-<hash of the output directory>`, the prefix of every job name.
 fn job_prefix(task: &str, name: &str, out: &Path) -> String {
-    format!("augpro-{task}-{name}-{}", &crate::util::sha256_bytes(out.display().to_string().as_bytes())[..6])
+    format!(
+        "augpro-{task}-{name}-{}",
+        &crate::util::sha256_bytes(out.display().to_string().as_bytes())[..6]
+    )
 }
 
 /// Ids of queued or running jobs whose name starts with `prefix`.
 fn queued_jobs(prefix: &str) -> Result<Vec<String>> {
-    let o = Command::new("squeue").args(["-h", "-o", "%i %j"]).output().context("squeue: cannot run (is Slurm installed and on PATH?)")?;
+    let o = Command::new("squeue")
+        .args(["-h", "-o", "%i %j"])
+        .output()
+        .context("squeue: cannot run (is Slurm installed and on PATH?)")?;
     if !o.status.success() {
-        bail!("squeue: {}", String::from_utf8_lossy(&o.stderr).trim().replace('\n', " "));
+        bail!(
+            "squeue: {}",
+            String::from_utf8_lossy(&o.stderr).trim().replace('\n', " ")
+        );
     }
-    Ok(String::from_utf8_lossy(&o.stdout).lines().filter_map(|l| l.split_once(' ')).filter(|(_, n)| n.starts_with(prefix)).map(|(i, _)| i.to_string()).collect())
+    Ok(String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(_, n)| n.starts_with(prefix))
+        .map(|(i, _)| i.to_string())
+        .collect())
 }
 
 /// Writes the scripts and submits the chain (or prints it with `dry_run`); returns the
@@ -194,11 +265,20 @@ fn queued_jobs(prefix: &str) -> Result<Vec<String>> {
 pub fn submit(o: &SubmitOptions) -> Result<Vec<(String, String)>> {
     let p = plan(o)?;
     if p.stages.is_empty() {
-        println!("nothing to submit: {} is complete ({} shards and a manifest)", p.out.display(), o.shards);
+        println!(
+            "nothing to submit: {} is complete ({} shards and a manifest)",
+            p.out.display(),
+            o.shards
+        );
         return Ok(Vec::new());
     }
     if !p.missing.is_empty() && p.missing.len() < o.shards {
-        println!("{} of {} shards already complete; submitting shards {}", o.shards - p.missing.len(), o.shards, array_spec(&p.missing));
+        println!(
+            "{} of {} shards already complete; submitting shards {}",
+            o.shards - p.missing.len(),
+            o.shards,
+            array_spec(&p.missing)
+        );
     }
     let sbatch_args = |s: &Stage, prev: Option<&str>| -> Vec<String> {
         let mut a = vec!["--parsable".to_string()];
@@ -207,41 +287,82 @@ pub fn submit(o: &SubmitOptions) -> Result<Vec<(String, String)>> {
             a.push(format!("--dependency=afterok:{prev}"));
             a.push("--kill-on-invalid-dep=yes".into());
         }
-        a.push(p.script_dir.join(format!("{}.sbatch", s.name)).display().to_string());
+        a.push(
+            p.script_dir
+                .join(format!("{}.sbatch", s.name))
+                .display()
+                .to_string(),
+        );
         a
     };
     if o.dry_run {
         let mut prev: Option<String> = None;
         for s in &p.stages {
-            println!("# {}: sbatch {}\n{}", s.name, sbatch_args(s, prev.as_deref()).join(" "), s.script);
+            println!(
+                "# {}: sbatch {}\n{}",
+                s.name,
+                sbatch_args(s, prev.as_deref()).join(" "),
+                s.script
+            );
             prev = Some(format!("<{} job id>", s.name));
         }
-        println!("(dry run: nothing written or submitted; scripts would go to {})", p.script_dir.display());
+        println!(
+            "(dry run: nothing written or submitted; scripts would go to {})",
+            p.script_dir.display()
+        );
         return Ok(Vec::new());
     }
     let queued = queued_jobs(&p.job)?;
     if !queued.is_empty() {
         bail!("{}: jobs {} of an earlier submission are still queued or running (squeue -j {}); wait for them or scancel them, then submit again", p.out.display(), queued.join(","), queued.join(","));
     }
-    std::fs::create_dir_all(&p.script_dir).with_context(|| format!("{}: cannot create script directory", p.script_dir.display()))?;
+    std::fs::create_dir_all(&p.script_dir)
+        .with_context(|| format!("{}: cannot create script directory", p.script_dir.display()))?;
     let mut ids: Vec<(String, String)> = Vec::new();
     for s in &p.stages {
         let path = p.script_dir.join(format!("{}.sbatch", s.name));
         crate::util::atomic_write(&path, s.script.as_bytes())?;
-        let outp = Command::new("sbatch").args(sbatch_args(s, ids.last().map(|(_, id)| id.as_str()))).output().with_context(|| "sbatch: cannot run (is Slurm installed and on PATH?)".to_string())?;
+        let outp = Command::new("sbatch")
+            .args(sbatch_args(s, ids.last().map(|(_, id)| id.as_str())))
+            .output()
+            .with_context(|| "sbatch: cannot run (is Slurm installed and on PATH?)".to_string())?;
         if !outp.status.success() {
-            bail!("sbatch {}: {}", path.display(), String::from_utf8_lossy(&outp.stderr).trim().replace('\n', " "));
+            bail!(
+                "sbatch {}: {}",
+                path.display(),
+                String::from_utf8_lossy(&outp.stderr)
+                    .trim()
+                    .replace('\n', " ")
+            );
         }
-        let id = String::from_utf8_lossy(&outp.stdout).trim().split(';').next().unwrap_or_default().to_string();
+        let id = String::from_utf8_lossy(&outp.stdout)
+            .trim()
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .to_string();
         if id.is_empty() || !id.chars().all(|c| c.is_ascii_digit()) {
-            bail!("sbatch {}: unexpected job id {:?}", path.display(), String::from_utf8_lossy(&outp.stdout));
+            bail!(
+                "sbatch {}: unexpected job id {:?}",
+                path.display(),
+                String::from_utf8_lossy(&outp.stdout)
+            );
         }
         ids.push((s.name.to_string(), id));
     }
     let list: Vec<&str> = ids.iter().map(|(_, id)| id.as_str()).collect();
-    println!("submitted: {}", ids.iter().map(|(n, id)| format!("{n} {id}")).collect::<Vec<_>>().join(", "));
+    println!(
+        "submitted: {}",
+        ids.iter()
+            .map(|(n, id)| format!("{n} {id}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     println!("watch:     squeue -j {}", list.join(","));
-    println!("history:   sacct -j {} --format=JobID,JobName%30,State,Elapsed,ExitCode", list.join(","));
+    println!(
+        "history:   sacct -j {} --format=JobID,JobName%30,State,Elapsed,ExitCode",
+        list.join(",")
+    );
     println!("logs:      {}", p.script_dir.display());
     println!("output:    {}", p.out.display());
     Ok(ids)

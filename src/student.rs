@@ -15,7 +15,7 @@ use crate::shards::reader::ShardReader;
 use crate::shards::{Row, ShardSchema};
 use crate::teacher::{evaluate, label_names};
 use crate::tokenize::TextTokenizer;
-use crate::train::{kd_loss, supervised_loss, Batch, OptimConfig, Optim};
+use crate::train::{kd_loss, supervised_loss, Batch, Optim, OptimConfig};
 use crate::util::{atomic_write, derive_seed};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
@@ -65,7 +65,10 @@ impl Default for StudentConfig {
             seed: 0,
             methods: Vec::new(),
             shuffle_buffer: 4096,
-            optim: OptimConfig { lr: 1e-4, ..OptimConfig::default() },
+            optim: OptimConfig {
+                lr: 1e-4,
+                ..OptimConfig::default()
+            },
         }
     }
 }
@@ -114,8 +117,24 @@ struct RowStream {
 }
 
 impl RowStream {
-    fn new(paths: Vec<PathBuf>, schema: ShardSchema, methods: Vec<String>, cap: usize, seed: u64) -> Self {
-        Self { paths, next: 0, reader: None, pending: Vec::new(), buffer: Vec::new(), cap: cap.max(1), rng: ChaCha8Rng::seed_from_u64(seed), schema, methods }
+    fn new(
+        paths: Vec<PathBuf>,
+        schema: ShardSchema,
+        methods: Vec<String>,
+        cap: usize,
+        seed: u64,
+    ) -> Self {
+        Self {
+            paths,
+            next: 0,
+            reader: None,
+            pending: Vec::new(),
+            buffer: Vec::new(),
+            cap: cap.max(1),
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            schema,
+            methods,
+        }
     }
 
     fn pull(&mut self) -> Result<Option<Row>> {
@@ -130,9 +149,16 @@ impl RowStream {
                 self.reader = Some(ShardReader::open(&self.paths[self.next], &self.schema)?);
                 self.next += 1;
             }
-            match self.reader.as_mut().expect("open").next_rows(&self.schema)? {
+            match self
+                .reader
+                .as_mut()
+                .expect("open")
+                .next_rows(&self.schema)?
+            {
                 Some(mut rows) => {
-                    rows.retain(|r| self.methods.is_empty() || self.methods.iter().any(|m| m == r.method));
+                    rows.retain(|r| {
+                        self.methods.is_empty() || self.methods.iter().any(|m| m == r.method)
+                    });
                     rows.reverse();
                     self.pending = rows;
                 }
@@ -176,9 +202,17 @@ impl RowStream {
 }
 
 /// Word embeddings for a batch, rebuilding MixUp and FGSM rows in the student's space.
-fn student_embeds(model: &SeqClassifier, rows: &[Row], batch: &Batch, tok: &TextTokenizer) -> Result<Tensor> {
+fn student_embeds(
+    model: &SeqClassifier,
+    rows: &[Row],
+    batch: &Batch,
+    tok: &TextTokenizer,
+) -> Result<Tensor> {
     let base = model.bert.embed_ids(&batch.ids)?;
-    if rows.iter().all(|r| r.partner_input_ids.is_none() && r.perturbation.is_none()) {
+    if rows
+        .iter()
+        .all(|r| r.partner_input_ids.is_none() && r.perturbation.is_none())
+    {
         return Ok(base);
     }
     let (b, s, h) = base.dims3()?;
@@ -191,7 +225,9 @@ fn student_embeds(model: &SeqClassifier, rows: &[Row], batch: &Batch, tok: &Text
         }
         if let (Some(p), Some(pt)) = (&r.partner_input_ids, &r.partner_token_type_ids) {
             let l = r.lambda.unwrap_or(1.0);
-            let al = mix::align(&r.input_ids, &r.token_type_ids, p, pt, &|t| tok.is_special(t));
+            let al = mix::align(&r.input_ids, &r.token_type_ids, p, pt, &|t| {
+                tok.is_special(t)
+            });
             for (j, a) in al.iter().enumerate() {
                 if let Some(k) = a {
                     lam[i * s + j] = l;
@@ -218,21 +254,53 @@ fn student_embeds(model: &SeqClassifier, rows: &[Row], batch: &Batch, tok: &Text
     Ok(((base.broadcast_mul(&lam)? + partner.broadcast_mul(&one_minus)?)? + pert)?)
 }
 
-fn batch_loss(task: &TaskSpec, model: &SeqClassifier, rows: &[Row], tok: &TextTokenizer, cfg: &StudentConfig, device: &Device, ctx: &mut Ctx) -> Result<Tensor> {
-    let pairs: Vec<(&[u32], &[u8])> = rows.iter().map(|r| (r.input_ids.as_slice(), r.token_type_ids.as_slice())).collect();
+fn batch_loss(
+    task: &TaskSpec,
+    model: &SeqClassifier,
+    rows: &[Row],
+    tok: &TextTokenizer,
+    cfg: &StudentConfig,
+    device: &Device,
+    ctx: &mut Ctx,
+) -> Result<Tensor> {
+    let pairs: Vec<(&[u32], &[u8])> = rows
+        .iter()
+        .map(|r| (r.input_ids.as_slice(), r.token_type_ids.as_slice()))
+        .collect();
     let batch = Batch::new(&pairs, tok.pad_id, device)?;
     let emb = student_embeds(model, rows, &batch, tok)?;
-    let logits = model.forward_embeds(&emb, &batch.types, &batch.mask, ctx)?.logits;
+    let logits = model
+        .forward_embeds(&emb, &batch.types, &batch.mask, ctx)?
+        .logits;
     let nl = task.num_labels;
-    let t: Vec<f32> = rows.iter().flat_map(|r| r.teacher_logits.iter().copied()).collect();
+    let t: Vec<f32> = rows
+        .iter()
+        .flat_map(|r| r.teacher_logits.iter().copied())
+        .collect();
     let teacher = Tensor::from_vec(t, (rows.len(), nl), device)?;
-    let soft = if task.is_regression() { (logits.clone() - &teacher)?.sqr()?.mean_all()? } else { kd_loss(&logits, &teacher, cfg.temperature)? };
-    let labelled: Vec<usize> = rows.iter().enumerate().filter(|(_, r)| r.label.is_some()).map(|(i, _)| i).collect();
+    let soft = if task.is_regression() {
+        (logits.clone() - &teacher)?.sqr()?.mean_all()?
+    } else {
+        kd_loss(&logits, &teacher, cfg.temperature)?
+    };
+    let labelled: Vec<usize> = rows
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.label.is_some())
+        .map(|(i, _)| i)
+        .collect();
     if cfg.alpha <= 0.0 || labelled.is_empty() {
         return Ok(soft);
     }
-    let idx = Tensor::from_vec(labelled.iter().map(|&i| i as u32).collect::<Vec<_>>(), labelled.len(), device)?;
-    let gold: Vec<f32> = labelled.iter().map(|&i| rows[i].label.expect("labelled")).collect();
+    let idx = Tensor::from_vec(
+        labelled.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+        labelled.len(),
+        device,
+    )?;
+    let gold: Vec<f32> = labelled
+        .iter()
+        .map(|&i| rows[i].label.expect("labelled"))
+        .collect();
     let hard = supervised_loss(&logits.index_select(&idx, 0)?, &gold, task.is_regression())?;
     let frac = labelled.len() as f64 / rows.len() as f64;
     Ok(((hard * (cfg.alpha * frac))? + (soft * (1.0 - cfg.alpha))?)?)
@@ -240,30 +308,69 @@ fn batch_loss(task: &TaskSpec, model: &SeqClassifier, rows: &[Row], tok: &TextTo
 
 /// Trains a student from the shards in `shards_dir` and writes a checkpoint and
 /// `metrics.json` to `out`.
-pub fn train(shards_dir: &Path, task: &'static TaskSpec, glue_dir: &Path, out: &Path, cfg: &StudentConfig, device: &Device) -> Result<StudentMetrics> {
+pub fn train(
+    shards_dir: &Path,
+    task: &'static TaskSpec,
+    glue_dir: &Path,
+    out: &Path,
+    cfg: &StudentConfig,
+    device: &Device,
+) -> Result<StudentMetrics> {
     let (manifest, paths) = shard_paths(shards_dir)?;
     if manifest.task != task.name {
-        bail!("{}: shards are for task `{}`, not `{}`", shards_dir.display(), manifest.task, task.name);
+        bail!(
+            "{}: shards are for task `{}`, not `{}`",
+            shards_dir.display(),
+            manifest.task,
+            task.name
+        );
     }
     for m in &cfg.methods {
         if !crate::shards::schema::METHODS.contains(&m.as_str()) {
-            bail!("--methods: unknown method `{m}` (expected one of {})", crate::shards::schema::METHODS.join(", "));
+            bail!(
+                "--methods: unknown method `{m}` (expected one of {})",
+                crate::shards::schema::METHODS.join(", ")
+            );
         }
     }
     let ck = Checkpoint::open(&cfg.model)?;
-    let teacher_vocab = manifest.teacher.get("vocab_size").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+    let teacher_vocab = manifest
+        .teacher
+        .get("vocab_size")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0) as usize;
     if ck.config.vocab_size != teacher_vocab {
         bail!("{}: student vocabulary has {} tokens, the teacher's has {teacher_vocab}; the student must share the teacher's vocabulary", cfg.model.display(), ck.config.vocab_size);
     }
     let tok = TextTokenizer::load(&cfg.model, 512)?;
     let schema = ShardSchema::new(task);
-    let rows_available: usize = manifest.shards.iter().map(|s| s.methods.iter().filter(|(k, _)| cfg.methods.is_empty() || cfg.methods.contains(k)).map(|(_, v)| v.rows as usize).sum::<usize>()).sum();
+    let rows_available: usize = manifest
+        .shards
+        .iter()
+        .map(|s| {
+            s.methods
+                .iter()
+                .filter(|(k, _)| cfg.methods.is_empty() || cfg.methods.contains(k))
+                .map(|(_, v)| v.rows as usize)
+                .sum::<usize>()
+        })
+        .sum();
     if rows_available == 0 {
-        bail!("{}: no rows for methods {:?}", shards_dir.display(), cfg.methods);
+        bail!(
+            "{}: no rows for methods {:?}",
+            shards_dir.display(),
+            cfg.methods
+        );
     }
     let per_epoch = rows_available.div_ceil(cfg.optim.batch_size);
     let total = cfg.max_steps.unwrap_or(per_epoch * cfg.epochs.max(1));
-    let (model, params) = ck.load_classifier(device, true, task.num_labels, cfg.layers, derive_seed(cfg.seed, &["student-init"]))?;
+    let (model, params) = ck.load_classifier(
+        device,
+        true,
+        task.num_labels,
+        cfg.layers,
+        derive_seed(cfg.seed, &["student-init"]),
+    )?;
     let mut opt = Optim::new(&params, &cfg.optim, total)?;
     let mut ctx = Ctx::train(derive_seed(cfg.seed, &["student-dropout"]));
     let pb = crate::util::progress(total as u64, "student");
@@ -271,9 +378,17 @@ pub fn train(shards_dir: &Path, task: &'static TaskSpec, glue_dir: &Path, out: &
     let (mut step, mut seen, mut epoch) = (0usize, 0usize, 0usize);
     let mut curve = Vec::new();
     let primary = task.primary_metric();
-    let eval = |model: &SeqClassifier| -> Result<BTreeMap<String, BTreeMap<String, f64>>> { evaluate(model, &tok, task, glue_dir, device) };
+    let eval = |model: &SeqClassifier| -> Result<BTreeMap<String, BTreeMap<String, f64>>> {
+        evaluate(model, &tok, task, glue_dir, device)
+    };
     while step < total {
-        let mut stream = RowStream::new(paths.clone(), schema.clone(), cfg.methods.clone(), cfg.shuffle_buffer, derive_seed(cfg.seed, &["student-epoch", &epoch.to_string()]));
+        let mut stream = RowStream::new(
+            paths.clone(),
+            schema.clone(),
+            cfg.methods.clone(),
+            cfg.shuffle_buffer,
+            derive_seed(cfg.seed, &["student-epoch", &epoch.to_string()]),
+        );
         loop {
             let batches = stream.next_batches(cfg.optim.batch_size)?;
             if batches.is_empty() {
@@ -299,18 +414,36 @@ pub fn train(shards_dir: &Path, task: &'static TaskSpec, glue_dir: &Path, out: &
         epoch += 1;
         if step < total {
             let v = eval(&model)?;
-            curve.push(CurvePoint { step, value: first_value(&v, primary) });
+            curve.push(CurvePoint {
+                step,
+                value: first_value(&v, primary),
+            });
         }
     }
     pb.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
     let validation = eval(&model)?;
-    curve.push(CurvePoint { step, value: first_value(&validation, primary) });
+    curve.push(CurvePoint {
+        step,
+        value: first_value(&validation, primary),
+    });
     let names = label_names(glue_dir, task);
-    save_classifier(out, &params, &model.bert.config, task.num_labels, task, &names, &cfg.model)?;
+    save_classifier(
+        out,
+        &params,
+        &model.bert.config,
+        task.num_labels,
+        task,
+        &names,
+        &cfg.model,
+    )?;
     let m = StudentMetrics {
         task: task.name.into(),
-        methods: if cfg.methods.is_empty() { manifest.method_rows.keys().cloned().collect() } else { cfg.methods.clone() },
+        methods: if cfg.methods.is_empty() {
+            manifest.method_rows.keys().cloned().collect()
+        } else {
+            cfg.methods.clone()
+        },
         validation,
         curve,
         steps: step,
@@ -318,11 +451,17 @@ pub fn train(shards_dir: &Path, task: &'static TaskSpec, glue_dir: &Path, out: &
         rows_available,
         train_seconds: secs,
     };
-    atomic_write(&out.join("metrics.json"), serde_json::to_string_pretty(&m)?.as_bytes())?;
+    atomic_write(
+        &out.join("metrics.json"),
+        serde_json::to_string_pretty(&m)?.as_bytes(),
+    )?;
     Ok(m)
 }
 
 /// The primary metric of the first validation split.
 pub fn first_value(v: &BTreeMap<String, BTreeMap<String, f64>>, metric: &str) -> f64 {
-    v.values().next().and_then(|m| m.get(metric).copied()).unwrap_or(f64::NAN)
+    v.values()
+        .next()
+        .and_then(|m| m.get(metric).copied())
+        .unwrap_or(f64::NAN)
 }

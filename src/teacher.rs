@@ -8,7 +8,7 @@ use crate::metrics;
 use crate::model::checkpoint::save_classifier;
 use crate::model::{Checkpoint, Ctx, SeqClassifier};
 use crate::tokenize::{Encoded, TextTokenizer};
-use crate::train::{bucketed_batches, predict, supervised_loss, Batch, OptimConfig, Optim};
+use crate::train::{bucketed_batches, predict, supervised_loss, Batch, Optim, OptimConfig};
 use crate::util::{atomic_write, derive_seed};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, Var, D};
@@ -40,7 +40,14 @@ pub struct TeacherTrainConfig {
 
 impl Default for TeacherTrainConfig {
     fn default() -> Self {
-        Self { epochs: 1, max_train_examples: None, max_steps: None, max_seq_len: 66, seed: 0, optim: OptimConfig::default() }
+        Self {
+            epochs: 1,
+            max_train_examples: None,
+            max_steps: None,
+            max_seq_len: 66,
+            seed: 0,
+            optim: OptimConfig::default(),
+        }
     }
 }
 
@@ -62,7 +69,13 @@ pub struct TeacherMetrics {
 }
 
 /// Reads a split and tokenizes it; unlabelled rows are dropped when `labelled_only`.
-pub fn load_encoded(glue_dir: &Path, task: &'static TaskSpec, split: &str, tok: &TextTokenizer, labelled_only: bool) -> Result<(Vec<Example>, Vec<Encoded>)> {
+pub fn load_encoded(
+    glue_dir: &Path,
+    task: &'static TaskSpec,
+    split: &str,
+    tok: &TextTokenizer,
+    labelled_only: bool,
+) -> Result<(Vec<Example>, Vec<Encoded>)> {
     let mut ex = SplitReader::open(glue_dir, task, split)?.read_all(None)?;
     if labelled_only {
         ex.retain(|e| e.label.is_some());
@@ -75,12 +88,21 @@ pub fn load_encoded(glue_dir: &Path, task: &'static TaskSpec, split: &str, tok: 
 pub fn label_names(glue_dir: &Path, task: &TaskSpec) -> Vec<String> {
     split_files(glue_dir, task, task.train_split)
         .ok()
-        .and_then(|f| f.first().and_then(|p| label_names_from_metadata(p).ok().flatten()))
+        .and_then(|f| {
+            f.first()
+                .and_then(|p| label_names_from_metadata(p).ok().flatten())
+        })
         .unwrap_or_else(|| task.label_names.iter().map(|s| s.to_string()).collect())
 }
 
 /// Scores a classifier on every validation split of the task.
-pub fn evaluate(model: &SeqClassifier, tok: &TextTokenizer, task: &'static TaskSpec, glue_dir: &Path, device: &Device) -> Result<BTreeMap<String, BTreeMap<String, f64>>> {
+pub fn evaluate(
+    model: &SeqClassifier,
+    tok: &TextTokenizer,
+    task: &'static TaskSpec,
+    glue_dir: &Path,
+    device: &Device,
+) -> Result<BTreeMap<String, BTreeMap<String, f64>>> {
     let mut out = BTreeMap::new();
     for split in task.validation_splits {
         let (ex, enc) = load_encoded(glue_dir, task, split, tok, true)?;
@@ -105,11 +127,21 @@ pub fn check_vocab(tok: &TextTokenizer, ck: &Checkpoint) -> Result<()> {
 }
 
 /// Fine-tunes `base` on `task` and writes an HF checkpoint plus `metrics.json` to `out`.
-pub fn train(base: &Path, task: &'static TaskSpec, glue_dir: &Path, out: &Path, cfg: &TeacherTrainConfig, device: &Device) -> Result<TeacherMetrics> {
+pub fn train(
+    base: &Path,
+    task: &'static TaskSpec,
+    glue_dir: &Path,
+    out: &Path,
+    cfg: &TeacherTrainConfig,
+    device: &Device,
+) -> Result<TeacherMetrics> {
     let ck = Checkpoint::open(base)?;
     let tok = TextTokenizer::load(base, cfg.max_seq_len)?;
     check_vocab(&tok, &ck)?;
-    let (mut ex, _) = (SplitReader::open(glue_dir, task, task.train_split)?.read_all(None)?, ());
+    let (mut ex, _) = (
+        SplitReader::open(glue_dir, task, task.train_split)?.read_all(None)?,
+        (),
+    );
     ex.retain(|e| e.label.is_some());
     let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(cfg.seed, &["teacher-subset"]));
     ex.shuffle(&mut rng);
@@ -127,14 +159,24 @@ pub fn train(base: &Path, task: &'static TaskSpec, glue_dir: &Path, out: &Path, 
     if let Some(m) = cfg.max_steps {
         total = total.min(m);
     }
-    let (model, params) = ck.load_classifier(device, true, task.num_labels, None, derive_seed(cfg.seed, &["teacher-head"]))?;
+    let (model, params) = ck.load_classifier(
+        device,
+        true,
+        task.num_labels,
+        None,
+        derive_seed(cfg.seed, &["teacher-head"]),
+    )?;
     let mut opt = Optim::new(&params, &cfg.optim, total)?;
     let pb = crate::util::progress(total as u64, "teacher");
     let start = Instant::now();
     let (mut step, mut seen) = (0usize, 0usize);
     let mut ctx = Ctx::train(derive_seed(cfg.seed, &["teacher-dropout"]));
     'outer: for epoch in 0..cfg.epochs.max(1) {
-        for b in bucketed_batches(&lens, cfg.optim.batch_size, derive_seed(cfg.seed, &["teacher-epoch", &epoch.to_string()])) {
+        for b in bucketed_batches(
+            &lens,
+            cfg.optim.batch_size,
+            derive_seed(cfg.seed, &["teacher-epoch", &epoch.to_string()]),
+        ) {
             if step >= total {
                 break 'outer;
             }
@@ -149,7 +191,10 @@ pub fn train(base: &Path, task: &'static TaskSpec, glue_dir: &Path, out: &Path, 
             seen += b.len();
             if step % 10 == 0 || step == total {
                 let l = loss.to_scalar::<f32>()?;
-                pb.set_prefix(format!("loss {l:.4} {:.1} ex/s", seen as f64 / start.elapsed().as_secs_f64()));
+                pb.set_prefix(format!(
+                    "loss {l:.4} {:.1} ex/s",
+                    seen as f64 / start.elapsed().as_secs_f64()
+                ));
                 tracing::debug!(step, loss = l, "teacher step");
             }
             pb.inc(1);
@@ -157,11 +202,35 @@ pub fn train(base: &Path, task: &'static TaskSpec, glue_dir: &Path, out: &Path, 
     }
     pb.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
-    let validation = evaluate(&model, &TextTokenizer::load(base, 128)?, task, glue_dir, device)?;
+    let validation = evaluate(
+        &model,
+        &TextTokenizer::load(base, 128)?,
+        task,
+        glue_dir,
+        device,
+    )?;
     let names = label_names(glue_dir, task);
-    save_classifier(out, &params, &model.bert.config, task.num_labels, task, &names, base)?;
-    let m = TeacherMetrics { task: task.name.into(), validation, train_examples: ex.len(), steps: step, train_seconds: secs, train_examples_per_second: seen as f64 / secs };
-    atomic_write(&out.join("metrics.json"), serde_json::to_string_pretty(&m)?.as_bytes())?;
+    save_classifier(
+        out,
+        &params,
+        &model.bert.config,
+        task.num_labels,
+        task,
+        &names,
+        base,
+    )?;
+    let m = TeacherMetrics {
+        task: task.name.into(),
+        validation,
+        train_examples: ex.len(),
+        steps: step,
+        train_seconds: secs,
+        train_examples_per_second: seen as f64 / secs,
+    };
+    atomic_write(
+        &out.join("metrics.json"),
+        serde_json::to_string_pretty(&m)?.as_bytes(),
+    )?;
     Ok(m)
 }
 
@@ -189,15 +258,34 @@ pub struct Teacher {
 
 impl Teacher {
     /// Loads a fine-tuned checkpoint for `task`.
-    pub fn load(dir: &Path, task: &'static TaskSpec, device: &Device, max_seq_len: usize) -> Result<Self> {
+    pub fn load(
+        dir: &Path,
+        task: &'static TaskSpec,
+        device: &Device,
+        max_seq_len: usize,
+    ) -> Result<Self> {
         let ck = Checkpoint::open(dir)?;
         let tokenizer = TextTokenizer::load(dir, max_seq_len)?;
         check_vocab(&tokenizer, &ck)?;
         if ck.num_labels() != Some(task.num_labels) {
-            bail!("{}: teacher checkpoint has num_labels {:?}, task `{}` needs {}", dir.display(), ck.num_labels(), task.name, task.num_labels);
+            bail!(
+                "{}: teacher checkpoint has num_labels {:?}, task `{}` needs {}",
+                dir.display(),
+                ck.num_labels(),
+                task.name,
+                task.num_labels
+            );
         }
-        let (model, _) = ck.load_classifier(device, false, task.num_labels, None, 0).with_context(|| format!("{}: cannot load teacher", dir.display()))?;
-        Ok(Self { model, tokenizer, task, device: device.clone(), dir: dir.to_path_buf() })
+        let (model, _) = ck
+            .load_classifier(device, false, task.num_labels, None, 0)
+            .with_context(|| format!("{}: cannot load teacher", dir.display()))?;
+        Ok(Self {
+            model,
+            tokenizer,
+            task,
+            device: device.clone(),
+            dir: dir.to_path_buf(),
+        })
     }
 
     /// Pads encoded rows into a batch on the teacher's device.
@@ -207,17 +295,26 @@ impl Teacher {
 
     /// Logits `[b, num_labels]` for token ids.
     pub fn logits(&self, b: &Batch) -> Result<Tensor> {
-        Ok(self.model.forward_ids(&b.ids, &b.types, &b.mask, &mut Ctx::eval())?.logits)
+        Ok(self
+            .model
+            .forward_ids(&b.ids, &b.types, &b.mask, &mut Ctx::eval())?
+            .logits)
     }
 
     /// Logits for input word embeddings `[b, s, hidden]` (virtual inputs).
     pub fn logits_from_embeds(&self, embeds: &Tensor, b: &Batch) -> Result<Tensor> {
-        Ok(self.model.forward_embeds(embeds, &b.types, &b.mask, &mut Ctx::eval())?.logits)
+        Ok(self
+            .model
+            .forward_embeds(embeds, &b.types, &b.mask, &mut Ctx::eval())?
+            .logits)
     }
 
     /// Pooled `[CLS]` embeddings `[b, hidden]`.
     pub fn pooled(&self, b: &Batch) -> Result<Tensor> {
-        Ok(self.model.forward_ids(&b.ids, &b.types, &b.mask, &mut Ctx::eval())?.pooled)
+        Ok(self
+            .model
+            .forward_ids(&b.ids, &b.types, &b.mask, &mut Ctx::eval())?
+            .pooled)
     }
 
     /// Word embeddings of the batch's tokens `[b, s, hidden]`.
@@ -239,7 +336,12 @@ impl Teacher {
 
 /// Gradient of `loss` with respect to a classifier's input word embeddings, in eval mode
 /// (no dropout); returns `(embeddings, gradient, logits)`.
-pub fn embedding_grad(model: &SeqClassifier, b: &Batch, loss: GradLoss, regression: bool) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn embedding_grad(
+    model: &SeqClassifier,
+    b: &Batch,
+    loss: GradLoss,
+    regression: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let emb = model.bert.embed_ids(&b.ids)?.detach();
     let var = Var::from_tensor(&emb)?;
     let out = model.forward_embeds(var.as_tensor(), &b.types, &b.mask, &mut Ctx::eval_grad())?;
@@ -247,10 +349,15 @@ pub fn embedding_grad(model: &SeqClassifier, b: &Batch, loss: GradLoss, regressi
         GradLoss::Labels(y) => supervised_loss(&out.logits, y, regression)?,
         GradLoss::Distribution(p) => {
             let ls = candle_nn::ops::log_softmax(&out.logits, D::Minus1)?;
-            (p * (p.clamp(1e-12, 1.0)?.log()? - ls)?)?.sum(D::Minus1)?.mean_all()?
+            (p * (p.clamp(1e-12, 1.0)?.log()? - ls)?)?
+                .sum(D::Minus1)?
+                .mean_all()?
         }
     };
     let grads = l.backward()?;
-    let g = grads.get(var.as_tensor()).context("no gradient reached the input embeddings")?.clone();
+    let g = grads
+        .get(var.as_tensor())
+        .context("no gradient reached the input embeddings")?
+        .clone();
     Ok((emb, g, out.logits.detach()))
 }

@@ -4,11 +4,11 @@
 use crate::data::Example;
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::Path;
+use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
 use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::bert::BertProcessing;
-use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
 /// One tokenized example: ids, token types, and whether it was cut to fit.
@@ -44,11 +44,15 @@ impl TextTokenizer {
         let tj = model_dir.join("tokenizer.json");
         let vt = model_dir.join("vocab.txt");
         let mut inner = if tj.exists() {
-            Tokenizer::from_file(&tj).map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", tj.display()))?
+            Tokenizer::from_file(&tj)
+                .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", tj.display()))?
         } else if vt.exists() {
             from_vocab(&vt)?
         } else {
-            bail!("{}: neither tokenizer.json nor vocab.txt found", model_dir.display());
+            bail!(
+                "{}: neither tokenizer.json nor vocab.txt found",
+                model_dir.display()
+            );
         };
         inner.with_padding(None);
         inner
@@ -59,7 +63,11 @@ impl TextTokenizer {
                 stride: 0,
             }))
             .map_err(|e| anyhow!("cannot set truncation: {e}"))?;
-        let id = |t: &str| inner.token_to_id(t).ok_or_else(|| anyhow!("{}: tokenizer has no `{t}` token", model_dir.display()));
+        let id = |t: &str| {
+            inner
+                .token_to_id(t)
+                .ok_or_else(|| anyhow!("{}: tokenizer has no `{t}` token", model_dir.display()))
+        };
         let (cls_id, sep_id, pad_id) = (id("[CLS]")?, id("[SEP]")?, id("[PAD]")?);
         let n = inner.get_vocab_size(true);
         let mut special = vec![false; n];
@@ -68,7 +76,14 @@ impl TextTokenizer {
                 special[i as usize] = true;
             }
         }
-        Ok(Self { inner, max_seq_len, special, cls_id, sep_id, pad_id })
+        Ok(Self {
+            inner,
+            max_seq_len,
+            special,
+            cls_id,
+            sep_id,
+            pad_id,
+        })
     }
 
     /// Size of the vocabulary (added tokens included).
@@ -112,21 +127,43 @@ impl TextTokenizer {
 
     /// Decodes ids to text, dropping special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(|e| anyhow!("decode failed: {e}"))
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| anyhow!("decode failed: {e}"))
     }
 
     /// Decodes a row back into its one or two texts, split on segment ids.
-    pub fn decode_segments(&self, ids: &[u32], type_ids: &[u8]) -> Result<(String, Option<String>)> {
-        let a: Vec<u32> = ids.iter().zip(type_ids).filter(|(_, &t)| t == 0).map(|(&i, _)| i).collect();
-        let b: Vec<u32> = ids.iter().zip(type_ids).filter(|(_, &t)| t == 1).map(|(&i, _)| i).collect();
+    pub fn decode_segments(
+        &self,
+        ids: &[u32],
+        type_ids: &[u8],
+    ) -> Result<(String, Option<String>)> {
+        let a: Vec<u32> = ids
+            .iter()
+            .zip(type_ids)
+            .filter(|(_, &t)| t == 0)
+            .map(|(&i, _)| i)
+            .collect();
+        let b: Vec<u32> = ids
+            .iter()
+            .zip(type_ids)
+            .filter(|(_, &t)| t == 1)
+            .map(|(&i, _)| i)
+            .collect();
         let ta = self.decode(&a)?;
-        let tb = if b.is_empty() { None } else { Some(self.decode(&b)?) };
+        let tb = if b.is_empty() {
+            None
+        } else {
+            Some(self.decode(&b)?)
+        };
         Ok((ta, tb))
     }
 
     /// The token string of an id.
     pub fn token(&self, id: u32) -> String {
-        self.inner.id_to_token(id).unwrap_or_else(|| format!("<{id}>"))
+        self.inner
+            .id_to_token(id)
+            .unwrap_or_else(|| format!("<{id}>"))
     }
 }
 
@@ -141,12 +178,16 @@ fn from_vocab(path: &Path) -> Result<Tokenizer> {
     let mut tk = Tokenizer::new(wp);
     let _ = tk.with_normalizer(Some(BertNormalizer::new(true, true, None, true)));
     tk.with_pre_tokenizer(Some(BertPreTokenizer));
-    tk.with_post_processor(Some(BertProcessing::new(("[SEP]".into(), sep), ("[CLS]".into(), cls))));
+    tk.with_post_processor(Some(BertProcessing::new(
+        ("[SEP]".into(), sep),
+        ("[CLS]".into(), cls),
+    )));
     tk.with_decoder(Some(WordPieceDecoder::default()));
     Ok(tk)
 }
 
 fn wp_id(wp: &WordPiece, tok: &str, path: &Path) -> Result<u32> {
     use tokenizers::Model;
-    wp.token_to_id(tok).ok_or_else(|| anyhow!("{}: vocabulary has no `{tok}`", path.display()))
+    wp.token_to_id(tok)
+        .ok_or_else(|| anyhow!("{}: vocabulary has no `{tok}`", path.display()))
 }

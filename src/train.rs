@@ -52,7 +52,10 @@ impl Batch {
 
     /// Batch from encoded examples.
     pub fn from_encoded(encs: &[&Encoded], pad_id: u32, device: &Device) -> Result<Self> {
-        let rows: Vec<(&[u32], &[u8])> = encs.iter().map(|e| (e.ids.as_slice(), e.type_ids.as_slice())).collect();
+        let rows: Vec<(&[u32], &[u8])> = encs
+            .iter()
+            .map(|e| (e.ids.as_slice(), e.type_ids.as_slice()))
+            .collect();
         Self::new(&rows, pad_id, device)
     }
 }
@@ -98,7 +101,13 @@ pub struct OptimConfig {
 
 impl Default for OptimConfig {
     fn default() -> Self {
-        Self { lr: 5e-5, weight_decay: 0.01, warmup_ratio: 0.06, batch_size: 32, max_grad_norm: 1.0 }
+        Self {
+            lr: 5e-5,
+            weight_decay: 0.01,
+            warmup_ratio: 0.06,
+            batch_size: 32,
+            max_grad_norm: 1.0,
+        }
     }
 }
 
@@ -126,7 +135,13 @@ impl Optim {
             }
         }
         let vars: Vec<Var> = d.iter().chain(nd.iter()).cloned().collect();
-        let p = |wd: f64| ParamsAdamW { lr: 0.0, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: wd };
+        let p = |wd: f64| ParamsAdamW {
+            lr: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: wd,
+        };
         Ok(Self {
             decay: AdamW::new(d, p(cfg.weight_decay))?,
             no_decay: AdamW::new(nd, p(0.0))?,
@@ -144,7 +159,8 @@ impl Optim {
         if self.step < warm {
             self.cfg.lr * (s + 1.0) / warm as f64
         } else {
-            self.cfg.lr * ((self.total_steps as f64 - s) / (self.total_steps - warm).max(1) as f64).max(0.0)
+            self.cfg.lr
+                * ((self.total_steps as f64 - s) / (self.total_steps - warm).max(1) as f64).max(0.0)
         }
     }
 
@@ -195,7 +211,11 @@ pub fn supervised_loss(logits: &Tensor, labels: &[f32], regression: bool) -> Res
         let p = logits.squeeze(1)?;
         return Ok((p - y)?.sqr()?.mean_all()?);
     }
-    let y = Tensor::from_vec(labels.iter().map(|&l| l as u32).collect::<Vec<_>>(), labels.len(), dev)?;
+    let y = Tensor::from_vec(
+        labels.iter().map(|&l| l as u32).collect::<Vec<_>>(),
+        labels.len(),
+        dev,
+    )?;
     Ok(candle_nn::loss::cross_entropy(logits, &y)?)
 }
 
@@ -204,18 +224,28 @@ pub fn kd_loss(student: &Tensor, teacher: &Tensor, temperature: f64) -> Result<T
     let t = temperature;
     let pt_log = candle_nn::ops::log_softmax(&(teacher / t)?, D::Minus1)?;
     let ps_log = candle_nn::ops::log_softmax(&(student / t)?, D::Minus1)?;
-    let kl = (pt_log.exp()? * (pt_log - ps_log)?)?.sum(D::Minus1)?.mean_all()?;
+    let kl = (pt_log.exp()? * (pt_log - ps_log)?)?
+        .sum(D::Minus1)?
+        .mean_all()?;
     Ok((kl * (t * t))?)
 }
 
 /// Logits of a classifier for encoded examples, in input order, batched by length.
-pub fn predict(model: &SeqClassifier, encs: &[Encoded], pad_id: u32, batch_size: usize, device: &Device) -> Result<Vec<Vec<f32>>> {
+pub fn predict(
+    model: &SeqClassifier,
+    encs: &[Encoded],
+    pad_id: u32,
+    batch_size: usize,
+    device: &Device,
+) -> Result<Vec<Vec<f32>>> {
     let lens: Vec<usize> = encs.iter().map(|e| e.ids.len()).collect();
     let mut out = vec![Vec::new(); encs.len()];
     for b in sorted_batches(&lens, batch_size) {
         let rows: Vec<&Encoded> = b.iter().map(|&i| &encs[i]).collect();
         let batch = Batch::from_encoded(&rows, pad_id, device)?;
-        let logits = model.forward_ids(&batch.ids, &batch.types, &batch.mask, &mut Ctx::eval())?.logits;
+        let logits = model
+            .forward_ids(&batch.ids, &batch.types, &batch.mask, &mut Ctx::eval())?
+            .logits;
         let v = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         for (i, row) in b.into_iter().zip(v) {
             out[i] = row;

@@ -17,12 +17,25 @@ pub struct AtomicFile {
 impl AtomicFile {
     /// Opens `<dir>/.<name>.tmp-<host>-<pid>` for writing; the final name is `dest`.
     pub fn create(dest: &Path) -> Result<Self> {
-        let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        fs::create_dir_all(dir).with_context(|| format!("{}: cannot create directory", dir.display()))?;
+        let dir = dest
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create directory", dir.display()))?;
         let tmp = temporary_for(dest)?;
-        let file = File::create(&tmp).with_context(|| format!("{}: cannot create file (is the directory writable?)", tmp.display()))?;
+        let file = File::create(&tmp).with_context(|| {
+            format!(
+                "{}: cannot create file (is the directory writable?)",
+                tmp.display()
+            )
+        })?;
         register_temporary(&tmp);
-        Ok(Self { tmp, dest: dest.to_path_buf(), file: Some(file) })
+        Ok(Self {
+            tmp,
+            dest: dest.to_path_buf(),
+            file: Some(file),
+        })
     }
 
     /// The temporary path, for writers that take a path rather than a handle.
@@ -38,13 +51,20 @@ impl AtomicFile {
     /// Flushes, fsyncs and renames to the final name, then fsyncs the directory.
     pub fn commit(mut self) -> Result<()> {
         let mut f = self.file.take().expect("file open until commit");
-        f.flush().with_context(|| format!("{}: write failed", self.tmp.display()))?;
-        f.sync_all().with_context(|| format!("{}: fsync failed", self.tmp.display()))?;
+        f.flush()
+            .with_context(|| format!("{}: write failed", self.tmp.display()))?;
+        f.sync_all()
+            .with_context(|| format!("{}: fsync failed", self.tmp.display()))?;
         drop(f);
-        fs::rename(&self.tmp, &self.dest).with_context(|| format!("{}: rename failed", self.dest.display()))?;
+        fs::rename(&self.tmp, &self.dest)
+            .with_context(|| format!("{}: rename failed", self.dest.display()))?;
         forget_temporary(&self.tmp);
         if let Some(dir) = self.dest.parent() {
-            if let Ok(d) = File::open(if dir.as_os_str().is_empty() { Path::new(".") } else { dir }) {
+            if let Ok(d) = File::open(if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            }) {
                 let _ = d.sync_all();
             }
         }
@@ -79,8 +99,21 @@ fn hostname() -> &'static str {
         // SAFETY: gethostname writes at most `buf.len()` bytes into our buffer.
         let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
         let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-        let h: String = String::from_utf8_lossy(&buf[..end]).chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect();
-        if ok && !h.is_empty() { h } else { "localhost".into() }
+        let h: String = String::from_utf8_lossy(&buf[..end])
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        if ok && !h.is_empty() {
+            h
+        } else {
+            "localhost".into()
+        }
     })
 }
 
@@ -88,17 +121,30 @@ fn hostname() -> &'static str {
 /// keeps workers on different machines that share a directory from taking each other's
 /// temporaries for those of dead processes.
 pub fn temporary_for(dest: &Path) -> Result<PathBuf> {
-    let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = dest.file_name().context("destination has no file name")?.to_string_lossy();
+    let dir = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = dest
+        .file_name()
+        .context("destination has no file name")?
+        .to_string_lossy();
     Ok(dir.join(format!(".{name}.tmp-{}-{}", hostname(), std::process::id())))
 }
 
 /// True when `name` is a temporary of a process of this host that is gone. Temporaries of
 /// other hosts are never taken for dead (their processes cannot be seen from here).
 pub fn is_dead_temporary(name: &str) -> bool {
-    let Some((_, owner)) = name.rsplit_once(".tmp-") else { return false };
-    let Some((host, pid)) = owner.rsplit_once('-') else { return false };
-    host == hostname() && !pid.parse::<u32>().is_ok_and(|p| p == std::process::id() || Path::new(&format!("/proc/{p}")).exists())
+    let Some((_, owner)) = name.rsplit_once(".tmp-") else {
+        return false;
+    };
+    let Some((host, pid)) = owner.rsplit_once('-') else {
+        return false;
+    };
+    host == hostname()
+        && !pid
+            .parse::<u32>()
+            .is_ok_and(|p| p == std::process::id() || Path::new(&format!("/proc/{p}")).exists())
 }
 
 /// True when `name` is a temporary of this very process.
@@ -112,19 +158,29 @@ static TEMPORARIES: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::
 
 /// Records a temporary path so an interrupt can remove it.
 pub fn register_temporary(path: &Path) {
-    TEMPORARIES.lock().unwrap_or_else(|e| e.into_inner()).push(path.to_path_buf());
+    TEMPORARIES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(path.to_path_buf());
 }
 
 /// Forgets a temporary that was renamed into place or removed.
 pub fn forget_temporary(path: &Path) {
-    TEMPORARIES.lock().unwrap_or_else(|e| e.into_inner()).retain(|p| p != path);
+    TEMPORARIES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|p| p != path);
 }
 
 /// Removes every registered temporary (called from the SIGINT/SIGTERM handler).
 pub fn remove_temporaries() {
     let list = std::mem::take(&mut *TEMPORARIES.lock().unwrap_or_else(|e| e.into_inner()));
     for p in list {
-        let _ = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+        let _ = if p.is_dir() {
+            fs::remove_dir_all(&p)
+        } else {
+            fs::remove_file(&p)
+        };
     }
 }
 
@@ -143,7 +199,8 @@ pub fn failpoint(point: &str) {
 /// Writes `bytes` to `dest` atomically (temporary name, fsync, rename).
 pub fn atomic_write(dest: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = AtomicFile::create(dest)?;
-    f.write_all(bytes).with_context(|| format!("{}: write failed", dest.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("{}: write failed", dest.display()))?;
     f.commit()
 }
 
@@ -153,7 +210,9 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).with_context(|| format!("{}: read failed", path.display()))?;
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("{}: read failed", path.display()))?;
         if n == 0 {
             break;
         }
@@ -185,13 +244,21 @@ pub fn derive_seed(base: u64, labels: &[&str]) -> u64 {
 /// its element-wise worker pool spin-waits, and on few cores those workers compete with the
 /// matmul threads (measured with `make bench`). Call once at start-up, before any tensor op.
 pub fn init_threads(threads: Option<usize>) -> usize {
-    let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1);
+    let n = threads
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+        .max(1);
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
     limit_native_threads(n);
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
     n
 }
 
@@ -209,7 +276,13 @@ pub fn with_one_native_thread<T>(f: impl FnOnce() -> T) -> T {
     set_native_threads(1);
     let out = f();
     let n = NATIVE_THREADS.load(std::sync::atomic::Ordering::Relaxed);
-    set_native_threads(if n == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { n });
+    set_native_threads(if n == 0 {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    } else {
+        n
+    });
     out
 }
 
@@ -245,9 +318,11 @@ pub fn tune_allocator() {
 pub fn progress(len: u64, msg: &str) -> indicatif::ProgressBar {
     let pb = indicatif::ProgressBar::new(len);
     pb.set_style(
-        indicatif::ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {prefix}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{msg:>12} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {prefix}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     pb.set_message(msg.to_string());
     pb
@@ -261,10 +336,17 @@ mod temporary_tests {
     fn only_this_hosts_gone_processes_own_dead_temporaries() {
         let me = temporary_for(Path::new("/x/train.parquet")).unwrap();
         let name = me.file_name().unwrap().to_string_lossy().to_string();
-        assert!(name.starts_with(".train.parquet.tmp-") && is_own_temporary(&name) && !is_dead_temporary(&name));
+        assert!(
+            name.starts_with(".train.parquet.tmp-")
+                && is_own_temporary(&name)
+                && !is_dead_temporary(&name)
+        );
         let gone = format!(".train.parquet.tmp-{}-4294967295", hostname());
         assert!(is_dead_temporary(&gone) && !is_own_temporary(&gone));
-        assert!(!is_dead_temporary(".train.parquet.tmp-some-other-node-4294967295"), "another host's worker may be alive");
+        assert!(
+            !is_dead_temporary(".train.parquet.tmp-some-other-node-4294967295"),
+            "another host's worker may be alive"
+        );
         assert!(!is_dead_temporary("train.parquet"));
     }
 }

@@ -36,8 +36,12 @@ fn flat_projection_equals_brute_force() {
     // An approximate index is selectable by factory string and mostly agrees.
     let mut h = Projector::build(&table, d, keep, "HNSW32", Metric::L2).unwrap();
     let approx = h.nearest(&queries).unwrap();
-    let exact = Projector::build(&table, d, keep, "Flat", Metric::L2).unwrap().nearest(&queries).unwrap();
-    let recall = approx.iter().zip(&exact).filter(|(a, b)| a == b).count() as f64 / exact.len() as f64;
+    let exact = Projector::build(&table, d, keep, "Flat", Metric::L2)
+        .unwrap()
+        .nearest(&queries)
+        .unwrap();
+    let recall =
+        approx.iter().zip(&exact).filter(|(a, b)| a == b).count() as f64 / exact.len() as f64;
     assert!(recall > 0.8, "HNSW recall@1 {recall}");
 }
 
@@ -45,8 +49,17 @@ fn real_table() -> (Vec<f32>, usize, TextTokenizer) {
     let ck = Checkpoint::open(&common::model_dir()).unwrap();
     let p = ck.params(&Device::Cpu, false, 0).unwrap();
     let bert = augpro::model::Bert::load(&p, &ck.config).unwrap();
-    let t: Vec<f32> = bert.word_embeddings().flatten_all().unwrap().to_vec1().unwrap();
-    (t, ck.config.hidden_size, TextTokenizer::load(&common::model_dir(), 128).unwrap())
+    let t: Vec<f32> = bert
+        .word_embeddings()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    (
+        t,
+        ck.config.hidden_size,
+        TextTokenizer::load(&common::model_dir(), 128).unwrap(),
+    )
 }
 
 #[test]
@@ -54,9 +67,23 @@ fn identity_settings_reproduce_the_source_and_specials_survive() {
     let (table, d, tok) = real_table();
     let special = |t: u32| tok.is_special(t);
     let mut p = Projector::build(&table, d, |t| !tok.is_special(t), "Flat", Metric::L2).unwrap();
-    let ex = |a: &str, b: Option<&str>| augpro::data::Example { idx: 0, text_a: a.into(), text_b: b.map(String::from), label: None };
-    let e = tok.encode(&[ex("the movie was a charming and often affecting journey .", Some("a dull , lifeless film"))]).unwrap().remove(0);
-    let q = tok.encode(&[ex("an utterly brilliant piece", Some("bad"))]).unwrap().remove(0);
+    let ex = |a: &str, b: Option<&str>| augpro::data::Example {
+        idx: 0,
+        text_a: a.into(),
+        text_b: b.map(String::from),
+        label: None,
+    };
+    let e = tok
+        .encode(&[ex(
+            "the movie was a charming and often affecting journey .",
+            Some("a dull , lifeless film"),
+        )])
+        .unwrap()
+        .remove(0);
+    let q = tok
+        .encode(&[ex("an utterly brilliant piece", Some("bad"))])
+        .unwrap()
+        .remove(0);
     let al = align(&e.ids, &e.type_ids, &q.ids, &q.type_ids, &special);
     // Segment-wise alignment: A with A', B with B'; specials and the longer tail are kept.
     assert_eq!(al[0], None, "[CLS] never mixed");
@@ -68,25 +95,50 @@ fn identity_settings_reproduce_the_source_and_specials_survive() {
     // λ = 1 projects back to the source exactly.
     let mixed = mix(&table, d, &e.ids, &q.ids, &al, &vec![1.0; e.ids.len()]);
     let non_special: Vec<usize> = (0..e.ids.len()).filter(|&i| !special(e.ids[i])).collect();
-    let queries: Vec<f32> = non_special.iter().flat_map(|&i| mixed[i * d..(i + 1) * d].to_vec()).collect();
+    let queries: Vec<f32> = non_special
+        .iter()
+        .flat_map(|&i| mixed[i * d..(i + 1) * d].to_vec())
+        .collect();
     let got = p.nearest(&queries).unwrap();
-    assert_eq!(got, non_special.iter().map(|&i| e.ids[i]).collect::<Vec<_>>());
+    assert_eq!(
+        got,
+        non_special.iter().map(|&i| e.ids[i]).collect::<Vec<_>>()
+    );
     // λ = 0 at aligned positions gives the partner's tokens there.
     let mixed0 = mix(&table, d, &e.ids, &q.ids, &al, &vec![0.0; e.ids.len()]);
     let aligned: Vec<usize> = (0..e.ids.len()).filter(|&i| al[i].is_some()).collect();
-    let q0: Vec<f32> = aligned.iter().flat_map(|&i| mixed0[i * d..(i + 1) * d].to_vec()).collect();
-    assert_eq!(p.nearest(&q0).unwrap(), aligned.iter().map(|&i| q.ids[al[i].unwrap()]).collect::<Vec<_>>());
+    let q0: Vec<f32> = aligned
+        .iter()
+        .flat_map(|&i| mixed0[i * d..(i + 1) * d].to_vec())
+        .collect();
+    assert_eq!(
+        p.nearest(&q0).unwrap(),
+        aligned
+            .iter()
+            .map(|&i| q.ids[al[i].unwrap()])
+            .collect::<Vec<_>>()
+    );
     // ε = 0 reproduces the source; a perturbation never touches special positions.
-    let emb: Vec<f32> = e.ids.iter().flat_map(|&t| table[t as usize * d..(t as usize + 1) * d].to_vec()).collect();
+    let emb: Vec<f32> = e
+        .ids
+        .iter()
+        .flat_map(|&t| table[t as usize * d..(t as usize + 1) * d].to_vec())
+        .collect();
     let mut r = ChaCha8Rng::seed_from_u64(5);
     let grad: Vec<f32> = (0..emb.len()).map(|_| r.gen_range(-1.0f32..1.0)).collect();
     let on: Vec<bool> = e.ids.iter().map(|&t| !special(t)).collect();
     let s = fgsm::signs(&grad, d, &on);
-    assert!(s[..d].iter().all(|&x| x == 0), "[CLS] row has no perturbation");
+    assert!(
+        s[..d].iter().all(|&x| x == 0),
+        "[CLS] row has no perturbation"
+    );
     assert_eq!(fgsm::apply(&emb, &s, 0.0), emb);
     // Replacement with p = 0 keeps everything; with p = 1 changes every non-special token.
     let (nb, _) = p.search(&emb, 9).unwrap();
-    assert_eq!(replace::replace(&e.ids, &special, 0.0, 8, &nb, &mut r), e.ids);
+    assert_eq!(
+        replace::replace(&e.ids, &special, 0.0, 8, &nb, &mut r),
+        e.ids
+    );
     let all = replace::replace(&e.ids, &special, 1.0, 8, &nb, &mut r);
     for (i, (&a, &b)) in e.ids.iter().zip(&all).enumerate() {
         if special(a) {

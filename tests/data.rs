@@ -14,14 +14,30 @@ use std::sync::Arc;
 #[test]
 fn reads_real_glue_splits() {
     let g = common::glue_dir();
-    let sst2 = SplitReader::open(&g, glue::task("sst2").unwrap(), "validation").unwrap().read_all(None).unwrap();
+    let sst2 = SplitReader::open(&g, glue::task("sst2").unwrap(), "validation")
+        .unwrap()
+        .read_all(None)
+        .unwrap();
     assert_eq!(sst2.len(), 872);
-    assert_eq!(sst2[0].text_a, "it 's a charming and often affecting journey . ");
+    assert_eq!(
+        sst2[0].text_a,
+        "it 's a charming and often affecting journey . "
+    );
     assert_eq!(sst2[0].label, Some(1.0));
-    let mrpc = SplitReader::open(&g, glue::task("mrpc").unwrap(), "validation").unwrap().read_all(None).unwrap();
+    let mrpc = SplitReader::open(&g, glue::task("mrpc").unwrap(), "validation")
+        .unwrap()
+        .read_all(None)
+        .unwrap();
     assert_eq!(mrpc.len(), 408);
-    assert!(mrpc[0].text_b.as_deref().unwrap().contains("foodservice pie"));
-    let stsb = SplitReader::open(&g, glue::task("stsb").unwrap(), "validation").unwrap().read_all(Some(2)).unwrap();
+    assert!(mrpc[0]
+        .text_b
+        .as_deref()
+        .unwrap()
+        .contains("foodservice pie"));
+    let stsb = SplitReader::open(&g, glue::task("stsb").unwrap(), "validation")
+        .unwrap()
+        .read_all(Some(2))
+        .unwrap();
     assert_eq!(stsb[1].label, Some(4.75));
     let cola = SplitReader::open(&g, glue::task("cola").unwrap(), "train").unwrap();
     let mut n = 0;
@@ -31,24 +47,39 @@ fn reads_real_glue_splits() {
         n += b.len();
     }
     assert_eq!(n, 8551);
-    let names = augpro::data::label_names_from_metadata(&g.join("sst2/validation-00000-of-00001.parquet")).unwrap();
-    assert_eq!(names, Some(vec!["negative".to_string(), "positive".to_string()]));
+    let names =
+        augpro::data::label_names_from_metadata(&g.join("sst2/validation-00000-of-00001.parquet"))
+            .unwrap();
+    assert_eq!(
+        names,
+        Some(vec!["negative".to_string(), "positive".to_string()])
+    );
 }
 
 #[test]
 fn task_registry_covers_glue() {
-    for t in ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"] {
+    for t in [
+        "cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli",
+    ] {
         glue::task(t).unwrap();
     }
-    assert_eq!(glue::task("mnli").unwrap().validation_splits, &["validation_matched", "validation_mismatched"]);
+    assert_eq!(
+        glue::task("mnli").unwrap().validation_splits,
+        &["validation_matched", "validation_mismatched"]
+    );
     assert!(glue::task("stsb").unwrap().is_regression());
     assert!(format!("{:#}", glue::task("imdb").err().unwrap()).contains("unknown GLUE task"));
 }
 
 fn write(path: &Path, cols: Vec<(&str, ArrayRef)>) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let schema = Arc::new(Schema::new(cols.iter().map(|(n, a)| Field::new(*n, a.data_type().clone(), true)).collect::<Vec<_>>()));
-    let batch = RecordBatch::try_new(schema.clone(), cols.into_iter().map(|(_, a)| a).collect()).unwrap();
+    let schema = Arc::new(Schema::new(
+        cols.iter()
+            .map(|(n, a)| Field::new(*n, a.data_type().clone(), true))
+            .collect::<Vec<_>>(),
+    ));
+    let batch =
+        RecordBatch::try_new(schema.clone(), cols.into_iter().map(|(_, a)| a).collect()).unwrap();
     let mut w = ArrowWriter::try_new(std::fs::File::create(path).unwrap(), schema, None).unwrap();
     w.write(&batch).unwrap();
     w.close().unwrap();
@@ -58,9 +89,15 @@ fn sst2_err(cols: Vec<(&str, ArrayRef)>) -> String {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("sst2/train-00000-of-00001.parquet");
     write(&p, cols);
-    let e = SplitReader::open(d.path(), glue::task("sst2").unwrap(), "train").and_then(|r| r.read_all(None)).err().expect("must fail");
+    let e = SplitReader::open(d.path(), glue::task("sst2").unwrap(), "train")
+        .and_then(|r| r.read_all(None))
+        .err()
+        .expect("must fail");
     let msg = format!("{e:#}");
-    assert!(msg.contains("train-00000-of-00001.parquet"), "error names the file: {msg}");
+    assert!(
+        msg.contains("train-00000-of-00001.parquet"),
+        "error names the file: {msg}"
+    );
     msg
 }
 
@@ -76,35 +113,110 @@ fn idx(n: i32) -> ArrayRef {
 
 #[test]
 fn bad_inputs_name_file_and_field() {
-    let m = sst2_err(vec![("text", s(&[Some("a")])), ("label", i64a(&[0])), ("idx", idx(1))]);
+    let m = sst2_err(vec![
+        ("text", s(&[Some("a")])),
+        ("label", i64a(&[0])),
+        ("idx", idx(1)),
+    ]);
     assert!(m.contains("missing column `sentence`"), "{m}");
-    let m = sst2_err(vec![("sentence", s(&[Some("a")])), ("label", s(&[Some("pos")])), ("idx", idx(1))]);
-    assert!(m.contains("column `label` has type Utf8, expected int64"), "{m}");
-    let m = sst2_err(vec![("sentence", s(&[Some("a"), Some("b")])), ("label", i64a(&[0, 5])), ("idx", idx(2))]);
-    assert!(m.contains("row 1") && m.contains("expected a class in 0..2"), "{m}");
-    let m = sst2_err(vec![("sentence", s(&[Some("a"), None])), ("label", i64a(&[0, 1])), ("idx", idx(2))]);
-    assert!(m.contains("row 1") && m.contains("`sentence` is null"), "{m}");
-    let m = sst2_err(vec![("sentence", s(&[Some("  ")])), ("label", i64a(&[0])), ("idx", idx(1))]);
+    let m = sst2_err(vec![
+        ("sentence", s(&[Some("a")])),
+        ("label", s(&[Some("pos")])),
+        ("idx", idx(1)),
+    ]);
+    assert!(
+        m.contains("column `label` has type Utf8, expected int64"),
+        "{m}"
+    );
+    let m = sst2_err(vec![
+        ("sentence", s(&[Some("a"), Some("b")])),
+        ("label", i64a(&[0, 5])),
+        ("idx", idx(2)),
+    ]);
+    assert!(
+        m.contains("row 1") && m.contains("expected a class in 0..2"),
+        "{m}"
+    );
+    let m = sst2_err(vec![
+        ("sentence", s(&[Some("a"), None])),
+        ("label", i64a(&[0, 1])),
+        ("idx", idx(2)),
+    ]);
+    assert!(
+        m.contains("row 1") && m.contains("`sentence` is null"),
+        "{m}"
+    );
+    let m = sst2_err(vec![
+        ("sentence", s(&[Some("  ")])),
+        ("label", i64a(&[0])),
+        ("idx", idx(1)),
+    ]);
     assert!(m.contains("`sentence` is empty"), "{m}");
-    let m = sst2_err(vec![("sentence", s(&[])), ("label", i64a(&[])), ("idx", idx(0))]);
+    let m = sst2_err(vec![
+        ("sentence", s(&[])),
+        ("label", i64a(&[])),
+        ("idx", idx(0)),
+    ]);
     assert!(m.contains("split is empty"), "{m}");
 
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("stsb/train-00000-of-00001.parquet");
-    write(&p, vec![("sentence1", s(&[Some("a")])), ("sentence2", s(&[Some("b")])), ("label", Arc::new(Float32Array::from(vec![f32::NAN])) as ArrayRef), ("idx", idx(1))]);
-    let m = format!("{:#}", SplitReader::open(d.path(), glue::task("stsb").unwrap(), "train").unwrap().read_all(None).err().unwrap());
+    write(
+        &p,
+        vec![
+            ("sentence1", s(&[Some("a")])),
+            ("sentence2", s(&[Some("b")])),
+            (
+                "label",
+                Arc::new(Float32Array::from(vec![f32::NAN])) as ArrayRef,
+            ),
+            ("idx", idx(1)),
+        ],
+    );
+    let m = format!(
+        "{:#}",
+        SplitReader::open(d.path(), glue::task("stsb").unwrap(), "train")
+            .unwrap()
+            .read_all(None)
+            .err()
+            .unwrap()
+    );
     assert!(m.contains("expected a finite score"), "{m}");
 
     let d = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(d.path().join("sst2")).unwrap();
-    std::fs::write(d.path().join("sst2/train-00000-of-00001.parquet"), b"not parquet at all").unwrap();
-    let m = format!("{:#}", SplitReader::open(d.path(), glue::task("sst2").unwrap(), "train").unwrap().read_all(None).err().unwrap());
+    std::fs::write(
+        d.path().join("sst2/train-00000-of-00001.parquet"),
+        b"not parquet at all",
+    )
+    .unwrap();
+    let m = format!(
+        "{:#}",
+        SplitReader::open(d.path(), glue::task("sst2").unwrap(), "train")
+            .unwrap()
+            .read_all(None)
+            .err()
+            .unwrap()
+    );
     assert!(m.contains("not a readable Parquet file"), "{m}");
 
-    let m = format!("{:#}", SplitReader::open(d.path(), glue::task("cola").unwrap(), "train").err().unwrap());
+    let m = format!(
+        "{:#}",
+        SplitReader::open(d.path(), glue::task("cola").unwrap(), "train")
+            .err()
+            .unwrap()
+    );
     assert!(m.contains("GLUE config directory not found"), "{m}");
-    let m = format!("{:#}", SplitReader::open(d.path(), glue::task("sst2").unwrap(), "validation").err().unwrap());
-    assert!(m.contains("no file `validation-NNNNN-of-NNNNN.parquet`"), "{m}");
+    let m = format!(
+        "{:#}",
+        SplitReader::open(d.path(), glue::task("sst2").unwrap(), "validation")
+            .err()
+            .unwrap()
+    );
+    assert!(
+        m.contains("no file `validation-NNNNN-of-NNNNN.parquet`"),
+        "{m}"
+    );
     let _ = DataType::Utf8;
 }
 
@@ -116,31 +228,71 @@ fn tokenizer_matches_reference_ids_and_truncates_longest_first() {
         let ex = augpro::data::Example {
             idx: 0,
             text_a: case["text"].as_str().unwrap().into(),
-            text_b: case.get("text_pair").and_then(|v| v.as_str()).map(String::from),
+            text_b: case
+                .get("text_pair")
+                .and_then(|v| v.as_str())
+                .map(String::from),
             label: None,
         };
         let e = &tok.encode(&[ex]).unwrap()[0];
-        let ids: Vec<u32> = case["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
-        let types: Vec<u8> = case["token_type_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u8).collect();
+        let ids: Vec<u32> = case["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        let types: Vec<u8> = case["token_type_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u8)
+            .collect();
         assert_eq!(e.ids, ids);
         assert_eq!(e.type_ids, types);
         assert!(!e.truncated);
     }
     // No fixed padding: a short input stays short.
-    let short = tok.encode(&[augpro::data::Example { idx: 0, text_a: "fine".into(), text_b: None, label: None }]).unwrap();
+    let short = tok
+        .encode(&[augpro::data::Example {
+            idx: 0,
+            text_a: "fine".into(),
+            text_b: None,
+            label: None,
+        }])
+        .unwrap();
     assert_eq!(short[0].ids.len(), 3);
     // Longest-first truncation of a pair to 12 tokens.
     let t12 = TextTokenizer::load(&common::model_dir(), 12).unwrap();
     let long = "one two three four five six seven eight nine ten".to_string();
-    let e = &t12.encode(&[augpro::data::Example { idx: 0, text_a: long, text_b: Some("a b".into()), label: None }]).unwrap()[0];
+    let e = &t12
+        .encode(&[augpro::data::Example {
+            idx: 0,
+            text_a: long,
+            text_b: Some("a b".into()),
+            label: None,
+        }])
+        .unwrap()[0];
     assert_eq!(e.ids.len(), 12);
     assert!(e.truncated);
-    assert_eq!(e.type_ids.iter().filter(|&&t| t == 1).count(), 3, "the short second segment keeps its tokens");
+    assert_eq!(
+        e.type_ids.iter().filter(|&&t| t == 1).count(),
+        3,
+        "the short second segment keeps its tokens"
+    );
     // vocab.txt fallback gives the same ids.
     let d = tempfile::tempdir().unwrap();
-    std::fs::copy(common::model_dir().join("vocab.txt"), d.path().join("vocab.txt")).unwrap();
+    std::fs::copy(
+        common::model_dir().join("vocab.txt"),
+        d.path().join("vocab.txt"),
+    )
+    .unwrap();
     let v = TextTokenizer::load(d.path(), 128).unwrap();
-    let ex = augpro::data::Example { idx: 0, text_a: "A plane is taking off.".into(), text_b: Some("An air plane is taking off.".into()), label: None };
+    let ex = augpro::data::Example {
+        idx: 0,
+        text_a: "A plane is taking off.".into(),
+        text_b: Some("An air plane is taking off.".into()),
+        label: None,
+    };
     assert_eq!(v.encode(&[ex.clone()]).unwrap(), tok.encode(&[ex]).unwrap());
     assert!(tok.is_special(0) && tok.is_special(101) && tok.is_special(1) && !tok.is_special(1996));
 }

@@ -35,17 +35,26 @@ fn serve(root: std::path::PathBuf, drop_first: usize, max_requests: usize) -> Se
                 if h.trim().is_empty() {
                     break;
                 }
-                if let Some(v) = h.strip_prefix("Range: ").or_else(|| h.strip_prefix("range: ")) {
+                if let Some(v) = h
+                    .strip_prefix("Range: ")
+                    .or_else(|| h.strip_prefix("range: "))
+                {
                     range = Some(v.trim().to_string());
                 }
             }
             let n = count.fetch_add(1, Ordering::SeqCst);
             let file = root.join(path.trim_start_matches('/'));
             let Ok(body) = std::fs::read(&file) else {
-                let _ = s.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                let _ = s.write_all(
+                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
                 continue;
             };
-            let start = range.as_deref().and_then(|r| r.strip_prefix("bytes=")).and_then(|r| r.trim_end_matches('-').parse::<usize>().ok()).unwrap_or(0);
+            let start = range
+                .as_deref()
+                .and_then(|r| r.strip_prefix("bytes="))
+                .and_then(|r| r.trim_end_matches('-').parse::<usize>().ok())
+                .unwrap_or(0);
             if let Some(r) = &range {
                 seen.lock().unwrap().push(r.clone());
             }
@@ -53,7 +62,10 @@ fn serve(root: std::path::PathBuf, drop_first: usize, max_requests: usize) -> Se
             let head = if range.is_some() {
                 format!("HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{}/{}\r\nConnection: close\r\n\r\n", part.len(), body.len() - 1, body.len())
             } else {
-                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", part.len())
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    part.len()
+                )
             };
             s.write_all(head.as_bytes()).unwrap();
             if n < drop_first {
@@ -73,14 +85,29 @@ fn fetches_a_config_atomically() {
     let dest = tempfile::tempdir().unwrap();
     let srv = serve(common::glue_dir(), 0, 4);
     let task = augpro::glue::task("sst2").unwrap();
-    let files = augpro::fetch::fetch_config(task, dest.path(), &srv.base, Some(&["validation".to_string()])).unwrap();
+    let files = augpro::fetch::fetch_config(
+        task,
+        dest.path(),
+        &srv.base,
+        Some(&["validation".to_string()]),
+    )
+    .unwrap();
     assert_eq!(files.len(), 1);
     let got = std::fs::read(&files[0]).unwrap();
-    let want = std::fs::read(common::glue_dir().join("sst2/validation-00000-of-00001.parquet")).unwrap();
+    let want =
+        std::fs::read(common::glue_dir().join("sst2/validation-00000-of-00001.parquet")).unwrap();
     assert_eq!(got, want);
-    let n = augpro::data::SplitReader::open(dest.path(), task, "validation").unwrap().read_all(None).unwrap().len();
+    let n = augpro::data::SplitReader::open(dest.path(), task, "validation")
+        .unwrap()
+        .read_all(None)
+        .unwrap()
+        .len();
     assert_eq!(n, 872);
-    let leftovers: Vec<_> = std::fs::read_dir(dest.path().join("sst2")).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().ends_with(".part")).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(dest.path().join("sst2"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".part"))
+        .collect();
     assert!(leftovers.is_empty());
 }
 
@@ -89,11 +116,22 @@ fn resumes_after_a_dropped_connection() {
     let dest = tempfile::tempdir().unwrap();
     let srv = serve(common::glue_dir(), 1, 4);
     let task = augpro::glue::task("mrpc").unwrap();
-    let files = augpro::fetch::fetch_config(task, dest.path(), &srv.base, Some(&["validation".to_string()])).unwrap();
-    let want = std::fs::read(common::glue_dir().join("mrpc/validation-00000-of-00001.parquet")).unwrap();
+    let files = augpro::fetch::fetch_config(
+        task,
+        dest.path(),
+        &srv.base,
+        Some(&["validation".to_string()]),
+    )
+    .unwrap();
+    let want =
+        std::fs::read(common::glue_dir().join("mrpc/validation-00000-of-00001.parquet")).unwrap();
     assert_eq!(std::fs::read(&files[0]).unwrap(), want);
     let ranges = srv.ranges.lock().unwrap().clone();
-    assert_eq!(ranges, vec![format!("bytes={}-", want.len() / 2)], "second request resumes where the first stopped");
+    assert_eq!(
+        ranges,
+        vec![format!("bytes={}-", want.len() / 2)],
+        "second request resumes where the first stopped"
+    );
 }
 
 #[test]
@@ -101,7 +139,17 @@ fn missing_file_is_an_error_and_leaves_no_file() {
     let dest = tempfile::tempdir().unwrap();
     let srv = serve(common::glue_dir(), 0, 8);
     let task = augpro::glue::task("qnli").unwrap();
-    let err = augpro::fetch::fetch_config(task, dest.path(), &srv.base, Some(&["validation".to_string()])).err().unwrap();
+    let err = augpro::fetch::fetch_config(
+        task,
+        dest.path(),
+        &srv.base,
+        Some(&["validation".to_string()]),
+    )
+    .err()
+    .unwrap();
     assert!(format!("{err:#}").contains("HTTP 404"), "{err:#}");
-    assert!(!dest.path().join("qnli/validation-00000-of-00001.parquet").exists());
+    assert!(!dest
+        .path()
+        .join("qnli/validation-00000-of-00001.parquet")
+        .exists());
 }

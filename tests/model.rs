@@ -12,12 +12,19 @@ use candle_core::{Device, Tensor, D};
 use std::collections::HashMap;
 
 fn first8(v: &serde_json::Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -31,12 +38,24 @@ fn encoder_matches_pytorch_reference() {
     let cases = r["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 3);
     for case in cases {
-        let ids: Vec<u32> = case["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
-        let types: Vec<u8> = case["token_type_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u8).collect();
+        let ids: Vec<u32> = case["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        let types: Vec<u8> = case["token_type_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u8)
+            .collect();
         let b = Batch::new(&[(&ids, &types)], 0, &dev).unwrap();
         for ctx in [Ctx::eval(), Ctx::eval_grad()] {
             let mut ctx = ctx;
-            let h = bert.forward_ids(&b.ids, &b.types, &b.mask, &mut ctx).unwrap();
+            let h = bert
+                .forward_ids(&b.ids, &b.types, &b.mask, &mut ctx)
+                .unwrap();
             let hv: Vec<Vec<Vec<f32>>> = h.to_vec3().unwrap();
             let want = case["last_hidden_state_first8"].as_array().unwrap();
             assert_eq!(want.len(), ids.len());
@@ -48,13 +67,25 @@ fn encoder_matches_pytorch_reference() {
             let d = max_abs_diff(&mean[0][..8], &first8(&case["mean_pooled_first8"]));
             assert!(d < 2e-4, "mean pooling differs by {d}");
             let cls = h.narrow(1, 0, 1).unwrap().squeeze(1).unwrap();
-            let pooled: Vec<Vec<f32>> = pooler.forward(&cls).unwrap().tanh().unwrap().to_vec2().unwrap();
+            let pooled: Vec<Vec<f32>> = pooler
+                .forward(&cls)
+                .unwrap()
+                .tanh()
+                .unwrap()
+                .to_vec2()
+                .unwrap();
             let d = max_abs_diff(&pooled[0][..8], &first8(&case["pooler_output_first8"]));
             assert!(d < 2e-4, "pooler output differs by {d}");
         }
         let we: Vec<Vec<Vec<f32>>> = bert.embed_ids(&b.ids).unwrap().to_vec3().unwrap();
-        let d = max_abs_diff(&we[0][1][..8], &first8(&case["word_embedding_first_token_first8"]));
-        assert!(d < 1e-5, "word embedding of the first real token differs by {d}");
+        let d = max_abs_diff(
+            &we[0][1][..8],
+            &first8(&case["word_embedding_first_token_first8"]),
+        );
+        assert!(
+            d < 1e-5,
+            "word embedding of the first real token differs by {d}"
+        );
     }
 }
 
@@ -78,10 +109,21 @@ fn random_params(c: &BertConfig, seed: u64) -> Params {
         ((t * scale).unwrap() + offset).unwrap()
     };
     let h = c.hidden_size;
-    m.insert("embeddings.word_embeddings.weight".into(), rnd(&[c.vocab_size, h], 0.5, 0.0));
-    m.insert("embeddings.position_embeddings.weight".into(), rnd(&[c.max_position_embeddings, h], 0.1, 0.0));
-    m.insert("embeddings.token_type_embeddings.weight".into(), rnd(&[2, h], 0.1, 0.0));
-    let ln = |m: &mut HashMap<String, Tensor>, name: &str, r: &mut dyn FnMut(&[usize], f64, f64) -> Tensor| {
+    m.insert(
+        "embeddings.word_embeddings.weight".into(),
+        rnd(&[c.vocab_size, h], 0.5, 0.0),
+    );
+    m.insert(
+        "embeddings.position_embeddings.weight".into(),
+        rnd(&[c.max_position_embeddings, h], 0.1, 0.0),
+    );
+    m.insert(
+        "embeddings.token_type_embeddings.weight".into(),
+        rnd(&[2, h], 0.1, 0.0),
+    );
+    let ln = |m: &mut HashMap<String, Tensor>,
+              name: &str,
+              r: &mut dyn FnMut(&[usize], f64, f64) -> Tensor| {
         m.insert(format!("{name}.weight"), r(&[h], 0.1, 1.0));
         m.insert(format!("{name}.bias"), r(&[h], 0.1, 0.0));
     };
@@ -99,7 +141,11 @@ fn random_params(c: &BertConfig, seed: u64) -> Params {
             m.insert(format!("{pre}.{name}.weight"), rnd(&[o, i], 0.3, 0.0));
             m.insert(format!("{pre}.{name}.bias"), rnd(&[o], 0.1, 0.0));
         }
-        ln(&mut m, &format!("{pre}.attention.output.LayerNorm"), &mut rnd);
+        ln(
+            &mut m,
+            &format!("{pre}.attention.output.LayerNorm"),
+            &mut rnd,
+        );
         ln(&mut m, &format!("{pre}.output.LayerNorm"), &mut rnd);
     }
     Params::new(m, &dev, false, seed, "random")
@@ -113,13 +159,22 @@ fn embedding_gradient_matches_finite_differences() {
     let model = SeqClassifier::load(&p, &c, 3).unwrap();
     let ids: Vec<Vec<u32>> = vec![vec![1, 5, 9, 13, 2], vec![1, 7, 2, 30, 31, 2]];
     let types: Vec<Vec<u8>> = vec![vec![0; 5], vec![0, 0, 0, 1, 1, 1]];
-    let rows: Vec<(&[u32], &[u8])> = ids.iter().zip(&types).map(|(a, b)| (a.as_slice(), b.as_slice())).collect();
+    let rows: Vec<(&[u32], &[u8])> = ids
+        .iter()
+        .zip(&types)
+        .map(|(a, b)| (a.as_slice(), b.as_slice()))
+        .collect();
     let b = Batch::new(&rows, 0, &dev).unwrap();
     let labels = [2f32, 0.0];
     let (emb, grad, _) = embedding_grad(&model, &b, GradLoss::Labels(&labels), false).unwrap();
     let loss_at = |e: &Tensor| -> f64 {
-        let out = model.forward_embeds(e, &b.types, &b.mask, &mut Ctx::eval_grad()).unwrap();
-        augpro::train::supervised_loss(&out.logits, &labels, false).unwrap().to_scalar::<f32>().unwrap() as f64
+        let out = model
+            .forward_embeds(e, &b.types, &b.mask, &mut Ctx::eval_grad())
+            .unwrap();
+        augpro::train::supervised_loss(&out.logits, &labels, false)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64
     };
     // Directional derivatives (central differences) along the gradient itself and along
     // seeded random directions, masked to real tokens. Float32 losses put a noise floor of
@@ -128,28 +183,60 @@ fn embedding_gradient_matches_finite_differences() {
     let mask = b.mask.unsqueeze(2).unwrap();
     use rand::{Rng, SeedableRng};
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
-    let gnorm = grad.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+    let gnorm = grad
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .sqrt();
     let mut dirs = vec![(&grad / gnorm as f64).unwrap()];
     for _ in 0..4 {
-        let v: Vec<f32> = (0..emb.elem_count()).map(|_| rng.sample::<f32, _>(rand_distr::StandardNormal)).collect();
-        dirs.push(Tensor::from_vec(v, emb.shape(), &dev).unwrap().broadcast_mul(&mask).unwrap());
+        let v: Vec<f32> = (0..emb.elem_count())
+            .map(|_| rng.sample::<f32, _>(rand_distr::StandardNormal))
+            .collect();
+        dirs.push(
+            Tensor::from_vec(v, emb.shape(), &dev)
+                .unwrap()
+                .broadcast_mul(&mask)
+                .unwrap(),
+        );
     }
     for (k, d) in dirs.iter().enumerate() {
         let h = if k == 0 { 5e-2 } else { 1e-2 };
         let plus = loss_at(&(&emb + (d * h).unwrap()).unwrap());
         let minus = loss_at(&(&emb - (d * h).unwrap()).unwrap());
         let fd = (plus - minus) / (2.0 * h);
-        let an = (&grad * d).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+        let an = (&grad * d)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
         if k == 0 {
             assert!(an > 1e-3, "gradient norm {an} too small to test");
         }
         let tol = 2e-2 * an.abs() + if k == 0 { 0.0 } else { 1e-4 };
-        assert!((fd - an).abs() <= tol, "direction {k}: finite difference {fd} vs gradient {an} (tolerance {tol})");
+        assert!(
+            (fd - an).abs() <= tol,
+            "direction {k}: finite difference {fd} vs gradient {an} (tolerance {tol})"
+        );
     }
     // The KL loss to a distribution has a gradient too.
-    let target = candle_nn::ops::softmax(&Tensor::new(&[[0.2f32, 0.3, 0.5], [0.9, 0.05, 0.05]], &dev).unwrap(), D::Minus1).unwrap();
+    let target = candle_nn::ops::softmax(
+        &Tensor::new(&[[0.2f32, 0.3, 0.5], [0.9, 0.05, 0.05]], &dev).unwrap(),
+        D::Minus1,
+    )
+    .unwrap();
     let (_, g2, _) = embedding_grad(&model, &b, GradLoss::Distribution(&target), false).unwrap();
-    let norm = g2.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    let norm = g2
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(norm > 0.0 && norm.is_finite());
 }
 
@@ -159,13 +246,21 @@ fn checkpoint_mismatch_is_a_clear_error() {
     for f in ["model.safetensors", "tokenizer.json", "vocab.txt"] {
         std::fs::copy(common::model_dir().join(f), dir.path().join(f)).unwrap();
     }
-    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(common::model_dir().join("config.json")).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(common::model_dir().join("config.json")).unwrap())
+            .unwrap();
     cfg["hidden_size"] = 768.into();
     std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
     let ck = Checkpoint::open(dir.path()).unwrap();
-    let err = ck.load_classifier(&Device::Cpu, false, 2, None, 0).err().expect("mismatch must fail");
+    let err = ck
+        .load_classifier(&Device::Cpu, false, 2, None, 0)
+        .err()
+        .expect("mismatch must fail");
     let msg = format!("{err:#}");
-    assert!(msg.contains("embeddings.word_embeddings.weight") && msg.contains("do not match"), "{msg}");
+    assert!(
+        msg.contains("embeddings.word_embeddings.weight") && msg.contains("do not match"),
+        "{msg}"
+    );
     std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
     let msg = format!("{:#}", Checkpoint::open(dir.path()).err().unwrap());
     assert!(msg.contains("model.safetensors"), "{msg}");

@@ -6,9 +6,9 @@ mod common;
 
 use augpro::shards::reader::ShardReader;
 use augpro::shards::{Row, ShardSchema};
+use common::{augpro, fail, files, ok};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use common::{augpro, fail, files, ok};
 use std::process::Command;
 
 fn read_rows(dir: &Path) -> Vec<Row> {
@@ -33,24 +33,43 @@ fn smoke_pipeline_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();
     let a_root = tmp.path().join("a");
     let a = out_dir(&a_root);
-    let text = ok(&["augment", "pipelines/smoke.toml", "--out", a_root.to_str().unwrap()]);
+    let text = ok(&[
+        "augment",
+        "pipelines/smoke.toml",
+        "--out",
+        a_root.to_str().unwrap(),
+    ]);
     assert!(text.contains("shards:"), "{text}");
     let names = files(&a);
-    for f in ["manifest.json", "README.md", "timings.json", "train-00000-of-00002.parquet", "train-00001-of-00002.parquet"] {
+    for f in [
+        "manifest.json",
+        "README.md",
+        "timings.json",
+        "train-00000-of-00002.parquet",
+        "train-00001-of-00002.parquet",
+    ] {
         assert!(names.contains(&f.to_string()), "{f} missing in {names:?}");
     }
-    assert!(!names.iter().any(|n| n.contains(".tmp-")), "no temporary file left: {names:?}");
+    assert!(
+        !names.iter().any(|n| n.contains(".tmp-")),
+        "no temporary file left: {names:?}"
+    );
     assert!(ok(&["verify", a.to_str().unwrap()]).contains("ok"));
 
     // Every row: teacher logits of the task's width; augmented rows keep the source's
     // length, segments and special positions; projected rows contain no special token
     // elsewhere; virtual rows carry what the student needs to rebuild them.
     let rows = read_rows(&a);
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(a.join("manifest.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["source_examples"], 64);
     assert_eq!(rows.len() as u64, manifest["rows"].as_u64().unwrap());
     let tok = augpro::tokenize::TextTokenizer::load(&common::model_dir(), 128).unwrap();
-    let originals: HashMap<i64, &Row> = rows.iter().filter(|r| r.method == "original").map(|r| (r.idx, r)).collect();
+    let originals: HashMap<i64, &Row> = rows
+        .iter()
+        .filter(|r| r.method == "original")
+        .map(|r| (r.idx, r))
+        .collect();
     assert_eq!(originals.len(), 64);
     let mut per: HashMap<&str, usize> = HashMap::new();
     for r in &rows {
@@ -58,27 +77,59 @@ fn smoke_pipeline_end_to_end() {
         assert_eq!(r.teacher_logits.len(), 2);
         assert!(r.teacher_logits.iter().all(|x| x.is_finite()));
         let src = originals[&r.idx];
-        assert_eq!(r.input_ids.len(), src.input_ids.len(), "{} keeps the length", r.method);
-        assert_eq!(r.token_type_ids, src.token_type_ids, "{} keeps the segments", r.method);
+        assert_eq!(
+            r.input_ids.len(),
+            src.input_ids.len(),
+            "{} keeps the length",
+            r.method
+        );
+        assert_eq!(
+            r.token_type_ids, src.token_type_ids,
+            "{} keeps the segments",
+            r.method
+        );
         for (i, (&x, &y)) in r.input_ids.iter().zip(&src.input_ids).enumerate() {
             if tok.is_special(y) {
                 assert_eq!(x, y, "{}: special position {i} kept", r.method);
             } else {
-                assert!(!tok.is_special(x), "{}: projection produced a special token", r.method);
+                assert!(
+                    !tok.is_special(x),
+                    "{}: projection produced a special token",
+                    r.method
+                );
             }
         }
         match r.method {
             "original" => assert!(r.label.is_some()),
-            "mixup" => assert!(r.partner_input_ids.is_some() && r.lambda.is_some() && r.partner_idx.is_some()),
-            "fgsm" => assert_eq!(r.perturbation.as_ref().unwrap().len(), r.input_ids.len() * 384),
+            "mixup" => assert!(
+                r.partner_input_ids.is_some() && r.lambda.is_some() && r.partner_idx.is_some()
+            ),
+            "fgsm" => assert_eq!(
+                r.perturbation.as_ref().unwrap().len(),
+                r.input_ids.len() * 384
+            ),
             "augpro_mix" | "augpro_fgsm" | "token_replace" => {
-                assert_eq!(r.changed_tokens.unwrap() as usize, r.input_ids.iter().zip(&src.input_ids).filter(|(x, y)| x != y).count());
+                assert_eq!(
+                    r.changed_tokens.unwrap() as usize,
+                    r.input_ids
+                        .iter()
+                        .zip(&src.input_ids)
+                        .filter(|(x, y)| x != y)
+                        .count()
+                );
                 assert!(r.label.is_none());
             }
             m => panic!("unknown method {m}"),
         }
     }
-    for m in ["original", "augpro_mix", "augpro_fgsm", "token_replace", "mixup", "fgsm"] {
+    for m in [
+        "original",
+        "augpro_mix",
+        "augpro_fgsm",
+        "token_replace",
+        "mixup",
+        "fgsm",
+    ] {
         assert_eq!(per.get(m).copied().unwrap_or(0), 64, "{m} rows");
     }
     let d = &manifest["diagnostics"];
@@ -89,32 +140,94 @@ fn smoke_pipeline_end_to_end() {
     let b_root = tmp.path().join("b");
     let b = out_dir(&b_root);
     for i in ["0", "1"] {
-        ok(&["--threads", "1", "augment", "pipelines/smoke.toml", "--out", b_root.to_str().unwrap(), "--num-shards", "2", "--shard-index", i]);
+        ok(&[
+            "--threads",
+            "1",
+            "augment",
+            "pipelines/smoke.toml",
+            "--out",
+            b_root.to_str().unwrap(),
+            "--num-shards",
+            "2",
+            "--shard-index",
+            i,
+        ]);
     }
-    assert!(!b.join("manifest.json").exists(), "a single shard does not finalize");
-    ok(&["augment", "pipelines/smoke.toml", "--out", b_root.to_str().unwrap(), "--finalize"]);
-    for f in ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet", "manifest.json", "README.md"] {
-        let (x, y) = (std::fs::read(a.join(f)).unwrap(), std::fs::read(b.join(f)).unwrap());
+    assert!(
+        !b.join("manifest.json").exists(),
+        "a single shard does not finalize"
+    );
+    ok(&[
+        "augment",
+        "pipelines/smoke.toml",
+        "--out",
+        b_root.to_str().unwrap(),
+        "--finalize",
+    ]);
+    for f in [
+        "train-00000-of-00002.parquet",
+        "train-00001-of-00002.parquet",
+        "manifest.json",
+        "README.md",
+    ] {
+        let (x, y) = (
+            std::fs::read(a.join(f)).unwrap(),
+            std::fs::read(b.join(f)).unwrap(),
+        );
         assert!(x == y, "{f} differs between runs");
     }
 
     // Rerun: complete shards are skipped and nothing changes.
     let before = std::fs::read(a.join("train-00000-of-00002.parquet")).unwrap();
-    let text = ok(&["augment", "pipelines/smoke.toml", "--out", a_root.to_str().unwrap()]);
+    let text = ok(&[
+        "augment",
+        "pipelines/smoke.toml",
+        "--out",
+        a_root.to_str().unwrap(),
+    ]);
     assert!(text.contains("already complete, skipped"), "{text}");
-    assert!(before == std::fs::read(a.join("train-00000-of-00002.parquet")).unwrap(), "a skipped shard is untouched");
+    assert!(
+        before == std::fs::read(a.join("train-00000-of-00002.parquet")).unwrap(),
+        "a skipped shard is untouched"
+    );
 
     // A different configuration in the same directory is refused without --force.
     let cfg2 = tmp.path().join("smoke2.toml");
-    std::fs::write(&cfg2, std::fs::read_to_string(common::root().join("pipelines/smoke.toml")).unwrap().replace("seed = 7", "seed = 8")).unwrap();
-    let e = fail(&["augment", cfg2.to_str().unwrap(), "--out", a_root.to_str().unwrap()]);
-    assert!(e.contains("different pipeline configuration") && e.contains("--force"), "{e}");
+    std::fs::write(
+        &cfg2,
+        std::fs::read_to_string(common::root().join("pipelines/smoke.toml"))
+            .unwrap()
+            .replace("seed = 7", "seed = 8"),
+    )
+    .unwrap();
+    let e = fail(&[
+        "augment",
+        cfg2.to_str().unwrap(),
+        "--out",
+        a_root.to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("different pipeline configuration") && e.contains("--force"),
+        "{e}"
+    );
     // A completion summary this version cannot read is refused the same way.
     let odd_root = tmp.path().join("odd");
     std::fs::create_dir_all(out_dir(&odd_root)).unwrap();
-    std::fs::write(out_dir(&odd_root).join(".train-00000-of-00002.done.json"), b"{\"file\": 1}").unwrap();
-    let e = fail(&["augment", "pipelines/smoke.toml", "--out", odd_root.to_str().unwrap()]);
-    assert!(e.contains("unreadable shard summary") && e.contains("--force"), "{e}");
+    std::fs::write(
+        out_dir(&odd_root).join(".train-00000-of-00002.done.json"),
+        b"{\"file\": 1}",
+    )
+    .unwrap();
+    let e = fail(&[
+        "augment",
+        "pipelines/smoke.toml",
+        "--out",
+        odd_root.to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("unreadable shard summary") && e.contains("--force"),
+        "{e}"
+    );
 
     // Interoperability: pyarrow and polars read the shards.
     let py = format!(
@@ -136,17 +249,41 @@ print("interop ok", df.height)
 "#,
         dir = a.display()
     );
-    let o = Command::new("python3").arg("-c").arg(&py).output().expect("python3");
-    assert!(o.status.success(), "python interop failed: {}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new("python3")
+        .arg("-c")
+        .arg(&py)
+        .output()
+        .expect("python3");
+    assert!(
+        o.status.success(),
+        "python interop failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 
     let text = ok(&["inspect", a.to_str().unwrap()]);
-    assert!(text.contains("augpro_mix") && text.contains("source :"), "{text}");
+    assert!(
+        text.contains("augpro_mix") && text.contains("source :"),
+        "{text}"
+    );
 
     // The student trainer reads the shards and reports the metric.
     let s = tmp.path().join("student");
-    let text = ok(&["train-student", "--shards", a.to_str().unwrap(), "--task", "sst2", "--out", s.to_str().unwrap(), "--max-steps", "6", "--methods", "original,augpro_mix,mixup,fgsm"]);
+    let text = ok(&[
+        "train-student",
+        "--shards",
+        a.to_str().unwrap(),
+        "--task",
+        "sst2",
+        "--out",
+        s.to_str().unwrap(),
+        "--max-steps",
+        "6",
+        "--methods",
+        "original,augpro_mix,mixup,fgsm",
+    ]);
     assert!(text.contains("accuracy"), "{text}");
-    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(s.join("metrics.json")).unwrap()).unwrap();
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.join("metrics.json")).unwrap()).unwrap();
     assert_eq!(m["steps"], 6);
     let acc = m["validation"]["validation"]["accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&acc));
@@ -154,7 +291,17 @@ print("interop ok", df.height)
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         assert!(s.join(f).is_file(), "{f}");
     }
-    let e = fail(&["train-student", "--shards", a.to_str().unwrap(), "--task", "sst2", "--out", s.to_str().unwrap(), "--methods", "nope"]);
+    let e = fail(&[
+        "train-student",
+        "--shards",
+        a.to_str().unwrap(),
+        "--task",
+        "sst2",
+        "--out",
+        s.to_str().unwrap(),
+        "--methods",
+        "nope",
+    ]);
     assert!(e.contains("unknown method `nope`"), "{e}");
 
     verify_detects_damage(&a, tmp.path());
@@ -177,28 +324,52 @@ fn verify_detects_damage(good: &Path, tmp: &Path) {
         let o = augpro(&["verify", d.to_str().unwrap()]);
         let out = String::from_utf8_lossy(&o.stdout).to_string();
         assert!(!o.status.success(), "{name}: verify should fail");
-        assert!(out.contains(expect), "{name}: expected `{expect}` in:\n{out}");
+        assert!(
+            out.contains(expect),
+            "{name}: expected `{expect}` in:\n{out}"
+        );
     };
-    case("truncated", &|d| {
-        let p = d.join(shard);
-        let b = std::fs::read(&p).unwrap();
-        std::fs::write(&p, &b[..b.len() / 2]).unwrap();
-    }, "sha256");
-    case("flipped", &|d| {
-        let p = d.join(shard);
-        let mut b = std::fs::read(&p).unwrap();
-        let i = b.len() / 3;
-        b[i] ^= 0x40;
-        std::fs::write(&p, &b).unwrap();
-    }, "does not match the manifest");
-    case("missing", &|d| std::fs::remove_file(d.join(shard)).unwrap(), "missing shard");
-    case("extra", &|d| std::fs::write(d.join("stray.bin"), b"x").unwrap(), "unknown file");
-    case("lying-manifest", &|d| {
-        let p = d.join("manifest.json");
-        let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
-        m["shards"][1]["rows"] = (m["shards"][1]["rows"].as_u64().unwrap() + 5).into();
-        std::fs::write(&p, serde_json::to_string_pretty(&m).unwrap()).unwrap();
-    }, "manifest says");
+    case(
+        "truncated",
+        &|d| {
+            let p = d.join(shard);
+            let b = std::fs::read(&p).unwrap();
+            std::fs::write(&p, &b[..b.len() / 2]).unwrap();
+        },
+        "sha256",
+    );
+    case(
+        "flipped",
+        &|d| {
+            let p = d.join(shard);
+            let mut b = std::fs::read(&p).unwrap();
+            let i = b.len() / 3;
+            b[i] ^= 0x40;
+            std::fs::write(&p, &b).unwrap();
+        },
+        "does not match the manifest",
+    );
+    case(
+        "missing",
+        &|d| std::fs::remove_file(d.join(shard)).unwrap(),
+        "missing shard",
+    );
+    case(
+        "extra",
+        &|d| std::fs::write(d.join("stray.bin"), b"x").unwrap(),
+        "unknown file",
+    );
+    case(
+        "lying-manifest",
+        &|d| {
+            let p = d.join("manifest.json");
+            let mut m: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+            m["shards"][1]["rows"] = (m["shards"][1]["rows"].as_u64().unwrap() + 5).into();
+            std::fs::write(&p, serde_json::to_string_pretty(&m).unwrap()).unwrap();
+        },
+        "manifest says",
+    );
 }
 
 #[test]
@@ -208,24 +379,58 @@ fn bad_pipeline_files_are_refused_cleanly() {
     let cases: &[(&str, &str, &str)] = &[
         ("unknown-key", "seed = 7", "seed = 7\ncolour = \"red\""),
         ("wrong-type", "seed = 7", "seed = \"seven\""),
-        ("alpha", "alpha = 1.0\nlambda_mode", "alpha = 0.0\nlambda_mode"),
-        ("epsilon", "[methods.augpro_fgsm]\nepsilon_rel = 0.2", "[methods.augpro_fgsm]\nepsilon_rel = -0.1"),
+        (
+            "alpha",
+            "alpha = 1.0\nlambda_mode",
+            "alpha = 0.0\nlambda_mode",
+        ),
+        (
+            "epsilon",
+            "[methods.augpro_fgsm]\nepsilon_rel = 0.2",
+            "[methods.augpro_fgsm]\nepsilon_rel = -0.1",
+        ),
         ("p", "p = 0.15", "p = 1.5"),
         ("copies", "copies = 1\np", "copies = 0\np"),
         ("shards", "shards = 2", "shards = 0"),
         ("task", "task = \"sst2\"", "task = \"imdb\""),
     ];
-    let expect = ["colour", "seed", "alpha", "ε must be >= 0", "`methods.token_replace.p`", "copies", "`shards`", "unknown GLUE task"];
+    let expect = [
+        "colour",
+        "seed",
+        "alpha",
+        "ε must be >= 0",
+        "`methods.token_replace.p`",
+        "copies",
+        "`shards`",
+        "unknown GLUE task",
+    ];
     for ((name, from, to), want) in cases.iter().zip(expect) {
         assert!(base.contains(from), "{name}: fixture text not found");
         let p = tmp.path().join(format!("{name}.toml"));
         std::fs::write(&p, base.replacen(from, to, 1)).unwrap();
         let out = tmp.path().join(format!("out-{name}"));
-        let e = fail(&["augment", p.to_str().unwrap(), "--out", out.to_str().unwrap()]);
-        assert!(e.contains(want) && e.contains(&format!("{name}.toml")), "{name}: {e}");
+        let e = fail(&[
+            "augment",
+            p.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(
+            e.contains(want) && e.contains(&format!("{name}.toml")),
+            "{name}: {e}"
+        );
         assert!(!out.exists(), "{name}: no output written");
     }
-    let e = fail(&["augment", "pipelines/smoke.toml", "--out", tmp.path().join("o").to_str().unwrap(), "--num-shards", "2", "--shard-index", "2"]);
+    let e = fail(&[
+        "augment",
+        "pipelines/smoke.toml",
+        "--out",
+        tmp.path().join("o").to_str().unwrap(),
+        "--num-shards",
+        "2",
+        "--shard-index",
+        "2",
+    ]);
     assert!(e.contains("--shard-index 2 is out of range"), "{e}");
     let e = fail(&["augment", tmp.path().join("nope.toml").to_str().unwrap()]);
     assert!(e.contains("nope.toml: cannot read pipeline file"), "{e}");
@@ -234,8 +439,14 @@ fn bad_pipeline_files_are_refused_cleanly() {
 #[test]
 fn shipped_pipelines_are_valid() {
     for p in ["sst2", "cola", "mrpc", "stsb", "smoke"] {
-        let cfg = augpro::config::PipelineConfig::load(&common::root().join(format!("pipelines/{p}.toml"))).unwrap();
-        assert!(cfg.methods.augpro_mix.is_some() && cfg.methods.augpro_fgsm.is_some(), "{p} enables AugPro");
+        let cfg = augpro::config::PipelineConfig::load(
+            &common::root().join(format!("pipelines/{p}.toml")),
+        )
+        .unwrap();
+        assert!(
+            cfg.methods.augpro_mix.is_some() && cfg.methods.augpro_fgsm.is_some(),
+            "{p} enables AugPro"
+        );
     }
 }
 
@@ -243,12 +454,38 @@ fn shipped_pipelines_are_valid() {
 fn report_smoke_preset_writes_every_method() {
     let tmp = tempfile::tempdir().unwrap();
     let shards = format!("output={}", tmp.path().join("shards").display());
-    let text = ok(&["report", "--task", "sst2", "--preset", "smoke", "--out", tmp.path().to_str().unwrap(), "--set", &shards]);
+    let text = ok(&[
+        "report",
+        "--task",
+        "sst2",
+        "--preset",
+        "smoke",
+        "--out",
+        tmp.path().to_str().unwrap(),
+        "--set",
+        &shards,
+    ]);
     assert!(text.contains("| augpro_fgsm |"), "{text}");
     let dir = tmp.path().join("sst2");
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("results.json")).unwrap()).unwrap();
-    let methods: Vec<&str> = r["methods"].as_array().unwrap().iter().map(|m| m["method"].as_str().unwrap()).collect();
-    assert_eq!(methods, ["original", "token_replace", "mixup", "fgsm", "augpro_mix", "augpro_fgsm"]);
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("results.json")).unwrap()).unwrap();
+    let methods: Vec<&str> = r["methods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["method"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        methods,
+        [
+            "original",
+            "token_replace",
+            "mixup",
+            "fgsm",
+            "augpro_mix",
+            "augpro_fgsm"
+        ]
+    );
     for m in r["methods"].as_array().unwrap() {
         let v = m["mean"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&v), "{m}");
@@ -260,9 +497,27 @@ fn report_smoke_preset_writes_every_method() {
         assert!(meta.len() > 200, "{f} is written");
     }
     // A rerun reuses the finished students and gives the same table.
-    let again = ok(&["report", "--task", "sst2", "--preset", "smoke", "--out", tmp.path().to_str().unwrap(), "--set", &shards]);
-    assert_eq!(again.lines().filter(|l| l.starts_with("student:") && l.contains("reusing")).count(), 12, "{again}");
-    let r2: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("results.json")).unwrap()).unwrap();
+    let again = ok(&[
+        "report",
+        "--task",
+        "sst2",
+        "--preset",
+        "smoke",
+        "--out",
+        tmp.path().to_str().unwrap(),
+        "--set",
+        &shards,
+    ]);
+    assert_eq!(
+        again
+            .lines()
+            .filter(|l| l.starts_with("student:") && l.contains("reusing"))
+            .count(),
+        12,
+        "{again}"
+    );
+    let r2: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("results.json")).unwrap()).unwrap();
     assert_eq!(r["methods"], r2["methods"]);
 }
 
@@ -273,20 +528,41 @@ fn augpro_fgsm_with_a_student_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let base = std::fs::read_to_string(common::root().join("pipelines/smoke.toml")).unwrap();
     let methods_at = base.find("[methods.augpro_mix]").unwrap();
-    let text = base[..methods_at].replace("max_examples = 64", "max_examples = 16").replace("shards = 2", "shards = 1")
+    let text = base[..methods_at]
+        .replace("max_examples = 64", "max_examples = 16")
+        .replace("shards = 2", "shards = 1")
         + "[methods.augpro_fgsm]\nepsilon_rel = 0.3\nstudent = \"data/models/minilm-l6\"\n";
     let p = tmp.path().join("student-fgsm.toml");
     std::fs::write(&p, text).unwrap();
     let out = tmp.path().join("o");
-    ok(&["augment", p.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    ok(&[
+        "augment",
+        p.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     let rows = read_rows(&out.join("sst2/smoke"));
     let fg: Vec<&Row> = rows.iter().filter(|r| r.method == "augpro_fgsm").collect();
     assert_eq!(fg.len(), 16);
-    assert!(fg.iter().map(|r| r.changed_tokens.unwrap()).sum::<u32>() > 0, "the student-space perturbation changes tokens");
+    assert!(
+        fg.iter().map(|r| r.changed_tokens.unwrap()).sum::<u32>() > 0,
+        "the student-space perturbation changes tokens"
+    );
 
     let bad = tmp.path().join("bad-student.toml");
-    std::fs::write(&bad, std::fs::read_to_string(&p).unwrap().replace("data/models/minilm-l6\"\n", "/nonexistent/student\"\n")).unwrap();
-    let e = fail(&["augment", bad.to_str().unwrap(), "--out", tmp.path().join("o2").to_str().unwrap()]);
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("data/models/minilm-l6\"\n", "/nonexistent/student\"\n"),
+    )
+    .unwrap();
+    let e = fail(&[
+        "augment",
+        bad.to_str().unwrap(),
+        "--out",
+        tmp.path().join("o2").to_str().unwrap(),
+    ]);
     assert!(e.contains("/nonexistent/student"), "{e}");
 }
 
@@ -296,7 +572,12 @@ fn unusable_outputs_and_models_are_refused() {
     // Output below a regular file cannot be created.
     let file = tmp.path().join("plain-file");
     std::fs::write(&file, b"x").unwrap();
-    let e = fail(&["augment", "pipelines/smoke.toml", "--out", file.join("sub").to_str().unwrap()]);
+    let e = fail(&[
+        "augment",
+        "pipelines/smoke.toml",
+        "--out",
+        file.join("sub").to_str().unwrap(),
+    ]);
     assert!(e.contains("cannot create output directory"), "{e}");
     // A student whose vocabulary differs from the teacher's.
     let student = tmp.path().join("student");
@@ -304,15 +585,43 @@ fn unusable_outputs_and_models_are_refused() {
     for f in ["model.safetensors", "tokenizer.json"] {
         std::fs::copy(common::model_dir().join(f), student.join(f)).unwrap();
     }
-    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(common::model_dir().join("config.json")).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(common::model_dir().join("config.json")).unwrap())
+            .unwrap();
     cfg["vocab_size"] = 30000.into();
     std::fs::write(student.join("config.json"), cfg.to_string()).unwrap();
     let out = tmp.path().join("shards");
-    ok(&["augment", "pipelines/smoke.toml", "--out", out.to_str().unwrap()]);
-    let e = fail(&["train-student", "--shards", out.join("sst2/smoke").to_str().unwrap(), "--task", "sst2", "--out", tmp.path().join("s").to_str().unwrap(), "--model", student.to_str().unwrap()]);
+    ok(&[
+        "augment",
+        "pipelines/smoke.toml",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let e = fail(&[
+        "train-student",
+        "--shards",
+        out.join("sst2/smoke").to_str().unwrap(),
+        "--task",
+        "sst2",
+        "--out",
+        tmp.path().join("s").to_str().unwrap(),
+        "--model",
+        student.to_str().unwrap(),
+    ]);
     assert!(e.contains("must share the teacher's vocabulary"), "{e}");
     // A tokenizer that does not fit the model's embedding table.
-    let e = fail(&["teacher", "train", "--task", "sst2", "--model", student.to_str().unwrap(), "--out", tmp.path().join("t").to_str().unwrap(), "--max-steps", "1"]);
+    let e = fail(&[
+        "teacher",
+        "train",
+        "--task",
+        "sst2",
+        "--model",
+        student.to_str().unwrap(),
+        "--out",
+        tmp.path().join("t").to_str().unwrap(),
+        "--max-steps",
+        "1",
+    ]);
     assert!(e.contains("tokenizer and model do not match"), "{e}");
 }
 
@@ -329,7 +638,12 @@ fn pair_and_regression_tasks_end_to_end() {
         let p = tmp.path().join(format!("{task}.toml"));
         std::fs::write(&p, text).unwrap();
         let root = tmp.path().join("out");
-        ok(&["augment", p.to_str().unwrap(), "--out", root.to_str().unwrap()]);
+        ok(&[
+            "augment",
+            p.to_str().unwrap(),
+            "--out",
+            root.to_str().unwrap(),
+        ]);
         let dir = root.join(task).join("smoke");
         ok(&["verify", dir.to_str().unwrap()]);
         let schema = ShardSchema::new(augpro::glue::task(task).unwrap());
@@ -338,11 +652,24 @@ fn pair_and_regression_tasks_end_to_end() {
         let rows = r.next_rows(&schema).unwrap().unwrap();
         for row in &rows {
             assert_eq!(row.texts.len(), 2, "{task}: both sentences written");
-            assert!(row.token_type_ids.contains(&1), "{task}: second segment kept");
+            assert!(
+                row.token_type_ids.contains(&1),
+                "{task}: second segment kept"
+            );
             assert_eq!(row.teacher_logits.len(), if task == "stsb" { 1 } else { 2 });
         }
         let s = tmp.path().join(format!("student-{task}"));
-        let text = ok(&["train-student", "--shards", dir.to_str().unwrap(), "--task", task, "--out", s.to_str().unwrap(), "--max-steps", "2"]);
+        let text = ok(&[
+            "train-student",
+            "--shards",
+            dir.to_str().unwrap(),
+            "--task",
+            task,
+            "--out",
+            s.to_str().unwrap(),
+            "--max-steps",
+            "2",
+        ]);
         assert!(text.contains(metric), "{text}");
     }
 }
@@ -352,25 +679,85 @@ fn slurm_dry_run_and_pipeline_overrides() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("o");
     let cache = format!("teacher.cache_dir={}", tmp.path().join("t").display());
-    let text = ok(&["slurm", "submit", "pipelines/smoke.toml", "--shards", "3", "--out", root.to_str().unwrap(), "--set", &cache, "--partition", "gpu", "--cpus-per-task", "4", "--dry-run"]);
+    let text = ok(&[
+        "slurm",
+        "submit",
+        "pipelines/smoke.toml",
+        "--shards",
+        "3",
+        "--out",
+        root.to_str().unwrap(),
+        "--set",
+        &cache,
+        "--partition",
+        "gpu",
+        "--cpus-per-task",
+        "4",
+        "--dry-run",
+    ]);
     // No teacher yet in the fresh cache: three stages, chained with afterok.
-    assert!(text.contains("# teacher: sbatch --parsable") && text.contains("--teacher-only"), "{text}");
-    assert!(text.contains("--array=0-2 --dependency=afterok:<teacher job id> --kill-on-invalid-dep=yes"), "{text}");
-    assert!(text.contains("--shard-index \"$SLURM_ARRAY_TASK_ID\"") && text.contains("--num-shards 3"), "{text}");
-    assert!(text.contains("#SBATCH --partition=gpu") && text.contains("#SBATCH --cpus-per-task=4"), "{text}");
-    assert!(text.contains("--finalize") && text.contains(" verify "), "{text}");
+    assert!(
+        text.contains("# teacher: sbatch --parsable") && text.contains("--teacher-only"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "--array=0-2 --dependency=afterok:<teacher job id> --kill-on-invalid-dep=yes"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("--shard-index \"$SLURM_ARRAY_TASK_ID\"") && text.contains("--num-shards 3"),
+        "{text}"
+    );
+    assert!(
+        text.contains("#SBATCH --partition=gpu") && text.contains("#SBATCH --cpus-per-task=4"),
+        "{text}"
+    );
+    assert!(
+        text.contains("--finalize") && text.contains(" verify "),
+        "{text}"
+    );
     assert!(!root.exists(), "a dry run writes nothing");
 
     // A Kubernetes Indexed Job gives the shard in JOB_COMPLETION_INDEX.
     let k8s = tmp.path().join("k8s");
-    let o = common::augpro_cmd(&["augment", "pipelines/smoke.toml", "--num-shards", "2", "--out", k8s.to_str().unwrap()]).env("JOB_COMPLETION_INDEX", "1").output().unwrap();
+    let o = common::augpro_cmd(&[
+        "augment",
+        "pipelines/smoke.toml",
+        "--num-shards",
+        "2",
+        "--out",
+        k8s.to_str().unwrap(),
+    ])
+    .env("JOB_COMPLETION_INDEX", "1")
+    .output()
+    .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let names = files(&k8s.join("sst2/smoke"));
-    assert!(names.contains(&"train-00001-of-00002.parquet".to_string()) && !names.iter().any(|n| n.contains("00000") || n == "manifest.json"), "{names:?}");
+    assert!(
+        names.contains(&"train-00001-of-00002.parquet".to_string())
+            && !names
+                .iter()
+                .any(|n| n.contains("00000") || n == "manifest.json"),
+        "{names:?}"
+    );
 
-    let e = fail(&["slurm", "submit", "pipelines/smoke.toml", "--shards", "0", "--dry-run"]);
+    let e = fail(&[
+        "slurm",
+        "submit",
+        "pipelines/smoke.toml",
+        "--shards",
+        "0",
+        "--dry-run",
+    ]);
     assert!(e.contains("--shards must be at least 1"), "{e}");
-    let e = fail(&["augment", "pipelines/smoke.toml", "--set", "methods.augpro_mix.alpha=-1"]);
+    let e = fail(&[
+        "augment",
+        "pipelines/smoke.toml",
+        "--set",
+        "methods.augpro_mix.alpha=-1",
+    ]);
     assert!(e.contains("alpha"), "{e}");
     let e = fail(&["augment", "pipelines/smoke.toml", "--set", "nonsense=1"]);
     assert!(e.contains("nonsense"), "{e}");
@@ -379,9 +766,32 @@ fn slurm_dry_run_and_pipeline_overrides() {
 
     // Texts longer than max_seq_len are truncated, not refused, and counted.
     let out = tmp.path().join("short");
-    let text = ok(&["augment", "pipelines/smoke.toml", "--out", out.to_str().unwrap(), "--set", "max_seq_len=8", "--set", "max_examples=8", "--set", "shards=1", "--set", "methods={}"]);
-    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("sst2/smoke/manifest.json")).unwrap()).unwrap();
+    let text = ok(&[
+        "augment",
+        "pipelines/smoke.toml",
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "max_seq_len=8",
+        "--set",
+        "max_examples=8",
+        "--set",
+        "shards=1",
+        "--set",
+        "methods={}",
+    ]);
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("sst2/smoke/manifest.json")).unwrap())
+            .unwrap();
     let n = m["truncated_examples"].as_u64().unwrap();
-    assert!(n > 0 && text.contains(&format!("{n} of 8 source examples were longer than max_seq_len = 8 tokens and truncated")), "{text}");
-    assert!(read_rows(&out.join("sst2/smoke")).iter().all(|r| r.input_ids.len() <= 8));
+    assert!(
+        n > 0
+            && text.contains(&format!(
+                "{n} of 8 source examples were longer than max_seq_len = 8 tokens and truncated"
+            )),
+        "{text}"
+    );
+    assert!(read_rows(&out.join("sst2/smoke"))
+        .iter()
+        .all(|r| r.input_ids.len() <= 8));
 }

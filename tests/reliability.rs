@@ -13,7 +13,12 @@ use std::process::{Command, Stdio};
 const SMOKE: &str = "sst2/smoke";
 
 fn augment_cmd(out_root: &Path, extra: &[&str]) -> Command {
-    let mut c = common::augpro_cmd(&["augment", "pipelines/smoke.toml", "--out", out_root.to_str().unwrap()]);
+    let mut c = common::augpro_cmd(&[
+        "augment",
+        "pipelines/smoke.toml",
+        "--out",
+        out_root.to_str().unwrap(),
+    ]);
     c.args(extra);
     c
 }
@@ -22,17 +27,29 @@ fn augment_cmd(out_root: &Path, extra: &[&str]) -> Command {
 fn no_temporaries(dir: &Path) {
     if dir.is_dir() {
         let names = files(dir);
-        assert!(!names.iter().any(|n| n.contains(".tmp-")), "temporary left in {}: {names:?}", dir.display());
+        assert!(
+            !names.iter().any(|n| n.contains(".tmp-")),
+            "temporary left in {}: {names:?}",
+            dir.display()
+        );
     }
 }
 
 /// Asserts that every content file of `a` (shards, summaries, manifest, card) is
 /// byte-identical in `b`; timings are wall-clock and excluded.
 fn same_outputs(a: &Path, b: &Path) {
-    let content = |d: &Path| files(d).into_iter().filter(|n| !n.contains("timing")).collect::<Vec<_>>();
+    let content = |d: &Path| {
+        files(d)
+            .into_iter()
+            .filter(|n| !n.contains("timing"))
+            .collect::<Vec<_>>()
+    };
     assert_eq!(content(a), content(b), "file sets differ");
     for f in content(a) {
-        assert!(std::fs::read(a.join(&f)).unwrap() == std::fs::read(b.join(&f)).unwrap(), "{f} differs from the uninterrupted run");
+        assert!(
+            std::fs::read(a.join(&f)).unwrap() == std::fs::read(b.join(&f)).unwrap(),
+            "{f} differs from the uninterrupted run"
+        );
     }
 }
 
@@ -50,27 +67,60 @@ fn sigkill_at_every_stage_then_resume_is_byte_identical() {
     let root = tmp.path().join("killed");
     let out = root.join(SMOKE);
     let kill_at = |point: &str| {
-        let o = augment_cmd(&root, &["--set", &set]).env("AUGPRO_FAILPOINT", point).output().unwrap();
+        let o = augment_cmd(&root, &["--set", &set])
+            .env("AUGPRO_FAILPOINT", point)
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&o.stderr).to_string();
-        assert_eq!(o.status.signal(), Some(libc::SIGKILL), "{point}: expected SIGKILL, got {:?}\n{err}", o.status);
+        assert_eq!(
+            o.status.signal(),
+            Some(libc::SIGKILL),
+            "{point}: expected SIGKILL, got {:?}\n{err}",
+            o.status
+        );
         assert!(err.contains(&format!("failpoint {point}")), "{err}");
     };
     // During teacher training: no teacher is in place, only its temporary.
     kill_at("teacher-step");
-    let teachers = if cache.is_dir() { files(&cache) } else { Vec::new() };
+    let teachers = if cache.is_dir() {
+        files(&cache)
+    } else {
+        Vec::new()
+    };
     assert!(teachers.iter().all(|n| n.contains(".tmp-")), "{teachers:?}");
     // During the first shard: its file exists only under a temporary name.
     kill_at("shard-batch");
-    assert!(files(&out).iter().any(|n| n.starts_with(".train-00000-of-00002.parquet.tmp-")), "{:?}", files(&out));
+    assert!(
+        files(&out)
+            .iter()
+            .any(|n| n.starts_with(".train-00000-of-00002.parquet.tmp-")),
+        "{:?}",
+        files(&out)
+    );
     assert!(!out.join("train-00000-of-00002.parquet").exists());
     // Between shards: shard 0 complete, shard 1 not started.
     kill_at("shard-done");
-    assert!(out.join(".train-00000-of-00002.done.json").is_file() && !out.join("train-00001-of-00002.parquet").exists());
+    assert!(
+        out.join(".train-00000-of-00002.done.json").is_file()
+            && !out.join("train-00001-of-00002.parquet").exists()
+    );
     // While the manifest is written.
     kill_at("manifest-write");
-    assert!(!out.join("manifest.json").exists() && files(&out).iter().any(|n| n.starts_with(".manifest.json.tmp-")));
+    assert!(
+        !out.join("manifest.json").exists()
+            && files(&out)
+                .iter()
+                .any(|n| n.starts_with(".manifest.json.tmp-"))
+    );
 
-    let text = ok(&["augment", "pipelines/smoke.toml", "--out", root.to_str().unwrap(), "--set", &set]);
+    let text = ok(&[
+        "augment",
+        "pipelines/smoke.toml",
+        "--out",
+        root.to_str().unwrap(),
+        "--set",
+        &set,
+    ]);
     assert!(text.contains("already complete, skipped"), "{text}");
     same_outputs(&reference.join(SMOKE), &out);
     no_temporaries(&out);
@@ -83,7 +133,11 @@ fn sigint_stops_cleanly_and_the_rerun_completes() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("int");
     let out = root.join(SMOKE);
-    let mut child = augment_cmd(&root, &[]).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    let mut child = augment_cmd(&root, &[])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
     let mut err = BufReader::new(child.stderr.take().unwrap());
     let mut seen = String::new();
     let mut line = String::new();
@@ -101,9 +155,17 @@ fn sigint_stops_cleanly_and_the_rerun_completes() {
     let status = child.wait().unwrap();
     seen.push_str(&rest);
     assert_eq!(status.code(), Some(130), "{seen}");
-    assert!(seen.contains("interrupted") && seen.contains("rerun the same command to resume"), "{seen}");
+    assert!(
+        seen.contains("interrupted") && seen.contains("rerun the same command to resume"),
+        "{seen}"
+    );
     no_temporaries(&out);
-    ok(&["augment", "pipelines/smoke.toml", "--out", root.to_str().unwrap()]);
+    ok(&[
+        "augment",
+        "pipelines/smoke.toml",
+        "--out",
+        root.to_str().unwrap(),
+    ]);
     assert!(ok(&["verify", out.to_str().unwrap()]).contains("ok"));
 }
 
@@ -125,13 +187,24 @@ fn a_full_disk_keeps_completed_shards_and_resumes() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let reference = tmp.path().join("ref");
-    ok(&["augment", "pipelines/smoke.toml", "--out", reference.to_str().unwrap()]);
-    let shard0 = std::fs::metadata(reference.join(SMOKE).join("train-00000-of-00002.parquet")).unwrap().len();
+    ok(&[
+        "augment",
+        "pipelines/smoke.toml",
+        "--out",
+        reference.to_str().unwrap(),
+    ]);
+    let shard0 = std::fs::metadata(reference.join(SMOKE).join("train-00000-of-00002.parquet"))
+        .unwrap()
+        .len();
     // Room for shard 0 and its small files, not for shard 1.
     let size_k = shard0.div_ceil(4096) * 4 + 20;
     let small = tmp.path().join("small");
     std::fs::create_dir_all(&small).unwrap();
-    let st = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size_k}k"), "tmpfs"]).arg(&small).status().unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size_k}k"), "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
     assert!(st.success(), "mount tmpfs");
     let _guard = Mount(small.clone());
     let out = small.join(SMOKE);
@@ -141,18 +214,42 @@ fn a_full_disk_keeps_completed_shards_and_resumes() {
     assert!(!o.status.success(), "a full disk must fail the run");
     let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(lines.len(), 1, "{err}");
-    assert!(lines[0].contains("train-00001-of-00002.parquet") && lines[0].contains("No space left on device"), "{}", lines[0]);
+    assert!(
+        lines[0].contains("train-00001-of-00002.parquet")
+            && lines[0].contains("No space left on device"),
+        "{}",
+        lines[0]
+    );
     // Shard 0 is intact and matches its summary; nothing of shard 1 is left.
     let names = files(&out);
-    assert!(names.contains(&"train-00000-of-00002.parquet".to_string()) && !names.iter().any(|n| n.contains("00001")), "{names:?}");
-    assert!(std::fs::read(out.join("train-00000-of-00002.parquet")).unwrap() == std::fs::read(reference.join(SMOKE).join("train-00000-of-00002.parquet")).unwrap());
+    assert!(
+        names.contains(&"train-00000-of-00002.parquet".to_string())
+            && !names.iter().any(|n| n.contains("00001")),
+        "{names:?}"
+    );
+    assert!(
+        std::fs::read(out.join("train-00000-of-00002.parquet")).unwrap()
+            == std::fs::read(reference.join(SMOKE).join("train-00000-of-00002.parquet")).unwrap()
+    );
     no_temporaries(&out);
 
     // Free space and rerun: shard 0 is skipped and the result equals the reference.
-    let st = Command::new("mount").args(["-o", "remount,size=4m"]).arg(&small).status().unwrap();
+    let st = Command::new("mount")
+        .args(["-o", "remount,size=4m"])
+        .arg(&small)
+        .status()
+        .unwrap();
     assert!(st.success(), "remount");
-    let text = ok(&["augment", "pipelines/smoke.toml", "--out", small.to_str().unwrap()]);
-    assert!(text.contains("shard 0/2: already complete, skipped"), "{text}");
+    let text = ok(&[
+        "augment",
+        "pipelines/smoke.toml",
+        "--out",
+        small.to_str().unwrap(),
+    ]);
+    assert!(
+        text.contains("shard 0/2: already complete, skipped"),
+        "{text}"
+    );
     same_outputs(&reference.join(SMOKE), &out);
     no_temporaries(&out);
 }

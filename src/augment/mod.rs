@@ -11,8 +11,8 @@ pub mod replace;
 use crate::config::{FgsmConfig, MethodsConfig, PipelineConfig};
 use crate::data::Example;
 use crate::metrics::argmax;
-use crate::shards::Row;
 use crate::model::{Checkpoint, SeqClassifier};
+use crate::shards::Row;
 use crate::teacher::{embedding_grad, GradLoss, Teacher};
 use crate::tokenize::Encoded;
 use crate::util::derive_seed;
@@ -102,34 +102,70 @@ struct Variant {
 impl<'a> Engine<'a> {
     /// Builds the FAISS index over the teacher's embedding table.
     pub fn new(teacher: &'a Teacher, cfg: &PipelineConfig) -> Result<Self> {
-        let t = teacher.embedding_table().to_device(&candle_core::Device::Cpu)?.to_dtype(DType::F32)?;
+        let t = teacher
+            .embedding_table()
+            .to_device(&candle_core::Device::Cpu)?
+            .to_dtype(DType::F32)?;
         let (_, dim) = t.dims2()?;
         let table: Vec<f32> = t.flatten_all()?.to_vec1()?;
         let tok = &teacher.tokenizer;
-        let special: Vec<bool> = (0..table.len() / dim).map(|i| tok.is_special(i as u32)).collect();
+        let special: Vec<bool> = (0..table.len() / dim)
+            .map(|i| tok.is_special(i as u32))
+            .collect();
         let keep = |i: u32| !special[i as usize];
         let (projector, nn_scale) = index_table(&table, dim, keep, &cfg.projection)?;
-        let student = match cfg.methods.augpro_fgsm.as_ref().and_then(|c| c.student.as_ref()) {
+        let student = match cfg
+            .methods
+            .augpro_fgsm
+            .as_ref()
+            .and_then(|c| c.student.as_ref())
+        {
             Some(dir) => {
                 let ck = Checkpoint::open(dir)?;
                 if ck.config.vocab_size != table.len() / dim {
                     bail!("{}: student vocabulary has {} tokens, the teacher's has {}; they must share the vocabulary", dir.display(), ck.config.vocab_size, table.len() / dim);
                 }
-                let (model, _) = ck.load_classifier(&teacher.device, false, teacher.task.num_labels, None, 0)?;
-                let st = model.bert.word_embeddings().to_device(&candle_core::Device::Cpu)?.to_dtype(DType::F32)?;
+                let (model, _) =
+                    ck.load_classifier(&teacher.device, false, teacher.task.num_labels, None, 0)?;
+                let st = model
+                    .bert
+                    .word_embeddings()
+                    .to_device(&candle_core::Device::Cpu)?
+                    .to_dtype(DType::F32)?;
                 let sdim = st.dim(1)?;
                 let stable: Vec<f32> = st.flatten_all()?.to_vec1()?;
                 let (projector, nn_scale) = index_table(&stable, sdim, keep, &cfg.projection)?;
-                Some(StudentSpace { model, table: stable, dim: sdim, projector, nn_scale })
+                Some(StudentSpace {
+                    model,
+                    table: stable,
+                    dim: sdim,
+                    projector,
+                    nn_scale,
+                })
             }
             None => None,
         };
-        Ok(Self { teacher, table, dim, projector, methods: cfg.methods.clone(), nn_scale, special, pad_id: tok.pad_id, stages: Default::default(), student })
+        Ok(Self {
+            teacher,
+            table,
+            dim,
+            projector,
+            methods: cfg.methods.clone(),
+            nn_scale,
+            special,
+            pad_id: tok.pad_id,
+            stages: Default::default(),
+            student,
+        })
     }
 
     /// Adds `secs` to the time of a pipeline stage (`teacher`, `projection`, `decode`, ...).
     pub fn add_stage(&self, stage: &str, secs: f64) {
-        *self.stages.borrow_mut().entry(stage.to_string()).or_default() += secs;
+        *self
+            .stages
+            .borrow_mut()
+            .entry(stage.to_string())
+            .or_default() += secs;
     }
 
     /// Seconds spent per stage since the last call (drains the counters).
@@ -161,7 +197,12 @@ impl<'a> Engine<'a> {
     }
 
     /// Projects the rows of `embeds` at positions where `mask` is set; other positions keep `ids`.
-    fn project(&mut self, ids: &[Vec<u32>], embeds: &[Vec<f32>], masks: &[Vec<bool>]) -> Result<Vec<Vec<u32>>> {
+    fn project(
+        &mut self,
+        ids: &[Vec<u32>],
+        embeds: &[Vec<f32>],
+        masks: &[Vec<bool>],
+    ) -> Result<Vec<Vec<u32>>> {
         let t = Instant::now();
         let out = project_rows(&mut self.projector, self.dim, ids, embeds, masks);
         self.add_stage("projection", t.elapsed().as_secs_f64());
@@ -170,9 +211,17 @@ impl<'a> Engine<'a> {
 
     /// Signs of the gradient of `loss` w.r.t. `model`'s input embeddings, per example
     /// (`[len × hidden]`, zero at special positions).
-    fn gradient_signs(&self, model: &SeqClassifier, encs: &[Encoded], loss: GradLoss) -> Result<Vec<Vec<i8>>> {
+    fn gradient_signs(
+        &self,
+        model: &SeqClassifier,
+        encs: &[Encoded],
+        loss: GradLoss,
+    ) -> Result<Vec<Vec<i8>>> {
         let t = Instant::now();
-        let r: Vec<(&[u32], &[u8])> = encs.iter().map(|e| (e.ids.as_slice(), e.type_ids.as_slice())).collect();
+        let r: Vec<(&[u32], &[u8])> = encs
+            .iter()
+            .map(|e| (e.ids.as_slice(), e.type_ids.as_slice()))
+            .collect();
         let b = self.teacher.batch(&r)?;
         let (_, grad, _) = embedding_grad(model, &b, loss, self.teacher.task.is_regression())?;
         let dim = grad.dim(2)?;
@@ -199,7 +248,10 @@ impl<'a> Engine<'a> {
     }
 
     fn logits_embeds(&self, encs: &[&Encoded], embeds: &[Vec<f32>]) -> Result<Vec<Vec<f32>>> {
-        let r: Vec<(&[u32], &[u8])> = encs.iter().map(|e| (e.ids.as_slice(), e.type_ids.as_slice())).collect();
+        let r: Vec<(&[u32], &[u8])> = encs
+            .iter()
+            .map(|e| (e.ids.as_slice(), e.type_ids.as_slice()))
+            .collect();
         let b = self.teacher.batch(&r)?;
         let pad = self.embeds_of(&[self.pad_id]);
         let mut flat = Vec::with_capacity(encs.len() * b.seq_len * self.dim);
@@ -210,8 +262,16 @@ impl<'a> Engine<'a> {
             }
         }
         let t0 = Instant::now();
-        let t = Tensor::from_vec(flat, (encs.len(), b.seq_len, self.dim), &self.teacher.device)?;
-        let out = self.teacher.logits_from_embeds(&t, &b)?.to_dtype(DType::F32)?.to_vec2()?;
+        let t = Tensor::from_vec(
+            flat,
+            (encs.len(), b.seq_len, self.dim),
+            &self.teacher.device,
+        )?;
+        let out = self
+            .teacher
+            .logits_from_embeds(&t, &b)?
+            .to_dtype(DType::F32)?
+            .to_vec2()?;
         self.add_stage("teacher", t0.elapsed().as_secs_f64());
         Ok(out)
     }
@@ -229,7 +289,13 @@ impl<'a> Engine<'a> {
             .collect()
     }
 
-    fn mix_variants(&mut self, encs: &[&Encoded], c: &crate::config::MixConfig, project: bool, rng: &mut ChaCha8Rng) -> Result<Vec<Variant>> {
+    fn mix_variants(
+        &mut self,
+        encs: &[&Encoded],
+        c: &crate::config::MixConfig,
+        project: bool,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Vec<Variant>> {
         if encs.len() < 2 {
             // No partner other than the example itself: no mixed row.
             return Ok(Vec::new());
@@ -241,20 +307,38 @@ impl<'a> Engine<'a> {
         let mut lambdas = Vec::new();
         for (i, e) in encs.iter().enumerate() {
             let p = encs[partners[i]];
-            let al = mix::align(&e.ids, &e.type_ids, &p.ids, &p.type_ids, &|t| self.is_special(t));
+            let al = mix::align(&e.ids, &e.type_ids, &p.ids, &p.type_ids, &|t| {
+                self.is_special(t)
+            });
             let (lam, per_pos): (Option<f32>, Vec<f32>) = match c.lambda_mode {
                 LambdaMode::Sequence => {
                     let l = mix::draw_lambda(rng, c.alpha, c.lambda_min);
                     (Some(l), vec![l; e.ids.len()])
                 }
-                LambdaMode::Position => (None, (0..e.ids.len()).map(|_| mix::draw_lambda(rng, c.alpha, c.lambda_min)).collect()),
+                LambdaMode::Position => (
+                    None,
+                    (0..e.ids.len())
+                        .map(|_| mix::draw_lambda(rng, c.alpha, c.lambda_min))
+                        .collect(),
+                ),
             };
-            embeds.push(mix::mix(&self.table, self.dim, &e.ids, &p.ids, &al, &per_pos));
+            embeds.push(mix::mix(
+                &self.table,
+                self.dim,
+                &e.ids,
+                &p.ids,
+                &al,
+                &per_pos,
+            ));
             masks.push(al.iter().map(|a| a.is_some()).collect::<Vec<bool>>());
             ids.push(e.ids.clone());
             lambdas.push(lam);
         }
-        let projected = if project { Some(self.project(&ids, &embeds, &masks)?) } else { None };
+        let projected = if project {
+            Some(self.project(&ids, &embeds, &masks)?)
+        } else {
+            None
+        };
         Ok((0..encs.len())
             .map(|i| {
                 let p = encs[partners[i]];
@@ -286,12 +370,21 @@ impl<'a> Engine<'a> {
 
     /// Augments one batch of source examples. Rows come out grouped by source example:
     /// the original first, then each enabled method in a fixed order, copy by copy.
-    pub fn augment_batch(&mut self, examples: &[Example], encs: &[Encoded], seed: u64, report: &mut BatchReport) -> Result<Vec<Row>> {
+    pub fn augment_batch(
+        &mut self,
+        examples: &[Example],
+        encs: &[Encoded],
+        seed: u64,
+        report: &mut BatchReport,
+    ) -> Result<Vec<Row>> {
         let n = examples.len();
         let refs: Vec<&Encoded> = encs.iter().collect();
         let mut out: Vec<Vec<Row>> = vec![Vec::new(); n];
         let t0 = Instant::now();
-        let src: Vec<(Vec<u32>, &[u8])> = encs.iter().map(|e| (e.ids.clone(), e.type_ids.as_slice())).collect();
+        let src: Vec<(Vec<u32>, &[u8])> = encs
+            .iter()
+            .map(|e| (e.ids.clone(), e.type_ids.as_slice()))
+            .collect();
         let orig_logits = self.logits_ids(&src)?;
         let mut results: Vec<(&'static str, u32, Vec<Variant>, bool)> = Vec::new();
         self.account(report, "original", t0);
@@ -300,7 +393,10 @@ impl<'a> Engine<'a> {
         if let Some(c) = &methods.augpro_mix {
             for copy in 0..c.copies {
                 let t = Instant::now();
-                let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(seed, &["augpro_mix", &copy.to_string()]));
+                let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(
+                    seed,
+                    &["augpro_mix", &copy.to_string()],
+                ));
                 let v = self.mix_variants(&refs, c, true, &mut rng)?;
                 results.push(("augpro_mix", copy as u32, v, c.drop_unchanged));
                 self.account(report, "augpro_mix", t);
@@ -309,16 +405,26 @@ impl<'a> Engine<'a> {
         let gold: Vec<f32> = examples
             .iter()
             .zip(&orig_logits)
-            .map(|(e, l)| e.label.unwrap_or(if self.teacher.task.is_regression() { l[0] } else { argmax(l) as f32 }))
+            .map(|(e, l)| {
+                e.label.unwrap_or(if self.teacher.task.is_regression() {
+                    l[0]
+                } else {
+                    argmax(l) as f32
+                })
+            })
             .collect();
-        let student_fgsm = methods.augpro_fgsm.as_ref().is_some_and(|c| c.student.is_some());
-        let teacher_signs = if methods.fgsm.is_some() || (methods.augpro_fgsm.is_some() && !student_fgsm) {
-            let t = Instant::now();
-            let s = self.gradient_signs(&self.teacher.model, encs, GradLoss::Labels(&gold))?;
-            Some((s, t.elapsed().as_secs_f64()))
-        } else {
-            None
-        };
+        let student_fgsm = methods
+            .augpro_fgsm
+            .as_ref()
+            .is_some_and(|c| c.student.is_some());
+        let teacher_signs =
+            if methods.fgsm.is_some() || (methods.augpro_fgsm.is_some() && !student_fgsm) {
+                let t = Instant::now();
+                let s = self.gradient_signs(&self.teacher.model, encs, GradLoss::Labels(&gold))?;
+                Some((s, t.elapsed().as_secs_f64()))
+            } else {
+                None
+            };
         if let Some(c) = &methods.augpro_fgsm {
             let t = Instant::now();
             let eps = match &self.student {
@@ -326,7 +432,10 @@ impl<'a> Engine<'a> {
                 None => self.epsilon(c),
             };
             let ids: Vec<Vec<u32>> = encs.iter().map(|e| e.ids.clone()).collect();
-            let masks: Vec<Vec<bool>> = encs.iter().map(|e| e.ids.iter().map(|&t| !self.is_special(t)).collect()).collect();
+            let masks: Vec<Vec<bool>> = encs
+                .iter()
+                .map(|e| e.ids.iter().map(|&t| !self.is_special(t)).collect())
+                .collect();
             let projected = match self.student.take() {
                 // KL(teacher ‖ student), gradient and projection in the student's embedding space.
                 Some(mut st) => {
@@ -336,11 +445,19 @@ impl<'a> Engine<'a> {
                             self.gradient_signs(&st.model, encs, GradLoss::Labels(&target))?
                         } else {
                             let flat: Vec<f32> = orig_logits.iter().flatten().copied().collect();
-                            let lt = Tensor::from_vec(flat, (n, self.teacher.task.num_labels), &self.teacher.device)?;
+                            let lt = Tensor::from_vec(
+                                flat,
+                                (n, self.teacher.task.num_labels),
+                                &self.teacher.device,
+                            )?;
                             let p = candle_nn::ops::softmax_last_dim(&lt)?;
                             self.gradient_signs(&st.model, encs, GradLoss::Distribution(&p))?
                         };
-                        let embeds: Vec<Vec<f32>> = encs.iter().zip(&signs).map(|(e, s)| fgsm::apply(&rows_of(&st.table, st.dim, &e.ids), s, eps)).collect();
+                        let embeds: Vec<Vec<f32>> = encs
+                            .iter()
+                            .zip(&signs)
+                            .map(|(e, s)| fgsm::apply(&rows_of(&st.table, st.dim, &e.ids), s, eps))
+                            .collect();
                         let tp = Instant::now();
                         let out = project_rows(&mut st.projector, st.dim, &ids, &embeds, &masks);
                         self.add_stage("projection", tp.elapsed().as_secs_f64());
@@ -351,15 +468,33 @@ impl<'a> Engine<'a> {
                 }
                 None => {
                     let (signs, gs) = teacher_signs.as_ref().expect("teacher gradient computed");
-                    *report.seconds.entry("augpro_fgsm".to_string()).or_default() += if methods.fgsm.is_some() { gs / 2.0 } else { *gs };
-                    let embeds: Vec<Vec<f32>> = encs.iter().zip(signs).map(|(e, s)| fgsm::apply(&self.embeds_of(&e.ids), s, eps)).collect();
+                    *report.seconds.entry("augpro_fgsm".to_string()).or_default() +=
+                        if methods.fgsm.is_some() {
+                            gs / 2.0
+                        } else {
+                            *gs
+                        };
+                    let embeds: Vec<Vec<f32>> = encs
+                        .iter()
+                        .zip(signs)
+                        .map(|(e, s)| fgsm::apply(&self.embeds_of(&e.ids), s, eps))
+                        .collect();
                     self.project(&ids, &embeds, &masks)?
                 }
             };
             let v = projected
                 .into_iter()
                 .zip(encs)
-                .map(|(p, e)| Variant { changed: Some(changed(&e.ids, &p)), ids: p, partner: None, lambda: None, epsilon: Some(eps), embeds: None, partner_ids: None, perturbation: None })
+                .map(|(p, e)| Variant {
+                    changed: Some(changed(&e.ids, &p)),
+                    ids: p,
+                    partner: None,
+                    lambda: None,
+                    epsilon: Some(eps),
+                    embeds: None,
+                    partner_ids: None,
+                    perturbation: None,
+                })
                 .collect();
             results.push(("augpro_fgsm", 0, v, c.drop_unchanged));
             self.account(report, "augpro_fgsm", t);
@@ -368,11 +503,25 @@ impl<'a> Engine<'a> {
             let t = Instant::now();
             let eps = self.epsilon(c);
             let (signs, gs) = teacher_signs.as_ref().expect("teacher gradient computed");
-            *report.seconds.entry("fgsm".to_string()).or_default() += if methods.augpro_fgsm.is_some() && !student_fgsm { gs / 2.0 } else { *gs };
+            *report.seconds.entry("fgsm".to_string()).or_default() +=
+                if methods.augpro_fgsm.is_some() && !student_fgsm {
+                    gs / 2.0
+                } else {
+                    *gs
+                };
             let v = encs
                 .iter()
                 .zip(signs)
-                .map(|(e, s)| Variant { ids: e.ids.clone(), partner: None, lambda: None, epsilon: Some(eps), changed: None, embeds: Some(fgsm::apply(&self.embeds_of(&e.ids), s, eps)), partner_ids: None, perturbation: Some(s.clone()) })
+                .map(|(e, s)| Variant {
+                    ids: e.ids.clone(),
+                    partner: None,
+                    lambda: None,
+                    epsilon: Some(eps),
+                    changed: None,
+                    embeds: Some(fgsm::apply(&self.embeds_of(&e.ids), s, eps)),
+                    partner_ids: None,
+                    perturbation: Some(s.clone()),
+                })
                 .collect();
             results.push(("fgsm", 0, v, false));
             self.account(report, "fgsm", t);
@@ -399,13 +548,32 @@ impl<'a> Engine<'a> {
             self.account(report, "token_replace", t);
             for copy in 0..c.copies {
                 let t = Instant::now();
-                let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(seed, &["token_replace", &copy.to_string()]));
+                let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(
+                    seed,
+                    &["token_replace", &copy.to_string()],
+                ));
                 let v = encs
                     .iter()
                     .zip(&per_row)
                     .map(|(e, nbs)| {
-                        let ids = replace::replace(&e.ids, &|t| self.is_special(t), c.p, k, nbs, &mut rng);
-                        Variant { changed: Some(changed(&e.ids, &ids)), ids, partner: None, lambda: None, epsilon: None, embeds: None, partner_ids: None, perturbation: None }
+                        let ids = replace::replace(
+                            &e.ids,
+                            &|t| self.is_special(t),
+                            c.p,
+                            k,
+                            nbs,
+                            &mut rng,
+                        );
+                        Variant {
+                            changed: Some(changed(&e.ids, &ids)),
+                            ids,
+                            partner: None,
+                            lambda: None,
+                            epsilon: None,
+                            embeds: None,
+                            partner_ids: None,
+                            perturbation: None,
+                        }
                     })
                     .collect();
                 results.push(("token_replace", copy as u32, v, c.drop_unchanged));
@@ -415,7 +583,8 @@ impl<'a> Engine<'a> {
         if let Some(c) = &methods.mixup {
             for copy in 0..c.copies {
                 let t = Instant::now();
-                let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(seed, &["mixup", &copy.to_string()]));
+                let mut rng =
+                    ChaCha8Rng::seed_from_u64(derive_seed(seed, &["mixup", &copy.to_string()]));
                 let v = self.mix_variants(&refs, c, false, &mut rng)?;
                 results.push(("mixup", copy as u32, v, false));
                 self.account(report, "mixup", t);
@@ -425,8 +594,30 @@ impl<'a> Engine<'a> {
         // Original rows.
         for i in 0..n {
             let st = report.stats.entry("original".into()).or_default();
-            self.push_stats(st, &encs[i].ids, Some(0), examples[i].label, &orig_logits[i], false);
-            out[i].push(self.row(&examples[i], &encs[i], "original", 0, examples[i].label, &orig_logits[i], None, None, None, None, None, None, None, None));
+            self.push_stats(
+                st,
+                &encs[i].ids,
+                Some(0),
+                examples[i].label,
+                &orig_logits[i],
+                false,
+            );
+            out[i].push(self.row(
+                &examples[i],
+                &encs[i],
+                "original",
+                0,
+                examples[i].label,
+                &orig_logits[i],
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+            ));
         }
         // Teacher logits for every variant, then rows.
         for (name, copy, variants, drop_unchanged) in results {
@@ -435,10 +626,17 @@ impl<'a> Engine<'a> {
             }
             let t = Instant::now();
             let logits = if variants.iter().any(|v| v.embeds.is_some()) {
-                let em: Vec<Vec<f32>> = variants.iter().map(|v| v.embeds.clone().expect("virtual")).collect();
+                let em: Vec<Vec<f32>> = variants
+                    .iter()
+                    .map(|v| v.embeds.clone().expect("virtual"))
+                    .collect();
                 self.logits_embeds(&refs, &em)?
             } else {
-                let rows: Vec<(Vec<u32>, &[u8])> = variants.iter().zip(encs).map(|(v, e)| (v.ids.clone(), e.type_ids.as_slice())).collect();
+                let rows: Vec<(Vec<u32>, &[u8])> = variants
+                    .iter()
+                    .zip(encs)
+                    .map(|(v, e)| (v.ids.clone(), e.type_ids.as_slice()))
+                    .collect();
                 self.logits_ids(&rows)?
             };
             for (i, (v, l)) in variants.into_iter().zip(logits).enumerate() {
@@ -455,7 +653,22 @@ impl<'a> Engine<'a> {
                     Some((a, b)) => (Some(a), Some(b)),
                     None => (None, None),
                 };
-                out[i].push(self.row(&examples[i], &encs[i], name, copy, None, &l, Some(v.ids), partner_idx, v.lambda, v.epsilon, v.changed, pids, ptypes, v.perturbation));
+                out[i].push(self.row(
+                    &examples[i],
+                    &encs[i],
+                    name,
+                    copy,
+                    None,
+                    &l,
+                    Some(v.ids),
+                    partner_idx,
+                    v.lambda,
+                    v.epsilon,
+                    v.changed,
+                    pids,
+                    ptypes,
+                    v.perturbation,
+                ));
             }
             self.account(report, name, t);
         }
@@ -466,7 +679,15 @@ impl<'a> Engine<'a> {
         *report.seconds.entry(name.to_string()).or_default() += t.elapsed().as_secs_f64();
     }
 
-    fn push_stats(&self, st: &mut MethodStats, ids: &[u32], changed: Option<u32>, label: Option<f32>, logits: &[f32], unchanged: bool) {
+    fn push_stats(
+        &self,
+        st: &mut MethodStats,
+        ids: &[u32],
+        changed: Option<u32>,
+        label: Option<f32>,
+        logits: &[f32],
+        unchanged: bool,
+    ) {
         st.rows += 1;
         st.positions += ids.iter().filter(|&&t| !self.is_special(t)).count() as u64;
         st.changed_positions += changed.unwrap_or(0) as u64;
@@ -500,7 +721,11 @@ impl<'a> Engine<'a> {
     ) -> Row {
         let ids = ids.unwrap_or_else(|| enc.ids.clone());
         let t = Instant::now();
-        let (a, b) = self.teacher.tokenizer.decode_segments(&ids, &enc.type_ids).unwrap_or_default();
+        let (a, b) = self
+            .teacher
+            .tokenizer
+            .decode_segments(&ids, &enc.type_ids)
+            .unwrap_or_default();
         self.add_stage("decode", t.elapsed().as_secs_f64());
         let mut texts = vec![a];
         if self.teacher.task.is_pair() {
@@ -528,13 +753,28 @@ impl<'a> Engine<'a> {
 
 /// Indexes a table for projection as configured, and measures its median
 /// nearest-neighbour distance (the scale of relative ε) with an exact L2 index.
-fn index_table(table: &[f32], dim: usize, keep: impl Fn(u32) -> bool + Copy, cfg: &crate::config::ProjectionConfig) -> Result<(Projector, f32)> {
+fn index_table(
+    table: &[f32],
+    dim: usize,
+    keep: impl Fn(u32) -> bool + Copy,
+    cfg: &crate::config::ProjectionConfig,
+) -> Result<(Projector, f32)> {
     let mut exact = Projector::build(table, dim, keep, "Flat", project::Metric::L2)?;
     let scale = median_nn_distance(table, dim, &mut exact, 2000)?;
     if cfg.index == "Flat" && cfg.metric == project::Metric::L2 {
         return Ok((exact, scale));
     }
-    Ok((Projector::build_with(table, dim, keep, &cfg.index, cfg.metric, cfg.params.as_deref())?, scale))
+    Ok((
+        Projector::build_with(
+            table,
+            dim,
+            keep,
+            &cfg.index,
+            cfg.metric,
+            cfg.params.as_deref(),
+        )?,
+        scale,
+    ))
 }
 
 /// ε of a gradient method: `epsilon`, or `epsilon_rel` × the table's median
@@ -549,12 +789,24 @@ fn absolute_epsilon(c: &FgsmConfig, scale: f32) -> f32 {
 
 /// Rows of `table` (`dim` wide) for the given ids, concatenated.
 fn rows_of(table: &[f32], dim: usize, ids: &[u32]) -> Vec<f32> {
-    ids.iter().flat_map(|&t| table[t as usize * dim..(t as usize + 1) * dim].iter().copied()).collect()
+    ids.iter()
+        .flat_map(|&t| {
+            table[t as usize * dim..(t as usize + 1) * dim]
+                .iter()
+                .copied()
+        })
+        .collect()
 }
 
 /// Projects the positions of `embeds` where `masks` is set, in one batched search; other
 /// positions keep their ids.
-fn project_rows(projector: &mut Projector, d: usize, ids: &[Vec<u32>], embeds: &[Vec<f32>], masks: &[Vec<bool>]) -> Result<Vec<Vec<u32>>> {
+fn project_rows(
+    projector: &mut Projector,
+    d: usize,
+    ids: &[Vec<u32>],
+    embeds: &[Vec<f32>],
+    masks: &[Vec<bool>],
+) -> Result<Vec<Vec<u32>>> {
     let mut q = Vec::new();
     for (e, m) in embeds.iter().zip(masks) {
         for (p, &on) in m.iter().enumerate() {
@@ -571,10 +823,12 @@ fn project_rows(projector: &mut Projector, d: usize, ids: &[Vec<u32>], embeds: &
         .map(|(row, m)| {
             row.iter()
                 .zip(m)
-                .map(|(&t, &on)| match on.then(|| it.next().expect("one result per query")) {
-                    Some(found) if found != project::MISSING => found,
-                    _ => t,
-                })
+                .map(
+                    |(&t, &on)| match on.then(|| it.next().expect("one result per query")) {
+                        Some(found) if found != project::MISSING => found,
+                        _ => t,
+                    },
+                )
                 .collect()
         })
         .collect())

@@ -32,15 +32,31 @@ pub struct Projector {
 impl Projector {
     /// Indexes the rows of `table` (`vocab × dim`, row-major) whose token id passes `keep`.
     /// `factory` is a FAISS index-factory string (`Flat`, `HNSW32`, `IVF1024,Flat`, ...).
-    pub fn build(table: &[f32], dim: usize, keep: impl Fn(u32) -> bool, factory: &str, metric: Metric) -> Result<Self> {
+    pub fn build(
+        table: &[f32],
+        dim: usize,
+        keep: impl Fn(u32) -> bool,
+        factory: &str,
+        metric: Metric,
+    ) -> Result<Self> {
         Self::build_with(table, dim, keep, factory, metric, None)
     }
 
     /// Like [`build`](Self::build), then applies FAISS search parameters such as
     /// `nprobe=16` or `efSearch=128` (comma-separated, as FAISS's ParameterSpace reads them).
-    pub fn build_with(table: &[f32], dim: usize, keep: impl Fn(u32) -> bool, factory: &str, metric: Metric, params: Option<&str>) -> Result<Self> {
+    pub fn build_with(
+        table: &[f32],
+        dim: usize,
+        keep: impl Fn(u32) -> bool,
+        factory: &str,
+        metric: Metric,
+        params: Option<&str>,
+    ) -> Result<Self> {
         if dim == 0 || table.len() % dim != 0 {
-            bail!("embedding table of {} values is not a multiple of dimension {dim}", table.len());
+            bail!(
+                "embedding table of {} values is not a multiple of dimension {dim}",
+                table.len()
+            );
         }
         let vocab = table.len() / dim;
         let token_ids: Vec<u32> = (0..vocab as u32).filter(|&i| keep(i)).collect();
@@ -55,21 +71,35 @@ impl Projector {
             Metric::L2 => MetricType::L2,
             Metric::InnerProduct => MetricType::InnerProduct,
         };
-        let mut index = index_factory(dim as u32, factory, mt).with_context(|| format!("FAISS index factory `{factory}` failed"))?;
+        let mut index = index_factory(dim as u32, factory, mt)
+            .with_context(|| format!("FAISS index factory `{factory}` failed"))?;
         if !index.is_trained() {
-            index.train(&data).with_context(|| format!("training FAISS index `{factory}` failed"))?;
+            index
+                .train(&data)
+                .with_context(|| format!("training FAISS index `{factory}` failed"))?;
         }
         if factory == "Flat" {
-            index.add(&data).context("adding vectors to the FAISS index failed")?;
+            index
+                .add(&data)
+                .context("adding vectors to the FAISS index failed")?;
         } else {
             // Graph and cluster construction is threaded and order-dependent in FAISS;
             // one thread keeps the index, and so the shards, identical from run to run.
-            crate::util::with_one_native_thread(|| index.add(&data)).context("adding vectors to the FAISS index failed")?;
+            crate::util::with_one_native_thread(|| index.add(&data))
+                .context("adding vectors to the FAISS index failed")?;
         }
         if let Some(p) = params.filter(|p| !p.is_empty()) {
-            set_parameters(&mut index, p).with_context(|| format!("FAISS parameters `{p}` do not apply to index `{factory}`"))?;
+            set_parameters(&mut index, p).with_context(|| {
+                format!("FAISS parameters `{p}` do not apply to index `{factory}`")
+            })?;
         }
-        Ok(Self { index, token_ids, dim, factory: factory.to_string(), metric })
+        Ok(Self {
+            index,
+            token_ids,
+            dim,
+            factory: factory.to_string(),
+            metric,
+        })
     }
 
     /// Number of indexed tokens.
@@ -90,13 +120,24 @@ impl Projector {
             return Ok((Vec::new(), Vec::new()));
         }
         if queries.len() % self.dim != 0 {
-            bail!("query buffer of {} values is not a multiple of dimension {}", queries.len(), self.dim);
+            bail!(
+                "query buffer of {} values is not a multiple of dimension {}",
+                queries.len(),
+                self.dim
+            );
         }
-        let res = self.index.search(queries, k).context("FAISS search failed")?;
+        let res = self
+            .index
+            .search(queries, k)
+            .context("FAISS search failed")?;
         let ids = res
             .labels
             .iter()
-            .map(|l| l.get().map(|i| self.token_ids[i as usize]).unwrap_or(MISSING))
+            .map(|l| {
+                l.get()
+                    .map(|i| self.token_ids[i as usize])
+                    .unwrap_or(MISSING)
+            })
             .collect();
         Ok((ids, res.distances))
     }
@@ -115,7 +156,11 @@ fn set_parameters(index: &mut faiss::index::IndexImpl, params: &str) -> Result<(
         if faiss_sys::faiss_ParameterSpace_new(&mut space) != 0 {
             bail!("cannot create a FAISS parameter space");
         }
-        let rc = faiss_sys::faiss_ParameterSpace_set_index_parameters(space, index.inner_ptr(), c.as_ptr());
+        let rc = faiss_sys::faiss_ParameterSpace_set_index_parameters(
+            space,
+            index.inner_ptr(),
+            c.as_ptr(),
+        );
         faiss_sys::faiss_ParameterSpace_free(space);
         if rc != 0 {
             bail!("FAISS rejected the parameters");
@@ -125,14 +170,24 @@ fn set_parameters(index: &mut faiss::index::IndexImpl, params: &str) -> Result<(
 }
 
 /// Exact nearest neighbour by brute force (the reference the tests compare FAISS against).
-pub fn brute_force_nearest(table: &[f32], dim: usize, keep: impl Fn(u32) -> bool, query: &[f32], metric: Metric) -> u32 {
+pub fn brute_force_nearest(
+    table: &[f32],
+    dim: usize,
+    keep: impl Fn(u32) -> bool,
+    query: &[f32],
+    metric: Metric,
+) -> u32 {
     let mut best = (u32::MAX, f32::INFINITY);
     for (t, row) in table.chunks_exact(dim).enumerate() {
         if !keep(t as u32) {
             continue;
         }
         let score = match metric {
-            Metric::L2 => row.iter().zip(query).map(|(a, b)| (a - b) * (a - b)).sum::<f32>(),
+            Metric::L2 => row
+                .iter()
+                .zip(query)
+                .map(|(a, b)| (a - b) * (a - b))
+                .sum::<f32>(),
             Metric::InnerProduct => -row.iter().zip(query).map(|(a, b)| a * b).sum::<f32>(),
         };
         if score < best.1 {
@@ -144,7 +199,12 @@ pub fn brute_force_nearest(table: &[f32], dim: usize, keep: impl Fn(u32) -> bool
 
 /// Median distance from an indexed token to its nearest other token, over up to
 /// `sample` tokens spread evenly over the index (L2 only; the scale for relative ε).
-pub fn median_nn_distance(table: &[f32], dim: usize, p: &mut Projector, sample: usize) -> Result<f32> {
+pub fn median_nn_distance(
+    table: &[f32],
+    dim: usize,
+    p: &mut Projector,
+    sample: usize,
+) -> Result<f32> {
     let n = p.token_ids.len();
     let step = (n / sample.max(1)).max(1);
     let picks: Vec<u32> = p.token_ids.iter().step_by(step).copied().collect();

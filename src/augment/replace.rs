@@ -5,14 +5,26 @@ use rand::Rng;
 
 /// Picks replacements. `neighbours` holds, per position, `k + 1` nearest token ids best
 /// first (the token itself usually first, and skipped). Returns the new ids.
-pub fn replace(ids: &[u32], is_special: &dyn Fn(u32) -> bool, p: f64, k: usize, neighbours: &[u32], rng: &mut impl Rng) -> Vec<u32> {
+pub fn replace(
+    ids: &[u32],
+    is_special: &dyn Fn(u32) -> bool,
+    p: f64,
+    k: usize,
+    neighbours: &[u32],
+    rng: &mut impl Rng,
+) -> Vec<u32> {
     ids.iter()
         .enumerate()
         .map(|(i, &t)| {
             if is_special(t) || !rng.gen_bool(p) {
                 return t;
             }
-            let cands: Vec<u32> = neighbours[i * (k + 1)..(i + 1) * (k + 1)].iter().copied().filter(|&c| c != t && c != super::project::MISSING).take(k).collect();
+            let cands: Vec<u32> = neighbours[i * (k + 1)..(i + 1) * (k + 1)]
+                .iter()
+                .copied()
+                .filter(|&c| c != t && c != super::project::MISSING)
+                .take(k)
+                .collect();
             if cands.is_empty() {
                 t
             } else {

@@ -74,19 +74,31 @@ fn matmul_peak(device: &Device) -> Result<Value> {
     Ok(json!({ "size": n, "gflops": gflops }))
 }
 
-fn projection_case(name: &str, table: &[f32], dim: usize, nq: usize, device: &Device) -> Result<Value> {
+fn projection_case(
+    name: &str,
+    table: &[f32],
+    dim: usize,
+    nq: usize,
+    device: &Device,
+) -> Result<Value> {
     let n = table.len() / dim;
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let mut q = Vec::with_capacity(nq * dim);
     for _ in 0..nq {
         let r = rng.gen_range(0..n);
-        q.extend(table[r * dim..(r + 1) * dim].iter().map(|&x| x + rng.gen_range(-0.05f32..0.05)));
+        q.extend(
+            table[r * dim..(r + 1) * dim]
+                .iter()
+                .map(|&x| x + rng.gen_range(-0.05f32..0.05)),
+        );
     }
     let keep = |_: u32| true;
     let flops = 2.0 * n as f64 * dim as f64 * nq as f64;
     let (mut flat, build_flat) = secs(|| Projector::build(table, dim, keep, "Flat", Metric::L2))?;
     let (exact, t_flat) = secs(|| flat.nearest(&q))?;
-    let mut rows = vec![json!({ "index": "Flat (exact)", "build_s": build_flat, "qps": nq as f64 / t_flat, "gflops": flops / t_flat / 1e9, "recall_at_1": 1.0 })];
+    let mut rows = vec![
+        json!({ "index": "Flat (exact)", "build_s": build_flat, "qps": nq as f64 / t_flat, "gflops": flops / t_flat / 1e9, "recall_at_1": 1.0 }),
+    ];
     let ivf = ivf_factory(n);
     let mut approx = vec![("HNSW32", "efSearch=64"), (ivf.as_str(), "nprobe=16")];
     if n > 100_000 {
@@ -94,7 +106,8 @@ fn projection_case(name: &str, table: &[f32], dim: usize, nq: usize, device: &De
         approx.remove(0);
     }
     for (factory, params) in approx {
-        let (mut p, build) = secs(|| Projector::build_with(table, dim, keep, factory, Metric::L2, Some(params)))?;
+        let (mut p, build) =
+            secs(|| Projector::build_with(table, dim, keep, factory, Metric::L2, Some(params)))?;
         let (got, t) = secs(|| p.nearest(&q))?;
         let recall = got.iter().zip(&exact).filter(|(a, b)| a == b).count() as f64 / nq as f64;
         rows.push(json!({ "index": format!("{factory} ({params})"), "build_s": build, "qps": nq as f64 / t, "recall_at_1": recall }));
@@ -107,8 +120,14 @@ fn projection_case(name: &str, table: &[f32], dim: usize, nq: usize, device: &De
         let mut all = Vec::with_capacity(nq);
         for chunk in 0..nq.div_ceil(512) {
             let qc = qt.narrow(0, chunk * 512, 512.min(nq - chunk * 512))?;
-            let d = norms.unsqueeze(0)?.broadcast_sub(&(qc.matmul(&tt.t()?)? * 2.0)?)?;
-            all.extend(d.argmin(D::Minus1)?.to_dtype(DType::U32)?.to_vec1::<u32>()?);
+            let d = norms
+                .unsqueeze(0)?
+                .broadcast_sub(&(qc.matmul(&tt.t()?)? * 2.0)?)?;
+            all.extend(
+                d.argmin(D::Minus1)?
+                    .to_dtype(DType::U32)?
+                    .to_vec1::<u32>()?,
+            );
         }
         Ok(all)
     })?;
@@ -150,7 +169,9 @@ fn teacher_speed(model: &Path, glue_dir: &Path, device: &Device, quick: bool) ->
             for b in &batches {
                 let rows: Vec<_> = b.iter().map(|&i| &enc[i]).collect();
                 let batch = Batch::from_encoded(&rows, tok.pad_id, device)?;
-                m.forward_ids(&batch.ids, &batch.types, &batch.mask, &mut Ctx::eval())?.logits.to_vec2::<f32>()?;
+                m.forward_ids(&batch.ids, &batch.types, &batch.mask, &mut Ctx::eval())?
+                    .logits
+                    .to_vec2::<f32>()?;
             }
             Ok(())
         })?;
@@ -162,23 +183,35 @@ fn teacher_speed(model: &Path, glue_dir: &Path, device: &Device, quick: bool) ->
             let rows: Vec<_> = b.iter().map(|&i| &enc[i]).collect();
             let batch = Batch::from_encoded(&rows, tok.pad_id, device)?;
             let y: Vec<f32> = b.iter().map(|&i| ex[i].label.unwrap_or(0.0)).collect();
-            embedding_grad(&m, &batch, GradLoss::Labels(&y), false)?.1.sum_all()?.to_scalar::<f32>()?;
+            embedding_grad(&m, &batch, GradLoss::Labels(&y), false)?
+                .1
+                .sum_all()?
+                .to_scalar::<f32>()?;
         }
         Ok(())
     })?;
-    Ok(json!({ "examples": ex.len(), "real_tokens": real, "forward": fwd,
-        "forward_backward_batch32": { "examples_per_s": ex.len() as f64 / t, "real_tokens_per_s": real as f64 / t } }))
+    Ok(
+        json!({ "examples": ex.len(), "real_tokens": real, "forward": fwd,
+        "forward_backward_batch32": { "examples_per_s": ex.len() as f64 / t, "real_tokens_per_s": real as f64 / t } }),
+    )
 }
 
 fn bench_pipeline(dir: &Path, name: &str, examples: usize, methods: &str) -> Result<PathBuf> {
     let smoke = std::fs::read_to_string("pipelines/smoke.toml").context("pipelines/smoke.toml")?;
-    let head: String = smoke.lines().take_while(|l| !l.starts_with("[methods")).collect::<Vec<_>>().join("\n");
+    let head: String = smoke
+        .lines()
+        .take_while(|l| !l.starts_with("[methods"))
+        .collect::<Vec<_>>()
+        .join("\n");
     let text = head
         .replace("name = \"smoke\"", &format!("name = \"{name}\""))
         .replace("max_examples = 64", &format!("max_examples = {examples}"))
         .replace("shards = 2", "shards = 1")
         .replace("batch_size = 16", "batch_size = 32")
-        .replace("output = \"out\"", &format!("output = \"{}\"", dir.join("out").display()));
+        .replace(
+            "output = \"out\"",
+            &format!("output = \"{}\"", dir.join("out").display()),
+        );
     let p = dir.join(format!("{name}.toml"));
     std::fs::create_dir_all(dir)?;
     std::fs::write(&p, format!("{text}\n{methods}"))?;
@@ -191,11 +224,23 @@ fn run_augment(pipeline: &Path, glue_dir: &Path, device: &str) -> Result<(f64, f
     let exe = std::env::current_exe()?.with_file_name("augpro");
     let t = Instant::now();
     let mut child = std::process::Command::new(&exe)
-        .args(["-q", "augment", pipeline.to_str().unwrap(), "--force", "--device", device])
+        .args([
+            "-q",
+            "augment",
+            pipeline.to_str().unwrap(),
+            "--force",
+            "--device",
+            device,
+        ])
         .env("AUGPRO_GLUE_DIR", glue_dir)
         .stdout(std::process::Stdio::null())
         .spawn()
-        .with_context(|| format!("{}: cannot start (build it with `cargo build --release`)", exe.display()))?;
+        .with_context(|| {
+            format!(
+                "{}: cannot start (build it with `cargo build --release`)",
+                exe.display()
+            )
+        })?;
     // Peak RSS is the child's own VmHWM, polled until it exits. (`wait4`'s ru_maxrss would
     // also count this process's RSS at fork time, which Linux carries across exec.)
     let status_file = format!("/proc/{}/status", child.id());
@@ -204,12 +249,20 @@ fn run_augment(pipeline: &Path, glue_dir: &Path, device: &str) -> Result<(f64, f
         if let Some(st) = child.try_wait()? {
             break st;
         }
-        if let Some(v) = std::fs::read_to_string(&status_file).ok().and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())) {
+        if let Some(v) = std::fs::read_to_string(&status_file).ok().and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        }) {
             hwm_kib = hwm_kib.max(v);
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
-    anyhow::ensure!(status.success(), "augment failed for {}", pipeline.display());
+    anyhow::ensure!(
+        status.success(),
+        "augment failed for {}",
+        pipeline.display()
+    );
     Ok((t.elapsed().as_secs_f64(), hwm_kib as f64 / 1024.0))
 }
 
@@ -233,15 +286,27 @@ fn main() -> Result<()> {
     let a = Args::parse();
     augpro::util::init_threads(None);
     let device = augpro::model::bert::parse_device(&a.device)?;
-    let glue_dir = resolve_glue_dir(a.glue_dir.as_deref()).canonicalize().context("GLUE directory")?;
+    let glue_dir = resolve_glue_dir(a.glue_dir.as_deref())
+        .canonicalize()
+        .context("GLUE directory")?;
     let want = |s: &str| a.only.is_empty() || a.only.iter().any(|x| x == s);
     let mut res = serde_json::Map::new();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())).unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
     res.insert("machine".into(), json!({ "cpu": cpu, "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), "device": a.device }));
     // The teacher runs first, before FAISS and the large tables have run in this process.
     if want("teacher") {
         eprintln!("teacher throughput…");
-        res.insert("teacher".into(), teacher_speed(&a.model, &glue_dir, &device, a.quick)?);
+        res.insert(
+            "teacher".into(),
+            teacher_speed(&a.model, &glue_dir, &device, a.quick)?,
+        );
     }
     if want("matmul") || want("projection") {
         eprintln!("matmul peak…");
@@ -255,7 +320,13 @@ fn main() -> Result<()> {
         let nq = if a.quick { 512 } else { 4096 };
         let mut cases = vec![];
         eprintln!("projection: MiniLM table…");
-        cases.push(projection_case("MiniLM-L6 word embeddings", &table, ck.config.hidden_size, nq, &device)?);
+        cases.push(projection_case(
+            "MiniLM-L6 word embeddings",
+            &table,
+            ck.config.hidden_size,
+            nq,
+            &device,
+        )?);
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         let mut sizes = vec![(30522usize, 768usize)];
         if a.large {
@@ -264,7 +335,13 @@ fn main() -> Result<()> {
         for (n, d) in sizes {
             eprintln!("projection: synthetic {n} × {d}…");
             let t: Vec<f32> = (0..n * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
-            cases.push(projection_case(&format!("synthetic {n} × {d}"), &t, d, nq, &device)?);
+            cases.push(projection_case(
+                &format!("synthetic {n} × {d}"),
+                &t,
+                d,
+                nq,
+                &device,
+            )?);
         }
         res.insert("projection".into(), json!(cases));
     }
@@ -274,22 +351,46 @@ fn main() -> Result<()> {
         eprintln!("end to end: augment {n} SST-2 examples with every method…");
         let p = bench_pipeline(&tmp, "e2e", n, ALL_METHODS)?;
         let (wall, rss) = run_augment(&p, &glue_dir, &a.device)?;
-        let timings: Value = serde_json::from_slice(&std::fs::read(tmp.join("out/sst2/e2e/timings.json"))?)?;
-        let shard = timings.as_object().and_then(|o| o.values().next()).cloned().unwrap_or_default();
+        let timings: Value =
+            serde_json::from_slice(&std::fs::read(tmp.join("out/sst2/e2e/timings.json"))?)?;
+        let shard = timings
+            .as_object()
+            .and_then(|o| o.values().next())
+            .cloned()
+            .unwrap_or_default();
         let total = shard["seconds"].as_f64().unwrap_or(f64::NAN);
-        let methods: serde_json::Map<String, Value> = shard["method_seconds"].as_object().cloned().unwrap_or_default().into_iter().map(|(k, v)| {
-            let s = v.as_f64().unwrap_or(f64::NAN);
-            (k, json!({ "seconds": s, "examples_per_s": n as f64 / s }))
-        }).collect();
-        let stages: serde_json::Map<String, Value> = shard["stage_seconds"].as_object().cloned().unwrap_or_default().into_iter().map(|(k, v)| {
-            let s = v.as_f64().unwrap_or(f64::NAN);
-            (k, json!({ "seconds": s, "share": s / total }))
-        }).collect();
-        let accounted: f64 = stages.values().map(|v| v["seconds"].as_f64().unwrap_or(0.0)).sum();
+        let methods: serde_json::Map<String, Value> = shard["method_seconds"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| {
+                let s = v.as_f64().unwrap_or(f64::NAN);
+                (k, json!({ "seconds": s, "examples_per_s": n as f64 / s }))
+            })
+            .collect();
+        let stages: serde_json::Map<String, Value> = shard["stage_seconds"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| {
+                let s = v.as_f64().unwrap_or(f64::NAN);
+                (k, json!({ "seconds": s, "share": s / total }))
+            })
+            .collect();
+        let accounted: f64 = stages
+            .values()
+            .map(|v| v["seconds"].as_f64().unwrap_or(0.0))
+            .sum();
         res.insert("end_to_end".into(), json!({ "examples": n, "augment_seconds": total, "wall_seconds_with_startup": wall, "examples_per_s": n as f64 / total, "peak_rss_mib": rss, "methods": methods, "stages": stages, "other_share": 1.0 - accounted / total }));
     }
     if want("memory") {
-        let sizes: &[usize] = if a.quick { &[250, 500, 1000] } else { &[1000, 4000, 16000] };
+        let sizes: &[usize] = if a.quick {
+            &[250, 500, 1000]
+        } else {
+            &[1000, 4000, 16000]
+        };
         let mut rows = vec![];
         for &n in sizes {
             eprintln!("memory: augment {n} examples (original + augpro_mix)…");
@@ -302,7 +403,10 @@ fn main() -> Result<()> {
     let _ = std::fs::remove_dir_all(&tmp);
     if !a.only.is_empty() {
         // A partial run updates its sections of the previous results and keeps the rest.
-        if let Some(Value::Object(prev)) = std::fs::read(a.out.join("results.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
+        if let Some(Value::Object(prev)) = std::fs::read(a.out.join("results.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+        {
             for (k, v) in prev {
                 res.entry(k).or_insert(v);
             }
@@ -310,7 +414,10 @@ fn main() -> Result<()> {
     }
     let res = Value::Object(res);
     std::fs::create_dir_all(&a.out)?;
-    augpro::util::atomic_write(&a.out.join("results.json"), serde_json::to_string_pretty(&res)?.as_bytes())?;
+    augpro::util::atomic_write(
+        &a.out.join("results.json"),
+        serde_json::to_string_pretty(&res)?.as_bytes(),
+    )?;
     let md = markdown(&res);
     augpro::util::atomic_write(&a.out.join("results.md"), md.as_bytes())?;
     print!("{md}");
@@ -318,15 +425,34 @@ fn main() -> Result<()> {
 }
 
 fn f(v: &Value) -> String {
-    v.as_f64().map(|x| if x >= 100.0 { format!("{x:.0}") } else if x >= 1.0 { format!("{x:.2}") } else { format!("{x:.3}") }).unwrap_or("–".into())
+    v.as_f64()
+        .map(|x| {
+            if x >= 100.0 {
+                format!("{x:.0}")
+            } else if x >= 1.0 {
+                format!("{x:.2}")
+            } else {
+                format!("{x:.3}")
+            }
+        })
+        .unwrap_or("–".into())
 }
 
 fn markdown(r: &Value) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "# augpro benchmarks\n\nMachine: {} ({} threads), device {}.\n", r["machine"]["cpu"].as_str().unwrap_or("?"), r["machine"]["threads"], r["machine"]["device"].as_str().unwrap_or("cpu"));
+    let _ = writeln!(
+        s,
+        "# augpro benchmarks\n\nMachine: {} ({} threads), device {}.\n",
+        r["machine"]["cpu"].as_str().unwrap_or("?"),
+        r["machine"]["threads"],
+        r["machine"]["device"].as_str().unwrap_or("cpu")
+    );
     let peak = r["matmul_peak"]["gflops"].as_f64();
     if let Some(p) = peak {
-        let _ = writeln!(s, "Measured fp32 matmul peak (candle, 1024³): **{p:.1} GFLOP/s**.\n");
+        let _ = writeln!(
+            s,
+            "Measured fp32 matmul peak (candle, 1024³): **{p:.1} GFLOP/s**.\n"
+        );
     }
     if let Some(cases) = r["projection"].as_array() {
         let _ = writeln!(s, "## Projection (nearest token, k = 1)\n\n| table | index | build s | queries/s | GFLOP/s | % of peak | recall@1 vs exact |\n|---|---|---:|---:|---:|---:|---:|");
@@ -336,7 +462,19 @@ fn markdown(r: &Value) -> String {
                     (Some(g), Some(p)) => format!("{:.0}%", 100.0 * g / p),
                     _ => "–".into(),
                 };
-                let _ = writeln!(s, "| {} ({}×{}) | {} | {} | {} | {} | {} | {} |", c["table"].as_str().unwrap_or(""), c["rows"], c["dim"], row["index"].as_str().unwrap_or(""), f(&row["build_s"]), f(&row["qps"]), f(&row["gflops"]), pct, f(&row["recall_at_1"]));
+                let _ = writeln!(
+                    s,
+                    "| {} ({}×{}) | {} | {} | {} | {} | {} | {} |",
+                    c["table"].as_str().unwrap_or(""),
+                    c["rows"],
+                    c["dim"],
+                    row["index"].as_str().unwrap_or(""),
+                    f(&row["build_s"]),
+                    f(&row["qps"]),
+                    f(&row["gflops"]),
+                    pct,
+                    f(&row["recall_at_1"])
+                );
             }
         }
         s.push('\n');
@@ -344,26 +482,57 @@ fn markdown(r: &Value) -> String {
     if let Some(t) = r.get("teacher").filter(|t| !t.is_null()) {
         let _ = writeln!(s, "## Teacher (MiniLM-L6, SST-2 validation, {} examples, {} real tokens)\n\n| pass | batch | examples/s | real tokens/s |\n|---|---:|---:|---:|", t["examples"], t["real_tokens"]);
         for row in t["forward"].as_array().into_iter().flatten() {
-            let _ = writeln!(s, "| forward | {} | {} | {} |", row["batch"], f(&row["examples_per_s"]), f(&row["real_tokens_per_s"]));
+            let _ = writeln!(
+                s,
+                "| forward | {} | {} | {} |",
+                row["batch"],
+                f(&row["examples_per_s"]),
+                f(&row["real_tokens_per_s"])
+            );
         }
         let fb = &t["forward_backward_batch32"];
-        let _ = writeln!(s, "| forward + backward to embeddings | 32 | {} | {} |\n", f(&fb["examples_per_s"]), f(&fb["real_tokens_per_s"]));
+        let _ = writeln!(
+            s,
+            "| forward + backward to embeddings | 32 | {} | {} |\n",
+            f(&fb["examples_per_s"]),
+            f(&fb["real_tokens_per_s"])
+        );
     }
     if let Some(e) = r.get("end_to_end").filter(|t| !t.is_null()) {
         let _ = writeln!(s, "## End to end: `augment` on {} SST-2 examples, all methods\n\n{} examples/s overall ({} s), peak RSS {} MiB.\n\n| method | seconds | examples/s |\n|---|---:|---:|", e["examples"], f(&e["examples_per_s"]), f(&e["augment_seconds"]), f(&e["peak_rss_mib"]));
         for (k, v) in e["methods"].as_object().into_iter().flatten() {
-            let _ = writeln!(s, "| {k} | {} | {} |", f(&v["seconds"]), f(&v["examples_per_s"]));
+            let _ = writeln!(
+                s,
+                "| {k} | {} | {} |",
+                f(&v["seconds"]),
+                f(&v["examples_per_s"])
+            );
         }
         let _ = writeln!(s, "\n| stage | seconds | share |\n|---|---:|---:|");
         for (k, v) in e["stages"].as_object().into_iter().flatten() {
-            let _ = writeln!(s, "| {k} | {} | {:.1}% |", f(&v["seconds"]), 100.0 * v["share"].as_f64().unwrap_or(0.0));
+            let _ = writeln!(
+                s,
+                "| {k} | {} | {:.1}% |",
+                f(&v["seconds"]),
+                100.0 * v["share"].as_f64().unwrap_or(0.0)
+            );
         }
-        let _ = writeln!(s, "| other (glue code, row assembly) | | {:.1}% |\n", 100.0 * e["other_share"].as_f64().unwrap_or(0.0));
+        let _ = writeln!(
+            s,
+            "| other (glue code, row assembly) | | {:.1}% |\n",
+            100.0 * e["other_share"].as_f64().unwrap_or(0.0)
+        );
     }
     if let Some(m) = r["memory"].as_array() {
         let _ = writeln!(s, "## Peak memory of `augment` (original + augpro_mix)\n\n| examples | peak RSS MiB | wall s |\n|---:|---:|---:|");
         for row in m {
-            let _ = writeln!(s, "| {} | {} | {} |", row["examples"], f(&row["peak_rss_mib"]), f(&row["wall_seconds"]));
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} |",
+                row["examples"],
+                f(&row["peak_rss_mib"]),
+                f(&row["wall_seconds"])
+            );
         }
     }
     s

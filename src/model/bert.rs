@@ -62,11 +62,24 @@ fn default_eps() -> f64 {
 impl BertConfig {
     /// Checks the fields this implementation depends on.
     pub fn validate(&self) -> Result<()> {
-        if self.hidden_size == 0 || self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
-            bail!("config.json: hidden_size {} is not a multiple of num_attention_heads {}", self.hidden_size, self.num_attention_heads);
+        if self.hidden_size == 0
+            || self.num_attention_heads == 0
+            || self.hidden_size % self.num_attention_heads != 0
+        {
+            bail!(
+                "config.json: hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size,
+                self.num_attention_heads
+            );
         }
-        if !matches!(self.hidden_act.as_str(), "gelu" | "gelu_new" | "relu" | "gelu_pytorch_tanh") {
-            bail!("config.json: hidden_act `{}` is not supported (expected gelu, gelu_new or relu)", self.hidden_act);
+        if !matches!(
+            self.hidden_act.as_str(),
+            "gelu" | "gelu_new" | "relu" | "gelu_pytorch_tanh"
+        ) {
+            bail!(
+                "config.json: hidden_act `{}` is not supported (expected gelu, gelu_new or relu)",
+                self.hidden_act
+            );
         }
         Ok(())
     }
@@ -85,15 +98,27 @@ pub struct Ctx {
 impl Ctx {
     /// Inference: no dropout, fused kernels.
     pub fn eval() -> Self {
-        Self { train: false, grad: false, rng: ChaCha8Rng::seed_from_u64(0) }
+        Self {
+            train: false,
+            grad: false,
+            rng: ChaCha8Rng::seed_from_u64(0),
+        }
     }
     /// Evaluation mode with gradients (for FGSM).
     pub fn eval_grad() -> Self {
-        Self { train: false, grad: true, rng: ChaCha8Rng::seed_from_u64(0) }
+        Self {
+            train: false,
+            grad: true,
+            rng: ChaCha8Rng::seed_from_u64(0),
+        }
     }
     /// Training: seeded dropout and gradients.
     pub fn train(seed: u64) -> Self {
-        Self { train: true, grad: true, rng: ChaCha8Rng::seed_from_u64(seed) }
+        Self {
+            train: true,
+            grad: true,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        }
     }
 
     /// Inverted dropout with a mask from the context's seeded generator.
@@ -103,7 +128,15 @@ impl Ctx {
         }
         let n = x.elem_count();
         let scale = 1.0 / (1.0 - p);
-        let mask: Vec<f32> = (0..n).map(|_| if self.rng.gen::<f32>() >= p { scale } else { 0.0 }).collect();
+        let mask: Vec<f32> = (0..n)
+            .map(|_| {
+                if self.rng.gen::<f32>() >= p {
+                    scale
+                } else {
+                    0.0
+                }
+            })
+            .collect();
         let m = Tensor::from_vec(mask, x.shape(), x.device())?;
         Ok(x.mul(&m)?)
     }
@@ -117,12 +150,21 @@ pub struct Linear {
 
 impl Linear {
     /// Loads `<prefix>.weight` and `<prefix>.bias`.
-    pub fn load(p: &Params, prefix: &str, in_dim: usize, out_dim: usize, init: Init) -> Result<Self> {
+    pub fn load(
+        p: &Params,
+        prefix: &str,
+        in_dim: usize,
+        out_dim: usize,
+        init: Init,
+    ) -> Result<Self> {
         let bias_init = match init {
             Init::Required => Init::Required,
             _ => Init::Zeros,
         };
-        Ok(Self { w: p.get(&format!("{prefix}.weight"), &[out_dim, in_dim], init)?, b: p.get(&format!("{prefix}.bias"), &[out_dim], bias_init)? })
+        Ok(Self {
+            w: p.get(&format!("{prefix}.weight"), &[out_dim, in_dim], init)?,
+            b: p.get(&format!("{prefix}.bias"), &[out_dim], bias_init)?,
+        })
     }
 
     /// Applies the layer to the last dimension of `x`.
@@ -130,7 +172,10 @@ impl Linear {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().expect("rank >= 1");
         let rows = x.elem_count() / in_dim;
-        let y = x.reshape((rows, in_dim))?.matmul(&self.w.t()?)?.broadcast_add(&self.b)?;
+        let y = x
+            .reshape((rows, in_dim))?
+            .matmul(&self.w.t()?)?
+            .broadcast_add(&self.b)?;
         let mut out = dims;
         *out.last_mut().expect("rank >= 1") = self.w.dim(0)?;
         Ok(y.reshape(out)?)
@@ -155,13 +200,22 @@ pub struct LayerNorm {
 impl LayerNorm {
     /// Loads `<prefix>.weight` and `<prefix>.bias`.
     pub fn load(p: &Params, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self { w: p.get(&format!("{prefix}.weight"), &[dim], Init::Required)?, b: p.get(&format!("{prefix}.bias"), &[dim], Init::Required)?, eps })
+        Ok(Self {
+            w: p.get(&format!("{prefix}.weight"), &[dim], Init::Required)?,
+            b: p.get(&format!("{prefix}.bias"), &[dim], Init::Required)?,
+            eps,
+        })
     }
 
     /// Normalises the last dimension.
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         if !ctx.grad && x.is_contiguous() {
-            return Ok(candle_nn::ops::layer_norm(x, &self.w, &self.b, self.eps as f32)?);
+            return Ok(candle_nn::ops::layer_norm(
+                x,
+                &self.w,
+                &self.b,
+                self.eps as f32,
+            )?);
         }
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
@@ -194,9 +248,21 @@ pub struct Embeddings {
 impl Embeddings {
     fn load(p: &Params, c: &BertConfig) -> Result<Self> {
         Ok(Self {
-            word: p.get("embeddings.word_embeddings.weight", &[c.vocab_size, c.hidden_size], Init::Required)?,
-            position: p.get("embeddings.position_embeddings.weight", &[c.max_position_embeddings, c.hidden_size], Init::Required)?,
-            token_type: p.get("embeddings.token_type_embeddings.weight", &[c.type_vocab_size, c.hidden_size], Init::Required)?,
+            word: p.get(
+                "embeddings.word_embeddings.weight",
+                &[c.vocab_size, c.hidden_size],
+                Init::Required,
+            )?,
+            position: p.get(
+                "embeddings.position_embeddings.weight",
+                &[c.max_position_embeddings, c.hidden_size],
+                Init::Required,
+            )?,
+            token_type: p.get(
+                "embeddings.token_type_embeddings.weight",
+                &[c.type_vocab_size, c.hidden_size],
+                Init::Required,
+            )?,
             norm: LayerNorm::load(p, "embeddings.LayerNorm", c.hidden_size, c.layer_norm_eps)?,
             dropout: c.hidden_dropout_prob,
         })
@@ -205,10 +271,16 @@ impl Embeddings {
     fn forward(&self, word_embeds: &Tensor, type_ids: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
         let (b, s, h) = word_embeds.dims3()?;
         if s > self.position.dim(0)? {
-            bail!("sequence length {s} exceeds max_position_embeddings {}", self.position.dim(0)?);
+            bail!(
+                "sequence length {s} exceeds max_position_embeddings {}",
+                self.position.dim(0)?
+            );
         }
         let pos = self.position.narrow(0, 0, s)?.unsqueeze(0)?;
-        let tt = self.token_type.index_select(&type_ids.flatten_all()?, 0)?.reshape((b, s, h))?;
+        let tt = self
+            .token_type
+            .index_select(&type_ids.flatten_all()?, 0)?
+            .reshape((b, s, h))?;
         let x = word_embeds.broadcast_add(&pos)?.add(&tt)?;
         let x = self.norm.forward(&x, ctx)?;
         ctx.dropout(&x, self.dropout)
@@ -240,15 +312,30 @@ impl Layer {
         let q = Linear::load(p, &format!("{pre}.attention.self.query"), h, h, r)?;
         let k = Linear::load(p, &format!("{pre}.attention.self.key"), h, h, r)?;
         let v = Linear::load(p, &format!("{pre}.attention.self.value"), h, h, r)?;
-        let qkv = if p.is_trainable() { None } else { Some(Linear::stacked(&[&q, &k, &v])?) };
+        let qkv = if p.is_trainable() {
+            None
+        } else {
+            Some(Linear::stacked(&[&q, &k, &v])?)
+        };
         Ok(Self {
             q,
             k,
             v,
             qkv,
             attn_out: Linear::load(p, &format!("{pre}.attention.output.dense"), h, h, r)?,
-            attn_norm: LayerNorm::load(p, &format!("{pre}.attention.output.LayerNorm"), h, c.layer_norm_eps)?,
-            inter: Linear::load(p, &format!("{pre}.intermediate.dense"), h, c.intermediate_size, r)?,
+            attn_norm: LayerNorm::load(
+                p,
+                &format!("{pre}.attention.output.LayerNorm"),
+                h,
+                c.layer_norm_eps,
+            )?,
+            inter: Linear::load(
+                p,
+                &format!("{pre}.intermediate.dense"),
+                h,
+                c.intermediate_size,
+                r,
+            )?,
             out: Linear::load(p, &format!("{pre}.output.dense"), c.intermediate_size, h, r)?,
             out_norm: LayerNorm::load(p, &format!("{pre}.output.LayerNorm"), h, c.layer_norm_eps)?,
             heads: c.num_attention_heads,
@@ -261,18 +348,34 @@ impl Layer {
     fn forward(&self, x: &Tensor, mask: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
         let (b, s, h) = x.dims3()?;
         let d = h / self.heads;
-        let split = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((b, s, self.heads, d))?.transpose(1, 2)?.contiguous()?) };
+        let split = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((b, s, self.heads, d))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
         let (q, k, v) = match &self.qkv {
             Some(qkv) => {
                 let all = qkv.forward(x)?;
-                (split(all.narrow(2, 0, h)?)?, split(all.narrow(2, h, h)?)?, split(all.narrow(2, 2 * h, h)?)?)
+                (
+                    split(all.narrow(2, 0, h)?)?,
+                    split(all.narrow(2, h, h)?)?,
+                    split(all.narrow(2, 2 * h, h)?)?,
+                )
             }
-            None => (split(self.q.forward(x)?)?, split(self.k.forward(x)?)?, split(self.v.forward(x)?)?),
+            None => (
+                split(self.q.forward(x)?)?,
+                split(self.k.forward(x)?)?,
+                split(self.v.forward(x)?)?,
+            ),
         };
         let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(mask)?;
         let probs = softmax_last(&scores, ctx)?;
         let probs = ctx.dropout(&probs, self.attn_p)?;
-        let ctxv = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b, s, h))?;
+        let ctxv = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, s, h))?;
         let a = ctx.dropout(&self.attn_out.forward(&ctxv)?, self.hidden_p)?;
         let x = self.attn_norm.forward(&(a + x)?, ctx)?;
         let i = self.inter.forward(&x)?;
@@ -299,8 +402,14 @@ impl Bert {
     pub fn load(p: &Params, c: &BertConfig) -> Result<Self> {
         c.validate()?;
         let embeddings = Embeddings::load(p, c)?;
-        let layers = (0..c.num_hidden_layers).map(|i| Layer::load(p, c, i)).collect::<Result<Vec<_>>>()?;
-        Ok(Self { embeddings, layers, config: c.clone() })
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| Layer::load(p, c, i))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            embeddings,
+            layers,
+            config: c.clone(),
+        })
     }
 
     /// The word-embedding table `[vocab, hidden]`.
@@ -311,17 +420,33 @@ impl Bert {
     /// Looks up word embeddings `[b, s, hidden]` for ids `[b, s]`.
     pub fn embed_ids(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
-        Ok(self.embeddings.word.index_select(&ids.flatten_all()?, 0)?.reshape((b, s, self.config.hidden_size))?)
+        Ok(self
+            .embeddings
+            .word
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, s, self.config.hidden_size))?)
     }
 
     /// Runs the encoder from token ids; returns the last hidden state `[b, s, hidden]`.
-    pub fn forward_ids(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+    pub fn forward_ids(
+        &self,
+        ids: &Tensor,
+        type_ids: &Tensor,
+        mask: &Tensor,
+        ctx: &mut Ctx,
+    ) -> Result<Tensor> {
         self.forward_embeds(&self.embed_ids(ids)?, type_ids, mask, ctx)
     }
 
     /// Runs the encoder from input word embeddings `[b, s, hidden]` (positions and token
     /// types are still added inside); `mask` is `[b, s]` with 1 for real tokens.
-    pub fn forward_embeds(&self, word_embeds: &Tensor, type_ids: &Tensor, mask: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+    pub fn forward_embeds(
+        &self,
+        word_embeds: &Tensor,
+        type_ids: &Tensor,
+        mask: &Tensor,
+        ctx: &mut Ctx,
+    ) -> Result<Tensor> {
         let (b, s, _) = word_embeds.dims3()?;
         let add_mask = ((mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?.reshape((b, 1, 1, s))?;
         let mut x = self.embeddings.forward(word_embeds, type_ids, ctx)?;
@@ -345,9 +470,16 @@ pub fn parse_device(name: &str) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
         n if n == "cuda" || n.starts_with("cuda:") => {
-            let ord: usize = n.strip_prefix("cuda:").map(|s| s.parse()).transpose().map_err(|_| anyhow::anyhow!("--device {n}: expected cuda:N"))?.unwrap_or(0);
+            let ord: usize = n
+                .strip_prefix("cuda:")
+                .map(|s| s.parse())
+                .transpose()
+                .map_err(|_| anyhow::anyhow!("--device {n}: expected cuda:N"))?
+                .unwrap_or(0);
             if !candle_core::utils::cuda_is_available() {
-                bail!("--device {n}: this build has no CUDA support (rebuild with `--features cuda`)");
+                bail!(
+                    "--device {n}: this build has no CUDA support (rebuild with `--features cuda`)"
+                );
             }
             Ok(Device::new_cuda(ord)?)
         }

@@ -28,17 +28,34 @@ impl Checkpoint {
             bail!("{}: model directory not found (run `make setup` for the default model, or pass --model DIR)", dir.display());
         }
         let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("{}: missing or unreadable (expected a Hugging Face config.json)", cfg_path.display()))?;
-        let config: BertConfig = serde_json::from_str(&text).with_context(|| format!("{}: not a BERT config", cfg_path.display()))?;
-        config.validate().with_context(|| format!("{}", cfg_path.display()))?;
+        let text = std::fs::read_to_string(&cfg_path).with_context(|| {
+            format!(
+                "{}: missing or unreadable (expected a Hugging Face config.json)",
+                cfg_path.display()
+            )
+        })?;
+        let config: BertConfig = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a BERT config", cfg_path.display()))?;
+        config
+            .validate()
+            .with_context(|| format!("{}", cfg_path.display()))?;
         let st = dir.join("model.safetensors");
         if !st.is_file() {
-            bail!("{}: missing (expected model.safetensors weights)", st.display());
+            bail!(
+                "{}: missing (expected model.safetensors weights)",
+                st.display()
+            );
         }
         if !dir.join("tokenizer.json").is_file() && !dir.join("vocab.txt").is_file() {
-            bail!("{}: neither tokenizer.json nor vocab.txt found", dir.display());
+            bail!(
+                "{}: neither tokenizer.json nor vocab.txt found",
+                dir.display()
+            );
         }
-        Ok(Self { dir: dir.to_path_buf(), config })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+        })
     }
 
     /// Path of the weights file.
@@ -51,7 +68,11 @@ impl Checkpoint {
         if let Some(n) = self.config.extra.get("num_labels").and_then(|v| v.as_u64()) {
             return Some(n as usize);
         }
-        self.config.extra.get("id2label").and_then(|v| v.as_object()).map(|m| m.len())
+        self.config
+            .extra
+            .get("id2label")
+            .and_then(|v| v.as_object())
+            .map(|m| m.len())
     }
 
     /// Loads the weights as named parameters (trainable variables when `trainable`).
@@ -59,23 +80,42 @@ impl Checkpoint {
         let path = self.weights_path();
         let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
             .with_context(|| format!("{}: cannot read safetensors", path.display()))?;
-        Ok(Params::new(tensors, device, trainable, seed, &path.display().to_string()))
+        Ok(Params::new(
+            tensors,
+            device,
+            trainable,
+            seed,
+            &path.display().to_string(),
+        ))
     }
 
     /// Loads a sequence classifier with `num_labels` outputs, optionally keeping only the
     /// first `layers` encoder layers (a truncated student).
-    pub fn load_classifier(&self, device: &Device, trainable: bool, num_labels: usize, layers: Option<usize>, seed: u64) -> Result<(SeqClassifier, Params)> {
+    pub fn load_classifier(
+        &self,
+        device: &Device,
+        trainable: bool,
+        num_labels: usize,
+        layers: Option<usize>,
+        seed: u64,
+    ) -> Result<(SeqClassifier, Params)> {
         let mut cfg = self.config.clone();
         if let Some(k) = layers {
             if k == 0 || k > cfg.num_hidden_layers {
-                bail!("student layers must be in 1..={}, got {k}", cfg.num_hidden_layers);
+                bail!(
+                    "student layers must be in 1..={}, got {k}",
+                    cfg.num_hidden_layers
+                );
             }
             cfg.num_hidden_layers = k;
         }
         let p = self.params(device, trainable, seed)?;
         if let Some(n) = self.num_labels() {
             if p.contains("classifier.weight") && n != num_labels {
-                bail!("{}: checkpoint has {n} labels, the task needs {num_labels}", self.dir.display());
+                bail!(
+                    "{}: checkpoint has {n} labels, the task needs {num_labels}",
+                    self.dir.display()
+                );
             }
         }
         let model = SeqClassifier::load(&p, &cfg, num_labels)?;
@@ -91,8 +131,17 @@ impl Checkpoint {
 /// Saves a classifier as a Hugging Face `BertForSequenceClassification` directory:
 /// config.json (with `num_labels`, `id2label`, `problem_type`), model.safetensors, and
 /// the tokenizer files copied from `tokenizer_src`.
-pub fn save_classifier(out: &Path, params: &Params, config: &BertConfig, num_labels: usize, task: &TaskSpec, label_names: &[String], tokenizer_src: &Path) -> Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create directory", out.display()))?;
+pub fn save_classifier(
+    out: &Path,
+    params: &Params,
+    config: &BertConfig,
+    num_labels: usize,
+    task: &TaskSpec,
+    label_names: &[String],
+    tokenizer_src: &Path,
+) -> Result<()> {
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("{}: cannot create directory", out.display()))?;
     let mut cfg = config.clone();
     let names: Vec<String> = if task.is_regression() {
         vec!["LABEL_0".into()]
@@ -101,13 +150,32 @@ pub fn save_classifier(out: &Path, params: &Params, config: &BertConfig, num_lab
     } else {
         (0..num_labels).map(|i| format!("LABEL_{i}")).collect()
     };
-    let id2label: serde_json::Map<_, _> = names.iter().enumerate().map(|(i, n)| (i.to_string(), serde_json::Value::from(n.clone()))).collect();
-    let label2id: serde_json::Map<_, _> = names.iter().enumerate().map(|(i, n)| (n.clone(), serde_json::Value::from(i))).collect();
-    cfg.extra.insert("architectures".into(), serde_json::json!(["BertForSequenceClassification"]));
+    let id2label: serde_json::Map<_, _> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (i.to_string(), serde_json::Value::from(n.clone())))
+        .collect();
+    let label2id: serde_json::Map<_, _> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.clone(), serde_json::Value::from(i)))
+        .collect();
+    cfg.extra.insert(
+        "architectures".into(),
+        serde_json::json!(["BertForSequenceClassification"]),
+    );
     cfg.extra.insert("num_labels".into(), num_labels.into());
     cfg.extra.insert("id2label".into(), id2label.into());
     cfg.extra.insert("label2id".into(), label2id.into());
-    cfg.extra.insert("problem_type".into(), (if task.is_regression() { "regression" } else { "single_label_classification" }).into());
+    cfg.extra.insert(
+        "problem_type".into(),
+        (if task.is_regression() {
+            "regression"
+        } else {
+            "single_label_classification"
+        })
+        .into(),
+    );
     cfg.extra.insert("finetuning_task".into(), task.name.into());
     cfg.extra.insert("model_type".into(), "bert".into());
 
@@ -117,15 +185,28 @@ pub fn save_classifier(out: &Path, params: &Params, config: &BertConfig, num_lab
             Some(v) => v.as_tensor().detach(),
             None => t,
         };
-        let key = if name.starts_with("classifier.") { name } else { format!("bert.{name}") };
+        let key = if name.starts_with("classifier.") {
+            name
+        } else {
+            format!("bert.{name}")
+        };
         tensors.insert(key, t.to_device(&Device::Cpu)?.contiguous()?);
     }
     // candle writes by path: it rewrites the temporary's file, which commit then fsyncs and renames.
     let weights = crate::util::AtomicFile::create(&out.join("model.safetensors"))?;
-    candle_core::safetensors::save(&tensors, weights.temp_path()).with_context(|| format!("{}: cannot write weights", weights.temp_path().display()))?;
+    candle_core::safetensors::save(&tensors, weights.temp_path())
+        .with_context(|| format!("{}: cannot write weights", weights.temp_path().display()))?;
     weights.commit()?;
-    atomic_write(&out.join("config.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
-    for f in ["tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"] {
+    atomic_write(
+        &out.join("config.json"),
+        serde_json::to_string_pretty(&cfg)?.as_bytes(),
+    )?;
+    for f in [
+        "tokenizer.json",
+        "vocab.txt",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
         let src = tokenizer_src.join(f);
         if src.is_file() && src.canonicalize().ok() != out.join(f).canonicalize().ok() {
             atomic_write(&out.join(f), &std::fs::read(&src)?)?;

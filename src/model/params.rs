@@ -32,14 +32,25 @@ pub struct Params {
 /// Maps a checkpoint name to its canonical form (drops `bert.`, renames TF-style `gamma`/`beta`).
 pub fn canonical_name(name: &str) -> String {
     let n = name.strip_prefix("bert.").unwrap_or(name);
-    let n = n.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias");
+    let n = n
+        .replace("LayerNorm.gamma", "LayerNorm.weight")
+        .replace("LayerNorm.beta", "LayerNorm.bias");
     n
 }
 
 impl Params {
     /// Wraps loaded tensors; `source` names the file for error messages.
-    pub fn new(tensors: HashMap<String, Tensor>, device: &Device, trainable: bool, seed: u64, source: &str) -> Self {
-        let tensors = tensors.into_iter().map(|(k, v)| (canonical_name(&k), v)).collect();
+    pub fn new(
+        tensors: HashMap<String, Tensor>,
+        device: &Device,
+        trainable: bool,
+        seed: u64,
+        source: &str,
+    ) -> Self {
+        let tensors = tensors
+            .into_iter()
+            .map(|(k, v)| (canonical_name(&k), v))
+            .collect();
         Self {
             tensors,
             trainable,
@@ -65,7 +76,10 @@ impl Params {
                 t.to_dtype(DType::F32)?.to_device(&self.device)?
             }
             None => match init {
-                Init::Required => bail!("{}: weight `{name}` is missing (expected shape {shape:?})", self.source),
+                Init::Required => bail!(
+                    "{}: weight `{name}` is missing (expected shape {shape:?})",
+                    self.source
+                ),
                 Init::Zeros => Tensor::zeros(shape, DType::F32, &self.device)?,
                 Init::Normal(std) => {
                     let n: usize = shape.iter().product();
@@ -81,7 +95,9 @@ impl Params {
         } else {
             (t, None)
         };
-        self.used.borrow_mut().push((name.to_string(), t.clone(), var));
+        self.used
+            .borrow_mut()
+            .push((name.to_string(), t.clone(), var));
         Ok(t)
     }
 

@@ -8,7 +8,11 @@ use std::fmt::Write;
 pub fn render(m: &Manifest, schema: &ShardSchema) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "---\nlicense: other\ntask_categories:\n- text-classification\ntags:\n- knowledge-distillation\n- data-augmentation\n- augpro\n---\n");
-    let _ = writeln!(s, "# AugPro distillation data: GLUE `{}` ({} split)\n", m.task, m.split);
+    let _ = writeln!(
+        s,
+        "# AugPro distillation data: GLUE `{}` ({} split)\n",
+        m.task, m.split
+    );
     let _ = writeln!(
         s,
         "Augmented copies of GLUE `{task}` examples for knowledge distillation, each row carrying the \
@@ -26,7 +30,14 @@ pub fn render(m: &Manifest, schema: &ShardSchema) -> String {
     }
     let _ = writeln!(s, "```");
     let _ = writeln!(s, "\n{} rows from {} source examples in {} shard(s); {} source examples were truncated to max_seq_len. Seed {}.\n", m.rows, m.source_examples, m.shards.len(), m.truncated_examples, m.seed);
-    let _ = writeln!(s, "Teacher: `{}`.\n", m.teacher.get("path").and_then(|v| v.as_str()).unwrap_or("?"));
+    let _ = writeln!(
+        s,
+        "Teacher: `{}`.\n",
+        m.teacher
+            .get("path")
+            .and_then(|v| v.as_str())
+            .unwrap_or("?")
+    );
     let _ = writeln!(s, "Projection: {}.\n", m.projection);
     let _ = writeln!(s, "## Schema\n\n| column | type | meaning |\n|---|---|---|");
     for f in schema.schema.fields() {

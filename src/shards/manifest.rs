@@ -71,10 +71,24 @@ impl MethodDiagnostics {
         } else if method == "original" {
             "source rows".to_string()
         } else {
-            format!("changed {:>5.1}% of positions, {:>5.1}% rows unchanged", 100.0 * self.changed_position_rate, 100.0 * self.unchanged_row_rate)
+            format!(
+                "changed {:>5.1}% of positions, {:>5.1}% rows unchanged",
+                100.0 * self.changed_position_rate,
+                100.0 * self.unchanged_row_rate
+            )
         };
-        let agree = if regression { String::new() } else { format!("; teacher agrees with source label {:>5.1}%", 100.0 * self.teacher_agreement) };
-        format!("{method:<14} {:>7} rows  {changed}{agree}", self.counts.rows)
+        let agree = if regression {
+            String::new()
+        } else {
+            format!(
+                "; teacher agrees with source label {:>5.1}%",
+                100.0 * self.teacher_agreement
+            )
+        };
+        format!(
+            "{method:<14} {:>7} rows  {changed}{agree}",
+            self.counts.rows
+        )
     }
 
     /// Derives rates from counters.
@@ -132,8 +146,10 @@ pub struct Manifest {
 /// Reads `manifest.json` from a directory.
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let p = dir.join("manifest.json");
-    let t = std::fs::read_to_string(&p).with_context(|| format!("{}: missing manifest (was the run finalized?)", p.display()))?;
-    serde_json::from_str(&t).with_context(|| format!("{}: not a valid augpro manifest", p.display()))
+    let t = std::fs::read_to_string(&p)
+        .with_context(|| format!("{}: missing manifest (was the run finalized?)", p.display()))?;
+    serde_json::from_str(&t)
+        .with_context(|| format!("{}: not a valid augpro manifest", p.display()))
 }
 
 /// Shard files of a finished directory, from its manifest, in order.
@@ -148,7 +164,11 @@ pub fn verify(dir: &Path) -> Result<Vec<String>> {
     let m = read_manifest(dir)?;
     let task = crate::glue::task(&m.task)?;
     let schema = ShardSchema::new(task);
-    let vocab = m.teacher.get("vocab_size").and_then(|v| v.as_u64()).unwrap_or(u64::MAX);
+    let vocab = m
+        .teacher
+        .get("vocab_size")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(u64::MAX);
     let mut problems = Vec::new();
     let mut known: Vec<String> = m.shards.iter().map(|s| s.file.clone()).collect();
     known.extend(["manifest.json", "README.md", "timings.json"].map(String::from));
@@ -159,7 +179,11 @@ pub fn verify(dir: &Path) -> Result<Vec<String>> {
             continue;
         }
         match sha256_file(&p) {
-            Ok(h) if h != s.sha256 => problems.push(format!("{}: sha256 {h} does not match the manifest's {}", p.display(), s.sha256)),
+            Ok(h) if h != s.sha256 => problems.push(format!(
+                "{}: sha256 {h} does not match the manifest's {}",
+                p.display(),
+                s.sha256
+            )),
             Err(e) => problems.push(format!("{}: {e:#}", p.display())),
             _ => {}
         }
@@ -175,7 +199,12 @@ pub fn verify(dir: &Path) -> Result<Vec<String>> {
                     if row.input_ids.iter().any(|&t| t as u64 >= vocab) {
                         bad_ids += 1;
                     }
-                    anyhow::ensure!(row.teacher_logits.len() == m.num_labels, "teacher_logits has width {}, manifest says {}", row.teacher_logits.len(), m.num_labels);
+                    anyhow::ensure!(
+                        row.teacher_logits.len() == m.num_labels,
+                        "teacher_logits has width {}, manifest says {}",
+                        row.teacher_logits.len(),
+                        m.num_labels
+                    );
                 }
             }
             Ok(())
@@ -185,21 +214,35 @@ pub fn verify(dir: &Path) -> Result<Vec<String>> {
             continue;
         }
         if rows != s.rows {
-            problems.push(format!("{}: has {rows} rows, manifest says {}", p.display(), s.rows));
+            problems.push(format!(
+                "{}: has {rows} rows, manifest says {}",
+                p.display(),
+                s.rows
+            ));
         }
         if bad_ids > 0 {
-            problems.push(format!("{}: {bad_ids} rows have token ids outside the vocabulary of {vocab}", p.display()));
+            problems.push(format!(
+                "{}: {bad_ids} rows have token ids outside the vocabulary of {vocab}",
+                p.display()
+            ));
         }
         for (meth, st) in &s.methods {
             let got = per.get(meth).copied().unwrap_or(0);
             if got != st.rows {
-                problems.push(format!("{}: method `{meth}` has {got} rows, manifest says {}", p.display(), st.rows));
+                problems.push(format!(
+                    "{}: method `{meth}` has {got} rows, manifest says {}",
+                    p.display(),
+                    st.rows
+                ));
             }
         }
     }
     for k in m.method_rows.keys() {
         if !METHODS.contains(&k.as_str()) {
-            problems.push(format!("{}: manifest names unknown method `{k}`", dir.join("manifest.json").display()));
+            problems.push(format!(
+                "{}: manifest names unknown method `{k}`",
+                dir.join("manifest.json").display()
+            ));
         }
     }
     if let Ok(rd) = std::fs::read_dir(dir) {
@@ -210,7 +253,10 @@ pub fn verify(dir: &Path) -> Result<Vec<String>> {
             .collect();
         extra.sort();
         for n in extra {
-            problems.push(format!("{}: unknown file not listed in the manifest", dir.join(n).display()));
+            problems.push(format!(
+                "{}: unknown file not listed in the manifest",
+                dir.join(n).display()
+            ));
         }
     }
     Ok(problems)

@@ -17,18 +17,29 @@ pub struct ShardReader {
 impl ShardReader {
     /// Opens a shard and checks its schema against the task's.
     pub fn open(path: &Path, expected: &ShardSchema) -> Result<Self> {
-        let f = File::open(path).with_context(|| format!("{}: cannot open shard", path.display()))?;
-        let b = ParquetRecordBatchReaderBuilder::try_new(f).with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
+        let f =
+            File::open(path).with_context(|| format!("{}: cannot open shard", path.display()))?;
+        let b = ParquetRecordBatchReaderBuilder::try_new(f)
+            .with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
         let got = b.schema();
         for field in expected.schema.fields() {
             match got.field_with_name(field.name()) {
                 Ok(g) if g.data_type() == field.data_type() => {}
-                Ok(g) => bail!("{}: column `{}` has type {}, expected {}", path.display(), field.name(), g.data_type(), field.data_type()),
+                Ok(g) => bail!(
+                    "{}: column `{}` has type {}, expected {}",
+                    path.display(),
+                    field.name(),
+                    g.data_type(),
+                    field.data_type()
+                ),
                 Err(_) => bail!("{}: missing column `{}`", path.display(), field.name()),
             }
         }
         let reader = b.with_batch_size(1024).build()?;
-        Ok(Self { reader, path: path.to_path_buf() })
+        Ok(Self {
+            reader,
+            path: path.to_path_buf(),
+        })
     }
 
     /// Next batch of rows, or `None` at the end.
@@ -36,8 +47,12 @@ impl ShardReader {
         match self.reader.next() {
             None => Ok(None),
             Some(b) => {
-                let b = b.with_context(|| format!("{}: corrupt shard data", self.path.display()))?;
-                Ok(Some(rows_from_batch(&b, schema).with_context(|| format!("{}", self.path.display()))?))
+                let b =
+                    b.with_context(|| format!("{}: corrupt shard data", self.path.display()))?;
+                Ok(Some(
+                    rows_from_batch(&b, schema)
+                        .with_context(|| format!("{}", self.path.display()))?,
+                ))
             }
         }
     }
@@ -45,7 +60,14 @@ impl ShardReader {
 
 fn list_u32(a: &dyn Array, i: usize) -> Option<Vec<u32>> {
     let l = a.as_list::<i32>();
-    (!l.is_null(i)).then(|| l.value(i).as_primitive::<Int32Type>().values().iter().map(|&x| x as u32).collect())
+    (!l.is_null(i)).then(|| {
+        l.value(i)
+            .as_primitive::<Int32Type>()
+            .values()
+            .iter()
+            .map(|&x| x as u32)
+            .collect()
+    })
 }
 
 fn list_i8(a: &dyn Array, i: usize) -> Option<Vec<i8>> {
@@ -63,16 +85,41 @@ fn opt_i32(a: &dyn Array, i: usize) -> Option<i32> {
 
 /// Converts a record batch of the shard schema back to rows.
 pub fn rows_from_batch(b: &RecordBatch, schema: &ShardSchema) -> Result<Vec<Row>> {
-    let col = |n: &str| b.column_by_name(n).map(|c| c.clone()).ok_or_else(|| anyhow::anyhow!("missing column `{n}`"));
-    let texts: Vec<_> = schema.text_columns.iter().map(|c| col(c)).collect::<Result<_>>()?;
-    let (label, idx, method, copy, partner, lambda, eps) = (col("label")?, col("idx")?, col("method")?, col("copy")?, col("partner_idx")?, col("lambda")?, col("epsilon")?);
-    let (ids, types, changed, logits, pids, ptypes, pert) =
-        (col("input_ids")?, col("token_type_ids")?, col("changed_tokens")?, col("teacher_logits")?, col("partner_input_ids")?, col("partner_token_type_ids")?, col("perturbation")?);
+    let col = |n: &str| {
+        b.column_by_name(n)
+            .map(|c| c.clone())
+            .ok_or_else(|| anyhow::anyhow!("missing column `{n}`"))
+    };
+    let texts: Vec<_> = schema
+        .text_columns
+        .iter()
+        .map(|c| col(c))
+        .collect::<Result<_>>()?;
+    let (label, idx, method, copy, partner, lambda, eps) = (
+        col("label")?,
+        col("idx")?,
+        col("method")?,
+        col("copy")?,
+        col("partner_idx")?,
+        col("lambda")?,
+        col("epsilon")?,
+    );
+    let (ids, types, changed, logits, pids, ptypes, pert) = (
+        col("input_ids")?,
+        col("token_type_ids")?,
+        col("changed_tokens")?,
+        col("teacher_logits")?,
+        col("partner_input_ids")?,
+        col("partner_token_type_ids")?,
+        col("perturbation")?,
+    );
     let logits = logits.as_fixed_size_list();
     let mut out = Vec::with_capacity(b.num_rows());
     for i in 0..b.num_rows() {
         let m = method.as_string::<i32>().value(i);
-        let Some(&m) = METHODS.iter().find(|&&k| k == m) else { bail!("row {i}: unknown method `{m}`") };
+        let Some(&m) = METHODS.iter().find(|&&k| k == m) else {
+            bail!("row {i}: unknown method `{m}`")
+        };
         let lab = if label.is_null(i) {
             None
         } else if schema.regression {
@@ -81,7 +128,10 @@ pub fn rows_from_batch(b: &RecordBatch, schema: &ShardSchema) -> Result<Vec<Row>
             Some(label.as_primitive::<Int64Type>().value(i) as f32)
         };
         out.push(Row {
-            texts: texts.iter().map(|t| t.as_string::<i32>().value(i).to_string()).collect(),
+            texts: texts
+                .iter()
+                .map(|t| t.as_string::<i32>().value(i).to_string())
+                .collect(),
             label: lab,
             idx: idx.as_primitive::<Int32Type>().value(i) as i64,
             method: m,
@@ -90,21 +140,39 @@ pub fn rows_from_batch(b: &RecordBatch, schema: &ShardSchema) -> Result<Vec<Row>
             lambda: opt_f32(lambda.as_ref(), i),
             epsilon: opt_f32(eps.as_ref(), i),
             input_ids: list_u32(ids.as_ref(), i).unwrap_or_default(),
-            token_type_ids: list_i8(types.as_ref(), i).unwrap_or_default().into_iter().map(|x| x as u8).collect(),
+            token_type_ids: list_i8(types.as_ref(), i)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|x| x as u8)
+                .collect(),
             changed_tokens: opt_i32(changed.as_ref(), i).map(|x| x as u32),
-            teacher_logits: logits.value(i).as_primitive::<Float32Type>().values().to_vec(),
+            teacher_logits: logits
+                .value(i)
+                .as_primitive::<Float32Type>()
+                .values()
+                .to_vec(),
             partner_input_ids: list_u32(pids.as_ref(), i),
-            partner_token_type_ids: list_i8(ptypes.as_ref(), i).map(|v| v.into_iter().map(|x| x as u8).collect()),
+            partner_token_type_ids: list_i8(ptypes.as_ref(), i)
+                .map(|v| v.into_iter().map(|x| x as u8).collect()),
             perturbation: list_i8(pert.as_ref(), i),
         });
         let r = out.last().expect("pushed");
         if r.input_ids.is_empty() || r.token_type_ids.len() != r.input_ids.len() {
-            bail!("row {i}: `token_type_ids` has {} values for {} `input_ids`", r.token_type_ids.len(), r.input_ids.len());
+            bail!(
+                "row {i}: `token_type_ids` has {} values for {} `input_ids`",
+                r.token_type_ids.len(),
+                r.input_ids.len()
+            );
         }
-        if r.partner_input_ids.as_ref().map(|v| v.len()) != r.partner_token_type_ids.as_ref().map(|v| v.len()) {
+        if r.partner_input_ids.as_ref().map(|v| v.len())
+            != r.partner_token_type_ids.as_ref().map(|v| v.len())
+        {
             bail!("row {i}: `partner_input_ids` and `partner_token_type_ids` differ in length");
         }
-        if r.perturbation.as_ref().is_some_and(|p| p.len() % r.input_ids.len() != 0) {
+        if r.perturbation
+            .as_ref()
+            .is_some_and(|p| p.len() % r.input_ids.len() != 0)
+        {
             bail!("row {i}: `perturbation` length is not a multiple of the row length");
         }
     }

@@ -6,7 +6,14 @@ use arrow::datatypes::{DataType, Field, Schema};
 use std::sync::Arc;
 
 /// Names of the augmentation methods as written in the `method` column.
-pub const METHODS: &[&str] = &["original", "augpro_mix", "augpro_fgsm", "token_replace", "mixup", "fgsm"];
+pub const METHODS: &[&str] = &[
+    "original",
+    "augpro_mix",
+    "augpro_fgsm",
+    "token_replace",
+    "mixup",
+    "fgsm",
+];
 
 /// One output row, before it becomes Arrow columns.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,8 +67,20 @@ impl ShardSchema {
     /// Builds the schema for `task`.
     pub fn new(task: &TaskSpec) -> Self {
         let list = |t: DataType| DataType::List(Arc::new(Field::new("item", t, true)));
-        let mut fields: Vec<Field> = task.text_columns.iter().map(|c| Field::new(*c, DataType::Utf8, false)).collect();
-        fields.push(Field::new("label", if task.is_regression() { DataType::Float32 } else { DataType::Int64 }, true));
+        let mut fields: Vec<Field> = task
+            .text_columns
+            .iter()
+            .map(|c| Field::new(*c, DataType::Utf8, false))
+            .collect();
+        fields.push(Field::new(
+            "label",
+            if task.is_regression() {
+                DataType::Float32
+            } else {
+                DataType::Int64
+            },
+            true,
+        ));
         fields.extend([
             Field::new("idx", DataType::Int32, false),
             Field::new("method", DataType::Utf8, false),
@@ -72,7 +91,14 @@ impl ShardSchema {
             Field::new("input_ids", list(DataType::Int32), false),
             Field::new("token_type_ids", list(DataType::Int8), false),
             Field::new("changed_tokens", DataType::Int32, true),
-            Field::new("teacher_logits", DataType::FixedSizeList(Arc::new(Field::new("item", DataType::Float32, true)), task.num_labels as i32), false),
+            Field::new(
+                "teacher_logits",
+                DataType::FixedSizeList(
+                    Arc::new(Field::new("item", DataType::Float32, true)),
+                    task.num_labels as i32,
+                ),
+                false,
+            ),
             Field::new("partner_input_ids", list(DataType::Int32), true),
             Field::new("partner_token_type_ids", list(DataType::Int8), true),
             Field::new("perturbation", list(DataType::Int8), true),

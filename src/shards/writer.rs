@@ -5,7 +5,8 @@ use super::schema::{Row, ShardSchema};
 use crate::util::AtomicFile;
 use anyhow::{Context, Result};
 use arrow::array::{
-    ArrayRef, FixedSizeListBuilder, Float32Builder, Int32Builder, Int64Builder, Int8Builder, ListBuilder, RecordBatch, StringBuilder,
+    ArrayRef, FixedSizeListBuilder, Float32Builder, Int32Builder, Int64Builder, Int8Builder,
+    ListBuilder, RecordBatch, StringBuilder,
 };
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
@@ -30,8 +31,14 @@ impl ShardWriter {
             .set_created_by(format!("augpro {}", env!("CARGO_PKG_VERSION")))
             .set_max_row_group_row_count(Some(4096))
             .build();
-        let writer = ArrowWriter::try_new(file, schema.schema.clone(), Some(props)).with_context(|| format!("{}: cannot start Parquet writer", path.display()))?;
-        Ok(Self { writer, schema: schema.clone(), path: path.to_path_buf(), rows: 0 })
+        let writer = ArrowWriter::try_new(file, schema.schema.clone(), Some(props))
+            .with_context(|| format!("{}: cannot start Parquet writer", path.display()))?;
+        Ok(Self {
+            writer,
+            schema: schema.clone(),
+            path: path.to_path_buf(),
+            rows: 0,
+        })
     }
 
     /// Appends rows as one record batch.
@@ -40,14 +47,19 @@ impl ShardWriter {
             return Ok(());
         }
         let batch = to_batch(&self.schema, rows)?;
-        self.writer.write(&batch).with_context(|| format!("{}: write failed", self.path.display()))?;
+        self.writer
+            .write(&batch)
+            .with_context(|| format!("{}: write failed", self.path.display()))?;
         self.rows += rows.len();
         Ok(())
     }
 
     /// Closes the Parquet footer, fsyncs and renames; returns the row count.
     pub fn finish(self) -> Result<usize> {
-        let file = self.writer.into_inner().with_context(|| format!("{}: cannot finish Parquet file", self.path.display()))?;
+        let file = self
+            .writer
+            .into_inner()
+            .with_context(|| format!("{}: cannot finish Parquet file", self.path.display()))?;
         file.commit()?;
         Ok(self.rows)
     }
@@ -70,7 +82,8 @@ pub fn to_batch(schema: &ShardSchema, rows: &[Row]) -> Result<RecordBatch> {
         cols.push(Arc::new(b.finish()));
     } else {
         let mut b = Int64Builder::with_capacity(n);
-        rows.iter().for_each(|r| b.append_option(r.label.map(|l| l as i64)));
+        rows.iter()
+            .for_each(|r| b.append_option(r.label.map(|l| l as i64)));
         cols.push(Arc::new(b.finish()));
     }
     let mut idx = Int32Builder::with_capacity(n);
@@ -96,12 +109,29 @@ pub fn to_batch(schema: &ShardSchema, rows: &[Row]) -> Result<RecordBatch> {
         ids.append_value(r.input_ids.iter().map(|&x| Some(x as i32)));
         types.append_value(r.token_type_ids.iter().map(|&x| Some(x as i8)));
         changed.append_option(r.changed_tokens.map(|c| c as i32));
-        anyhow::ensure!(r.teacher_logits.len() == schema.num_labels, "row has {} logits, schema expects {}", r.teacher_logits.len(), schema.num_labels);
+        anyhow::ensure!(
+            r.teacher_logits.len() == schema.num_labels,
+            "row has {} logits, schema expects {}",
+            r.teacher_logits.len(),
+            schema.num_labels
+        );
         logits.values().append_slice(&r.teacher_logits);
         logits.append(true);
-        pids.append_option(r.partner_input_ids.as_ref().map(|v| v.iter().map(|&x| Some(x as i32)).collect::<Vec<_>>()));
-        ptypes.append_option(r.partner_token_type_ids.as_ref().map(|v| v.iter().map(|&x| Some(x as i8)).collect::<Vec<_>>()));
-        pert.append_option(r.perturbation.as_ref().map(|v| v.iter().map(|&x| Some(x)).collect::<Vec<_>>()));
+        pids.append_option(
+            r.partner_input_ids
+                .as_ref()
+                .map(|v| v.iter().map(|&x| Some(x as i32)).collect::<Vec<_>>()),
+        );
+        ptypes.append_option(
+            r.partner_token_type_ids
+                .as_ref()
+                .map(|v| v.iter().map(|&x| Some(x as i8)).collect::<Vec<_>>()),
+        );
+        pert.append_option(
+            r.perturbation
+                .as_ref()
+                .map(|v| v.iter().map(|&x| Some(x)).collect::<Vec<_>>()),
+        );
     }
     cols.push(Arc::new(idx.finish()));
     cols.push(Arc::new(method.finish()));

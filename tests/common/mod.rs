@@ -31,7 +31,9 @@ pub fn reference() -> serde_json::Value {
 /// The `augpro` binary with `args`, in the repository root, with the test GLUE directory.
 pub fn augpro_cmd(args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_augpro"));
-    c.args(args).current_dir(root()).env("AUGPRO_GLUE_DIR", glue_dir());
+    c.args(args)
+        .current_dir(root())
+        .env("AUGPRO_GLUE_DIR", glue_dir());
     c
 }
 
@@ -43,7 +45,11 @@ pub fn augpro(args: &[&str]) -> Output {
 /// Runs `augpro`, asserts success and returns stdout + stderr.
 pub fn ok(args: &[&str]) -> String {
     let o = augpro(args);
-    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert!(o.status.success(), "augpro {args:?} failed:\n{text}");
     text
 }
@@ -60,7 +66,10 @@ pub fn fail(args: &[&str]) -> String {
 
 /// Sorted file names in a directory.
 pub fn files(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
     v.sort();
     v
 }

@@ -141,11 +141,25 @@ fn ivf_factory(n: usize) -> String {
     format!("IVF{},Flat", nlist.next_power_of_two().min(4096))
 }
 
-fn teacher_speed(model: &Path, glue_dir: &Path, device: &Device, quick: bool) -> Result<Value> {
+/// Forward FLOPs per real token of an encoder: two per weight of the layers' matmuls.
+fn flops_per_token(c: &augpro::model::BertConfig) -> f64 {
+    let (h, i) = (c.hidden_size as f64, c.intermediate_size as f64);
+    2.0 * c.num_hidden_layers as f64 * (4.0 * h * h + 2.0 * h * i)
+}
+
+/// Teacher forward, forward + backward to the embeddings, and fine-tuning throughput, for
+/// the engine with the CPU kernels and for candle's plain ops, passes interleaved so that
+/// both see the same machine; each figure is the best of 3 passes.
+fn teacher_speed(
+    model: &Path,
+    glue_dir: &Path,
+    device: &Device,
+    quick: bool,
+    peak_gflops: f64,
+) -> Result<Value> {
     let task = glue::task("sst2")?;
     let ck = Checkpoint::open(model)?;
     let tok = TextTokenizer::load(model, 128)?;
-    let (m, _) = ck.load_classifier(device, false, 2, None, 0)?;
     let mut ex = SplitReader::open(glue_dir, task, "validation")?.read_all(None)?;
     if quick {
         ex.truncate(256);
@@ -153,46 +167,116 @@ fn teacher_speed(model: &Path, glue_dir: &Path, device: &Device, quick: bool) ->
     let enc = tok.encode(&ex)?;
     let lens: Vec<usize> = enc.iter().map(|e| e.ids.len()).collect();
     let real: usize = lens.iter().sum();
-    let mut fwd = Vec::new();
-    // Each figure is the fastest of 3 passes over the set (this machine's timings vary by
-    // ±15% from pass to pass).
-    let best_of_3 = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
-        let mut best = f64::INFINITY;
-        for _ in 0..3 {
-            best = best.min(secs(f)?.1);
-        }
-        Ok(best)
+    let labels: Vec<f32> = ex.iter().map(|e| e.label.unwrap_or(0.0)).collect();
+    let engines: &[(&str, bool)] = if device.is_cpu() {
+        &[("kernels", true), ("candle ops", false)]
+    } else {
+        &[("candle ops", true)]
     };
-    for bs in [8, 32, 128] {
-        let batches = sorted_batches(&lens, bs);
-        let t = best_of_3(&|| {
-            for b in &batches {
-                let rows: Vec<_> = b.iter().map(|&i| &enc[i]).collect();
-                let batch = Batch::from_encoded(&rows, tok.pad_id, device)?;
-                m.forward_ids(&batch.ids, &batch.types, &batch.mask, &mut Ctx::eval())?
-                    .logits
-                    .to_vec2::<f32>()?;
-            }
-            Ok(())
-        })?;
-        fwd.push(json!({ "batch": bs, "examples_per_s": ex.len() as f64 / t, "real_tokens_per_s": real as f64 / t }));
+    let mut models = Vec::new();
+    for &(_, on) in engines {
+        augpro::model::kernels::set_enabled(on);
+        models.push(ck.load_classifier(device, false, 2, None, 0)?.0);
     }
-    let batches = sorted_batches(&lens, 32);
-    let t = best_of_3(&|| {
-        for b in &batches {
-            let rows: Vec<_> = b.iter().map(|&i| &enc[i]).collect();
-            let batch = Batch::from_encoded(&rows, tok.pad_id, device)?;
-            let y: Vec<f32> = b.iter().map(|&i| ex[i].label.unwrap_or(0.0)).collect();
-            embedding_grad(&m, &batch, GradLoss::Labels(&y), false)?
+    augpro::model::kernels::set_enabled(true);
+    let batch_of = |b: &[usize]| -> Result<Batch> {
+        let rows: Vec<_> = b.iter().map(|&i| &enc[i]).collect();
+        Batch::from_encoded(&rows, tok.pad_id, device)
+    };
+    let forward = |m: &augpro::model::SeqClassifier, bs: usize| -> Result<()> {
+        for b in sorted_batches(&lens, bs) {
+            let batch = batch_of(&b)?;
+            m.forward_ids(&batch.ids, &batch.types, &batch.mask, &mut Ctx::eval())?
+                .logits
+                .to_vec2::<f32>()?;
+        }
+        Ok(())
+    };
+    let backward = |m: &augpro::model::SeqClassifier, bs: usize| -> Result<()> {
+        for b in sorted_batches(&lens, bs) {
+            let batch = batch_of(&b)?;
+            let y: Vec<f32> = b.iter().map(|&i| labels[i]).collect();
+            embedding_grad(m, &batch, GradLoss::Labels(&y), false)?
                 .1
                 .sum_all()?
                 .to_scalar::<f32>()?;
         }
         Ok(())
-    })?;
+    };
+    // Fine-tuning: a fresh trainable model per pass, 4 steps of batch 32 from the same
+    // length-bucketed order as the teacher's own training.
+    let train_steps = 4;
+    let train_batches: Vec<Vec<usize>> = augpro::train::bucketed_batches(&lens, 32, 0)
+        .into_iter()
+        .filter(|b| b.len() == 32)
+        .take(train_steps)
+        .collect();
+    let train_examples = train_batches.len() * 32;
+    let train_tokens: usize = train_batches.iter().flatten().map(|&i| lens[i]).sum();
+    let fine_tune = |on: bool| -> Result<()> {
+        augpro::model::kernels::set_enabled(on);
+        let (m, params) = ck.load_classifier(device, true, 2, None, 0)?;
+        augpro::model::kernels::set_enabled(true);
+        let cfg = augpro::train::OptimConfig::default();
+        let mut opt = augpro::train::Optim::new(&params, &cfg, train_steps)?;
+        let mut ctx = Ctx::train(0);
+        for b in &train_batches {
+            let batch = batch_of(b)?;
+            let y: Vec<f32> = b.iter().map(|&i| labels[i]).collect();
+            let out = m.forward_ids(&batch.ids, &batch.types, &batch.mask, &mut ctx)?;
+            opt.backward_step(&augpro::train::supervised_loss(&out.logits, &y, false)?)?;
+        }
+        Ok(())
+    };
+    let fwd_flops = flops_per_token(&ck.config);
+    let limit_fwd = peak_gflops * 1e9 / fwd_flops;
+    // (pass, batch, work units, real tokens, limit in tokens/s)
+    let cases: Vec<(&str, usize, usize, usize, f64)> = vec![
+        ("forward", 8, ex.len(), real, limit_fwd),
+        ("forward", 32, ex.len(), real, limit_fwd),
+        ("forward", 128, ex.len(), real, limit_fwd),
+        (
+            "forward + backward to embeddings",
+            32,
+            ex.len(),
+            real,
+            limit_fwd / 2.0,
+        ),
+        (
+            "fine-tuning step",
+            32,
+            train_examples,
+            train_tokens,
+            limit_fwd / 3.0,
+        ),
+    ];
+    let mut best = vec![vec![f64::INFINITY; engines.len()]; cases.len()];
+    for _ in 0..3 {
+        for (ci, &(pass, bs, ..)) in cases.iter().enumerate() {
+            for (ei, &(_, on)) in engines.iter().enumerate() {
+                let m = &models[ei];
+                let (_, t) = secs(|| match pass {
+                    "forward" => forward(m, bs),
+                    "fine-tuning step" => fine_tune(on),
+                    _ => backward(m, bs),
+                })?;
+                best[ci][ei] = best[ci][ei].min(t);
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    for (ci, &(pass, bs, units, tokens, limit)) in cases.iter().enumerate() {
+        for (ei, &(engine, _)) in engines.iter().enumerate() {
+            let t = best[ci][ei];
+            let tps = tokens as f64 / t;
+            rows.push(json!({ "pass": pass, "batch": bs, "engine": engine,
+                "examples_per_s": units as f64 / t, "real_tokens_per_s": tps,
+                "limit_tokens_per_s": limit, "share_of_limit": tps / limit }));
+        }
+    }
     Ok(
-        json!({ "examples": ex.len(), "real_tokens": real, "forward": fwd,
-        "forward_backward_batch32": { "examples_per_s": ex.len() as f64 / t, "real_tokens_per_s": real as f64 / t } }),
+        json!({ "examples": ex.len(), "real_tokens": real, "flops_per_token": fwd_flops,
+        "matmul_peak_gflops": peak_gflops, "rows": rows }),
     )
 }
 
@@ -300,17 +384,18 @@ fn main() -> Result<()> {
         })
         .unwrap_or_default();
     res.insert("machine".into(), json!({ "cpu": cpu, "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), "device": a.device }));
-    // The teacher runs first, before FAISS and the large tables have run in this process.
-    if want("teacher") {
-        eprintln!("teacher throughput…");
-        res.insert(
-            "teacher".into(),
-            teacher_speed(&a.model, &glue_dir, &device, a.quick)?,
-        );
-    }
-    if want("matmul") || want("projection") {
+    if want("matmul") || want("projection") || want("teacher") {
         eprintln!("matmul peak…");
         res.insert("matmul_peak".into(), matmul_peak(&device)?);
+    }
+    // The teacher runs before FAISS and the large tables have run in this process.
+    if want("teacher") {
+        eprintln!("teacher throughput…");
+        let peak = res["matmul_peak"]["gflops"].as_f64().unwrap_or(f64::NAN);
+        res.insert(
+            "teacher".into(),
+            teacher_speed(&a.model, &glue_dir, &device, a.quick, peak)?,
+        );
     }
     if want("projection") {
         let ck = Checkpoint::open(&a.model)?;
@@ -480,23 +565,20 @@ fn markdown(r: &Value) -> String {
         s.push('\n');
     }
     if let Some(t) = r.get("teacher").filter(|t| !t.is_null()) {
-        let _ = writeln!(s, "## Teacher (MiniLM-L6, SST-2 validation, {} examples, {} real tokens)\n\n| pass | batch | examples/s | real tokens/s |\n|---|---:|---:|---:|", t["examples"], t["real_tokens"]);
-        for row in t["forward"].as_array().into_iter().flatten() {
+        let _ = writeln!(s, "## Teacher (MiniLM-L6, SST-2 validation, {} examples, {} real tokens)\n\nLimit: the measured matmul peak over the matmul FLOPs per real token ({} MFLOP forward; forward + backward to the embeddings 2×, a fine-tuning step 3×). `kernels` is the engine as shipped on the CPU; `candle ops` is the same model on candle's plain ops, measured in the same run, passes interleaved.\n\n| pass | batch | engine | examples/s | real tokens/s | % of limit |\n|---|---:|---|---:|---:|---:|", t["examples"], t["real_tokens"], f(&json!(t["flops_per_token"].as_f64().unwrap_or(f64::NAN) / 1e6)));
+        for row in t["rows"].as_array().into_iter().flatten() {
             let _ = writeln!(
                 s,
-                "| forward | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {:.0}% |",
+                row["pass"].as_str().unwrap_or(""),
                 row["batch"],
+                row["engine"].as_str().unwrap_or(""),
                 f(&row["examples_per_s"]),
-                f(&row["real_tokens_per_s"])
+                f(&row["real_tokens_per_s"]),
+                100.0 * row["share_of_limit"].as_f64().unwrap_or(f64::NAN)
             );
         }
-        let fb = &t["forward_backward_batch32"];
-        let _ = writeln!(
-            s,
-            "| forward + backward to embeddings | 32 | {} | {} |\n",
-            f(&fb["examples_per_s"]),
-            f(&fb["real_tokens_per_s"])
-        );
+        s.push('\n');
     }
     if let Some(e) = r.get("end_to_end").filter(|t| !t.is_null()) {
         let _ = writeln!(s, "## End to end: `augment` on {} SST-2 examples, all methods\n\n{} examples/s overall ({} s), peak RSS {} MiB.\n\n| method | seconds | examples/s |\n|---|---:|---:|", e["examples"], f(&e["examples_per_s"]), f(&e["augment_seconds"]), f(&e["peak_rss_mib"]));

@@ -4,6 +4,7 @@
 //! Weight names follow Hugging Face (`embeddings.word_embeddings.weight`,
 //! `encoder.layer.N.attention.self.query.weight`, ...), so loading is a walk over names.
 
+use super::kernels;
 use super::params::{Init, Params};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -121,6 +122,11 @@ impl Ctx {
         }
     }
 
+    /// A seed for a kernel's own dropout masks, from the context's seeded generator.
+    pub fn seed(&mut self) -> u64 {
+        self.rng.gen()
+    }
+
     /// Inverted dropout with a mask from the context's seeded generator.
     pub fn dropout(&mut self, x: &Tensor, p: f32) -> Result<Tensor> {
         if !self.train || p <= 0.0 {
@@ -146,6 +152,8 @@ impl Ctx {
 pub struct Linear {
     w: Tensor,
     b: Tensor,
+    /// Use the CPU kernel (chosen once, from the device).
+    cpu: bool,
 }
 
 impl Linear {
@@ -164,6 +172,7 @@ impl Linear {
         Ok(Self {
             w: p.get(&format!("{prefix}.weight"), &[out_dim, in_dim], init)?,
             b: p.get(&format!("{prefix}.bias"), &[out_dim], bias_init)?,
+            cpu: kernels::used_on(p.device()),
         })
     }
 
@@ -172,10 +181,12 @@ impl Linear {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().expect("rank >= 1");
         let rows = x.elem_count() / in_dim;
-        let y = x
-            .reshape((rows, in_dim))?
-            .matmul(&self.w.t()?)?
-            .broadcast_add(&self.b)?;
+        let x = x.reshape((rows, in_dim))?;
+        let y = if self.cpu {
+            kernels::linear(&x, &self.w, &self.b)?
+        } else {
+            x.matmul(&self.w.t()?)?.broadcast_add(&self.b)?
+        };
         let mut out = dims;
         *out.last_mut().expect("rank >= 1") = self.w.dim(0)?;
         Ok(y.reshape(out)?)
@@ -186,7 +197,11 @@ impl Linear {
     pub fn stacked(parts: &[&Linear]) -> Result<Self> {
         let w = Tensor::cat(&parts.iter().map(|l| &l.w).collect::<Vec<_>>(), 0)?;
         let b = Tensor::cat(&parts.iter().map(|l| &l.b).collect::<Vec<_>>(), 0)?;
-        Ok(Self { w, b })
+        Ok(Self {
+            w,
+            b,
+            cpu: parts.iter().all(|l| l.cpu),
+        })
     }
 }
 
@@ -195,6 +210,8 @@ pub struct LayerNorm {
     w: Tensor,
     b: Tensor,
     eps: f64,
+    /// Use the CPU kernel (chosen once, from the device).
+    cpu: bool,
 }
 
 impl LayerNorm {
@@ -204,11 +221,15 @@ impl LayerNorm {
             w: p.get(&format!("{prefix}.weight"), &[dim], Init::Required)?,
             b: p.get(&format!("{prefix}.bias"), &[dim], Init::Required)?,
             eps,
+            cpu: kernels::used_on(p.device()),
         })
     }
 
     /// Normalises the last dimension.
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        if self.cpu {
+            return Ok(kernels::layer_norm(x, &self.w, &self.b, self.eps)?);
+        }
         if !ctx.grad && x.is_contiguous() {
             return Ok(candle_nn::ops::layer_norm(
                 x,
@@ -268,21 +289,43 @@ impl Embeddings {
         })
     }
 
-    fn forward(&self, word_embeds: &Tensor, type_ids: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
-        let (b, s, h) = word_embeds.dims3()?;
+    fn check_len(&self, s: usize) -> Result<()> {
         if s > self.position.dim(0)? {
             bail!(
                 "sequence length {s} exceeds max_position_embeddings {}",
                 self.position.dim(0)?
             );
         }
+        Ok(())
+    }
+
+    /// Padded: word embeddings `[b, s, h]` and type ids `[b, s]`.
+    fn forward(&self, word_embeds: &Tensor, type_ids: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let (b, s, h) = word_embeds.dims3()?;
+        self.check_len(s)?;
         let pos = self.position.narrow(0, 0, s)?.unsqueeze(0)?;
         let tt = self
             .token_type
             .index_select(&type_ids.flatten_all()?, 0)?
             .reshape((b, s, h))?;
-        let x = word_embeds.broadcast_add(&pos)?.add(&tt)?;
-        let x = self.norm.forward(&x, ctx)?;
+        self.finish(&word_embeds.broadcast_add(&pos)?.add(&tt)?, ctx)
+    }
+
+    /// Packed: word embeddings `[T, h]`, with type ids and positions `[T]`.
+    fn forward_packed(
+        &self,
+        word_embeds: &Tensor,
+        type_ids: &Tensor,
+        positions: &Tensor,
+        ctx: &mut Ctx,
+    ) -> Result<Tensor> {
+        let pos = self.position.index_select(positions, 0)?;
+        let tt = self.token_type.index_select(type_ids, 0)?;
+        self.finish(&word_embeds.add(&pos)?.add(&tt)?, ctx)
+    }
+
+    fn finish(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let x = self.norm.forward(x, ctx)?;
         ctx.dropout(&x, self.dropout)
     }
 }
@@ -302,6 +345,16 @@ struct Layer {
     act: String,
     hidden_p: f32,
     attn_p: f32,
+    /// Use the CPU kernels (chosen once, from the device).
+    cpu: bool,
+}
+
+/// How a batch's tokens are laid out through the layers.
+enum Tokens {
+    /// `[b, s, h]`, with the additive attention mask `[b, 1, 1, s]` (candle's plain ops).
+    Padded(Tensor),
+    /// `[T, h]`, real tokens only, sequence after sequence (the CPU kernels).
+    Packed(kernels::Seqs),
 }
 
 impl Layer {
@@ -342,10 +395,32 @@ impl Layer {
             act: c.hidden_act.clone(),
             hidden_p: c.hidden_dropout_prob,
             attn_p: c.attention_probs_dropout_prob,
+            cpu: kernels::used_on(p.device()),
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+    /// Query, key and value side by side, `[.., 3h]`, from one stacked layer.
+    fn qkv(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.qkv {
+            Some(qkv) => qkv.forward(x),
+            None => Linear::stacked(&[&self.q, &self.k, &self.v])?.forward(x),
+        }
+    }
+
+    /// Self-attention before the output projection.
+    fn attention(&self, x: &Tensor, tokens: &Tokens, ctx: &mut Ctx) -> Result<Tensor> {
+        let mask = match tokens {
+            Tokens::Packed(seqs) => {
+                let dropout = (ctx.train && self.attn_p > 0.0).then(|| (self.attn_p, ctx.seed()));
+                return Ok(kernels::attention(
+                    &self.qkv(x)?,
+                    seqs,
+                    self.heads,
+                    dropout,
+                )?);
+            }
+            Tokens::Padded(mask) => mask,
+        };
         let (b, s, h) = x.dims3()?;
         let d = h / self.heads;
         let split = |t: Tensor| -> Result<Tensor> {
@@ -357,29 +432,31 @@ impl Layer {
             Some(qkv) => {
                 let all = qkv.forward(x)?;
                 (
-                    split(all.narrow(2, 0, h)?)?,
-                    split(all.narrow(2, h, h)?)?,
-                    split(all.narrow(2, 2 * h, h)?)?,
+                    all.narrow(2, 0, h)?,
+                    all.narrow(2, h, h)?,
+                    all.narrow(2, 2 * h, h)?,
                 )
             }
-            None => (
-                split(self.q.forward(x)?)?,
-                split(self.k.forward(x)?)?,
-                split(self.v.forward(x)?)?,
-            ),
+            None => (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?),
         };
+        let (q, k, v) = (split(q)?, split(k)?, split(v)?);
         let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(mask)?;
         let probs = softmax_last(&scores, ctx)?;
         let probs = ctx.dropout(&probs, self.attn_p)?;
-        let ctxv = probs
+        Ok(probs
             .matmul(&v)?
             .transpose(1, 2)?
             .contiguous()?
-            .reshape((b, s, h))?;
+            .reshape((b, s, h))?)
+    }
+
+    fn forward(&self, x: &Tensor, tokens: &Tokens, ctx: &mut Ctx) -> Result<Tensor> {
+        let ctxv = self.attention(x, tokens, ctx)?;
         let a = ctx.dropout(&self.attn_out.forward(&ctxv)?, self.hidden_p)?;
         let x = self.attn_norm.forward(&(a + x)?, ctx)?;
         let i = self.inter.forward(&x)?;
         let i = match self.act.as_str() {
+            "gelu" if self.cpu => kernels::gelu_erf(&i)?,
             "relu" => i.relu()?,
             "gelu_new" | "gelu_pytorch_tanh" => i.gelu()?,
             _ => i.gelu_erf()?,
@@ -447,13 +524,64 @@ impl Bert {
         mask: &Tensor,
         ctx: &mut Ctx,
     ) -> Result<Tensor> {
+        if self.layers.first().is_some_and(|l| l.cpu) {
+            return self.forward_packed(word_embeds, type_ids, mask, ctx);
+        }
         let (b, s, _) = word_embeds.dims3()?;
-        let add_mask = ((mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?.reshape((b, 1, 1, s))?;
+        let add = ((mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?.reshape((b, 1, 1, s))?;
+        let tokens = Tokens::Padded(add);
         let mut x = self.embeddings.forward(word_embeds, type_ids, ctx)?;
         for l in &self.layers {
-            x = l.forward(&x, &add_mask, ctx)?;
+            x = l.forward(&x, &tokens, ctx)?;
         }
         Ok(x)
+    }
+
+    /// [`Bert::forward_embeds`] on the real tokens only: they are gathered into `[T, h]`,
+    /// run through the layers, and scattered back (zeros at padded positions).
+    fn forward_packed(
+        &self,
+        word_embeds: &Tensor,
+        type_ids: &Tensor,
+        mask: &Tensor,
+        ctx: &mut Ctx,
+    ) -> Result<Tensor> {
+        let (b, s, h) = word_embeds.dims3()?;
+        self.embeddings.check_len(s)?;
+        let dev = word_embeds.device();
+        let real: Vec<f32> = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let (mut rows, mut positions, mut seqs) = (Vec::new(), Vec::new(), Vec::new());
+        let mut unpack = vec![u32::MAX; b * s];
+        for i in 0..b {
+            let start = rows.len();
+            for j in 0..s {
+                if real[i * s + j] > 0.5 {
+                    unpack[i * s + j] = rows.len() as u32;
+                    rows.push((i * s + j) as u32);
+                    positions.push(j as u32);
+                }
+            }
+            seqs.push((start, rows.len() - start));
+        }
+        let t = rows.len() as u32;
+        unpack
+            .iter_mut()
+            .filter(|u| **u == u32::MAX)
+            .for_each(|u| *u = t);
+        let rows = Tensor::new(rows, dev)?;
+        let mut x = self.embeddings.forward_packed(
+            &word_embeds.reshape((b * s, h))?.index_select(&rows, 0)?,
+            &type_ids.flatten_all()?.index_select(&rows, 0)?,
+            &Tensor::new(positions, dev)?,
+            ctx,
+        )?;
+        let tokens = Tokens::Packed(std::sync::Arc::new(seqs));
+        for l in &self.layers {
+            x = l.forward(&x, &tokens, ctx)?;
+        }
+        let x = Tensor::cat(&[&x, &Tensor::zeros((1, h), x.dtype(), dev)?], 0)?;
+        Ok(x.index_select(&Tensor::new(unpack, dev)?, 0)?
+            .reshape((b, s, h))?)
     }
 }
 

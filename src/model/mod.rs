@@ -4,6 +4,7 @@
 pub mod bert;
 pub mod checkpoint;
 pub mod head;
+pub mod kernels;
 pub mod params;
 
 pub use bert::{Bert, BertConfig, Ctx};

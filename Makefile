@@ -13,7 +13,7 @@ MODEL_DIR := data/models/minilm-l6
 MODEL_SHA := 53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
 APT_PKGS := cmake g++ libopenblas-dev liblapack-dev python3 python3-pip fonts-dejavu-core
 
-.PHONY: setup system-deps slurm-deps python-deps model build augment test test-slurm bench compare clean
+.PHONY: setup system-deps slurm-deps python-deps peer-deps model build augment test test-slurm bench compare clean
 
 setup: system-deps python-deps model
 
@@ -34,6 +34,10 @@ slurm-deps:
 
 python-deps:
 	@python3 -c "import pyarrow, polars" 2>/dev/null || python3 -m pip install -q pyarrow polars || python3 -m pip install -q --break-system-packages pyarrow polars
+
+# The Python pipeline that `make bench` compares `augment` with (bench/peer.py).
+peer-deps:
+	@python3 -c "import torch, transformers, faiss" 2>/dev/null || python3 -m pip install -q torch transformers faiss-cpu
 
 model: $(MODEL_DIR)/model.safetensors
 
@@ -62,7 +66,7 @@ test: setup
 test-slurm: setup slurm-deps build
 	bash tests/slurm/test.sh
 
-bench: setup build
+bench: setup build peer-deps
 	$(CARGO_TARGET_DIR)/release/augpro-bench --device $(DEVICE) $(BENCH_ARGS)
 
 compare: setup build

@@ -111,10 +111,17 @@ impl Default for OptimConfig {
     }
 }
 
+/// The AdamW implementation, chosen once from the device.
+enum Update {
+    /// The CPU kernel: one parallel pass per parameter.
+    Fused(crate::model::kernels::AdamW),
+    /// candle's AdamW, one instance per weight-decay group.
+    Candle { decay: AdamW, no_decay: AdamW },
+}
+
 /// AdamW over two parameter groups (with and without weight decay) plus the schedule.
 pub struct Optim {
-    decay: AdamW,
-    no_decay: AdamW,
+    update: Update,
     vars: Vec<Var>,
     cfg: OptimConfig,
     total_steps: usize,
@@ -142,9 +149,18 @@ impl Optim {
             eps: 1e-8,
             weight_decay: wd,
         };
+        let update = if crate::model::kernels::used_on(params.device()) {
+            let groups = d.iter().map(|v| (v.clone(), cfg.weight_decay));
+            let groups = groups.chain(nd.iter().map(|v| (v.clone(), 0.0))).collect();
+            Update::Fused(crate::model::kernels::AdamW::new(groups, 0.9, 0.999, 1e-8))
+        } else {
+            Update::Candle {
+                decay: AdamW::new(d, p(cfg.weight_decay))?,
+                no_decay: AdamW::new(nd, p(0.0))?,
+            }
+        };
         Ok(Self {
-            decay: AdamW::new(d, p(cfg.weight_decay))?,
-            no_decay: AdamW::new(nd, p(0.0))?,
+            update,
             vars,
             cfg: cfg.clone(),
             total_steps: total_steps.max(1),
@@ -171,10 +187,15 @@ impl Optim {
             clip(&mut grads, &self.vars, self.cfg.max_grad_norm)?;
         }
         let lr = self.lr();
-        self.decay.set_learning_rate(lr);
-        self.no_decay.set_learning_rate(lr);
-        self.decay.step(&grads)?;
-        self.no_decay.step(&grads)?;
+        match &mut self.update {
+            Update::Fused(a) => a.step(&grads, lr)?,
+            Update::Candle { decay, no_decay } => {
+                decay.set_learning_rate(lr);
+                no_decay.set_learning_rate(lr);
+                decay.step(&grads)?;
+                no_decay.step(&grads)?;
+            }
+        }
         self.step += 1;
         Ok(())
     }

@@ -45,7 +45,7 @@ struct Args {
     /// GLUE directory.
     #[arg(long)]
     glue_dir: Option<PathBuf>,
-    /// Sections to run (matmul, projection, teacher, e2e, memory); all when empty. A partial
+    /// Sections to run (matmul, projection, teacher, e2e, peer, memory); all when empty. A partial
     /// run replaces those sections in an existing `results.json` and keeps the others.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -350,6 +350,77 @@ fn run_augment(pipeline: &Path, glue_dir: &Path, device: &str) -> Result<(f64, f
     Ok((t.elapsed().as_secs_f64(), hwm_kib as f64 / 1024.0))
 }
 
+/// The `peer` job: `augment` and `bench/peer.py` (transformers + faiss-cpu + pyarrow) on the
+/// same 1,000 SST-2 training examples, original + AugPro-Mix + AugPro-FGSM, exact L2
+/// projection, one shard, the same teacher. The teacher is the base encoder with a seeded
+/// classification head: throughput does not depend on its weights.
+fn peer(model: &Path, glue_dir: &Path, dir: &Path, device: &str, quick: bool) -> Result<Value> {
+    let n = if quick { 256 } else { 1000 };
+    let task = glue::task("sst2")?;
+    let teacher = dir.join("peer-teacher");
+    let ck = Checkpoint::open(model)?;
+    let (_, params) = ck.load_classifier(&Device::Cpu, true, 2, None, 0)?;
+    let names: Vec<String> = task.label_names.iter().map(|s| s.to_string()).collect();
+    augpro::model::checkpoint::save_classifier(
+        &teacher, &params, &ck.config, 2, task, &names, model,
+    )?;
+    let toml = format!(
+        "name = \"peer\"\ntask = \"sst2\"\nsplit = \"train\"\nmax_examples = {n}\nmax_seq_len = 66\nseed = 0\nshards = 1\nbatch_size = 32\noutput = \"{}\"\n\n[teacher]\nmodel = \"{}\"\ncheckpoint = \"{}\"\n\n[projection]\nindex = \"Flat\"\nmetric = \"l2\"\n\n[methods.augpro_mix]\nalpha = 1.0\nlambda_mode = \"position\"\nlambda_min = 0.35\n\n[methods.augpro_fgsm]\nepsilon_rel = 0.2\n",
+        dir.join("out").display(),
+        model.display(),
+        teacher.display()
+    );
+    let p = dir.join("peer.toml");
+    std::fs::write(&p, toml)?;
+    let (wall, rss) = run_augment(&p, glue_dir, device)?;
+    let timings: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("out/sst2/peer/timings.json"))?)?;
+    let shard = timings
+        .as_object()
+        .and_then(|o| o.values().next())
+        .cloned()
+        .unwrap_or_default();
+    let work = shard["seconds"].as_f64().unwrap_or(f64::NAN);
+    let stages = shard["stage_seconds"].clone();
+    let mut out = json!({ "examples": n, "augpro": { "work_seconds": work, "process_seconds": wall,
+        "examples_per_s": n as f64 / work, "peak_rss_mib": rss, "stage_seconds": stages } });
+    let has_peer = std::process::Command::new("python3")
+        .args(["-c", "import torch, transformers, faiss, pyarrow"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_peer {
+        eprintln!(
+            "peer: torch, transformers or faiss-cpu missing (`make peer-deps`); augpro side only"
+        );
+        return Ok(out);
+    }
+    let data = glue_dir.join("sst2/train-00000-of-00001.parquet");
+    let t = Instant::now();
+    let o = std::process::Command::new("python3")
+        .arg("bench/peer.py")
+        .args([&teacher, &data, &dir.join("peer.parquet")])
+        .args([
+            n.to_string(),
+            rayon::current_num_threads().to_string(),
+            "0.2".into(),
+            "0.35".into(),
+        ])
+        .output()?;
+    anyhow::ensure!(
+        o.status.success(),
+        "bench/peer.py failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let wall = t.elapsed().as_secs_f64();
+    let py: Value = serde_json::from_slice(o.stdout.trim_ascii())?;
+    let py_work = py["work_seconds"].as_f64().unwrap_or(f64::NAN);
+    out["python"] = json!({ "work_seconds": py_work, "process_seconds": wall,
+        "examples_per_s": n as f64 / py_work });
+    out["speedup_work"] = json!(py_work / work);
+    Ok(out)
+}
+
 const ALL_METHODS: &str = r#"
 [methods.augpro_mix]
 alpha = 1.0
@@ -470,6 +541,13 @@ fn main() -> Result<()> {
             .sum();
         res.insert("end_to_end".into(), json!({ "examples": n, "augment_seconds": total, "wall_seconds_with_startup": wall, "examples_per_s": n as f64 / total, "peak_rss_mib": rss, "methods": methods, "stages": stages, "other_share": 1.0 - accounted / total }));
     }
+    if want("peer") {
+        eprintln!("peer: augment vs the Python pipeline…");
+        res.insert(
+            "peer".into(),
+            peer(&a.model, &glue_dir, &tmp, &a.device, a.quick)?,
+        );
+    }
     if want("memory") {
         let sizes: &[usize] = if a.quick {
             &[250, 500, 1000]
@@ -577,6 +655,41 @@ fn markdown(r: &Value) -> String {
                 f(&row["real_tokens_per_s"]),
                 100.0 * row["share_of_limit"].as_f64().unwrap_or(f64::NAN)
             );
+        }
+        s.push('\n');
+    }
+    if let Some(p) = r.get("peer").filter(|t| !t.is_null()) {
+        let _ = writeln!(s, "## Peer: `augment` vs a Python pipeline on the same job\n\n{} SST-2 training examples, original + AugPro-Mix + AugPro-FGSM, exact L2 projection, one shard, the same teacher and thread count. The Python side is `bench/peer.py` (transformers + faiss-cpu + pyarrow).\n\n| pipeline | work s | whole process s | source examples/s (work) |\n|---|---:|---:|---:|", p["examples"]);
+        for (name, k) in [
+            ("augpro `augment`", "augpro"),
+            ("Python (`bench/peer.py`)", "python"),
+        ] {
+            if let Some(v) = p.get(k) {
+                let _ = writeln!(
+                    s,
+                    "| {name} | {} | {} | {} |",
+                    f(&v["work_seconds"]),
+                    f(&v["process_seconds"]),
+                    f(&v["examples_per_s"])
+                );
+            }
+        }
+        if let Some(x) = p.get("speedup_work") {
+            let _ = writeln!(
+                s,
+                "\naugment is **{}×** the Python pipeline on the work.",
+                f(x)
+            );
+        }
+        let total = p["augpro"]["work_seconds"].as_f64().unwrap_or(f64::NAN);
+        let _ = writeln!(s, "\n| augment stage | seconds | share |\n|---|---:|---:|");
+        for (k, v) in p["augpro"]["stage_seconds"]
+            .as_object()
+            .into_iter()
+            .flatten()
+        {
+            let x = v.as_f64().unwrap_or(f64::NAN);
+            let _ = writeln!(s, "| {k} | {} | {:.1}% |", f(v), 100.0 * x / total);
         }
         s.push('\n');
     }

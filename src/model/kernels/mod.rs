@@ -4,12 +4,14 @@
 //! GELU and a fused LayerNorm. Each has a test against candle's plain ops. Other devices
 //! use candle's standard ops (the model chooses once, from the device).
 
+mod adamw;
 mod attention;
 mod gelu;
 mod linear;
 mod math;
 mod norm;
 
+pub use adamw::AdamW;
 pub use attention::{attention, Seqs};
 pub use gelu::gelu_erf;
 pub use linear::linear;

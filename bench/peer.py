@@ -59,19 +59,19 @@ def main(teacher, data, out, n, threads, eps_rel, lambda_min, batch=32, max_len=
         on = (mask == 1) & ~torch.isin(ids, special)
         labels = torch.tensor([r["label"] for r in part])
         emb = model.bert.embeddings.word_embeddings(ids)
-        out = {"original": ids}
+        made = {"original": ids}
         # AugPro-Mix
         partner = (torch.arange(len(part)) + torch.randint(1, max(len(part), 2), (len(part),), generator=rng)) % len(part)
         lam = lambda_min + (1 - lambda_min) * torch.rand(ids.shape, generator=rng)
         mixed = lam[..., None] * emb + (1 - lam[..., None]) * emb[partner]
-        out["augpro_mix"] = project(mixed, ids, on & (mask[partner] == 1))
+        made["augpro_mix"] = project(mixed, ids, on & (mask[partner] == 1))
         # AugPro-FGSM
         e = emb.detach().requires_grad_(True)
         loss = torch.nn.functional.cross_entropy(
             model(inputs_embeds=e, attention_mask=mask).logits, labels)
         (g,) = torch.autograd.grad(loss, e)
-        out["augpro_fgsm"] = project(e.detach() + eps * g.sign(), ids, on)
-        for method, x in out.items():
+        made["augpro_fgsm"] = project(e.detach() + eps * g.sign(), ids, on)
+        for method, x in made.items():
             lg = logits(x, mask)
             for i, r in enumerate(part):
                 keep = mask[i] == 1

@@ -149,3 +149,55 @@ fn identity_settings_reproduce_the_source_and_specials_survive() {
         }
     }
 }
+
+/// Skipping the search where the source token is provably nearest gives exactly the answer
+/// of exact search, on MiniLM's real table, for interpolated and sign-perturbed points.
+#[test]
+fn hinted_projection_equals_exact_search() {
+    let ck = Checkpoint::open(&common::model_dir()).unwrap();
+    let p = ck.params(&Device::Cpu, false, 0).unwrap();
+    let bert = augpro::model::Bert::load(&p, &ck.config).unwrap();
+    let table: Vec<f32> = bert
+        .word_embeddings()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let d = ck.config.hidden_size;
+    let vocab = table.len() / d;
+    let keep = |t: u32| t >= 999;
+    let mut proj = Projector::build(&table, d, keep, "Flat", Metric::L2).unwrap();
+    let mut r = ChaCha8Rng::seed_from_u64(5);
+    let (mut q, mut hints) = (Vec::new(), Vec::new());
+    for i in 0..6000 {
+        let s = r.gen_range(999..vocab);
+        let e = &table[s * d..(s + 1) * d];
+        if i % 3 == 0 {
+            // ε·sign(noise), from tiny to large steps.
+            let eps = 10f32.powf(r.gen_range(-4.0..-1.0));
+            q.extend(
+                e.iter()
+                    .map(|&v| v + if r.gen::<bool>() { eps } else { -eps }),
+            );
+        } else {
+            let j = r.gen_range(0..vocab);
+            let lam: f32 = r.gen_range(0.35..1.0);
+            let f = &table[j * d..(j + 1) * d];
+            q.extend(e.iter().zip(f).map(|(a, b)| lam * a + (1.0 - lam) * b));
+        }
+        // Some hints are excluded tokens, which never shortcut.
+        hints.push(if i % 50 == 0 {
+            r.gen_range(0..999) as u32
+        } else {
+            s as u32
+        });
+    }
+    let exact = proj.nearest(&q).unwrap();
+    let hinted = proj.nearest_with_hints(&q, &hints).unwrap();
+    assert_eq!(hinted, exact);
+    let kept = exact.iter().zip(&hints).filter(|(a, b)| a == b).count();
+    assert!(
+        kept > 1000,
+        "the test points should often project back to their source ({kept})"
+    );
+}

@@ -807,15 +807,17 @@ fn project_rows(
     embeds: &[Vec<f32>],
     masks: &[Vec<bool>],
 ) -> Result<Vec<Vec<u32>>> {
-    let mut q = Vec::new();
-    for (e, m) in embeds.iter().zip(masks) {
+    let (mut q, mut hints) = (Vec::new(), Vec::new());
+    for ((e, m), row) in embeds.iter().zip(masks).zip(ids) {
         for (p, &on) in m.iter().enumerate() {
             if on {
                 q.extend_from_slice(&e[p * d..(p + 1) * d]);
+                hints.push(row[p]);
             }
         }
     }
-    let found = projector.nearest(&q)?;
+    // The source token is the answer wherever the point stayed close to it.
+    let found = projector.nearest_with_hints(&q, &hints)?;
     let mut it = found.into_iter();
     Ok(ids
         .iter()

@@ -27,6 +27,12 @@ pub struct Projector {
     pub factory: String,
     /// The metric.
     pub metric: Metric,
+    /// The indexed rows (exact L2 `Flat` only), for [`Projector::nearest_with_hints`].
+    rows: Option<Vec<f32>>,
+    /// Position in the index of each token id (`MISSING` when not indexed).
+    slot: Vec<u32>,
+    /// Distance from each indexed row to its nearest other row (NaN until needed).
+    nn: Vec<f32>,
 }
 
 impl Projector {
@@ -93,12 +99,20 @@ impl Projector {
                 format!("FAISS parameters `{p}` do not apply to index `{factory}`")
             })?;
         }
+        let mut slot = vec![MISSING; vocab];
+        for (i, &t) in token_ids.iter().enumerate() {
+            slot[t as usize] = i as u32;
+        }
+        let exact = factory == "Flat" && metric == Metric::L2;
         Ok(Self {
+            nn: vec![f32::NAN; token_ids.len()],
             index,
             token_ids,
             dim,
             factory: factory.to_string(),
             metric,
+            rows: exact.then_some(data),
+            slot,
         })
     }
 
@@ -145,6 +159,85 @@ impl Projector {
     /// The nearest token id of each query.
     pub fn nearest(&mut self, queries: &[f32]) -> Result<Vec<u32>> {
         Ok(self.search(queries, 1)?.0)
+    }
+}
+
+impl Projector {
+    /// The nearest token of each query, given a likely answer per query (`hints`, e.g. the
+    /// source token of an interpolated position; [`MISSING`] for none). By the triangle
+    /// inequality, a query closer to a token's embedding than half that token's
+    /// nearest-neighbour distance has that token as its nearest; with the bound at 0.45, the
+    /// margin (a tenth of the squared nearest-neighbour distance) is far above rounding, so
+    /// the answer is the one exact search gives. Only the other queries are searched.
+    /// Indexes other than exact L2 `Flat` search every query.
+    pub fn nearest_with_hints(&mut self, queries: &[f32], hints: &[u32]) -> Result<Vec<u32>> {
+        let d = self.dim;
+        if self.rows.is_none() || hints.len() * d != queries.len() {
+            return self.nearest(queries);
+        }
+        let slots: Vec<u32> = hints
+            .iter()
+            .map(|&h| self.slot.get(h as usize).copied().unwrap_or(MISSING))
+            .collect();
+        self.learn_nn(&slots)?;
+        let rows = self.rows.as_ref().expect("exact index");
+        let known: Vec<Option<u32>> = slots
+            .iter()
+            .zip(queries.chunks_exact(d))
+            .map(|(&s, q)| {
+                if s == MISSING {
+                    return None;
+                }
+                let e = &rows[s as usize * d..(s as usize + 1) * d];
+                let nn = self.nn[s as usize];
+                let dist2: f32 = q.iter().zip(e).map(|(a, b)| (a - b) * (a - b)).sum();
+                let norms: f32 = q.iter().chain(e).map(|v| v * v).sum();
+                let inside = dist2 < 0.45 * 0.45 * nn * nn && 0.1 * nn * nn > 1e-4 * norms;
+                inside.then(|| self.token_ids[s as usize])
+            })
+            .collect();
+        let mut rest = Vec::new();
+        for (k, q) in known.iter().zip(queries.chunks_exact(d)) {
+            if k.is_none() {
+                rest.extend_from_slice(q);
+            }
+        }
+        let mut found = self.nearest(&rest)?.into_iter();
+        Ok(known
+            .into_iter()
+            .map(|k| k.unwrap_or_else(|| found.next().expect("one result per query")))
+            .collect())
+    }
+
+    /// Computes the nearest-neighbour distance of the indexed rows in `slots` not yet known.
+    fn learn_nn(&mut self, slots: &[u32]) -> Result<()> {
+        let mut todo: Vec<u32> = slots
+            .iter()
+            .copied()
+            .filter(|&s| s != MISSING && self.nn[s as usize].is_nan())
+            .collect();
+        todo.sort_unstable();
+        todo.dedup();
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let d = self.dim;
+        let rows = self.rows.as_ref().expect("exact index");
+        let q: Vec<f32> = todo
+            .iter()
+            .flat_map(|&s| rows[s as usize * d..(s as usize + 1) * d].iter().copied())
+            .collect();
+        let (ids, dist) = self.search(&q, 2)?;
+        for (i, &s) in todo.iter().enumerate() {
+            // A row whose nearest is not itself has a duplicate: no shortcut for it.
+            let own = ids[2 * i] == self.token_ids[s as usize];
+            self.nn[s as usize] = if own {
+                dist[2 * i + 1].max(0.0).sqrt()
+            } else {
+                0.0
+            };
+        }
+        Ok(())
     }
 }
 

@@ -276,7 +276,7 @@ impl PipelineConfig {
                 if c.copies == 0 {
                     bail!("`methods.{name}.copies` must be at least 1, got 0");
                 }
-                if !(c.alpha > 0.0) || !c.alpha.is_finite() {
+                if !c.alpha.is_finite() || c.alpha <= 0.0 {
                     bail!("`methods.{name}.alpha` must be > 0, got {}", c.alpha);
                 }
                 if !(0.0..1.0).contains(&c.lambda_min) {
@@ -301,7 +301,7 @@ impl PipelineConfig {
                     (None, None) => {
                         bail!("`methods.{name}`: `epsilon` or `epsilon_rel` is required")
                     }
-                    (Some(e), None) | (None, Some(e)) if !(e >= 0.0) || !e.is_finite() => {
+                    (Some(e), None) | (None, Some(e)) if !e.is_finite() || e < 0.0 => {
                         bail!("`methods.{name}`: ε must be >= 0, got {e}")
                     }
                     _ => {}
@@ -323,7 +323,7 @@ impl PipelineConfig {
             }
         }
         let t = &self.teacher.train;
-        if t.optim.batch_size == 0 || !(t.optim.lr > 0.0) || t.epochs == 0 {
+        if t.optim.batch_size == 0 || t.optim.lr.is_nan() || t.optim.lr <= 0.0 || t.epochs == 0 {
             bail!("`teacher.train`: epochs, optim.batch_size and optim.lr must be positive");
         }
         if !(0.0..1.0).contains(&t.optim.warmup_ratio) {

@@ -297,6 +297,8 @@ pub fn prepare_out_dir(out: &Path, cfg_hash: &str, force: bool) -> Result<()> {
     })
 }
 
+// Eight distinct inputs of one shard (configuration and its hash, teacher hash, engine,
+// data, example count, shard index, output); a struct would only rename them.
 #[allow(clippy::too_many_arguments)]
 fn run_shard(
     cfg: &PipelineConfig,

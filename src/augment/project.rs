@@ -52,7 +52,7 @@ impl Projector {
         metric: Metric,
         params: Option<&str>,
     ) -> Result<Self> {
-        if dim == 0 || table.len() % dim != 0 {
+        if dim == 0 || !table.len().is_multiple_of(dim) {
             bail!(
                 "embedding table of {} values is not a multiple of dimension {dim}",
                 table.len()
@@ -119,7 +119,7 @@ impl Projector {
         if queries.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
-        if queries.len() % self.dim != 0 {
+        if !queries.len().is_multiple_of(self.dim) {
             bail!(
                 "query buffer of {} values is not a multiple of dimension {}",
                 queries.len(),

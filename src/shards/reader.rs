@@ -87,7 +87,7 @@ fn opt_i32(a: &dyn Array, i: usize) -> Option<i32> {
 pub fn rows_from_batch(b: &RecordBatch, schema: &ShardSchema) -> Result<Vec<Row>> {
     let col = |n: &str| {
         b.column_by_name(n)
-            .map(|c| c.clone())
+            .cloned()
             .ok_or_else(|| anyhow::anyhow!("missing column `{n}`"))
     };
     let texts: Vec<_> = schema

@@ -61,8 +61,9 @@ augment: setup build
 	  $(BIN) data fetch --config $$(sed -n 's/^task *= *"\(.*\)"/\1/p' $(PIPELINE)) --splits train,validation; fi
 	$(BIN) augment $(PIPELINE) --device $(DEVICE)
 
+# The fault-injection points (feature `failpoints`) are compiled into the tests' binary only.
 test: setup
-	cargo test --release -- --test-threads=1
+	cargo test --release --features "$(strip failpoints $(FEATURES))" -- --test-threads=1
 
 # Formatting and lints, as CI runs them (release profile, so the release build cache is reused).
 lint: rust-components

@@ -185,7 +185,9 @@ pub fn remove_temporaries() {
 }
 
 /// Fault injection for crash tests: when `AUGPRO_FAILPOINT` names `point`, the process
-/// kills itself with SIGKILL there, exactly as an external `kill -9` would.
+/// kills itself with SIGKILL there, exactly as an external `kill -9` would. Compiled in
+/// only with the `failpoints` feature, which the tests enable.
+#[cfg(feature = "failpoints")]
 pub fn failpoint(point: &str) {
     if std::env::var("AUGPRO_FAILPOINT").is_ok_and(|v| v.split(',').any(|p| p.trim() == point)) {
         eprintln!("failpoint {point}: SIGKILL");
@@ -195,6 +197,11 @@ pub fn failpoint(point: &str) {
         }
     }
 }
+
+/// Without the `failpoints` feature a fault-injection point does nothing.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn failpoint(_point: &str) {}
 
 /// Writes `bytes` to `dest` atomically (temporary name, fsync, rename).
 pub fn atomic_write(dest: &Path, bytes: &[u8]) -> Result<()> {

@@ -8,6 +8,7 @@ pub mod augment;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod fetch;
 pub mod glue;
 pub mod inspect;

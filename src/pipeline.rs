@@ -2,7 +2,7 @@
 //! configuration), then augmentation shard by shard with completion markers, then finalize
 //! (manifest, dataset card, timings). Reruns skip finished shards.
 
-use crate::augment::{BatchReport, Engine, MethodStats};
+use crate::augment::{BatchReport, Engine};
 use crate::config::PipelineConfig;
 use crate::data::{resolve_glue_dir, split_files, SplitReader};
 use crate::glue::{self, TaskSpec};
@@ -13,7 +13,7 @@ use crate::shards::manifest::{
     FORMAT_VERSION,
 };
 use crate::shards::writer::ShardWriter;
-use crate::shards::ShardSchema;
+use crate::shards::{MethodStats, ShardSchema};
 use crate::teacher::{self, Teacher};
 use crate::util::{atomic_write, derive_seed, sha256_bytes, sha256_file};
 use anyhow::{bail, Context, Result};

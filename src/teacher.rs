@@ -8,7 +8,8 @@ use crate::metrics;
 use crate::model::checkpoint::save_classifier;
 use crate::model::{Checkpoint, Ctx, SeqClassifier};
 use crate::tokenize::{Encoded, TextTokenizer};
-use crate::train::{bucketed_batches, predict, supervised_loss, Batch, Optim, OptimConfig};
+use crate::config::TeacherTrainConfig;
+use crate::train::{bucketed_batches, predict, supervised_loss, Batch, Optim};
 use crate::util::{atomic_write, derive_seed};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, Var, D};
@@ -19,37 +20,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-
-/// How to fine-tune a teacher.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TeacherTrainConfig {
-    /// Passes over the (possibly capped) training set.
-    pub epochs: usize,
-    /// Use at most this many shuffled training examples.
-    pub max_train_examples: Option<usize>,
-    /// Stop after this many optimisation steps.
-    pub max_steps: Option<usize>,
-    /// Truncation length for training.
-    pub max_seq_len: usize,
-    /// Seed for shuffling, dropout and head initialisation.
-    pub seed: u64,
-    /// Optimiser settings.
-    pub optim: OptimConfig,
-}
-
-impl Default for TeacherTrainConfig {
-    fn default() -> Self {
-        Self {
-            epochs: 1,
-            max_train_examples: None,
-            max_steps: None,
-            max_seq_len: 66,
-            seed: 0,
-            optim: OptimConfig::default(),
-        }
-    }
-}
 
 /// Validation metrics plus training figures, written to `metrics.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

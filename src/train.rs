@@ -1,6 +1,7 @@
 //! Shared training machinery for the teacher and the student: padded batches, length
 //! bucketing, AdamW with warm-up and linear decay, gradient clipping, losses, prediction.
 
+use crate::config::OptimConfig;
 use crate::model::{Ctx, Params, SeqClassifier};
 use crate::tokenize::Encoded;
 use anyhow::Result;
@@ -81,34 +82,6 @@ pub fn sorted_batches(lens: &[usize], batch_size: usize) -> Vec<Vec<usize>> {
     let mut idx: Vec<usize> = (0..lens.len()).collect();
     idx.sort_by_key(|&i| (lens[i], i));
     idx.chunks(batch_size).map(|c| c.to_vec()).collect()
-}
-
-/// Optimisation settings shared by teacher and student.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OptimConfig {
-    /// Peak learning rate.
-    pub lr: f64,
-    /// AdamW weight decay (not applied to biases and LayerNorm weights).
-    pub weight_decay: f64,
-    /// Fraction of steps of linear warm-up.
-    pub warmup_ratio: f64,
-    /// Examples per batch.
-    pub batch_size: usize,
-    /// Global gradient-norm clip (0 disables).
-    pub max_grad_norm: f64,
-}
-
-impl Default for OptimConfig {
-    fn default() -> Self {
-        Self {
-            lr: 5e-5,
-            weight_decay: 0.01,
-            warmup_ratio: 0.06,
-            batch_size: 32,
-            max_grad_norm: 1.0,
-        }
-    }
 }
 
 /// AdamW over two parameter groups (with and without weight decay) plus the schedule.

@@ -3,8 +3,9 @@
 mod common;
 
 use augpro::augment::mix::{align, mix};
-use augpro::augment::project::{brute_force_nearest, Metric, Projector};
+use augpro::augment::project::{brute_force_nearest, Projector};
 use augpro::augment::{fgsm, replace};
+use augpro::config::Metric;
 use augpro::model::Checkpoint;
 use augpro::tokenize::TextTokenizer;
 use candle_core::Device;

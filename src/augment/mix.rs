@@ -2,17 +2,6 @@
 
 use rand::Rng;
 use rand_distr::{Beta, Distribution};
-use serde::{Deserialize, Serialize};
-
-/// Whether one λ is drawn per sequence or one per position.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LambdaMode {
-    /// One λ for the whole sequence.
-    Sequence,
-    /// An independent λ for every position.
-    Position,
-}
 
 /// For each primary position, the partner position it is mixed with, or `None` where the
 /// primary's token stays (special tokens, padding, or where the partner's segment is shorter).

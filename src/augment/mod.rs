@@ -8,52 +8,22 @@ pub mod mix;
 pub mod project;
 pub mod replace;
 
-use crate::config::{FgsmConfig, MethodsConfig, PipelineConfig};
+use crate::config::{FgsmConfig, LambdaMode, Metric, MethodsConfig, PipelineConfig};
 use crate::data::Example;
 use crate::metrics::argmax;
 use crate::model::{Checkpoint, SeqClassifier};
-use crate::shards::Row;
+use crate::shards::{MethodStats, Row};
 use crate::teacher::{embedding_grad, GradLoss, Teacher};
 use crate::tokenize::Encoded;
 use crate::util::derive_seed;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
-use mix::LambdaMode;
 use project::{median_nn_distance, Projector};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Instant;
-
-/// Per-method counters, summed over batches and shards.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct MethodStats {
-    /// Rows written.
-    pub rows: u64,
-    /// Non-special positions in the written rows.
-    pub positions: u64,
-    /// Positions whose token differs from the source (projected methods).
-    pub changed_positions: u64,
-    /// Rows identical to their source (written or dropped).
-    pub unchanged_rows: u64,
-    /// Rows dropped by `drop_unchanged`.
-    pub dropped_rows: u64,
-    /// Rows whose teacher prediction equals the source's gold label (classification).
-    pub teacher_agrees: u64,
-}
-
-impl MethodStats {
-    /// Adds another counter set.
-    pub fn add(&mut self, o: &MethodStats) {
-        self.rows += o.rows;
-        self.positions += o.positions;
-        self.changed_positions += o.changed_positions;
-        self.unchanged_rows += o.unchanged_rows;
-        self.dropped_rows += o.dropped_rows;
-        self.teacher_agrees += o.teacher_agrees;
-    }
-}
 
 /// Counters plus time per method for one run.
 #[derive(Debug, Clone, Default)]
@@ -759,9 +729,9 @@ fn index_table(
     keep: impl Fn(u32) -> bool + Copy,
     cfg: &crate::config::ProjectionConfig,
 ) -> Result<(Projector, f32)> {
-    let mut exact = Projector::build(table, dim, keep, "Flat", project::Metric::L2)?;
+    let mut exact = Projector::build(table, dim, keep, "Flat", Metric::L2)?;
     let scale = median_nn_distance(table, dim, &mut exact, 2000)?;
-    if cfg.index == "Flat" && cfg.metric == project::Metric::L2 {
+    if cfg.index == "Flat" && cfg.metric == Metric::L2 {
         return Ok((exact, scale));
     }
     Ok((

@@ -3,17 +3,9 @@
 
 use anyhow::{bail, Context, Result};
 use faiss::{index_factory, Index, MetricType};
-use serde::{Deserialize, Serialize};
 
-/// Distance used for nearest-neighbour search.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Metric {
-    /// Euclidean distance.
-    L2,
-    /// Largest inner product.
-    InnerProduct,
-}
+/// The distance type, a configuration type (re-exported here for the benchmarks).
+pub use crate::config::Metric;
 
 /// Id returned where an approximate index finds fewer than `k` neighbours.
 pub const MISSING: u32 = u32::MAX;

@@ -106,15 +106,15 @@ pub fn ensure_teacher(cfg: &PipelineConfig, glue_dir: &Path, device: &Device) ->
         &tmp.join("teacher_key.json"),
         serde_json::to_string_pretty(&key_src)?.as_bytes(),
     )?;
-    if dir.join("metrics.json").is_file() {
-        // Another worker finished the same teacher first: use that one, never replace it.
-        let _ = std::fs::remove_dir_all(&tmp);
+    let kept = publish_teacher(&tmp, &dir)?;
+    crate::util::forget_temporary(&tmp);
+    if !kept {
+        eprintln!(
+            "teacher: another worker finished first; using its teacher {}",
+            dir.display()
+        );
         return Ok(dir);
     }
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&tmp, &dir)
-        .with_context(|| format!("{}: cannot move teacher into place", dir.display()))?;
-    crate::util::forget_temporary(&tmp);
     eprintln!(
         "teacher: {} = {:?} in {:.0}s ({:.1} ex/s)",
         task.primary_metric(),
@@ -123,6 +123,27 @@ pub fn ensure_teacher(cfg: &PipelineConfig, glue_dir: &Path, device: &Device) ->
         m.train_examples_per_second
     );
     Ok(dir)
+}
+
+/// Moves a freshly trained teacher from `tmp` to `dir` unless a teacher is already there.
+/// The move cannot replace an existing directory, so the first worker to finish is kept and
+/// readers of its teacher are never disturbed. Returns false, with `tmp` removed, when
+/// another worker's teacher was in place first.
+fn publish_teacher(tmp: &Path, dir: &Path) -> Result<bool> {
+    match crate::util::rename_noreplace(tmp, dir) {
+        Ok(()) => Ok(true),
+        Err(_) if dir.join("metrics.json").is_file() => {
+            let _ = std::fs::remove_dir_all(tmp);
+            Ok(false)
+        }
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "{}: cannot move teacher into place (a directory without a finished teacher \
+                 is in the way: remove it)",
+                dir.display()
+            )
+        }),
+    }
 }
 
 /// Number of rows in a split, from Parquet metadata (no data read).
@@ -591,4 +612,63 @@ fn existing_teacher_dir(cfg: &PipelineConfig) -> Result<PathBuf> {
         );
     }
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::publish_teacher;
+    use std::path::Path;
+
+    /// A worker's finished teacher in its temporary directory, marked with `who`.
+    fn trained(root: &Path, who: &str) -> std::path::PathBuf {
+        let tmp = root.join(format!(".teacher.tmp-{who}"));
+        std::fs::create_dir_all(&tmp).unwrap();
+        std::fs::write(tmp.join("metrics.json"), "{}").unwrap();
+        std::fs::write(tmp.join("worker"), who).unwrap();
+        tmp
+    }
+
+    #[test]
+    fn the_first_teacher_to_finish_is_kept() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("teacher");
+        // Both workers found no teacher and trained one; A finishes first.
+        let (a, b) = (trained(root.path(), "a"), trained(root.path(), "b"));
+        assert!(publish_teacher(&a, &dir).unwrap());
+        assert!(!publish_teacher(&b, &dir).unwrap());
+        assert_eq!(std::fs::read_to_string(dir.join("worker")).unwrap(), "a");
+        assert!(!a.exists() && !b.exists());
+    }
+
+    #[test]
+    fn concurrent_workers_publish_exactly_one_teacher() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("teacher");
+        let workers = 8;
+        let barrier = std::sync::Barrier::new(workers);
+        let won: Vec<(String, bool)> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..workers)
+                .map(|w| {
+                    let (root, dir, barrier) = (root.path(), &dir, &barrier);
+                    s.spawn(move || {
+                        let who = w.to_string();
+                        let tmp = trained(root, &who);
+                        barrier.wait();
+                        let kept = publish_teacher(&tmp, dir).unwrap();
+                        // Whoever won, the teacher in place stays the same from now on.
+                        let seen = std::fs::read_to_string(dir.join("worker")).unwrap();
+                        (if kept { who } else { seen }, kept)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let winners: Vec<&String> = won.iter().filter(|(_, k)| *k).map(|(w, _)| w).collect();
+        assert_eq!(winners.len(), 1, "{won:?}");
+        let kept = std::fs::read_to_string(dir.join("worker")).unwrap();
+        assert_eq!(&kept, winners[0]);
+        assert!(won.iter().all(|(w, _)| *w == kept), "{won:?}");
+        let left: Vec<_> = std::fs::read_dir(root.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "temporaries left behind");
+    }
 }

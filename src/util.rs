@@ -203,6 +203,37 @@ pub fn failpoint(point: &str) {
 #[inline(always)]
 pub fn failpoint(_point: &str) {}
 
+/// Renames `from` to `to` only if `to` does not exist (`renameat2` with
+/// `RENAME_NOREPLACE`); fails with `AlreadyExists` otherwise. On a filesystem without that
+/// flag a directory falls back to `rename(2)`, which cannot replace a non-empty directory.
+pub fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains a NUL byte")
+        })
+    };
+    let (f, t) = (c_path(from)?, c_path(to)?);
+    // SAFETY: both pointers are valid NUL-terminated paths for the duration of the call.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EINVAL) | Some(libc::ENOSYS) if from.is_dir() => fs::rename(from, to),
+        _ => Err(e),
+    }
+}
+
 /// Writes `bytes` to `dest` atomically (temporary name, fsync, rename).
 pub fn atomic_write(dest: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = AtomicFile::create(dest)?;

@@ -18,7 +18,7 @@ use crate::tokenize::TextTokenizer;
 use crate::config::OptimConfig;
 use crate::train::{kd_loss, supervised_loss, Batch, Optim};
 use crate::util::{atomic_write, derive_seed};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -225,7 +225,8 @@ fn student_embeds(
             pid[i * s + j] = t;
         }
         if let (Some(p), Some(pt)) = (&r.partner_input_ids, &r.partner_token_type_ids) {
-            let l = r.lambda.unwrap_or(1.0);
+            // The shard reader has checked that MixUp rows carry λ and FGSM rows ε.
+            let l = r.lambda.context("mixup row without `lambda`")?;
             let al = mix::align(&r.input_ids, &r.token_type_ids, p, pt, &|t| {
                 tok.is_special(t)
             });
@@ -240,7 +241,7 @@ fn student_embeds(
             if sg.len() != r.input_ids.len() * h {
                 bail!("row idx {}: perturbation has {} values, expected {} (the student's hidden size must equal the teacher's for FGSM rows)", r.idx, sg.len(), r.input_ids.len() * h);
             }
-            let e = r.epsilon.unwrap_or(0.0);
+            let e = r.epsilon.context("fgsm row without `epsilon`")?;
             for (j, &x) in sg.iter().enumerate() {
                 pert[i * s * h + j] = e * x as f32;
             }

@@ -8,7 +8,7 @@ pub mod mix;
 pub mod project;
 pub mod replace;
 
-use crate::config::{FgsmConfig, LambdaMode, Metric, MethodsConfig, PipelineConfig};
+use crate::config::{FgsmConfig, LambdaMode, MethodsConfig, Metric, PipelineConfig};
 use crate::data::Example;
 use crate::metrics::argmax;
 use crate::model::{Checkpoint, SeqClassifier};
@@ -16,7 +16,7 @@ use crate::shards::{MethodStats, Row};
 use crate::teacher::{embedding_grad, GradLoss, Teacher};
 use crate::tokenize::Encoded;
 use crate::util::derive_seed;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use project::{median_nn_distance, Projector};
 use rand::{Rng, SeedableRng};
@@ -587,7 +587,7 @@ impl<'a> Engine<'a> {
                 None,
                 None,
                 None,
-            ));
+            )?);
         }
         // Teacher logits for every variant, then rows.
         for (name, copy, variants, drop_unchanged) in results {
@@ -638,7 +638,7 @@ impl<'a> Engine<'a> {
                     pids,
                     ptypes,
                     v.perturbation,
-                ));
+                )?);
             }
             self.account(report, name, t);
         }
@@ -688,20 +688,20 @@ impl<'a> Engine<'a> {
         partner_input_ids: Option<Vec<u32>>,
         partner_token_type_ids: Option<Vec<u8>>,
         perturbation: Option<Vec<i8>>,
-    ) -> Row {
+    ) -> Result<Row> {
         let ids = ids.unwrap_or_else(|| enc.ids.clone());
         let t = Instant::now();
         let (a, b) = self
             .teacher
             .tokenizer
             .decode_segments(&ids, &enc.type_ids)
-            .unwrap_or_default();
+            .with_context(|| format!("source idx {}: {method} row", ex.idx))?;
         self.add_stage("decode", t.elapsed().as_secs_f64());
         let mut texts = vec![a];
         if self.teacher.task.is_pair() {
             texts.push(b.unwrap_or_default());
         }
-        Row {
+        Ok(Row {
             texts,
             label,
             idx: ex.idx,
@@ -717,7 +717,7 @@ impl<'a> Engine<'a> {
             partner_input_ids,
             partner_token_type_ids,
             perturbation,
-        }
+        })
     }
 }
 

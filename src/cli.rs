@@ -421,7 +421,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }) => {
             let task = glue::task(&task)?;
             let device = parse_device(&dev.device)?;
-            let t = teacher::Teacher::load(&dir, task, &device, 128)?;
+            let t = teacher::Teacher::load(&dir, task, &device, teacher::EVAL_MAX_SEQ_LEN)?;
             let v = teacher::evaluate(
                 &t.model,
                 &t.tokenizer,

@@ -512,11 +512,7 @@ pub fn finalize(cfg: &PipelineConfig, out: &Path) -> Result<Manifest> {
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or(serde_json::Value::Null);
-    let tok_file = if teacher_dir.join("tokenizer.json").is_file() {
-        teacher_dir.join("tokenizer.json")
-    } else {
-        teacher_dir.join("vocab.txt")
-    };
+    let tok_file = crate::tokenize::tokenizer_file(&teacher_dir);
     let mut totals: BTreeMap<String, MethodStats> = BTreeMap::new();
     for s in &shards {
         for (k, v) in &s.methods {

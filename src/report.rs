@@ -255,12 +255,14 @@ pub fn run(o: &ReportOptions, device: &Device) -> Result<PathBuf> {
         ));
     }
     md.push_str(&format!(
-        "\nShards: `{}`. Plots: `bars.png`, `curves.png`.\n",
-        shards.display()
+        "\nShards: `{}`. Validation inputs truncated to {} tokens. Plots: `bars.png`, `curves.png`.\n",
+        shards.display(),
+        crate::teacher::EVAL_MAX_SEQ_LEN
     ));
     let json = serde_json::json!({
         "task": task.name, "preset": o.preset, "metric": primary, "teacher_score": teacher_score,
         "steps": steps, "seeds": seeds, "source_examples": manifest.source_examples, "shards": shards.display().to_string(),
+        "eval_max_seq_len": crate::teacher::EVAL_MAX_SEQ_LEN,
         "methods": table, "runs": runs,
     });
     atomic_write(

@@ -7,6 +7,7 @@
 //! embedding space from `partner_input_ids`/`lambda` and `perturbation`/`epsilon`.
 
 use crate::augment::mix;
+use crate::config::OptimConfig;
 use crate::glue::TaskSpec;
 use crate::model::checkpoint::save_classifier;
 use crate::model::{Checkpoint, Ctx, SeqClassifier};
@@ -15,9 +16,8 @@ use crate::shards::reader::ShardReader;
 use crate::shards::{Row, ShardSchema};
 use crate::teacher::{evaluate, label_names};
 use crate::tokenize::TextTokenizer;
-use crate::config::OptimConfig;
 use crate::train::{kd_loss, supervised_loss, Batch, Optim};
-use crate::util::{atomic_write, derive_seed};
+use crate::util::{atomic_write, derive_seed, sha256_file};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
@@ -93,6 +93,9 @@ pub struct StudentMetrics {
     pub rows_available: usize,
     /// Training seconds.
     pub train_seconds: f64,
+    /// Truncation length of the validation inputs.
+    #[serde(default = "crate::teacher::eval_max_seq_len")]
+    pub eval_max_seq_len: usize,
 }
 
 /// One point of the validation curve.
@@ -344,6 +347,15 @@ pub fn train(
     if ck.config.vocab_size != teacher_vocab {
         bail!("{}: student vocabulary has {} tokens, the teacher's has {teacher_vocab}; the student must share the teacher's vocabulary", cfg.model.display(), ck.config.vocab_size);
     }
+    let tok_file = crate::tokenize::tokenizer_file(&cfg.model);
+    if !tok_file.is_file() || sha256_file(&tok_file)? != manifest.tokenizer_sha256 {
+        bail!(
+            "{}: not the tokenizer the shards were made with (the manifest's tokenizer_sha256 \
+             is {}); the student must use the teacher's tokenizer",
+            tok_file.display(),
+            manifest.tokenizer_sha256
+        );
+    }
     let tok = TextTokenizer::load(&cfg.model, 512)?;
     let schema = ShardSchema::new(task);
     let rows_available: usize = manifest
@@ -452,6 +464,7 @@ pub fn train(
         rows_seen: seen,
         rows_available,
         train_seconds: secs,
+        eval_max_seq_len: crate::teacher::EVAL_MAX_SEQ_LEN,
     };
     atomic_write(
         &out.join("metrics.json"),

@@ -285,6 +285,7 @@ print("interop ok", df.height)
     let m: serde_json::Value =
         serde_json::from_slice(&std::fs::read(s.join("metrics.json")).unwrap()).unwrap();
     assert_eq!(m["steps"], 6);
+    assert_eq!(m["eval_max_seq_len"], 128);
     let acc = m["validation"]["validation"]["accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&acc));
     assert_eq!(m["rows_available"], 256);
@@ -609,6 +610,28 @@ fn unusable_outputs_and_models_are_refused() {
         student.to_str().unwrap(),
     ]);
     assert!(e.contains("must share the teacher's vocabulary"), "{e}");
+    // Same vocabulary size, another tokenizer (cased): refused by the manifest's sha256.
+    let cased = tmp.path().join("cased");
+    copy_dir(&common::model_dir(), &cased);
+    let mut tj: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cased.join("tokenizer.json")).unwrap()).unwrap();
+    tj["normalizer"]["lowercase"] = false.into();
+    std::fs::write(cased.join("tokenizer.json"), tj.to_string()).unwrap();
+    let e = fail(&[
+        "train-student",
+        "--shards",
+        out.join("sst2/smoke").to_str().unwrap(),
+        "--task",
+        "sst2",
+        "--out",
+        tmp.path().join("s").to_str().unwrap(),
+        "--model",
+        cased.to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("not the tokenizer the shards were made with"),
+        "{e}"
+    );
     // A tokenizer that does not fit the model's embedding table.
     let e = fail(&[
         "teacher",

@@ -20,6 +20,7 @@ pub mod shards;
 pub mod slurm;
 pub mod student;
 pub mod teacher;
+pub mod timing;
 pub mod tokenize;
 pub mod train;
 pub mod util;

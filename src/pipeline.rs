@@ -2,7 +2,7 @@
 //! configuration), then augmentation shard by shard with completion markers, then finalize
 //! (manifest, dataset card, timings). Reruns skip finished shards.
 
-use crate::augment::{BatchReport, Engine};
+use crate::augment::Engine;
 use crate::config::PipelineConfig;
 use crate::data::{resolve_glue_dir, split_files, SplitReader};
 use crate::glue::{self, TaskSpec};
@@ -342,8 +342,8 @@ fn run_shard(
     );
     let mut reader = SplitReader::open(glue_dir, task, &cfg.split)?;
     let tok = engine.tokenizer();
-    let mut report = BatchReport::default();
-    engine.take_stage_seconds();
+    let mut stats: BTreeMap<String, MethodStats> = BTreeMap::new();
+    crate::timing::take();
     let (mut pos, mut truncated, mut handled, mut batch_no) = (0usize, 0usize, 0usize, 0usize);
     let pb = crate::util::progress((end - start) as u64, &format!("shard {i}"));
     let t0 = Instant::now();
@@ -353,7 +353,7 @@ fn run_shard(
     // lengths. The order is a pure function of the input, so output stays deterministic.
     let window = cfg.batch_size * 16;
     let mut flush = |pending: &mut Vec<crate::data::Example>,
-                     report: &mut BatchReport,
+                     stats: &mut BTreeMap<String, MethodStats>,
                      batch_no: &mut usize,
                      truncated: &mut usize,
                      writer: &mut ShardWriter|
@@ -361,9 +361,10 @@ fn run_shard(
         if pending.is_empty() {
             return Ok(());
         }
-        let t = Instant::now();
-        let encs = tok.encode(pending)?;
-        engine.add_stage("tokenize", t.elapsed().as_secs_f64());
+        let encs = {
+            let _t = crate::timing::stage("tokenize");
+            tok.encode(pending)?
+        };
         *truncated += encs.iter().filter(|e| e.truncated).count();
         let mut order: Vec<usize> = (0..pending.len()).collect();
         order.sort_by_key(|&k| encs[k].ids.len());
@@ -382,10 +383,11 @@ fn run_shard(
                 cfg.seed,
                 &["augment", &i.to_string(), &batch_no.to_string()],
             );
-            let rows = engine.augment_batch(&ex, &en, seed, report)?;
-            let t = Instant::now();
-            writer.write(&rows)?;
-            engine.add_stage("write", t.elapsed().as_secs_f64());
+            let rows = engine.augment_batch(&ex, &en, seed, stats)?;
+            {
+                let _t = crate::timing::stage("write");
+                writer.write(&rows)?;
+            }
             crate::util::failpoint("shard-batch");
             pb.inc(ex.len() as u64);
             *batch_no += 1;
@@ -404,7 +406,7 @@ fn run_shard(
                 if pending.len() == window {
                     flush(
                         &mut pending,
-                        &mut report,
+                        &mut stats,
                         &mut batch_no,
                         &mut truncated,
                         &mut writer,
@@ -416,15 +418,16 @@ fn run_shard(
     }
     flush(
         &mut pending,
-        &mut report,
+        &mut stats,
         &mut batch_no,
         &mut truncated,
         &mut writer,
     )?;
     pb.finish_and_clear();
-    let t = Instant::now();
-    let rows = writer.finish()?;
-    engine.add_stage("write", t.elapsed().as_secs_f64());
+    let rows = {
+        let _t = crate::timing::stage("write");
+        writer.finish()?
+    };
     let summary = ShardSummary {
         file: shard_name(i, cfg.shards),
         index: i,
@@ -434,10 +437,11 @@ fn run_shard(
         sha256: sha256_file(&path)?,
         config_sha256: cfg_hash.to_string(),
         teacher_sha256: teacher_sha.to_string(),
-        methods: report.stats.clone(),
-        median_nn_distance: engine.nn_scale,
+        methods: stats,
+        median_nn_distance: engine.nn_scale(),
     };
-    let timing = serde_json::json!({ "seconds": t0.elapsed().as_secs_f64(), "examples": handled, "method_seconds": report.seconds, "stage_seconds": engine.take_stage_seconds() });
+    let times = crate::timing::take();
+    let timing = serde_json::json!({ "seconds": t0.elapsed().as_secs_f64(), "examples": handled, "method_seconds": times.methods, "stage_seconds": times.stages });
     atomic_write(
         &out.join(format!(".timing-{i:05}.json")),
         timing.to_string().as_bytes(),

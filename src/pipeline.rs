@@ -632,7 +632,8 @@ mod tests {
     fn the_first_teacher_to_finish_is_kept() {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("teacher");
-        // Both workers found no teacher and trained one; A finishes first.
+        // Both workers found no teacher and trained one. A's teacher lands after B last
+        // looked for one, so B's publish step must still not replace it.
         let (a, b) = (trained(root.path(), "a"), trained(root.path(), "b"));
         assert!(publish_teacher(&a, &dir).unwrap());
         assert!(!publish_teacher(&b, &dir).unwrap());

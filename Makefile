@@ -13,9 +13,9 @@ MODEL_DIR := data/models/minilm-l6
 MODEL_SHA := 53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
 APT_PKGS := cmake g++ libopenblas-dev liblapack-dev python3 python3-pip fonts-dejavu-core
 
-.PHONY: setup system-deps slurm-deps python-deps peer-deps model build augment test test-slurm bench compare clean
+.PHONY: setup system-deps rust-components slurm-deps python-deps peer-deps model build augment test lint test-slurm bench compare clean
 
-setup: system-deps python-deps model
+setup: system-deps rust-components python-deps model
 
 # Installs the Debian packages given as $(1) that are missing.
 apt_install = missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -27,6 +27,12 @@ apt_install = missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missi
 
 system-deps:
 	@$(call apt_install,$(APT_PKGS))
+
+# rustfmt and clippy for `make lint` (a no-op when rustup already has them).
+rust-components:
+	@if command -v rustup >/dev/null; then \
+	  rustup component list --installed 2>/dev/null | grep -q '^clippy' && rustup component list --installed 2>/dev/null | grep -q '^rustfmt' \
+	  || rustup component add clippy rustfmt; fi
 
 # Slurm and munge for the scale-out test (a single-node cluster on localhost).
 slurm-deps:
@@ -59,8 +65,14 @@ augment: setup build
 	  $(BIN) data fetch --config $$(sed -n 's/^task *= *"\(.*\)"/\1/p' $(PIPELINE)) --splits train,validation; fi
 	$(BIN) augment $(PIPELINE) --device $(DEVICE)
 
+# The fault-injection points (feature `failpoints`) are compiled into the tests' binary only.
 test: setup
-	cargo test --release -- --test-threads=1
+	cargo test --release --features "$(strip failpoints $(FEATURES))" -- --test-threads=1
+
+# Formatting and lints, as CI runs them (release profile, so the release build cache is reused).
+lint: rust-components
+	cargo fmt --check
+	cargo clippy --release --all-targets -- -D warnings
 
 # Starts munged, slurmctld and slurmd on localhost, runs the Slurm chain and fault test, stops them.
 test-slurm: setup slurm-deps build

@@ -2,7 +2,7 @@
 
 use crate::config::PipelineConfig;
 use crate::data::resolve_glue_dir;
-use crate::model::bert::parse_device;
+use crate::device::parse_device;
 use crate::pipeline::{self, RunOptions};
 use crate::{fetch, glue, inspect, report, shards, student, teacher};
 use anyhow::{bail, Result};
@@ -392,13 +392,13 @@ pub fn run(cli: Cli) -> Result<()> {
         }) => {
             let task = glue::task(&task)?;
             let device = parse_device(&dev.device)?;
-            let cfg = teacher::TeacherTrainConfig {
+            let cfg = crate::config::TeacherTrainConfig {
                 epochs,
                 max_train_examples,
                 max_steps,
                 max_seq_len,
                 seed,
-                optim: crate::train::OptimConfig {
+                optim: crate::config::OptimConfig {
                     lr,
                     batch_size,
                     ..Default::default()
@@ -421,7 +421,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }) => {
             let task = glue::task(&task)?;
             let device = parse_device(&dev.device)?;
-            let t = teacher::Teacher::load(&dir, task, &device, 128)?;
+            let t = teacher::Teacher::load(&dir, task, &device, teacher::EVAL_MAX_SEQ_LEN)?;
             let v = teacher::evaluate(
                 &t.model,
                 &t.tokenizer,
@@ -502,7 +502,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 max_steps: a.max_steps,
                 seed: a.seed,
                 methods: a.methods.unwrap_or_default(),
-                optim: crate::train::OptimConfig {
+                optim: crate::config::OptimConfig {
                     lr: a.lr,
                     batch_size: a.batch_size,
                     ..Default::default()

@@ -1,9 +1,8 @@
 //! Pipeline files (`pipelines/*.toml`): parsed into typed, validated configuration.
 //! Unknown keys, wrong types and out-of-range values are errors that name the key.
+//! The plain configuration types of every stage live here, so that `config` depends on no
+//! stage.
 
-use crate::augment::mix::LambdaMode;
-use crate::augment::project::Metric;
-use crate::teacher::TeacherTrainConfig;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -276,7 +275,7 @@ impl PipelineConfig {
                 if c.copies == 0 {
                     bail!("`methods.{name}.copies` must be at least 1, got 0");
                 }
-                if !(c.alpha > 0.0) || !c.alpha.is_finite() {
+                if !c.alpha.is_finite() || c.alpha <= 0.0 {
                     bail!("`methods.{name}.alpha` must be > 0, got {}", c.alpha);
                 }
                 if !(0.0..1.0).contains(&c.lambda_min) {
@@ -301,7 +300,7 @@ impl PipelineConfig {
                     (None, None) => {
                         bail!("`methods.{name}`: `epsilon` or `epsilon_rel` is required")
                     }
-                    (Some(e), None) | (None, Some(e)) if !(e >= 0.0) || !e.is_finite() => {
+                    (Some(e), None) | (None, Some(e)) if !e.is_finite() || e < 0.0 => {
                         bail!("`methods.{name}`: ε must be >= 0, got {e}")
                     }
                     _ => {}
@@ -323,7 +322,7 @@ impl PipelineConfig {
             }
         }
         let t = &self.teacher.train;
-        if t.optim.batch_size == 0 || !(t.optim.lr > 0.0) || t.epochs == 0 {
+        if t.optim.batch_size == 0 || t.optim.lr.is_nan() || t.optim.lr <= 0.0 || t.epochs == 0 {
             bail!("`teacher.train`: epochs, optim.batch_size and optim.lr must be positive");
         }
         if !(0.0..1.0).contains(&t.optim.warmup_ratio) {
@@ -362,4 +361,83 @@ fn apply_override(doc: &mut toml::Table, spec: &str) -> Result<()> {
     }
     table.insert(parts[parts.len() - 1].to_string(), value);
     Ok(())
+}
+
+/// How to fine-tune a teacher.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TeacherTrainConfig {
+    /// Passes over the (possibly capped) training set.
+    pub epochs: usize,
+    /// Use at most this many shuffled training examples.
+    pub max_train_examples: Option<usize>,
+    /// Stop after this many optimisation steps.
+    pub max_steps: Option<usize>,
+    /// Truncation length for training.
+    pub max_seq_len: usize,
+    /// Seed for shuffling, dropout and head initialisation.
+    pub seed: u64,
+    /// Optimiser settings.
+    pub optim: OptimConfig,
+}
+
+impl Default for TeacherTrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 1,
+            max_train_examples: None,
+            max_steps: None,
+            max_seq_len: 66,
+            seed: 0,
+            optim: OptimConfig::default(),
+        }
+    }
+}
+
+/// Optimisation settings shared by teacher and student.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// AdamW weight decay (not applied to biases and LayerNorm weights).
+    pub weight_decay: f64,
+    /// Fraction of steps of linear warm-up.
+    pub warmup_ratio: f64,
+    /// Examples per batch.
+    pub batch_size: usize,
+    /// Global gradient-norm clip (0 disables).
+    pub max_grad_norm: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            lr: 5e-5,
+            weight_decay: 0.01,
+            warmup_ratio: 0.06,
+            batch_size: 32,
+            max_grad_norm: 1.0,
+        }
+    }
+}
+
+/// Whether one λ is drawn per sequence or one per position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LambdaMode {
+    /// One λ for the whole sequence.
+    Sequence,
+    /// An independent λ for every position.
+    Position,
+}
+
+/// Distance used for nearest-neighbour search.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    /// Euclidean distance.
+    L2,
+    /// Largest inner product.
+    InnerProduct,
 }

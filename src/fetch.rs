@@ -41,7 +41,21 @@ pub fn fetch_config(
     Ok(out)
 }
 
-/// Downloads `url` to `dest`, resuming a previous partial download, with up to 5 attempts.
+/// An HTTP status that retrying cannot change: a 4xx other than 408 (timeout) and 429 (rate
+/// limit).
+#[derive(Debug)]
+struct FinalStatus(u16);
+
+impl std::fmt::Display for FinalStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HTTP {} (not retried)", self.0)
+    }
+}
+
+impl std::error::Error for FinalStatus {}
+
+/// Downloads `url` to `dest`, resuming a previous partial download, with up to 5 attempts;
+/// a final HTTP status (see [`FinalStatus`]) fails at once.
 pub fn download(url: &str, dest: &Path) -> Result<()> {
     let part = dest.with_extension("parquet.part");
     let mut last_err = None;
@@ -54,6 +68,9 @@ pub fn download(url: &str, dest: &Path) -> Result<()> {
                     .with_context(|| format!("{}: rename failed", dest.display()))?;
                 return Ok(());
             }
+            Err(e) if e.downcast_ref::<FinalStatus>().is_some() => {
+                return Err(e).with_context(|| format!("{url}: download failed"));
+            }
             Err(e) => {
                 eprintln!("{url}: attempt {attempt} failed: {e:#}; resuming");
                 last_err = Some(e);
@@ -61,11 +78,16 @@ pub fn download(url: &str, dest: &Path) -> Result<()> {
             }
         }
     }
+    let kept = std::fs::metadata(&part).is_ok_and(|m| m.len() > 0);
     Err(last_err.expect("at least one attempt")).with_context(|| {
-        format!(
-            "{url}: download failed (partial data kept in {} for the next run)",
-            part.display()
-        )
+        if kept {
+            format!(
+                "{url}: download failed (partial data kept in {} for the next run)",
+                part.display()
+            )
+        } else {
+            format!("{url}: download failed after 5 attempts")
+        }
     })
 }
 
@@ -78,6 +100,11 @@ fn try_download(url: &str, part: &Path) -> Result<()> {
     let resp = match req.call() {
         Ok(r) => r,
         Err(ureq::Error::Status(416, _)) if have > 0 => return Ok(()),
+        Err(ureq::Error::Status(code, _))
+            if (400..500).contains(&code) && ![408, 429].contains(&code) =>
+        {
+            return Err(FinalStatus(code).into())
+        }
         Err(ureq::Error::Status(code, _)) => bail!("{url}: HTTP {code}"),
         Err(e) => return Err(e).with_context(|| format!("{url}: request failed")),
     };

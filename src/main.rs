@@ -1,6 +1,7 @@
 //! The `augpro` binary: parse flags, set up logging and threads, run, map errors to exit codes.
 
 use clap::Parser;
+use tracing_subscriber::prelude::*;
 
 fn main() {
     augpro::util::tune_allocator();
@@ -10,11 +11,16 @@ fn main() {
     } else {
         ["warn,augpro=info", "debug", "trace"][cli.verbose.min(2) as usize]
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()),
+    // Log lines as filtered; the stage and method spans always reach the timing layer.
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into());
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(filter),
         )
-        .with_writer(std::io::stderr)
+        .with(augpro::timing::SpanTimes)
         .init();
     augpro::util::init_threads(cli.threads);
     if let Err(e) = ctrlc::set_handler(|| {

@@ -136,3 +136,79 @@ pub fn score(task: &TaskSpec, logits: &[Vec<f32>], gold: &[f32]) -> BTreeMap<Str
     }
     m
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // TP 2, FP 1, FN 1, TN 2.
+    const PRED: [usize; 6] = [1, 1, 0, 0, 1, 0];
+    const GOLD: [usize; 6] = [1, 0, 0, 1, 1, 0];
+
+    fn close(a: f64, b: f64) {
+        assert!((a - b).abs() < 1e-9, "{a} vs {b}");
+    }
+
+    #[test]
+    fn classification_metrics_by_hand() {
+        close(accuracy(&PRED, &GOLD), 4.0 / 6.0);
+        // 2·TP / (2·TP + FP + FN) = 4 / 6.
+        close(f1(&PRED, &GOLD), 4.0 / 6.0);
+        // (TP·TN - FP·FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)) = 3 / 9.
+        close(matthews(&PRED, &GOLD), 1.0 / 3.0);
+        close(matthews(&GOLD, &GOLD), 1.0);
+        assert_eq!(f1(&[0, 0], &[1, 0]), 0.0);
+        assert_eq!(matthews(&[1, 1], &[1, 1]), 0.0);
+        assert_eq!(accuracy(&[], &[]), 0.0);
+    }
+
+    #[test]
+    fn correlations_by_hand() {
+        // Deviations (-1.5, -0.5, 0.5, 1.5) and (-3, -1, 0, 4): 11 / sqrt(5 · 26).
+        close(
+            pearson(&[1.0, 2.0, 3.0, 4.0], &[2.0, 4.0, 5.0, 9.0]),
+            11.0 / 130f64.sqrt(),
+        );
+        close(pearson(&[1.0, 2.0], &[3.0, 3.0]), 0.0);
+        // Ranks (1, 2.5, 2.5, 4) against (1, 2, 3, 4): 4.5 / sqrt(4.5 · 5).
+        close(
+            spearman(&[1.0, 2.0, 2.0, 3.0], &[10.0, 20.0, 30.0, 40.0]),
+            0.9f64.sqrt(),
+        );
+        close(spearman(&[3.0, 1.0, 2.0], &[30.0, 10.0, 20.0]), 1.0);
+    }
+
+    #[test]
+    fn argmax_takes_the_first_maximum() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0]), 1);
+        assert_eq!(argmax(&[-2.0, -1.0]), 1);
+    }
+
+    #[test]
+    fn score_reports_each_task_metric() {
+        let logits: Vec<Vec<f32>> = PRED
+            .iter()
+            .map(|&p| {
+                if p == 1 {
+                    vec![0.0, 1.0]
+                } else {
+                    vec![1.0, 0.0]
+                }
+            })
+            .collect();
+        let gold: Vec<f32> = GOLD.iter().map(|&g| g as f32).collect();
+        let task = |n| crate::glue::task(n).unwrap();
+        let keys = |m: &BTreeMap<String, f64>| m.keys().cloned().collect::<Vec<_>>();
+        let sst2 = score(task("sst2"), &logits, &gold);
+        assert_eq!(keys(&sst2), ["accuracy"]);
+        let mrpc = score(task("mrpc"), &logits, &gold);
+        assert_eq!(keys(&mrpc), ["accuracy", "f1"]);
+        close(mrpc["f1"], 4.0 / 6.0);
+        let cola = score(task("cola"), &logits, &gold);
+        close(cola["matthews"], 1.0 / 3.0);
+        let reg: Vec<Vec<f32>> = [1.0f32, 2.0, 3.0, 4.0].iter().map(|&x| vec![x]).collect();
+        let stsb = score(task("stsb"), &reg, &[2.0, 4.0, 5.0, 9.0]);
+        close(stsb["pearson"], 11.0 / 130f64.sqrt());
+        close(stsb["spearman"], 1.0);
+    }
+}

@@ -2,7 +2,7 @@
 //! configuration), then augmentation shard by shard with completion markers, then finalize
 //! (manifest, dataset card, timings). Reruns skip finished shards.
 
-use crate::augment::{BatchReport, Engine, MethodStats};
+use crate::augment::Engine;
 use crate::config::PipelineConfig;
 use crate::data::{resolve_glue_dir, split_files, SplitReader};
 use crate::glue::{self, TaskSpec};
@@ -13,7 +13,7 @@ use crate::shards::manifest::{
     FORMAT_VERSION,
 };
 use crate::shards::writer::ShardWriter;
-use crate::shards::ShardSchema;
+use crate::shards::{MethodStats, ShardSchema};
 use crate::teacher::{self, Teacher};
 use crate::util::{atomic_write, derive_seed, sha256_bytes, sha256_file};
 use anyhow::{bail, Context, Result};
@@ -106,15 +106,15 @@ pub fn ensure_teacher(cfg: &PipelineConfig, glue_dir: &Path, device: &Device) ->
         &tmp.join("teacher_key.json"),
         serde_json::to_string_pretty(&key_src)?.as_bytes(),
     )?;
-    if dir.join("metrics.json").is_file() {
-        // Another worker finished the same teacher first: use that one, never replace it.
-        let _ = std::fs::remove_dir_all(&tmp);
+    let kept = publish_teacher(&tmp, &dir)?;
+    crate::util::forget_temporary(&tmp);
+    if !kept {
+        eprintln!(
+            "teacher: another worker finished first; using its teacher {}",
+            dir.display()
+        );
         return Ok(dir);
     }
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&tmp, &dir)
-        .with_context(|| format!("{}: cannot move teacher into place", dir.display()))?;
-    crate::util::forget_temporary(&tmp);
     eprintln!(
         "teacher: {} = {:?} in {:.0}s ({:.1} ex/s)",
         task.primary_metric(),
@@ -123,6 +123,27 @@ pub fn ensure_teacher(cfg: &PipelineConfig, glue_dir: &Path, device: &Device) ->
         m.train_examples_per_second
     );
     Ok(dir)
+}
+
+/// Moves a freshly trained teacher from `tmp` to `dir` unless a teacher is already there.
+/// The move cannot replace an existing directory, so the first worker to finish is kept and
+/// readers of its teacher are never disturbed. Returns false, with `tmp` removed, when
+/// another worker's teacher was in place first.
+fn publish_teacher(tmp: &Path, dir: &Path) -> Result<bool> {
+    match crate::util::rename_noreplace(tmp, dir) {
+        Ok(()) => Ok(true),
+        Err(_) if dir.join("metrics.json").is_file() => {
+            let _ = std::fs::remove_dir_all(tmp);
+            Ok(false)
+        }
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "{}: cannot move teacher into place (a directory without a finished teacher \
+                 is in the way: remove it)",
+                dir.display()
+            )
+        }),
+    }
 }
 
 /// Number of rows in a split, from Parquet metadata (no data read).
@@ -297,6 +318,8 @@ pub fn prepare_out_dir(out: &Path, cfg_hash: &str, force: bool) -> Result<()> {
     })
 }
 
+// Eight distinct inputs of one shard (configuration and its hash, teacher hash, engine,
+// data, example count, shard index, output); a struct would only rename them.
 #[allow(clippy::too_many_arguments)]
 fn run_shard(
     cfg: &PipelineConfig,
@@ -319,8 +342,8 @@ fn run_shard(
     );
     let mut reader = SplitReader::open(glue_dir, task, &cfg.split)?;
     let tok = engine.tokenizer();
-    let mut report = BatchReport::default();
-    engine.take_stage_seconds();
+    let mut stats: BTreeMap<String, MethodStats> = BTreeMap::new();
+    crate::timing::take();
     let (mut pos, mut truncated, mut handled, mut batch_no) = (0usize, 0usize, 0usize, 0usize);
     let pb = crate::util::progress((end - start) as u64, &format!("shard {i}"));
     let t0 = Instant::now();
@@ -330,7 +353,7 @@ fn run_shard(
     // lengths. The order is a pure function of the input, so output stays deterministic.
     let window = cfg.batch_size * 16;
     let mut flush = |pending: &mut Vec<crate::data::Example>,
-                     report: &mut BatchReport,
+                     stats: &mut BTreeMap<String, MethodStats>,
                      batch_no: &mut usize,
                      truncated: &mut usize,
                      writer: &mut ShardWriter|
@@ -338,9 +361,10 @@ fn run_shard(
         if pending.is_empty() {
             return Ok(());
         }
-        let t = Instant::now();
-        let encs = tok.encode(pending)?;
-        engine.add_stage("tokenize", t.elapsed().as_secs_f64());
+        let encs = {
+            let _t = crate::timing::stage("tokenize");
+            tok.encode(pending)?
+        };
         *truncated += encs.iter().filter(|e| e.truncated).count();
         let mut order: Vec<usize> = (0..pending.len()).collect();
         order.sort_by_key(|&k| encs[k].ids.len());
@@ -359,10 +383,11 @@ fn run_shard(
                 cfg.seed,
                 &["augment", &i.to_string(), &batch_no.to_string()],
             );
-            let rows = engine.augment_batch(&ex, &en, seed, report)?;
-            let t = Instant::now();
-            writer.write(&rows)?;
-            engine.add_stage("write", t.elapsed().as_secs_f64());
+            let rows = engine.augment_batch(&ex, &en, seed, stats)?;
+            {
+                let _t = crate::timing::stage("write");
+                writer.write(&rows)?;
+            }
             crate::util::failpoint("shard-batch");
             pb.inc(ex.len() as u64);
             *batch_no += 1;
@@ -381,7 +406,7 @@ fn run_shard(
                 if pending.len() == window {
                     flush(
                         &mut pending,
-                        &mut report,
+                        &mut stats,
                         &mut batch_no,
                         &mut truncated,
                         &mut writer,
@@ -393,15 +418,16 @@ fn run_shard(
     }
     flush(
         &mut pending,
-        &mut report,
+        &mut stats,
         &mut batch_no,
         &mut truncated,
         &mut writer,
     )?;
     pb.finish_and_clear();
-    let t = Instant::now();
-    let rows = writer.finish()?;
-    engine.add_stage("write", t.elapsed().as_secs_f64());
+    let rows = {
+        let _t = crate::timing::stage("write");
+        writer.finish()?
+    };
     let summary = ShardSummary {
         file: shard_name(i, cfg.shards),
         index: i,
@@ -411,10 +437,11 @@ fn run_shard(
         sha256: sha256_file(&path)?,
         config_sha256: cfg_hash.to_string(),
         teacher_sha256: teacher_sha.to_string(),
-        methods: report.stats.clone(),
-        median_nn_distance: engine.nn_scale,
+        methods: stats,
+        median_nn_distance: engine.nn_scale(),
     };
-    let timing = serde_json::json!({ "seconds": t0.elapsed().as_secs_f64(), "examples": handled, "method_seconds": report.seconds, "stage_seconds": engine.take_stage_seconds() });
+    let times = crate::timing::take();
+    let timing = serde_json::json!({ "seconds": t0.elapsed().as_secs_f64(), "examples": handled, "method_seconds": times.methods, "stage_seconds": times.stages });
     atomic_write(
         &out.join(format!(".timing-{i:05}.json")),
         timing.to_string().as_bytes(),
@@ -489,11 +516,7 @@ pub fn finalize(cfg: &PipelineConfig, out: &Path) -> Result<Manifest> {
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or(serde_json::Value::Null);
-    let tok_file = if teacher_dir.join("tokenizer.json").is_file() {
-        teacher_dir.join("tokenizer.json")
-    } else {
-        teacher_dir.join("vocab.txt")
-    };
+    let tok_file = crate::tokenize::tokenizer_file(&teacher_dir);
     let mut totals: BTreeMap<String, MethodStats> = BTreeMap::new();
     for s in &shards {
         for (k, v) in &s.methods {
@@ -589,4 +612,64 @@ fn existing_teacher_dir(cfg: &PipelineConfig) -> Result<PathBuf> {
         );
     }
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::publish_teacher;
+    use std::path::Path;
+
+    /// A worker's finished teacher in its temporary directory, marked with `who`.
+    fn trained(root: &Path, who: &str) -> std::path::PathBuf {
+        let tmp = root.join(format!(".teacher.tmp-{who}"));
+        std::fs::create_dir_all(&tmp).unwrap();
+        std::fs::write(tmp.join("metrics.json"), "{}").unwrap();
+        std::fs::write(tmp.join("worker"), who).unwrap();
+        tmp
+    }
+
+    #[test]
+    fn the_first_teacher_to_finish_is_kept() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("teacher");
+        // Both workers found no teacher and trained one. A's teacher lands after B last
+        // looked for one, so B's publish step must still not replace it.
+        let (a, b) = (trained(root.path(), "a"), trained(root.path(), "b"));
+        assert!(publish_teacher(&a, &dir).unwrap());
+        assert!(!publish_teacher(&b, &dir).unwrap());
+        assert_eq!(std::fs::read_to_string(dir.join("worker")).unwrap(), "a");
+        assert!(!a.exists() && !b.exists());
+    }
+
+    #[test]
+    fn concurrent_workers_publish_exactly_one_teacher() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("teacher");
+        let workers = 8;
+        let barrier = std::sync::Barrier::new(workers);
+        let won: Vec<(String, bool)> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..workers)
+                .map(|w| {
+                    let (root, dir, barrier) = (root.path(), &dir, &barrier);
+                    s.spawn(move || {
+                        let who = w.to_string();
+                        let tmp = trained(root, &who);
+                        barrier.wait();
+                        let kept = publish_teacher(&tmp, dir).unwrap();
+                        // Whoever won, the teacher in place stays the same from now on.
+                        let seen = std::fs::read_to_string(dir.join("worker")).unwrap();
+                        (if kept { who } else { seen }, kept)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let winners: Vec<&String> = won.iter().filter(|(_, k)| *k).map(|(w, _)| w).collect();
+        assert_eq!(winners.len(), 1, "{won:?}");
+        let kept = std::fs::read_to_string(dir.join("worker")).unwrap();
+        assert_eq!(&kept, winners[0]);
+        assert!(won.iter().all(|(w, _)| *w == kept), "{won:?}");
+        let left: Vec<_> = std::fs::read_dir(root.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "temporaries left behind");
+    }
 }

@@ -1,6 +1,6 @@
 //! `augpro report`: one augmentation run, then students trained per method with the same
-//! step budget over several seeds; polars aggregates, plotters draws, and the results go
-//! to `reports/<task>/results.{json,md}` plus PNG plots.
+//! step budget over several seeds; the runs are aggregated in a fixed order, plotters
+//! draws, and the results go to `reports/<task>/results.{json,md}` plus PNG plots.
 
 use crate::config::PipelineConfig;
 use crate::data::resolve_glue_dir;
@@ -11,7 +11,6 @@ use crate::student::{self, StudentConfig, StudentMetrics};
 use crate::util::atomic_write;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use polars::prelude::*;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -214,7 +213,7 @@ pub fn run(o: &ReportOptions, device: &Device) -> Result<PathBuf> {
             runs.push(run);
         }
     }
-    let table = aggregate(&runs)?;
+    let table = aggregate(&runs);
     let base = table
         .iter()
         .find(|r| r.method == "original")
@@ -255,12 +254,14 @@ pub fn run(o: &ReportOptions, device: &Device) -> Result<PathBuf> {
         ));
     }
     md.push_str(&format!(
-        "\nShards: `{}`. Plots: `bars.png`, `curves.png`.\n",
-        shards.display()
+        "\nShards: `{}`. Validation inputs truncated to {} tokens. Plots: `bars.png`, `curves.png`.\n",
+        shards.display(),
+        crate::teacher::EVAL_MAX_SEQ_LEN
     ));
     let json = serde_json::json!({
         "task": task.name, "preset": o.preset, "metric": primary, "teacher_score": teacher_score,
         "steps": steps, "seeds": seeds, "source_examples": manifest.source_examples, "shards": shards.display().to_string(),
+        "eval_max_seq_len": crate::teacher::EVAL_MAX_SEQ_LEN,
         "methods": table, "runs": runs,
     });
     atomic_write(
@@ -292,40 +293,39 @@ pub struct MethodSummary {
     pub n: usize,
 }
 
-fn aggregate(runs: &[Run]) -> Result<Vec<MethodSummary>> {
-    let df = df!(
-        "method" => runs.iter().map(|r| r.method.clone()).collect::<Vec<_>>(),
-        "value" => runs.iter().map(|r| r.value).collect::<Vec<_>>(),
-        "rows" => runs.iter().map(|r| r.rows as u64).collect::<Vec<_>>(),
-        "secs" => runs.iter().map(|r| r.train_seconds).collect::<Vec<_>>(),
-    )?;
-    let out = df
-        .lazy()
-        .group_by_stable([col("method")])
-        .agg([
-            col("value").mean().alias("mean"),
-            col("value").std(1).fill_null(lit(0.0)).alias("std"),
-            col("rows").first().alias("rows"),
-            col("secs").mean().alias("secs"),
-            len().alias("n"),
-        ])
-        .collect()?;
-    let m = out.column("method")?.str()?.clone();
-    let mean = out.column("mean")?.f64()?.clone();
-    let std = out.column("std")?.f64()?.clone();
-    let rows = out.column("rows")?.u64()?.clone();
-    let secs = out.column("secs")?.f64()?.clone();
-    let n = out.column("n")?.cast(&DataType::UInt64)?.u64()?.clone();
-    Ok((0..out.height())
-        .map(|i| MethodSummary {
-            method: m.get(i).unwrap_or("").to_string(),
-            mean: mean.get(i).unwrap_or(f64::NAN),
-            std: std.get(i).unwrap_or(0.0),
-            rows: rows.get(i).unwrap_or(0) as usize,
-            train_seconds: secs.get(i).unwrap_or(0.0),
-            n: n.get(i).unwrap_or(0) as usize,
+/// Mean and sample standard deviation per method, methods in the order they first appear.
+/// Each method's runs are summed in seed order, so the figures are the same to the last bit
+/// however the runs were gathered.
+fn aggregate(runs: &[Run]) -> Vec<MethodSummary> {
+    let mut methods: Vec<&str> = Vec::new();
+    for r in runs {
+        if !methods.contains(&r.method.as_str()) {
+            methods.push(&r.method);
+        }
+    }
+    methods
+        .into_iter()
+        .map(|m| {
+            let mut rs: Vec<&Run> = runs.iter().filter(|r| r.method == m).collect();
+            rs.sort_by_key(|r| r.seed);
+            let n = rs.len();
+            let mean = |f: fn(&Run) -> f64| rs.iter().map(|r| f(r)).sum::<f64>() / n as f64;
+            let mu = mean(|r| r.value);
+            let std = if n > 1 {
+                (rs.iter().map(|r| (r.value - mu).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
+            } else {
+                0.0
+            };
+            MethodSummary {
+                method: m.to_string(),
+                mean: mu,
+                std,
+                rows: rs[0].rows,
+                train_seconds: mean(|r| r.train_seconds),
+                n,
+            }
         })
-        .collect())
+        .collect()
 }
 
 fn register_font() -> Result<()> {
@@ -464,4 +464,59 @@ fn plots(dir: &Path, table: &[MethodSummary], runs: &[Run], metric: &str) -> Res
         root.present().map_err(|x| e(Box::new(x)))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{aggregate, Run};
+
+    fn run(method: &str, seed: u64, value: f64, secs: f64) -> Run {
+        Run {
+            method: method.into(),
+            seed,
+            value,
+            rows: 10,
+            steps: 4,
+            train_seconds: secs,
+            curve: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn aggregation_is_exact_and_independent_of_run_order() {
+        let runs = vec![
+            run("original", 0, 0.1, 11.1),
+            run("original", 1, 0.2, 11.2),
+            run("original", 2, 0.3, 11.3),
+            run("mixup", 0, 0.5, 1.0),
+        ];
+        let a = aggregate(&runs);
+        assert_eq!(a.len(), 2);
+        assert_eq!((a[0].method.as_str(), a[0].n), ("original", 3));
+        // Summed in seed order: (0.1 + 0.2) + 0.3, divided by 3.
+        assert_eq!(a[0].mean, (0.1 + 0.2 + 0.3) / 3.0);
+        assert!((a[0].std - 0.1).abs() < 1e-12, "{}", a[0].std);
+        assert_eq!(a[0].train_seconds, (11.1 + 11.2 + 11.3) / 3.0);
+        assert_eq!((a[1].mean, a[1].std, a[1].n), (0.5, 0.0, 1));
+        // The same runs gathered in another order give the same bits.
+        let mut reversed = runs.clone();
+        reversed.reverse();
+        let b = aggregate(&reversed);
+        let key = |v: &[super::MethodSummary]| {
+            let mut k: Vec<(String, u64, u64, u64)> = v
+                .iter()
+                .map(|s| {
+                    (
+                        s.method.clone(),
+                        s.mean.to_bits(),
+                        s.std.to_bits(),
+                        s.train_seconds.to_bits(),
+                    )
+                })
+                .collect();
+            k.sort();
+            k
+        };
+        assert_eq!(key(&a), key(&b));
+    }
 }

@@ -7,6 +7,7 @@
 //! embedding space from `partner_input_ids`/`lambda` and `perturbation`/`epsilon`.
 
 use crate::augment::mix;
+use crate::config::OptimConfig;
 use crate::glue::TaskSpec;
 use crate::model::checkpoint::save_classifier;
 use crate::model::{Checkpoint, Ctx, SeqClassifier};
@@ -15,9 +16,9 @@ use crate::shards::reader::ShardReader;
 use crate::shards::{Row, ShardSchema};
 use crate::teacher::{evaluate, label_names};
 use crate::tokenize::TextTokenizer;
-use crate::train::{kd_loss, supervised_loss, Batch, Optim, OptimConfig};
-use crate::util::{atomic_write, derive_seed};
-use anyhow::{bail, Result};
+use crate::train::{kd_loss, supervised_loss, Batch, Optim};
+use crate::util::{atomic_write, derive_seed, sha256_file};
+use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -92,6 +93,9 @@ pub struct StudentMetrics {
     pub rows_available: usize,
     /// Training seconds.
     pub train_seconds: f64,
+    /// Truncation length of the validation inputs.
+    #[serde(default = "crate::teacher::eval_max_seq_len")]
+    pub eval_max_seq_len: usize,
 }
 
 /// One point of the validation curve.
@@ -224,7 +228,8 @@ fn student_embeds(
             pid[i * s + j] = t;
         }
         if let (Some(p), Some(pt)) = (&r.partner_input_ids, &r.partner_token_type_ids) {
-            let l = r.lambda.unwrap_or(1.0);
+            // The shard reader has checked that MixUp rows carry λ and FGSM rows ε.
+            let l = r.lambda.context("mixup row without `lambda`")?;
             let al = mix::align(&r.input_ids, &r.token_type_ids, p, pt, &|t| {
                 tok.is_special(t)
             });
@@ -239,7 +244,7 @@ fn student_embeds(
             if sg.len() != r.input_ids.len() * h {
                 bail!("row idx {}: perturbation has {} values, expected {} (the student's hidden size must equal the teacher's for FGSM rows)", r.idx, sg.len(), r.input_ids.len() * h);
             }
-            let e = r.epsilon.unwrap_or(0.0);
+            let e = r.epsilon.context("fgsm row without `epsilon`")?;
             for (j, &x) in sg.iter().enumerate() {
                 pert[i * s * h + j] = e * x as f32;
             }
@@ -341,6 +346,15 @@ pub fn train(
         .unwrap_or(0) as usize;
     if ck.config.vocab_size != teacher_vocab {
         bail!("{}: student vocabulary has {} tokens, the teacher's has {teacher_vocab}; the student must share the teacher's vocabulary", cfg.model.display(), ck.config.vocab_size);
+    }
+    let tok_file = crate::tokenize::tokenizer_file(&cfg.model);
+    if !tok_file.is_file() || sha256_file(&tok_file)? != manifest.tokenizer_sha256 {
+        bail!(
+            "{}: not the tokenizer the shards were made with (the manifest's tokenizer_sha256 \
+             is {}); the student must use the teacher's tokenizer",
+            tok_file.display(),
+            manifest.tokenizer_sha256
+        );
     }
     let tok = TextTokenizer::load(&cfg.model, 512)?;
     let schema = ShardSchema::new(task);
@@ -450,6 +464,7 @@ pub fn train(
         rows_seen: seen,
         rows_available,
         train_seconds: secs,
+        eval_max_seq_len: crate::teacher::EVAL_MAX_SEQ_LEN,
     };
     atomic_write(
         &out.join("metrics.json"),

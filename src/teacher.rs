@@ -2,13 +2,14 @@
 //! the inference API the augmentation stage uses (logits, pooled embeddings, word
 //! embeddings, and gradients of a loss with respect to the input embeddings).
 
+use crate::config::TeacherTrainConfig;
 use crate::data::{label_names_from_metadata, split_files, Example, SplitReader};
 use crate::glue::TaskSpec;
 use crate::metrics;
 use crate::model::checkpoint::save_classifier;
 use crate::model::{Checkpoint, Ctx, SeqClassifier};
 use crate::tokenize::{Encoded, TextTokenizer};
-use crate::train::{bucketed_batches, predict, supervised_loss, Batch, Optim, OptimConfig};
+use crate::train::{bucketed_batches, predict, supervised_loss, Batch, Optim};
 use crate::util::{atomic_write, derive_seed};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, Var, D};
@@ -19,37 +20,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-
-/// How to fine-tune a teacher.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TeacherTrainConfig {
-    /// Passes over the (possibly capped) training set.
-    pub epochs: usize,
-    /// Use at most this many shuffled training examples.
-    pub max_train_examples: Option<usize>,
-    /// Stop after this many optimisation steps.
-    pub max_steps: Option<usize>,
-    /// Truncation length for training.
-    pub max_seq_len: usize,
-    /// Seed for shuffling, dropout and head initialisation.
-    pub seed: u64,
-    /// Optimiser settings.
-    pub optim: OptimConfig,
-}
-
-impl Default for TeacherTrainConfig {
-    fn default() -> Self {
-        Self {
-            epochs: 1,
-            max_train_examples: None,
-            max_steps: None,
-            max_seq_len: 66,
-            seed: 0,
-            optim: OptimConfig::default(),
-        }
-    }
-}
 
 /// Validation metrics plus training figures, written to `metrics.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -66,6 +36,14 @@ pub struct TeacherMetrics {
     pub train_seconds: f64,
     /// Training throughput.
     pub train_examples_per_second: f64,
+    /// Truncation length of the validation inputs.
+    #[serde(default = "eval_max_seq_len")]
+    pub eval_max_seq_len: usize,
+}
+
+/// [`EVAL_MAX_SEQ_LEN`], for metrics written before the length was recorded.
+pub fn eval_max_seq_len() -> usize {
+    EVAL_MAX_SEQ_LEN
 }
 
 /// Reads a split and tokenizes it; unlabelled rows are dropped when `labelled_only`.
@@ -95,7 +73,12 @@ pub fn label_names(glue_dir: &Path, task: &TaskSpec) -> Vec<String> {
         .unwrap_or_else(|| task.label_names.iter().map(|s| s.to_string()).collect())
 }
 
-/// Scores a classifier on every validation split of the task.
+/// Truncation length of every evaluation (teacher and student alike), recorded in their
+/// `metrics.json`.
+pub const EVAL_MAX_SEQ_LEN: usize = 128;
+
+/// Scores a classifier on every validation split of the task, truncating to
+/// [`EVAL_MAX_SEQ_LEN`] whatever `tok`'s own length.
 pub fn evaluate(
     model: &SeqClassifier,
     tok: &TextTokenizer,
@@ -103,6 +86,7 @@ pub fn evaluate(
     glue_dir: &Path,
     device: &Device,
 ) -> Result<BTreeMap<String, BTreeMap<String, f64>>> {
+    let tok = &tok.with_max_seq_len(EVAL_MAX_SEQ_LEN)?;
     let mut out = BTreeMap::new();
     for split in task.validation_splits {
         let (ex, enc) = load_encoded(glue_dir, task, split, tok, true)?;
@@ -202,13 +186,7 @@ pub fn train(
     }
     pb.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
-    let validation = evaluate(
-        &model,
-        &TextTokenizer::load(base, 128)?,
-        task,
-        glue_dir,
-        device,
-    )?;
+    let validation = evaluate(&model, &tok, task, glue_dir, device)?;
     let names = label_names(glue_dir, task);
     save_classifier(
         out,
@@ -226,6 +204,7 @@ pub fn train(
         steps: step,
         train_seconds: secs,
         train_examples_per_second: seen as f64 / secs,
+        eval_max_seq_len: EVAL_MAX_SEQ_LEN,
     };
     atomic_write(
         &out.join("metrics.json"),

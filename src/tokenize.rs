@@ -1,5 +1,6 @@
 //! Tokenization: the model's `tokenizer.json` (or a WordPiece tokenizer built from
-//! `vocab.txt`), longest-first truncation to `max_seq_len`, no fixed padding.
+//! `vocab.txt` and `tokenizer_config.json`), longest-first truncation to `max_seq_len`, no
+//! fixed padding.
 
 use crate::data::Example;
 use anyhow::{anyhow, bail, Context, Result};
@@ -9,7 +10,9 @@ use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::bert::BertProcessing;
-use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+use tokenizers::{
+    AddedToken, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
+};
 
 /// One tokenized example: ids, token types, and whether it was cut to fit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,18 +39,16 @@ pub struct TextTokenizer {
 }
 
 impl TextTokenizer {
-    /// Loads `tokenizer.json` from `model_dir`, or builds a WordPiece tokenizer from `vocab.txt`.
+    /// Loads `tokenizer.json` from `model_dir`, or builds a WordPiece tokenizer from
+    /// `vocab.txt` (lowercasing as `tokenizer_config.json`'s `do_lower_case` says, default
+    /// true).
     pub fn load(model_dir: &Path, max_seq_len: usize) -> Result<Self> {
-        if max_seq_len < 4 {
-            bail!("max_seq_len must be at least 4, got {max_seq_len}");
-        }
-        let tj = model_dir.join("tokenizer.json");
-        let vt = model_dir.join("vocab.txt");
-        let mut inner = if tj.exists() {
-            Tokenizer::from_file(&tj)
-                .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", tj.display()))?
-        } else if vt.exists() {
-            from_vocab(&vt)?
+        let file = tokenizer_file(model_dir);
+        let mut inner = if file.ends_with("tokenizer.json") {
+            Tokenizer::from_file(&file)
+                .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", file.display()))?
+        } else if file.is_file() {
+            from_vocab(&file, lowercase(model_dir)?)?
         } else {
             bail!(
                 "{}: neither tokenizer.json nor vocab.txt found",
@@ -55,24 +56,24 @@ impl TextTokenizer {
             );
         };
         inner.with_padding(None);
-        inner
-            .with_truncation(Some(TruncationParams {
-                direction: TruncationDirection::Right,
-                max_length: max_seq_len,
-                strategy: TruncationStrategy::LongestFirst,
-                stride: 0,
-            }))
-            .map_err(|e| anyhow!("cannot set truncation: {e}"))?;
+        truncate_to(&mut inner, max_seq_len)?;
         let id = |t: &str| {
             inner
                 .token_to_id(t)
                 .ok_or_else(|| anyhow!("{}: tokenizer has no `{t}` token", model_dir.display()))
         };
         let (cls_id, sep_id, pad_id) = (id("[CLS]")?, id("[SEP]")?, id("[PAD]")?);
+        // Special tokens are those the tokenizer flags as special, plus BERT's reserved
+        // `[unusedN]` placeholders, which no text produces.
         let n = inner.get_vocab_size(true);
         let mut special = vec![false; n];
+        for (i, t) in inner.get_added_tokens_decoder() {
+            if t.special && (i as usize) < n {
+                special[i as usize] = true;
+            }
+        }
         for (tok, i) in inner.get_vocab(true) {
-            if (i as usize) < n && tok.starts_with('[') && tok.ends_with(']') && tok.len() > 2 {
+            if (i as usize) < n && is_reserved(&tok) {
                 special[i as usize] = true;
             }
         }
@@ -96,8 +97,22 @@ impl TextTokenizer {
         self.max_seq_len
     }
 
-    /// True for special and reserved tokens (`[PAD]`, `[CLS]`, `[unused7]`, ...), which a
-    /// projection must never produce.
+    /// The same tokenizer, truncating to `max_seq_len` instead.
+    pub fn with_max_seq_len(&self, max_seq_len: usize) -> Result<Self> {
+        let mut inner = self.inner.clone();
+        truncate_to(&mut inner, max_seq_len)?;
+        Ok(Self {
+            inner,
+            max_seq_len,
+            special: self.special.clone(),
+            cls_id: self.cls_id,
+            sep_id: self.sep_id,
+            pad_id: self.pad_id,
+        })
+    }
+
+    /// True for the tokenizer's special tokens (`[PAD]`, `[CLS]`, `<s>`, ...) and reserved
+    /// placeholders (`[unused7]`), which a projection must never produce.
     pub fn is_special(&self, id: u32) -> bool {
         self.special.get(id as usize).copied().unwrap_or(true)
     }
@@ -167,7 +182,59 @@ impl TextTokenizer {
     }
 }
 
-fn from_vocab(path: &Path) -> Result<Tokenizer> {
+/// Longest-first truncation to `max_seq_len` tokens, special tokens included.
+fn truncate_to(tk: &mut Tokenizer, max_seq_len: usize) -> Result<()> {
+    if max_seq_len < 4 {
+        bail!("max_seq_len must be at least 4, got {max_seq_len}");
+    }
+    tk.with_truncation(Some(TruncationParams {
+        direction: TruncationDirection::Right,
+        max_length: max_seq_len,
+        strategy: TruncationStrategy::LongestFirst,
+        stride: 0,
+    }))
+    .map_err(|e| anyhow!("cannot set truncation: {e}"))?;
+    Ok(())
+}
+
+/// The file that defines a model directory's tokenizer: `tokenizer.json`, else `vocab.txt`
+/// (its sha256 identifies the tokenizer in the manifest).
+pub fn tokenizer_file(model_dir: &Path) -> std::path::PathBuf {
+    let tj = model_dir.join("tokenizer.json");
+    if tj.is_file() {
+        tj
+    } else {
+        model_dir.join("vocab.txt")
+    }
+}
+
+/// BERT's reserved vocabulary slots: `[unused0]`, `[unused1]`, ...
+fn is_reserved(tok: &str) -> bool {
+    tok.strip_prefix("[unused")
+        .and_then(|r| r.strip_suffix(']'))
+        .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// `do_lower_case` from `tokenizer_config.json` in `model_dir` (true when absent, as for
+/// uncased BERT checkpoints).
+fn lowercase(model_dir: &Path) -> Result<bool> {
+    let p = model_dir.join("tokenizer_config.json");
+    if !p.exists() {
+        return Ok(true);
+    }
+    let v: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&p).with_context(|| format!("{}: cannot read", p.display()))?,
+    )
+    .with_context(|| format!("{}: not valid JSON", p.display()))?;
+    match v.get("do_lower_case") {
+        None => Ok(true),
+        Some(b) => b
+            .as_bool()
+            .with_context(|| format!("{}: `do_lower_case` is not a boolean", p.display())),
+    }
+}
+
+fn from_vocab(path: &Path, lowercase: bool) -> Result<Tokenizer> {
     let p = path.to_str().context("vocab path is not UTF-8")?;
     let wp = WordPiece::from_file(p)
         .unk_token("[UNK]".into())
@@ -176,13 +243,21 @@ fn from_vocab(path: &Path) -> Result<Tokenizer> {
     let cls = wp_id(&wp, "[CLS]", path)?;
     let sep = wp_id(&wp, "[SEP]", path)?;
     let mut tk = Tokenizer::new(wp);
-    let _ = tk.with_normalizer(Some(BertNormalizer::new(true, true, None, true)));
+    let _ = tk.with_normalizer(Some(BertNormalizer::new(true, true, None, lowercase)));
     tk.with_pre_tokenizer(Some(BertPreTokenizer));
     tk.with_post_processor(Some(BertProcessing::new(
         ("[SEP]".into(), sep),
         ("[CLS]".into(), cls),
     )));
     tk.with_decoder(Some(WordPieceDecoder::default()));
+    // Registered as special, so they are known as such and dropped when decoding.
+    let specials: Vec<AddedToken> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        .into_iter()
+        .filter(|t| tk.token_to_id(t).is_some())
+        .map(|t| AddedToken::from(t, true))
+        .collect();
+    tk.add_special_tokens(specials)
+        .map_err(|e| anyhow!("{}: cannot register special tokens: {e}", path.display()))?;
     Ok(tk)
 }
 
@@ -190,4 +265,69 @@ fn wp_id(wp: &WordPiece, tok: &str, path: &Path) -> Result<u32> {
     use tokenizers::Model;
     wp.token_to_id(tok)
         .ok_or_else(|| anyhow!("{}: vocabulary has no `{tok}`", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TextTokenizer;
+    use crate::data::Example;
+    use std::path::{Path, PathBuf};
+
+    fn model_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/models/minilm-l6")
+    }
+
+    fn ids(tok: &TextTokenizer, text: &str) -> Vec<u32> {
+        let ex = Example {
+            idx: 0,
+            text_a: text.into(),
+            text_b: None,
+            label: None,
+        };
+        tok.encode(&[ex]).unwrap().remove(0).ids
+    }
+
+    #[test]
+    fn special_tokens_come_from_the_tokenizer_flags() {
+        let mut tj: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(model_dir().join("tokenizer.json")).unwrap())
+                .unwrap();
+        let added = tj["added_tokens"].as_array_mut().unwrap();
+        // `[MASK]` no longer flagged special; a new `<s>` that is.
+        for t in added.iter_mut() {
+            if t["content"] == "[MASK]" {
+                t["special"] = false.into();
+            }
+        }
+        let mut s = added[0].clone();
+        s["id"] = 30522.into();
+        s["content"] = "<s>".into();
+        added.push(s);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), tj.to_string()).unwrap();
+        let tok = TextTokenizer::load(dir.path(), 16).unwrap();
+        assert!(tok.is_special(30522), "`<s>` is flagged special");
+        assert!(!tok.is_special(103), "`[MASK]` is not flagged special");
+        assert!(tok.is_special(101) && tok.is_special(0) && tok.is_special(1));
+        assert!(!tok.is_special(1037));
+    }
+
+    #[test]
+    fn vocab_fallback_honours_the_lowercasing_config() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(model_dir().join("vocab.txt"), dir.path().join("vocab.txt")).unwrap();
+        let uncased = TextTokenizer::load(dir.path(), 16).unwrap();
+        let json = TextTokenizer::load(&model_dir(), 16).unwrap();
+        assert_eq!(ids(&uncased, "Hello World"), ids(&json, "Hello World"));
+        assert!(uncased.is_special(101) && uncased.is_special(1) && !uncased.is_special(1037));
+        assert_eq!(uncased.decode(&ids(&uncased, "Hello")).unwrap(), "hello");
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            r#"{"do_lower_case": false}"#,
+        )
+        .unwrap();
+        let cased = TextTokenizer::load(dir.path(), 16).unwrap();
+        assert_ne!(ids(&cased, "Hello World"), ids(&uncased, "Hello World"));
+        assert_eq!(ids(&cased, "hello world"), ids(&uncased, "hello world"));
+    }
 }

@@ -1,6 +1,7 @@
 //! Shared training machinery for the teacher and the student: padded batches, length
 //! bucketing, AdamW with warm-up and linear decay, gradient clipping, losses, prediction.
 
+use crate::config::OptimConfig;
 use crate::model::{Ctx, Params, SeqClassifier};
 use crate::tokenize::Encoded;
 use anyhow::Result;
@@ -83,34 +84,6 @@ pub fn sorted_batches(lens: &[usize], batch_size: usize) -> Vec<Vec<usize>> {
     idx.chunks(batch_size).map(|c| c.to_vec()).collect()
 }
 
-/// Optimisation settings shared by teacher and student.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OptimConfig {
-    /// Peak learning rate.
-    pub lr: f64,
-    /// AdamW weight decay (not applied to biases and LayerNorm weights).
-    pub weight_decay: f64,
-    /// Fraction of steps of linear warm-up.
-    pub warmup_ratio: f64,
-    /// Examples per batch.
-    pub batch_size: usize,
-    /// Global gradient-norm clip (0 disables).
-    pub max_grad_norm: f64,
-}
-
-impl Default for OptimConfig {
-    fn default() -> Self {
-        Self {
-            lr: 5e-5,
-            weight_decay: 0.01,
-            warmup_ratio: 0.06,
-            batch_size: 32,
-            max_grad_norm: 1.0,
-        }
-    }
-}
-
 /// The AdamW implementation, chosen once from the device.
 enum Update {
     /// The CPU kernel: one parallel pass per parameter.
@@ -170,14 +143,7 @@ impl Optim {
 
     /// Learning rate at the current step (linear warm-up, then linear decay to 0).
     pub fn lr(&self) -> f64 {
-        let warm = (self.cfg.warmup_ratio * self.total_steps as f64).round() as usize;
-        let s = self.step as f64;
-        if self.step < warm {
-            self.cfg.lr * (s + 1.0) / warm as f64
-        } else {
-            self.cfg.lr
-                * ((self.total_steps as f64 - s) / (self.total_steps - warm).max(1) as f64).max(0.0)
-        }
+        schedule(&self.cfg, self.total_steps, self.step)
     }
 
     /// Back-propagates `loss`, clips, and applies one update.
@@ -201,6 +167,19 @@ impl Optim {
     }
 }
 
+/// Learning rate at `step` of `total_steps`: linear warm-up over the first `warmup_ratio` of
+/// the steps, then linear decay to 0.
+fn schedule(cfg: &OptimConfig, total_steps: usize, step: usize) -> f64 {
+    let warm = (cfg.warmup_ratio * total_steps as f64).round() as usize;
+    let s = step as f64;
+    if step < warm {
+        cfg.lr * (s + 1.0) / warm as f64
+    } else {
+        cfg.lr * ((total_steps as f64 - s) / (total_steps - warm).max(1) as f64).max(0.0)
+    }
+}
+
+/// Scales the gradients of `vars` so that their global L2 norm is at most `max_norm`.
 fn clip(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<()> {
     let mut sq = Vec::new();
     for v in vars {
@@ -273,4 +252,98 @@ pub fn predict(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{clip, kd_loss, schedule};
+    use crate::config::OptimConfig;
+    use candle_core::{Device, Tensor, Var};
+
+    /// `T²·KL(softmax(t/T) ‖ softmax(s/T))` of one row, in f64.
+    fn kl_by_hand(s: &[f64], t: &[f64], temp: f64) -> f64 {
+        let soft = |x: &[f64]| {
+            let z: f64 = x.iter().map(|v| (v / temp).exp()).sum();
+            x.iter().map(|v| (v / temp).exp() / z).collect::<Vec<_>>()
+        };
+        let (ps, pt) = (soft(s), soft(t));
+        temp * temp
+            * pt.iter()
+                .zip(&ps)
+                .map(|(a, b)| a * (a / b).ln())
+                .sum::<f64>()
+    }
+
+    #[test]
+    fn kd_loss_matches_the_formula() {
+        let dev = Device::Cpu;
+        let s = [[0.0f32, 0.0], [1.0, -2.0]];
+        let t = [[3f32.ln(), 0.0], [1.0, -2.0]];
+        for temp in [1.0, 2.0] {
+            let got = kd_loss(
+                &Tensor::new(&s, &dev).unwrap(),
+                &Tensor::new(&t, &dev).unwrap(),
+                temp,
+            )
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+            // The second row agrees with its teacher: the mean is half the first row's KL.
+            let want = kl_by_hand(&[0.0, 0.0], &[3f64.ln(), 0.0], temp) / 2.0;
+            assert!((got - want).abs() < 1e-6, "T={temp}: {got} vs {want}");
+        }
+        // By hand at T = 1: 0.75·ln(1.5) + 0.25·ln(0.5), halved.
+        assert!((kl_by_hand(&[0.0, 0.0], &[3f64.ln(), 0.0], 1.0) - 0.130812).abs() < 1e-6);
+    }
+
+    #[test]
+    fn schedule_warms_up_then_decays_linearly() {
+        let cfg = OptimConfig {
+            lr: 1e-3,
+            warmup_ratio: 0.1,
+            ..OptimConfig::default()
+        };
+        let lr = |step| schedule(&cfg, 100, step);
+        // 10 warm-up steps: 1/10, 2/10, ... of the peak.
+        assert!((lr(0) - 1e-4).abs() < 1e-12);
+        assert!((lr(4) - 5e-4).abs() < 1e-12);
+        assert!((lr(9) - 1e-3).abs() < 1e-12);
+        // Then (100 - step) / 90 of the peak, down to 0.
+        assert!((lr(10) - 1e-3).abs() < 1e-12);
+        assert!((lr(55) - 5e-4).abs() < 1e-12);
+        assert_eq!(lr(100), 0.0);
+        assert_eq!(lr(150), 0.0);
+        let flat = OptimConfig {
+            warmup_ratio: 0.0,
+            ..cfg.clone()
+        };
+        assert!((schedule(&flat, 4, 0) - 1e-3).abs() < 1e-12);
+        assert!((schedule(&flat, 4, 3) - 2.5e-4).abs() < 1e-12);
+    }
+
+    #[test]
+    fn clipping_scales_to_the_global_norm() {
+        let dev = Device::Cpu;
+        let a = Var::new(&[1f32, 1.0], &dev).unwrap();
+        let b = Var::new(&[1f32], &dev).unwrap();
+        // d/da = (3, 0), d/db = (4): global norm 5.
+        let loss = |a: &Var, b: &Var| {
+            let wa = Tensor::new(&[3f32, 0.0], &dev).unwrap();
+            let wb = Tensor::new(&[4f32], &dev).unwrap();
+            ((a.as_tensor() * &wa).unwrap().sum_all().unwrap()
+                + (b.as_tensor() * &wb).unwrap().sum_all().unwrap())
+            .unwrap()
+        };
+        let vars = [a.clone(), b.clone()];
+        let grad = |g: &candle_core::backprop::GradStore, v: &Var| -> Vec<f32> {
+            g.get(v.as_tensor()).unwrap().to_vec1().unwrap()
+        };
+        let mut g = loss(&a, &b).backward().unwrap();
+        clip(&mut g, &vars, 10.0).unwrap();
+        assert_eq!((grad(&g, &a), grad(&g, &b)), (vec![3.0, 0.0], vec![4.0]));
+        let mut g = loss(&a, &b).backward().unwrap();
+        clip(&mut g, &vars, 1.0).unwrap();
+        let (ga, gb) = (grad(&g, &a), grad(&g, &b));
+        assert!((ga[0] - 0.6).abs() < 1e-5 && ga[1] == 0.0 && (gb[0] - 0.8).abs() < 1e-5);
+    }
 }

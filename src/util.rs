@@ -185,7 +185,9 @@ pub fn remove_temporaries() {
 }
 
 /// Fault injection for crash tests: when `AUGPRO_FAILPOINT` names `point`, the process
-/// kills itself with SIGKILL there, exactly as an external `kill -9` would.
+/// kills itself with SIGKILL there, exactly as an external `kill -9` would. Compiled in
+/// only with the `failpoints` feature, which the tests enable.
+#[cfg(feature = "failpoints")]
 pub fn failpoint(point: &str) {
     if std::env::var("AUGPRO_FAILPOINT").is_ok_and(|v| v.split(',').any(|p| p.trim() == point)) {
         eprintln!("failpoint {point}: SIGKILL");
@@ -193,6 +195,42 @@ pub fn failpoint(point: &str) {
         unsafe {
             libc::raise(libc::SIGKILL);
         }
+    }
+}
+
+/// Without the `failpoints` feature a fault-injection point does nothing.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn failpoint(_point: &str) {}
+
+/// Renames `from` to `to` only if `to` does not exist (`renameat2` with
+/// `RENAME_NOREPLACE`); fails with `AlreadyExists` otherwise. On a filesystem without that
+/// flag a directory falls back to `rename(2)`, which cannot replace a non-empty directory.
+pub fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains a NUL byte")
+        })
+    };
+    let (f, t) = (c_path(from)?, c_path(to)?);
+    // SAFETY: both pointers are valid NUL-terminated paths for the duration of the call.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EINVAL) | Some(libc::ENOSYS) if from.is_dir() => fs::rename(from, to),
+        _ => Err(e),
     }
 }
 

@@ -3,8 +3,9 @@
 mod common;
 
 use augpro::augment::mix::{align, mix};
-use augpro::augment::project::{brute_force_nearest, Metric, Projector};
+use augpro::augment::project::{brute_force_nearest, Projector};
 use augpro::augment::{fgsm, replace};
+use augpro::config::Metric;
 use augpro::model::Checkpoint;
 use augpro::tokenize::TextTokenizer;
 use candle_core::Device;
@@ -20,7 +21,7 @@ fn random_table(n: usize, d: usize, seed: u64) -> Vec<f32> {
 fn flat_projection_equals_brute_force() {
     let (n, d) = (3000, 48);
     let table = random_table(n, d, 1);
-    let keep = |t: u32| t % 7 != 0;
+    let keep = |t: u32| !t.is_multiple_of(7);
     let mut r = ChaCha8Rng::seed_from_u64(2);
     let queries: Vec<f32> = (0..200 * d).map(|_| r.gen_range(-1.0f32..1.0)).collect();
     for metric in [Metric::L2, Metric::InnerProduct] {

@@ -91,8 +91,7 @@ fn sst2_err(cols: Vec<(&str, ArrayRef)>) -> String {
     write(&p, cols);
     let e = SplitReader::open(d.path(), glue::task("sst2").unwrap(), "train")
         .and_then(|r| r.read_all(None))
-        .err()
-        .expect("must fail");
+        .expect_err("must fail");
     let msg = format!("{e:#}");
     assert!(
         msg.contains("train-00000-of-00001.parquet"),
@@ -293,6 +292,9 @@ fn tokenizer_matches_reference_ids_and_truncates_longest_first() {
         text_b: Some("An air plane is taking off.".into()),
         label: None,
     };
-    assert_eq!(v.encode(&[ex.clone()]).unwrap(), tok.encode(&[ex]).unwrap());
+    assert_eq!(
+        v.encode(std::slice::from_ref(&ex)).unwrap(),
+        tok.encode(&[ex]).unwrap()
+    );
     assert!(tok.is_special(0) && tok.is_special(101) && tok.is_special(1) && !tok.is_special(1996));
 }

@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex};
 struct Server {
     base: String,
     ranges: Arc<Mutex<Vec<String>>>,
+    /// Requests received so far.
+    requests: Arc<AtomicUsize>,
 }
 
 /// Serves `root` for up to `max_requests` requests; the first `drop_first` responses stop
@@ -20,7 +22,8 @@ fn serve(root: std::path::PathBuf, drop_first: usize, max_requests: usize) -> Se
     let base = format!("http://{}", l.local_addr().unwrap());
     let ranges = Arc::new(Mutex::new(Vec::new()));
     let seen = ranges.clone();
-    let count = AtomicUsize::new(0);
+    let requests = Arc::new(AtomicUsize::new(0));
+    let count = requests.clone();
     std::thread::spawn(move || {
         for stream in l.incoming().take(max_requests) {
             let mut s = stream.unwrap();
@@ -77,7 +80,11 @@ fn serve(root: std::path::PathBuf, drop_first: usize, max_requests: usize) -> Se
             let _ = s.write_all(part);
         }
     });
-    Server { base, ranges }
+    Server {
+        base,
+        ranges,
+        requests,
+    }
 }
 
 #[test]
@@ -147,7 +154,11 @@ fn missing_file_is_an_error_and_leaves_no_file() {
     )
     .err()
     .unwrap();
-    assert!(format!("{err:#}").contains("HTTP 404"), "{err:#}");
+    // A 404 is final: one request, one clear message, no talk of partial data.
+    let err = format!("{err:#}");
+    assert!(err.contains("HTTP 404 (not retried)"), "{err}");
+    assert!(!err.contains("partial"), "{err}");
+    assert_eq!(srv.requests.load(Ordering::SeqCst), 1);
     assert!(!dest
         .path()
         .join("qnli/validation-00000-of-00001.parquet")

@@ -24,6 +24,43 @@ fn read_rows(dir: &Path) -> Vec<Row> {
     rows
 }
 
+/// The central contract: a token row's `teacher_logits` are the teacher's on exactly that
+/// row's tokens. Reloads the teacher and recomputes them, one row at a time (no padding),
+/// for a sample of the rows of every token method.
+fn logits_contract(rows: &[Row], manifest: &serde_json::Value) {
+    let teacher_dir = common::root().join(manifest["teacher"]["path"].as_str().unwrap());
+    let task = augpro::glue::task("sst2").unwrap();
+    let dev = candle_core::Device::Cpu;
+    let teacher = augpro::teacher::Teacher::load(&teacher_dir, task, &dev, 64).unwrap();
+    for method in ["original", "augpro_mix", "augpro_fgsm", "token_replace"] {
+        let sample: Vec<&Row> = rows
+            .iter()
+            .filter(|r| r.method == method)
+            .step_by(5)
+            .collect();
+        assert!(
+            sample.len() >= 10,
+            "{method}: {} rows sampled",
+            sample.len()
+        );
+        for r in sample {
+            let b = teacher
+                .batch(&[(r.input_ids.as_slice(), r.token_type_ids.as_slice())])
+                .unwrap();
+            let got: Vec<Vec<f32>> = teacher.logits(&b).unwrap().to_vec2().unwrap();
+            for (x, y) in got[0].iter().zip(&r.teacher_logits) {
+                assert!(
+                    (x - y).abs() <= 1e-5,
+                    "{method} row of idx {}: teacher gives {:?}, the shard has {:?}",
+                    r.idx,
+                    got[0],
+                    r.teacher_logits
+                );
+            }
+        }
+    }
+}
+
 fn out_dir(root: &Path) -> PathBuf {
     root.join("sst2/smoke")
 }
@@ -132,6 +169,7 @@ fn smoke_pipeline_end_to_end() {
     ] {
         assert_eq!(per.get(m).copied().unwrap_or(0), 64, "{m} rows");
     }
+    logits_contract(&rows, &manifest);
     let d = &manifest["diagnostics"];
     assert!(d["augpro_mix"]["changed_position_rate"].as_f64().unwrap() > 0.0);
     assert!(d["augpro_fgsm"]["changed_position_rate"].as_f64().unwrap() > 0.0);
@@ -285,6 +323,7 @@ print("interop ok", df.height)
     let m: serde_json::Value =
         serde_json::from_slice(&std::fs::read(s.join("metrics.json")).unwrap()).unwrap();
     assert_eq!(m["steps"], 6);
+    assert_eq!(m["eval_max_seq_len"], 128);
     let acc = m["validation"]["validation"]["accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&acc));
     assert_eq!(m["rows_available"], 256);
@@ -597,18 +636,33 @@ fn unusable_outputs_and_models_are_refused() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    let e = fail(&[
-        "train-student",
-        "--shards",
-        out.join("sst2/smoke").to_str().unwrap(),
-        "--task",
-        "sst2",
-        "--out",
-        tmp.path().join("s").to_str().unwrap(),
-        "--model",
-        student.to_str().unwrap(),
-    ]);
+    let train_with = |model: &Path| {
+        fail(&[
+            "train-student",
+            "--shards",
+            out.join("sst2/smoke").to_str().unwrap(),
+            "--task",
+            "sst2",
+            "--out",
+            tmp.path().join("s").to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+        ])
+    };
+    let e = train_with(&student);
     assert!(e.contains("must share the teacher's vocabulary"), "{e}");
+    // Same vocabulary size, another tokenizer (cased): refused by the manifest's sha256.
+    let cased = tmp.path().join("cased");
+    copy_dir(&common::model_dir(), &cased);
+    let mut tj: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cased.join("tokenizer.json")).unwrap()).unwrap();
+    tj["normalizer"]["lowercase"] = false.into();
+    std::fs::write(cased.join("tokenizer.json"), tj.to_string()).unwrap();
+    let e = train_with(&cased);
+    assert!(
+        e.contains("not the tokenizer the shards were made with"),
+        "{e}"
+    );
     // A tokenizer that does not fit the model's embedding table.
     let e = fail(&[
         "teacher",

@@ -1,12 +1,11 @@
-//! Crash safety of the smoke pipeline: SIGKILL at each stage then resume, SIGINT, and a
-//! disk that fills up. Every interrupted run must end byte-identical to an uninterrupted
+//! Crash safety of the smoke pipeline: SIGKILL at each stage then resume, SIGINT and
+//! SIGTERM, and a disk that fills up. Every interrupted run must end byte-identical to an uninterrupted
 //! one and leave no temporary file behind.
 
 mod common;
 
 use common::{files, ok};
 use std::io::{BufRead, BufReader};
-use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -53,8 +52,12 @@ fn same_outputs(a: &Path, b: &Path) {
     }
 }
 
+/// The SIGKILL points are fault-injection points, compiled in with the `failpoints` feature.
+#[cfg(feature = "failpoints")]
 #[test]
 fn sigkill_at_every_stage_then_resume_is_byte_identical() {
+    use std::os::unix::process::ExitStatusExt;
+
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("teachers");
     let set = format!("teacher.cache_dir={}", cache.display());
@@ -130,6 +133,18 @@ fn sigkill_at_every_stage_then_resume_is_byte_identical() {
 
 #[test]
 fn sigint_stops_cleanly_and_the_rerun_completes() {
+    signal_stops_cleanly_and_the_rerun_completes(libc::SIGINT);
+}
+
+/// Slurm's `scancel` sends SIGTERM.
+#[test]
+fn sigterm_stops_cleanly_and_the_rerun_completes() {
+    signal_stops_cleanly_and_the_rerun_completes(libc::SIGTERM);
+}
+
+/// Sends `signal` once augmentation has started; the process must remove its temporaries
+/// and exit 130, and the rerun must complete.
+fn signal_stops_cleanly_and_the_rerun_completes(signal: i32) {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("int");
     let out = root.join(SMOKE);
@@ -145,7 +160,7 @@ fn sigint_stops_cleanly_and_the_rerun_completes() {
         seen.push_str(&line);
         if line.contains("augmenting source examples") {
             // SAFETY: signalling our own child process.
-            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            unsafe { libc::kill(child.id() as i32, signal) };
             break;
         }
         line.clear();

@@ -2,17 +2,6 @@
 
 use rand::Rng;
 use rand_distr::{Beta, Distribution};
-use serde::{Deserialize, Serialize};
-
-/// Whether one λ is drawn per sequence or one per position.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LambdaMode {
-    /// One λ for the whole sequence.
-    Sequence,
-    /// An independent λ for every position.
-    Position,
-}
 
 /// For each primary position, the partner position it is mixed with, or `None` where the
 /// primary's token stays (special tokens, padding, or where the partner's segment is shorter).
@@ -72,4 +61,68 @@ pub fn mix(
         }
     }
     out
+}
+
+/// What both mixing methods make of a batch: each example's partner, its λ (sequence mode;
+/// `None` per position), its mixed embeddings and which positions were mixed.
+pub(super) struct Mixed {
+    pub partners: Vec<usize>,
+    pub lambdas: Vec<Option<f32>>,
+    pub embeds: Vec<Vec<f32>>,
+    pub masks: Vec<Vec<bool>>,
+}
+
+/// Mixes every example of the batch with a partner drawn at random among the others, in
+/// the teacher's embedding space; `None` for a batch of one (no partner but itself).
+pub(super) fn mix_batch(
+    space: &super::Space,
+    src: &super::Sources,
+    c: &crate::config::MixConfig,
+    rng: &mut rand_chacha::ChaCha8Rng,
+) -> Option<Mixed> {
+    use crate::config::LambdaMode;
+    let encs = src.encs;
+    let n = encs.len();
+    if n < 2 {
+        return None;
+    }
+    let partners: Vec<usize> = (0..n)
+        .map(|i| {
+            let j = rng.gen_range(0..n - 1);
+            if j >= i {
+                j + 1
+            } else {
+                j
+            }
+        })
+        .collect();
+    let mut m = Mixed {
+        partners,
+        lambdas: Vec::with_capacity(n),
+        embeds: Vec::with_capacity(n),
+        masks: Vec::with_capacity(n),
+    };
+    for (i, e) in encs.iter().enumerate() {
+        let p = &encs[m.partners[i]];
+        let al = align(&e.ids, &e.type_ids, &p.ids, &p.type_ids, &|t| {
+            space.is_special(t)
+        });
+        let (lam, per_pos): (Option<f32>, Vec<f32>) = match c.lambda_mode {
+            LambdaMode::Sequence => {
+                let l = draw_lambda(&mut *rng, c.alpha, c.lambda_min);
+                (Some(l), vec![l; e.ids.len()])
+            }
+            LambdaMode::Position => (
+                None,
+                (0..e.ids.len())
+                    .map(|_| draw_lambda(&mut *rng, c.alpha, c.lambda_min))
+                    .collect(),
+            ),
+        };
+        m.embeds
+            .push(mix(&space.table, space.dim, &e.ids, &p.ids, &al, &per_pos));
+        m.masks.push(al.iter().map(|a| a.is_some()).collect());
+        m.lambdas.push(lam);
+    }
+    Some(m)
 }

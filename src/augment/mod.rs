@@ -2,85 +2,189 @@
 //! MixUp, FGSM), all working in the teacher's word-embedding space and sharing one
 //! FAISS projection back to the vocabulary. Every emitted row carries the teacher's
 //! logits on exactly its input.
+//!
+//! Each method lives in its own file behind [`Method`]: it turns a batch of [`Sources`] into
+//! one [`Variant`] per source example, a real token sequence or a virtual input. The
+//! [`Engine`] scores the variants with the teacher and turns them into rows.
 
+pub mod augpro_fgsm;
+pub mod augpro_mix;
 pub mod fgsm;
+pub mod fgsm_baseline;
 pub mod mix;
+pub mod mixup;
 pub mod project;
 pub mod replace;
+pub mod token_replace;
 
-use crate::config::{FgsmConfig, MethodsConfig, PipelineConfig};
+use crate::config::{FgsmConfig, MethodsConfig, Metric, PipelineConfig};
 use crate::data::Example;
 use crate::metrics::argmax;
 use crate::model::{Checkpoint, SeqClassifier};
-use crate::shards::Row;
+use crate::shards::{MethodStats, Row};
 use crate::teacher::{embedding_grad, GradLoss, Teacher};
+use crate::timing;
 use crate::tokenize::Encoded;
 use crate::util::derive_seed;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
-use mix::LambdaMode;
 use project::{median_nn_distance, Projector};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::time::Instant;
+use std::rc::Rc;
 
-/// Per-method counters, summed over batches and shards.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct MethodStats {
-    /// Rows written.
-    pub rows: u64,
-    /// Non-special positions in the written rows.
-    pub positions: u64,
-    /// Positions whose token differs from the source (projected methods).
-    pub changed_positions: u64,
-    /// Rows identical to their source (written or dropped).
-    pub unchanged_rows: u64,
-    /// Rows dropped by `drop_unchanged`.
-    pub dropped_rows: u64,
-    /// Rows whose teacher prediction equals the source's gold label (classification).
-    pub teacher_agrees: u64,
+/// One augmentation method.
+pub trait Method {
+    /// Name written in the `method` column.
+    fn name(&self) -> &'static str;
+
+    /// Rows per source example.
+    fn copies(&self) -> usize {
+        1
+    }
+
+    /// Drop token rows identical to their source.
+    fn drop_unchanged(&self) -> bool {
+        false
+    }
+
+    /// One variant per source example of the batch, or none at all; `rng` is seeded by the
+    /// batch, the method and the copy.
+    fn variants(
+        &self,
+        space: &mut Space,
+        src: &mut Sources,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Vec<Variant>>;
 }
 
-impl MethodStats {
-    /// Adds another counter set.
-    pub fn add(&mut self, o: &MethodStats) {
-        self.rows += o.rows;
-        self.positions += o.positions;
-        self.changed_positions += o.changed_positions;
-        self.unchanged_rows += o.unchanged_rows;
-        self.dropped_rows += o.dropped_rows;
-        self.teacher_agrees += o.teacher_agrees;
+/// An augmented row before the teacher scores it.
+pub enum Variant {
+    /// A real token sequence (projected or replaced), scored on its own tokens.
+    Tokens {
+        /// Token ids.
+        ids: Vec<u32>,
+        /// Positions that differ from the source.
+        changed: u32,
+        /// How it was made.
+        recipe: Recipe,
+    },
+    /// A virtual input: the source's tokens, scored at these embeddings
+    /// (`[len × hidden]`); the row records what the student needs to rebuild it.
+    Virtual {
+        /// Input word embeddings.
+        embeds: Vec<f32>,
+        /// How it was made.
+        recipe: Recipe,
+    },
+}
+
+/// How a variant was made: what its row records besides its tokens.
+pub enum Recipe {
+    /// Mixed with the batch's example `partner`, with one λ for the sequence or one per
+    /// position (`None`).
+    Mix {
+        /// Index of the partner in the batch.
+        partner: usize,
+        /// Sequence-level λ.
+        lambda: Option<f32>,
+    },
+    /// A gradient-sign step of `epsilon`; a virtual row keeps the signs.
+    Step {
+        /// The step.
+        epsilon: f32,
+        /// Gradient signs `[len × hidden]` (virtual rows).
+        signs: Option<Vec<i8>>,
+    },
+    /// Nearest-neighbour token replacement.
+    Replace,
+}
+
+/// A batch of source examples and what methods share about it.
+pub struct Sources<'b> {
+    /// The examples.
+    pub examples: &'b [Example],
+    /// Their tokens.
+    pub encs: &'b [Encoded],
+    /// The teacher's logits on each source.
+    pub logits: Vec<Vec<f32>>,
+    teacher_signs: Option<Rc<Vec<Vec<i8>>>>,
+    neighbours: Option<(usize, Rc<Vec<u32>>)>,
+}
+
+impl Sources<'_> {
+    /// The examples' token ids.
+    pub fn ids(&self) -> Vec<Vec<u32>> {
+        self.encs.iter().map(|e| e.ids.clone()).collect()
+    }
+
+    /// Gold labels, else the teacher's prediction (unlabelled splits).
+    fn gold(&self, regression: bool) -> Vec<f32> {
+        self.examples
+            .iter()
+            .zip(&self.logits)
+            .map(|(e, l)| {
+                e.label
+                    .unwrap_or(if regression { l[0] } else { argmax(l) as f32 })
+            })
+            .collect()
+    }
+
+    /// Signs of the gradient of the teacher's loss on the gold labels, per example
+    /// (computed once per batch, shared by both FGSM methods).
+    pub fn teacher_signs(&mut self, space: &Space) -> Result<Rc<Vec<Vec<i8>>>> {
+        if let Some(s) = &self.teacher_signs {
+            return Ok(s.clone());
+        }
+        let gold = self.gold(space.teacher.task.is_regression());
+        let s = Rc::new(space.gradient_signs(
+            &space.teacher.model,
+            self.encs,
+            GradLoss::Labels(&gold),
+        )?);
+        self.teacher_signs = Some(s.clone());
+        Ok(s)
+    }
+
+    /// The `k + 1` nearest tokens of every position of every example, concatenated
+    /// (computed once per batch).
+    pub fn neighbours(&mut self, space: &mut Space, k: usize) -> Result<Rc<Vec<u32>>> {
+        if let Some((kk, n)) = &self.neighbours {
+            if *kk == k {
+                return Ok(n.clone());
+            }
+        }
+        let mut q = Vec::new();
+        for e in self.encs {
+            q.extend(space.embeds_of(&e.ids));
+        }
+        let (nb, _) = {
+            let _t = timing::stage("projection");
+            space.projector.search(&q, k + 1)?
+        };
+        let nb = Rc::new(nb);
+        self.neighbours = Some((k, nb.clone()));
+        Ok(nb)
     }
 }
 
-/// Counters plus time per method for one run.
-#[derive(Debug, Clone, Default)]
-pub struct BatchReport {
-    /// Counters per method.
-    pub stats: BTreeMap<String, MethodStats>,
-    /// Seconds per method (teacher time included).
-    pub seconds: BTreeMap<String, f64>,
-}
-
-/// Makes augmented rows for batches of source examples.
-pub struct Engine<'a> {
+/// The teacher's embedding space (and a student's, for AugPro-FGSM with a student): the
+/// table, its FAISS index, and the teacher to score and differentiate with.
+pub struct Space<'a> {
     teacher: &'a Teacher,
     table: Vec<f32>,
     dim: usize,
     projector: Projector,
-    methods: MethodsConfig,
     /// Median nearest-neighbour distance of the indexed table (the scale of `epsilon_rel`).
     pub nn_scale: f32,
     special: Vec<bool>,
     pad_id: u32,
-    stages: std::cell::RefCell<BTreeMap<String, f64>>,
     student: Option<StudentSpace>,
 }
 
 /// A student's embedding space for AugPro-FGSM with KL(teacher ‖ student).
-struct StudentSpace {
+pub struct StudentSpace {
     model: SeqClassifier,
     table: Vec<f32>,
     dim: usize,
@@ -88,15 +192,31 @@ struct StudentSpace {
     nn_scale: f32,
 }
 
-struct Variant {
-    ids: Vec<u32>,
-    partner: Option<usize>,
-    lambda: Option<f32>,
-    epsilon: Option<f32>,
-    changed: Option<u32>,
-    embeds: Option<Vec<f32>>,
-    partner_ids: Option<(Vec<u32>, Vec<u8>)>,
-    perturbation: Option<Vec<i8>>,
+/// Makes augmented rows for batches of source examples.
+pub struct Engine<'a> {
+    space: Space<'a>,
+    methods: Vec<Box<dyn Method>>,
+}
+
+/// The enabled methods, in the order their rows follow each original.
+fn enabled(m: &MethodsConfig) -> Vec<Box<dyn Method>> {
+    let mut out: Vec<Box<dyn Method>> = Vec::new();
+    if let Some(c) = &m.augpro_mix {
+        out.push(Box::new(augpro_mix::AugproMix(c.clone())));
+    }
+    if let Some(c) = &m.augpro_fgsm {
+        out.push(Box::new(augpro_fgsm::AugproFgsm(c.clone())));
+    }
+    if let Some(c) = &m.fgsm {
+        out.push(Box::new(fgsm_baseline::Fgsm(c.clone())));
+    }
+    if let Some(c) = &m.token_replace {
+        out.push(Box::new(token_replace::TokenReplace(c.clone())));
+    }
+    if let Some(c) = &m.mixup {
+        out.push(Box::new(mixup::Mixup(c.clone())));
+    }
+    out
 }
 
 impl<'a> Engine<'a> {
@@ -123,7 +243,13 @@ impl<'a> Engine<'a> {
             Some(dir) => {
                 let ck = Checkpoint::open(dir)?;
                 if ck.config.vocab_size != table.len() / dim {
-                    bail!("{}: student vocabulary has {} tokens, the teacher's has {}; they must share the vocabulary", dir.display(), ck.config.vocab_size, table.len() / dim);
+                    bail!(
+                        "{}: student vocabulary has {} tokens, the teacher's has {}; they must \
+                         share the vocabulary",
+                        dir.display(),
+                        ck.config.vocab_size,
+                        table.len() / dim
+                    );
                 }
                 let (model, _) =
                     ck.load_classifier(&teacher.device, false, teacher.task.num_labels, None, 0)?;
@@ -146,45 +272,108 @@ impl<'a> Engine<'a> {
             None => None,
         };
         Ok(Self {
-            teacher,
-            table,
-            dim,
-            projector,
-            methods: cfg.methods.clone(),
-            nn_scale,
-            special,
-            pad_id: tok.pad_id,
-            stages: Default::default(),
-            student,
+            space: Space {
+                teacher,
+                table,
+                dim,
+                projector,
+                nn_scale,
+                special,
+                pad_id: tok.pad_id,
+                student,
+            },
+            methods: enabled(&cfg.methods),
         })
     }
 
-    /// Adds `secs` to the time of a pipeline stage (`teacher`, `projection`, `decode`, ...).
-    pub fn add_stage(&self, stage: &str, secs: f64) {
-        *self
-            .stages
-            .borrow_mut()
-            .entry(stage.to_string())
-            .or_default() += secs;
-    }
-
-    /// Seconds spent per stage since the last call (drains the counters).
-    pub fn take_stage_seconds(&self) -> BTreeMap<String, f64> {
-        std::mem::take(&mut *self.stages.borrow_mut())
+    /// Median nearest-neighbour distance of the indexed table (the scale of `epsilon_rel`).
+    pub fn nn_scale(&self) -> f32 {
+        self.space.nn_scale
     }
 
     /// The teacher's tokenizer.
     pub fn tokenizer(&self) -> &'a crate::tokenize::TextTokenizer {
-        &self.teacher.tokenizer
+        &self.space.teacher.tokenizer
     }
 
-    /// The projector (for inspection and benchmarks).
-    pub fn projector(&mut self) -> &mut Projector {
-        &mut self.projector
+    /// Augments one batch of source examples and adds to `stats`. Rows come out grouped by
+    /// source example: the original first, then each enabled method in a fixed order, copy
+    /// by copy.
+    pub fn augment_batch(
+        &mut self,
+        examples: &[Example],
+        encs: &[Encoded],
+        seed: u64,
+        stats: &mut BTreeMap<String, MethodStats>,
+    ) -> Result<Vec<Row>> {
+        let space = &mut self.space;
+        let logits = {
+            let _t = timing::method("original");
+            let src: Vec<(&[u32], &[u8])> = encs
+                .iter()
+                .map(|e| (e.ids.as_slice(), e.type_ids.as_slice()))
+                .collect();
+            space.logits_ids(&src)?
+        };
+        let mut src = Sources {
+            examples,
+            encs,
+            logits,
+            teacher_signs: None,
+            neighbours: None,
+        };
+        let mut out: Vec<Vec<Row>> = Vec::with_capacity(examples.len());
+        {
+            let _t = timing::method("original");
+            let st = stats.entry("original".into()).or_default();
+            for (i, ex) in examples.iter().enumerate() {
+                let l = &src.logits[i];
+                space.count(st, &encs[i].ids, 0, ex.label, l, false);
+                out.push(vec![space.row(&src, i, "original", 0, l, None)?]);
+            }
+        }
+        for m in &self.methods {
+            let name = m.name();
+            for copy in 0..m.copies() {
+                let _t = timing::method(name);
+                let mut rng =
+                    ChaCha8Rng::seed_from_u64(derive_seed(seed, &[name, &copy.to_string()]));
+                let variants = m.variants(space, &mut src, &mut rng)?;
+                if variants.is_empty() {
+                    continue;
+                }
+                let logits = space.score(&src, &variants)?;
+                let st = stats.entry(name.into()).or_default();
+                for (i, (v, l)) in variants.into_iter().zip(logits).enumerate() {
+                    let (ids, changed) = match &v {
+                        Variant::Tokens { ids, changed, .. } => (ids, *changed),
+                        Variant::Virtual { .. } => (&encs[i].ids, 0),
+                    };
+                    let unchanged = matches!(v, Variant::Tokens { changed: 0, .. });
+                    if unchanged && m.drop_unchanged() {
+                        st.unchanged_rows += 1;
+                        st.dropped_rows += 1;
+                        continue;
+                    }
+                    space.count(st, ids, changed, examples[i].label, &l, unchanged);
+                    out[i].push(space.row(&src, i, name, copy as u32, &l, Some(v))?);
+                }
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
     }
+}
 
+impl Space<'_> {
     fn is_special(&self, id: u32) -> bool {
         self.special.get(id as usize).copied().unwrap_or(true)
+    }
+
+    /// Non-special positions of each example (the ones a method may change).
+    fn masks(&self, encs: &[Encoded]) -> Vec<Vec<bool>> {
+        encs.iter()
+            .map(|e| e.ids.iter().map(|&t| !self.is_special(t)).collect())
+            .collect()
     }
 
     /// Absolute ε of a gradient method in the teacher's embedding space.
@@ -203,10 +392,7 @@ impl<'a> Engine<'a> {
         embeds: &[Vec<f32>],
         masks: &[Vec<bool>],
     ) -> Result<Vec<Vec<u32>>> {
-        let t = Instant::now();
-        let out = project_rows(&mut self.projector, self.dim, ids, embeds, masks);
-        self.add_stage("projection", t.elapsed().as_secs_f64());
-        out
+        project_rows(&mut self.projector, self.dim, ids, embeds, masks)
     }
 
     /// Signs of the gradient of `loss` w.r.t. `model`'s input embeddings, per example
@@ -217,16 +403,18 @@ impl<'a> Engine<'a> {
         encs: &[Encoded],
         loss: GradLoss,
     ) -> Result<Vec<Vec<i8>>> {
-        let t = Instant::now();
-        let r: Vec<(&[u32], &[u8])> = encs
-            .iter()
-            .map(|e| (e.ids.as_slice(), e.type_ids.as_slice()))
-            .collect();
-        let b = self.teacher.batch(&r)?;
-        let (_, grad, _) = embedding_grad(model, &b, loss, self.teacher.task.is_regression())?;
-        let dim = grad.dim(2)?;
-        let g: Vec<Vec<Vec<f32>>> = grad.to_device(&candle_core::Device::Cpu)?.to_vec3()?;
-        self.add_stage("teacher", t.elapsed().as_secs_f64());
+        let (g, dim) = {
+            let _t = timing::stage("teacher");
+            let r: Vec<(&[u32], &[u8])> = encs
+                .iter()
+                .map(|e| (e.ids.as_slice(), e.type_ids.as_slice()))
+                .collect();
+            let b = self.teacher.batch(&r)?;
+            let (_, grad, _) = embedding_grad(model, &b, loss, self.teacher.task.is_regression())?;
+            let dim = grad.dim(2)?;
+            let g: Vec<Vec<Vec<f32>>> = grad.to_device(&candle_core::Device::Cpu)?.to_vec3()?;
+            (g, dim)
+        };
         Ok(encs
             .iter()
             .zip(&g)
@@ -238,16 +426,13 @@ impl<'a> Engine<'a> {
             .collect())
     }
 
-    fn logits_ids(&self, rows: &[(Vec<u32>, &[u8])]) -> Result<Vec<Vec<f32>>> {
-        let r: Vec<(&[u32], &[u8])> = rows.iter().map(|(a, b)| (a.as_slice(), *b)).collect();
-        let t = Instant::now();
-        let b = self.teacher.batch(&r)?;
-        let out = self.teacher.logits(&b)?.to_dtype(DType::F32)?.to_vec2()?;
-        self.add_stage("teacher", t.elapsed().as_secs_f64());
-        Ok(out)
+    fn logits_ids(&self, rows: &[(&[u32], &[u8])]) -> Result<Vec<Vec<f32>>> {
+        let _t = timing::stage("teacher");
+        let b = self.teacher.batch(rows)?;
+        Ok(self.teacher.logits(&b)?.to_dtype(DType::F32)?.to_vec2()?)
     }
 
-    fn logits_embeds(&self, encs: &[&Encoded], embeds: &[Vec<f32>]) -> Result<Vec<Vec<f32>>> {
+    fn logits_embeds(&self, encs: &[Encoded], embeds: &[&[f32]]) -> Result<Vec<Vec<f32>>> {
         let r: Vec<(&[u32], &[u8])> = encs
             .iter()
             .map(|e| (e.ids.as_slice(), e.type_ids.as_slice()))
@@ -261,436 +446,50 @@ impl<'a> Engine<'a> {
                 flat.extend_from_slice(&pad);
             }
         }
-        let t0 = Instant::now();
+        let _t = timing::stage("teacher");
         let t = Tensor::from_vec(
             flat,
             (encs.len(), b.seq_len, self.dim),
             &self.teacher.device,
         )?;
-        let out = self
+        Ok(self
             .teacher
             .logits_from_embeds(&t, &b)?
             .to_dtype(DType::F32)?
-            .to_vec2()?;
-        self.add_stage("teacher", t0.elapsed().as_secs_f64());
-        Ok(out)
+            .to_vec2()?)
     }
 
-    fn partners(&self, n: usize, rng: &mut ChaCha8Rng) -> Vec<usize> {
-        (0..n)
-            .map(|i| {
-                let j = rng.gen_range(0..n - 1);
-                if j >= i {
-                    j + 1
-                } else {
-                    j
-                }
-            })
-            .collect()
+    /// The teacher's logits for a method's variants: on the tokens of token rows, at the
+    /// embeddings of virtual rows.
+    fn score(&self, src: &Sources, variants: &[Variant]) -> Result<Vec<Vec<f32>>> {
+        let mut tokens = Vec::new();
+        let mut virtual_points = Vec::new();
+        for (v, e) in variants.iter().zip(src.encs) {
+            match v {
+                Variant::Tokens { ids, .. } => tokens.push((ids.as_slice(), e.type_ids.as_slice())),
+                Variant::Virtual { embeds, .. } => virtual_points.push(embeds.as_slice()),
+            }
+        }
+        match (tokens.is_empty(), virtual_points.is_empty()) {
+            (false, true) => self.logits_ids(&tokens),
+            (true, false) => self.logits_embeds(src.encs, &virtual_points),
+            _ => bail!("a method made both token and virtual rows in one batch"),
+        }
     }
 
-    fn mix_variants(
-        &mut self,
-        encs: &[&Encoded],
-        c: &crate::config::MixConfig,
-        project: bool,
-        rng: &mut ChaCha8Rng,
-    ) -> Result<Vec<Variant>> {
-        if encs.len() < 2 {
-            // No partner other than the example itself: no mixed row.
-            return Ok(Vec::new());
-        }
-        let partners = self.partners(encs.len(), rng);
-        let mut ids = Vec::new();
-        let mut embeds = Vec::new();
-        let mut masks = Vec::new();
-        let mut lambdas = Vec::new();
-        for (i, e) in encs.iter().enumerate() {
-            let p = encs[partners[i]];
-            let al = mix::align(&e.ids, &e.type_ids, &p.ids, &p.type_ids, &|t| {
-                self.is_special(t)
-            });
-            let (lam, per_pos): (Option<f32>, Vec<f32>) = match c.lambda_mode {
-                LambdaMode::Sequence => {
-                    let l = mix::draw_lambda(rng, c.alpha, c.lambda_min);
-                    (Some(l), vec![l; e.ids.len()])
-                }
-                LambdaMode::Position => (
-                    None,
-                    (0..e.ids.len())
-                        .map(|_| mix::draw_lambda(rng, c.alpha, c.lambda_min))
-                        .collect(),
-                ),
-            };
-            embeds.push(mix::mix(
-                &self.table,
-                self.dim,
-                &e.ids,
-                &p.ids,
-                &al,
-                &per_pos,
-            ));
-            masks.push(al.iter().map(|a| a.is_some()).collect::<Vec<bool>>());
-            ids.push(e.ids.clone());
-            lambdas.push(lam);
-        }
-        let projected = if project {
-            Some(self.project(&ids, &embeds, &masks)?)
-        } else {
-            None
-        };
-        Ok((0..encs.len())
-            .map(|i| {
-                let p = encs[partners[i]];
-                match &projected {
-                    Some(pr) => Variant {
-                        changed: Some(changed(&encs[i].ids, &pr[i])),
-                        ids: pr[i].clone(),
-                        partner: Some(partners[i]),
-                        lambda: lambdas[i],
-                        epsilon: None,
-                        embeds: None,
-                        partner_ids: None,
-                        perturbation: None,
-                    },
-                    None => Variant {
-                        ids: encs[i].ids.clone(),
-                        partner: Some(partners[i]),
-                        lambda: lambdas[i],
-                        epsilon: None,
-                        changed: None,
-                        embeds: Some(std::mem::take(&mut embeds[i])),
-                        partner_ids: Some((p.ids.clone(), p.type_ids.clone())),
-                        perturbation: None,
-                    },
-                }
-            })
-            .collect())
-    }
-
-    /// Augments one batch of source examples. Rows come out grouped by source example:
-    /// the original first, then each enabled method in a fixed order, copy by copy.
-    pub fn augment_batch(
-        &mut self,
-        examples: &[Example],
-        encs: &[Encoded],
-        seed: u64,
-        report: &mut BatchReport,
-    ) -> Result<Vec<Row>> {
-        let n = examples.len();
-        let refs: Vec<&Encoded> = encs.iter().collect();
-        let mut out: Vec<Vec<Row>> = vec![Vec::new(); n];
-        let t0 = Instant::now();
-        let src: Vec<(Vec<u32>, &[u8])> = encs
-            .iter()
-            .map(|e| (e.ids.clone(), e.type_ids.as_slice()))
-            .collect();
-        let orig_logits = self.logits_ids(&src)?;
-        let mut results: Vec<(&'static str, u32, Vec<Variant>, bool)> = Vec::new();
-        self.account(report, "original", t0);
-        let methods = self.methods.clone();
-
-        if let Some(c) = &methods.augpro_mix {
-            for copy in 0..c.copies {
-                let t = Instant::now();
-                let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(
-                    seed,
-                    &["augpro_mix", &copy.to_string()],
-                ));
-                let v = self.mix_variants(&refs, c, true, &mut rng)?;
-                results.push(("augpro_mix", copy as u32, v, c.drop_unchanged));
-                self.account(report, "augpro_mix", t);
-            }
-        }
-        let gold: Vec<f32> = examples
-            .iter()
-            .zip(&orig_logits)
-            .map(|(e, l)| {
-                e.label.unwrap_or(if self.teacher.task.is_regression() {
-                    l[0]
-                } else {
-                    argmax(l) as f32
-                })
-            })
-            .collect();
-        let student_fgsm = methods
-            .augpro_fgsm
-            .as_ref()
-            .is_some_and(|c| c.student.is_some());
-        let teacher_signs =
-            if methods.fgsm.is_some() || (methods.augpro_fgsm.is_some() && !student_fgsm) {
-                let t = Instant::now();
-                let s = self.gradient_signs(&self.teacher.model, encs, GradLoss::Labels(&gold))?;
-                Some((s, t.elapsed().as_secs_f64()))
-            } else {
-                None
-            };
-        if let Some(c) = &methods.augpro_fgsm {
-            let t = Instant::now();
-            let eps = match &self.student {
-                Some(st) => absolute_epsilon(c, st.nn_scale),
-                None => self.epsilon(c),
-            };
-            let ids: Vec<Vec<u32>> = encs.iter().map(|e| e.ids.clone()).collect();
-            let masks: Vec<Vec<bool>> = encs
-                .iter()
-                .map(|e| e.ids.iter().map(|&t| !self.is_special(t)).collect())
-                .collect();
-            let projected = match self.student.take() {
-                // KL(teacher ‖ student), gradient and projection in the student's embedding space.
-                Some(mut st) => {
-                    let res = (|| -> Result<Vec<Vec<u32>>> {
-                        let signs = if self.teacher.task.is_regression() {
-                            let target: Vec<f32> = orig_logits.iter().map(|l| l[0]).collect();
-                            self.gradient_signs(&st.model, encs, GradLoss::Labels(&target))?
-                        } else {
-                            let flat: Vec<f32> = orig_logits.iter().flatten().copied().collect();
-                            let lt = Tensor::from_vec(
-                                flat,
-                                (n, self.teacher.task.num_labels),
-                                &self.teacher.device,
-                            )?;
-                            let p = candle_nn::ops::softmax_last_dim(&lt)?;
-                            self.gradient_signs(&st.model, encs, GradLoss::Distribution(&p))?
-                        };
-                        let embeds: Vec<Vec<f32>> = encs
-                            .iter()
-                            .zip(&signs)
-                            .map(|(e, s)| fgsm::apply(&rows_of(&st.table, st.dim, &e.ids), s, eps))
-                            .collect();
-                        let tp = Instant::now();
-                        let out = project_rows(&mut st.projector, st.dim, &ids, &embeds, &masks);
-                        self.add_stage("projection", tp.elapsed().as_secs_f64());
-                        out
-                    })();
-                    self.student = Some(st);
-                    res?
-                }
-                None => {
-                    let (signs, gs) = teacher_signs.as_ref().expect("teacher gradient computed");
-                    *report.seconds.entry("augpro_fgsm".to_string()).or_default() +=
-                        if methods.fgsm.is_some() {
-                            gs / 2.0
-                        } else {
-                            *gs
-                        };
-                    let embeds: Vec<Vec<f32>> = encs
-                        .iter()
-                        .zip(signs)
-                        .map(|(e, s)| fgsm::apply(&self.embeds_of(&e.ids), s, eps))
-                        .collect();
-                    self.project(&ids, &embeds, &masks)?
-                }
-            };
-            let v = projected
-                .into_iter()
-                .zip(encs)
-                .map(|(p, e)| Variant {
-                    changed: Some(changed(&e.ids, &p)),
-                    ids: p,
-                    partner: None,
-                    lambda: None,
-                    epsilon: Some(eps),
-                    embeds: None,
-                    partner_ids: None,
-                    perturbation: None,
-                })
-                .collect();
-            results.push(("augpro_fgsm", 0, v, c.drop_unchanged));
-            self.account(report, "augpro_fgsm", t);
-        }
-        if let Some(c) = &methods.fgsm {
-            let t = Instant::now();
-            let eps = self.epsilon(c);
-            let (signs, gs) = teacher_signs.as_ref().expect("teacher gradient computed");
-            *report.seconds.entry("fgsm".to_string()).or_default() +=
-                if methods.augpro_fgsm.is_some() && !student_fgsm {
-                    gs / 2.0
-                } else {
-                    *gs
-                };
-            let v = encs
-                .iter()
-                .zip(signs)
-                .map(|(e, s)| Variant {
-                    ids: e.ids.clone(),
-                    partner: None,
-                    lambda: None,
-                    epsilon: Some(eps),
-                    changed: None,
-                    embeds: Some(fgsm::apply(&self.embeds_of(&e.ids), s, eps)),
-                    partner_ids: None,
-                    perturbation: Some(s.clone()),
-                })
-                .collect();
-            results.push(("fgsm", 0, v, false));
-            self.account(report, "fgsm", t);
-        }
-        if let Some(c) = &methods.token_replace {
-            let t = Instant::now();
-            let k = c.k;
-            let mut q = Vec::new();
-            for e in encs {
-                q.extend(self.embeds_of(&e.ids));
-            }
-            let ts = Instant::now();
-            let (nb, _) = self.projector.search(&q, k + 1)?;
-            self.add_stage("projection", ts.elapsed().as_secs_f64());
-            let mut off = 0;
-            let per_row: Vec<&[u32]> = encs
-                .iter()
-                .map(|e| {
-                    let s = &nb[off..off + e.ids.len() * (k + 1)];
-                    off += e.ids.len() * (k + 1);
-                    s
-                })
-                .collect();
-            self.account(report, "token_replace", t);
-            for copy in 0..c.copies {
-                let t = Instant::now();
-                let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(
-                    seed,
-                    &["token_replace", &copy.to_string()],
-                ));
-                let v = encs
-                    .iter()
-                    .zip(&per_row)
-                    .map(|(e, nbs)| {
-                        let ids = replace::replace(
-                            &e.ids,
-                            &|t| self.is_special(t),
-                            c.p,
-                            k,
-                            nbs,
-                            &mut rng,
-                        );
-                        Variant {
-                            changed: Some(changed(&e.ids, &ids)),
-                            ids,
-                            partner: None,
-                            lambda: None,
-                            epsilon: None,
-                            embeds: None,
-                            partner_ids: None,
-                            perturbation: None,
-                        }
-                    })
-                    .collect();
-                results.push(("token_replace", copy as u32, v, c.drop_unchanged));
-                self.account(report, "token_replace", t);
-            }
-        }
-        if let Some(c) = &methods.mixup {
-            for copy in 0..c.copies {
-                let t = Instant::now();
-                let mut rng =
-                    ChaCha8Rng::seed_from_u64(derive_seed(seed, &["mixup", &copy.to_string()]));
-                let v = self.mix_variants(&refs, c, false, &mut rng)?;
-                results.push(("mixup", copy as u32, v, false));
-                self.account(report, "mixup", t);
-            }
-        }
-
-        // Original rows.
-        for i in 0..n {
-            let st = report.stats.entry("original".into()).or_default();
-            self.push_stats(
-                st,
-                &encs[i].ids,
-                Some(0),
-                examples[i].label,
-                &orig_logits[i],
-                false,
-            );
-            out[i].push(self.row(
-                &examples[i],
-                &encs[i],
-                "original",
-                0,
-                examples[i].label,
-                &orig_logits[i],
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
-            ));
-        }
-        // Teacher logits for every variant, then rows.
-        for (name, copy, variants, drop_unchanged) in results {
-            if variants.is_empty() {
-                continue;
-            }
-            let t = Instant::now();
-            let logits = if variants.iter().any(|v| v.embeds.is_some()) {
-                let em: Vec<Vec<f32>> = variants
-                    .iter()
-                    .map(|v| v.embeds.clone().expect("virtual"))
-                    .collect();
-                self.logits_embeds(&refs, &em)?
-            } else {
-                let rows: Vec<(Vec<u32>, &[u8])> = variants
-                    .iter()
-                    .zip(encs)
-                    .map(|(v, e)| (v.ids.clone(), e.type_ids.as_slice()))
-                    .collect();
-                self.logits_ids(&rows)?
-            };
-            for (i, (v, l)) in variants.into_iter().zip(logits).enumerate() {
-                let st = report.stats.entry(name.into()).or_default();
-                let unchanged = v.changed == Some(0);
-                if unchanged && drop_unchanged {
-                    st.unchanged_rows += 1;
-                    st.dropped_rows += 1;
-                    continue;
-                }
-                self.push_stats(st, &v.ids, v.changed, examples[i].label, &l, unchanged);
-                let partner_idx = v.partner.map(|p| examples[p].idx);
-                let (pids, ptypes) = match v.partner_ids {
-                    Some((a, b)) => (Some(a), Some(b)),
-                    None => (None, None),
-                };
-                out[i].push(self.row(
-                    &examples[i],
-                    &encs[i],
-                    name,
-                    copy,
-                    None,
-                    &l,
-                    Some(v.ids),
-                    partner_idx,
-                    v.lambda,
-                    v.epsilon,
-                    v.changed,
-                    pids,
-                    ptypes,
-                    v.perturbation,
-                ));
-            }
-            self.account(report, name, t);
-        }
-        Ok(out.into_iter().flatten().collect())
-    }
-
-    fn account(&self, report: &mut BatchReport, name: &str, t: Instant) {
-        *report.seconds.entry(name.to_string()).or_default() += t.elapsed().as_secs_f64();
-    }
-
-    fn push_stats(
+    /// Adds one row to a method's counters.
+    fn count(
         &self,
         st: &mut MethodStats,
         ids: &[u32],
-        changed: Option<u32>,
+        changed: u32,
         label: Option<f32>,
         logits: &[f32],
         unchanged: bool,
     ) {
         st.rows += 1;
         st.positions += ids.iter().filter(|&&t| !self.is_special(t)).count() as u64;
-        st.changed_positions += changed.unwrap_or(0) as u64;
+        st.changed_positions += changed as u64;
         if unchanged {
             st.unchanged_rows += 1;
         }
@@ -701,53 +500,78 @@ impl<'a> Engine<'a> {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The row of source `i` for `variant` (the original row for `None`), with its text
+    /// decoded from its tokens.
     fn row(
         &self,
-        ex: &Example,
-        enc: &Encoded,
+        src: &Sources,
+        i: usize,
         method: &'static str,
         copy: u32,
-        label: Option<f32>,
         logits: &[f32],
-        ids: Option<Vec<u32>>,
-        partner_idx: Option<i64>,
-        lambda: Option<f32>,
-        epsilon: Option<f32>,
-        changed: Option<u32>,
-        partner_input_ids: Option<Vec<u32>>,
-        partner_token_type_ids: Option<Vec<u8>>,
-        perturbation: Option<Vec<i8>>,
-    ) -> Row {
-        let ids = ids.unwrap_or_else(|| enc.ids.clone());
-        let t = Instant::now();
-        let (a, b) = self
-            .teacher
-            .tokenizer
-            .decode_segments(&ids, &enc.type_ids)
-            .unwrap_or_default();
-        self.add_stage("decode", t.elapsed().as_secs_f64());
-        let mut texts = vec![a];
-        if self.teacher.task.is_pair() {
-            texts.push(b.unwrap_or_default());
-        }
-        Row {
-            texts,
-            label,
+        variant: Option<Variant>,
+    ) -> Result<Row> {
+        let (ex, enc) = (&src.examples[i], &src.encs[i]);
+        let mut row = Row {
+            texts: Vec::new(),
+            label: None,
             idx: ex.idx,
             method,
             copy,
-            partner_idx,
-            lambda,
-            epsilon,
-            input_ids: ids,
+            partner_idx: None,
+            lambda: None,
+            epsilon: None,
+            input_ids: enc.ids.clone(),
             token_type_ids: enc.type_ids.clone(),
-            changed_tokens: changed,
+            changed_tokens: None,
             teacher_logits: logits.to_vec(),
-            partner_input_ids,
-            partner_token_type_ids,
-            perturbation,
+            partner_input_ids: None,
+            partner_token_type_ids: None,
+            perturbation: None,
+        };
+        let (recipe, is_virtual) = match variant {
+            None => {
+                row.label = ex.label;
+                (None, false)
+            }
+            Some(Variant::Tokens {
+                ids,
+                changed,
+                recipe,
+            }) => {
+                row.input_ids = ids;
+                row.changed_tokens = Some(changed);
+                (Some(recipe), false)
+            }
+            Some(Variant::Virtual { recipe, .. }) => (Some(recipe), true),
+        };
+        match recipe {
+            Some(Recipe::Mix { partner, lambda }) => {
+                row.partner_idx = Some(src.examples[partner].idx);
+                row.lambda = lambda;
+                if is_virtual {
+                    row.partner_input_ids = Some(src.encs[partner].ids.clone());
+                    row.partner_token_type_ids = Some(src.encs[partner].type_ids.clone());
+                }
+            }
+            Some(Recipe::Step { epsilon, signs }) => {
+                row.epsilon = Some(epsilon);
+                row.perturbation = signs;
+            }
+            Some(Recipe::Replace) | None => {}
         }
+        let (a, b) = {
+            let _t = timing::stage("decode");
+            self.teacher
+                .tokenizer
+                .decode_segments(&row.input_ids, &row.token_type_ids)
+                .with_context(|| format!("source idx {}: {method} row", ex.idx))?
+        };
+        row.texts.push(a);
+        if self.teacher.task.is_pair() {
+            row.texts.push(b.unwrap_or_default());
+        }
+        Ok(row)
     }
 }
 
@@ -759,9 +583,9 @@ fn index_table(
     keep: impl Fn(u32) -> bool + Copy,
     cfg: &crate::config::ProjectionConfig,
 ) -> Result<(Projector, f32)> {
-    let mut exact = Projector::build(table, dim, keep, "Flat", project::Metric::L2)?;
+    let mut exact = Projector::build(table, dim, keep, "Flat", Metric::L2)?;
     let scale = median_nn_distance(table, dim, &mut exact, 2000)?;
-    if cfg.index == "Flat" && cfg.metric == project::Metric::L2 {
+    if cfg.index == "Flat" && cfg.metric == Metric::L2 {
         return Ok((exact, scale));
     }
     Ok((
@@ -807,6 +631,7 @@ fn project_rows(
     embeds: &[Vec<f32>],
     masks: &[Vec<bool>],
 ) -> Result<Vec<Vec<u32>>> {
+    let _t = timing::stage("projection");
     let (mut q, mut hints) = (Vec::new(), Vec::new());
     for ((e, m), row) in embeds.iter().zip(masks).zip(ids) {
         for (p, &on) in m.iter().enumerate() {
@@ -834,6 +659,24 @@ fn project_rows(
                 .collect()
         })
         .collect())
+}
+
+/// Token variants of projected rows: each with its count of changed positions.
+fn token_variants(
+    src: &Sources,
+    projected: Vec<Vec<u32>>,
+    recipe: impl Fn(usize) -> Recipe,
+) -> Vec<Variant> {
+    projected
+        .into_iter()
+        .zip(src.encs)
+        .enumerate()
+        .map(|(i, (ids, e))| Variant::Tokens {
+            changed: changed(&e.ids, &ids),
+            ids,
+            recipe: recipe(i),
+        })
+        .collect()
 }
 
 /// Number of positions where two equal-length sequences differ.

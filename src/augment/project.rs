@@ -3,17 +3,9 @@
 
 use anyhow::{bail, Context, Result};
 use faiss::{index_factory, Index, MetricType};
-use serde::{Deserialize, Serialize};
 
-/// Distance used for nearest-neighbour search.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Metric {
-    /// Euclidean distance.
-    L2,
-    /// Largest inner product.
-    InnerProduct,
-}
+/// The distance type, a configuration type (re-exported here for the benchmarks).
+pub use crate::config::Metric;
 
 /// Id returned where an approximate index finds fewer than `k` neighbours.
 pub const MISSING: u32 = u32::MAX;
@@ -58,7 +50,7 @@ impl Projector {
         metric: Metric,
         params: Option<&str>,
     ) -> Result<Self> {
-        if dim == 0 || table.len() % dim != 0 {
+        if dim == 0 || !table.len().is_multiple_of(dim) {
             bail!(
                 "embedding table of {} values is not a multiple of dimension {dim}",
                 table.len()
@@ -133,7 +125,7 @@ impl Projector {
         if queries.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
-        if queries.len() % self.dim != 0 {
+        if !queries.len().is_multiple_of(self.dim) {
             bail!(
                 "query buffer of {} values is not a multiple of dimension {}",
                 queries.len(),

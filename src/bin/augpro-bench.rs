@@ -217,7 +217,7 @@ fn teacher_speed(
         augpro::model::kernels::set_enabled(on);
         let (m, params) = ck.load_classifier(device, true, 2, None, 0)?;
         augpro::model::kernels::set_enabled(true);
-        let cfg = augpro::train::OptimConfig::default();
+        let cfg = augpro::config::OptimConfig::default();
         let mut opt = augpro::train::Optim::new(&params, &cfg, train_steps)?;
         let mut ctx = Ctx::train(0);
         for b in &train_batches {

@@ -7,7 +7,7 @@
 use super::kernels;
 use super::params::{Init, Params};
 use anyhow::{bail, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Tensor, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -65,7 +65,7 @@ impl BertConfig {
     pub fn validate(&self) -> Result<()> {
         if self.hidden_size == 0
             || self.num_attention_heads == 0
-            || self.hidden_size % self.num_attention_heads != 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
         {
             bail!(
                 "config.json: hidden_size {} is not a multiple of num_attention_heads {}",
@@ -593,24 +593,5 @@ pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
     Ok(s.broadcast_div(&n)?)
 }
 
-/// Parses a device name: `cpu`, `cuda` or `cuda:N`.
-pub fn parse_device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        n if n == "cuda" || n.starts_with("cuda:") => {
-            let ord: usize = n
-                .strip_prefix("cuda:")
-                .map(|s| s.parse())
-                .transpose()
-                .map_err(|_| anyhow::anyhow!("--device {n}: expected cuda:N"))?
-                .unwrap_or(0);
-            if !candle_core::utils::cuda_is_available() {
-                bail!(
-                    "--device {n}: this build has no CUDA support (rebuild with `--features cuda`)"
-                );
-            }
-            Ok(Device::new_cuda(ord)?)
-        }
-        other => bail!("--device {other}: expected cpu, cuda or cuda:N"),
-    }
-}
+/// Re-exported for the benchmarks; the function lives in [`crate::device`].
+pub use crate::device::parse_device;

@@ -32,10 +32,8 @@ pub struct Params {
 /// Maps a checkpoint name to its canonical form (drops `bert.`, renames TF-style `gamma`/`beta`).
 pub fn canonical_name(name: &str) -> String {
     let n = name.strip_prefix("bert.").unwrap_or(name);
-    let n = n
-        .replace("LayerNorm.gamma", "LayerNorm.weight")
-        .replace("LayerNorm.beta", "LayerNorm.bias");
-    n
+    n.replace("LayerNorm.gamma", "LayerNorm.weight")
+        .replace("LayerNorm.beta", "LayerNorm.bias")
 }
 
 impl Params {
@@ -84,7 +82,7 @@ impl Params {
                 Init::Normal(std) => {
                     let n: usize = shape.iter().product();
                     let mut rng = self.rng.borrow_mut();
-                    let v: Vec<f32> = (0..n).map(|_| normal(&mut *rng) * std).collect();
+                    let v: Vec<f32> = (0..n).map(|_| normal(&mut rng) * std).collect();
                     Tensor::from_vec(v, shape, &self.device)?
                 }
             },

@@ -3,7 +3,7 @@
 
 use super::reader::ShardReader;
 use super::schema::{ShardSchema, METHODS};
-use crate::augment::MethodStats;
+use super::MethodStats;
 use crate::util::sha256_file;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};

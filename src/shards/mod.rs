@@ -5,6 +5,8 @@ pub mod card;
 pub mod manifest;
 pub mod reader;
 pub mod schema;
+pub mod stats;
 pub mod writer;
 
 pub use schema::{Row, ShardSchema};
+pub use stats::MethodStats;

@@ -1,7 +1,7 @@
 //! Reads shards back into [`Row`]s, streaming record batches, checking the schema.
 
 use super::schema::{Row, ShardSchema, METHODS};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Float32Type, Int32Type, Int64Type, Int8Type};
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 pub struct ShardReader {
     reader: ParquetRecordBatchReader,
     path: PathBuf,
+    /// Rows returned so far (the file row number of the next one).
+    rows_read: usize,
 }
 
 impl ShardReader {
@@ -39,20 +41,22 @@ impl ShardReader {
         Ok(Self {
             reader,
             path: path.to_path_buf(),
+            rows_read: 0,
         })
     }
 
-    /// Next batch of rows, or `None` at the end.
+    /// Next batch of rows, or `None` at the end. A malformed row is an error naming the
+    /// file and the row's number in it.
     pub fn next_rows(&mut self, schema: &ShardSchema) -> Result<Option<Vec<Row>>> {
         match self.reader.next() {
             None => Ok(None),
             Some(b) => {
                 let b =
                     b.with_context(|| format!("{}: corrupt shard data", self.path.display()))?;
-                Ok(Some(
-                    rows_from_batch(&b, schema)
-                        .with_context(|| format!("{}", self.path.display()))?,
-                ))
+                let rows = rows_from_batch(&b, schema, self.rows_read)
+                    .with_context(|| format!("{}", self.path.display()))?;
+                self.rows_read += rows.len();
+                Ok(Some(rows))
             }
         }
     }
@@ -83,11 +87,16 @@ fn opt_i32(a: &dyn Array, i: usize) -> Option<i32> {
     (!a.is_null(i)).then(|| a.as_primitive::<Int32Type>().value(i))
 }
 
-/// Converts a record batch of the shard schema back to rows.
-pub fn rows_from_batch(b: &RecordBatch, schema: &ShardSchema) -> Result<Vec<Row>> {
+/// Converts a record batch of the shard schema back to rows; `first_row` is the file row
+/// number of its first row (for error messages).
+pub fn rows_from_batch(
+    b: &RecordBatch,
+    schema: &ShardSchema,
+    first_row: usize,
+) -> Result<Vec<Row>> {
     let col = |n: &str| {
         b.column_by_name(n)
-            .map(|c| c.clone())
+            .cloned()
             .ok_or_else(|| anyhow::anyhow!("missing column `{n}`"))
     };
     let texts: Vec<_> = schema
@@ -116,9 +125,10 @@ pub fn rows_from_batch(b: &RecordBatch, schema: &ShardSchema) -> Result<Vec<Row>
     let logits = logits.as_fixed_size_list();
     let mut out = Vec::with_capacity(b.num_rows());
     for i in 0..b.num_rows() {
+        let n = first_row + i;
         let m = method.as_string::<i32>().value(i);
         let Some(&m) = METHODS.iter().find(|&&k| k == m) else {
-            bail!("row {i}: unknown method `{m}`")
+            bail!("row {n}: unknown method `{m}`")
         };
         let lab = if label.is_null(i) {
             None
@@ -156,25 +166,154 @@ pub fn rows_from_batch(b: &RecordBatch, schema: &ShardSchema) -> Result<Vec<Row>
                 .map(|v| v.into_iter().map(|x| x as u8).collect()),
             perturbation: list_i8(pert.as_ref(), i),
         });
-        let r = out.last().expect("pushed");
-        if r.input_ids.is_empty() || r.token_type_ids.len() != r.input_ids.len() {
-            bail!(
-                "row {i}: `token_type_ids` has {} values for {} `input_ids`",
-                r.token_type_ids.len(),
-                r.input_ids.len()
-            );
-        }
-        if r.partner_input_ids.as_ref().map(|v| v.len())
-            != r.partner_token_type_ids.as_ref().map(|v| v.len())
-        {
-            bail!("row {i}: `partner_input_ids` and `partner_token_type_ids` differ in length");
-        }
-        if r.perturbation
-            .as_ref()
-            .is_some_and(|p| p.len() % r.input_ids.len() != 0)
-        {
-            bail!("row {i}: `perturbation` length is not a multiple of the row length");
-        }
+        check_row(out.last().expect("pushed")).with_context(|| format!("row {n}"))?;
     }
     Ok(out)
+}
+
+/// Checks what readers of a row rely on: consistent lengths; MixUp rows carry their partner
+/// and λ, FGSM rows their perturbation and ε, and no other row carries either.
+fn check_row(r: &Row) -> Result<()> {
+    ensure!(
+        !r.input_ids.is_empty() && r.token_type_ids.len() == r.input_ids.len(),
+        "`token_type_ids` has {} values for {} `input_ids`",
+        r.token_type_ids.len(),
+        r.input_ids.len()
+    );
+    ensure!(
+        r.partner_input_ids.as_ref().map(|v| v.len())
+            == r.partner_token_type_ids.as_ref().map(|v| v.len()),
+        "`partner_input_ids` and `partner_token_type_ids` differ in length"
+    );
+    ensure!(
+        r.perturbation
+            .as_ref()
+            .is_none_or(|p| p.len() % r.input_ids.len() == 0),
+        "`perturbation` length is not a multiple of the row length"
+    );
+    let m = r.method;
+    match m {
+        "mixup" => {
+            ensure!(
+                r.partner_input_ids.is_some(),
+                "mixup row without `partner_input_ids`"
+            );
+            match r.lambda {
+                Some(l) if (0.0..=1.0).contains(&l) => {}
+                Some(l) => bail!("mixup row with `lambda` = {l}, outside [0, 1]"),
+                None => bail!("mixup row without `lambda`"),
+            }
+        }
+        "fgsm" => {
+            ensure!(r.perturbation.is_some(), "fgsm row without `perturbation`");
+            match r.epsilon {
+                Some(e) if e.is_finite() && e >= 0.0 => {}
+                Some(e) => bail!("fgsm row with `epsilon` = {e}, expected a finite value >= 0"),
+                None => bail!("fgsm row without `epsilon`"),
+            }
+        }
+        _ => ensure!(
+            r.partner_input_ids.is_none() && r.perturbation.is_none(),
+            "{m} row with `partner_input_ids` or `perturbation` (only mixup and fgsm rows have them)"
+        ),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ShardReader;
+    use crate::shards::writer::ShardWriter;
+    use crate::shards::{Row, ShardSchema};
+
+    fn row(method: &'static str) -> Row {
+        Row {
+            texts: vec!["a film".into()],
+            label: None,
+            idx: 7,
+            method,
+            copy: 0,
+            partner_idx: None,
+            lambda: None,
+            epsilon: None,
+            input_ids: vec![101, 1037, 2143, 102],
+            token_type_ids: vec![0; 4],
+            changed_tokens: None,
+            teacher_logits: vec![0.5, -0.5],
+            partner_input_ids: None,
+            partner_token_type_ids: None,
+            perturbation: None,
+        }
+    }
+
+    /// Writes `rows` to a shard and reads it back.
+    fn read_back(rows: &[Row]) -> (String, anyhow::Result<Vec<Row>>) {
+        let schema = ShardSchema::new(crate::glue::task("sst2").unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("train-00000-of-00001.parquet");
+        let mut w = ShardWriter::create(&path, &schema).unwrap();
+        w.write(rows).unwrap();
+        w.finish().unwrap();
+        let mut r = ShardReader::open(&path, &schema).unwrap();
+        let mut out = Vec::new();
+        let res = loop {
+            match r.next_rows(&schema) {
+                Ok(Some(b)) => out.extend(b),
+                Ok(None) => break Ok(out),
+                Err(e) => break Err(e),
+            }
+        };
+        (path.display().to_string(), res)
+    }
+
+    fn mixup() -> Row {
+        let mut r = row("mixup");
+        r.partner_idx = Some(3);
+        r.lambda = Some(0.7);
+        r.partner_input_ids = Some(vec![101, 2204, 102]);
+        r.partner_token_type_ids = Some(vec![0; 3]);
+        r
+    }
+
+    fn fgsm() -> Row {
+        let mut r = row("fgsm");
+        r.epsilon = Some(0.2);
+        r.perturbation = Some(vec![1, -1, 0, 1]);
+        r
+    }
+
+    #[test]
+    fn well_formed_virtual_rows_read_back() {
+        let rows = vec![row("original"), mixup(), fgsm()];
+        assert_eq!(read_back(&rows).1.unwrap(), rows);
+    }
+
+    #[test]
+    fn malformed_virtual_rows_name_the_shard_and_row() {
+        let mut no_lambda = mixup();
+        no_lambda.lambda = None;
+        let mut no_partner = mixup();
+        no_partner.partner_input_ids = None;
+        no_partner.partner_token_type_ids = None;
+        let mut no_eps = fgsm();
+        no_eps.epsilon = None;
+        let mut no_signs = fgsm();
+        no_signs.perturbation = None;
+        let mut stray = row("augpro_mix");
+        stray.perturbation = Some(vec![1; 4]);
+        for (bad, what) in [
+            (no_lambda, "without `lambda`"),
+            (no_partner, "without `partner_input_ids`"),
+            (no_eps, "without `epsilon`"),
+            (no_signs, "without `perturbation`"),
+            (stray, "only mixup and fgsm rows"),
+        ] {
+            let (path, res) = read_back(&[row("original"), bad]);
+            let err = format!("{:#}", res.unwrap_err());
+            assert!(
+                err.starts_with(&format!("{path}: row 1: ")) && err.contains(what),
+                "{err}"
+            );
+        }
+    }
 }

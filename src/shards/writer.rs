@@ -99,11 +99,15 @@ pub fn to_batch(schema: &ShardSchema, rows: &[Row]) -> Result<RecordBatch> {
     let mut pids = ListBuilder::new(Int32Builder::new());
     let mut ptypes = ListBuilder::new(Int8Builder::new());
     let mut pert = ListBuilder::new(Int8Builder::new());
+    let int32 = |v: i64| {
+        i32::try_from(v)
+            .with_context(|| format!("source idx {v} does not fit the int32 `idx` column"))
+    };
     for r in rows {
-        idx.append_value(r.idx as i32);
+        idx.append_value(int32(r.idx)?);
         method.append_value(r.method);
         copy.append_value(r.copy as i32);
-        partner.append_option(r.partner_idx.map(|p| p as i32));
+        partner.append_option(r.partner_idx.map(int32).transpose()?);
         lambda.append_option(r.lambda);
         eps.append_option(r.epsilon);
         ids.append_value(r.input_ids.iter().map(|&x| Some(x as i32)));

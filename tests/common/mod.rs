@@ -1,4 +1,5 @@
 //! Paths and command helpers shared by the integration tests.
+// Each test binary includes this module and uses only some of its helpers.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};

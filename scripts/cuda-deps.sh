@@ -5,7 +5,9 @@
 #
 # Why CUDA 13: the cu12 `nvidia-cuda-nvcc-cu12` wheels (12.0 to 12.9) ship ptxas and libnvvm but
 # no `nvcc` driver, `cicc` or `cudafe++`, so they cannot compile candle's kernels. The CUDA 13
-# wheels ship the full compiler. 13.4 is the newest release that cudarc 0.19 has bindings for.
+# wheels ship the full compiler. 13.0 rather than a later 13.x: candle loads its kernels as PTX,
+# which the driver compiles at run time and only accepts from a toolkit no newer than itself,
+# so the oldest CUDA 13 runs on the most drivers (the 580 series and newer).
 #
 # libcuda.so belongs to the GPU driver and is on no package index. Linking needs one, so a stub
 # with the driver API's symbol names (taken from cuda.h) is built into lib/stubs, as the
@@ -16,14 +18,14 @@ here="$(cd "$(dirname "$0")" && pwd)"
 source "$here/cuda-env.sh"
 
 PKGS=(
-  nvidia-cuda-nvcc==13.4.92
-  nvidia-cuda-crt==13.4.92
-  nvidia-nvvm==13.4.92
-  nvidia-cuda-runtime==13.4.92
-  nvidia-cuda-nvrtc==13.4.92
-  nvidia-cuda-cccl==13.3.5.0.6
-  nvidia-cublas==13.4.3.11
-  nvidia-curand==10.4.4.72
+  nvidia-cuda-nvcc==13.0.88
+  nvidia-cuda-crt==13.0.88
+  nvidia-nvvm==13.0.88
+  nvidia-cuda-runtime==13.0.96
+  nvidia-cuda-nvrtc==13.0.88
+  nvidia-cuda-cccl==13.0.85
+  nvidia-cublas==13.0.2.14
+  nvidia-curand==10.4.0.35
 )
 stamp="$AUGPRO_CUDA_DEPS/.installed"
 want="${PKGS[*]} stub-v1"

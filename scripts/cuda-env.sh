@@ -8,8 +8,8 @@ AUGPRO_CUDA_DEPS="${AUGPRO_CUDA_DEPS:-$HOME/.cache/augpro-cuda}"
 export CUDA_ROOT="$AUGPRO_CUDA_DEPS/nvidia/cu13"
 export CUDA_PATH="$CUDA_ROOT" CUDA_HOME="$CUDA_ROOT" CUDA_TOOLKIT_ROOT_DIR="$CUDA_ROOT"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
-# cudarc has bindings up to 13.4; the wheels are pinned to 13.4 to match.
-export CUDARC_CUDA_VERSION="${CUDARC_CUDA_VERSION:-13040}"
+# The wheels are CUDA 13.0 (scripts/cuda-deps.sh says why); cudarc's bindings must match.
+export CUDARC_CUDA_VERSION="${CUDARC_CUDA_VERSION:-13000}"
 export PATH="$CUDA_ROOT/bin:$PATH"
 export CPATH="$CUDA_ROOT/include${CPATH:+:$CPATH}"
 export LIBRARY_PATH="$CUDA_ROOT/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"

@@ -6,6 +6,7 @@
 pub mod fgsm;
 pub mod mix;
 pub mod project;
+pub mod project_device;
 pub mod replace;
 
 use crate::config::{FgsmConfig, MethodsConfig, PipelineConfig};
@@ -20,6 +21,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use mix::LambdaMode;
 use project::{median_nn_distance, Projector};
+use project_device::DeviceProjector;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -70,6 +72,8 @@ pub struct Engine<'a> {
     table: Vec<f32>,
     dim: usize,
     projector: Projector,
+    /// Exact L2 projection on the teacher's GPU (CUDA with a `Flat` L2 index); FAISS otherwise.
+    device_projector: Option<DeviceProjector>,
     methods: MethodsConfig,
     /// Median nearest-neighbour distance of the indexed table (the scale of `epsilon_rel`).
     pub nn_scale: f32,
@@ -114,6 +118,14 @@ impl<'a> Engine<'a> {
             .collect();
         let keep = |i: u32| !special[i as usize];
         let (projector, nn_scale) = index_table(&table, dim, keep, &cfg.projection)?;
+        let device_projector = if teacher.device.is_cuda()
+            && cfg.projection.index == "Flat"
+            && cfg.projection.metric == project::Metric::L2
+        {
+            Some(DeviceProjector::build(&table, dim, keep, &teacher.device)?)
+        } else {
+            None
+        };
         let student = match cfg
             .methods
             .augpro_fgsm
@@ -150,6 +162,7 @@ impl<'a> Engine<'a> {
             table,
             dim,
             projector,
+            device_projector,
             methods: cfg.methods.clone(),
             nn_scale,
             special,
@@ -171,6 +184,16 @@ impl<'a> Engine<'a> {
     /// Seconds spent per stage since the last call (drains the counters).
     pub fn take_stage_seconds(&self) -> BTreeMap<String, f64> {
         std::mem::take(&mut *self.stages.borrow_mut())
+    }
+
+    /// The device the teacher runs on.
+    pub fn device(&self) -> &candle_core::Device {
+        &self.teacher.device
+    }
+
+    /// The teacher's dtype.
+    pub fn dtype(&self) -> DType {
+        self.teacher.dtype
     }
 
     /// The teacher's tokenizer.
@@ -204,7 +227,10 @@ impl<'a> Engine<'a> {
         masks: &[Vec<bool>],
     ) -> Result<Vec<Vec<u32>>> {
         let t = Instant::now();
-        let out = project_rows(&mut self.projector, self.dim, ids, embeds, masks);
+        let out = match &self.device_projector {
+            Some(dp) => project_rows(|q| dp.nearest(q), self.dim, ids, embeds, masks),
+            None => project_rows(|q| self.projector.nearest(q), self.dim, ids, embeds, masks),
+        };
         self.add_stage("projection", t.elapsed().as_secs_f64());
         out
     }
@@ -225,7 +251,10 @@ impl<'a> Engine<'a> {
         let b = self.teacher.batch(&r)?;
         let (_, grad, _) = embedding_grad(model, &b, loss, self.teacher.task.is_regression())?;
         let dim = grad.dim(2)?;
-        let g: Vec<Vec<Vec<f32>>> = grad.to_device(&candle_core::Device::Cpu)?.to_vec3()?;
+        let g: Vec<Vec<Vec<f32>>> = grad
+            .to_dtype(DType::F32)?
+            .to_device(&candle_core::Device::Cpu)?
+            .to_vec3()?;
         self.add_stage("teacher", t.elapsed().as_secs_f64());
         Ok(encs
             .iter()
@@ -459,7 +488,13 @@ impl<'a> Engine<'a> {
                             .map(|(e, s)| fgsm::apply(&rows_of(&st.table, st.dim, &e.ids), s, eps))
                             .collect();
                         let tp = Instant::now();
-                        let out = project_rows(&mut st.projector, st.dim, &ids, &embeds, &masks);
+                        let out = project_rows(
+                            |q| st.projector.nearest(q),
+                            st.dim,
+                            &ids,
+                            &embeds,
+                            &masks,
+                        );
                         self.add_stage("projection", tp.elapsed().as_secs_f64());
                         out
                     })();
@@ -801,7 +836,7 @@ fn rows_of(table: &[f32], dim: usize, ids: &[u32]) -> Vec<f32> {
 /// Projects the positions of `embeds` where `masks` is set, in one batched search; other
 /// positions keep their ids.
 fn project_rows(
-    projector: &mut Projector,
+    mut nearest: impl FnMut(&[f32]) -> Result<Vec<u32>>,
     d: usize,
     ids: &[Vec<u32>],
     embeds: &[Vec<f32>],
@@ -815,7 +850,7 @@ fn project_rows(
             }
         }
     }
-    let found = projector.nearest(&q)?;
+    let found = nearest(&q)?;
     let mut it = found.into_iter();
     Ok(ids
         .iter()

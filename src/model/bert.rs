@@ -448,7 +448,9 @@ impl Bert {
         ctx: &mut Ctx,
     ) -> Result<Tensor> {
         let (b, s, _) = word_embeds.dims3()?;
-        let add_mask = ((mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?.reshape((b, 1, 1, s))?;
+        let add_mask = ((mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?
+            .to_dtype(word_embeds.dtype())?
+            .reshape((b, 1, 1, s))?;
         let mut x = self.embeddings.forward(word_embeds, type_ids, ctx)?;
         for l in &self.layers {
             x = l.forward(&x, &add_mask, ctx)?;

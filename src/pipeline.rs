@@ -165,6 +165,7 @@ pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Resul
         }
     }
     let task = glue::task(&cfg.task)?;
+    let dtype = crate::precision::resolve(opts.dtype.as_deref(), device)?;
     let glue_dir = resolve_glue_dir(opts.glue_dir.as_deref());
     // The output location is not part of the configuration: moving a run elsewhere
     // changes nothing inside it.
@@ -182,7 +183,6 @@ pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Resul
     let teacher_dir = ensure_teacher(&cfg, &glue_dir, device)?;
     let teacher_sha = Checkpoint::open(&teacher_dir)?.weights_sha256()?;
     check_same_teacher(&out, &teacher_sha, opts.force)?;
-    let dtype = crate::precision::resolve(opts.dtype.as_deref(), device)?;
     let (dev_name, dtype_name) = (
         crate::precision::device_name(device),
         crate::precision::name(dtype),

@@ -244,3 +244,18 @@ fn bf16_logit_difference(dev: &Device) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+#[test]
+fn half_precision_on_the_cpu_is_a_clear_error() {
+    for dtype in ["bf16", "f16"] {
+        let e = common::fail(&[
+            "augment",
+            "pipelines/smoke.toml",
+            "--device",
+            "cpu",
+            "--dtype",
+            dtype,
+        ]);
+        assert!(e.contains("half precision is for `--device cuda`"), "{e}");
+    }
+}

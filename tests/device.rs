@@ -119,7 +119,10 @@ fn device_projection_breaks_ties_to_the_lowest_index_and_maps_nan_to_missing() {
     );
 }
 
-fn reference_cases() -> Vec<(Vec<u32>, Vec<u8>, Vec<Vec<f32>>)> {
+/// A reference case: token ids, token types, and the first 8 hidden values per position.
+type Case = (Vec<u32>, Vec<u8>, Vec<Vec<f32>>);
+
+fn reference_cases() -> Vec<Case> {
     let r = common::reference();
     r["cases"]
         .as_array()

@@ -34,7 +34,7 @@ impl DeviceProjector {
         keep: impl Fn(u32) -> bool,
         device: &Device,
     ) -> Result<Self> {
-        if dim == 0 || table.len() % dim != 0 {
+        if dim == 0 || !table.len().is_multiple_of(dim) {
             bail!(
                 "embedding table of {} values is not a multiple of dimension {dim}",
                 table.len()
@@ -107,7 +107,7 @@ impl DeviceProjector {
         if queries.is_empty() {
             return Ok(Vec::new());
         }
-        if queries.len() % self.dim != 0 {
+        if !queries.len().is_multiple_of(self.dim) {
             bail!(
                 "query buffer of {} values is not a multiple of dimension {}",
                 queries.len(),

@@ -1,4 +1,5 @@
-# augpro — `make setup`, `make augment`, `make test`, `make test-slurm`, `make bench`, `make compare`.
+# augpro — `make setup`, `make augment`, `make test`, `make test-slurm`, `make bench`, `make compare`,
+# `make build-cuda`, `make gpu-check`.
 SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/augpro-target
 # GLUE data: the shared copy on this machine kind when present, else data/glue (fetched).
@@ -13,7 +14,8 @@ MODEL_DIR := data/models/minilm-l6
 MODEL_SHA := 53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
 APT_PKGS := cmake g++ libopenblas-dev liblapack-dev python3 python3-pip fonts-dejavu-core
 
-.PHONY: setup system-deps rust-components slurm-deps python-deps peer-deps model build augment test lint test-slurm bench compare clean
+.PHONY: setup system-deps rust-components slurm-deps python-deps peer-deps model build augment test lint test-slurm bench compare clean \
+	cuda-deps build-cuda gpu-check
 
 setup: system-deps rust-components python-deps model
 
@@ -83,6 +85,20 @@ bench: setup build peer-deps
 
 compare: setup build
 	$(BIN) report --task $(TASK) --preset $(or $(PRESET),low) $(if $(TRAIN_EXAMPLES),--train-examples $(TRAIN_EXAMPLES)) $(if $(SEEDS),--seeds $(SEEDS)) --device $(DEVICE)
+
+# The CUDA toolkit (nvcc, headers, cuBLAS, cuRAND, NVRTC) from PyPI into ~/.cache/augpro-cuda.
+cuda-deps: system-deps
+	@bash scripts/cuda-deps.sh
+
+# Compiles the CUDA build (no GPU needed; CUDA_COMPUTE_CAP=90 unless set), in its own target
+# directory so the CPU build stays cached.
+build-cuda: cuda-deps
+	@source scripts/cuda-env.sh && CARGO_TARGET_DIR="$$AUGPRO_CUDA_TARGET_DIR" \
+	  cargo build --release --features cuda
+
+# On a GPU machine: parity, teacher and projection speed, augment; bench/results-gpu.{json,md}.
+gpu-check: setup cuda-deps
+	bash scripts/gpu-check.sh
 
 clean:
 	rm -rf out runs

@@ -170,6 +170,10 @@ pub struct AugmentArgs {
     /// Only make sure the teacher checkpoint exists (the first job of a cluster chain).
     #[arg(long, conflicts_with_all = ["finalize", "shard_index"])]
     pub teacher_only: bool,
+    /// Teacher dtype: bf16, f16 or f32 (half precision needs `--device cuda`; default bf16 on
+    /// GPUs with bf16, else f32). Shards made in another dtype are not byte-identical.
+    #[arg(long, value_parser = ["bf16", "f16", "f32"])]
+    pub dtype: Option<String>,
     /// Replace outputs of a different configuration.
     #[arg(long)]
     pub force: bool,
@@ -451,6 +455,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 finalize_only: a.finalize,
                 force: a.force,
                 teacher_only: a.teacher_only,
+                dtype: a.dtype.clone(),
             };
             let out = pipeline::run(&cfg, &opts, &device)?;
             if a.teacher_only {
@@ -547,6 +552,8 @@ pub fn run(cli: Cli) -> Result<()> {
             let problems = shards::manifest::verify(&a.dir)?;
             if problems.is_empty() {
                 println!("{}: ok", a.dir.display());
+                let m = shards::manifest::read_manifest(&a.dir)?;
+                println!("  {}", shards::manifest::reproducibility_note(&m));
             } else {
                 for p in &problems {
                     println!("{p}");

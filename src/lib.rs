@@ -15,6 +15,7 @@ pub mod inspect;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod precision;
 pub mod report;
 pub mod shards;
 pub mod slurm;

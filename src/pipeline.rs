@@ -39,6 +39,8 @@ pub struct RunOptions {
     pub force: bool,
     /// Only make sure the teacher checkpoint exists (train and cache it if needed).
     pub teacher_only: bool,
+    /// Teacher dtype (`bf16`, `f16`, `f32`); `None` is the device's default.
+    pub dtype: Option<String>,
 }
 
 /// The directory a pipeline writes: `<output root>/<task>/<name>`.
@@ -184,6 +186,7 @@ pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Resul
         }
     }
     let task = glue::task(&cfg.task)?;
+    let dtype = crate::precision::resolve(opts.dtype.as_deref(), device)?;
     let glue_dir = resolve_glue_dir(opts.glue_dir.as_deref());
     // The output location is not part of the configuration: moving a run elsewhere
     // changes nothing inside it.
@@ -201,7 +204,14 @@ pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Resul
     let teacher_dir = ensure_teacher(&cfg, &glue_dir, device)?;
     let teacher_sha = Checkpoint::open(&teacher_dir)?.weights_sha256()?;
     check_same_teacher(&out, &teacher_sha, opts.force)?;
-    let teacher = Teacher::load(&teacher_dir, task, device, cfg.max_seq_len)?;
+    let (dev_name, dtype_name) = (
+        crate::precision::device_name(device),
+        crate::precision::name(dtype),
+    );
+    check_summaries(&out, opts.force, "another device or dtype", |s| {
+        s.device != dev_name || s.dtype != dtype_name
+    })?;
+    let teacher = Teacher::load_as(&teacher_dir, task, device, dtype, cfg.max_seq_len)?;
     let mut engine = Engine::new(&teacher, &cfg)?;
     let total =
         split_rows(&glue_dir, task, &cfg.split)?.min(cfg.max_examples.unwrap_or(usize::MAX));
@@ -439,6 +449,8 @@ fn run_shard(
         teacher_sha256: teacher_sha.to_string(),
         methods: stats,
         median_nn_distance: engine.nn_scale(),
+        device: crate::precision::device_name(engine.device()).to_string(),
+        dtype: crate::precision::name(engine.dtype()).to_string(),
     };
     let times = crate::timing::take();
     let timing = serde_json::json!({ "seconds": t0.elapsed().as_secs_f64(), "examples": handled, "method_seconds": times.methods, "stage_seconds": times.stages });
@@ -498,6 +510,15 @@ pub fn finalize(cfg: &PipelineConfig, out: &Path) -> Result<Manifest> {
             out.display()
         );
     }
+    if shards
+        .windows(2)
+        .any(|w| (&w[0].device, &w[0].dtype) != (&w[1].device, &w[1].dtype))
+    {
+        bail!(
+            "{}: shards were made on different devices or dtypes; rerun them with --force",
+            out.display()
+        );
+    }
     if !missing.is_empty() {
         bail!(
             "{}: shards {missing:?} of {} are not complete; run them before finalize",
@@ -538,6 +559,8 @@ pub fn finalize(cfg: &PipelineConfig, out: &Path) -> Result<Manifest> {
             "vocab_size": ck.config.vocab_size,
             "hidden_size": ck.config.hidden_size,
             "metrics": tmetrics.get("validation").cloned().unwrap_or(serde_json::Value::Null),
+            "device": shards[0].device,
+            "dtype": shards[0].dtype,
         }),
         tokenizer_sha256: sha256_file(&tok_file)?,
         projection: serde_json::json!({

@@ -12,7 +12,7 @@ use crate::tokenize::{Encoded, TextTokenizer};
 use crate::train::{bucketed_batches, predict, supervised_loss, Batch, Optim};
 use crate::util::{atomic_write, derive_seed};
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var, D};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -231,16 +231,30 @@ pub struct Teacher {
     pub task: &'static TaskSpec,
     /// Device it runs on.
     pub device: Device,
+    /// Floating-point type of its weights and activations (f32, or bf16/f16 on CUDA).
+    pub dtype: DType,
     /// Checkpoint directory.
     pub dir: PathBuf,
 }
 
 impl Teacher {
-    /// Loads a fine-tuned checkpoint for `task`.
+    /// Loads a fine-tuned checkpoint for `task` in f32.
     pub fn load(
         dir: &Path,
         task: &'static TaskSpec,
         device: &Device,
+        max_seq_len: usize,
+    ) -> Result<Self> {
+        Self::load_as(dir, task, device, DType::F32, max_seq_len)
+    }
+
+    /// Loads a fine-tuned checkpoint for `task` with weights and activations in `dtype`
+    /// (see [`crate::precision::resolve`]); logits and gradients come back in f32.
+    pub fn load_as(
+        dir: &Path,
+        task: &'static TaskSpec,
+        device: &Device,
+        dtype: DType,
         max_seq_len: usize,
     ) -> Result<Self> {
         let ck = Checkpoint::open(dir)?;
@@ -255,14 +269,16 @@ impl Teacher {
                 task.num_labels
             );
         }
-        let (model, _) = ck
-            .load_classifier(device, false, task.num_labels, None, 0)
+        let model = ck
+            .params(device, false, 0)
+            .and_then(|p| SeqClassifier::load(&p.with_dtype(dtype), &ck.config, task.num_labels))
             .with_context(|| format!("{}: cannot load teacher", dir.display()))?;
         Ok(Self {
             model,
             tokenizer,
             task,
             device: device.clone(),
+            dtype,
             dir: dir.to_path_buf(),
         })
     }
@@ -282,9 +298,10 @@ impl Teacher {
 
     /// Logits for input word embeddings `[b, s, hidden]` (virtual inputs).
     pub fn logits_from_embeds(&self, embeds: &Tensor, b: &Batch) -> Result<Tensor> {
+        let embeds = embeds.to_dtype(self.dtype)?;
         Ok(self
             .model
-            .forward_embeds(embeds, &b.types, &b.mask, &mut Ctx::eval())?
+            .forward_embeds(&embeds, &b.types, &b.mask, &mut Ctx::eval())?
             .logits)
     }
 
@@ -324,10 +341,13 @@ pub fn embedding_grad(
     let emb = model.bert.embed_ids(&b.ids)?.detach();
     let var = Var::from_tensor(&emb)?;
     let out = model.forward_embeds(var.as_tensor(), &b.types, &b.mask, &mut Ctx::eval_grad())?;
+    // The loss is taken in f32 whatever the model's dtype (a no-op for an f32 model).
+    let logits = out.logits.to_dtype(DType::F32)?;
     let l = match loss {
-        GradLoss::Labels(y) => supervised_loss(&out.logits, y, regression)?,
+        GradLoss::Labels(y) => supervised_loss(&logits, y, regression)?,
         GradLoss::Distribution(p) => {
-            let ls = candle_nn::ops::log_softmax(&out.logits, D::Minus1)?;
+            let p = &p.to_dtype(DType::F32)?;
+            let ls = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
             (p * (p.clamp(1e-12, 1.0)?.log()? - ls)?)?
                 .sum(D::Minus1)?
                 .mean_all()?
@@ -338,5 +358,5 @@ pub fn embedding_grad(
         .get(var.as_tensor())
         .context("no gradient reached the input embeddings")?
         .clone();
-    Ok((emb, g, out.logits.detach()))
+    Ok((emb, g, logits.detach()))
 }

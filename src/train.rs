@@ -122,7 +122,7 @@ impl Optim {
             eps: 1e-8,
             weight_decay: wd,
         };
-        let update = if crate::model::kernels::used_on(params.device()) {
+        let update = if crate::model::kernels::used_on(params.device(), params.dtype()) {
             let groups = d.iter().map(|v| (v.clone(), cfg.weight_decay));
             let groups = groups.chain(nd.iter().map(|v| (v.clone(), 0.0))).collect();
             Update::Fused(crate::model::kernels::AdamW::new(groups, 0.9, 0.999, 1e-8))

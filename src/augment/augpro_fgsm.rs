@@ -87,7 +87,13 @@ fn student_step(
         .map(|(e, s)| fgsm::apply(&rows_of(&st.table, st.dim, &e.ids), s, eps))
         .collect();
     Ok((
-        project_rows(&mut st.projector, st.dim, ids, &embeds, masks)?,
+        project_rows(
+            |q, h| st.projector.nearest_with_hints(q, h),
+            st.dim,
+            ids,
+            &embeds,
+            masks,
+        )?,
         eps,
     ))
 }

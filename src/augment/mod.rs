@@ -14,6 +14,7 @@ pub mod fgsm_baseline;
 pub mod mix;
 pub mod mixup;
 pub mod project;
+pub mod project_device;
 pub mod replace;
 pub mod token_replace;
 
@@ -29,6 +30,7 @@ use crate::util::derive_seed;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use project::{median_nn_distance, Projector};
+use project_device::DeviceProjector;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
@@ -176,6 +178,8 @@ pub struct Space<'a> {
     table: Vec<f32>,
     dim: usize,
     projector: Projector,
+    /// Exact L2 projection on the teacher's GPU (CUDA with a `Flat` L2 index); FAISS otherwise.
+    device_projector: Option<DeviceProjector>,
     /// Median nearest-neighbour distance of the indexed table (the scale of `epsilon_rel`).
     pub nn_scale: f32,
     special: Vec<bool>,
@@ -234,6 +238,14 @@ impl<'a> Engine<'a> {
             .collect();
         let keep = |i: u32| !special[i as usize];
         let (projector, nn_scale) = index_table(&table, dim, keep, &cfg.projection)?;
+        let device_projector = if teacher.device.is_cuda()
+            && cfg.projection.index == "Flat"
+            && cfg.projection.metric == Metric::L2
+        {
+            Some(DeviceProjector::build(&table, dim, keep, &teacher.device)?)
+        } else {
+            None
+        };
         let student = match cfg
             .methods
             .augpro_fgsm
@@ -277,6 +289,7 @@ impl<'a> Engine<'a> {
                 table,
                 dim,
                 projector,
+                device_projector,
                 nn_scale,
                 special,
                 pad_id: tok.pad_id,
@@ -289,6 +302,16 @@ impl<'a> Engine<'a> {
     /// Median nearest-neighbour distance of the indexed table (the scale of `epsilon_rel`).
     pub fn nn_scale(&self) -> f32 {
         self.space.nn_scale
+    }
+
+    /// The device the teacher runs on.
+    pub fn device(&self) -> &candle_core::Device {
+        &self.space.teacher.device
+    }
+
+    /// The teacher's dtype.
+    pub fn dtype(&self) -> DType {
+        self.space.teacher.dtype
     }
 
     /// The teacher's tokenizer.
@@ -392,7 +415,19 @@ impl Space<'_> {
         embeds: &[Vec<f32>],
         masks: &[Vec<bool>],
     ) -> Result<Vec<Vec<u32>>> {
-        project_rows(&mut self.projector, self.dim, ids, embeds, masks)
+        match &self.device_projector {
+            Some(dp) => project_rows(|q, _| dp.nearest(q), self.dim, ids, embeds, masks),
+            None => {
+                let p = &mut self.projector;
+                project_rows(
+                    |q, h| p.nearest_with_hints(q, h),
+                    self.dim,
+                    ids,
+                    embeds,
+                    masks,
+                )
+            }
+        }
     }
 
     /// Signs of the gradient of `loss` w.r.t. `model`'s input embeddings, per example
@@ -412,7 +447,10 @@ impl Space<'_> {
             let b = self.teacher.batch(&r)?;
             let (_, grad, _) = embedding_grad(model, &b, loss, self.teacher.task.is_regression())?;
             let dim = grad.dim(2)?;
-            let g: Vec<Vec<Vec<f32>>> = grad.to_device(&candle_core::Device::Cpu)?.to_vec3()?;
+            let g: Vec<Vec<Vec<f32>>> = grad
+                .to_dtype(DType::F32)?
+                .to_device(&candle_core::Device::Cpu)?
+                .to_vec3()?;
             (g, dim)
         };
         Ok(encs
@@ -622,10 +660,10 @@ fn rows_of(table: &[f32], dim: usize, ids: &[u32]) -> Vec<f32> {
         .collect()
 }
 
-/// Projects the positions of `embeds` where `masks` is set, in one batched search; other
-/// positions keep their ids.
+/// Projects the positions of `embeds` where `masks` is set, in one batched search
+/// (`nearest(queries, source ids)`); other positions keep their ids.
 fn project_rows(
-    projector: &mut Projector,
+    mut nearest: impl FnMut(&[f32], &[u32]) -> Result<Vec<u32>>,
     d: usize,
     ids: &[Vec<u32>],
     embeds: &[Vec<f32>],
@@ -642,7 +680,7 @@ fn project_rows(
         }
     }
     // The source token is the answer wherever the point stayed close to it.
-    let found = projector.nearest_with_hints(&q, &hints)?;
+    let found = nearest(&q, &hints)?;
     let mut it = found.into_iter();
     Ok(ids
         .iter()

@@ -172,7 +172,7 @@ impl Linear {
         Ok(Self {
             w: p.get(&format!("{prefix}.weight"), &[out_dim, in_dim], init)?,
             b: p.get(&format!("{prefix}.bias"), &[out_dim], bias_init)?,
-            cpu: kernels::used_on(p.device()),
+            cpu: kernels::used_on(p.device(), p.dtype()),
         })
     }
 
@@ -221,7 +221,7 @@ impl LayerNorm {
             w: p.get(&format!("{prefix}.weight"), &[dim], Init::Required)?,
             b: p.get(&format!("{prefix}.bias"), &[dim], Init::Required)?,
             eps,
-            cpu: kernels::used_on(p.device()),
+            cpu: kernels::used_on(p.device(), p.dtype()),
         })
     }
 
@@ -395,7 +395,7 @@ impl Layer {
             act: c.hidden_act.clone(),
             hidden_p: c.hidden_dropout_prob,
             attn_p: c.attention_probs_dropout_prob,
-            cpu: kernels::used_on(p.device()),
+            cpu: kernels::used_on(p.device(), p.dtype()),
         })
     }
 
@@ -528,7 +528,9 @@ impl Bert {
             return self.forward_packed(word_embeds, type_ids, mask, ctx);
         }
         let (b, s, _) = word_embeds.dims3()?;
-        let add = ((mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?.reshape((b, 1, 1, s))?;
+        let add = ((mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?
+            .to_dtype(word_embeds.dtype())?
+            .reshape((b, 1, 1, s))?;
         let tokens = Tokens::Padded(add);
         let mut x = self.embeddings.forward(word_embeds, type_ids, ctx)?;
         for l in &self.layers {

@@ -26,6 +26,7 @@ pub struct Params {
     used: RefCell<Vec<(String, Tensor, Option<Var>)>>,
     rng: RefCell<ChaCha8Rng>,
     device: Device,
+    dtype: DType,
     source: String,
 }
 
@@ -55,8 +56,15 @@ impl Params {
             used: RefCell::new(Vec::new()),
             rng: RefCell::new(ChaCha8Rng::seed_from_u64(seed)),
             device: device.clone(),
+            dtype: DType::F32,
             source: source.to_string(),
         }
+    }
+
+    /// Loads every parameter in `dtype` instead of f32 (a half-precision teacher on CUDA).
+    pub fn with_dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
     }
 
     /// Fetches a parameter by canonical name, checking its shape; initialises it if allowed.
@@ -71,19 +79,19 @@ impl Params {
                         shape
                     );
                 }
-                t.to_dtype(DType::F32)?.to_device(&self.device)?
+                t.to_dtype(self.dtype)?.to_device(&self.device)?
             }
             None => match init {
                 Init::Required => bail!(
                     "{}: weight `{name}` is missing (expected shape {shape:?})",
                     self.source
                 ),
-                Init::Zeros => Tensor::zeros(shape, DType::F32, &self.device)?,
+                Init::Zeros => Tensor::zeros(shape, self.dtype, &self.device)?,
                 Init::Normal(std) => {
                     let n: usize = shape.iter().product();
                     let mut rng = self.rng.borrow_mut();
                     let v: Vec<f32> = (0..n).map(|_| normal(&mut rng) * std).collect();
-                    Tensor::from_vec(v, shape, &self.device)?
+                    Tensor::from_vec(v, shape, &self.device)?.to_dtype(self.dtype)?
                 }
             },
         };
@@ -112,6 +120,11 @@ impl Params {
     /// Every parameter the model took, with its variable when trainable.
     pub fn used(&self) -> Vec<(String, Tensor, Option<Var>)> {
         self.used.borrow().clone()
+    }
+
+    /// The dtype parameters are held in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// The device parameters live on.

@@ -46,6 +46,36 @@ pub struct ShardSummary {
     pub methods: BTreeMap<String, MethodStats>,
     /// Median nearest-neighbour distance of the indexed table (scale of relative ε).
     pub median_nn_distance: f32,
+    /// Device the teacher ran on (`cpu` or `cuda`).
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Teacher dtype (`f32`, `bf16` or `f16`).
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+
+fn default_dtype() -> String {
+    "f32".into()
+}
+
+/// What `verify` adds about reproducing a directory: logits depend on the device and dtype.
+pub fn reproducibility_note(m: &Manifest) -> String {
+    let get = |k: &str, d: &str| {
+        m.teacher
+            .get(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or(d)
+            .to_string()
+    };
+    format!(
+        "teacher ran on {} in {}; shards made on another device or in another dtype hold slightly different teacher logits (and can project to other tokens), so they are not byte-identical to these",
+        get("device", "cpu"),
+        get("dtype", "f32")
+    )
 }
 
 /// Diagnostics of one method over the whole output.

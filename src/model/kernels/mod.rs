@@ -17,7 +17,7 @@ pub use gelu::gelu_erf;
 pub use linear::linear;
 pub use norm::layer_norm;
 
-use candle_core::{CpuStorage, Device, Layout};
+use candle_core::{CpuStorage, DType, Device, Layout};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
@@ -28,9 +28,9 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::SeqCst);
 }
 
-/// Whether a model loaded now on `device` uses the kernels.
-pub fn used_on(device: &Device) -> bool {
-    device.is_cpu() && ENABLED.load(Ordering::SeqCst)
+/// Whether a model loaded now on `device` in `dtype` uses the kernels (CPU, `f32`).
+pub fn used_on(device: &Device, dtype: DType) -> bool {
+    device.is_cpu() && dtype == DType::F32 && ENABLED.load(Ordering::SeqCst)
 }
 
 /// The contiguous `f32` data of a kernel input.

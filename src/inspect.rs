@@ -88,15 +88,20 @@ pub fn print(dir: &Path, n: usize) -> Result<()> {
     }
     let task = crate::glue::task(&m.task)?;
     let schema = ShardSchema::new(task);
-    let Some(first) = paths.first() else {
-        return Ok(());
-    };
-    let mut r = ShardReader::open(first, &schema)?;
+    // Example rows come from the first shard's files (real and virtual rows).
+    let first = m.shards.first().map(|s| s.files.len()).unwrap_or(0);
     let mut rows: Vec<Row> = Vec::new();
-    while rows.len() < 8192 {
-        match r.next_rows(&schema)? {
-            Some(b) => rows.extend(b),
-            None => break,
+    for p in paths.iter().take(first) {
+        let mut r = ShardReader::open(p, &schema)?;
+        let mut got = 0;
+        while got < 8192 {
+            match r.next_rows(&schema)? {
+                Some(b) => {
+                    got += b.len();
+                    rows.extend(b)
+                }
+                None => break,
+            }
         }
     }
     let originals: HashMap<i64, &Row> = rows

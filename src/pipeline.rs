@@ -9,8 +9,8 @@ use crate::glue::{self, TaskSpec};
 use crate::model::Checkpoint;
 use crate::shards::card;
 use crate::shards::manifest::{
-    read_manifest, shard_name, summary_name, Manifest, MethodDiagnostics, ShardSummary,
-    FORMAT_VERSION,
+    read_manifest, shard_files, shard_name, summary_name, Manifest, MethodDiagnostics,
+    ShardSummary, DATA_DIR, FORMAT_VERSION,
 };
 use crate::shards::writer::ShardWriter;
 use crate::shards::ShardSchema;
@@ -49,9 +49,10 @@ pub fn output_dir(cfg: &PipelineConfig, output_override: Option<&Path>) -> PathB
         .join(&cfg.name)
 }
 
-/// True when shard `i` of `n` is complete in `out` (its file and its summary exist).
+/// True when shard `i` of `n` is complete in `out` (its files and its summary exist).
 pub fn shard_complete(out: &Path, i: usize, n: usize) -> bool {
-    out.join(summary_name(i, n)).is_file() && out.join(shard_name(i, n)).is_file()
+    out.join(summary_name(i, n)).is_file()
+        && shard_files(i, n).iter().all(|f| out.join(f).is_file())
 }
 
 /// True when the pipeline's teacher checkpoint exists (given, or trained and cached).
@@ -268,6 +269,7 @@ fn check_summaries(
             for f in std::fs::read_dir(out)?.filter_map(|e| e.ok()) {
                 let _ = std::fs::remove_file(f.path());
             }
+            let _ = std::fs::remove_dir_all(out.join(DATA_DIR));
             return Ok(());
         }
     }
@@ -288,6 +290,7 @@ pub fn prepare_out_dir(out: &Path, cfg_hash: &str, force: bool) -> Result<()> {
     std::fs::create_dir_all(out)
         .with_context(|| format!("{}: cannot create output directory", out.display()))?;
     sweep_dead_temporaries(out);
+    sweep_dead_temporaries(&out.join(DATA_DIR));
     let probe = out.join(format!(".write-test-{}", std::process::id()));
     std::fs::write(&probe, b"")
         .with_context(|| format!("{}: output directory is not writable", out.display()))?;
@@ -311,8 +314,7 @@ fn run_shard(
     let task = glue::task(&cfg.task)?;
     let (start, end) = shard_range(total, i, cfg.shards);
     let schema = ShardSchema::new(task);
-    let path = out.join(shard_name(i, cfg.shards));
-    let mut writer = ShardWriter::create(&path, &schema)?;
+    let mut writer = ShardWriter::create(out, i, cfg.shards, &schema)?;
     tracing::info!(
         "shard {i}/{}: augmenting source examples {start}..{end}",
         cfg.shards
@@ -400,15 +402,15 @@ fn run_shard(
     )?;
     pb.finish_and_clear();
     let t = Instant::now();
-    let rows = writer.finish()?;
+    let files = writer.finish()?;
     engine.add_stage("write", t.elapsed().as_secs_f64());
+    let rows: u64 = files.iter().map(|f| f.rows).sum();
     let summary = ShardSummary {
-        file: shard_name(i, cfg.shards),
         index: i,
+        files,
         source_examples: handled,
         truncated_examples: truncated,
-        rows: rows as u64,
-        sha256: sha256_file(&path)?,
+        rows,
         config_sha256: cfg_hash.to_string(),
         teacher_sha256: teacher_sha.to_string(),
         methods: report.stats.clone(),
@@ -450,12 +452,14 @@ pub fn finalize(cfg: &PipelineConfig, out: &Path) -> Result<Manifest> {
                         p.display()
                     );
                 }
-                let h = sha256_file(&out.join(&s.file))?;
-                if h != s.sha256 {
-                    bail!(
-                        "{}: sha256 does not match its summary (rerun the shard)",
-                        out.join(&s.file).display()
-                    );
+                for f in &s.files {
+                    let h = sha256_file(&out.join(&f.file))?;
+                    if h != f.sha256 {
+                        bail!(
+                            "{}: sha256 does not match its summary (rerun the shard)",
+                            out.join(&f.file).display()
+                        );
+                    }
                 }
                 shards.push(s);
             }
@@ -480,9 +484,11 @@ pub fn finalize(cfg: &PipelineConfig, out: &Path) -> Result<Manifest> {
     }
     // Every shard is complete, so no worker writes here any more: temporaries left by
     // interrupted workers on any host go.
-    sweep_temporaries(out, |n| {
-        n.contains(".tmp-") && !crate::util::is_own_temporary(n)
-    });
+    for dir in [out.to_path_buf(), out.join(DATA_DIR)] {
+        sweep_temporaries(&dir, |n| {
+            n.contains(".tmp-") && !crate::util::is_own_temporary(n)
+        });
+    }
     let teacher_dir = existing_teacher_dir(cfg)?;
     let ck = Checkpoint::open(&teacher_dir)?;
     let tmetrics: serde_json::Value = std::fs::read(teacher_dir.join("metrics.json"))

@@ -63,9 +63,59 @@ pub fn teacher_ready(cfg: &PipelineConfig) -> Result<bool> {
     )
 }
 
-/// sha256 of the configuration as canonical JSON.
+/// sha256 of what the configuration means, not where it runs: canonical JSON (sorted keys)
+/// without the output's place and name (`output`, `name`, `teacher.cache_dir`), with every
+/// model path replaced by the sha256 of its weights. Two teams with the same inputs get the
+/// same hash wherever their files are.
 pub fn config_sha256(cfg: &PipelineConfig) -> Result<String> {
-    Ok(sha256_bytes(serde_json::to_string(cfg)?.as_bytes()))
+    let weights = |p: &Path| -> Result<serde_json::Value> {
+        Ok(serde_json::json!({ "weights_sha256": Checkpoint::open(p)?.weights_sha256()? }))
+    };
+    let mut v = serde_json::to_value(cfg)?;
+    let o = v
+        .as_object_mut()
+        .context("configuration is not an object")?;
+    o.remove("name");
+    o.remove("output");
+    let t = &mut o["teacher"];
+    if let Some(t) = t.as_object_mut() {
+        t.remove("cache_dir");
+    }
+    match &cfg.teacher.checkpoint {
+        Some(c) => {
+            t["checkpoint"] = weights(c)?;
+            t["model"] = serde_json::Value::Null;
+        }
+        None => t["model"] = weights(&cfg.teacher.model)?,
+    }
+    for (name, m) in [
+        ("augpro_fgsm", &cfg.methods.augpro_fgsm),
+        ("fgsm", &cfg.methods.fgsm),
+    ] {
+        if let Some(p) = m.as_ref().and_then(|m| m.student.as_ref()) {
+            o["methods"][name]["student"] = weights(p)?;
+        }
+    }
+    Ok(sha256_bytes(v.to_string().as_bytes()))
+}
+
+/// The source split's files (names within the task folder) and their sha256s.
+pub fn source_files(
+    glue_dir: &Path,
+    task: &TaskSpec,
+    split: &str,
+) -> Result<BTreeMap<String, String>> {
+    split_files(glue_dir, task, split)?
+        .iter()
+        .map(|f| {
+            let name = f
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .to_string();
+            Ok((name, sha256_file(f)?))
+        })
+        .collect()
 }
 
 /// Returns the teacher checkpoint directory, training (and caching) one if needed.
@@ -408,6 +458,7 @@ fn run_shard(
     let summary = ShardSummary {
         index: i,
         files,
+        source_sha256: source_files(glue_dir, task, &cfg.split)?,
         source_examples: handled,
         truncated_examples: truncated,
         rows,
@@ -468,6 +519,15 @@ pub fn finalize(cfg: &PipelineConfig, out: &Path) -> Result<Manifest> {
     }
     if shards
         .windows(2)
+        .any(|w| w[0].source_sha256 != w[1].source_sha256)
+    {
+        bail!(
+            "{}: shards were made from different source files; rerun them with --force",
+            out.display()
+        );
+    }
+    if shards
+        .windows(2)
         .any(|w| w[0].teacher_sha256 != w[1].teacher_sha256)
     {
         bail!(
@@ -512,6 +572,12 @@ pub fn finalize(cfg: &PipelineConfig, out: &Path) -> Result<Manifest> {
         augpro_version: env!("CARGO_PKG_VERSION").into(),
         task: task.name.into(),
         split: cfg.split.clone(),
+        source: serde_json::json!({
+            "dataset": crate::shards::card::SOURCE_DATASET,
+            "config": task.name,
+            "split": cfg.split,
+            "files_sha256": shards[0].source_sha256,
+        }),
         seed: cfg.seed,
         config: serde_json::to_value(cfg)?,
         config_sha256: cfg_hash,

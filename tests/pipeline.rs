@@ -66,6 +66,13 @@ fn smoke_pipeline_end_to_end() {
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(a.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["source_examples"], 64);
+    let src = common::glue_dir().join("sst2/train-00000-of-00001.parquet");
+    assert_eq!(
+        manifest["source"]["files_sha256"]["train-00000-of-00001.parquet"],
+        augpro::util::sha256_file(&src).unwrap().as_str(),
+        "{}",
+        manifest["source"]
+    );
     assert_eq!(rows.len() as u64, manifest["rows"].as_u64().unwrap());
     let tok = augpro::tokenize::TextTokenizer::load(&common::model_dir(), 128).unwrap();
     let originals: HashMap<i64, &Row> = rows
@@ -373,6 +380,37 @@ assert lf.select(pl.len()).collect().item() == m["rows"]
 print("hugging face ok")
 "#;
     python(py, dir);
+}
+
+/// Provenance that travels: the configuration hash ignores where things are written and
+/// what the model directories are called; the manifest records the source files' sha256;
+/// a manifest of a newer format is refused clearly.
+#[test]
+fn provenance_does_not_depend_on_local_paths() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = augpro::config::PipelineConfig::load_with(
+        &common::root().join("pipelines/smoke.toml"),
+        &[],
+    )
+    .unwrap();
+    let model_copy = tmp.path().join("elsewhere/minilm");
+    copy_dir(&common::model_dir(), &model_copy);
+    let mut moved = base.clone();
+    moved.output = tmp.path().join("other-out");
+    moved.name = "renamed".into();
+    moved.teacher.cache_dir = tmp.path().join("other-cache");
+    moved.teacher.model = model_copy;
+    let hash = augpro::pipeline::config_sha256;
+    assert_eq!(hash(&base).unwrap(), hash(&moved).unwrap());
+    let mut reseeded = base.clone();
+    reseeded.seed += 1;
+    assert_ne!(hash(&base).unwrap(), hash(&reseeded).unwrap());
+
+    let e = augpro::shards::manifest::parse_manifest(r#"{"format_version": 99}"#).unwrap_err();
+    assert!(
+        format!("{e:#}").contains("newer than this augpro reads"),
+        "{e:#}"
+    );
 }
 
 fn copy_dir(src: &Path, dst: &Path) {

@@ -103,7 +103,7 @@ pub fn render(m: &Manifest, schema: &ShardSchema) -> String {
     let _ = writeln!(
         s,
         "Check integrity with `augpro verify <this directory>`; `manifest.json` has the full configuration, \
-         the teacher checkpoint's sha256, the teacher's metrics, and every shard file's sha256.\n"
+         the source files' and the teacher checkpoint's sha256, the teacher's metrics, and every shard file's sha256.\n"
     );
     let _ = writeln!(
         s,

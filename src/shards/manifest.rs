@@ -5,7 +5,7 @@ use super::reader::ShardReader;
 use super::schema::{is_virtual, ShardSchema, METHODS};
 use crate::augment::MethodStats;
 use crate::util::sha256_file;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -61,6 +61,8 @@ pub struct ShardSummary {
     pub truncated_examples: usize,
     /// Rows written (all files).
     pub rows: u64,
+    /// sha256 of each file of the source split (by file name).
+    pub source_sha256: BTreeMap<String, String>,
     /// sha256 of the pipeline configuration that produced it.
     pub config_sha256: String,
     /// sha256 of the teacher weights that produced it.
@@ -138,6 +140,9 @@ pub struct Manifest {
     pub task: String,
     /// Source split.
     pub split: String,
+    /// Where the rows come from: the dataset on the Hub, its config and split, and the sha256
+    /// of each source file.
+    pub source: serde_json::Value,
     /// Base seed.
     pub seed: u64,
     /// Full pipeline configuration.
@@ -166,13 +171,31 @@ pub struct Manifest {
     pub shards: Vec<ShardSummary>,
 }
 
-/// Reads `manifest.json` from a directory.
+/// Reads `manifest.json` from a directory, checking its format version first.
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let p = dir.join("manifest.json");
     let t = std::fs::read_to_string(&p)
         .with_context(|| format!("{}: missing manifest (was the run finalized?)", p.display()))?;
-    serde_json::from_str(&t)
-        .with_context(|| format!("{}: not a valid augpro manifest", p.display()))
+    parse_manifest(&t).with_context(|| format!("{}", p.display()))
+}
+
+/// Parses a manifest, refusing other format versions with a clear message.
+pub fn parse_manifest(text: &str) -> Result<Manifest> {
+    let v: serde_json::Value =
+        serde_json::from_str(text).context("not a valid augpro manifest (not JSON)")?;
+    match v.get("format_version").and_then(|v| v.as_u64()) {
+        Some(n) if n > FORMAT_VERSION as u64 => bail!(
+            "manifest format {n} is newer than this augpro reads (format {FORMAT_VERSION}); \
+             upgrade augpro to read this dataset"
+        ),
+        Some(n) if n < FORMAT_VERSION as u64 => bail!(
+            "manifest format {n} is older than this augpro reads (format {FORMAT_VERSION}); \
+             rerun `augpro augment` with --force to rewrite the dataset"
+        ),
+        Some(_) => {}
+        None => bail!("not a valid augpro manifest (no format_version)"),
+    }
+    serde_json::from_value(v).context("not a valid augpro manifest")
 }
 
 /// Shard files of a finished directory, from its manifest, in order.

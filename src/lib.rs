@@ -17,6 +17,7 @@ pub mod pipeline;
 pub mod report;
 pub mod shards;
 pub mod slurm;
+pub mod storage;
 pub mod student;
 pub mod teacher;
 pub mod tokenize;

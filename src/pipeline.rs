@@ -10,10 +10,11 @@ use crate::model::Checkpoint;
 use crate::shards::card;
 use crate::shards::manifest::{
     read_manifest, shard_files, shard_name, summary_name, Manifest, MethodDiagnostics,
-    ShardSummary, DATA_DIR, FORMAT_VERSION,
+    ShardSummary, DATA_DIR, FORMAT_VERSION, MANIFEST,
 };
 use crate::shards::writer::ShardWriter;
 use crate::shards::ShardSchema;
+use crate::storage::Location;
 use crate::teacher::{self, Teacher};
 use crate::util::{atomic_write, derive_seed, sha256_bytes, sha256_file};
 use anyhow::{bail, Context, Result};
@@ -41,18 +42,25 @@ pub struct RunOptions {
     pub teacher_only: bool,
 }
 
-/// The directory a pipeline writes: `<output root>/<task>/<name>`.
-pub fn output_dir(cfg: &PipelineConfig, output_override: Option<&Path>) -> PathBuf {
-    output_override
-        .unwrap_or(&cfg.output)
+/// The location a pipeline writes: `<output root>/<task>/<name>`, where the root is a path
+/// or an object-store URL.
+pub fn output_dir(cfg: &PipelineConfig, output_override: Option<&Path>) -> Result<Location> {
+    Ok(Location::from_arg(output_override.unwrap_or(&cfg.output))?
         .join(&cfg.task)
-        .join(&cfg.name)
+        .join(&cfg.name))
 }
 
-/// True when shard `i` of `n` is complete in `out` (its files and its summary exist).
-pub fn shard_complete(out: &Path, i: usize, n: usize) -> bool {
-    out.join(summary_name(i, n)).is_file()
-        && shard_files(i, n).iter().all(|f| out.join(f).is_file())
+/// True when shard `i` of `n` is complete in `out` (its summary and its files exist).
+pub fn shard_complete(out: &Location, i: usize, n: usize) -> Result<bool> {
+    if !out.join(&summary_name(i, n)).exists()? {
+        return Ok(false);
+    }
+    for f in shard_files(i, n) {
+        if !out.join(&f).exists()? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// True when the pipeline's teacher checkpoint exists (given, or trained and cached).
@@ -195,9 +203,9 @@ pub fn shard_range(total: usize, i: usize, n: usize) -> (usize, usize) {
     (total * i / n, total * (i + 1) / n)
 }
 
-/// Runs a pipeline: teacher, shards, finalize. Returns the output directory (the teacher
+/// Runs a pipeline: teacher, shards, finalize. Returns the output location (the teacher
 /// checkpoint directory with `teacher_only`).
-pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Result<PathBuf> {
+pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Result<Location> {
     let mut cfg = cfg_in.clone();
     if let Some(n) = opts.num_shards {
         if n == 0 {
@@ -219,9 +227,9 @@ pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Resul
     // changes nothing inside it.
     if opts.teacher_only {
         let dir = ensure_teacher(&cfg, &glue_dir, device)?;
-        return Ok(dir);
+        return Ok(Location::Local(dir));
     }
-    let out = output_dir(&cfg, opts.output.as_deref());
+    let out = output_dir(&cfg, opts.output.as_deref())?;
     let cfg_hash = config_sha256(&cfg)?;
     prepare_out_dir(&out, &cfg_hash, opts.force)?;
     if opts.finalize_only {
@@ -243,7 +251,7 @@ pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Resul
         None => (0..cfg.shards).collect(),
     };
     for i in shards {
-        if shard_complete(&out, i, cfg.shards) {
+        if shard_complete(&out, i, cfg.shards)? {
             eprintln!("shard {i}/{}: already complete, skipped", cfg.shards);
             continue;
         }
@@ -259,7 +267,11 @@ pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Resul
         )?;
     }
     if opts.shard_index.is_none() {
-        finalize(&cfg, &out)?;
+        if out.join(MANIFEST).exists()? {
+            eprintln!("{out}: already finalized");
+        } else {
+            finalize(&cfg, &out)?;
+        }
     }
     Ok(out)
 }
@@ -291,17 +303,17 @@ fn sweep_temporaries(dir: &Path, doomed: impl Fn(&str) -> bool) {
 /// Checks the shard summaries already in `out` with `differs`; on the first mismatch it
 /// fails with `what` in the message, or with `force` clears the directory.
 fn check_summaries(
-    out: &Path,
+    out: &Location,
     force: bool,
     what: &str,
     differs: impl Fn(&ShardSummary) -> bool,
 ) -> Result<()> {
-    for e in std::fs::read_dir(out)?.filter_map(|e| e.ok()) {
-        let name = e.file_name().to_string_lossy().to_string();
+    for name in out.list()? {
         if !name.ends_with(".done.json") || name.contains(".tmp-") {
             continue;
         }
-        let parsed: Result<ShardSummary, _> = serde_json::from_slice(&std::fs::read(e.path())?);
+        let loc = out.join(&name);
+        let parsed: Result<ShardSummary, _> = serde_json::from_slice(&loc.read()?);
         let mismatch = match &parsed {
             Ok(s) => differs(s),
             Err(_) => true,
@@ -309,42 +321,52 @@ fn check_summaries(
         if mismatch {
             if !force {
                 if let Err(err) = parsed {
-                    bail!("{}: unreadable shard summary ({err}; written by another augpro version?); use --force to replace the directory's shards", e.path().display());
+                    bail!("{loc}: unreadable shard summary ({err}; written by another augpro version?); use --force to replace the directory's shards");
                 }
-                bail!(
-                    "{}: holds shards of {what} (use --force to replace them, or another `name`)",
-                    out.display()
-                );
+                bail!("{out}: holds shards of {what} (use --force to replace them, or another `name`)");
             }
-            for f in std::fs::read_dir(out)?.filter_map(|e| e.ok()) {
-                let _ = std::fs::remove_file(f.path());
-            }
-            let _ = std::fs::remove_dir_all(out.join(DATA_DIR));
-            return Ok(());
+            return clear(out);
         }
+    }
+    Ok(())
+}
+
+/// Removes every file of a dataset: its shards, summaries, manifest and card.
+fn clear(out: &Location) -> Result<()> {
+    let data = out.join(DATA_DIR);
+    for n in data.list()? {
+        data.join(&n).remove()?;
+    }
+    for n in out.list()? {
+        out.join(&n).remove()?;
+    }
+    if let Some(d) = data.as_local() {
+        let _ = std::fs::remove_dir_all(d);
     }
     Ok(())
 }
 
 /// Refuses to add shards made with different teacher weights (a checkpoint retrained in
 /// place) to a directory, unless `force`.
-fn check_same_teacher(out: &Path, teacher_sha: &str, force: bool) -> Result<()> {
+fn check_same_teacher(out: &Location, teacher_sha: &str, force: bool) -> Result<()> {
     check_summaries(out, force, "different teacher weights", |s| {
         s.teacher_sha256 != teacher_sha
     })
 }
 
-/// Creates the output directory, checks it is writable, removes dead temporaries, and
-/// refuses outputs of a different configuration unless `force`.
-pub fn prepare_out_dir(out: &Path, cfg_hash: &str, force: bool) -> Result<()> {
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("{}: cannot create output directory", out.display()))?;
-    sweep_dead_temporaries(out);
-    sweep_dead_temporaries(&out.join(DATA_DIR));
-    let probe = out.join(format!(".write-test-{}", std::process::id()));
-    std::fs::write(&probe, b"")
-        .with_context(|| format!("{}: output directory is not writable", out.display()))?;
-    let _ = std::fs::remove_file(&probe);
+/// Creates the output directory (a local one: checks it is writable and removes dead
+/// temporaries), and refuses outputs of a different configuration unless `force`.
+pub fn prepare_out_dir(out: &Location, cfg_hash: &str, force: bool) -> Result<()> {
+    if let Some(dir) = out.as_local() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create output directory", dir.display()))?;
+        sweep_dead_temporaries(dir);
+        sweep_dead_temporaries(&dir.join(DATA_DIR));
+        let probe = dir.join(format!(".write-test-{}", std::process::id()));
+        std::fs::write(&probe, b"")
+            .with_context(|| format!("{}: output directory is not writable", dir.display()))?;
+        let _ = std::fs::remove_file(&probe);
+    }
     check_summaries(out, force, "a different pipeline configuration", |s| {
         s.config_sha256 != cfg_hash
     })
@@ -359,7 +381,7 @@ fn run_shard(
     glue_dir: &Path,
     total: usize,
     i: usize,
-    out: &Path,
+    out: &Location,
 ) -> Result<()> {
     let task = glue::task(&cfg.task)?;
     let (start, end) = shard_range(total, i, cfg.shards);
@@ -468,14 +490,10 @@ fn run_shard(
         median_nn_distance: engine.nn_scale,
     };
     let timing = serde_json::json!({ "seconds": t0.elapsed().as_secs_f64(), "examples": handled, "method_seconds": report.seconds, "stage_seconds": engine.take_stage_seconds() });
-    atomic_write(
-        &out.join(format!(".timing-{i:05}.json")),
-        timing.to_string().as_bytes(),
-    )?;
-    atomic_write(
-        &out.join(summary_name(i, cfg.shards)),
-        serde_json::to_string_pretty(&summary)?.as_bytes(),
-    )?;
+    out.join(&format!(".timing-{i:05}.json"))
+        .put(timing.to_string().into())?;
+    out.join(&summary_name(i, cfg.shards))
+        .put(serde_json::to_string_pretty(&summary)?.into())?;
     crate::util::failpoint("shard-done");
     eprintln!(
         "shard {i}/{}: {rows} rows from {handled} examples in {:.1}s",
@@ -485,69 +503,72 @@ fn run_shard(
     Ok(())
 }
 
-/// Writes `manifest.json`, the dataset card and `timings.json` from the finished shards.
-pub fn finalize(cfg: &PipelineConfig, out: &Path) -> Result<Manifest> {
+/// Writes the dataset card, `timings.json` and, last and only if it does not exist yet,
+/// `manifest.json` from the finished shards. A dataset is complete exactly when its manifest
+/// exists; a second finalizer is refused.
+pub fn finalize(cfg: &PipelineConfig, out: &Location) -> Result<Manifest> {
     let task = glue::task(&cfg.task)?;
     let cfg_hash = config_sha256(cfg)?;
+    let already =
+        || anyhow::anyhow!("{out}: already finalized (manifest.json exists); nothing was written");
+    if out.join(MANIFEST).exists()? {
+        return Err(already());
+    }
     let mut shards = Vec::new();
     let mut missing = Vec::new();
     for i in 0..cfg.shards {
-        let p = out.join(summary_name(i, cfg.shards));
-        match std::fs::read(&p) {
-            Ok(b) => {
+        let p = out.join(&summary_name(i, cfg.shards));
+        match p.read_opt()? {
+            Some(b) => {
                 let s: ShardSummary = serde_json::from_slice(&b)
-                    .with_context(|| format!("{}: unreadable shard summary", p.display()))?;
+                    .with_context(|| format!("{p}: unreadable shard summary"))?;
                 if s.config_sha256 != cfg_hash {
-                    bail!(
-                        "{}: shard was made by a different configuration",
-                        p.display()
-                    );
+                    bail!("{p}: shard was made by a different configuration");
                 }
                 for f in &s.files {
-                    let h = sha256_file(&out.join(&f.file))?;
-                    if h != f.sha256 {
-                        bail!(
-                            "{}: sha256 does not match its summary (rerun the shard)",
-                            out.join(&f.file).display()
-                        );
+                    let loc = out.join(&f.file);
+                    // A local file is hashed again; an object was uploaded whole from the
+                    // bytes its summary hashed, so it only has to exist.
+                    let ok = if loc.is_remote() {
+                        loc.exists()?
+                    } else {
+                        loc.sha256()? == f.sha256
+                    };
+                    if !ok {
+                        bail!("{loc}: missing or does not match its summary (rerun the shard)");
                     }
                 }
                 shards.push(s);
             }
-            Err(_) => missing.push(i),
+            None => missing.push(i),
         }
     }
     if shards
         .windows(2)
         .any(|w| w[0].source_sha256 != w[1].source_sha256)
     {
-        bail!(
-            "{}: shards were made from different source files; rerun them with --force",
-            out.display()
-        );
+        bail!("{out}: shards were made from different source files; rerun them with --force");
     }
     if shards
         .windows(2)
         .any(|w| w[0].teacher_sha256 != w[1].teacher_sha256)
     {
-        bail!(
-            "{}: shards were made with different teacher weights; rerun them with --force",
-            out.display()
-        );
+        bail!("{out}: shards were made with different teacher weights; rerun them with --force");
     }
     if !missing.is_empty() {
         bail!(
-            "{}: shards {missing:?} of {} are not complete; run them before finalize",
-            out.display(),
+            "{out}: shards {missing:?} of {} are not complete; run them before finalize",
             cfg.shards
         );
     }
     // Every shard is complete, so no worker writes here any more: temporaries left by
     // interrupted workers on any host go.
-    for dir in [out.to_path_buf(), out.join(DATA_DIR)] {
-        sweep_temporaries(&dir, |n| {
-            n.contains(".tmp-") && !crate::util::is_own_temporary(n)
-        });
+    if let Some(out) = out.as_local() {
+        for dir in [out.to_path_buf(), out.join(DATA_DIR)] {
+            sweep_temporaries(&dir, |n| {
+                n.contains(".tmp-") && !crate::util::is_own_temporary(n)
+            });
+        }
     }
     let teacher_dir = existing_teacher_dir(cfg)?;
     let ck = Checkpoint::open(&teacher_dir)?;
@@ -607,27 +628,26 @@ pub fn finalize(cfg: &PipelineConfig, out: &Path) -> Result<Manifest> {
         shards,
     };
     let schema = ShardSchema::new(task);
-    atomic_write(
-        &out.join("README.md"),
-        card::render(&manifest, &schema).as_bytes(),
-    )?;
+    out.join("README.md")
+        .put(card::render(&manifest, &schema).into())?;
     let mut timings = serde_json::Map::new();
     for i in 0..cfg.shards {
-        if let Ok(b) = std::fs::read(out.join(format!(".timing-{i:05}.json"))) {
+        if let Some(b) = out.join(&format!(".timing-{i:05}.json")).read_opt()? {
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b) {
                 timings.insert(shard_name(i, cfg.shards), v);
             }
         }
     }
-    atomic_write(
-        &out.join("timings.json"),
-        serde_json::to_string_pretty(&timings)?.as_bytes(),
-    )?;
-    let mut mf = crate::util::AtomicFile::create(&out.join("manifest.json"))?;
-    std::io::Write::write_all(&mut mf, serde_json::to_string_pretty(&manifest)?.as_bytes())
-        .with_context(|| format!("{}: write failed", out.join("manifest.json").display()))?;
-    crate::util::failpoint("manifest-write");
-    mf.commit()?;
+    out.join("timings.json")
+        .put(serde_json::to_string_pretty(&timings)?.into())?;
+    let created = out
+        .join(MANIFEST)
+        .put_new(serde_json::to_string_pretty(&manifest)?.into(), || {
+            crate::util::failpoint("manifest-write")
+        })?;
+    if !created {
+        return Err(already());
+    }
     let _ = read_manifest(out)?;
     Ok(manifest)
 }

@@ -135,8 +135,9 @@ pub fn run(o: &ReportOptions, device: &Device) -> Result<PathBuf> {
         device,
     )?;
     let manifest = read_manifest(&shards)?;
-    let timings: serde_json::Value = std::fs::read(shards.join("timings.json"))
-        .ok()
+    let timings: serde_json::Value = shards
+        .join("timings.json")
+        .read_opt()?
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
     let primary = task.primary_metric();
@@ -256,11 +257,11 @@ pub fn run(o: &ReportOptions, device: &Device) -> Result<PathBuf> {
     }
     md.push_str(&format!(
         "\nShards: `{}`. Plots: `bars.png`, `curves.png`.\n",
-        shards.display()
+        shards
     ));
     let json = serde_json::json!({
         "task": task.name, "preset": o.preset, "metric": primary, "teacher_score": teacher_score,
-        "steps": steps, "seeds": seeds, "source_examples": manifest.source_examples, "shards": shards.display().to_string(),
+        "steps": steps, "seeds": seeds, "source_examples": manifest.source_examples, "shards": shards.to_string(),
         "methods": table, "runs": runs,
     });
     atomic_write(

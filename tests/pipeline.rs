@@ -13,7 +13,7 @@ use std::process::Command;
 
 fn read_rows(dir: &Path) -> Vec<Row> {
     let schema = ShardSchema::new(augpro::glue::task("sst2").unwrap());
-    let (_, paths) = augpro::shards::manifest::shard_paths(dir).unwrap();
+    let (_, paths) = augpro::shards::manifest::shard_paths(&dir.into()).unwrap();
     let mut rows = Vec::new();
     for p in paths {
         let mut r = ShardReader::open(&p, &schema).unwrap();
@@ -758,7 +758,7 @@ fn pair_and_regression_tasks_end_to_end() {
         let dir = root.join(task).join("smoke");
         ok(&["verify", dir.to_str().unwrap()]);
         let schema = ShardSchema::new(augpro::glue::task(task).unwrap());
-        let (_, paths) = augpro::shards::manifest::shard_paths(&dir).unwrap();
+        let (_, paths) = augpro::shards::manifest::shard_paths(&dir.as_path().into()).unwrap();
         let mut r = ShardReader::open(&paths[0], &schema).unwrap();
         let rows = r.next_rows(&schema).unwrap().unwrap();
         for row in &rows {

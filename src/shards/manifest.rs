@@ -4,14 +4,17 @@
 use super::reader::ShardReader;
 use super::schema::{is_virtual, ShardSchema, METHODS};
 use crate::augment::MethodStats;
-use crate::util::sha256_file;
+use crate::storage::Location;
+use crate::util::sha256_bytes;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
 /// Version of the shard layout and manifest format.
 pub const FORMAT_VERSION: u32 = 2;
+
+/// File name of the manifest, written last: a dataset is complete when it exists.
+pub const MANIFEST: &str = "manifest.json";
 
 /// Folder of the Parquet files, as on the Hugging Face Hub.
 pub const DATA_DIR: &str = "data";
@@ -171,12 +174,14 @@ pub struct Manifest {
     pub shards: Vec<ShardSummary>,
 }
 
-/// Reads `manifest.json` from a directory, checking its format version first.
-pub fn read_manifest(dir: &Path) -> Result<Manifest> {
-    let p = dir.join("manifest.json");
-    let t = std::fs::read_to_string(&p)
-        .with_context(|| format!("{}: missing manifest (was the run finalized?)", p.display()))?;
-    parse_manifest(&t).with_context(|| format!("{}", p.display()))
+/// Reads `manifest.json` from a dataset (a directory or an object-store prefix), checking
+/// its format version first.
+pub fn read_manifest(dir: &Location) -> Result<Manifest> {
+    let p = dir.join(MANIFEST);
+    let t = p
+        .read_opt()?
+        .with_context(|| format!("{p}: missing manifest (was the run finalized?)"))?;
+    parse_manifest(&String::from_utf8_lossy(&t)).with_context(|| format!("{p}"))
 }
 
 /// Parses a manifest, refusing other format versions with a clear message.
@@ -198,8 +203,8 @@ pub fn parse_manifest(text: &str) -> Result<Manifest> {
     serde_json::from_value(v).context("not a valid augpro manifest")
 }
 
-/// Shard files of a finished directory, from its manifest, in order.
-pub fn shard_paths(dir: &Path) -> Result<(Manifest, Vec<PathBuf>)> {
+/// Shard files of a finished dataset, from its manifest, in order.
+pub fn shard_paths(dir: &Location) -> Result<(Manifest, Vec<Location>)> {
     let m = read_manifest(dir)?;
     let paths = m
         .shards
@@ -211,7 +216,7 @@ pub fn shard_paths(dir: &Path) -> Result<(Manifest, Vec<PathBuf>)> {
 }
 
 /// Checks every shard against the manifest; returns one line per problem (empty = valid).
-pub fn verify(dir: &Path) -> Result<Vec<String>> {
+pub fn verify(dir: &Location) -> Result<Vec<String>> {
     let m = read_manifest(dir)?;
     let task = crate::glue::task(&m.task)?;
     let schema = ShardSchema::new(task);
@@ -234,7 +239,7 @@ pub fn verify(dir: &Path) -> Result<Vec<String>> {
         if listed != s.rows {
             problems.push(format!(
                 "{}: shard {} lists {listed} rows in its files, manifest says {}",
-                dir.join("manifest.json").display(),
+                dir.join(MANIFEST),
                 s.index,
                 s.rows
             ));
@@ -246,10 +251,8 @@ pub fn verify(dir: &Path) -> Result<Vec<String>> {
             let got = per.get(meth).copied().unwrap_or(0);
             if got != st.rows {
                 problems.push(format!(
-                    "{}: shard {}: method `{meth}` has {got} rows, manifest says {}",
-                    dir.display(),
-                    s.index,
-                    st.rows
+                    "{dir}: shard {}: method `{meth}` has {got} rows, manifest says {}",
+                    s.index, st.rows
                 ));
             }
         }
@@ -258,23 +261,24 @@ pub fn verify(dir: &Path) -> Result<Vec<String>> {
         if !METHODS.contains(&k.as_str()) {
             problems.push(format!(
                 "{}: manifest names unknown method `{k}`",
-                dir.join("manifest.json").display()
+                dir.join(MANIFEST)
             ));
         }
     }
     let mut extra = Vec::new();
     for sub in ["", DATA_DIR] {
-        let Ok(rd) = std::fs::read_dir(dir.join(sub)) else {
-            continue;
+        let d = if sub.is_empty() {
+            dir.clone()
+        } else {
+            dir.join(sub)
         };
-        for e in rd.filter_map(|e| e.ok()) {
-            let n = e.file_name().to_string_lossy().to_string();
+        for n in d.list()? {
             let rel = if sub.is_empty() {
                 n.clone()
             } else {
                 format!("{sub}/{n}")
             };
-            if !n.starts_with('.') && !known.contains(&rel) && n != "slurm" && rel != DATA_DIR {
+            if !n.starts_with('.') && !known.contains(&rel) {
                 extra.push(rel);
             }
         }
@@ -283,7 +287,7 @@ pub fn verify(dir: &Path) -> Result<Vec<String>> {
     for n in extra {
         problems.push(format!(
             "{}: unknown file not listed in the manifest",
-            dir.join(n).display()
+            dir.join(&n)
         ));
     }
     Ok(problems)
@@ -292,7 +296,7 @@ pub fn verify(dir: &Path) -> Result<Vec<String>> {
 /// Checks one shard file: present, its sha256 and row count, its rows (method, token ids,
 /// logits width), counting rows per method into `per`.
 fn verify_file(
-    dir: &Path,
+    dir: &Location,
     f: &ShardFile,
     schema: &ShardSchema,
     m: &Manifest,
@@ -301,23 +305,28 @@ fn verify_file(
     problems: &mut Vec<String>,
 ) {
     let p = dir.join(&f.file);
-    if !p.is_file() {
-        problems.push(format!("{}: missing shard", p.display()));
-        return;
-    }
-    match sha256_file(&p) {
-        Ok(h) if h != f.sha256 => problems.push(format!(
-            "{}: sha256 {h} does not match the manifest's {}",
-            p.display(),
+    let bytes = match p.read_opt() {
+        Ok(Some(b)) => b,
+        Ok(None) => {
+            problems.push(format!("{p}: missing shard"));
+            return;
+        }
+        Err(e) => {
+            problems.push(format!("{e:#}"));
+            return;
+        }
+    };
+    let h = sha256_bytes(&bytes);
+    if h != f.sha256 {
+        problems.push(format!(
+            "{p}: sha256 {h} does not match the manifest's {}",
             f.sha256
-        )),
-        Err(e) => problems.push(format!("{}: {e:#}", p.display())),
-        _ => {}
+        ));
     }
     let virtual_file = f.file.starts_with(&format!("{DATA_DIR}/virtual-"));
     let (mut rows, mut bad_ids, mut misplaced) = (0u64, 0u64, 0u64);
     let res = (|| -> Result<()> {
-        let mut r = ShardReader::open(&p, schema)?;
+        let mut r = ShardReader::from_bytes(bytes, &p.to_string(), schema)?;
         while let Some(batch) = r.next_rows(schema)? {
             for row in batch {
                 rows += 1;
@@ -339,20 +348,15 @@ fn verify_file(
         Ok(())
     })();
     if let Err(e) = res {
-        problems.push(format!("{}: {e:#}", p.display()));
+        problems.push(format!("{p}: {e:#}"));
         return;
     }
     if rows != f.rows {
-        problems.push(format!(
-            "{}: has {rows} rows, manifest says {}",
-            p.display(),
-            f.rows
-        ));
+        problems.push(format!("{p}: has {rows} rows, manifest says {}", f.rows));
     }
     if bad_ids > 0 {
         problems.push(format!(
-            "{}: {bad_ids} rows have token ids outside the vocabulary of {vocab}",
-            p.display()
+            "{p}: {bad_ids} rows have token ids outside the vocabulary of {vocab}"
         ));
     }
     if misplaced > 0 {
@@ -361,9 +365,6 @@ fn verify_file(
         } else {
             "real token"
         };
-        problems.push(format!(
-            "{}: {misplaced} rows are not {want} rows",
-            p.display()
-        ));
+        problems.push(format!("{p}: {misplaced} rows are not {want} rows"));
     }
 }

@@ -1,44 +1,63 @@
 //! Reads shards back into [`Row`]s, streaming record batches, checking the schema.
 
 use super::schema::{Row, ShardSchema, METHODS};
+use crate::storage::Location;
 use anyhow::{bail, Context, Result};
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Float32Type, Int32Type, Int64Type, Int8Type};
+use bytes::Bytes;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use parquet::file::reader::ChunkReader;
 use std::fs::File;
-use std::path::{Path, PathBuf};
 
 /// Streams the rows of one shard file.
 pub struct ShardReader {
     reader: ParquetRecordBatchReader,
-    path: PathBuf,
+    path: String,
 }
 
 impl ShardReader {
-    /// Opens a shard and checks its schema against the task's.
-    pub fn open(path: &Path, expected: &ShardSchema) -> Result<Self> {
-        let f =
-            File::open(path).with_context(|| format!("{}: cannot open shard", path.display()))?;
-        let b = ParquetRecordBatchReaderBuilder::try_new(f)
-            .with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
+    /// Opens a shard (a local file, read as it streams, or an object fetched whole) and
+    /// checks its schema against the task's.
+    pub fn open(loc: &Location, expected: &ShardSchema) -> Result<Self> {
+        match loc.as_local() {
+            Some(p) => {
+                let f = File::open(p).with_context(|| format!("{loc}: cannot open shard"))?;
+                Self::build(f, &loc.to_string(), expected)
+            }
+            None => Self::from_bytes(loc.read()?, &loc.to_string(), expected),
+        }
+    }
+
+    /// Reads a shard held in memory; `name` is for messages.
+    pub fn from_bytes(bytes: Bytes, name: &str, expected: &ShardSchema) -> Result<Self> {
+        Self::build(bytes, name, expected)
+    }
+
+    fn build<T: ChunkReader + 'static>(
+        input: T,
+        path: &str,
+        expected: &ShardSchema,
+    ) -> Result<Self> {
+        let b = ParquetRecordBatchReaderBuilder::try_new(input)
+            .with_context(|| format!("{path}: not a readable Parquet file"))?;
         let got = b.schema();
         for field in expected.schema.fields() {
             match got.field_with_name(field.name()) {
                 Ok(g) if g.data_type() == field.data_type() => {}
                 Ok(g) => bail!(
-                    "{}: column `{}` has type {}, expected {}",
-                    path.display(),
+                    "{path}: column `{}` has type {}, expected {}",
                     field.name(),
                     g.data_type(),
                     field.data_type()
                 ),
-                Err(_) => bail!("{}: missing column `{}`", path.display(), field.name()),
+                Err(_) => bail!("{path}: missing column `{}`", field.name()),
             }
         }
         let reader = b.with_batch_size(1024).build()?;
         Ok(Self {
             reader,
-            path: path.to_path_buf(),
+            path: path.to_string(),
         })
     }
 
@@ -47,11 +66,9 @@ impl ShardReader {
         match self.reader.next() {
             None => Ok(None),
             Some(b) => {
-                let b =
-                    b.with_context(|| format!("{}: corrupt shard data", self.path.display()))?;
+                let b = b.with_context(|| format!("{}: corrupt shard data", self.path))?;
                 Ok(Some(
-                    rows_from_batch(&b, schema)
-                        .with_context(|| format!("{}", self.path.display()))?,
+                    rows_from_batch(&b, schema).with_context(|| self.path.clone())?,
                 ))
             }
         }

@@ -3,7 +3,8 @@
 
 use super::manifest::{shard_files, ShardFile};
 use super::schema::{is_virtual, Row, ShardSchema};
-use crate::util::{sha256_file, AtomicFile};
+use crate::storage::Location;
+use crate::util::{sha256_bytes, AtomicFile};
 use anyhow::{Context, Result};
 use arrow::array::{
     ArrayRef, BooleanBuilder, FixedSizeListBuilder, Float32Builder, Int32Builder, Int64Builder,
@@ -14,14 +15,37 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 use std::borrow::Borrow;
-use std::path::{Path, PathBuf};
+use std::io::Write;
 use std::sync::Arc;
+
+/// Where a shard file's bytes go while it is written: a local temporary (renamed when
+/// complete), or memory (uploaded whole when complete: an object store has no rename).
+enum Sink {
+    Local(AtomicFile),
+    Memory(Vec<u8>),
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Sink::Local(f) => f.write(buf),
+            Sink::Memory(v) => v.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Sink::Local(f) => f.flush(),
+            Sink::Memory(_) => Ok(()),
+        }
+    }
+}
 
 /// One Parquet file of a shard being written.
 struct Part {
-    writer: ArrowWriter<AtomicFile>,
+    writer: ArrowWriter<Sink>,
     file: String,
-    path: PathBuf,
+    loc: Location,
     rows: u64,
 }
 
@@ -30,12 +54,13 @@ struct Part {
 pub struct ShardWriter {
     parts: Vec<Part>,
     schema: ShardSchema,
+    index: usize,
 }
 
 impl ShardWriter {
     /// Starts shard `i` of `n` in `out` (its files are visible only after
     /// [`finish`](Self::finish)).
-    pub fn create(out: &Path, i: usize, n: usize, schema: &ShardSchema) -> Result<Self> {
+    pub fn create(out: &Location, i: usize, n: usize, schema: &ShardSchema) -> Result<Self> {
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
             .set_created_by(format!("augpro {}", env!("CARGO_PKG_VERSION")))
@@ -53,20 +78,24 @@ impl ShardWriter {
             .build();
         let mut parts = Vec::new();
         for file in shard_files(i, n) {
-            let path = out.join(&file);
-            let sink = AtomicFile::create(&path)?;
+            let loc = out.join(&file);
+            let sink = match loc.as_local() {
+                Some(p) => Sink::Local(AtomicFile::create(p)?),
+                None => Sink::Memory(Vec::new()),
+            };
             let writer = ArrowWriter::try_new(sink, schema.schema.clone(), Some(props.clone()))
-                .with_context(|| format!("{}: cannot start Parquet writer", path.display()))?;
+                .with_context(|| format!("{loc}: cannot start Parquet writer"))?;
             parts.push(Part {
                 writer,
                 file,
-                path,
+                loc,
                 rows: 0,
             });
         }
         Ok(Self {
             parts,
             schema: schema.clone(),
+            index: i,
         })
     }
 
@@ -80,24 +109,37 @@ impl ShardWriter {
             let batch = to_batch(&self.schema, &rows)?;
             part.writer
                 .write(&batch)
-                .with_context(|| format!("{}: write failed", part.path.display()))?;
+                .with_context(|| format!("{}: write failed", part.loc))?;
             part.rows += rows.len() as u64;
         }
         Ok(())
     }
 
-    /// Closes the Parquet footers, fsyncs and renames; returns each file's name, row count
-    /// and sha256.
+    /// Closes the Parquet footers, then fsyncs and renames each file (or uploads it whole);
+    /// returns each file's name, row count and sha256.
     pub fn finish(self) -> Result<Vec<ShardFile>> {
         let mut files = Vec::new();
-        for part in self.parts {
+        for (k, part) in self.parts.into_iter().enumerate() {
+            if k > 0 {
+                crate::util::failpoint(&format!("shard-upload:{}", self.index));
+            }
             let sink = part
                 .writer
                 .into_inner()
-                .with_context(|| format!("{}: cannot finish Parquet file", part.path.display()))?;
-            sink.commit()?;
+                .with_context(|| format!("{}: cannot finish Parquet file", part.loc))?;
+            let sha256 = match sink {
+                Sink::Local(f) => {
+                    f.commit()?;
+                    part.loc.sha256()?
+                }
+                Sink::Memory(bytes) => {
+                    let sha = sha256_bytes(&bytes);
+                    part.loc.put(bytes.into())?;
+                    sha
+                }
+            };
             files.push(ShardFile {
-                sha256: sha256_file(&part.path)?,
+                sha256,
                 file: part.file,
                 rows: part.rows,
             });

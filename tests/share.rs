@@ -90,7 +90,6 @@ impl Moto {
             .current_dir(cwd)
             .envs(self.env())
             .env("HF_DATASETS_CACHE", cwd.join("hf-cache"))
-            .env("HF_HUB_OFFLINE", "1")
             .output()
             .expect("python3");
         let text = format!(

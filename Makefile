@@ -40,8 +40,12 @@ rust-components:
 slurm-deps:
 	@$(call apt_install,slurm-wlm munge)
 
+# Consumers the tests load the shards with (pandas, polars, pyarrow, datasets, DuckDB), and
+# moto's S3 server with s3fs/boto3 for the object-store test.
+PY_PKGS := pyarrow polars pandas datasets duckdb s3fs boto3 'moto[server]'
 python-deps:
-	@python3 -c "import pyarrow, polars" 2>/dev/null || python3 -m pip install -q pyarrow polars || python3 -m pip install -q --break-system-packages pyarrow polars
+	@python3 -c "import pyarrow, polars, pandas, datasets, duckdb, s3fs, boto3, moto, flask, flask_cors" 2>/dev/null || \
+	  python3 -m pip install -q $(PY_PKGS) || python3 -m pip install -q --break-system-packages $(PY_PKGS)
 
 # The Python pipeline that `make bench` compares `augment` with (bench/peer.py).
 peer-deps:

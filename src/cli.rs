@@ -4,6 +4,7 @@ use crate::config::PipelineConfig;
 use crate::data::resolve_glue_dir;
 use crate::device::parse_device;
 use crate::pipeline::{self, RunOptions};
+use crate::storage::Location;
 use crate::{fetch, glue, inspect, report, shards, student, teacher};
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
@@ -177,7 +178,8 @@ pub struct AugmentArgs {
     /// Replace outputs of a different configuration.
     #[arg(long)]
     pub force: bool,
-    /// Output root (overrides the pipeline's `output`).
+    /// Output root, a path or an s3://, gs://, az:// or file:// URL (overrides the
+    /// pipeline's `output`).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Override a pipeline key, e.g. `--set methods.augpro_fgsm.epsilon_rel=0.25` (repeatable).
@@ -190,7 +192,7 @@ pub struct AugmentArgs {
 /// `train-student` flags.
 #[derive(Args, Debug)]
 pub struct StudentArgs {
-    /// Shard directory (with manifest.json).
+    /// Shard directory (with manifest.json): a path or an s3://, gs://, az:// or file:// URL.
     #[arg(long)]
     pub shards: PathBuf,
     /// GLUE task.
@@ -320,7 +322,7 @@ pub struct ReportArgs {
 /// `inspect` flags.
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// Shard directory.
+    /// Shard directory: a path or an object-store URL.
     pub dir: PathBuf,
     /// Example rows to print per method.
     #[arg(short, default_value_t = 2)]
@@ -330,7 +332,7 @@ pub struct InspectArgs {
 /// `verify` flags.
 #[derive(Args, Debug)]
 pub struct VerifyArgs {
-    /// Shard directory.
+    /// Shard directory: a path or an object-store URL.
     pub dir: PathBuf,
 }
 
@@ -459,12 +461,11 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             let out = pipeline::run(&cfg, &opts, &device)?;
             if a.teacher_only {
-                println!("teacher: {}", out.display());
+                println!("teacher: {out}");
             } else if shard_index.is_none() {
                 let m = shards::manifest::read_manifest(&out)?;
                 println!(
-                    "shards: {} ({} rows, {} shard(s))",
-                    out.display(),
+                    "shards: {out} ({} rows, {} shard(s))",
                     m.rows,
                     m.shards.len()
                 );
@@ -515,7 +516,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 ..Default::default()
             };
             let m = student::train(
-                &a.shards,
+                &Location::from_arg(&a.shards)?,
                 task,
                 &resolve_glue_dir(a.dev.glue_dir.as_deref()),
                 &a.out,
@@ -547,12 +548,13 @@ pub fn run(cli: Cli) -> Result<()> {
             let dir = report::run(&opts, &device)?;
             println!("report: {}", dir.join("results.md").display());
         }
-        Command::Inspect(a) => inspect::print(&a.dir, a.n)?,
+        Command::Inspect(a) => inspect::print(&Location::from_arg(&a.dir)?, a.n)?,
         Command::Verify(a) => {
-            let problems = shards::manifest::verify(&a.dir)?;
+            let dir = Location::from_arg(&a.dir)?;
+            let problems = shards::manifest::verify(&dir)?;
             if problems.is_empty() {
                 println!("{}: ok", a.dir.display());
-                let m = shards::manifest::read_manifest(&a.dir)?;
+                let m = shards::manifest::read_manifest(&dir)?;
                 println!("  {}", shards::manifest::reproducibility_note(&m));
             } else {
                 for p in &problems {

@@ -4,23 +4,29 @@
 use crate::shards::manifest::shard_paths;
 use crate::shards::reader::ShardReader;
 use crate::shards::{Row, ShardSchema};
+use crate::storage::Location;
 use anyhow::Result;
 use polars::prelude::*;
 use std::collections::HashMap;
-use std::path::Path;
 
 /// Per-method row counts and changed-token statistics over every shard of `dir`.
-pub fn method_table(dir: &Path) -> Result<DataFrame> {
+pub fn method_table(dir: &Location) -> Result<DataFrame> {
     let (_, paths) = shard_paths(dir)?;
     let frames = paths
         .iter()
-        .map(|p| {
-            LazyFrame::scan_parquet(
-                PlRefPath::new(p.to_string_lossy().to_string()),
-                ScanArgsParquet::default(),
-            )
+        .map(|loc| -> Result<LazyFrame> {
+            Ok(match loc.as_local() {
+                Some(p) => LazyFrame::scan_parquet(
+                    PlRefPath::new(p.to_string_lossy().to_string()),
+                    ScanArgsParquet::default(),
+                )?,
+                // polars is built without its cloud readers: fetch the object, read it here.
+                None => ParquetReader::new(std::io::Cursor::new(loc.read()?))
+                    .finish()?
+                    .lazy(),
+            })
         })
-        .collect::<PolarsResult<Vec<_>>>()?;
+        .collect::<Result<Vec<_>>>()?;
     let lf = concat(frames, UnionArgs::default())?;
     let df = lf
         .group_by([col("method")])
@@ -43,16 +49,15 @@ pub fn method_table(dir: &Path) -> Result<DataFrame> {
         ])
         .sort(["method"], SortMultipleOptions::default())
         .collect()
-        .map_err(|e| anyhow::anyhow!("{}: polars query failed: {e}", dir.display()))?;
+        .map_err(|e| anyhow::anyhow!("{dir}: polars query failed: {e}"))?;
     Ok(df)
 }
 
 /// Prints the diagnostics table and `n` example rows per method with their sources.
-pub fn print(dir: &Path, n: usize) -> Result<()> {
+pub fn print(dir: &Location, n: usize) -> Result<()> {
     let (m, paths) = shard_paths(dir)?;
     println!(
-        "{} — task {}, {} rows in {} shard(s), teacher {}",
-        dir.display(),
+        "{dir} — task {}, {} rows in {} shard(s), teacher {}",
         m.task,
         m.rows,
         m.shards.len(),
@@ -66,7 +71,7 @@ pub fn print(dir: &Path, n: usize) -> Result<()> {
     for (k, d) in &m.diagnostics {
         println!("  {}", d.summary(k, m.num_labels == 1));
     }
-    if let Ok(t) = std::fs::read(dir.join("timings.json")) {
+    if let Some(t) = dir.join("timings.json").read_opt()? {
         let t: serde_json::Value = serde_json::from_slice(&t)?;
         let mut per: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
         for shard in t.as_object().into_iter().flat_map(|o| o.values()) {
@@ -88,15 +93,20 @@ pub fn print(dir: &Path, n: usize) -> Result<()> {
     }
     let task = crate::glue::task(&m.task)?;
     let schema = ShardSchema::new(task);
-    let Some(first) = paths.first() else {
-        return Ok(());
-    };
-    let mut r = ShardReader::open(first, &schema)?;
+    // Example rows come from the first shard's files (real and virtual rows).
+    let first = m.shards.first().map(|s| s.files.len()).unwrap_or(0);
     let mut rows: Vec<Row> = Vec::new();
-    while rows.len() < 8192 {
-        match r.next_rows(&schema)? {
-            Some(b) => rows.extend(b),
-            None => break,
+    for p in paths.iter().take(first) {
+        let mut r = ShardReader::open(p, &schema)?;
+        let mut got = 0;
+        while got < 8192 {
+            match r.next_rows(&schema)? {
+                Some(b) => {
+                    got += b.len();
+                    rows.extend(b)
+                }
+                None => break,
+            }
         }
     }
     let originals: HashMap<i64, &Row> = rows

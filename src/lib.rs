@@ -19,6 +19,7 @@ pub mod precision;
 pub mod report;
 pub mod shards;
 pub mod slurm;
+pub mod storage;
 pub mod student;
 pub mod teacher;
 pub mod timing;

@@ -9,11 +9,12 @@ use crate::glue::{self, TaskSpec};
 use crate::model::Checkpoint;
 use crate::shards::card;
 use crate::shards::manifest::{
-    read_manifest, shard_name, summary_name, Manifest, MethodDiagnostics, ShardSummary,
-    FORMAT_VERSION,
+    read_manifest, shard_files, shard_name, summary_name, Manifest, MethodDiagnostics,
+    ShardSummary, DATA_DIR, FORMAT_VERSION, MANIFEST,
 };
 use crate::shards::writer::ShardWriter;
 use crate::shards::{MethodStats, ShardSchema};
+use crate::storage::Location;
 use crate::teacher::{self, Teacher};
 use crate::util::{atomic_write, derive_seed, sha256_bytes, sha256_file};
 use anyhow::{bail, Context, Result};
@@ -43,17 +44,25 @@ pub struct RunOptions {
     pub dtype: Option<String>,
 }
 
-/// The directory a pipeline writes: `<output root>/<task>/<name>`.
-pub fn output_dir(cfg: &PipelineConfig, output_override: Option<&Path>) -> PathBuf {
-    output_override
-        .unwrap_or(&cfg.output)
+/// The location a pipeline writes: `<output root>/<task>/<name>`, where the root is a path
+/// or an object-store URL.
+pub fn output_dir(cfg: &PipelineConfig, output_override: Option<&Path>) -> Result<Location> {
+    Ok(Location::from_arg(output_override.unwrap_or(&cfg.output))?
         .join(&cfg.task)
-        .join(&cfg.name)
+        .join(&cfg.name))
 }
 
-/// True when shard `i` of `n` is complete in `out` (its file and its summary exist).
-pub fn shard_complete(out: &Path, i: usize, n: usize) -> bool {
-    out.join(summary_name(i, n)).is_file() && out.join(shard_name(i, n)).is_file()
+/// True when shard `i` of `n` is complete in `out` (its summary and its files exist).
+pub fn shard_complete(out: &Location, i: usize, n: usize) -> Result<bool> {
+    if !out.join(&summary_name(i, n)).exists()? {
+        return Ok(false);
+    }
+    for f in shard_files(i, n) {
+        if !out.join(&f).exists()? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// True when the pipeline's teacher checkpoint exists (given, or trained and cached).
@@ -64,9 +73,59 @@ pub fn teacher_ready(cfg: &PipelineConfig) -> Result<bool> {
     )
 }
 
-/// sha256 of the configuration as canonical JSON.
+/// sha256 of what the configuration means, not where it runs: canonical JSON (sorted keys)
+/// without the output's place and name (`output`, `name`, `teacher.cache_dir`), with every
+/// model path replaced by the sha256 of its weights. Two teams with the same inputs get the
+/// same hash wherever their files are.
 pub fn config_sha256(cfg: &PipelineConfig) -> Result<String> {
-    Ok(sha256_bytes(serde_json::to_string(cfg)?.as_bytes()))
+    let weights = |p: &Path| -> Result<serde_json::Value> {
+        Ok(serde_json::json!({ "weights_sha256": Checkpoint::open(p)?.weights_sha256()? }))
+    };
+    let mut v = serde_json::to_value(cfg)?;
+    let o = v
+        .as_object_mut()
+        .context("configuration is not an object")?;
+    o.remove("name");
+    o.remove("output");
+    let t = &mut o["teacher"];
+    if let Some(t) = t.as_object_mut() {
+        t.remove("cache_dir");
+    }
+    match &cfg.teacher.checkpoint {
+        Some(c) => {
+            t["checkpoint"] = weights(c)?;
+            t["model"] = serde_json::Value::Null;
+        }
+        None => t["model"] = weights(&cfg.teacher.model)?,
+    }
+    for (name, m) in [
+        ("augpro_fgsm", &cfg.methods.augpro_fgsm),
+        ("fgsm", &cfg.methods.fgsm),
+    ] {
+        if let Some(p) = m.as_ref().and_then(|m| m.student.as_ref()) {
+            o["methods"][name]["student"] = weights(p)?;
+        }
+    }
+    Ok(sha256_bytes(v.to_string().as_bytes()))
+}
+
+/// The source split's files (names within the task folder) and their sha256s.
+pub fn source_files(
+    glue_dir: &Path,
+    task: &TaskSpec,
+    split: &str,
+) -> Result<BTreeMap<String, String>> {
+    split_files(glue_dir, task, split)?
+        .iter()
+        .map(|f| {
+            let name = f
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .to_string();
+            Ok((name, sha256_file(f)?))
+        })
+        .collect()
 }
 
 /// Returns the teacher checkpoint directory, training (and caching) one if needed.
@@ -167,9 +226,9 @@ pub fn shard_range(total: usize, i: usize, n: usize) -> (usize, usize) {
     (total * i / n, total * (i + 1) / n)
 }
 
-/// Runs a pipeline: teacher, shards, finalize. Returns the output directory (the teacher
+/// Runs a pipeline: teacher, shards, finalize. Returns the output location (the teacher
 /// checkpoint directory with `teacher_only`).
-pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Result<PathBuf> {
+pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Result<Location> {
     let mut cfg = cfg_in.clone();
     if let Some(n) = opts.num_shards {
         if n == 0 {
@@ -192,9 +251,9 @@ pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Resul
     // changes nothing inside it.
     if opts.teacher_only {
         let dir = ensure_teacher(&cfg, &glue_dir, device)?;
-        return Ok(dir);
+        return Ok(Location::Local(dir));
     }
-    let out = output_dir(&cfg, opts.output.as_deref());
+    let out = output_dir(&cfg, opts.output.as_deref())?;
     let cfg_hash = config_sha256(&cfg)?;
     prepare_out_dir(&out, &cfg_hash, opts.force)?;
     if opts.finalize_only {
@@ -223,7 +282,7 @@ pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Resul
         None => (0..cfg.shards).collect(),
     };
     for i in shards {
-        if shard_complete(&out, i, cfg.shards) {
+        if shard_complete(&out, i, cfg.shards)? {
             eprintln!("shard {i}/{}: already complete, skipped", cfg.shards);
             continue;
         }
@@ -239,7 +298,11 @@ pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Resul
         )?;
     }
     if opts.shard_index.is_none() {
-        finalize(&cfg, &out)?;
+        if out.join(MANIFEST).exists()? {
+            eprintln!("{out}: already finalized");
+        } else {
+            finalize(&cfg, &out)?;
+        }
     }
     Ok(out)
 }
@@ -271,17 +334,17 @@ fn sweep_temporaries(dir: &Path, doomed: impl Fn(&str) -> bool) {
 /// Checks the shard summaries already in `out` with `differs`; on the first mismatch it
 /// fails with `what` in the message, or with `force` clears the directory.
 fn check_summaries(
-    out: &Path,
+    out: &Location,
     force: bool,
     what: &str,
     differs: impl Fn(&ShardSummary) -> bool,
 ) -> Result<()> {
-    for e in std::fs::read_dir(out)?.filter_map(|e| e.ok()) {
-        let name = e.file_name().to_string_lossy().to_string();
+    for name in out.list()? {
         if !name.ends_with(".done.json") || name.contains(".tmp-") {
             continue;
         }
-        let parsed: Result<ShardSummary, _> = serde_json::from_slice(&std::fs::read(e.path())?);
+        let loc = out.join(&name);
+        let parsed: Result<ShardSummary, _> = serde_json::from_slice(&loc.read()?);
         let mismatch = match &parsed {
             Ok(s) => differs(s),
             Err(_) => true,
@@ -289,40 +352,52 @@ fn check_summaries(
         if mismatch {
             if !force {
                 if let Err(err) = parsed {
-                    bail!("{}: unreadable shard summary ({err}; written by another augpro version?); use --force to replace the directory's shards", e.path().display());
+                    bail!("{loc}: unreadable shard summary ({err}; written by another augpro version?); use --force to replace the directory's shards");
                 }
-                bail!(
-                    "{}: holds shards of {what} (use --force to replace them, or another `name`)",
-                    out.display()
-                );
+                bail!("{out}: holds shards of {what} (use --force to replace them, or another `name`)");
             }
-            for f in std::fs::read_dir(out)?.filter_map(|e| e.ok()) {
-                let _ = std::fs::remove_file(f.path());
-            }
-            return Ok(());
+            return clear(out);
         }
+    }
+    Ok(())
+}
+
+/// Removes every file of a dataset: its shards, summaries, manifest and card.
+fn clear(out: &Location) -> Result<()> {
+    let data = out.join(DATA_DIR);
+    for n in data.list()? {
+        data.join(&n).remove()?;
+    }
+    for n in out.list()? {
+        out.join(&n).remove()?;
+    }
+    if let Some(d) = data.as_local() {
+        let _ = std::fs::remove_dir_all(d);
     }
     Ok(())
 }
 
 /// Refuses to add shards made with different teacher weights (a checkpoint retrained in
 /// place) to a directory, unless `force`.
-fn check_same_teacher(out: &Path, teacher_sha: &str, force: bool) -> Result<()> {
+fn check_same_teacher(out: &Location, teacher_sha: &str, force: bool) -> Result<()> {
     check_summaries(out, force, "different teacher weights", |s| {
         s.teacher_sha256 != teacher_sha
     })
 }
 
-/// Creates the output directory, checks it is writable, removes dead temporaries, and
-/// refuses outputs of a different configuration unless `force`.
-pub fn prepare_out_dir(out: &Path, cfg_hash: &str, force: bool) -> Result<()> {
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("{}: cannot create output directory", out.display()))?;
-    sweep_dead_temporaries(out);
-    let probe = out.join(format!(".write-test-{}", std::process::id()));
-    std::fs::write(&probe, b"")
-        .with_context(|| format!("{}: output directory is not writable", out.display()))?;
-    let _ = std::fs::remove_file(&probe);
+/// Creates the output directory (a local one: checks it is writable and removes dead
+/// temporaries), and refuses outputs of a different configuration unless `force`.
+pub fn prepare_out_dir(out: &Location, cfg_hash: &str, force: bool) -> Result<()> {
+    if let Some(dir) = out.as_local() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create output directory", dir.display()))?;
+        sweep_dead_temporaries(dir);
+        sweep_dead_temporaries(&dir.join(DATA_DIR));
+        let probe = dir.join(format!(".write-test-{}", std::process::id()));
+        std::fs::write(&probe, b"")
+            .with_context(|| format!("{}: output directory is not writable", dir.display()))?;
+        let _ = std::fs::remove_file(&probe);
+    }
     check_summaries(out, force, "a different pipeline configuration", |s| {
         s.config_sha256 != cfg_hash
     })
@@ -339,13 +414,12 @@ fn run_shard(
     glue_dir: &Path,
     total: usize,
     i: usize,
-    out: &Path,
+    out: &Location,
 ) -> Result<()> {
     let task = glue::task(&cfg.task)?;
     let (start, end) = shard_range(total, i, cfg.shards);
     let schema = ShardSchema::new(task);
-    let path = out.join(shard_name(i, cfg.shards));
-    let mut writer = ShardWriter::create(&path, &schema)?;
+    let mut writer = ShardWriter::create(out, i, cfg.shards, &schema)?;
     tracing::info!(
         "shard {i}/{}: augmenting source examples {start}..{end}",
         cfg.shards
@@ -434,17 +508,18 @@ fn run_shard(
         &mut writer,
     )?;
     pb.finish_and_clear();
-    let rows = {
+    let files = {
         let _t = crate::timing::stage("write");
         writer.finish()?
     };
+    let rows: u64 = files.iter().map(|f| f.rows).sum();
     let summary = ShardSummary {
-        file: shard_name(i, cfg.shards),
         index: i,
+        files,
+        source_sha256: source_files(glue_dir, task, &cfg.split)?,
         source_examples: handled,
         truncated_examples: truncated,
-        rows: rows as u64,
-        sha256: sha256_file(&path)?,
+        rows,
         config_sha256: cfg_hash.to_string(),
         teacher_sha256: teacher_sha.to_string(),
         methods: stats,
@@ -454,14 +529,10 @@ fn run_shard(
     };
     let times = crate::timing::take();
     let timing = serde_json::json!({ "seconds": t0.elapsed().as_secs_f64(), "examples": handled, "method_seconds": times.methods, "stage_seconds": times.stages });
-    atomic_write(
-        &out.join(format!(".timing-{i:05}.json")),
-        timing.to_string().as_bytes(),
-    )?;
-    atomic_write(
-        &out.join(summary_name(i, cfg.shards)),
-        serde_json::to_string_pretty(&summary)?.as_bytes(),
-    )?;
+    out.join(&format!(".timing-{i:05}.json"))
+        .put(timing.to_string().into())?;
+    out.join(&summary_name(i, cfg.shards))
+        .put(serde_json::to_string_pretty(&summary)?.into())?;
     crate::util::failpoint("shard-done");
     eprintln!(
         "shard {i}/{}: {rows} rows from {handled} examples in {:.1}s",
@@ -471,66 +542,79 @@ fn run_shard(
     Ok(())
 }
 
-/// Writes `manifest.json`, the dataset card and `timings.json` from the finished shards.
-pub fn finalize(cfg: &PipelineConfig, out: &Path) -> Result<Manifest> {
+/// Writes the dataset card, `timings.json` and, last and only if it does not exist yet,
+/// `manifest.json` from the finished shards. A dataset is complete exactly when its manifest
+/// exists; a second finalizer is refused.
+pub fn finalize(cfg: &PipelineConfig, out: &Location) -> Result<Manifest> {
     let task = glue::task(&cfg.task)?;
     let cfg_hash = config_sha256(cfg)?;
+    let already =
+        || anyhow::anyhow!("{out}: already finalized (manifest.json exists); nothing was written");
+    if out.join(MANIFEST).exists()? {
+        return Err(already());
+    }
     let mut shards = Vec::new();
     let mut missing = Vec::new();
     for i in 0..cfg.shards {
-        let p = out.join(summary_name(i, cfg.shards));
-        match std::fs::read(&p) {
-            Ok(b) => {
+        let p = out.join(&summary_name(i, cfg.shards));
+        match p.read_opt()? {
+            Some(b) => {
                 let s: ShardSummary = serde_json::from_slice(&b)
-                    .with_context(|| format!("{}: unreadable shard summary", p.display()))?;
+                    .with_context(|| format!("{p}: unreadable shard summary"))?;
                 if s.config_sha256 != cfg_hash {
-                    bail!(
-                        "{}: shard was made by a different configuration",
-                        p.display()
-                    );
+                    bail!("{p}: shard was made by a different configuration");
                 }
-                let h = sha256_file(&out.join(&s.file))?;
-                if h != s.sha256 {
-                    bail!(
-                        "{}: sha256 does not match its summary (rerun the shard)",
-                        out.join(&s.file).display()
-                    );
+                for f in &s.files {
+                    let loc = out.join(&f.file);
+                    // A local file is hashed again; an object was uploaded whole from the
+                    // bytes its summary hashed, so it only has to exist.
+                    let ok = if loc.is_remote() {
+                        loc.exists()?
+                    } else {
+                        loc.sha256()? == f.sha256
+                    };
+                    if !ok {
+                        bail!("{loc}: missing or does not match its summary (rerun the shard)");
+                    }
                 }
                 shards.push(s);
             }
-            Err(_) => missing.push(i),
+            None => missing.push(i),
         }
+    }
+    if shards
+        .windows(2)
+        .any(|w| w[0].source_sha256 != w[1].source_sha256)
+    {
+        bail!("{out}: shards were made from different source files; rerun them with --force");
     }
     if shards
         .windows(2)
         .any(|w| w[0].teacher_sha256 != w[1].teacher_sha256)
     {
-        bail!(
-            "{}: shards were made with different teacher weights; rerun them with --force",
-            out.display()
-        );
+        bail!("{out}: shards were made with different teacher weights; rerun them with --force");
     }
     if shards
         .windows(2)
         .any(|w| (&w[0].device, &w[0].dtype) != (&w[1].device, &w[1].dtype))
     {
-        bail!(
-            "{}: shards were made on different devices or dtypes; rerun them with --force",
-            out.display()
-        );
+        bail!("{out}: shards were made on different devices or dtypes; rerun them with --force");
     }
     if !missing.is_empty() {
         bail!(
-            "{}: shards {missing:?} of {} are not complete; run them before finalize",
-            out.display(),
+            "{out}: shards {missing:?} of {} are not complete; run them before finalize",
             cfg.shards
         );
     }
     // Every shard is complete, so no worker writes here any more: temporaries left by
     // interrupted workers on any host go.
-    sweep_temporaries(out, |n| {
-        n.contains(".tmp-") && !crate::util::is_own_temporary(n)
-    });
+    if let Some(out) = out.as_local() {
+        for dir in [out.to_path_buf(), out.join(DATA_DIR)] {
+            sweep_temporaries(&dir, |n| {
+                n.contains(".tmp-") && !crate::util::is_own_temporary(n)
+            });
+        }
+    }
     let teacher_dir = existing_teacher_dir(cfg)?;
     let ck = Checkpoint::open(&teacher_dir)?;
     let tmetrics: serde_json::Value = std::fs::read(teacher_dir.join("metrics.json"))
@@ -550,6 +634,12 @@ pub fn finalize(cfg: &PipelineConfig, out: &Path) -> Result<Manifest> {
         augpro_version: env!("CARGO_PKG_VERSION").into(),
         task: task.name.into(),
         split: cfg.split.clone(),
+        source: serde_json::json!({
+            "dataset": crate::shards::card::SOURCE_DATASET,
+            "config": task.name,
+            "split": cfg.split,
+            "files_sha256": shards[0].source_sha256,
+        }),
         seed: cfg.seed,
         config: serde_json::to_value(cfg)?,
         config_sha256: cfg_hash,
@@ -581,27 +671,26 @@ pub fn finalize(cfg: &PipelineConfig, out: &Path) -> Result<Manifest> {
         shards,
     };
     let schema = ShardSchema::new(task);
-    atomic_write(
-        &out.join("README.md"),
-        card::render(&manifest, &schema).as_bytes(),
-    )?;
+    out.join("README.md")
+        .put(card::render(&manifest, &schema).into())?;
     let mut timings = serde_json::Map::new();
     for i in 0..cfg.shards {
-        if let Ok(b) = std::fs::read(out.join(format!(".timing-{i:05}.json"))) {
+        if let Some(b) = out.join(&format!(".timing-{i:05}.json")).read_opt()? {
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b) {
                 timings.insert(shard_name(i, cfg.shards), v);
             }
         }
     }
-    atomic_write(
-        &out.join("timings.json"),
-        serde_json::to_string_pretty(&timings)?.as_bytes(),
-    )?;
-    let mut mf = crate::util::AtomicFile::create(&out.join("manifest.json"))?;
-    std::io::Write::write_all(&mut mf, serde_json::to_string_pretty(&manifest)?.as_bytes())
-        .with_context(|| format!("{}: write failed", out.join("manifest.json").display()))?;
-    crate::util::failpoint("manifest-write");
-    mf.commit()?;
+    out.join("timings.json")
+        .put(serde_json::to_string_pretty(&timings)?.into())?;
+    let created = out
+        .join(MANIFEST)
+        .put_new(serde_json::to_string_pretty(&manifest)?.into(), || {
+            crate::util::failpoint("manifest-write")
+        })?;
+    if !created {
+        return Err(already());
+    }
     let _ = read_manifest(out)?;
     Ok(manifest)
 }

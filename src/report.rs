@@ -134,8 +134,9 @@ pub fn run(o: &ReportOptions, device: &Device) -> Result<PathBuf> {
         device,
     )?;
     let manifest = read_manifest(&shards)?;
-    let timings: serde_json::Value = std::fs::read(shards.join("timings.json"))
-        .ok()
+    let timings: serde_json::Value = shards
+        .join("timings.json")
+        .read_opt()?
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
     let primary = task.primary_metric();
@@ -255,12 +256,12 @@ pub fn run(o: &ReportOptions, device: &Device) -> Result<PathBuf> {
     }
     md.push_str(&format!(
         "\nShards: `{}`. Validation inputs truncated to {} tokens. Plots: `bars.png`, `curves.png`.\n",
-        shards.display(),
+        shards,
         crate::teacher::EVAL_MAX_SEQ_LEN
     ));
     let json = serde_json::json!({
         "task": task.name, "preset": o.preset, "metric": primary, "teacher_score": teacher_score,
-        "steps": steps, "seeds": seeds, "source_examples": manifest.source_examples, "shards": shards.display().to_string(),
+        "steps": steps, "seeds": seeds, "source_examples": manifest.source_examples, "shards": shards.to_string(),
         "eval_max_seq_len": crate::teacher::EVAL_MAX_SEQ_LEN,
         "methods": table, "runs": runs,
     });

@@ -6,6 +6,8 @@
 use crate::config::PipelineConfig;
 use crate::data::resolve_glue_dir;
 use crate::pipeline;
+use crate::shards::manifest::MANIFEST;
+use crate::storage::Location;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -116,19 +118,38 @@ pub fn plan(o: &SubmitOptions) -> Result<Plan> {
     cfg.shards = o.shards;
     cfg.validate()
         .with_context(|| o.pipeline.display().to_string())?;
-    let out_root = absolute(o.out.as_deref().unwrap_or(&cfg.output))?;
-    let out = pipeline::output_dir(&cfg, Some(&out_root));
-    if out.is_dir() {
+    let root = o.out.as_deref().unwrap_or(&cfg.output);
+    let out_root = if Location::from_arg(root)?.is_remote() {
+        root.to_path_buf()
+    } else {
+        absolute(root)?
+    };
+    let loc = pipeline::output_dir(&cfg, Some(&out_root))?;
+    let exists = match loc.as_local() {
+        Some(d) => d.is_dir(),
+        None => true,
+    };
+    if exists {
         // The same refusals as a local run: never mix configurations in one directory.
-        pipeline::prepare_out_dir(&out, &pipeline::config_sha256(&cfg)?, false)?;
+        pipeline::prepare_out_dir(&loc, &pipeline::config_sha256(&cfg)?, false)?;
     }
-    let missing: Vec<usize> = (0..o.shards)
-        .filter(|&i| !pipeline::shard_complete(&out, i, o.shards))
-        .collect();
-    let finalized = missing.is_empty() && out.join("manifest.json").is_file();
-    let script_dir = out.join("slurm");
+    let mut missing = Vec::new();
+    for i in 0..o.shards {
+        if !pipeline::shard_complete(&loc, i, o.shards)? {
+            missing.push(i);
+        }
+    }
+    let finalized = missing.is_empty() && loc.join(MANIFEST).exists()?;
     let exe = std::env::current_exe().context("cannot locate the augpro binary")?;
     let workdir = std::env::current_dir()?;
+    // Scripts and job logs go next to the shards, or for a bucket to ./slurm/<task>/<name>.
+    let (out, script_dir) = match loc.as_local() {
+        Some(p) => (p.to_path_buf(), p.join("slurm")),
+        None => (
+            PathBuf::from(loc.to_string()),
+            workdir.join("slurm").join(&cfg.task).join(&cfg.name),
+        ),
+    };
     let glue = absolute(&resolve_glue_dir(o.glue_dir.as_deref()))?;
     let pipeline_file = absolute(&o.pipeline)?;
     let mut common = vec![

@@ -14,6 +14,7 @@ use crate::model::{Checkpoint, Ctx, SeqClassifier};
 use crate::shards::manifest::shard_paths;
 use crate::shards::reader::ShardReader;
 use crate::shards::{Row, ShardSchema};
+use crate::storage::Location;
 use crate::teacher::{evaluate, label_names};
 use crate::tokenize::TextTokenizer;
 use crate::train::{kd_loss, supervised_loss, Batch, Optim};
@@ -109,7 +110,7 @@ pub struct CurvePoint {
 
 /// Streams rows of the selected methods from shards, through a seeded shuffle buffer.
 struct RowStream {
-    paths: Vec<PathBuf>,
+    paths: Vec<Location>,
     next: usize,
     reader: Option<ShardReader>,
     pending: Vec<Row>,
@@ -122,7 +123,7 @@ struct RowStream {
 
 impl RowStream {
     fn new(
-        paths: Vec<PathBuf>,
+        paths: Vec<Location>,
         schema: ShardSchema,
         methods: Vec<String>,
         cap: usize,
@@ -314,7 +315,7 @@ fn batch_loss(
 /// Trains a student from the shards in `shards_dir` and writes a checkpoint and
 /// `metrics.json` to `out`.
 pub fn train(
-    shards_dir: &Path,
+    shards_dir: &Location,
     task: &'static TaskSpec,
     glue_dir: &Path,
     out: &Path,
@@ -325,7 +326,7 @@ pub fn train(
     if manifest.task != task.name {
         bail!(
             "{}: shards are for task `{}`, not `{}`",
-            shards_dir.display(),
+            shards_dir,
             manifest.task,
             task.name
         );
@@ -370,11 +371,7 @@ pub fn train(
         })
         .sum();
     if rows_available == 0 {
-        bail!(
-            "{}: no rows for methods {:?}",
-            shards_dir.display(),
-            cfg.methods
-        );
+        bail!("{}: no rows for methods {:?}", shards_dir, cfg.methods);
     }
     let per_epoch = rows_available.div_ceil(cfg.optim.batch_size);
     let total = cfg.max_steps.unwrap_or(per_epoch * cfg.epochs.max(1));

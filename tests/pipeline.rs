@@ -13,7 +13,7 @@ use std::process::Command;
 
 fn read_rows(dir: &Path) -> Vec<Row> {
     let schema = ShardSchema::new(augpro::glue::task("sst2").unwrap());
-    let (_, paths) = augpro::shards::manifest::shard_paths(dir).unwrap();
+    let (_, paths) = augpro::shards::manifest::shard_paths(&dir.into()).unwrap();
     let mut rows = Vec::new();
     for p in paths {
         let mut r = ShardReader::open(&p, &schema).unwrap();
@@ -78,15 +78,18 @@ fn smoke_pipeline_end_to_end() {
     ]);
     assert!(text.contains("shards:"), "{text}");
     let names = files(&a);
-    for f in [
-        "manifest.json",
-        "README.md",
-        "timings.json",
-        "train-00000-of-00002.parquet",
-        "train-00001-of-00002.parquet",
-    ] {
-        assert!(names.contains(&f.to_string()), "{f} missing in {names:?}");
+    for f in ["manifest.json", "README.md", "timings.json"]
+        .into_iter()
+        .chain(SHARD_FILES)
+    {
+        assert!(a.join(f).is_file(), "{f} missing in {names:?}");
     }
+    let data = files(&a.join("data"));
+    assert_eq!(
+        data,
+        SHARD_FILES.map(|f| f[5..].to_string()),
+        "data/ holds the shards only"
+    );
     assert!(
         !names.iter().any(|n| n.contains(".tmp-")),
         "no temporary file left: {names:?}"
@@ -100,6 +103,13 @@ fn smoke_pipeline_end_to_end() {
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(a.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["source_examples"], 64);
+    let src = common::glue_dir().join("sst2/train-00000-of-00001.parquet");
+    assert_eq!(
+        manifest["source"]["files_sha256"]["train-00000-of-00001.parquet"],
+        augpro::util::sha256_file(&src).unwrap().as_str(),
+        "{}",
+        manifest["source"]
+    );
     assert_eq!(rows.len() as u64, manifest["rows"].as_u64().unwrap());
     let tok = augpro::tokenize::TextTokenizer::load(&common::model_dir(), 128).unwrap();
     let originals: HashMap<i64, &Row> = rows
@@ -202,12 +212,10 @@ fn smoke_pipeline_end_to_end() {
         b_root.to_str().unwrap(),
         "--finalize",
     ]);
-    for f in [
-        "train-00000-of-00002.parquet",
-        "train-00001-of-00002.parquet",
-        "manifest.json",
-        "README.md",
-    ] {
+    for f in ["manifest.json", "README.md"]
+        .into_iter()
+        .chain(SHARD_FILES)
+    {
         let (x, y) = (
             std::fs::read(a.join(f)).unwrap(),
             std::fs::read(b.join(f)).unwrap(),
@@ -216,7 +224,7 @@ fn smoke_pipeline_end_to_end() {
     }
 
     // Rerun: complete shards are skipped and nothing changes.
-    let before = std::fs::read(a.join("train-00000-of-00002.parquet")).unwrap();
+    let before = std::fs::read(a.join(SHARD_FILES[0])).unwrap();
     let text = ok(&[
         "augment",
         "pipelines/smoke.toml",
@@ -225,7 +233,7 @@ fn smoke_pipeline_end_to_end() {
     ]);
     assert!(text.contains("already complete, skipped"), "{text}");
     assert!(
-        before == std::fs::read(a.join("train-00000-of-00002.parquet")).unwrap(),
+        before == std::fs::read(a.join(SHARD_FILES[0])).unwrap(),
         "a skipped shard is untouched"
     );
 
@@ -273,13 +281,13 @@ fn smoke_pipeline_end_to_end() {
 import pyarrow as pa, pyarrow.parquet as pq, polars as pl, json, glob
 d = "{dir}"
 m = json.load(open(d + "/manifest.json"))
-t = pq.read_table(glob.glob(d + "/train-00000-*.parquet")[0])
+t = pq.read_table(glob.glob(d + "/data/train-00000-*.parquet")[0])
 assert t.schema.field("input_ids").type == pa.list_(pa.int32()), t.schema
 assert t.schema.field("token_type_ids").type == pa.list_(pa.int8()), t.schema
 assert t.schema.field("teacher_logits").type == pa.list_(pa.float32(), 2), t.schema
 assert t.schema.field("label").type == pa.int64() and t.schema.field("idx").type == pa.int32(), t.schema
-assert t.num_rows == m["shards"][0]["rows"]
-df = pl.read_parquet(d + "/train-*.parquet")
+assert t.num_rows == m["shards"][0]["files"][0]["rows"]
+df = pl.read_parquet(d + "/data/*.parquet")
 assert df.height == m["rows"], (df.height, m["rows"])
 assert set(df["method"].unique()) == {{"original","augpro_mix","augpro_fgsm","token_replace","mixup","fgsm"}}
 assert df.schema["label"] == pl.Int64 and df.schema["idx"] == pl.Int32
@@ -287,16 +295,8 @@ print("interop ok", df.height)
 "#,
         dir = a.display()
     );
-    let o = Command::new("python3")
-        .arg("-c")
-        .arg(&py)
-        .output()
-        .expect("python3");
-    assert!(
-        o.status.success(),
-        "python interop failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    python(&py, &a);
+    hugging_face_layout(&a);
 
     let text = ok(&["inspect", a.to_str().unwrap()]);
     assert!(
@@ -346,16 +346,126 @@ print("interop ok", df.height)
     verify_detects_damage(&a, tmp.path());
 }
 
+/// The shard files of the smoke pipeline (2 shards), relative to its directory.
+const SHARD_FILES: [&str; 4] = [
+    "data/train-00000-of-00002.parquet",
+    "data/train-00001-of-00002.parquet",
+    "data/virtual-00000-of-00002.parquet",
+    "data/virtual-00001-of-00002.parquet",
+];
+
+/// Runs a Python program in `cwd`; fails the test with its output when it fails.
+fn python(code: &str, cwd: &Path) -> String {
+    let o = Command::new("python3")
+        .arg("-c")
+        .arg(code)
+        .current_dir(cwd)
+        .env("HF_DATASETS_CACHE", cwd.join("../.hf-cache"))
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("python3");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "python failed:\n{code}\n{text}");
+    text
+}
+
+/// The output loads as a Hugging Face dataset as it is: both configs, `label` a ClassLabel
+/// with the task's names (from the card, and from each shard's own metadata), every
+/// loading snippet of the card runs, and pandas / polars read `data/`.
+fn hugging_face_layout(dir: &Path) {
+    let card = std::fs::read_to_string(dir.join("README.md")).unwrap();
+    let snippets: Vec<&str> = card
+        .split("```python\n")
+        .skip(1)
+        .map(|b| b.split("```").next().unwrap())
+        .collect();
+    assert!(!snippets.is_empty(), "the card has loading snippets");
+    for code in &snippets {
+        python(code, dir);
+    }
+    let py = r#"
+import json, os, datasets, pandas as pd, polars as pl, pyarrow.parquet as pq
+from datasets import load_dataset, ClassLabel
+m = json.load(open("manifest.json"))
+rows = m["method_rows"]
+here = os.path.abspath(".")
+real = load_dataset(here, split="train")
+virt = load_dataset(here, "virtual", split="train")
+assert set(datasets.get_dataset_config_names(here)) == {"default", "virtual"}
+for d in (real, virt):
+    assert isinstance(d.features["label"], ClassLabel), d.features
+    assert d.features["label"].names == ["negative", "positive"], d.features["label"]
+    assert d.features["teacher_logits"].length == 2, d.features["teacher_logits"]
+assert sorted(set(real["method"])) == ["augpro_fgsm", "augpro_mix", "original", "token_replace"]
+assert sorted(set(virt["method"])) == ["fgsm", "mixup"]
+assert len(real) == sum(v for k, v in rows.items() if k not in ("mixup", "fgsm"))
+assert len(virt) == rows["mixup"] + rows["fgsm"]
+assert not any(real["virtual"]) and all(virt["virtual"])
+labelled = [x for x in real if x["method"] == "original"]
+assert all(x["label"] in (0, 1) for x in labelled)
+# Read straight from a file, with no card, `label` stays a ClassLabel.
+f = load_dataset("parquet", data_files="data/train-00000-of-00002.parquet", split="train")
+assert f.features["label"].names == ["negative", "positive"], f.features
+meta = json.loads(pq.read_schema("data/virtual-00001-of-00002.parquet").metadata[b"huggingface"])
+assert meta["info"]["features"]["label"]["names"] == ["negative", "positive"]
+df = pd.read_parquet("data")
+assert len(df) == m["rows"] and df["virtual"].sum() == len(virt)
+lf = pl.scan_parquet("data/*.parquet")
+assert lf.select(pl.len()).collect().item() == m["rows"]
+print("hugging face ok")
+"#;
+    python(py, dir);
+}
+
+/// Provenance that travels: the configuration hash ignores where things are written and
+/// what the model directories are called; the manifest records the source files' sha256;
+/// a manifest of a newer format is refused clearly.
+#[test]
+fn provenance_does_not_depend_on_local_paths() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = augpro::config::PipelineConfig::load_with(
+        &common::root().join("pipelines/smoke.toml"),
+        &[],
+    )
+    .unwrap();
+    let model_copy = tmp.path().join("elsewhere/minilm");
+    copy_dir(&common::model_dir(), &model_copy);
+    let mut moved = base.clone();
+    moved.output = tmp.path().join("other-out");
+    moved.name = "renamed".into();
+    moved.teacher.cache_dir = tmp.path().join("other-cache");
+    moved.teacher.model = model_copy;
+    let hash = augpro::pipeline::config_sha256;
+    assert_eq!(hash(&base).unwrap(), hash(&moved).unwrap());
+    let mut reseeded = base.clone();
+    reseeded.seed += 1;
+    assert_ne!(hash(&base).unwrap(), hash(&reseeded).unwrap());
+
+    let e = augpro::shards::manifest::parse_manifest(r#"{"format_version": 99}"#).unwrap_err();
+    assert!(
+        format!("{e:#}").contains("newer than this augpro reads"),
+        "{e:#}"
+    );
+}
+
 fn copy_dir(src: &Path, dst: &Path) {
     std::fs::create_dir_all(dst).unwrap();
     for e in std::fs::read_dir(src).unwrap() {
         let e = e.unwrap();
-        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+        }
     }
 }
 
 fn verify_detects_damage(good: &Path, tmp: &Path) {
-    let shard = "train-00001-of-00002.parquet";
+    let shard = SHARD_FILES[1];
     let case = |name: &str, damage: &dyn Fn(&Path), expect: &str| {
         let d = tmp.join(format!("damaged-{name}"));
         copy_dir(good, &d);
@@ -404,7 +514,8 @@ fn verify_detects_damage(good: &Path, tmp: &Path) {
             let p = d.join("manifest.json");
             let mut m: serde_json::Value =
                 serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
-            m["shards"][1]["rows"] = (m["shards"][1]["rows"].as_u64().unwrap() + 5).into();
+            let f = &mut m["shards"][1]["files"][0]["rows"];
+            *f = (f.as_u64().unwrap() + 5).into();
             std::fs::write(&p, serde_json::to_string_pretty(&m).unwrap()).unwrap();
         },
         "manifest says",
@@ -701,7 +812,7 @@ fn pair_and_regression_tasks_end_to_end() {
         let dir = root.join(task).join("smoke");
         ok(&["verify", dir.to_str().unwrap()]);
         let schema = ShardSchema::new(augpro::glue::task(task).unwrap());
-        let (_, paths) = augpro::shards::manifest::shard_paths(&dir).unwrap();
+        let (_, paths) = augpro::shards::manifest::shard_paths(&dir.as_path().into()).unwrap();
         let mut r = ShardReader::open(&paths[0], &schema).unwrap();
         let rows = r.next_rows(&schema).unwrap().unwrap();
         for row in &rows {
@@ -788,12 +899,14 @@ fn slurm_dry_run_and_pipeline_overrides() {
     .output()
     .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let names = files(&k8s.join("sst2/smoke"));
+    let names = files(&k8s.join("sst2/smoke/data"));
     assert!(
-        names.contains(&"train-00001-of-00002.parquet".to_string())
-            && !names
-                .iter()
-                .any(|n| n.contains("00000") || n == "manifest.json"),
+        names
+            == [
+                "train-00001-of-00002.parquet",
+                "virtual-00001-of-00002.parquet"
+            ]
+            && !k8s.join("sst2/smoke/manifest.json").exists(),
         "{names:?}"
     );
 

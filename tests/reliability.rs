@@ -22,8 +22,11 @@ fn augment_cmd(out_root: &Path, extra: &[&str]) -> Command {
     c
 }
 
-/// Asserts no temporary (`*.tmp-PID`) is left in `dir`.
+/// Asserts no temporary (`*.tmp-PID`) is left in `dir` or its `data/`.
 fn no_temporaries(dir: &Path) {
+    if dir.join("data").is_dir() {
+        no_temporaries(&dir.join("data"));
+    }
     if dir.is_dir() {
         let names = files(dir);
         assert!(
@@ -38,9 +41,13 @@ fn no_temporaries(dir: &Path) {
 /// byte-identical in `b`; timings are wall-clock and excluded.
 fn same_outputs(a: &Path, b: &Path) {
     let content = |d: &Path| {
+        let data = files(&d.join("data"))
+            .into_iter()
+            .map(|n| format!("data/{n}"));
         files(d)
             .into_iter()
-            .filter(|n| !n.contains("timing"))
+            .filter(|n| !n.contains("timing") && n != "data")
+            .chain(data)
             .collect::<Vec<_>>()
     };
     assert_eq!(content(a), content(b), "file sets differ");
@@ -91,21 +98,21 @@ fn sigkill_at_every_stage_then_resume_is_byte_identical() {
         Vec::new()
     };
     assert!(teachers.iter().all(|n| n.contains(".tmp-")), "{teachers:?}");
-    // During the first shard: its file exists only under a temporary name.
+    // During the first shard: its files exist only under temporary names.
     kill_at("shard-batch");
     assert!(
-        files(&out)
+        files(&out.join("data"))
             .iter()
             .any(|n| n.starts_with(".train-00000-of-00002.parquet.tmp-")),
         "{:?}",
-        files(&out)
+        files(&out.join("data"))
     );
-    assert!(!out.join("train-00000-of-00002.parquet").exists());
+    assert!(!out.join("data/train-00000-of-00002.parquet").exists());
     // Between shards: shard 0 complete, shard 1 not started.
     kill_at("shard-done");
     assert!(
         out.join(".train-00000-of-00002.done.json").is_file()
-            && !out.join("train-00001-of-00002.parquet").exists()
+            && !out.join("data/train-00001-of-00002.parquet").exists()
     );
     // While the manifest is written.
     kill_at("manifest-write");
@@ -208,9 +215,13 @@ fn a_full_disk_keeps_completed_shards_and_resumes() {
         "--out",
         reference.to_str().unwrap(),
     ]);
-    let shard0 = std::fs::metadata(reference.join(SMOKE).join("train-00000-of-00002.parquet"))
-        .unwrap()
-        .len();
+    let size = |f: &str| {
+        std::fs::metadata(reference.join(SMOKE).join(f))
+            .unwrap()
+            .len()
+    };
+    let shard0 =
+        size("data/train-00000-of-00002.parquet") + size("data/virtual-00000-of-00002.parquet");
     // Room for shard 0 and its small files, not for shard 1.
     let size_k = shard0.div_ceil(4096) * 4 + 20;
     let small = tmp.path().join("small");
@@ -230,22 +241,27 @@ fn a_full_disk_keeps_completed_shards_and_resumes() {
     let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(lines.len(), 1, "{err}");
     assert!(
-        lines[0].contains("train-00001-of-00002.parquet")
+        lines[0].contains("-00001-of-00002.parquet")
             && lines[0].contains("No space left on device"),
         "{}",
         lines[0]
     );
     // Shard 0 is intact and matches its summary; nothing of shard 1 is left.
-    let names = files(&out);
+    let names = files(&out.join("data"));
     assert!(
         names.contains(&"train-00000-of-00002.parquet".to_string())
             && !names.iter().any(|n| n.contains("00001")),
         "{names:?}"
     );
-    assert!(
-        std::fs::read(out.join("train-00000-of-00002.parquet")).unwrap()
-            == std::fs::read(reference.join(SMOKE).join("train-00000-of-00002.parquet")).unwrap()
-    );
+    for f in [
+        "data/train-00000-of-00002.parquet",
+        "data/virtual-00000-of-00002.parquet",
+    ] {
+        assert!(
+            std::fs::read(out.join(f)).unwrap()
+                == std::fs::read(reference.join(SMOKE).join(f)).unwrap()
+        );
+    }
     no_temporaries(&out);
 
     // Free space and rerun: shard 0 is skipped and the result equals the reference.

@@ -1,13 +1,15 @@
 //! The dataset card (`README.md`) written next to the shards.
 
 use super::manifest::Manifest;
-use super::schema::ShardSchema;
+use super::schema::{is_virtual, ShardSchema};
 use std::fmt::Write;
 
-/// Renders the dataset card from the manifest and the schema.
+/// Renders the dataset card from the manifest and the schema: YAML front matter for the
+/// Hugging Face Hub (`configs`, `dataset_info.features`, license, sources, citation), then
+/// contents, schema and loading snippets.
 pub fn render(m: &Manifest, schema: &ShardSchema) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "---\nlicense: other\ntask_categories:\n- text-classification\ntags:\n- knowledge-distillation\n- data-augmentation\n- augpro\n---\n");
+    let _ = write!(s, "{}", front_matter(m, schema));
     let _ = writeln!(
         s,
         "# AugPro distillation data: GLUE `{}` ({} split)\n",
@@ -15,7 +17,7 @@ pub fn render(m: &Manifest, schema: &ShardSchema) -> String {
     );
     let _ = writeln!(
         s,
-        "Augmented copies of GLUE `{task}` examples for knowledge distillation, each row carrying the \
+        "Augmented copies of GLUE `{task}` examples for knowledge distillation, each token row carrying the \
          teacher's logits on exactly its tokens. Made by augpro {ver} with *Augmentation with Projection* \
          (AugPro, Wang et al., ICLR 2023): interpolations (AugPro-Mix) and gradient-sign perturbations \
          (AugPro-FGSM) of word embeddings are projected back to each position's nearest vocabulary token, \
@@ -45,6 +47,7 @@ pub fn render(m: &Manifest, schema: &ShardSchema) -> String {
             "label" => "gold label of `original` rows; null for augmented rows (use `teacher_logits`)",
             "idx" => "`idx` of the source example in the GLUE split",
             "method" => "original, augpro_mix, augpro_fgsm, token_replace, mixup or fgsm",
+            "virtual" => "true for `mixup` and `fgsm` rows (the `virtual` config): their `teacher_logits` belong to a point in embedding space, not to `input_ids`",
             "copy" => "copy number of this method's row for the source",
             "partner_idx" => "`idx` of the mixing partner (augpro_mix, mixup)",
             "lambda" => "mixing weight of the source (sequence-level λ)",
@@ -56,9 +59,14 @@ pub fn render(m: &Manifest, schema: &ShardSchema) -> String {
             "partner_input_ids" => "partner tokens, to rebuild a MixUp point: λ·E(input_ids) + (1-λ)·E(partner) position by position within segments",
             "partner_token_type_ids" => "partner segment ids (mixup)",
             "perturbation" => "FGSM gradient signs, row-major [len × hidden]: the virtual input is E(input_ids) + ε·perturbation",
-            _ => "text decoded from `input_ids` (special tokens dropped)",
+            _ => "display decode of `input_ids` (special tokens dropped, word pieces joined); lossy: `input_ids` is the truth",
         };
-        let _ = writeln!(s, "| `{}` | {} | {} |", f.name(), f.data_type(), meaning);
+        let ty = if f.name() == "label" && !schema.regression {
+            format!("ClassLabel ({})", schema.label_names.join(", "))
+        } else {
+            f.data_type().to_string()
+        };
+        let _ = writeln!(s, "| `{}` | {ty} | {meaning} |", f.name());
     }
     let _ = writeln!(
         s,
@@ -67,11 +75,146 @@ pub fn render(m: &Manifest, schema: &ShardSchema) -> String {
          and `lambda`, or from `perturbation` and `epsilon`. The teacher's logits were computed at that point \
          in the teacher's embedding space.\n"
     );
-    let first = m.shards.first().map(|x| x.file.clone()).unwrap_or_default();
+    let virt: Vec<&str> = m
+        .method_rows
+        .keys()
+        .map(String::as_str)
+        .filter(|k| is_virtual(k))
+        .collect();
     let _ = writeln!(
         s,
-        "## Loading\n\n```python\nimport pyarrow.parquet as pq\ntable = pq.read_table(\"{first}\")\n\nimport pandas as pd\ndf = pd.read_parquet(\".\")  # every shard\n\nimport polars as pl\ndf = pl.read_parquet(\"train-*.parquet\")\n\nfrom datasets import load_dataset\nds = load_dataset(\"parquet\", data_files={{\"train\": \"train-*.parquet\"}})\n```\n\nCheck integrity with `augpro verify <this directory>`; `manifest.json` has the full configuration, \
-         the teacher checkpoint's sha256 and metrics, and every shard's sha256."
+        "## Configs\n\n- `default` (`data/train-*.parquet`): real token rows ({}). Text or `input_ids` with \
+         `teacher_logits` train a student directly.\n- `virtual` (`data/virtual-*.parquet`): {} rows, with \
+         `virtual` = true. Their text and `input_ids` are the source's; train on them only by rebuilding the \
+         virtual input as described above.\n",
+        m.method_rows
+            .keys()
+            .filter(|k| !is_virtual(k))
+            .map(|k| format!("`{k}`"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        if virt.is_empty() {
+            "no".to_string()
+        } else {
+            virt.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
+        }
+    );
+    let _ = writeln!(s, "## Loading\n\nFrom this directory (or a local copy of the repository):\n\n```python\n{}```\n", LOADING);
+    let _ = writeln!(
+        s,
+        "Check integrity with `augpro verify <this directory>`; `manifest.json` has the full configuration, \
+         the source files' and the teacher checkpoint's sha256, the teacher's metrics, and every shard file's sha256.\n"
+    );
+    let _ = writeln!(
+        s,
+        "## License and citation\n\nThe rows derive from GLUE `{}` (`{SOURCE_DATASET}` on the Hub); the terms of \
+         that task's original corpus apply, as listed by the GLUE benchmark. Cite GLUE, the task's corpus and AugPro:\n\n```bibtex\n{CITATION}```",
+        m.task
     );
     s
+}
+
+/// The dataset on the Hub the rows derive from.
+pub const SOURCE_DATASET: &str = "nyu-mll/glue";
+
+/// GLUE and AugPro.
+pub const CITATION: &str = r#"@inproceedings{wang2019glue,
+  title = {{GLUE}: A Multi-Task Benchmark and Analysis Platform for Natural Language Understanding},
+  author = {Wang, Alex and Singh, Amanpreet and Michael, Julian and Hill, Felix and Levy, Omer and Bowman, Samuel R.},
+  booktitle = {International Conference on Learning Representations},
+  year = {2019}
+}
+@inproceedings{wang2023augpro,
+  title = {Augmentation with Projection: Towards an Effective and Efficient Data Augmentation Paradigm for Distillation},
+  author = {Wang, Ziqi and Wu, Yuexin and Liu, Frederick and Liu, Daogao and Hou, Le and Yu, Hongkun and Li, Jing and Ji, Heng},
+  booktitle = {International Conference on Learning Representations},
+  year = {2023}
+}
+"#;
+
+/// The card's loading lines, run from the dataset directory (a test executes them).
+pub const LOADING: &str = r#"import os
+from datasets import load_dataset
+here = os.path.abspath(".")                          # this directory, or the Hub repo id
+real = load_dataset(here, split="train")             # config `default`
+virt = load_dataset(here, "virtual", split="train")  # config `virtual`
+print(real.features["label"])
+
+import pandas as pd
+df = pd.read_parquet("data")                         # every row; `virtual` tells them apart
+
+import polars as pl
+lf = pl.scan_parquet("data/train-*.parquet")
+print(lf.group_by("method").len().collect())
+
+import pyarrow.parquet as pq
+table = pq.read_table("data", filters=[("virtual", "=", False)])
+
+import duckdb
+print(duckdb.sql("SELECT method, count(*) FROM 'data/*.parquet' GROUP BY method ORDER BY method"))
+"#;
+
+/// YAML front matter: metadata, both configs and their `datasets` features.
+fn front_matter(m: &Manifest, schema: &ShardSchema) -> String {
+    let mut s = String::from("---\nlicense: other\nlanguage:\n- en\n");
+    let _ = writeln!(
+        s,
+        "pretty_name: AugPro distillation data for GLUE {}\ntask_categories:\n- text-classification\n\
+         source_datasets:\n- {SOURCE_DATASET}\nsize_categories:\n- {}\ntags:\n- knowledge-distillation\n\
+         - data-augmentation\n- augpro\nconfigs:",
+        m.task,
+        size_category(m.rows)
+    );
+    for (name, glob, default) in [
+        ("default", "data/train-*", true),
+        ("virtual", "data/virtual-*", false),
+    ] {
+        let _ = writeln!(
+            s,
+            "- config_name: {name}\n  data_files:\n  - split: train\n    path: {glob}{}",
+            if default { "\n  default: true" } else { "" }
+        );
+    }
+    let _ = writeln!(s, "dataset_info:");
+    for name in ["default", "virtual"] {
+        let _ = writeln!(s, "- config_name: {name}\n  features:");
+        for (col, f) in &schema.features {
+            let _ = writeln!(s, "  - name: {col}");
+            match f["_type"].as_str() {
+                Some("ClassLabel") => {
+                    let _ = writeln!(s, "    dtype:\n      class_label:\n        names:");
+                    for (i, n) in f["names"].as_array().into_iter().flatten().enumerate() {
+                        let _ = writeln!(s, "          '{i}': {n}");
+                    }
+                }
+                Some("Sequence") => {
+                    let _ = writeln!(
+                        s,
+                        "    sequence: {}",
+                        f["feature"]["dtype"].as_str().unwrap_or("?")
+                    );
+                    if let Some(n) = f.get("length") {
+                        let _ = writeln!(s, "    length: {n}");
+                    }
+                }
+                _ => {
+                    let _ = writeln!(s, "    dtype: {}", f["dtype"].as_str().unwrap_or("?"));
+                }
+            }
+        }
+    }
+    s.push_str("---\n\n");
+    s
+}
+
+/// The Hub's size bucket for `n` rows.
+fn size_category(n: u64) -> &'static str {
+    match n {
+        0..1_000 => "n<1K",
+        1_000..10_000 => "1K<n<10K",
+        10_000..100_000 => "10K<n<100K",
+        100_000..1_000_000 => "100K<n<1M",
+        1_000_000..10_000_000 => "1M<n<10M",
+        _ => "10M<n<100M",
+    }
 }

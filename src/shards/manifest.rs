@@ -2,42 +2,70 @@
 //! by finalize, and verification of a shard directory against its manifest.
 
 use super::reader::ShardReader;
-use super::schema::{ShardSchema, METHODS};
+use super::schema::{is_virtual, ShardSchema, METHODS};
 use super::MethodStats;
-use crate::util::sha256_file;
-use anyhow::{Context, Result};
+use crate::storage::Location;
+use crate::util::sha256_bytes;
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
 /// Version of the shard layout and manifest format.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
-/// File name of shard `i` of `n`.
+/// File name of the manifest, written last: a dataset is complete when it exists.
+pub const MANIFEST: &str = "manifest.json";
+
+/// Folder of the Parquet files, as on the Hugging Face Hub.
+pub const DATA_DIR: &str = "data";
+
+/// Path (relative to the dataset root) of shard `i` of `n`'s real token rows (the
+/// `default` config).
 pub fn shard_name(i: usize, n: usize) -> String {
-    format!("train-{i:05}-of-{n:05}.parquet")
+    format!("{DATA_DIR}/train-{i:05}-of-{n:05}.parquet")
 }
 
-/// File name of the completion summary of shard `i` of `n`.
+/// Path of shard `i` of `n`'s virtual rows (MixUp, FGSM: the `virtual` config).
+pub fn virtual_shard_name(i: usize, n: usize) -> String {
+    format!("{DATA_DIR}/virtual-{i:05}-of-{n:05}.parquet")
+}
+
+/// Every file of shard `i` of `n`, in the order the manifest lists them.
+pub fn shard_files(i: usize, n: usize) -> [String; 2] {
+    [shard_name(i, n), virtual_shard_name(i, n)]
+}
+
+/// File name of the completion summary of shard `i` of `n` (in the dataset root, hidden).
 pub fn summary_name(i: usize, n: usize) -> String {
     format!(".train-{i:05}-of-{n:05}.done.json")
+}
+
+/// One Parquet file of a shard.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ShardFile {
+    /// Path relative to the dataset root (`data/…`).
+    pub file: String,
+    /// Rows in the file.
+    pub rows: u64,
+    /// sha256 of the file.
+    pub sha256: String,
 }
 
 /// What one finished shard records (its completion marker).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ShardSummary {
-    /// Shard file name.
-    pub file: String,
     /// Shard index.
     pub index: usize,
+    /// The shard's files: real token rows, then virtual rows.
+    pub files: Vec<ShardFile>,
     /// Source examples handled.
     pub source_examples: usize,
     /// Source examples cut to `max_seq_len`.
     pub truncated_examples: usize,
-    /// Rows written.
+    /// Rows written (all files).
     pub rows: u64,
-    /// sha256 of the shard file.
-    pub sha256: String,
+    /// sha256 of each file of the source split (by file name).
+    pub source_sha256: BTreeMap<String, String>,
     /// sha256 of the pipeline configuration that produced it.
     pub config_sha256: String,
     /// sha256 of the teacher weights that produced it.
@@ -145,6 +173,9 @@ pub struct Manifest {
     pub task: String,
     /// Source split.
     pub split: String,
+    /// Where the rows come from: the dataset on the Hub, its config and split, and the sha256
+    /// of each source file.
+    pub source: serde_json::Value,
     /// Base seed.
     pub seed: u64,
     /// Full pipeline configuration.
@@ -173,24 +204,49 @@ pub struct Manifest {
     pub shards: Vec<ShardSummary>,
 }
 
-/// Reads `manifest.json` from a directory.
-pub fn read_manifest(dir: &Path) -> Result<Manifest> {
-    let p = dir.join("manifest.json");
-    let t = std::fs::read_to_string(&p)
-        .with_context(|| format!("{}: missing manifest (was the run finalized?)", p.display()))?;
-    serde_json::from_str(&t)
-        .with_context(|| format!("{}: not a valid augpro manifest", p.display()))
+/// Reads `manifest.json` from a dataset (a directory or an object-store prefix), checking
+/// its format version first.
+pub fn read_manifest(dir: &Location) -> Result<Manifest> {
+    let p = dir.join(MANIFEST);
+    let t = p
+        .read_opt()?
+        .with_context(|| format!("{p}: missing manifest (was the run finalized?)"))?;
+    parse_manifest(&String::from_utf8_lossy(&t)).with_context(|| format!("{p}"))
 }
 
-/// Shard files of a finished directory, from its manifest, in order.
-pub fn shard_paths(dir: &Path) -> Result<(Manifest, Vec<PathBuf>)> {
+/// Parses a manifest, refusing other format versions with a clear message.
+pub fn parse_manifest(text: &str) -> Result<Manifest> {
+    let v: serde_json::Value =
+        serde_json::from_str(text).context("not a valid augpro manifest (not JSON)")?;
+    match v.get("format_version").and_then(|v| v.as_u64()) {
+        Some(n) if n > FORMAT_VERSION as u64 => bail!(
+            "manifest format {n} is newer than this augpro reads (format {FORMAT_VERSION}); \
+             upgrade augpro to read this dataset"
+        ),
+        Some(n) if n < FORMAT_VERSION as u64 => bail!(
+            "manifest format {n} is older than this augpro reads (format {FORMAT_VERSION}); \
+             rerun `augpro augment` with --force to rewrite the dataset"
+        ),
+        Some(_) => {}
+        None => bail!("not a valid augpro manifest (no format_version)"),
+    }
+    serde_json::from_value(v).context("not a valid augpro manifest")
+}
+
+/// Shard files of a finished dataset, from its manifest, in order.
+pub fn shard_paths(dir: &Location) -> Result<(Manifest, Vec<Location>)> {
     let m = read_manifest(dir)?;
-    let paths = m.shards.iter().map(|s| dir.join(&s.file)).collect();
+    let paths = m
+        .shards
+        .iter()
+        .flat_map(|s| &s.files)
+        .map(|f| dir.join(&f.file))
+        .collect();
     Ok((m, paths))
 }
 
 /// Checks every shard against the manifest; returns one line per problem (empty = valid).
-pub fn verify(dir: &Path) -> Result<Vec<String>> {
+pub fn verify(dir: &Location) -> Result<Vec<String>> {
     let m = read_manifest(dir)?;
     let task = crate::glue::task(&m.task)?;
     let schema = ShardSchema::new(task);
@@ -200,69 +256,33 @@ pub fn verify(dir: &Path) -> Result<Vec<String>> {
         .and_then(|v| v.as_u64())
         .unwrap_or(u64::MAX);
     let mut problems = Vec::new();
-    let mut known: Vec<String> = m.shards.iter().map(|s| s.file.clone()).collect();
+    let mut known: Vec<String> = m
+        .shards
+        .iter()
+        .flat_map(|s| &s.files)
+        .map(|f| f.file.clone())
+        .collect();
     known.extend(["manifest.json", "README.md", "timings.json"].map(String::from));
     for s in &m.shards {
-        let p = dir.join(&s.file);
-        if !p.is_file() {
-            problems.push(format!("{}: missing shard", p.display()));
-            continue;
-        }
-        match sha256_file(&p) {
-            Ok(h) if h != s.sha256 => problems.push(format!(
-                "{}: sha256 {h} does not match the manifest's {}",
-                p.display(),
-                s.sha256
-            )),
-            Err(e) => problems.push(format!("{}: {e:#}", p.display())),
-            _ => {}
-        }
-        let mut rows = 0u64;
         let mut per: BTreeMap<String, u64> = BTreeMap::new();
-        let mut bad_ids = 0u64;
-        let res = (|| -> Result<()> {
-            let mut r = ShardReader::open(&p, &schema)?;
-            while let Some(batch) = r.next_rows(&schema)? {
-                for row in batch {
-                    rows += 1;
-                    *per.entry(row.method.to_string()).or_default() += 1;
-                    if row.input_ids.iter().any(|&t| t as u64 >= vocab) {
-                        bad_ids += 1;
-                    }
-                    anyhow::ensure!(
-                        row.teacher_logits.len() == m.num_labels,
-                        "teacher_logits has width {}, manifest says {}",
-                        row.teacher_logits.len(),
-                        m.num_labels
-                    );
-                }
-            }
-            Ok(())
-        })();
-        if let Err(e) = res {
-            problems.push(format!("{}: {e:#}", p.display()));
-            continue;
-        }
-        if rows != s.rows {
+        let listed: u64 = s.files.iter().map(|f| f.rows).sum();
+        if listed != s.rows {
             problems.push(format!(
-                "{}: has {rows} rows, manifest says {}",
-                p.display(),
+                "{}: shard {} lists {listed} rows in its files, manifest says {}",
+                dir.join(MANIFEST),
+                s.index,
                 s.rows
             ));
         }
-        if bad_ids > 0 {
-            problems.push(format!(
-                "{}: {bad_ids} rows have token ids outside the vocabulary of {vocab}",
-                p.display()
-            ));
+        for f in &s.files {
+            verify_file(dir, f, &schema, &m, vocab, &mut per, &mut problems);
         }
         for (meth, st) in &s.methods {
             let got = per.get(meth).copied().unwrap_or(0);
             if got != st.rows {
                 problems.push(format!(
-                    "{}: method `{meth}` has {got} rows, manifest says {}",
-                    p.display(),
-                    st.rows
+                    "{dir}: shard {}: method `{meth}` has {got} rows, manifest says {}",
+                    s.index, st.rows
                 ));
             }
         }
@@ -271,23 +291,110 @@ pub fn verify(dir: &Path) -> Result<Vec<String>> {
         if !METHODS.contains(&k.as_str()) {
             problems.push(format!(
                 "{}: manifest names unknown method `{k}`",
-                dir.join("manifest.json").display()
+                dir.join(MANIFEST)
             ));
         }
     }
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        let mut extra: Vec<String> = rd
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().to_string())
-            .filter(|n| !n.starts_with('.') && !known.contains(n) && n != "slurm")
-            .collect();
-        extra.sort();
-        for n in extra {
-            problems.push(format!(
-                "{}: unknown file not listed in the manifest",
-                dir.join(n).display()
-            ));
+    let mut extra = Vec::new();
+    for sub in ["", DATA_DIR] {
+        let d = if sub.is_empty() {
+            dir.clone()
+        } else {
+            dir.join(sub)
+        };
+        for n in d.list()? {
+            let rel = if sub.is_empty() {
+                n.clone()
+            } else {
+                format!("{sub}/{n}")
+            };
+            if !n.starts_with('.') && !known.contains(&rel) {
+                extra.push(rel);
+            }
         }
+    }
+    extra.sort();
+    for n in extra {
+        problems.push(format!(
+            "{}: unknown file not listed in the manifest",
+            dir.join(&n)
+        ));
     }
     Ok(problems)
+}
+
+/// Checks one shard file: present, its sha256 and row count, its rows (method, token ids,
+/// logits width), counting rows per method into `per`.
+fn verify_file(
+    dir: &Location,
+    f: &ShardFile,
+    schema: &ShardSchema,
+    m: &Manifest,
+    vocab: u64,
+    per: &mut BTreeMap<String, u64>,
+    problems: &mut Vec<String>,
+) {
+    let p = dir.join(&f.file);
+    let bytes = match p.read_opt() {
+        Ok(Some(b)) => b,
+        Ok(None) => {
+            problems.push(format!("{p}: missing shard"));
+            return;
+        }
+        Err(e) => {
+            problems.push(format!("{e:#}"));
+            return;
+        }
+    };
+    let h = sha256_bytes(&bytes);
+    if h != f.sha256 {
+        problems.push(format!(
+            "{p}: sha256 {h} does not match the manifest's {}",
+            f.sha256
+        ));
+    }
+    let virtual_file = f.file.starts_with(&format!("{DATA_DIR}/virtual-"));
+    let (mut rows, mut bad_ids, mut misplaced) = (0u64, 0u64, 0u64);
+    let res = (|| -> Result<()> {
+        let mut r = ShardReader::from_bytes(bytes, &p.to_string(), schema)?;
+        while let Some(batch) = r.next_rows(schema)? {
+            for row in batch {
+                rows += 1;
+                *per.entry(row.method.to_string()).or_default() += 1;
+                if row.input_ids.iter().any(|&t| t as u64 >= vocab) {
+                    bad_ids += 1;
+                }
+                if is_virtual(row.method) != virtual_file {
+                    misplaced += 1;
+                }
+                anyhow::ensure!(
+                    row.teacher_logits.len() == m.num_labels,
+                    "teacher_logits has width {}, manifest says {}",
+                    row.teacher_logits.len(),
+                    m.num_labels
+                );
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = res {
+        problems.push(format!("{p}: {e:#}"));
+        return;
+    }
+    if rows != f.rows {
+        problems.push(format!("{p}: has {rows} rows, manifest says {}", f.rows));
+    }
+    if bad_ids > 0 {
+        problems.push(format!(
+            "{p}: {bad_ids} rows have token ids outside the vocabulary of {vocab}"
+        ));
+    }
+    if misplaced > 0 {
+        let want = if virtual_file {
+            "virtual"
+        } else {
+            "real token"
+        };
+        problems.push(format!("{p}: {misplaced} rows are not {want} rows"));
+    }
 }

@@ -1,46 +1,65 @@
 //! Reads shards back into [`Row`]s, streaming record batches, checking the schema.
 
 use super::schema::{Row, ShardSchema, METHODS};
+use crate::storage::Location;
 use anyhow::{bail, ensure, Context, Result};
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Float32Type, Int32Type, Int64Type, Int8Type};
+use bytes::Bytes;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use parquet::file::reader::ChunkReader;
 use std::fs::File;
-use std::path::{Path, PathBuf};
 
 /// Streams the rows of one shard file.
 pub struct ShardReader {
     reader: ParquetRecordBatchReader,
-    path: PathBuf,
+    path: String,
     /// Rows returned so far (the file row number of the next one).
     rows_read: usize,
 }
 
 impl ShardReader {
-    /// Opens a shard and checks its schema against the task's.
-    pub fn open(path: &Path, expected: &ShardSchema) -> Result<Self> {
-        let f =
-            File::open(path).with_context(|| format!("{}: cannot open shard", path.display()))?;
-        let b = ParquetRecordBatchReaderBuilder::try_new(f)
-            .with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
+    /// Opens a shard (a local file, read as it streams, or an object fetched whole) and
+    /// checks its schema against the task's.
+    pub fn open(loc: &Location, expected: &ShardSchema) -> Result<Self> {
+        match loc.as_local() {
+            Some(p) => {
+                let f = File::open(p).with_context(|| format!("{loc}: cannot open shard"))?;
+                Self::build(f, &loc.to_string(), expected)
+            }
+            None => Self::from_bytes(loc.read()?, &loc.to_string(), expected),
+        }
+    }
+
+    /// Reads a shard held in memory; `name` is for messages.
+    pub fn from_bytes(bytes: Bytes, name: &str, expected: &ShardSchema) -> Result<Self> {
+        Self::build(bytes, name, expected)
+    }
+
+    fn build<T: ChunkReader + 'static>(
+        input: T,
+        path: &str,
+        expected: &ShardSchema,
+    ) -> Result<Self> {
+        let b = ParquetRecordBatchReaderBuilder::try_new(input)
+            .with_context(|| format!("{path}: not a readable Parquet file"))?;
         let got = b.schema();
         for field in expected.schema.fields() {
             match got.field_with_name(field.name()) {
                 Ok(g) if g.data_type() == field.data_type() => {}
                 Ok(g) => bail!(
-                    "{}: column `{}` has type {}, expected {}",
-                    path.display(),
+                    "{path}: column `{}` has type {}, expected {}",
                     field.name(),
                     g.data_type(),
                     field.data_type()
                 ),
-                Err(_) => bail!("{}: missing column `{}`", path.display(), field.name()),
+                Err(_) => bail!("{path}: missing column `{}`", field.name()),
             }
         }
         let reader = b.with_batch_size(1024).build()?;
         Ok(Self {
             reader,
-            path: path.to_path_buf(),
+            path: path.to_string(),
             rows_read: 0,
         })
     }
@@ -51,10 +70,9 @@ impl ShardReader {
         match self.reader.next() {
             None => Ok(None),
             Some(b) => {
-                let b =
-                    b.with_context(|| format!("{}: corrupt shard data", self.path.display()))?;
+                let b = b.with_context(|| format!("{}: corrupt shard data", self.path))?;
                 let rows = rows_from_batch(&b, schema, self.rows_read)
-                    .with_context(|| format!("{}", self.path.display()))?;
+                    .with_context(|| self.path.clone())?;
                 self.rows_read += rows.len();
                 Ok(Some(rows))
             }
@@ -246,14 +264,21 @@ mod tests {
         }
     }
 
-    /// Writes `rows` to a shard and reads it back.
+    /// Writes `rows` (all real or all virtual) to a shard and reads back their file.
     fn read_back(rows: &[Row]) -> (String, anyhow::Result<Vec<Row>>) {
         let schema = ShardSchema::new(crate::glue::task("sst2").unwrap());
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("train-00000-of-00001.parquet");
-        let mut w = ShardWriter::create(&path, &schema).unwrap();
+        let out = crate::storage::Location::from_arg(dir.path()).unwrap();
+        let mut w = ShardWriter::create(&out, 0, 1, &schema).unwrap();
         w.write(rows).unwrap();
         w.finish().unwrap();
+        let virt = rows
+            .iter()
+            .any(|r| crate::shards::schema::is_virtual(r.method));
+        let path = out.join(&match virt {
+            true => crate::shards::manifest::virtual_shard_name(0, 1),
+            false => crate::shards::manifest::shard_name(0, 1),
+        });
         let mut r = ShardReader::open(&path, &schema).unwrap();
         let mut out = Vec::new();
         let res = loop {
@@ -263,7 +288,7 @@ mod tests {
                 Err(e) => break Err(e),
             }
         };
-        (path.display().to_string(), res)
+        (path.to_string(), res)
     }
 
     fn mixup() -> Row {
@@ -284,8 +309,10 @@ mod tests {
 
     #[test]
     fn well_formed_virtual_rows_read_back() {
-        let rows = vec![row("original"), mixup(), fgsm()];
-        assert_eq!(read_back(&rows).1.unwrap(), rows);
+        let real = vec![row("original"), row("augpro_mix")];
+        assert_eq!(read_back(&real).1.unwrap(), real);
+        let virt = vec![mixup(), fgsm()];
+        assert_eq!(read_back(&virt).1.unwrap(), virt);
     }
 
     #[test]
@@ -301,14 +328,14 @@ mod tests {
         no_signs.perturbation = None;
         let mut stray = row("augpro_mix");
         stray.perturbation = Some(vec![1; 4]);
-        for (bad, what) in [
-            (no_lambda, "without `lambda`"),
-            (no_partner, "without `partner_input_ids`"),
-            (no_eps, "without `epsilon`"),
-            (no_signs, "without `perturbation`"),
-            (stray, "only mixup and fgsm rows"),
+        for (good, bad, what) in [
+            (mixup(), no_lambda, "without `lambda`"),
+            (mixup(), no_partner, "without `partner_input_ids`"),
+            (fgsm(), no_eps, "without `epsilon`"),
+            (fgsm(), no_signs, "without `perturbation`"),
+            (row("original"), stray, "only mixup and fgsm rows"),
         ] {
-            let (path, res) = read_back(&[row("original"), bad]);
+            let (path, res) = read_back(&[good, bad]);
             let err = format!("{:#}", res.unwrap_err());
             assert!(
                 err.starts_with(&format!("{path}: row 1: ")) && err.contains(what),

@@ -1,8 +1,10 @@
 //! The shard schema, defined once: the source config's own columns (text, `label`, `idx`)
-//! plus the augmentation columns.
+//! plus the augmentation columns, with the Hugging Face `datasets` features of every column
+//! (written into each shard's `huggingface` schema metadata and into the dataset card).
 
 use crate::glue::TaskSpec;
 use arrow::datatypes::{DataType, Field, Schema};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Names of the augmentation methods as written in the `method` column.
@@ -14,6 +16,13 @@ pub const METHODS: &[&str] = &[
     "mixup",
     "fgsm",
 ];
+
+/// True for methods whose rows are virtual inputs (MixUp, FGSM without projection): their
+/// `input_ids` are the source's, and their `teacher_logits` belong to a point in embedding
+/// space that no token sequence produces. They go to the `virtual` files and config.
+pub fn is_virtual(method: &str) -> bool {
+    matches!(method, "mixup" | "fgsm")
+}
 
 /// One output row, before it becomes Arrow columns.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,6 +70,10 @@ pub struct ShardSchema {
     pub regression: bool,
     /// Width of `teacher_logits`.
     pub num_labels: usize,
+    /// Class names of `label` (empty for regression).
+    pub label_names: Vec<String>,
+    /// `datasets` features of every column, in column order (JSON of `Features.to_dict()`).
+    pub features: Vec<(String, serde_json::Value)>,
 }
 
 impl ShardSchema {
@@ -84,6 +97,7 @@ impl ShardSchema {
         fields.extend([
             Field::new("idx", DataType::Int32, false),
             Field::new("method", DataType::Utf8, false),
+            Field::new("virtual", DataType::Boolean, false),
             Field::new("copy", DataType::Int32, false),
             Field::new("partner_idx", DataType::Int32, true),
             Field::new("lambda", DataType::Float32, true),
@@ -103,11 +117,59 @@ impl ShardSchema {
             Field::new("partner_token_type_ids", list(DataType::Int8), true),
             Field::new("perturbation", list(DataType::Int8), true),
         ]);
+        let features: Vec<(String, serde_json::Value)> = fields
+            .iter()
+            .map(|f| (f.name().clone(), feature(task, f.name(), f.data_type())))
+            .collect();
+        let metadata = HashMap::from([(
+            "huggingface".to_string(),
+            format!(r#"{{"info":{{"features":{}}}}}"#, features_json(&features)),
+        )]);
         Self {
-            schema: Arc::new(Schema::new(fields)),
+            schema: Arc::new(Schema::new_with_metadata(fields, metadata)),
             text_columns: task.text_columns.iter().map(|s| s.to_string()).collect(),
             regression: task.is_regression(),
             num_labels: task.num_labels,
+            label_names: task.label_names.iter().map(|s| s.to_string()).collect(),
+            features,
         }
     }
+}
+
+/// The `datasets` feature of one column: the gold label is a `ClassLabel` with the task's
+/// names (a float `Value` for regression), lists are `Sequence`s (fixed length for
+/// `teacher_logits`), everything else a `Value` of the column's type.
+fn feature(task: &TaskSpec, name: &str, t: &DataType) -> serde_json::Value {
+    use serde_json::json;
+    let dtype = |t: &DataType| match t {
+        DataType::Utf8 => "string",
+        DataType::Boolean => "bool",
+        DataType::Int8 => "int8",
+        DataType::Int32 => "int32",
+        DataType::Int64 => "int64",
+        _ => "float32",
+    };
+    match t {
+        _ if name == "label" && !task.is_regression() => {
+            json!({"names": task.label_names, "_type": "ClassLabel"})
+        }
+        DataType::List(item) => {
+            json!({"feature": {"dtype": dtype(item.data_type()), "_type": "Value"}, "_type": "Sequence"})
+        }
+        DataType::FixedSizeList(item, n) => json!({
+            "feature": {"dtype": dtype(item.data_type()), "_type": "Value"},
+            "length": n,
+            "_type": "Sequence"
+        }),
+        t => json!({"dtype": dtype(t), "_type": "Value"}),
+    }
+}
+
+/// Features as a JSON object that keeps column order (`serde_json` maps sort their keys).
+pub fn features_json(features: &[(String, serde_json::Value)]) -> String {
+    let items: Vec<String> = features
+        .iter()
+        .map(|(k, v)| format!("{}:{v}", serde_json::Value::from(k.as_str())))
+        .collect();
+    format!("{{{}}}", items.join(","))
 }

@@ -1,77 +1,161 @@
 //! Streaming shard writer: rows arrive in batches and become zstd-compressed Parquet row
-//! groups, written under a temporary name and renamed when complete.
+//! groups, written under temporary names and renamed when complete.
 
-use super::schema::{Row, ShardSchema};
-use crate::util::AtomicFile;
+use super::manifest::{shard_files, ShardFile};
+use super::schema::{is_virtual, Row, ShardSchema};
+use crate::storage::Location;
+use crate::util::{sha256_bytes, AtomicFile};
 use anyhow::{Context, Result};
 use arrow::array::{
-    ArrayRef, FixedSizeListBuilder, Float32Builder, Int32Builder, Int64Builder, Int8Builder,
-    ListBuilder, RecordBatch, StringBuilder,
+    ArrayRef, BooleanBuilder, FixedSizeListBuilder, Float32Builder, Int32Builder, Int64Builder,
+    Int8Builder, ListBuilder, RecordBatch, StringBuilder,
 };
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
-use std::path::{Path, PathBuf};
+use std::borrow::Borrow;
+use std::io::Write;
 use std::sync::Arc;
 
-/// Writes one shard file.
+/// Where a shard file's bytes go while it is written: a local temporary (renamed when
+/// complete), or memory (uploaded whole when complete: an object store has no rename).
+enum Sink {
+    Local(AtomicFile),
+    Memory(Vec<u8>),
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Sink::Local(f) => f.write(buf),
+            Sink::Memory(v) => v.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Sink::Local(f) => f.flush(),
+            Sink::Memory(_) => Ok(()),
+        }
+    }
+}
+
+/// One Parquet file of a shard being written.
+struct Part {
+    writer: ArrowWriter<Sink>,
+    file: String,
+    loc: Location,
+    rows: u64,
+}
+
+/// Writes the files of one shard: real token rows to `data/train-…`, virtual rows (MixUp,
+/// FGSM) to `data/virtual-…`, so each loads as its own `datasets` config.
 pub struct ShardWriter {
-    writer: ArrowWriter<AtomicFile>,
+    parts: Vec<Part>,
     schema: ShardSchema,
-    path: PathBuf,
-    rows: usize,
+    index: usize,
 }
 
 impl ShardWriter {
-    /// Starts a shard at `path` (visible under that name only after [`finish`](Self::finish)).
-    pub fn create(path: &Path, schema: &ShardSchema) -> Result<Self> {
-        let file = AtomicFile::create(path)?;
+    /// Starts shard `i` of `n` in `out` (its files are visible only after
+    /// [`finish`](Self::finish)).
+    pub fn create(out: &Location, i: usize, n: usize, schema: &ShardSchema) -> Result<Self> {
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
             .set_created_by(format!("augpro {}", env!("CARGO_PKG_VERSION")))
             .set_max_row_group_row_count(Some(4096))
+            // Readers that take schema metadata from the Parquet key-value pairs (not from
+            // the embedded Arrow schema) see the `datasets` features too.
+            .set_key_value_metadata(Some(
+                schema
+                    .schema
+                    .metadata()
+                    .iter()
+                    .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
+                    .collect(),
+            ))
             .build();
-        let writer = ArrowWriter::try_new(file, schema.schema.clone(), Some(props))
-            .with_context(|| format!("{}: cannot start Parquet writer", path.display()))?;
+        let mut parts = Vec::new();
+        for file in shard_files(i, n) {
+            let loc = out.join(&file);
+            let sink = match loc.as_local() {
+                Some(p) => Sink::Local(AtomicFile::create(p)?),
+                None => Sink::Memory(Vec::new()),
+            };
+            let writer = ArrowWriter::try_new(sink, schema.schema.clone(), Some(props.clone()))
+                .with_context(|| format!("{loc}: cannot start Parquet writer"))?;
+            parts.push(Part {
+                writer,
+                file,
+                loc,
+                rows: 0,
+            });
+        }
         Ok(Self {
-            writer,
+            parts,
             schema: schema.clone(),
-            path: path.to_path_buf(),
-            rows: 0,
+            index: i,
         })
     }
 
-    /// Appends rows as one record batch.
+    /// Appends rows, each to its file, as one record batch per file.
     pub fn write(&mut self, rows: &[Row]) -> Result<()> {
-        if rows.is_empty() {
-            return Ok(());
+        let (virt, real): (Vec<&Row>, Vec<&Row>) = rows.iter().partition(|r| is_virtual(r.method));
+        for (part, rows) in self.parts.iter_mut().zip([real, virt]) {
+            if rows.is_empty() {
+                continue;
+            }
+            let batch = to_batch(&self.schema, &rows)?;
+            part.writer
+                .write(&batch)
+                .with_context(|| format!("{}: write failed", part.loc))?;
+            part.rows += rows.len() as u64;
         }
-        let batch = to_batch(&self.schema, rows)?;
-        self.writer
-            .write(&batch)
-            .with_context(|| format!("{}: write failed", self.path.display()))?;
-        self.rows += rows.len();
         Ok(())
     }
 
-    /// Closes the Parquet footer, fsyncs and renames; returns the row count.
-    pub fn finish(self) -> Result<usize> {
-        let file = self
-            .writer
-            .into_inner()
-            .with_context(|| format!("{}: cannot finish Parquet file", self.path.display()))?;
-        file.commit()?;
-        Ok(self.rows)
+    /// Closes the Parquet footers, then fsyncs and renames each file (or uploads it whole);
+    /// returns each file's name, row count and sha256.
+    pub fn finish(self) -> Result<Vec<ShardFile>> {
+        let mut files = Vec::new();
+        for (k, part) in self.parts.into_iter().enumerate() {
+            if k > 0 {
+                crate::util::failpoint(&format!("shard-upload:{}", self.index));
+            }
+            let sink = part
+                .writer
+                .into_inner()
+                .with_context(|| format!("{}: cannot finish Parquet file", part.loc))?;
+            let sha256 = match sink {
+                Sink::Local(f) => {
+                    f.commit()?;
+                    part.loc.sha256()?
+                }
+                Sink::Memory(bytes) => {
+                    let sha = sha256_bytes(&bytes);
+                    part.loc.put(bytes.into())?;
+                    sha
+                }
+            };
+            files.push(ShardFile {
+                sha256,
+                file: part.file,
+                rows: part.rows,
+            });
+        }
+        Ok(files)
     }
 }
 
 /// Converts rows to a record batch of the shard schema.
-pub fn to_batch(schema: &ShardSchema, rows: &[Row]) -> Result<RecordBatch> {
+pub fn to_batch<R: Borrow<Row>>(schema: &ShardSchema, rows: &[R]) -> Result<RecordBatch> {
+    let rows: Vec<&Row> = rows.iter().map(Borrow::borrow).collect();
     let n = rows.len();
     let mut cols: Vec<ArrayRef> = Vec::new();
     for (c, _) in schema.text_columns.iter().enumerate() {
         let mut b = StringBuilder::new();
-        for r in rows {
+        for r in &rows {
             b.append_value(r.texts.get(c).map(String::as_str).unwrap_or(""));
         }
         cols.push(Arc::new(b.finish()));
@@ -88,6 +172,7 @@ pub fn to_batch(schema: &ShardSchema, rows: &[Row]) -> Result<RecordBatch> {
     }
     let mut idx = Int32Builder::with_capacity(n);
     let mut method = StringBuilder::new();
+    let mut virt = BooleanBuilder::with_capacity(n);
     let mut copy = Int32Builder::with_capacity(n);
     let mut partner = Int32Builder::with_capacity(n);
     let mut lambda = Float32Builder::with_capacity(n);
@@ -103,9 +188,10 @@ pub fn to_batch(schema: &ShardSchema, rows: &[Row]) -> Result<RecordBatch> {
         i32::try_from(v)
             .with_context(|| format!("source idx {v} does not fit the int32 `idx` column"))
     };
-    for r in rows {
+    for r in &rows {
         idx.append_value(int32(r.idx)?);
         method.append_value(r.method);
+        virt.append_value(is_virtual(r.method));
         copy.append_value(r.copy as i32);
         partner.append_option(r.partner_idx.map(int32).transpose()?);
         lambda.append_option(r.lambda);
@@ -139,6 +225,7 @@ pub fn to_batch(schema: &ShardSchema, rows: &[Row]) -> Result<RecordBatch> {
     }
     cols.push(Arc::new(idx.finish()));
     cols.push(Arc::new(method.finish()));
+    cols.push(Arc::new(virt.finish()));
     cols.push(Arc::new(copy.finish()));
     cols.push(Arc::new(partner.finish()));
     cols.push(Arc::new(lambda.finish()));

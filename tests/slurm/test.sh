@@ -33,7 +33,7 @@ wait_jobs() {
   fail "jobs $1 still queued after 900 s"
 }
 state() { scontrol show job "$1" | sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p' | head -1; }
-listing() { (cd "$1" && ls -A | grep -v -e timing -e '^slurm$'); }
+listing() { (cd "$1" && find . -type f ! -path './slurm/*' | grep -v timing | sort); }
 same() {
   [ "$(listing "$1")" = "$(listing "$2")" ] || fail "file sets differ: $1 vs $2"
   for f in $(listing "$1"); do cmp -s "$1/$f" "$2/$f" || fail "$f differs between $1 and $2"; done
@@ -73,7 +73,7 @@ out=$(submit --out "$W/b"); echo "$out"
 grep -q "already complete; submitting shards" <<<"$out" || fail "resubmission should run only the missing shards"
 wait_jobs "$(ids_of "$out")"
 same "$W/single/sst2/smoke" "$W/b/sst2/smoke"
-if ls -A "$W/b/sst2/smoke" | grep -q '\.tmp-'; then fail "temporary files left"; fi
+if find "$W/b/sst2/smoke" -name '*.tmp-*' | grep -q .; then fail "temporary files left"; fi
 echo "identical after cancel + resubmit"
 
 echo "== 3. complete output: nothing to submit"

@@ -498,21 +498,37 @@ impl Space<'_> {
     }
 
     /// The teacher's logits for a method's variants: on the tokens of token rows, at the
-    /// embeddings of virtual rows.
+    /// embeddings of virtual rows. A token row identical to its source already has the
+    /// source's logits; only the others go through the teacher.
     fn score(&self, src: &Sources, variants: &[Variant]) -> Result<Vec<Vec<f32>>> {
         let mut tokens = Vec::new();
         let mut virtual_points = Vec::new();
         for (v, e) in variants.iter().zip(src.encs) {
             match v {
+                Variant::Tokens { changed: 0, .. } => {}
                 Variant::Tokens { ids, .. } => tokens.push((ids.as_slice(), e.type_ids.as_slice())),
                 Variant::Virtual { embeds, .. } => virtual_points.push(embeds.as_slice()),
             }
         }
-        match (tokens.is_empty(), virtual_points.is_empty()) {
-            (false, true) => self.logits_ids(&tokens),
-            (true, false) => self.logits_embeds(src.encs, &virtual_points),
-            _ => bail!("a method made both token and virtual rows in one batch"),
+        if !virtual_points.is_empty() {
+            if virtual_points.len() != variants.len() {
+                bail!("a method made both token and virtual rows in one batch");
+            }
+            return self.logits_embeds(src.encs, &virtual_points);
         }
+        let mut scored = match tokens.is_empty() {
+            true => Vec::new(),
+            false => self.logits_ids(&tokens)?,
+        }
+        .into_iter();
+        Ok(variants
+            .iter()
+            .zip(&src.logits)
+            .map(|(v, own)| match v {
+                Variant::Tokens { changed: 0, .. } => own.clone(),
+                _ => scored.next().expect("one score per changed row"),
+            })
+            .collect())
     }
 
     /// Adds one row to a method's counters.

@@ -10,8 +10,27 @@ use std::path::{Path, PathBuf};
 /// reader, writer, manifest) is the on-disk format that `augment` writes and `student`
 /// reads, so it sits below both and needs neither FAISS nor the model.
 const ORDER: &[&str] = &[
-    "util", "timing", "glue", "device", "config", "metrics", "data", "shards", "tokenize", "model",
-    "train", "teacher", "augment", "student", "pipeline", "report", "slurm", "fetch", "inspect",
+    "util",
+    "timing",
+    "storage",
+    "glue",
+    "device",
+    "precision",
+    "config",
+    "metrics",
+    "data",
+    "shards",
+    "tokenize",
+    "model",
+    "train",
+    "teacher",
+    "augment",
+    "student",
+    "pipeline",
+    "report",
+    "slurm",
+    "fetch",
+    "inspect",
     "cli",
 ];
 

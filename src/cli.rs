@@ -137,6 +137,10 @@ pub enum TeacherCmd {
         /// Seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Share of the train split held out as the dev split (as a pipeline's `dev.fraction`;
+        /// 0 trains on all of it).
+        #[arg(long, default_value_t = 0.1)]
+        dev_fraction: f64,
         #[command(flatten)]
         dev: DeviceArgs,
     },
@@ -182,7 +186,7 @@ pub struct AugmentArgs {
     /// pipeline's `output`).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Override a pipeline key, e.g. `--set methods.augpro_fgsm.epsilon_rel=0.25` (repeatable).
+    /// Override a pipeline key, e.g. `--set methods.augpro_fgsm.epsilon_nn=4.9` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
     #[command(flatten)]
@@ -285,28 +289,35 @@ pub struct SlurmSubmitArgs {
 /// `report` flags.
 #[derive(Args, Debug)]
 pub struct ReportArgs {
-    /// GLUE task.
-    #[arg(long, default_value = "sst2")]
-    pub task: String,
+    /// GLUE tasks, comma-separated (several give one GLUE-style table).
+    #[arg(long, alias = "task", value_delimiter = ',', default_value = "sst2")]
+    pub tasks: Vec<String>,
     /// smoke (CI-sized), low (low-resource) or paper (full data).
     #[arg(long, default_value = "low")]
     pub preset: String,
     /// Source examples to augment (overrides the preset).
     #[arg(long)]
     pub train_examples: Option<usize>,
-    /// Seeds per method.
+    /// Seeds per method in the final comparison (low preset: 5 on sst2, 3 elsewhere).
     #[arg(long)]
     pub seeds: Option<usize>,
+    /// Tune every method on the dev split over its declared grid, then compare each at its
+    /// dev-best setting.
+    #[arg(long)]
+    pub tune: bool,
+    /// Seeds per grid point when tuning.
+    #[arg(long)]
+    pub tune_seeds: Option<usize>,
     /// Student steps per run (same for every method).
     #[arg(long)]
     pub steps: Option<usize>,
-    /// Base pipeline file whose teacher and method parameters are used.
+    /// Base pipeline file whose teacher and method parameters are used (one task only).
     #[arg(long)]
     pub pipeline: Option<PathBuf>,
     /// Report directory root.
     #[arg(long, default_value = "reports")]
     pub out: PathBuf,
-    /// Compare only these methods (comma-separated; include `original` for the Δ column).
+    /// Compare only these methods with plain KD (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub methods: Option<Vec<String>>,
     /// Override a pipeline key, e.g. `--set methods.augpro_mix.lambda_min=0.25` (repeatable).
@@ -370,7 +381,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }) => {
             let task = glue::task(&task)?;
             let dir = resolve_glue_dir(glue_dir.as_deref());
-            let rows = pipeline::split_rows(&dir, task, &split)?;
+            let rows = crate::data::split_rows(&dir, task, &split)?;
             let ex = crate::data::SplitReader::open(&dir, task, &split)?.read_all(Some(n))?;
             println!("{} / {split}: {rows} rows", task.name);
             for e in ex {
@@ -394,9 +405,17 @@ pub fn run(cli: Cli) -> Result<()> {
             batch_size,
             max_seq_len,
             seed,
+            dev_fraction,
             dev,
         }) => {
             let task = glue::task(&task)?;
+            if !(0.0..=0.5).contains(&dev_fraction) {
+                bail!("--dev-fraction must be in [0, 0.5], got {dev_fraction}");
+            }
+            let held_out = crate::config::DevConfig {
+                fraction: dev_fraction,
+                ..Default::default()
+            };
             let device = parse_device(&dev.device)?;
             let cfg = crate::config::TeacherTrainConfig {
                 epochs,
@@ -416,6 +435,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 &resolve_glue_dir(dev.glue_dir.as_deref()),
                 &out,
                 &cfg,
+                &held_out,
                 &device,
             )?;
             println!("{}", serde_json::to_string_pretty(&m)?);
@@ -533,10 +553,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Report(a) => {
             let device = parse_device(&a.dev.device)?;
             let opts = report::ReportOptions {
-                task: a.task,
+                tasks: a.tasks,
                 preset: a.preset,
                 train_examples: a.train_examples,
                 seeds: a.seeds,
+                tune: a.tune,
+                tune_seeds: a.tune_seeds,
                 steps: a.steps,
                 pipeline: a.pipeline,
                 out: a.out,

@@ -44,6 +44,62 @@ pub struct PipelineConfig {
     /// Augmentation methods; a method is enabled by its table.
     #[serde(default)]
     pub methods: MethodsConfig,
+    /// The dev split carved from the train split: never augmented nor trained on.
+    #[serde(default)]
+    pub dev: DevConfig,
+}
+
+/// A dev split carved deterministically from the task's train split: an example belongs to
+/// it when a hash of its `idx` (and `seed`) falls below a threshold, so membership does not
+/// depend on file order or sharding. Dev examples are left out of teacher fine-tuning,
+/// augmentation and student training; students choose their checkpoint on them, and sweeps
+/// tune on them. The validation split is only scored.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DevConfig {
+    /// Share of the train split held out (0 disables the dev split).
+    pub fraction: f64,
+    /// At most about this many examples: the share is lowered on large train splits.
+    pub max_examples: usize,
+    /// Seed of the membership hash.
+    pub seed: u64,
+}
+
+impl Default for DevConfig {
+    fn default() -> Self {
+        Self {
+            fraction: 0.1,
+            max_examples: 2000,
+            seed: 0,
+        }
+    }
+}
+
+impl DevConfig {
+    /// No dev split.
+    pub const NONE: DevConfig = DevConfig {
+        fraction: 0.0,
+        max_examples: 0,
+        seed: 0,
+    };
+
+    /// The share held out of a train split of `rows` examples.
+    pub fn share(&self, rows: usize) -> f64 {
+        if rows == 0 {
+            return 0.0;
+        }
+        self.fraction.min(self.max_examples as f64 / rows as f64)
+    }
+
+    /// Whether the example with this `idx` is in the dev split of a train split of `rows`.
+    pub fn contains(&self, idx: i64, rows: usize) -> bool {
+        let share = self.share(rows);
+        if share <= 0.0 {
+            return false;
+        }
+        let h = crate::util::derive_seed(self.seed, &["dev", &idx.to_string()]);
+        ((h >> 11) as f64 / (1u64 << 53) as f64) < share
+    }
 }
 
 fn default_split() -> String {
@@ -185,11 +241,17 @@ fn default_lambda_mode() -> LambdaMode {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FgsmConfig {
-    /// Absolute step ε.
+    /// Absolute step ε per embedding coordinate.
     #[serde(default)]
     pub epsilon: Option<f64>,
-    /// ε as a multiple of the table's median nearest-neighbour distance.
+    /// The step's L2 length ε·√hidden as a multiple of the table's median
+    /// nearest-neighbour distance d: ε = epsilon_nn·d/√hidden. The same value means the
+    /// same step, relative to the spacing of the vocabulary, for any hidden size.
     #[serde(default)]
+    pub epsilon_nn: Option<f64>,
+    /// Replaced by `epsilon_nn` (it was per coordinate, so its step grew with √hidden);
+    /// kept only to say so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epsilon_rel: Option<f64>,
     /// A student checkpoint: the gradient is that of KL(teacher ‖ student), taken and
     /// projected in the student's embedding space (AugPro-FGSM only).
@@ -286,19 +348,22 @@ impl PipelineConfig {
                 }
             }
         }
-        if let Some(c) = &m.mixup {
-            if c.lambda_mode == LambdaMode::Position {
-                bail!("`methods.mixup.lambda_mode` must be `sequence` (a per-position λ could not be rebuilt by the student)");
-            }
-        }
         for (name, c) in [("augpro_fgsm", &m.augpro_fgsm), ("fgsm", &m.fgsm)] {
             if let Some(c) = c {
-                match (c.epsilon, c.epsilon_rel) {
+                if let Some(r) = c.epsilon_rel {
+                    bail!(
+                        "`methods.{name}.epsilon_rel` is replaced by `epsilon_nn`, the step's L2 length in \
+                         nearest-neighbour distances: use epsilon_nn = epsilon_rel·√hidden \
+                         ({:.2} for {r} at hidden size 384)",
+                        r * 384f64.sqrt()
+                    );
+                }
+                match (c.epsilon, c.epsilon_nn) {
                     (Some(_), Some(_)) => {
-                        bail!("`methods.{name}`: give `epsilon` or `epsilon_rel`, not both")
+                        bail!("`methods.{name}`: give `epsilon` or `epsilon_nn`, not both")
                     }
                     (None, None) => {
-                        bail!("`methods.{name}`: `epsilon` or `epsilon_rel` is required")
+                        bail!("`methods.{name}`: `epsilon` or `epsilon_nn` is required")
                     }
                     (Some(e), None) | (None, Some(e)) if !e.is_finite() || e < 0.0 => {
                         bail!("`methods.{name}`: ε must be >= 0, got {e}")
@@ -320,6 +385,12 @@ impl PipelineConfig {
             if c.k == 0 {
                 bail!("`methods.token_replace.k` must be at least 1, got 0");
             }
+        }
+        if !(0.0..=0.5).contains(&self.dev.fraction) {
+            bail!(
+                "`dev.fraction` must be in [0, 0.5], got {}",
+                self.dev.fraction
+            );
         }
         let t = &self.teacher.train;
         if t.optim.batch_size == 0 || t.optim.lr.is_nan() || t.optim.lr <= 0.0 || t.epochs == 0 {

@@ -4,6 +4,7 @@
 //! validated: columns present and typed as the task expects, no null or empty text,
 //! labels inside the task's range. Errors name the file, the column and the row.
 
+use crate::config::DevConfig;
 use crate::glue::TaskSpec;
 use anyhow::{bail, Context, Result};
 use arrow::array::{Array, AsArray, RecordBatch};
@@ -104,6 +105,32 @@ pub struct SplitReader {
     )>,
     row_in_file: usize,
     yielded: usize,
+    keep: Option<(DevConfig, usize, Part)>,
+}
+
+/// Which examples of a train split a reader yields, relative to the dev split
+/// ([`DevConfig`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// Every example.
+    All,
+    /// The examples outside the dev split (what is trained on and augmented).
+    Train,
+    /// The dev split only.
+    Dev,
+}
+
+/// Number of rows in a split, from Parquet metadata (no data read).
+pub fn split_rows(glue_dir: &Path, task: &TaskSpec, split: &str) -> Result<usize> {
+    let mut n = 0;
+    for f in split_files(glue_dir, task, split)? {
+        let file = File::open(&f).with_context(|| format!("{}: cannot open", f.display()))?;
+        let r = parquet::file::reader::SerializedFileReader::new(file)
+            .with_context(|| format!("{}: not a readable Parquet file", f.display()))?;
+        use parquet::file::reader::FileReader;
+        n += r.metadata().file_metadata().num_rows() as usize;
+    }
+    Ok(n)
 }
 
 impl SplitReader {
@@ -117,7 +144,24 @@ impl SplitReader {
             current: None,
             row_in_file: 0,
             yielded: 0,
+            keep: None,
         })
+    }
+
+    /// Opens one part of a split: on the task's train split, the examples outside the dev
+    /// split or inside it; other splits are read whole.
+    pub fn open_part(
+        glue_dir: &Path,
+        task: &'static TaskSpec,
+        split: &str,
+        dev: &DevConfig,
+        part: Part,
+    ) -> Result<Self> {
+        let mut r = Self::open(glue_dir, task, split)?;
+        if split == task.train_split && part != Part::All && dev.fraction > 0.0 {
+            r.keep = Some((*dev, split_rows(glue_dir, task, split)?, part));
+        }
+        Ok(r)
     }
 
     /// Opens explicit files (used by tests and by callers that already resolved paths).
@@ -129,6 +173,7 @@ impl SplitReader {
             current: None,
             row_in_file: 0,
             yielded: 0,
+            keep: None,
         }
     }
 
@@ -149,6 +194,15 @@ impl SplitReader {
         self.current = Some((path, reader));
         self.row_in_file = 0;
         Ok(true)
+    }
+
+    /// Number of examples this reader yields (reads the split through).
+    pub fn count(mut self) -> Result<usize> {
+        let mut n = 0;
+        while let Some(b) = self.next_batch()? {
+            n += b.len();
+        }
+        Ok(n)
     }
 
     /// Reads every remaining example (up to `limit`), failing on an empty split.
@@ -187,9 +241,12 @@ impl SplitReader {
                     let path = path.clone();
                     let batch = batch
                         .with_context(|| format!("{}: corrupt Parquet data", path.display()))?;
-                    let rows = convert_batch(&path, self.task, &batch, self.row_in_file)?;
+                    let mut rows = convert_batch(&path, self.task, &batch, self.row_in_file)?;
                     self.row_in_file += batch.num_rows();
                     self.yielded += rows.len();
+                    if let Some((dev, n, part)) = &self.keep {
+                        rows.retain(|e| dev.contains(e.idx, *n) == (*part == Part::Dev));
+                    }
                     if rows.is_empty() {
                         continue;
                     }

@@ -4,7 +4,7 @@
 
 use crate::augment::Engine;
 use crate::config::PipelineConfig;
-use crate::data::{resolve_glue_dir, split_files, SplitReader};
+use crate::data::{resolve_glue_dir, split_files, Part, SplitReader};
 use crate::glue::{self, TaskSpec};
 use crate::model::Checkpoint;
 use crate::shards::card;
@@ -161,6 +161,7 @@ pub fn ensure_teacher(cfg: &PipelineConfig, glue_dir: &Path, device: &Device) ->
         glue_dir,
         &tmp,
         &cfg.teacher.train,
+        &cfg.dev,
         device,
     )?;
     atomic_write(
@@ -205,20 +206,6 @@ fn publish_teacher(tmp: &Path, dir: &Path) -> Result<bool> {
             )
         }),
     }
-}
-
-/// Number of rows in a split, from Parquet metadata (no data read).
-pub fn split_rows(glue_dir: &Path, task: &TaskSpec, split: &str) -> Result<usize> {
-    let mut n = 0;
-    for f in split_files(glue_dir, task, split)? {
-        let file =
-            std::fs::File::open(&f).with_context(|| format!("{}: cannot open", f.display()))?;
-        let r = parquet::file::reader::SerializedFileReader::new(file)
-            .with_context(|| format!("{}: not a readable Parquet file", f.display()))?;
-        use parquet::file::reader::FileReader;
-        n += r.metadata().file_metadata().num_rows() as usize;
-    }
-    Ok(n)
 }
 
 /// Source-example range `[start, end)` of shard `i` of `n` over `total` examples.
@@ -272,8 +259,9 @@ pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Resul
     })?;
     let teacher = Teacher::load_as(&teacher_dir, task, device, dtype, cfg.max_seq_len)?;
     let mut engine = Engine::new(&teacher, &cfg)?;
-    let total =
-        split_rows(&glue_dir, task, &cfg.split)?.min(cfg.max_examples.unwrap_or(usize::MAX));
+    let total = SplitReader::open_part(&glue_dir, task, &cfg.split, &cfg.dev, Part::Train)?
+        .count()?
+        .min(cfg.max_examples.unwrap_or(usize::MAX));
     if total == 0 {
         bail!("split `{}` of `{}` is empty", cfg.split, task.name);
     }
@@ -424,7 +412,7 @@ fn run_shard(
         "shard {i}/{}: augmenting source examples {start}..{end}",
         cfg.shards
     );
-    let mut reader = SplitReader::open(glue_dir, task, &cfg.split)?;
+    let mut reader = SplitReader::open_part(glue_dir, task, &cfg.split, &cfg.dev, Part::Train)?;
     let tok = engine.tokenizer();
     let mut stats: BTreeMap<String, MethodStats> = BTreeMap::new();
     crate::timing::take();
@@ -648,6 +636,7 @@ pub fn finalize(cfg: &PipelineConfig, out: &Location) -> Result<Manifest> {
             "weights_sha256": shards[0].teacher_sha256,
             "vocab_size": ck.config.vocab_size,
             "hidden_size": ck.config.hidden_size,
+            "embedding_sketch": ck.embedding_sketch()?,
             "metrics": tmetrics.get("validation").cloned().unwrap_or(serde_json::Value::Null),
             "device": shards[0].device,
             "dtype": shards[0].dtype,
@@ -703,6 +692,7 @@ pub fn teacher_cache_dir(cfg: &PipelineConfig) -> Result<(PathBuf, serde_json::V
         "task": cfg.task,
         "base_weights_sha256": base.weights_sha256()?,
         "train": cfg.teacher.train,
+        "dev": cfg.dev,
     });
     let key = &sha256_bytes(key_src.to_string().as_bytes())[..12];
     Ok((

@@ -7,15 +7,15 @@
 //! embedding space from `partner_input_ids`/`lambda` and `perturbation`/`epsilon`.
 
 use crate::augment::mix;
-use crate::config::OptimConfig;
+use crate::config::{DevConfig, OptimConfig};
 use crate::glue::TaskSpec;
-use crate::model::checkpoint::save_classifier;
+use crate::model::checkpoint::{save_classifier, sketch_difference};
 use crate::model::{Checkpoint, Ctx, SeqClassifier};
 use crate::shards::manifest::shard_paths;
 use crate::shards::reader::ShardReader;
 use crate::shards::{Row, ShardSchema};
 use crate::storage::Location;
-use crate::teacher::{evaluate, label_names};
+use crate::teacher::{dev_scorer, evaluate, label_names};
 use crate::tokenize::TextTokenizer;
 use crate::train::{kd_loss, supervised_loss, Batch, Optim};
 use crate::util::{atomic_write, derive_seed, sha256_file};
@@ -51,6 +51,9 @@ pub struct StudentConfig {
     pub methods: Vec<String>,
     /// Rows in the shuffle buffer.
     pub shuffle_buffer: usize,
+    /// Dev evaluations spread evenly over the run (the last at its end); the checkpoint
+    /// with the best dev score is kept. Without a dev split, the last checkpoint is kept.
+    pub evals: usize,
     /// Optimiser settings.
     pub optim: OptimConfig,
 }
@@ -67,6 +70,7 @@ impl Default for StudentConfig {
             seed: 0,
             methods: Vec::new(),
             shuffle_buffer: 4096,
+            evals: 6,
             optim: OptimConfig {
                 lr: 1e-4,
                 ..OptimConfig::default()
@@ -82,9 +86,15 @@ pub struct StudentMetrics {
     pub task: String,
     /// Methods trained on.
     pub methods: Vec<String>,
-    /// Final validation metrics per split.
+    /// Validation metrics per split of the kept checkpoint (scored once, chosen by nothing).
     pub validation: BTreeMap<String, BTreeMap<String, f64>>,
-    /// Primary metric after each epoch (and at the end).
+    /// Dev metrics of the kept checkpoint (empty without a dev split).
+    #[serde(default)]
+    pub dev: BTreeMap<String, f64>,
+    /// Step of the kept checkpoint.
+    #[serde(default)]
+    pub best_step: usize,
+    /// Primary dev metric at each dev evaluation.
     pub curve: Vec<CurvePoint>,
     /// Optimisation steps.
     pub steps: usize,
@@ -230,13 +240,19 @@ fn student_embeds(
         }
         if let (Some(p), Some(pt)) = (&r.partner_input_ids, &r.partner_token_type_ids) {
             // The shard reader has checked that MixUp rows carry λ and FGSM rows ε.
-            let l = r.lambda.context("mixup row without `lambda`")?;
+            let at = |j: usize| -> Result<f32> {
+                match (&r.lambdas, r.lambda) {
+                    (Some(ls), _) => Ok(ls[j]),
+                    (None, Some(l)) => Ok(l),
+                    (None, None) => bail!("mixup row without `lambda`"),
+                }
+            };
             let al = mix::align(&r.input_ids, &r.token_type_ids, p, pt, &|t| {
                 tok.is_special(t)
             });
             for (j, a) in al.iter().enumerate() {
                 if let Some(k) = a {
-                    lam[i * s + j] = l;
+                    lam[i * s + j] = at(j)?;
                     pid[i * s + j] = p[*k];
                 }
             }
@@ -312,6 +328,43 @@ fn batch_loss(
     Ok(((hard * (cfg.alpha * frac))? + (soft * (1.0 - cfg.alpha))?)?)
 }
 
+/// `fgsm` rows carry gradient signs in the teacher's embedding coordinates, so they are
+/// refused unless the student's table is the teacher's (the same model, or the base it was
+/// fine-tuned from: their sketches differ by under 10%).
+fn check_fgsm_table(
+    manifest: &crate::shards::manifest::Manifest,
+    ck: &Checkpoint,
+    cfg: &StudentConfig,
+) -> Result<()> {
+    let uses_fgsm = manifest.method_rows.get("fgsm").is_some_and(|&n| n > 0)
+        && (cfg.methods.is_empty() || cfg.methods.iter().any(|m| m == "fgsm"));
+    if !uses_fgsm {
+        return Ok(());
+    }
+    let Some(sketch) = manifest.teacher.get("embedding_sketch").and_then(|v| {
+        v.as_array().map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_f64())
+                .map(|x| x as f32)
+                .collect::<Vec<_>>()
+        })
+    }) else {
+        tracing::warn!("the manifest has no teacher embedding sketch: cannot check that the student shares the teacher's embedding table for `fgsm` rows");
+        return Ok(());
+    };
+    let d = sketch_difference(&sketch, &ck.embedding_sketch()?);
+    if d > 0.1 {
+        bail!(
+            "{}: the student's word-embedding table is not the teacher's (sketches differ by {:.0}%), \
+             but `fgsm` rows hold gradient signs in the teacher's embedding coordinates; train \
+             without them (--methods without fgsm) or start the student from the teacher's base model",
+            cfg.model.display(),
+            d * 100.0
+        );
+    }
+    Ok(())
+}
+
 /// Trains a student from the shards in `shards_dir` and writes a checkpoint and
 /// `metrics.json` to `out`.
 pub fn train(
@@ -357,6 +410,7 @@ pub fn train(
             manifest.tokenizer_sha256
         );
     }
+    check_fgsm_table(&manifest, &ck, cfg)?;
     let tok = TextTokenizer::load(&cfg.model, 512)?;
     let schema = ShardSchema::new(task);
     let rows_available: usize = manifest
@@ -389,8 +443,30 @@ pub fn train(
     let (mut step, mut seen, mut epoch) = (0usize, 0usize, 0usize);
     let mut curve = Vec::new();
     let primary = task.primary_metric();
-    let eval = |model: &SeqClassifier| -> Result<BTreeMap<String, BTreeMap<String, f64>>> {
-        evaluate(model, &tok, task, glue_dir, device)
+    let dev_cfg: DevConfig = manifest
+        .config
+        .get("dev")
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+        .unwrap_or(DevConfig::NONE);
+    let dev_score = if dev_cfg.fraction > 0.0 && manifest.split == task.train_split {
+        Some(dev_scorer(&tok, task, glue_dir, &dev_cfg)?)
+    } else {
+        None
+    };
+    let eval_every = total.div_ceil(cfg.evals.max(1)).max(1);
+    let mut best: Option<(f64, usize, BTreeMap<String, f64>, Vec<Tensor>)> = None;
+    let mut check = |model: &SeqClassifier, step: usize| -> Result<()> {
+        let Some(score) = &dev_score else {
+            return Ok(());
+        };
+        let m = score(model, device)?;
+        let v = m.get(primary).copied().unwrap_or(f64::NAN);
+        curve.push(CurvePoint { step, value: v });
+        // Ties keep the earlier checkpoint; a NaN score never wins.
+        if best.as_ref().is_none_or(|b| v > b.0) {
+            best = Some((v, step, m, params.snapshot()?));
+        }
+        Ok(())
     };
     while step < total {
         let mut stream = RowStream::new(
@@ -413,6 +489,9 @@ pub fn train(
                 opt.backward_step(&loss)?;
                 step += 1;
                 seen += rows.len();
+                if step % eval_every == 0 || step == total {
+                    check(&model, step)?;
+                }
                 if step % 10 == 0 {
                     pb.set_prefix(format!("loss {:.4}", loss.to_scalar::<f32>()?));
                 }
@@ -423,21 +502,17 @@ pub fn train(
             }
         }
         epoch += 1;
-        if step < total {
-            let v = eval(&model)?;
-            curve.push(CurvePoint {
-                step,
-                value: first_value(&v, primary),
-            });
-        }
     }
     pb.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
-    let validation = eval(&model)?;
-    curve.push(CurvePoint {
-        step,
-        value: first_value(&validation, primary),
-    });
+    let (dev, best_step) = match best {
+        Some((_, s, m, snap)) => {
+            params.restore(&snap)?;
+            (m, s)
+        }
+        None => (BTreeMap::new(), step),
+    };
+    let validation = evaluate(&model, &tok, task, glue_dir, device)?;
     let names = label_names(glue_dir, task);
     save_classifier(
         out,
@@ -456,6 +531,8 @@ pub fn train(
             cfg.methods.clone()
         },
         validation,
+        dev,
+        best_step,
         curve,
         steps: step,
         rows_seen: seen,

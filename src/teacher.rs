@@ -2,8 +2,8 @@
 //! the inference API the augmentation stage uses (logits, pooled embeddings, word
 //! embeddings, and gradients of a loss with respect to the input embeddings).
 
-use crate::config::TeacherTrainConfig;
-use crate::data::{label_names_from_metadata, split_files, Example, SplitReader};
+use crate::config::{DevConfig, TeacherTrainConfig};
+use crate::data::{label_names_from_metadata, split_files, Example, Part, SplitReader};
 use crate::glue::TaskSpec;
 use crate::metrics;
 use crate::model::checkpoint::save_classifier;
@@ -97,6 +97,35 @@ pub fn evaluate(
     Ok(out)
 }
 
+/// Scores a classifier on the dev split carved from the train split ([`DevConfig`]),
+/// truncating to [`EVAL_MAX_SEQ_LEN`]. The dev examples are read and tokenized once; each
+/// call of the returned scorer costs only the forward passes.
+pub fn dev_scorer(
+    tok: &TextTokenizer,
+    task: &'static TaskSpec,
+    glue_dir: &Path,
+    dev: &DevConfig,
+) -> Result<impl Fn(&SeqClassifier, &Device) -> Result<BTreeMap<String, f64>>> {
+    let tok = tok.with_max_seq_len(EVAL_MAX_SEQ_LEN)?;
+    let mut ex =
+        SplitReader::open_part(glue_dir, task, task.train_split, dev, Part::Dev)?.read_all(None)?;
+    ex.retain(|e| e.label.is_some());
+    if ex.is_empty() {
+        bail!(
+            "`{}`: the dev split is empty (dev.fraction = {})",
+            task.name,
+            dev.fraction
+        );
+    }
+    let enc = tok.encode(&ex)?;
+    let gold: Vec<f32> = ex.iter().map(|e| e.label.expect("labelled")).collect();
+    let pad = tok.pad_id;
+    Ok(move |model: &SeqClassifier, device: &Device| {
+        let logits = predict(model, &enc, pad, 64, device)?;
+        Ok(metrics::score(task, &logits, &gold))
+    })
+}
+
 /// Checks that the tokenizer's vocabulary fits the model's embedding table.
 pub fn check_vocab(tok: &TextTokenizer, ck: &Checkpoint) -> Result<()> {
     if tok.vocab_size() != ck.config.vocab_size {
@@ -117,15 +146,14 @@ pub fn train(
     glue_dir: &Path,
     out: &Path,
     cfg: &TeacherTrainConfig,
+    dev: &DevConfig,
     device: &Device,
 ) -> Result<TeacherMetrics> {
     let ck = Checkpoint::open(base)?;
     let tok = TextTokenizer::load(base, cfg.max_seq_len)?;
     check_vocab(&tok, &ck)?;
-    let (mut ex, _) = (
-        SplitReader::open(glue_dir, task, task.train_split)?.read_all(None)?,
-        (),
-    );
+    let mut ex = SplitReader::open_part(glue_dir, task, task.train_split, dev, Part::Train)?
+        .read_all(None)?;
     ex.retain(|e| e.label.is_some());
     let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(cfg.seed, &["teacher-subset"]));
     ex.shuffle(&mut rng);

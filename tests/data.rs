@@ -57,6 +57,51 @@ fn reads_real_glue_splits() {
 }
 
 #[test]
+fn dev_split_is_carved_from_train_deterministically() {
+    use augpro::config::DevConfig;
+    use augpro::data::Part;
+    let g = common::glue_dir();
+    let cola = glue::task("cola").unwrap();
+    let dev = DevConfig::default();
+    let read = |part| {
+        SplitReader::open_part(&g, cola, "train", &dev, part)
+            .unwrap()
+            .read_all(None)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.idx)
+            .collect::<Vec<i64>>()
+    };
+    let (all, train, held) = (read(Part::All), read(Part::Train), read(Part::Dev));
+    assert_eq!(all.len(), 8551);
+    assert_eq!(train.len() + held.len(), all.len());
+    assert!(held.iter().all(|i| !train.contains(i)), "disjoint");
+    // 10% of CoLA's 8,551, within sampling noise; the same examples on every read.
+    assert!((700..1000).contains(&held.len()), "{}", held.len());
+    assert_eq!(read(Part::Dev), held);
+    // Membership depends on `idx` and the seed only, not on file order.
+    assert!(held.iter().all(|&i| dev.contains(i, 8551)));
+    let other = DevConfig { seed: 1, ..dev };
+    assert_ne!(
+        held.iter().filter(|&&i| other.contains(i, 8551)).count(),
+        held.len()
+    );
+    // Large train splits hold out at most about `max_examples`.
+    assert!((dev.share(67_349) - 2000.0 / 67_349.0).abs() < 1e-12);
+    // Other splits are read whole; a zero fraction holds nothing out.
+    let val = SplitReader::open_part(&g, cola, "validation", &dev, Part::Train)
+        .unwrap()
+        .count()
+        .unwrap();
+    assert_eq!(val, 1043);
+    let none = SplitReader::open_part(&g, cola, "train", &DevConfig::NONE, Part::Train)
+        .unwrap()
+        .count()
+        .unwrap();
+    assert_eq!(none, 8551);
+}
+
+#[test]
 fn task_registry_covers_glue() {
     for t in [
         "cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli",

@@ -118,6 +118,17 @@ fn smoke_pipeline_end_to_end() {
         .map(|r| (r.idx, r))
         .collect();
     assert_eq!(originals.len(), 64);
+    // No row comes from the dev split, which the manifest records.
+    let dev: augpro::config::DevConfig =
+        serde_json::from_value(manifest["config"]["dev"].clone()).unwrap();
+    assert_eq!((dev.fraction, dev.max_examples), (0.1, 200));
+    let train_rows = augpro::data::split_rows(
+        &common::glue_dir(),
+        augpro::glue::task("sst2").unwrap(),
+        "train",
+    )
+    .unwrap();
+    assert!(rows.iter().all(|r| !dev.contains(r.idx, train_rows)));
     let mut per: HashMap<&str, usize> = HashMap::new();
     for r in &rows {
         *per.entry(r.method).or_default() += 1;
@@ -148,9 +159,14 @@ fn smoke_pipeline_end_to_end() {
         }
         match r.method {
             "original" => assert!(r.label.is_some()),
-            "mixup" => assert!(
-                r.partner_input_ids.is_some() && r.lambda.is_some() && r.partner_idx.is_some()
-            ),
+            "mixup" => {
+                // Per-position λ (the smoke pipeline's mode): one per token, no sequence λ.
+                assert!(r.partner_input_ids.is_some() && r.partner_idx.is_some());
+                assert!(r.lambda.is_none());
+                let ls = r.lambdas.as_ref().unwrap();
+                assert_eq!(ls.len(), r.input_ids.len());
+                assert!(ls.iter().all(|l| (0.0..=1.0).contains(l)));
+            }
             "fgsm" => assert_eq!(
                 r.perturbation.as_ref().unwrap().len(),
                 r.input_ids.len() * 384
@@ -342,8 +358,65 @@ print("interop ok", df.height)
         "nope",
     ]);
     assert!(e.contains("unknown method `nope`"), "{e}");
+    fgsm_rows_need_the_teachers_embedding_table(&a, tmp.path());
 
     verify_detects_damage(&a, tmp.path());
+}
+
+/// `fgsm` rows hold gradient signs in the teacher's embedding coordinates: a student with
+/// another table of the same width is refused, with one error line, unless it leaves those
+/// rows out.
+fn fgsm_rows_need_the_teachers_embedding_table(shards: &Path, tmp: &Path) {
+    let model = tmp.join("other-table");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "tokenizer.json", "vocab.txt"] {
+        std::fs::copy(common::model_dir().join(f), model.join(f)).unwrap();
+    }
+    let mut w = candle_core::safetensors::load(
+        common::model_dir().join("model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let key = w
+        .keys()
+        .find(|k| k.ends_with("word_embeddings.weight"))
+        .unwrap()
+        .clone();
+    // The same rows in another order: same width and scale, other coordinates per token.
+    let t = &w[&key];
+    let n = t.dim(0).unwrap() as u32;
+    let perm: Vec<u32> = (0..n).map(|i| (i * 7919 + 13) % n).collect();
+    let shuffled = t
+        .index_select(
+            &candle_core::Tensor::new(perm, &candle_core::Device::Cpu).unwrap(),
+            0,
+        )
+        .unwrap();
+    w.insert(key, shuffled);
+    candle_core::safetensors::save(&w, model.join("model.safetensors")).unwrap();
+    let run = |methods: &str, out: &str| {
+        vec![
+            "train-student".to_string(),
+            "--shards".into(),
+            shards.display().to_string(),
+            "--task".into(),
+            "sst2".into(),
+            "--model".into(),
+            model.display().to_string(),
+            "--out".into(),
+            tmp.join(out).display().to_string(),
+            "--max-steps".into(),
+            "2".into(),
+            "--methods".into(),
+            methods.into(),
+        ]
+    };
+    let args = run("original,fgsm", "s-fgsm");
+    let e = fail(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(e.contains("is not the teacher's"), "{e}");
+    assert!(!tmp.join("s-fgsm").join("model.safetensors").exists());
+    let args = run("original,mixup", "s-mixup");
+    ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
 }
 
 /// The shard files of the smoke pipeline (2 shards), relative to its directory.
@@ -536,9 +609,15 @@ fn bad_pipeline_files_are_refused_cleanly() {
         ),
         (
             "epsilon",
-            "[methods.augpro_fgsm]\nepsilon_rel = 0.2",
-            "[methods.augpro_fgsm]\nepsilon_rel = -0.1",
+            "[methods.augpro_fgsm]\nepsilon_nn = 3.92",
+            "[methods.augpro_fgsm]\nepsilon_nn = -0.1",
         ),
+        (
+            "epsilon-rel",
+            "[methods.augpro_fgsm]\nepsilon_nn = 3.92",
+            "[methods.augpro_fgsm]\nepsilon_rel = 0.2",
+        ),
+        ("dev", "fraction = 0.1", "fraction = 0.9"),
         ("p", "p = 0.15", "p = 1.5"),
         ("copies", "copies = 1\np", "copies = 0\np"),
         ("shards", "shards = 2", "shards = 0"),
@@ -549,6 +628,8 @@ fn bad_pipeline_files_are_refused_cleanly() {
         "seed",
         "alpha",
         "ε must be >= 0",
+        "use epsilon_nn = epsilon_rel·√hidden (3.92 for 0.2 at hidden size 384)",
+        "`dev.fraction` must be in [0, 0.5], got 0.9",
         "`methods.token_replace.p`",
         "copies",
         "`shards`",
@@ -604,7 +685,7 @@ fn shipped_pipelines_are_valid() {
 fn report_smoke_preset_writes_every_method() {
     let tmp = tempfile::tempdir().unwrap();
     let shards = format!("output={}", tmp.path().join("shards").display());
-    let text = ok(&[
+    let args = [
         "report",
         "--task",
         "sst2",
@@ -614,21 +695,18 @@ fn report_smoke_preset_writes_every_method() {
         tmp.path().to_str().unwrap(),
         "--set",
         &shards,
-    ]);
+    ];
+    let text = ok(&args);
     assert!(text.contains("| augpro_fgsm |"), "{text}");
     let dir = tmp.path().join("sst2");
     let r: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("results.json")).unwrap()).unwrap();
-    let methods: Vec<&str> = r["methods"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["method"].as_str().unwrap())
-        .collect();
+    let rows = r["result"]["rows"].as_array().unwrap();
+    let labels: Vec<&str> = rows.iter().map(|m| m["label"].as_str().unwrap()).collect();
     assert_eq!(
-        methods,
+        labels,
         [
-            "original",
+            "original (plain KD)",
             "token_replace",
             "mixup",
             "fgsm",
@@ -636,28 +714,38 @@ fn report_smoke_preset_writes_every_method() {
             "augpro_fgsm"
         ]
     );
-    for m in r["methods"].as_array().unwrap() {
-        let v = m["mean"].as_f64().unwrap();
-        assert!((0.0..=1.0).contains(&v), "{m}");
-        assert_eq!(m["n"], 2);
+    for m in rows {
+        for split in ["validation", "dev"] {
+            let v = m[split]["mean"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&v), "{m}");
+            assert_eq!(m[split]["n"], 2);
+        }
+        // Every method is paired with plain KD over the same seeds.
+        assert_eq!(m["vs_kd"].is_null(), m["method"] == "original", "{m}");
     }
-    assert_eq!(r["runs"].as_array().unwrap().len(), 12);
+    assert_eq!(
+        r["result"]["grid"].as_array().unwrap().len(),
+        0,
+        "not tuned"
+    );
     for f in ["results.md", "bars.png", "curves.png"] {
         let meta = std::fs::metadata(dir.join(f)).unwrap();
         assert!(meta.len() > 200, "{f} is written");
     }
+    // Each student kept its best dev checkpoint and scored validation once.
+    let m: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.join("students/original-pipeline-seed0/metrics.json")).unwrap(),
+    )
+    .unwrap();
+    let best = m["curve"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["value"].as_f64().unwrap())
+        .fold(f64::NEG_INFINITY, f64::max);
+    assert_eq!(m["dev"]["accuracy"].as_f64().unwrap(), best, "{m}");
     // A rerun reuses the finished students and gives the same table.
-    let again = ok(&[
-        "report",
-        "--task",
-        "sst2",
-        "--preset",
-        "smoke",
-        "--out",
-        tmp.path().to_str().unwrap(),
-        "--set",
-        &shards,
-    ]);
+    let again = ok(&args);
     assert_eq!(
         again
             .lines()
@@ -668,7 +756,60 @@ fn report_smoke_preset_writes_every_method() {
     );
     let r2: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("results.json")).unwrap()).unwrap();
-    assert_eq!(r["methods"], r2["methods"]);
+    assert_eq!(r["result"], r2["result"]);
+}
+
+#[test]
+fn report_tunes_on_dev_and_writes_a_glue_table() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = format!("output={}", tmp.path().join("shards").display());
+    let text = ok(&[
+        "report",
+        "--tasks",
+        "sst2,mrpc",
+        "--preset",
+        "smoke",
+        "--tune",
+        "--methods",
+        "token_replace",
+        "--seeds",
+        "2",
+        "--out",
+        tmp.path().to_str().unwrap(),
+        "--set",
+        &shards,
+    ]);
+    assert!(text.contains("# GLUE student comparison"), "{text}");
+    let glue = std::fs::read_to_string(tmp.path().join("glue-token_replace/results.md")).unwrap();
+    assert!(
+        glue.contains("| sst2 (accuracy) | mrpc (f1) | Avg |"),
+        "{glue}"
+    );
+    assert!(glue.contains("| token_replace |"), "{glue}");
+    for task in ["sst2", "mrpc"] {
+        let r: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(
+                tmp.path()
+                    .join(format!("{task}-token_replace/results.json")),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        // The declared grid was run, and the point chosen is the best on dev.
+        let grid = r["result"]["grid"].as_array().unwrap();
+        assert_eq!(grid.len(), 3, "{task}");
+        let best = grid
+            .iter()
+            .map(|g| g["dev"].as_f64().unwrap())
+            .fold(f64::NEG_INFINITY, f64::max);
+        let chosen: Vec<&serde_json::Value> = grid.iter().filter(|g| g["chosen"] == true).collect();
+        assert_eq!(chosen.len(), 1, "{task}");
+        assert_eq!(chosen[0]["dev"].as_f64().unwrap(), best, "{task}");
+        let row = &r["result"]["rows"][1];
+        assert_eq!(row["setting"], chosen[0]["setting"], "{task}");
+        assert_eq!(row["validation"]["n"], 2);
+        assert!(r["result"]["dev_examples"].as_u64().unwrap() > 0);
+    }
 }
 
 #[test]
@@ -681,7 +822,7 @@ fn augpro_fgsm_with_a_student_checkpoint() {
     let text = base[..methods_at]
         .replace("max_examples = 64", "max_examples = 16")
         .replace("shards = 2", "shards = 1")
-        + "[methods.augpro_fgsm]\nepsilon_rel = 0.3\nstudent = \"data/models/minilm-l6\"\n";
+        + "[methods.augpro_fgsm]\nepsilon_nn = 5.9\nstudent = \"data/models/minilm-l6\"\n";
     let p = tmp.path().join("student-fgsm.toml");
     std::fs::write(&p, text).unwrap();
     let out = tmp.path().join("o");

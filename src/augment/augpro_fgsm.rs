@@ -65,7 +65,7 @@ fn student_step(
     ids: &[Vec<u32>],
     masks: &[Vec<bool>],
 ) -> Result<(Vec<Vec<u32>>, f32)> {
-    let eps = absolute_epsilon(c, st.nn_scale);
+    let eps = absolute_epsilon(c, st.nn_scale, st.dim);
     let task = space.teacher.task;
     let signs = if task.is_regression() {
         let target: Vec<f32> = src.logits.iter().map(|l| l[0]).collect();

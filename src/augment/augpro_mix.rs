@@ -35,6 +35,7 @@ impl Method for AugproMix {
         Ok(token_variants(src, projected, |i| Recipe::Mix {
             partner: m.partners[i],
             lambda: m.lambdas[i],
+            lambdas: None,
         }))
     }
 }

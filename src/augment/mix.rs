@@ -68,6 +68,7 @@ pub fn mix(
 pub(super) struct Mixed {
     pub partners: Vec<usize>,
     pub lambdas: Vec<Option<f32>>,
+    pub per_position: Vec<Vec<f32>>,
     pub embeds: Vec<Vec<f32>>,
     pub masks: Vec<Vec<bool>>,
 }
@@ -99,6 +100,7 @@ pub(super) fn mix_batch(
     let mut m = Mixed {
         partners,
         lambdas: Vec::with_capacity(n),
+        per_position: Vec::with_capacity(n),
         embeds: Vec::with_capacity(n),
         masks: Vec::with_capacity(n),
     };
@@ -123,6 +125,7 @@ pub(super) fn mix_batch(
             .push(mix(&space.table, space.dim, &e.ids, &p.ids, &al, &per_pos));
         m.masks.push(al.iter().map(|a| a.is_some()).collect());
         m.lambdas.push(lam);
+        m.per_position.push(per_pos);
     }
     Some(m)
 }

@@ -27,15 +27,20 @@ impl Method for Mixup {
         let Some(m) = mix::mix_batch(space, src, &self.0, rng) else {
             return Ok(Vec::new());
         };
+        let mut per_position = m.per_position.into_iter();
         Ok(m.embeds
             .into_iter()
             .enumerate()
-            .map(|(i, embeds)| Variant::Virtual {
-                embeds,
-                recipe: Recipe::Mix {
-                    partner: m.partners[i],
-                    lambda: m.lambdas[i],
-                },
+            .map(|(i, embeds)| {
+                let lambdas = per_position.next().expect("one per example");
+                Variant::Virtual {
+                    embeds,
+                    recipe: Recipe::Mix {
+                        partner: m.partners[i],
+                        lambda: m.lambdas[i],
+                        lambdas: m.lambdas[i].is_none().then_some(lambdas),
+                    },
+                }
             })
             .collect())
     }

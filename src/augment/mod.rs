@@ -91,6 +91,8 @@ pub enum Recipe {
         partner: usize,
         /// Sequence-level λ.
         lambda: Option<f32>,
+        /// Per-position λ of a virtual row (the student needs them to rebuild it).
+        lambdas: Option<Vec<f32>>,
     },
     /// A gradient-sign step of `epsilon`; a virtual row keeps the signs.
     Step {
@@ -180,7 +182,7 @@ pub struct Space<'a> {
     projector: Projector,
     /// Exact L2 projection on the teacher's GPU (CUDA with a `Flat` L2 index); FAISS otherwise.
     device_projector: Option<DeviceProjector>,
-    /// Median nearest-neighbour distance of the indexed table (the scale of `epsilon_rel`).
+    /// Median nearest-neighbour distance of the indexed table (the scale of `epsilon_nn`).
     pub nn_scale: f32,
     special: Vec<bool>,
     pad_id: u32,
@@ -299,7 +301,7 @@ impl<'a> Engine<'a> {
         })
     }
 
-    /// Median nearest-neighbour distance of the indexed table (the scale of `epsilon_rel`).
+    /// Median nearest-neighbour distance of the indexed table (the scale of `epsilon_nn`).
     pub fn nn_scale(&self) -> f32 {
         self.space.nn_scale
     }
@@ -401,7 +403,7 @@ impl Space<'_> {
 
     /// Absolute ε of a gradient method in the teacher's embedding space.
     pub fn epsilon(&self, c: &FgsmConfig) -> f32 {
-        absolute_epsilon(c, self.nn_scale)
+        absolute_epsilon(c, self.nn_scale, self.dim)
     }
 
     fn embeds_of(&self, ids: &[u32]) -> Vec<f32> {
@@ -582,6 +584,7 @@ impl Space<'_> {
             partner_input_ids: None,
             partner_token_type_ids: None,
             perturbation: None,
+            lambdas: None,
         };
         let (recipe, is_virtual) = match variant {
             None => {
@@ -600,10 +603,15 @@ impl Space<'_> {
             Some(Variant::Virtual { recipe, .. }) => (Some(recipe), true),
         };
         match recipe {
-            Some(Recipe::Mix { partner, lambda }) => {
+            Some(Recipe::Mix {
+                partner,
+                lambda,
+                lambdas,
+            }) => {
                 row.partner_idx = Some(src.examples[partner].idx);
                 row.lambda = lambda;
                 if is_virtual {
+                    row.lambdas = lambdas;
                     row.partner_input_ids = Some(src.encs[partner].ids.clone());
                     row.partner_token_type_ids = Some(src.encs[partner].type_ids.clone());
                 }
@@ -655,12 +663,12 @@ fn index_table(
     ))
 }
 
-/// ε of a gradient method: `epsilon`, or `epsilon_rel` × the table's median
-/// nearest-neighbour distance `scale`.
-fn absolute_epsilon(c: &FgsmConfig, scale: f32) -> f32 {
-    match (c.epsilon, c.epsilon_rel) {
+/// Per-coordinate ε of a gradient method: `epsilon`, or `epsilon_nn` × the table's median
+/// nearest-neighbour distance `scale` / √`dim` (a step of L2 length `epsilon_nn`·`scale`).
+fn absolute_epsilon(c: &FgsmConfig, scale: f32, dim: usize) -> f32 {
+    match (c.epsilon, c.epsilon_nn) {
         (Some(e), _) => e as f32,
-        (None, Some(r)) => r as f32 * scale,
+        (None, Some(r)) => (r * scale as f64 / (dim as f64).sqrt()) as f32,
         _ => 0.0,
     }
 }
@@ -736,4 +744,30 @@ fn token_variants(
 /// Number of positions where two equal-length sequences differ.
 pub fn changed(a: &[u32], b: &[u32]) -> u32 {
     a.iter().zip(b).filter(|(x, y)| x != y).count() as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::absolute_epsilon;
+    use crate::config::FgsmConfig;
+
+    #[test]
+    fn epsilon_nn_is_an_l2_step_in_nearest_neighbour_distances() {
+        let c = |e: Option<f64>, nn: Option<f64>| FgsmConfig {
+            epsilon: e,
+            epsilon_nn: nn,
+            epsilon_rel: None,
+            student: None,
+            drop_unchanged: false,
+        };
+        // ε·sign(g) has L2 length ε·√dim: epsilon_nn = 1 steps one median distance.
+        for dim in [384usize, 768] {
+            let eps = absolute_epsilon(&c(None, Some(1.0)), 2.0, dim);
+            assert!(
+                (eps as f64 * (dim as f64).sqrt() - 2.0).abs() < 1e-5,
+                "{dim}"
+            );
+        }
+        assert_eq!(absolute_epsilon(&c(Some(0.3), None), 2.0, 384), 0.3);
+    }
 }

@@ -365,10 +365,12 @@ fn peer(model: &Path, glue_dir: &Path, dir: &Path, device: &str, quick: bool) ->
         &teacher, &params, &ck.config, 2, task, &names, model,
     )?;
     let toml = format!(
-        "name = \"peer\"\ntask = \"sst2\"\nsplit = \"train\"\nmax_examples = {n}\nmax_seq_len = 66\nseed = 0\nshards = 1\nbatch_size = 32\noutput = \"{}\"\n\n[teacher]\nmodel = \"{}\"\ncheckpoint = \"{}\"\n\n[projection]\nindex = \"Flat\"\nmetric = \"l2\"\n\n[methods.augpro_mix]\nalpha = 1.0\nlambda_mode = \"position\"\nlambda_min = 0.35\n\n[methods.augpro_fgsm]\nepsilon_rel = 0.2\n",
+        "name = \"peer\"\ntask = \"sst2\"\nsplit = \"train\"\nmax_examples = {n}\nmax_seq_len = 66\nseed = 0\nshards = 1\nbatch_size = 32\noutput = \"{}\"\n\n[teacher]\nmodel = \"{}\"\ncheckpoint = \"{}\"\n\n[projection]\nindex = \"Flat\"\nmetric = \"l2\"\n\n[methods.augpro_mix]\nalpha = 1.0\nlambda_mode = \"position\"\nlambda_min = 0.35\n\n[methods.augpro_fgsm]\nepsilon_nn = {eps_nn}\n\n[dev]\nfraction = 0.0\n",
         dir.join("out").display(),
         model.display(),
-        teacher.display()
+        teacher.display(),
+        // The Python peer's per-coordinate ε = 0.2 × median nearest-neighbour distance.
+        eps_nn = 0.2 * (ck.config.hidden_size as f64).sqrt()
     );
     let p = dir.join("peer.toml");
     std::fs::write(&p, toml)?;
@@ -427,13 +429,13 @@ alpha = 1.0
 lambda_mode = "position"
 lambda_min = 0.35
 [methods.augpro_fgsm]
-epsilon_rel = 0.2
+epsilon_nn = 3.92
 [methods.token_replace]
 p = 0.15
 [methods.mixup]
 alpha = 0.4
 [methods.fgsm]
-epsilon_rel = 0.2
+epsilon_nn = 3.92
 "#;
 
 fn main() -> Result<()> {

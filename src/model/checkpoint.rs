@@ -58,6 +58,29 @@ impl Checkpoint {
         })
     }
 
+    /// A fingerprint of the word-embedding table: the first 8 coordinates of 64 rows spread
+    /// over the vocabulary. A model and its fine-tuned copies share one coordinate system
+    /// and give close sketches ([`sketch_difference`]); unrelated tables do not.
+    pub fn embedding_sketch(&self) -> Result<Vec<f32>> {
+        let path = self.weights_path();
+        let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
+            .with_context(|| format!("{}: cannot read safetensors", path.display()))?;
+        let table = tensors
+            .iter()
+            .find(|(k, _)| super::params::canonical_name(k) == "embeddings.word_embeddings.weight")
+            .map(|(_, t)| t)
+            .with_context(|| format!("{}: no word-embedding table", path.display()))?;
+        let table = table.to_dtype(candle_core::DType::F32)?;
+        let (vocab, hidden) = table.dims2()?;
+        let mut out = Vec::with_capacity(64 * 8);
+        for i in 0..64 {
+            let row = (vocab / 32 + i * (vocab - vocab / 32) / 64).min(vocab - 1);
+            let v: Vec<f32> = table.get(row)?.to_vec1()?;
+            out.extend_from_slice(&v[..hidden.min(8)]);
+        }
+        Ok(out)
+    }
+
     /// Path of the weights file.
     pub fn weights_path(&self) -> PathBuf {
         self.dir.join("model.safetensors")
@@ -213,4 +236,15 @@ pub fn save_classifier(
         }
     }
     Ok(())
+}
+
+/// Relative L2 difference of two embedding sketches (`f64::INFINITY` when their sizes
+/// differ).
+pub fn sketch_difference(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() || a.is_empty() {
+        return f64::INFINITY;
+    }
+    let d: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let n: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum();
+    (d / n.max(1e-30)).sqrt()
 }

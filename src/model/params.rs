@@ -122,6 +122,27 @@ impl Params {
         self.used.borrow().clone()
     }
 
+    /// A copy of every trainable variable's current value (to keep a checkpoint in memory).
+    pub fn snapshot(&self) -> Result<Vec<Tensor>> {
+        self.used
+            .borrow()
+            .iter()
+            .filter_map(|(_, _, v)| v.as_ref())
+            .map(|v| Ok(v.as_tensor().copy()?))
+            .collect()
+    }
+
+    /// Sets the trainable variables back to a [`Params::snapshot`].
+    pub fn restore(&self, snapshot: &[Tensor]) -> Result<()> {
+        let used = self.used.borrow();
+        let vars: Vec<&Var> = used.iter().filter_map(|(_, _, v)| v.as_ref()).collect();
+        anyhow::ensure!(vars.len() == snapshot.len(), "snapshot of another model");
+        for (v, t) in vars.into_iter().zip(snapshot) {
+            v.set(t)?;
+        }
+        Ok(())
+    }
+
     /// The dtype parameters are held in.
     pub fn dtype(&self) -> DType {
         self.dtype

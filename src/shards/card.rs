@@ -41,6 +41,7 @@ pub fn render(m: &Manifest, schema: &ShardSchema) -> String {
             .unwrap_or("?")
     );
     let _ = writeln!(s, "Projection: {}.\n", m.projection);
+    let _ = writeln!(s, "## Protocol\n\n{}\n", protocol(m));
     let _ = writeln!(s, "## Schema\n\n| column | type | meaning |\n|---|---|---|");
     for f in schema.schema.fields() {
         let meaning = match f.name().as_str() {
@@ -59,6 +60,7 @@ pub fn render(m: &Manifest, schema: &ShardSchema) -> String {
             "partner_input_ids" => "partner tokens, to rebuild a MixUp point: λ·E(input_ids) + (1-λ)·E(partner) position by position within segments",
             "partner_token_type_ids" => "partner segment ids (mixup)",
             "perturbation" => "FGSM gradient signs, row-major [len × hidden]: the virtual input is E(input_ids) + ε·perturbation",
+            "lambdas" => "per-position mixing weights of the source (mixup with `lambda_mode = position`; `lambda` is then null)",
             _ => "display decode of `input_ids` (special tokens dropped, word pieces joined); lossy: `input_ids` is the truth",
         };
         let ty = if f.name() == "label" && !schema.regression {
@@ -72,7 +74,7 @@ pub fn render(m: &Manifest, schema: &ShardSchema) -> String {
         s,
         "\n`mixup` and `fgsm` rows are virtual inputs that no tokenizer produces: their `input_ids` are the \
          source's, and the student rebuilds the input in its own embedding space from `partner_input_ids` \
-         and `lambda`, or from `perturbation` and `epsilon`. The teacher's logits were computed at that point \
+         and `lambda` (or `lambdas`), or from `perturbation` and `epsilon`. The teacher's logits were computed at that point \
          in the teacher's embedding space.\n"
     );
     let virt: Vec<&str> = m
@@ -217,4 +219,52 @@ fn size_category(n: u64) -> &'static str {
         1_000_000..10_000_000 => "1M<n<10M",
         _ => "10M<n<100M",
     }
+}
+
+/// What a reader of the rows needs to know about how they were made: the dev split held
+/// out, offline augmentation, and where AugPro-FGSM's gradient came from.
+fn protocol(m: &Manifest) -> String {
+    let cfg = &m.config;
+    let dev = &cfg["dev"];
+    let frac = dev["fraction"].as_f64().unwrap_or(0.0);
+    let mut s = if frac > 0.0 {
+        format!(
+            "- Dev split: the train examples whose `idx` hashes (seed {}) below min({frac}, {} / train rows) \
+             are held out: none of them is in these rows or was used to fine-tune the teacher. Tune \
+             students on them (`augpro train-student` keeps the best dev checkpoint); score the \
+             validation split once.\n",
+            dev["seed"].as_u64().unwrap_or(0),
+            dev["max_examples"].as_u64().unwrap_or(0),
+        )
+    } else {
+        "- Dev split: none held out (`dev.fraction` = 0).\n".to_string()
+    };
+    s.push_str(
+        "- Offline augmentation: every row was made once, against the teacher, before distillation; \
+         it is not regenerated against the current student during training.\n",
+    );
+    if let Some(f) = cfg["methods"]["augpro_fgsm"].as_object() {
+        let step = match (f.get("epsilon").and_then(|v| v.as_f64()), f.get("epsilon_nn").and_then(|v| v.as_f64())) {
+            (Some(e), _) => format!("ε = {e} per coordinate"),
+            (None, Some(r)) => format!(
+                "a step of L2 length {r} × the table's median nearest-neighbour distance (ε = {r}·d/√hidden per coordinate)"
+            ),
+            _ => "ε as configured".into(),
+        };
+        let grad = if f.get("student").is_some_and(|v| !v.is_null()) {
+            "the gradient of KL(teacher ‖ student) in a first-round student's embedding space, projected with \
+             that student's table (the teacher then labels the projected tokens)"
+        } else {
+            "the gradient of the teacher's cross-entropy against the gold label, in the teacher's embedding space"
+        };
+        s.push_str(&format!("- AugPro-FGSM: {step}; sign of {grad}.\n"));
+    }
+    if cfg["methods"]["fgsm"].is_object() {
+        s.push_str(
+            "- `fgsm` rows hold gradient signs in the teacher's embedding coordinates: a student can rebuild \
+             them only with the teacher's own table (the same base model); `augpro train-student` refuses \
+             other tables.\n",
+        );
+    }
+    s.trim_end().to_string()
 }

@@ -97,6 +97,11 @@ fn list_i8(a: &dyn Array, i: usize) -> Option<Vec<i8>> {
     (!l.is_null(i)).then(|| l.value(i).as_primitive::<Int8Type>().values().to_vec())
 }
 
+fn list_f32(a: &dyn Array, i: usize) -> Option<Vec<f32>> {
+    let l = a.as_list::<i32>();
+    (!l.is_null(i)).then(|| l.value(i).as_primitive::<Float32Type>().values().to_vec())
+}
+
 fn opt_f32(a: &dyn Array, i: usize) -> Option<f32> {
     (!a.is_null(i)).then(|| a.as_primitive::<Float32Type>().value(i))
 }
@@ -140,6 +145,7 @@ pub fn rows_from_batch(
         col("partner_token_type_ids")?,
         col("perturbation")?,
     );
+    let lambdas = col("lambdas")?;
     let logits = logits.as_fixed_size_list();
     let mut out = Vec::with_capacity(b.num_rows());
     for i in 0..b.num_rows() {
@@ -183,6 +189,7 @@ pub fn rows_from_batch(
             partner_token_type_ids: list_i8(ptypes.as_ref(), i)
                 .map(|v| v.into_iter().map(|x| x as u8).collect()),
             perturbation: list_i8(pert.as_ref(), i),
+            lambdas: list_f32(lambdas.as_ref(), i),
         });
         check_row(out.last().expect("pushed")).with_context(|| format!("row {n}"))?;
     }
@@ -216,10 +223,22 @@ fn check_row(r: &Row) -> Result<()> {
                 r.partner_input_ids.is_some(),
                 "mixup row without `partner_input_ids`"
             );
-            match r.lambda {
-                Some(l) if (0.0..=1.0).contains(&l) => {}
-                Some(l) => bail!("mixup row with `lambda` = {l}, outside [0, 1]"),
-                None => bail!("mixup row without `lambda`"),
+            match (r.lambda, &r.lambdas) {
+                (Some(l), None) if (0.0..=1.0).contains(&l) => {}
+                (Some(l), None) => bail!("mixup row with `lambda` = {l}, outside [0, 1]"),
+                (None, Some(ls)) => {
+                    ensure!(
+                        ls.len() == r.input_ids.len(),
+                        "mixup row with {} `lambdas` for {} `input_ids`",
+                        ls.len(),
+                        r.input_ids.len()
+                    );
+                    if let Some(l) = ls.iter().find(|l| !(0.0..=1.0).contains(*l)) {
+                        bail!("mixup row with a `lambdas` value {l}, outside [0, 1]");
+                    }
+                }
+                (Some(_), Some(_)) => bail!("mixup row with both `lambda` and `lambdas`"),
+                (None, None) => bail!("mixup row without `lambda`"),
             }
         }
         "fgsm" => {
@@ -231,7 +250,7 @@ fn check_row(r: &Row) -> Result<()> {
             }
         }
         _ => ensure!(
-            r.partner_input_ids.is_none() && r.perturbation.is_none(),
+            r.partner_input_ids.is_none() && r.perturbation.is_none() && r.lambdas.is_none(),
             "{m} row with `partner_input_ids` or `perturbation` (only mixup and fgsm rows have them)"
         ),
     }
@@ -261,6 +280,7 @@ mod tests {
             partner_input_ids: None,
             partner_token_type_ids: None,
             perturbation: None,
+            lambdas: None,
         }
     }
 

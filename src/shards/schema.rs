@@ -57,6 +57,8 @@ pub struct Row {
     pub partner_token_type_ids: Option<Vec<u8>>,
     /// Gradient signs `[len × hidden]` (FGSM rows, so the student can rebuild the point).
     pub perturbation: Option<Vec<i8>>,
+    /// One λ per position (MixUp rows in per-position mode; `lambda` is then null).
+    pub lambdas: Option<Vec<f32>>,
 }
 
 /// The Arrow schema of a task's shards.
@@ -116,6 +118,7 @@ impl ShardSchema {
             Field::new("partner_input_ids", list(DataType::Int32), true),
             Field::new("partner_token_type_ids", list(DataType::Int8), true),
             Field::new("perturbation", list(DataType::Int8), true),
+            Field::new("lambdas", list(DataType::Float32), true),
         ]);
         let features: Vec<(String, serde_json::Value)> = fields
             .iter()

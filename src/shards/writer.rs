@@ -184,6 +184,7 @@ pub fn to_batch<R: Borrow<Row>>(schema: &ShardSchema, rows: &[R]) -> Result<Reco
     let mut pids = ListBuilder::new(Int32Builder::new());
     let mut ptypes = ListBuilder::new(Int8Builder::new());
     let mut pert = ListBuilder::new(Int8Builder::new());
+    let mut lambdas = ListBuilder::new(Float32Builder::new());
     let int32 = |v: i64| {
         i32::try_from(v)
             .with_context(|| format!("source idx {v} does not fit the int32 `idx` column"))
@@ -222,6 +223,11 @@ pub fn to_batch<R: Borrow<Row>>(schema: &ShardSchema, rows: &[R]) -> Result<Reco
                 .as_ref()
                 .map(|v| v.iter().map(|&x| Some(x)).collect::<Vec<_>>()),
         );
+        lambdas.append_option(
+            r.lambdas
+                .as_ref()
+                .map(|v| v.iter().map(|&x| Some(x)).collect::<Vec<_>>()),
+        );
     }
     cols.push(Arc::new(idx.finish()));
     cols.push(Arc::new(method.finish()));
@@ -237,6 +243,7 @@ pub fn to_batch<R: Borrow<Row>>(schema: &ShardSchema, rows: &[R]) -> Result<Reco
     cols.push(Arc::new(pids.finish()));
     cols.push(Arc::new(ptypes.finish()));
     cols.push(Arc::new(pert.finish()));
+    cols.push(Arc::new(lambdas.finish()));
     // The builders produce nullable child fields named "item", as the schema declares.
     Ok(RecordBatch::try_new(schema.schema.clone(), cols)?)
 }

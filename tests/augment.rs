@@ -202,3 +202,57 @@ fn hinted_projection_equals_exact_search() {
         "the test points should often project back to their source ({kept})"
     );
 }
+
+/// Exact L2 search (blocked GEMM, then an exact re-rank near the best) gives brute force's
+/// answer on MiniLM's real table: interpolated points, sign steps, points halfway between
+/// two tokens (near-ties), and the table's own rows.
+#[test]
+fn exact_projection_equals_brute_force_on_the_real_table() {
+    let (table, d, tok) = real_table();
+    let vocab = table.len() / d;
+    let keep = |t: u32| !tok.is_special(t);
+    let mut proj = Projector::build(&table, d, keep, "Flat", Metric::L2).unwrap();
+    let row = |t: usize| &table[t * d..(t + 1) * d];
+    let mut r = ChaCha8Rng::seed_from_u64(11);
+    let mut q = Vec::new();
+    for i in 0..400 {
+        let s = r.gen_range(999..vocab);
+        let j = r.gen_range(999..vocab);
+        match i % 4 {
+            0 => {
+                let lam: f32 = r.gen_range(0.35..1.0);
+                q.extend(
+                    row(s)
+                        .iter()
+                        .zip(row(j))
+                        .map(|(a, b)| lam * a + (1.0 - lam) * b),
+                );
+            }
+            1 => {
+                let eps = 10f32.powf(r.gen_range(-3.0..-1.0));
+                q.extend(
+                    row(s)
+                        .iter()
+                        .map(|&v| v + if r.gen::<bool>() { eps } else { -eps }),
+                );
+            }
+            2 => q.extend(row(s).iter().zip(row(j)).map(|(a, b)| 0.5 * a + 0.5 * b)),
+            _ => q.extend_from_slice(row(s)),
+        }
+    }
+    let got = proj.nearest(&q).unwrap();
+    for (i, qq) in q.chunks_exact(d).enumerate() {
+        assert_eq!(
+            got[i],
+            brute_force_nearest(&table, d, keep, qq, Metric::L2),
+            "query {i}"
+        );
+    }
+    // The hinted search agrees too, whatever the hints.
+    let hints: Vec<u32> = got
+        .iter()
+        .enumerate()
+        .map(|(i, &g)| if i % 2 == 0 { g } else { 1000 + i as u32 })
+        .collect();
+    assert_eq!(proj.nearest_with_hints(&q, &hints).unwrap(), got);
+}

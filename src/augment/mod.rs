@@ -11,6 +11,7 @@ pub mod augpro_fgsm;
 pub mod augpro_mix;
 pub mod fgsm;
 pub mod fgsm_baseline;
+pub mod flat;
 pub mod mix;
 pub mod mixup;
 pub mod project;

@@ -1,6 +1,8 @@
 //! Projection back to the vocabulary: a FAISS index over the word-embedding table with
-//! special and reserved tokens left out, searched in batches.
+//! special and reserved tokens left out, searched in batches. Exact L2 (`Flat`) nearest
+//! search runs on [`FlatL2`], which gives brute force's answer exactly.
 
+use super::flat::{FlatL2, NONE};
 use anyhow::{bail, Context, Result};
 use faiss::{index_factory, Index, MetricType};
 
@@ -19,12 +21,16 @@ pub struct Projector {
     pub factory: String,
     /// The metric.
     pub metric: Metric,
-    /// The indexed rows (exact L2 `Flat` only), for [`Projector::nearest_with_hints`].
-    rows: Option<Vec<f32>>,
+    /// The exact index over the indexed rows (exact L2 `Flat` only): nearest search and
+    /// [`Projector::nearest_with_hints`].
+    exact: Option<FlatL2>,
     /// Position in the index of each token id (`MISSING` when not indexed).
     slot: Vec<u32>,
     /// Distance from each indexed row to its nearest other row (NaN until needed).
     nn: Vec<f32>,
+    /// An upper bound on `nn`: the distance to the nearest of a few other rows (NaN until
+    /// needed). A query at least 0.45 of it away from a row needs no `nn` for that row.
+    nn_upper: Vec<f32>,
 }
 
 impl Projector {
@@ -98,12 +104,13 @@ impl Projector {
         let exact = factory == "Flat" && metric == Metric::L2;
         Ok(Self {
             nn: vec![f32::NAN; token_ids.len()],
+            nn_upper: vec![f32::NAN; token_ids.len()],
             index,
             token_ids,
             dim,
             factory: factory.to_string(),
             metric,
-            rows: exact.then_some(data),
+            exact: exact.then(|| FlatL2::new(data, dim)),
             slot,
         })
     }
@@ -148,9 +155,27 @@ impl Projector {
         Ok((ids, res.distances))
     }
 
-    /// The nearest token id of each query.
+    /// The nearest token id of each query. Exact L2 `Flat` gives brute force's answer: the
+    /// smallest distance (accumulated in `f64`), the lowest id on ties.
     pub fn nearest(&mut self, queries: &[f32]) -> Result<Vec<u32>> {
-        Ok(self.search(queries, 1)?.0)
+        let Some(exact) = &self.exact else {
+            return Ok(self.search(queries, 1)?.0);
+        };
+        if !queries.len().is_multiple_of(self.dim) {
+            bail!(
+                "query buffer of {} values is not a multiple of dimension {}",
+                queries.len(),
+                self.dim
+            );
+        }
+        Ok(exact
+            .nearest(queries)
+            .into_iter()
+            .map(|s| match s {
+                NONE => MISSING,
+                s => self.token_ids[s as usize],
+            })
+            .collect())
     }
 }
 
@@ -164,25 +189,54 @@ impl Projector {
     /// Indexes other than exact L2 `Flat` search every query.
     pub fn nearest_with_hints(&mut self, queries: &[f32], hints: &[u32]) -> Result<Vec<u32>> {
         let d = self.dim;
-        if self.rows.is_none() || hints.len() * d != queries.len() {
+        if self.exact.is_none() || hints.len() * d != queries.len() {
             return self.nearest(queries);
         }
         let slots: Vec<u32> = hints
             .iter()
             .map(|&h| self.slot.get(h as usize).copied().unwrap_or(MISSING))
             .collect();
-        self.learn_nn(&slots)?;
-        let rows = self.rows.as_ref().expect("exact index");
+        // Squared distance of each hinted query to its hint's row, and whether the row's
+        // nearest-neighbour distance can decide anything (it cannot where the query lies
+        // 0.45 of an upper bound of it away).
+        let dist2: Vec<f32> = {
+            let exact = self.exact.as_ref().expect("exact index");
+            slots
+                .iter()
+                .zip(queries.chunks_exact(d))
+                .map(|(&s, q)| match s {
+                    MISSING => f32::INFINITY,
+                    s => q
+                        .iter()
+                        .zip(exact.row(s as usize))
+                        .map(|(a, b)| (a - b) * (a - b))
+                        .sum(),
+                })
+                .collect()
+        };
+        let near: Vec<u32> = slots
+            .iter()
+            .zip(&dist2)
+            .filter(|&(&s, &d2)| {
+                s != MISSING && {
+                    let u = self.upper_nn(s);
+                    d2 < 0.45 * 0.45 * u * u
+                }
+            })
+            .map(|(&s, _)| s)
+            .collect();
+        self.learn_nn(&near);
+        let exact = self.exact.as_ref().expect("exact index");
         let known: Vec<Option<u32>> = slots
             .iter()
             .zip(queries.chunks_exact(d))
-            .map(|(&s, q)| {
-                if s == MISSING {
+            .zip(&dist2)
+            .map(|((&s, q), &dist2)| {
+                if s == MISSING || self.nn[s as usize].is_nan() {
                     return None;
                 }
-                let e = &rows[s as usize * d..(s as usize + 1) * d];
+                let e = exact.row(s as usize);
                 let nn = self.nn[s as usize];
-                let dist2: f32 = q.iter().zip(e).map(|(a, b)| (a - b) * (a - b)).sum();
                 let norms: f32 = q.iter().chain(e).map(|v| v * v).sum();
                 let inside = dist2 < 0.45 * 0.45 * nn * nn && 0.1 * nn * nn > 1e-4 * norms;
                 inside.then(|| self.token_ids[s as usize])
@@ -201,8 +255,27 @@ impl Projector {
             .collect())
     }
 
-    /// Computes the nearest-neighbour distance of the indexed rows in `slots` not yet known.
-    fn learn_nn(&mut self, slots: &[u32]) -> Result<()> {
+    /// An upper bound on the nearest-neighbour distance of row `s`: its distance to the
+    /// nearest of 16 other rows spread over the index (cached).
+    fn upper_nn(&mut self, s: u32) -> f32 {
+        let s = s as usize;
+        if self.nn_upper[s].is_nan() {
+            let exact = self.exact.as_ref().expect("exact index");
+            let n = exact.len();
+            let step = (n / 16).max(1);
+            let best = (0..16)
+                .map(|k| (s + 1 + k * step) % n)
+                .filter(|&j| j != s)
+                .map(|j| super::flat::l2(exact.row(s), exact.row(j)))
+                .fold(f64::INFINITY, f64::min);
+            self.nn_upper[s] = best.sqrt() as f32;
+        }
+        self.nn_upper[s]
+    }
+
+    /// Computes the nearest-neighbour distance of the indexed rows in `slots` not yet known
+    /// (0 for a row with a duplicate: no shortcut for it).
+    fn learn_nn(&mut self, slots: &[u32]) {
         let mut todo: Vec<u32> = slots
             .iter()
             .copied()
@@ -211,25 +284,12 @@ impl Projector {
         todo.sort_unstable();
         todo.dedup();
         if todo.is_empty() {
-            return Ok(());
+            return;
         }
-        let d = self.dim;
-        let rows = self.rows.as_ref().expect("exact index");
-        let q: Vec<f32> = todo
-            .iter()
-            .flat_map(|&s| rows[s as usize * d..(s as usize + 1) * d].iter().copied())
-            .collect();
-        let (ids, dist) = self.search(&q, 2)?;
-        for (i, &s) in todo.iter().enumerate() {
-            // A row whose nearest is not itself has a duplicate: no shortcut for it.
-            let own = ids[2 * i] == self.token_ids[s as usize];
-            self.nn[s as usize] = if own {
-                dist[2 * i + 1].max(0.0).sqrt()
-            } else {
-                0.0
-            };
+        let exact = self.exact.as_ref().expect("exact index");
+        for (&s, d2) in todo.iter().zip(exact.nn_distance2(&todo)) {
+            self.nn[s as usize] = d2.max(0.0).sqrt() as f32;
         }
-        Ok(())
     }
 }
 
@@ -254,7 +314,8 @@ fn set_parameters(index: &mut faiss::index::IndexImpl, params: &str) -> Result<(
     Ok(())
 }
 
-/// Exact nearest neighbour by brute force (the reference the tests compare FAISS against).
+/// Exact nearest neighbour by brute force (the reference the tests compare the indexes
+/// against): the smallest distance accumulated in `f64`, the lowest id on ties.
 pub fn brute_force_nearest(
     table: &[f32],
     dim: usize,
@@ -262,7 +323,7 @@ pub fn brute_force_nearest(
     query: &[f32],
     metric: Metric,
 ) -> u32 {
-    let mut best = (u32::MAX, f32::INFINITY);
+    let mut best = (u32::MAX, f64::INFINITY);
     for (t, row) in table.chunks_exact(dim).enumerate() {
         if !keep(t as u32) {
             continue;
@@ -271,9 +332,13 @@ pub fn brute_force_nearest(
             Metric::L2 => row
                 .iter()
                 .zip(query)
-                .map(|(a, b)| (a - b) * (a - b))
-                .sum::<f32>(),
-            Metric::InnerProduct => -row.iter().zip(query).map(|(a, b)| a * b).sum::<f32>(),
+                .map(|(&a, &b)| (a as f64 - b as f64) * (a as f64 - b as f64))
+                .sum::<f64>(),
+            Metric::InnerProduct => -row
+                .iter()
+                .zip(query)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum::<f64>(),
         };
         if score < best.1 {
             best = (t as u32, score);

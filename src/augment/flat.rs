@@ -1,0 +1,336 @@
+//! Exact L2 nearest-neighbour search over an embedding table, for the `Flat` L2 projection.
+//!
+//! Distances come from one GEMM per (query chunk × block of table rows), `‖e‖² − 2·q·e`,
+//! spread over rayon tasks, then an argmin. A GEMM distance carries rounding error, so every
+//! row whose GEMM distance lies within a proven bound of the best one is re-ranked with
+//! [`l2`], the distance accumulated in `f64` (exact to far below any `f32` difference): the
+//! answer is the truly nearest row, the lowest one on ties, as
+//! [`super::project::brute_force_nearest`] finds it, whatever the GEMM's summation order.
+
+use rayon::prelude::*;
+
+/// Table rows per GEMM block.
+const BLOCK: usize = 512;
+/// Queries per GEMM chunk.
+const CHUNK: usize = 128;
+/// Row index meaning "none".
+pub const NONE: u32 = u32::MAX;
+
+/// Squared L2 distance, accumulated in `f64` in index order.
+pub fn l2(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| {
+            let t = x as f64 - y as f64;
+            t * t
+        })
+        .sum()
+}
+
+/// An exact L2 index over the rows of a table (`n × dim`, row-major).
+pub struct FlatL2 {
+    rows: Vec<f32>,
+    /// ‖e‖² of each row.
+    norms: Vec<f32>,
+    /// The largest ‖e‖.
+    max_norm: f32,
+    dim: usize,
+}
+
+/// A row within rounding reach of a query's best GEMM distance.
+struct Candidate {
+    query: u32,
+    row: u32,
+    approx: f32,
+}
+
+impl FlatL2 {
+    /// Indexes `rows` (`n × dim`, row-major).
+    pub fn new(rows: Vec<f32>, dim: usize) -> Self {
+        assert!(dim > 0 && rows.len().is_multiple_of(dim));
+        let norms: Vec<f32> = rows
+            .chunks_exact(dim)
+            .map(|r| r.iter().map(|v| v * v).sum())
+            .collect();
+        let max_norm = norms.iter().fold(0f32, |m, &v| m.max(v)).sqrt();
+        Self {
+            rows,
+            norms,
+            max_norm,
+            dim,
+        }
+    }
+
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.norms.len()
+    }
+
+    /// True when there is no row.
+    pub fn is_empty(&self) -> bool {
+        self.norms.is_empty()
+    }
+
+    /// Row `i`.
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.rows[i * self.dim..(i + 1) * self.dim]
+    }
+
+    /// The nearest row of each query (`m × dim`): the smallest [`l2`], the lowest row on
+    /// ties; [`NONE`] for a query whose distances are not finite.
+    pub fn nearest(&self, queries: &[f32]) -> Vec<u32> {
+        self.search(queries, None, false)
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect()
+    }
+
+    /// For each given row, the [`l2`] distance to its nearest other row (0 where it has a
+    /// duplicate; infinite for a table of one row).
+    pub fn nn_distance2(&self, rows: &[u32]) -> Vec<f64> {
+        let q: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| self.row(r as usize).iter().copied())
+            .collect();
+        self.search(&q, Some(rows), true)
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect()
+    }
+
+    /// Nearest row (and, with `want_dist`, its [`l2`]) of each query, skipping
+    /// `exclude[i]` for query `i`.
+    fn search(&self, queries: &[f32], exclude: Option<&[u32]>, want_dist: bool) -> Vec<(u32, f64)> {
+        let d = self.dim;
+        assert!(queries.len().is_multiple_of(d));
+        let m = queries.len() / d;
+        let n = self.len();
+        if m == 0 {
+            return Vec::new();
+        }
+        if n == 0 {
+            return vec![(NONE, f64::INFINITY); m];
+        }
+        // The GEMM distance of any row is within (d + 2)·u·(‖q‖ + ‖e‖)² of the exact one
+        // (a sum of `d` products, then two additions); the truly nearest row is within
+        // twice that of the best GEMM distance. Four times that, to spare.
+        let u = f32::EPSILON as f64 / 2.0;
+        let c = 8.0 * (d as f64 + 2.0) * u;
+        let band: Vec<f32> = queries
+            .chunks_exact(d)
+            .map(|q| {
+                let qn = q
+                    .iter()
+                    .map(|&v| (v as f64) * (v as f64))
+                    .sum::<f64>()
+                    .sqrt();
+                let s = qn * 1.001 + self.max_norm as f64 * 1.001;
+                (c * s * s) as f32
+            })
+            .collect();
+        let chunks = m.div_ceil(CHUNK);
+        let blocks = n.div_ceil(BLOCK);
+        // Per (chunk, block): the block's best GEMM distance per query, and the rows within
+        // the band of it.
+        let parts: Vec<(Vec<f32>, Vec<Candidate>)> = (0..chunks * blocks)
+            .into_par_iter()
+            .map_init(Vec::new, |buf: &mut Vec<f32>, w| {
+                let (ci, bi) = (w / blocks, w % blocks);
+                let (q0, q1) = (ci * CHUNK, ((ci + 1) * CHUNK).min(m));
+                let (r0, r1) = (bi * BLOCK, ((bi + 1) * BLOCK).min(n));
+                self.block(
+                    &queries[q0 * d..q1 * d],
+                    q0,
+                    r0..r1,
+                    &band[q0..q1],
+                    exclude.map(|e| &e[q0..q1]),
+                    buf,
+                )
+            })
+            .collect();
+        let mut best = vec![f32::INFINITY; m];
+        for (w, (mins, _)) in parts.iter().enumerate() {
+            let q0 = (w / blocks) * CHUNK;
+            for (i, &v) in mins.iter().enumerate() {
+                if v < best[q0 + i] {
+                    best[q0 + i] = v;
+                }
+            }
+        }
+        // Candidates of each query, in row order (blocks are visited in order).
+        let mut cands: Vec<Vec<u32>> = vec![Vec::new(); m];
+        for (_, list) in &parts {
+            for c in list {
+                let q = c.query as usize;
+                if c.approx <= best[q] + band[q] {
+                    cands[q].push(c.row);
+                }
+            }
+        }
+        cands
+            .par_iter()
+            .enumerate()
+            .map(|(i, rows)| {
+                let q = &queries[i * d..(i + 1) * d];
+                if !best[i].is_finite() {
+                    return (NONE, f64::INFINITY);
+                }
+                match rows.as_slice() {
+                    [] => (NONE, f64::INFINITY),
+                    [r] if !want_dist => (*r, f64::NAN),
+                    _ => {
+                        let mut out = (NONE, f64::INFINITY);
+                        for &r in rows {
+                            let v = l2(self.row(r as usize), q);
+                            if v < out.1 {
+                                out = (r, v);
+                            }
+                        }
+                        out
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// One GEMM of queries `q` (the first being query `q0`) against `rows`.
+    fn block(
+        &self,
+        q: &[f32],
+        q0: usize,
+        rows: std::ops::Range<usize>,
+        band: &[f32],
+        exclude: Option<&[u32]>,
+        buf: &mut Vec<f32>,
+    ) -> (Vec<f32>, Vec<Candidate>) {
+        let d = self.dim;
+        let (mq, nb) = (q.len() / d, rows.len());
+        buf.resize(mq * nb, 0.0);
+        let t = &self.rows[rows.start * d..rows.end * d];
+        // SAFETY: `buf` is [mq, nb] row-major, `q` is [mq, d] row-major and `t`ᵀ is
+        // [d, nb] (row j of `t` is column j), all within their buffers.
+        unsafe {
+            gemm::gemm(
+                mq,
+                nb,
+                d,
+                buf.as_mut_ptr(),
+                1,
+                nb as isize,
+                false,
+                q.as_ptr(),
+                1,
+                d as isize,
+                t.as_ptr(),
+                d as isize,
+                1,
+                0.0,
+                -2.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        let norms = &self.norms[rows.clone()];
+        let mut mins = Vec::with_capacity(mq);
+        let mut cands = Vec::new();
+        for (i, dist) in buf.chunks_exact_mut(nb).enumerate() {
+            for (v, &e) in dist.iter_mut().zip(norms) {
+                *v += e;
+            }
+            if let Some(x) = exclude.map(|e| e[i] as usize) {
+                if rows.contains(&x) {
+                    dist[x - rows.start] = f32::INFINITY;
+                }
+            }
+            let min = min_of(dist);
+            mins.push(min);
+            let lim = min + band[i];
+            for (j, &v) in dist.iter().enumerate() {
+                if v <= lim {
+                    cands.push(Candidate {
+                        query: (q0 + i) as u32,
+                        row: (rows.start + j) as u32,
+                        approx: v,
+                    });
+                }
+            }
+        }
+        (mins, cands)
+    }
+}
+
+/// The smallest value (infinite for none; NaN values are skipped).
+fn min_of(v: &[f32]) -> f32 {
+    let mut lanes = [f32::INFINITY; 16];
+    let mut it = v.chunks_exact(16);
+    for c in &mut it {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l = if x < *l { x } else { *l };
+        }
+    }
+    let mut m = it
+        .remainder()
+        .iter()
+        .fold(f32::INFINITY, |m, &x| if x < m { x } else { m });
+    for l in lanes {
+        if l < m {
+            m = l;
+        }
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn brute(rows: &[f32], d: usize, q: &[f32], skip: Option<usize>) -> (u32, f64) {
+        let mut best = (NONE, f64::INFINITY);
+        for (j, r) in rows.chunks_exact(d).enumerate() {
+            if Some(j) == skip {
+                continue;
+            }
+            let v = l2(r, q);
+            if v < best.1 {
+                best = (j as u32, v);
+            }
+        }
+        best
+    }
+
+    #[test]
+    fn equals_brute_force_with_ties_and_duplicates() {
+        let (n, d) = (1500, 24);
+        let mut r = ChaCha8Rng::seed_from_u64(3);
+        // Coarse values make exact ties common; rows 7 and 1100 are duplicates.
+        let mut rows: Vec<f32> = (0..n * d)
+            .map(|_| r.gen_range(-4i32..4) as f32 * 0.25)
+            .collect();
+        let dup = rows[7 * d..8 * d].to_vec();
+        rows[1100 * d..1101 * d].copy_from_slice(&dup);
+        let f = FlatL2::new(rows.clone(), d);
+        let mut q: Vec<f32> = (0..300 * d)
+            .map(|_| r.gen_range(-4i32..4) as f32 * 0.25)
+            .collect();
+        q.extend_from_slice(&dup);
+        q.extend(rows[20 * d..21 * d].iter().map(|v| v + 1e-3));
+        let got = f.nearest(&q);
+        for (i, qq) in q.chunks_exact(d).enumerate() {
+            assert_eq!(got[i], brute(&rows, d, qq, None).0, "query {i}");
+        }
+        assert_eq!(got[300], 7, "ties go to the lowest row");
+        let picks = [0u32, 7, 20, 1100, 1499];
+        let nn = f.nn_distance2(&picks);
+        for (k, &p) in picks.iter().enumerate() {
+            let want = brute(&rows, d, f.row(p as usize), Some(p as usize)).1;
+            assert_eq!(nn[k], want, "row {p}");
+        }
+        assert_eq!(nn[1], 0.0);
+        let bad = vec![f32::NAN; d];
+        assert_eq!(f.nearest(&bad), vec![NONE]);
+    }
+}

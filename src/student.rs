@@ -328,6 +328,14 @@ fn batch_loss(
     Ok(((hard * (cfg.alpha * frac))? + (soft * (1.0 - cfg.alpha))?)?)
 }
 
+/// The best checkpoint on dev so far.
+struct Kept {
+    score: f64,
+    step: usize,
+    metrics: BTreeMap<String, f64>,
+    weights: Vec<Tensor>,
+}
+
 /// `fgsm` rows carry gradient signs in the teacher's embedding coordinates, so they are
 /// refused unless the student's table is the teacher's (the same model, or the base it was
 /// fine-tuned from: their sketches differ by under 10%).
@@ -454,7 +462,7 @@ pub fn train(
         None
     };
     let eval_every = total.div_ceil(cfg.evals.max(1)).max(1);
-    let mut best: Option<(f64, usize, BTreeMap<String, f64>, Vec<Tensor>)> = None;
+    let mut best: Option<Kept> = None;
     let mut check = |model: &SeqClassifier, step: usize| -> Result<()> {
         let Some(score) = &dev_score else {
             return Ok(());
@@ -463,8 +471,13 @@ pub fn train(
         let v = m.get(primary).copied().unwrap_or(f64::NAN);
         curve.push(CurvePoint { step, value: v });
         // Ties keep the earlier checkpoint; a NaN score never wins.
-        if best.as_ref().is_none_or(|b| v > b.0) {
-            best = Some((v, step, m, params.snapshot()?));
+        if best.as_ref().is_none_or(|b| v > b.score) {
+            best = Some(Kept {
+                score: v,
+                step,
+                metrics: m,
+                weights: params.snapshot()?,
+            });
         }
         Ok(())
     };
@@ -506,9 +519,9 @@ pub fn train(
     pb.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
     let (dev, best_step) = match best {
-        Some((_, s, m, snap)) => {
-            params.restore(&snap)?;
-            (m, s)
+        Some(k) => {
+            params.restore(&k.weights)?;
+            (k.metrics, k.step)
         }
         None => (BTreeMap::new(), step),
     };

@@ -890,7 +890,10 @@ fn task_markdown(o: &ReportOptions, r: &TaskResult, kd_shards: &Location) -> Str
             }
         ));
     }
-    if r.grid.iter().any(|g| g.setting.set.iter().any(|x| x.ends_with(FIRST_ROUND))) {
+    if r.grid
+        .iter()
+        .any(|g| g.setting.set.iter().any(|x| x.ends_with(FIRST_ROUND)))
+    {
         s.push_str(
             "\n\"∇ KL(teacher ‖ 1st-round student)\": AugPro-FGSM takes the gradient of KL(teacher ‖ student) \
              in the embedding space of plain KD's seed-0 student, trained first in the same command, and \

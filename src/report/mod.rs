@@ -239,6 +239,9 @@ pub struct TaskResult {
     pub rows: Vec<Row>,
     /// Tuning results.
     pub grid: Vec<GridPoint>,
+    /// AugPro-Mix minus MixUp at the same setting, paired over seeds: what projection alone
+    /// does (when both rows exist).
+    pub projection_effect: Option<Paired>,
 }
 
 struct Budget {
@@ -726,6 +729,17 @@ fn run_task(
         crate::data::Part::Dev,
     )?
     .count()?;
+    // Grid labels name the same parameters for both mixing methods; untuned, the two
+    // pipeline tables may differ.
+    let projection_effect = rows
+        .iter()
+        .filter(|_| o.tune)
+        .find(|r| r.method == "augpro_mix")
+        .and_then(|am| {
+            rows.iter()
+                .find(|r| r.method == "mixup" && r.setting.label == am.setting.label)
+                .map(|mx| stats::paired(&am.values, &mx.values))
+        });
     let result = TaskResult {
         task: task.name.into(),
         metric: primary.into(),
@@ -737,6 +751,7 @@ fn run_task(
         tune_seeds: cx.budget.tune_seeds,
         rows,
         grid: grid_points,
+        projection_effect,
     };
     let md = task_markdown(o, &result, &kd_shards.0);
     atomic_write(
@@ -878,6 +893,16 @@ fn task_markdown(o: &ReportOptions, r: &TaskResult, kd_shards: &Location) -> Str
             row.rows
         ));
     }
+    if let Some(p) = &r.projection_effect {
+        s.push_str(&format!(
+            "\nProjection alone: AugPro-Mix minus MixUp at the same setting, paired over {} seeds: {} points (95% CI ±{:.2}, p {:.3}): {}.\n",
+            p.n,
+            pm(p.mean),
+            100.0 * p.ci95,
+            p.p,
+            verdict(p)
+        ));
+    }
     if let Some(kd) = r.rows.first() {
         s.push_str(&format!(
             "\nPlain KD's seed spread: std {:.2} points over {} seeds{}.\n",
@@ -988,7 +1013,19 @@ fn glue_table(o: &ReportOptions, rs: &[TaskResult]) -> String {
         };
         s.push_str(&format!(" {avg} |\n"));
     }
-    s.push_str("\nSettings chosen on dev:\n\n");
+    for r in rs {
+        if let Some(p) = &r.projection_effect {
+            s.push_str(&format!(
+                "\n{}: projection alone (AugPro-Mix − MixUp at the same setting, paired) {} ± {:.2} points, p {:.3}: {}.",
+                r.task,
+                pm(p.mean),
+                100.0 * p.ci95,
+                p.p,
+                verdict(p)
+            ));
+        }
+    }
+    s.push_str("\n\nSettings chosen on dev:\n\n");
     for r in rs {
         let picks: Vec<String> = r
             .rows

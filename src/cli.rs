@@ -308,9 +308,13 @@ pub struct ReportArgs {
     /// Seeds per grid point when tuning.
     #[arg(long)]
     pub tune_seeds: Option<usize>,
-    /// Student steps per run (same for every method).
-    #[arg(long)]
-    pub steps: Option<usize>,
+    /// Student steps per run, the same for every method: `150`, or per task
+    /// `sst2=150,cola=600`.
+    #[arg(long, value_delimiter = ',')]
+    pub steps: Vec<String>,
+    /// Students' peak learning rate (default 3e-4): a value, or per task `cola=1e-4`.
+    #[arg(long, value_delimiter = ',')]
+    pub lr: Vec<String>,
     /// Base pipeline file whose teacher and method parameters are used (one task only).
     #[arg(long)]
     pub pipeline: Option<PathBuf>,
@@ -559,7 +563,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 seeds: a.seeds,
                 tune: a.tune,
                 tune_seeds: a.tune_seeds,
-                steps: a.steps,
+                steps: report::PerTask::parse("steps", &a.steps)?,
+                lr: report::PerTask::parse("lr", &a.lr)?,
                 pipeline: a.pipeline,
                 out: a.out,
                 glue_dir: a.dev.glue_dir,

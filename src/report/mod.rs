@@ -56,8 +56,10 @@ pub struct ReportOptions {
     pub tune: bool,
     /// Seeds per grid point when tuning (overrides the preset).
     pub tune_seeds: Option<usize>,
-    /// Student steps per run (overrides the preset).
-    pub steps: Option<usize>,
+    /// Student steps per run (overrides the preset), for every task or per task.
+    pub steps: PerTask<usize>,
+    /// Students' peak learning rate (default [`STUDENT_LR`]), for every task or per task.
+    pub lr: PerTask<f64>,
     /// Base pipeline (one task only; defaults to `pipelines/smoke.toml` for smoke, else
     /// `pipelines/<task>.toml`).
     pub pipeline: Option<PathBuf>,
@@ -71,6 +73,49 @@ pub struct ReportOptions {
     pub overrides: Vec<String>,
     /// Variant name appended to the shard and report directory names.
     pub tag: Option<String>,
+}
+
+/// A value for every task, or per task: `150`, or `sst2=150,cola=600` (from a
+/// comma-separated flag).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PerTask<T> {
+    all: Option<T>,
+    by_task: BTreeMap<String, T>,
+}
+
+impl<T: std::str::FromStr + Copy + std::fmt::Display> PerTask<T> {
+    /// Parses the items of `--flag`: one bare value, or `task=value` items.
+    pub fn parse(flag: &str, items: &[String]) -> Result<Self> {
+        let mut out = Self {
+            all: None,
+            by_task: BTreeMap::new(),
+        };
+        for it in items {
+            let bad = || anyhow::anyhow!("--{flag} {it}: expected a value or task=value");
+            match it.split_once('=') {
+                Some((t, v)) => {
+                    glue::task(t.trim())?;
+                    out.by_task
+                        .insert(t.trim().to_string(), v.trim().parse().map_err(|_| bad())?);
+                }
+                None if out.all.is_none() => out.all = Some(it.trim().parse().map_err(|_| bad())?),
+                None => bail!("--{flag}: give one bare value at most"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The value for `task`.
+    pub fn get(&self, task: &str) -> Option<T> {
+        self.by_task.get(task).copied().or(self.all)
+    }
+
+    /// Back to the flag's value (`None` when unset).
+    fn arg(&self) -> Option<String> {
+        let mut v: Vec<String> = self.all.iter().map(|x| x.to_string()).collect();
+        v.extend(self.by_task.iter().map(|(t, x)| format!("{t}={x}")));
+        (!v.is_empty()).then(|| v.join(","))
+    }
 }
 
 /// One point of a method's grid: a label and the pipeline overrides that make it.
@@ -231,6 +276,8 @@ pub struct TaskResult {
     pub dev_examples: usize,
     /// Student steps per run.
     pub steps: usize,
+    /// Students' peak learning rate.
+    pub lr: f64,
     /// Seeds per final row.
     pub seeds: usize,
     /// Seeds per grid point (0 when not tuned).
@@ -249,6 +296,7 @@ struct Budget {
     seeds: usize,
     tune_seeds: usize,
     steps: Option<usize>,
+    lr: f64,
 }
 
 fn budget(o: &ReportOptions, task: &TaskSpec) -> Result<Budget> {
@@ -264,7 +312,8 @@ fn budget(o: &ReportOptions, task: &TaskSpec) -> Result<Budget> {
         examples: o.train_examples.unwrap_or(examples),
         seeds: o.seeds.unwrap_or(seeds),
         tune_seeds: if o.tune { o.tune_seeds.unwrap_or(1) } else { 0 },
-        steps: o.steps.or(steps),
+        steps: o.steps.get(task.name).or(steps),
+        lr: o.lr.get(task.name).unwrap_or(STUDENT_LR),
     })
 }
 
@@ -354,8 +403,11 @@ fn command(o: &ReportOptions) -> String {
     if let Some(n) = o.tune_seeds {
         c.push_str(&format!(" --tune-seeds {n}"));
     }
-    if let Some(n) = o.steps {
+    if let Some(n) = o.steps.arg() {
         c.push_str(&format!(" --steps {n}"));
+    }
+    if let Some(n) = o.lr.arg() {
+        c.push_str(&format!(" --lr {n}"));
     }
     if let Some(p) = &o.pipeline {
         c.push_str(&format!(" --pipeline {}", p.display()));
@@ -480,7 +532,7 @@ impl TaskCtx<'_> {
             seed,
             methods: methods.clone(),
             optim: crate::config::OptimConfig {
-                lr: STUDENT_LR,
+                lr: self.budget.lr,
                 ..base.optim.clone()
             },
             ..base
@@ -747,6 +799,7 @@ fn run_task(
         source_examples: kd_shards.1.source_examples,
         dev_examples,
         steps: cx.steps,
+        lr: cx.budget.lr,
         seeds: n_final,
         tune_seeds: cx.budget.tune_seeds,
         rows,
@@ -838,7 +891,7 @@ fn task_markdown(o: &ReportOptions, r: &TaskResult, kd_shards: &Location) -> Str
          Protocol: teacher {m} on validation {}. {} source examples of the train split are augmented; \
          the dev split ({} examples carved from train, never augmented nor trained on) chooses each \
          student's checkpoint{}. The student is the first 3 layers of the base encoder, {} steps of batch 32 at peak \
-         learning rate {STUDENT_LR} (6% warm-up, linear decay), trained on `original` + the method's rows. Validation is scored once per final run and chooses \
+         learning rate {} (6% warm-up, linear decay), trained on `original` + the method's rows. Validation is scored once per final run and chooses \
          nothing. Scores are ×100. Δ is the paired difference to plain KD over the same seeds (same \
          initialisation and data order), with its 95% confidence interval and the paired t-test's p.\n\n",
         r.task,
@@ -854,6 +907,7 @@ fn task_markdown(o: &ReportOptions, r: &TaskResult, kd_shards: &Location) -> Str
             String::new()
         },
         r.steps,
+        r.lr,
     );
     s.push_str(&format!(
         "| method | setting | dev {m} | validation {m} mean ± std | 95% CI | Δ vs plain KD | Δ 95% CI | p | reading | seeds | rows |\n|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|\n"
@@ -1036,4 +1090,23 @@ fn glue_table(o: &ReportOptions, rs: &[TaskResult]) -> String {
         s.push_str(&format!("- {}: {}\n", r.task, picks.join("; ")));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PerTask;
+
+    #[test]
+    fn per_task_values() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let p = PerTask::<usize>::parse("steps", &s(&["150", "cola=600"])).unwrap();
+        assert_eq!((p.get("sst2"), p.get("cola")), (Some(150), Some(600)));
+        assert_eq!(p.arg().as_deref(), Some("150,cola=600"));
+        let q = PerTask::<f64>::parse("lr", &s(&["cola=1e-4"])).unwrap();
+        assert_eq!((q.get("sst2"), q.get("cola")), (None, Some(1e-4)));
+        assert!(PerTask::<usize>::parse("steps", &s(&["imdb=3"])).is_err());
+        assert!(PerTask::<usize>::parse("steps", &s(&["x"])).is_err());
+        assert!(PerTask::<usize>::parse("steps", &s(&["1", "2"])).is_err());
+        assert_eq!(PerTask::<usize>::parse("steps", &[]).unwrap().arg(), None);
+    }
 }

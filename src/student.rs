@@ -7,7 +7,7 @@
 //! embedding space from `partner_input_ids`/`lambda` and `perturbation`/`epsilon`.
 
 use crate::augment::mix;
-use crate::config::{DevConfig, OptimConfig};
+use crate::config::OptimConfig;
 use crate::glue::TaskSpec;
 use crate::model::checkpoint::{save_classifier, sketch_difference};
 use crate::model::{Checkpoint, Ctx, SeqClassifier};
@@ -451,11 +451,7 @@ pub fn train(
     let (mut step, mut seen, mut epoch) = (0usize, 0usize, 0usize);
     let mut curve = Vec::new();
     let primary = task.primary_metric();
-    let dev_cfg: DevConfig = manifest
-        .config
-        .get("dev")
-        .and_then(|v| serde_json::from_value(v.clone()).ok())
-        .unwrap_or(DevConfig::NONE);
+    let dev_cfg = manifest.dev();
     let dev_score = if dev_cfg.fraction > 0.0 && manifest.split == task.train_split {
         Some(dev_scorer(&tok, task, glue_dir, &dev_cfg)?)
     } else {

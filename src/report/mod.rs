@@ -770,9 +770,7 @@ fn run_task(
         .and_then(|v| v.get(primary))
         .and_then(|v| v.as_f64())
         .unwrap_or(f64::NAN);
-    let dev_cfg: crate::config::DevConfig =
-        serde_json::from_value(kd_shards.1.config["dev"].clone())
-            .unwrap_or(crate::config::DevConfig::NONE);
+    let dev_cfg = kd_shards.1.dev();
     let dev_examples = crate::data::SplitReader::open_part(
         &cx.glue_dir,
         task,

@@ -4,6 +4,7 @@
 use super::reader::ShardReader;
 use super::schema::{is_virtual, ShardSchema, METHODS};
 use super::MethodStats;
+use crate::config::DevConfig;
 use crate::storage::Location;
 use crate::util::sha256_bytes;
 use anyhow::{bail, Context, Result};
@@ -202,6 +203,16 @@ pub struct Manifest {
     pub diagnostics: BTreeMap<String, MethodDiagnostics>,
     /// Every shard.
     pub shards: Vec<ShardSummary>,
+}
+
+impl Manifest {
+    /// The dev split its configuration held out ([`DevConfig::NONE`] when it records none).
+    pub fn dev(&self) -> DevConfig {
+        self.config
+            .get("dev")
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+            .unwrap_or(DevConfig::NONE)
+    }
 }
 
 /// Reads `manifest.json` from a dataset (a directory or an object-store prefix), checking

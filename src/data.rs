@@ -133,6 +133,27 @@ pub fn split_rows(glue_dir: &Path, task: &TaskSpec, split: &str) -> Result<usize
     Ok(n)
 }
 
+/// Number of examples in one part of a split ([`SplitReader::open_part`]): from Parquet
+/// metadata when nothing is held out, else by reading the split through.
+pub fn part_rows(
+    glue_dir: &Path,
+    task: &'static TaskSpec,
+    split: &str,
+    dev: &DevConfig,
+    part: Part,
+) -> Result<usize> {
+    let r = SplitReader::open_part(glue_dir, task, split, dev, part)?;
+    if r.keep.is_none() {
+        return split_rows(glue_dir, task, split);
+    }
+    let mut r = r;
+    let mut n = 0;
+    while let Some(b) = r.next_batch()? {
+        n += b.len();
+    }
+    Ok(n)
+}
+
 impl SplitReader {
     /// Opens a split for streaming; fails early when no file exists.
     pub fn open(glue_dir: &Path, task: &'static TaskSpec, split: &str) -> Result<Self> {
@@ -194,15 +215,6 @@ impl SplitReader {
         self.current = Some((path, reader));
         self.row_in_file = 0;
         Ok(true)
-    }
-
-    /// Number of examples this reader yields (reads the split through).
-    pub fn count(mut self) -> Result<usize> {
-        let mut n = 0;
-        while let Some(b) = self.next_batch()? {
-            n += b.len();
-        }
-        Ok(n)
     }
 
     /// Reads every remaining example (up to `limit`), failing on an empty split.

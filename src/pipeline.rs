@@ -257,33 +257,39 @@ pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Resul
     check_summaries(&out, opts.force, "another device or dtype", |s| {
         s.device != dev_name || s.dtype != dtype_name
     })?;
-    let teacher = Teacher::load_as(&teacher_dir, task, device, dtype, cfg.max_seq_len)?;
-    let mut engine = Engine::new(&teacher, &cfg)?;
-    let total = SplitReader::open_part(&glue_dir, task, &cfg.split, &cfg.dev, Part::Train)?
-        .count()?
-        .min(cfg.max_examples.unwrap_or(usize::MAX));
-    if total == 0 {
-        bail!("split `{}` of `{}` is empty", cfg.split, task.name);
-    }
     let shards: Vec<usize> = match opts.shard_index {
         Some(i) => vec![i],
         None => (0..cfg.shards).collect(),
     };
+    let mut pending = Vec::new();
     for i in shards {
         if shard_complete(&out, i, cfg.shards)? {
             eprintln!("shard {i}/{}: already complete, skipped", cfg.shards);
-            continue;
+        } else {
+            pending.push(i);
         }
-        run_shard(
-            &cfg,
-            &cfg_hash,
-            &teacher_sha,
-            &mut engine,
-            &glue_dir,
-            total,
-            i,
-            &out,
-        )?;
+    }
+    // The teacher, its index and the source count are only needed for shards left to run.
+    if !pending.is_empty() {
+        let teacher = Teacher::load_as(&teacher_dir, task, device, dtype, cfg.max_seq_len)?;
+        let mut engine = Engine::new(&teacher, &cfg)?;
+        let total = crate::data::part_rows(&glue_dir, task, &cfg.split, &cfg.dev, Part::Train)?
+            .min(cfg.max_examples.unwrap_or(usize::MAX));
+        if total == 0 {
+            bail!("split `{}` of `{}` is empty", cfg.split, task.name);
+        }
+        for i in pending {
+            run_shard(
+                &cfg,
+                &cfg_hash,
+                &teacher_sha,
+                &mut engine,
+                &glue_dir,
+                total,
+                i,
+                &out,
+            )?;
+        }
     }
     if opts.shard_index.is_none() {
         if out.join(MANIFEST).exists()? {

@@ -91,14 +91,23 @@ fn dev_split_is_carved_from_train_deterministically() {
     // Other splits are read whole; a zero fraction holds nothing out.
     let val = SplitReader::open_part(&g, cola, "validation", &dev, Part::Train)
         .unwrap()
-        .count()
-        .unwrap();
+        .read_all(None)
+        .unwrap()
+        .len();
     assert_eq!(val, 1043);
     let none = SplitReader::open_part(&g, cola, "train", &DevConfig::NONE, Part::Train)
         .unwrap()
-        .count()
-        .unwrap();
+        .read_all(None)
+        .unwrap()
+        .len();
     assert_eq!(none, 8551);
+    // Counting a part agrees with reading it.
+    let rows =
+        |split, dev: &DevConfig, part| augpro::data::part_rows(&g, cola, split, dev, part).unwrap();
+    assert_eq!(rows("train", &dev, Part::Dev), held.len());
+    assert_eq!(rows("train", &dev, Part::Train), train.len());
+    assert_eq!(rows("train", &DevConfig::NONE, Part::Train), 8551);
+    assert_eq!(rows("validation", &dev, Part::Train), 1043);
 }
 
 #[test]

@@ -315,6 +315,9 @@ pub struct ReportArgs {
     /// Students' peak learning rate (default 3e-4): a value, or per task `cola=1e-4`.
     #[arg(long, value_delimiter = ',')]
     pub lr: Vec<String>,
+    /// Encoder layers the student keeps (default 3): a value, or per task `stsb=6`.
+    #[arg(long, value_delimiter = ',')]
+    pub layers: Vec<String>,
     /// Base pipeline file whose teacher and method parameters are used (one task only).
     #[arg(long)]
     pub pipeline: Option<PathBuf>,
@@ -565,6 +568,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 tune_seeds: a.tune_seeds,
                 steps: report::PerTask::parse("steps", &a.steps)?,
                 lr: report::PerTask::parse("lr", &a.lr)?,
+                layers: report::PerTask::parse("layers", &a.layers)?,
                 pipeline: a.pipeline,
                 out: a.out,
                 glue_dir: a.dev.glue_dir,

@@ -774,12 +774,15 @@ fn report_tunes_on_dev_and_writes_a_glue_table() {
         "token_replace",
         "--seeds",
         "2",
+        "--layers",
+        "mrpc=2",
         "--out",
         tmp.path().to_str().unwrap(),
         "--set",
         &shards,
     ]);
     assert!(text.contains("# GLUE student comparison"), "{text}");
+    assert!(text.contains("mrpc: teacher f1"), "{text}");
     let glue = std::fs::read_to_string(tmp.path().join("glue-token_replace/results.md")).unwrap();
     assert!(
         glue.contains("| sst2 (accuracy) | mrpc (f1) | Avg |"),
@@ -809,6 +812,17 @@ fn report_tunes_on_dev_and_writes_a_glue_table() {
         assert_eq!(row["setting"], chosen[0]["setting"], "{task}");
         assert_eq!(row["validation"]["n"], 2);
         assert!(r["result"]["dev_examples"].as_u64().unwrap() > 0);
+        // The per-task student depth reaches every student of that task.
+        let layers = if task == "mrpc" { 2 } else { 3 };
+        assert_eq!(r["result"]["layers"], layers, "{task}");
+        let cfg: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(tmp.path().join(format!(
+                "{task}-token_replace/students/original-pipeline-seed1/config.json"
+            )))
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(cfg["num_hidden_layers"], layers, "{task}");
     }
 }
 

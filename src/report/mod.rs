@@ -60,6 +60,8 @@ pub struct ReportOptions {
     pub steps: PerTask<usize>,
     /// Students' peak learning rate (default [`STUDENT_LR`]), for every task or per task.
     pub lr: PerTask<f64>,
+    /// Encoder layers the student keeps (default 3), for every task or per task.
+    pub layers: PerTask<usize>,
     /// Base pipeline (one task only; defaults to `pipelines/smoke.toml` for smoke, else
     /// `pipelines/<task>.toml`).
     pub pipeline: Option<PathBuf>,
@@ -278,6 +280,8 @@ pub struct TaskResult {
     pub steps: usize,
     /// Students' peak learning rate.
     pub lr: f64,
+    /// Encoder layers the student keeps.
+    pub layers: usize,
     /// Seeds per final row.
     pub seeds: usize,
     /// Seeds per grid point (0 when not tuned).
@@ -297,6 +301,7 @@ struct Budget {
     tune_seeds: usize,
     steps: Option<usize>,
     lr: f64,
+    layers: Option<usize>,
 }
 
 fn budget(o: &ReportOptions, task: &TaskSpec) -> Result<Budget> {
@@ -314,6 +319,7 @@ fn budget(o: &ReportOptions, task: &TaskSpec) -> Result<Budget> {
         tune_seeds: if o.tune { o.tune_seeds.unwrap_or(1) } else { 0 },
         steps: o.steps.get(task.name).or(steps),
         lr: o.lr.get(task.name).unwrap_or(STUDENT_LR),
+        layers: o.layers.get(task.name),
     })
 }
 
@@ -408,6 +414,9 @@ fn command(o: &ReportOptions) -> String {
     }
     if let Some(n) = o.lr.arg() {
         c.push_str(&format!(" --lr {n}"));
+    }
+    if let Some(n) = o.layers.arg() {
+        c.push_str(&format!(" --layers {n}"));
     }
     if let Some(p) = &o.pipeline {
         c.push_str(&format!(" --pipeline {}", p.display()));
@@ -529,6 +538,7 @@ impl TaskCtx<'_> {
         let base = StudentConfig::default();
         let scfg = StudentConfig {
             max_steps: Some(self.steps),
+            layers: self.budget.layers.or(base.layers),
             seed,
             methods: methods.clone(),
             optim: crate::config::OptimConfig {
@@ -797,6 +807,11 @@ fn run_task(
         dev_examples,
         steps: cx.steps,
         lr: cx.budget.lr,
+        layers: cx
+            .budget
+            .layers
+            .or(StudentConfig::default().layers)
+            .unwrap_or(0),
         seeds: n_final,
         tune_seeds: cx.budget.tune_seeds,
         rows,
@@ -887,7 +902,7 @@ fn task_markdown(o: &ReportOptions, r: &TaskResult, kd_shards: &Location) -> Str
         "# {} — student comparison ({} preset{})\n\nRegenerate: `{}`\n\n\
          Protocol: teacher {m} on validation {}. {} source examples of the train split are augmented; \
          the dev split ({} examples carved from train, never augmented nor trained on) chooses each \
-         student's checkpoint{}. The student is the first 3 layers of the base encoder, {} steps of batch 32 at peak \
+         student's checkpoint{}. The student is the first {} layers of the base encoder, {} steps of batch 32 at peak \
          learning rate {} (6% warm-up, linear decay), trained on `original` + the method's rows. Validation is scored once per final run and chooses \
          nothing. Scores are ×100. Δ is the paired difference to plain KD over the same seeds (same \
          initialisation and data order), with its 95% confidence interval and the paired t-test's p.\n\n",
@@ -903,6 +918,7 @@ fn task_markdown(o: &ReportOptions, r: &TaskResult, kd_shards: &Location) -> Str
         } else {
             String::new()
         },
+        r.layers,
         r.steps,
         r.lr,
     );
@@ -1085,6 +1101,20 @@ fn glue_table(o: &ReportOptions, rs: &[TaskResult]) -> String {
             .map(|x| format!("{}: {}", x.label, x.setting.label))
             .collect();
         s.push_str(&format!("- {}: {}\n", r.task, picks.join("; ")));
+    }
+    s.push_str("\nTeacher and student budget per task (each sized on the task's dev split):\n\n");
+    for r in rs {
+        s.push_str(&format!(
+            "- {}: teacher {} {}; {} source examples, dev {}; student {} layers, {} steps at lr {}\n",
+            r.task,
+            r.metric,
+            pct(r.teacher_validation),
+            r.source_examples,
+            r.dev_examples,
+            r.layers,
+            r.steps,
+            r.lr
+        ));
     }
     s
 }

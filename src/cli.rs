@@ -312,10 +312,10 @@ pub struct ReportArgs {
     /// `sst2=150,cola=600`.
     #[arg(long, value_delimiter = ',')]
     pub steps: Vec<String>,
-    /// Students' peak learning rate (default 3e-4): a value, or per task `cola=1e-4`.
+    /// Students' peak learning rate (default: the preset's, per task): a value, or per task `cola=1e-4`.
     #[arg(long, value_delimiter = ',')]
     pub lr: Vec<String>,
-    /// Encoder layers the student keeps (default 3): a value, or per task `stsb=6`.
+    /// Encoder layers the student keeps (default: the preset's, per task): a value, or per task `stsb=6`.
     #[arg(long, value_delimiter = ',')]
     pub layers: Vec<String>,
     /// Base pipeline file whose teacher and method parameters are used (one task only).

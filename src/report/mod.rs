@@ -907,7 +907,7 @@ fn task_markdown(o: &ReportOptions, r: &TaskResult, kd_shards: &Location) -> Str
         "# {} — student comparison ({} preset{})\n\nRegenerate: `{}`\n\n\
          Protocol: teacher {m} on validation {}. {} source examples of the train split are augmented; \
          the dev split ({} examples carved from train, never augmented nor trained on) chooses each \
-         student's checkpoint{}. The student is the first {} layers of the base encoder, {} steps of batch 32 at peak \
+         student's checkpoint{}. The student is {} layers cut from the base encoder (its weights, not the teacher's), {} steps of batch 32 at peak \
          learning rate {} (6% warm-up, linear decay), trained on `original` + the method's rows. Validation is scored once per final run and chooses \
          nothing. Scores are ×100. Δ is the paired difference to plain KD over the same seeds (same \
          initialisation and data order), with its 95% confidence interval and the paired t-test's p.\n\n",
@@ -997,6 +997,12 @@ fn task_markdown(o: &ReportOptions, r: &TaskResult, kd_shards: &Location) -> Str
              projects with that student's table (a two-round pipeline); the other points take the gradient \
              of the teacher's cross-entropy against the gold label.\n",
         );
+        if glue::task(&r.task).is_ok_and(|t| t.is_regression()) {
+            s.push_str(
+                "For this regression task, the cross-entropy is the squared error to the gold score \
+                 and the KL is the squared error between the two models' scores.\n",
+            );
+        }
     }
     if !r.grid.is_empty() {
         s.push_str(&format!(

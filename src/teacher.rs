@@ -28,6 +28,10 @@ pub struct TeacherMetrics {
     pub task: String,
     /// Validation split name to metric values.
     pub validation: BTreeMap<String, BTreeMap<String, f64>>,
+    /// Metrics on the dev split carved from train (empty without one): the score to tune
+    /// a teacher's recipe on.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub dev: BTreeMap<String, f64>,
     /// Training examples used.
     pub train_examples: usize,
     /// Optimisation steps taken.
@@ -215,6 +219,11 @@ pub fn train(
     pb.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
     let validation = evaluate(&model, &tok, task, glue_dir, device)?;
+    let dev = if dev.fraction > 0.0 {
+        dev_scorer(&tok, task, glue_dir, dev)?(&model, device)?
+    } else {
+        BTreeMap::new()
+    };
     let names = label_names(glue_dir, task);
     save_classifier(
         out,
@@ -228,6 +237,7 @@ pub fn train(
     let m = TeacherMetrics {
         task: task.name.into(),
         validation,
+        dev,
         train_examples: ex.len(),
         steps: step,
         train_seconds: secs,

@@ -958,12 +958,25 @@ fn pair_and_regression_tasks_end_to_end() {
         let p = tmp.path().join(format!("{task}.toml"));
         std::fs::write(&p, text).unwrap();
         let root = tmp.path().join("out");
+        let cache = tmp.path().join(format!("teachers-{task}"));
         ok(&[
             "augment",
             p.to_str().unwrap(),
             "--out",
             root.to_str().unwrap(),
+            "--set",
+            &format!("teacher.cache_dir={}", cache.display()),
         ]);
+        // The teacher's metrics score the dev split it was not trained on, beside validation.
+        let tdir = std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.join("metrics.json").is_file())
+            .unwrap();
+        let tm: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(tdir.join("metrics.json")).unwrap()).unwrap();
+        assert!(tm["dev"][metric].as_f64().unwrap().is_finite(), "{tm}");
+        assert!(tm["validation"]["validation"][metric].is_number(), "{tm}");
         let dir = root.join(task).join("smoke");
         ok(&["verify", dir.to_str().unwrap()]);
         let schema = ShardSchema::new(augpro::glue::task(task).unwrap());

@@ -1135,6 +1135,16 @@ mod tests {
     use super::PerTask;
 
     #[test]
+    fn reused_runs_read_back_exactly() {
+        // Finished runs are read back from JSON; a rerun's table must equal the first one
+        // to the last bit, which needs exact float parsing.
+        for x in [3.1521651874999996f64, 0.1 + 0.2, 1e-4, 0.7720588235294118] {
+            let back: f64 = serde_json::from_str(&serde_json::to_string(&x).unwrap()).unwrap();
+            assert_eq!(back.to_bits(), x.to_bits(), "{x}");
+        }
+    }
+
+    #[test]
     fn per_task_values() {
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         let p = PerTask::<usize>::parse("steps", &s(&["150", "cola=600"])).unwrap();

@@ -142,11 +142,10 @@ pub fn part_rows(
     dev: &DevConfig,
     part: Part,
 ) -> Result<usize> {
-    let r = SplitReader::open_part(glue_dir, task, split, dev, part)?;
+    let mut r = SplitReader::open_part(glue_dir, task, split, dev, part)?;
     if r.keep.is_none() {
         return split_rows(glue_dir, task, split);
     }
-    let mut r = r;
     let mut n = 0;
     while let Some(b) = r.next_batch()? {
         n += b.len();

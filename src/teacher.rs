@@ -219,7 +219,7 @@ pub fn train(
     pb.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
     let validation = evaluate(&model, &tok, task, glue_dir, device)?;
-    let dev = if dev.fraction > 0.0 {
+    let dev_metrics = if dev.fraction > 0.0 {
         dev_scorer(&tok, task, glue_dir, dev)?(&model, device)?
     } else {
         BTreeMap::new()
@@ -237,7 +237,7 @@ pub fn train(
     let m = TeacherMetrics {
         task: task.name.into(),
         validation,
-        dev,
+        dev: dev_metrics,
         train_examples: ex.len(),
         steps: step,
         train_seconds: secs,

@@ -42,7 +42,7 @@ mkdir -p reports/sizing
 cat > "$tmp/table.py" <<'PY'
 import json, sys
 task, examples, args = sys.argv[1:4]
-metric = {"cola": "matthews", "mrpc": "f1", "stsb": "pearson"}.get(task, "accuracy")
+metric = {"cola": "matthews", "mrpc": "acc_and_f1", "stsb": "pearson"}.get(task, "accuracy")
 print(f"# {task}: student budget sized on dev (plain KD, {examples} source examples)\n")
 print(f"Regenerate: `scripts/size-student.sh {task} {args}`\n")
 print(f"{metric} ×100. The dev column chooses; validation is shown, never used.\n")

@@ -554,7 +554,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 "{}: {} = {:.4}",
                 a.out.display(),
                 task.primary_metric(),
-                student::first_value(&m.validation, task.primary_metric())
+                student::first_value(task, &m.validation)
             );
         }
         Command::Report(a) => {

@@ -16,6 +16,10 @@ pub enum MetricKind {
     PearsonSpearman,
 }
 
+/// MRPC's and QQP's GLUE score: the mean of accuracy and F1. Unlike F1 alone, a constant
+/// "positive" predictor cannot top it.
+pub const ACC_AND_F1: &str = "acc_and_f1";
+
 /// Everything the pipeline needs to know about one GLUE config.
 #[derive(Debug, Clone)]
 pub struct TaskSpec {
@@ -44,11 +48,11 @@ impl TaskSpec {
     pub fn is_pair(&self) -> bool {
         self.text_columns.len() == 2
     }
-    /// Name of the primary metric reported for the task.
+    /// Name of the primary metric: the one checkpoints are chosen and reports ranked by.
     pub fn primary_metric(&self) -> &'static str {
         match self.metric {
             MetricKind::Accuracy => "accuracy",
-            MetricKind::F1Accuracy => "f1",
+            MetricKind::F1Accuracy => ACC_AND_F1,
             MetricKind::Matthews => "matthews",
             MetricKind::PearsonSpearman => "pearson",
         }

@@ -1,6 +1,6 @@
 //! GLUE metrics: accuracy, F1, Matthews correlation, Pearson and Spearman correlation.
 
-use crate::glue::{MetricKind, TaskSpec};
+use crate::glue::{MetricKind, TaskSpec, ACC_AND_F1};
 use std::collections::BTreeMap;
 
 /// Fraction of equal predictions.
@@ -112,6 +112,17 @@ pub fn argmax(v: &[f32]) -> usize {
         .0
 }
 
+/// The task's primary metric in a score map. Maps written before `acc_and_f1` was recorded
+/// give it from their accuracy and F1.
+pub fn primary(task: &TaskSpec, m: &BTreeMap<String, f64>) -> f64 {
+    let name = task.primary_metric();
+    match (m.get(name), m.get("accuracy"), m.get("f1")) {
+        (Some(&v), _, _) => v,
+        (None, Some(a), Some(f)) if name == ACC_AND_F1 => (a + f) / 2.0,
+        _ => f64::NAN,
+    }
+}
+
 /// Scores logits against gold labels with the task's GLUE metric(s).
 pub fn score(task: &TaskSpec, logits: &[Vec<f32>], gold: &[f32]) -> BTreeMap<String, f64> {
     let mut m = BTreeMap::new();
@@ -127,7 +138,9 @@ pub fn score(task: &TaskSpec, logits: &[Vec<f32>], gold: &[f32]) -> BTreeMap<Str
     m.insert("accuracy".into(), accuracy(&p, &g));
     match task.metric {
         MetricKind::F1Accuracy => {
-            m.insert("f1".into(), f1(&p, &g));
+            let (a, f) = (accuracy(&p, &g), f1(&p, &g));
+            m.insert("f1".into(), f);
+            m.insert(ACC_AND_F1.into(), (a + f) / 2.0);
         }
         MetricKind::Matthews => {
             m.insert("matthews".into(), matthews(&p, &g));
@@ -202,8 +215,14 @@ mod tests {
         let sst2 = score(task("sst2"), &logits, &gold);
         assert_eq!(keys(&sst2), ["accuracy"]);
         let mrpc = score(task("mrpc"), &logits, &gold);
-        assert_eq!(keys(&mrpc), ["accuracy", "f1"]);
+        assert_eq!(keys(&mrpc), ["acc_and_f1", "accuracy", "f1"]);
         close(mrpc["f1"], 4.0 / 6.0);
+        close(primary(task("mrpc"), &mrpc), 4.0 / 6.0);
+        // A map from before `acc_and_f1` was recorded.
+        let old = BTreeMap::from([("accuracy".to_string(), 0.5), ("f1".to_string(), 0.7)]);
+        close(primary(task("mrpc"), &old), 0.6);
+        close(primary(task("sst2"), &old), 0.5);
+        assert!(primary(task("cola"), &old).is_nan());
         let cola = score(task("cola"), &logits, &gold);
         close(cola["matthews"], 1.0 / 3.0);
         let reg: Vec<Vec<f32>> = [1.0f32, 2.0, 3.0, 4.0].iter().map(|&x| vec![x]).collect();

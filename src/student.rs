@@ -11,7 +11,7 @@ use crate::config::OptimConfig;
 use crate::glue::TaskSpec;
 use crate::model::checkpoint::{save_classifier, sketch_difference};
 use crate::model::{Checkpoint, Ctx, SeqClassifier};
-use crate::shards::manifest::shard_paths;
+use crate::shards::manifest::{shard_paths, Manifest};
 use crate::shards::reader::ShardReader;
 use crate::shards::{Row, ShardSchema};
 use crate::storage::Location;
@@ -373,6 +373,36 @@ fn check_fgsm_table(
     Ok(())
 }
 
+/// Refuses local source files other than those the shards were made from: the dev split is
+/// carved from the source split by row count, so another copy of the data would move it,
+/// possibly onto examples the shards augmented.
+fn check_source_files(
+    manifest: &Manifest,
+    shards_dir: &Location,
+    task: &TaskSpec,
+    glue_dir: &Path,
+) -> Result<()> {
+    let recorded = manifest
+        .source_files()
+        .with_context(|| format!("{shards_dir}"))?;
+    let local = crate::data::source_files(glue_dir, task, &manifest.split)?;
+    let names: std::collections::BTreeSet<&String> = recorded.keys().chain(local.keys()).collect();
+    for name in names {
+        let (here, there) = (local.get(name), recorded.get(name));
+        if here != there {
+            let show =
+                |h: Option<&String>| h.map_or("absent".to_string(), |h| format!("sha256 {h}"));
+            bail!(
+                "{}: {} here, but {} in {shards_dir}/manifest.json (source.files_sha256); train on the source data the shards were made from",
+                glue_dir.join(task.name).join(name).display(),
+                show(here),
+                show(there)
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Trains a student from the shards in `shards_dir` and writes a checkpoint and
 /// `metrics.json` to `out`.
 pub fn train(
@@ -419,6 +449,7 @@ pub fn train(
         );
     }
     check_fgsm_table(&manifest, &ck, cfg)?;
+    check_source_files(&manifest, shards_dir, task, glue_dir)?;
     let tok = TextTokenizer::load(&cfg.model, 512)?;
     let schema = ShardSchema::new(task);
     let rows_available: usize = manifest
@@ -450,7 +481,7 @@ pub fn train(
     let start = Instant::now();
     let (mut step, mut seen, mut epoch) = (0usize, 0usize, 0usize);
     let mut curve = Vec::new();
-    let dev_cfg = manifest.dev();
+    let dev_cfg = manifest.dev().with_context(|| format!("{shards_dir}"))?;
     let dev_score = if dev_cfg.fraction > 0.0 && manifest.split == task.train_split {
         Some(dev_scorer(&tok, task, glue_dir, &dev_cfg)?)
     } else {

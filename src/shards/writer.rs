@@ -127,21 +127,29 @@ impl ShardWriter {
                 .writer
                 .into_inner()
                 .with_context(|| format!("{}: cannot finish Parquet file", part.loc))?;
-            let sha256 = match sink {
+            let (sha256, size) = match sink {
                 Sink::Local(f) => {
                     f.commit()?;
-                    part.loc.sha256()?
+                    let p = part
+                        .loc
+                        .as_local()
+                        .expect("a local sink writes a local file");
+                    let size = std::fs::metadata(p)
+                        .with_context(|| format!("{}: cannot read back", part.loc))?
+                        .len();
+                    (part.loc.sha256()?, size)
                 }
                 Sink::Memory(bytes) => {
-                    let sha = sha256_bytes(&bytes);
+                    let (sha, size) = (sha256_bytes(&bytes), bytes.len() as u64);
                     part.loc.put(bytes.into())?;
-                    sha
+                    (sha, size)
                 }
             };
             files.push(ShardFile {
                 sha256,
                 file: part.file,
                 rows: part.rows,
+                bytes: Some(size),
             });
         }
         Ok(files)

@@ -40,6 +40,8 @@ impl AdamW {
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         self.step += 1;
         let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
+        // 1 − β in f64: in f32, 1 − 0.999 comes out 5e-5 off.
+        let (c1, c2) = ((1.0 - self.beta1) as f32, (1.0 - self.beta2) as f32);
         let scale_m = (1.0 / (1.0 - self.beta1.powi(self.step))) as f32;
         let scale_v = (1.0 / (1.0 - self.beta2.powi(self.step))) as f32;
         let (lr, eps) = (lr as f32, self.eps as f32);
@@ -56,8 +58,8 @@ impl AdamW {
                 .zip(v.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)))
                 .for_each(|((t, m), (v, g))| {
                     for i in 0..t.len() {
-                        m[i] = m[i] * b1 + g[i] * (1.0 - b1);
-                        v[i] = v[i] * b2 + g[i] * g[i] * (1.0 - b2);
+                        m[i] = m[i] * b1 + g[i] * c1;
+                        v[i] = v[i] * b2 + g[i] * g[i] * c2;
                         let step = (m[i] * scale_m) / ((v[i] * scale_v).sqrt() + eps);
                         t[i] = t[i] * decay - step * lr;
                     }

@@ -125,7 +125,7 @@ impl Optim {
         let update = if crate::model::kernels::used_on(params.device(), params.dtype()) {
             let groups = d.iter().map(|v| (v.clone(), cfg.weight_decay));
             let groups = groups.chain(nd.iter().map(|v| (v.clone(), 0.0))).collect();
-            Update::Fused(crate::model::kernels::AdamW::new(groups, 0.9, 0.999, 1e-8))
+            Update::Fused(crate::model::kernels::AdamW::new(groups, 0.9, 0.999, 1e-8)?)
         } else {
             Update::Candle {
                 decay: AdamW::new(d, p(cfg.weight_decay))?,

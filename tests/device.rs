@@ -119,6 +119,69 @@ fn device_projection_breaks_ties_to_the_lowest_index_and_maps_nan_to_missing() {
     );
 }
 
+/// Midpoints of `pairs` of rows (as far from one as from the other, up to rounding), each
+/// nudged towards one row by a few parts in 10⁷ of their difference, or not at all.
+fn midpoints(table: &[f32], d: usize, pairs: &[(usize, usize)], r: &mut ChaCha8Rng) -> Vec<f32> {
+    let mut q = Vec::with_capacity(pairs.len() * d);
+    for &(a, b) in pairs {
+        let nudge = [0.0f32, 1e-7, -1e-7, 4e-7, -4e-7][r.gen_range(0..5)];
+        for k in 0..d {
+            let (x, y) = (table[a * d + k], table[b * d + k]);
+            q.push(0.5 * (x + y) + nudge * (y - x));
+        }
+    }
+    q
+}
+
+#[test]
+fn device_projection_equals_the_exact_search_at_near_ties_and_non_finite_queries() {
+    let dev = test_device();
+    let (table, d, special) = minilm_table();
+    let keep = |t: u32| !special[t as usize];
+    let mut cpu = Projector::build(&table, d, keep, "Flat", Metric::L2).unwrap();
+    let mut r = ChaCha8Rng::seed_from_u64(23);
+    let vocab = table.len() / d;
+    // Each picked token with its nearest other token: the closest races in the table.
+    let picks: Vec<u32> = (0..150)
+        .map(|_| r.gen_range(0..vocab as u32))
+        .filter(|&t| keep(t))
+        .collect();
+    let rows: Vec<f32> = picks
+        .iter()
+        .flat_map(|&t| table[t as usize * d..(t as usize + 1) * d].to_vec())
+        .collect();
+    let (nb, _) = cpu.search(&rows, 2).unwrap();
+    let pairs: Vec<(usize, usize)> = picks
+        .iter()
+        .zip(nb.chunks_exact(2))
+        .map(|(&t, n)| (t as usize, if n[0] == t { n[1] } else { n[0] } as usize))
+        .collect();
+    let mut q = midpoints(&table, d, &pairs, &mut r);
+    let ties = q.len() / d;
+    q.extend_from_slice(&rows[..d]);
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut row = rows[d..2 * d].to_vec();
+        row[r.gen_range(0..d)] = bad;
+        q.extend(row);
+    }
+    let mut dp = DeviceProjector::build(&table, d, keep, &dev).unwrap();
+    dp.chunk = 64;
+    let got = dp.nearest(&q).unwrap();
+    let want = cpu.nearest(&q).unwrap();
+    assert_eq!(got, want, "the device path gives the CPU's exact answers");
+    // The near ties, then a table row.
+    for (i, x) in q.chunks_exact(d).take(ties + 1).enumerate() {
+        let brute = augpro::augment::project::brute_force_nearest(&table, d, keep, x, Metric::L2);
+        assert_eq!(got[i], brute, "query {i}");
+    }
+    let missing = augpro::augment::project::MISSING;
+    assert_eq!(
+        &got[ties + 1..],
+        [missing; 3],
+        "NaN and ±inf have no nearest token"
+    );
+}
+
 /// A reference case: token ids, token types, and the first 8 hidden values per position.
 type Case = (Vec<u32>, Vec<u8>, Vec<Vec<f32>>);
 

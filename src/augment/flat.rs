@@ -6,7 +6,10 @@
 //! [`l2`], the distance accumulated in `f64` (exact to far below any `f32` difference): the
 //! answer is the truly nearest row, the lowest one on ties, as
 //! [`super::project::brute_force_nearest`] finds it, whatever the GEMM's summation order.
+//! The device projection ([`super::project_device`]) uses the same [`Band`] on its own GEMM
+//! distances, and this search for the queries the band leaves undecided.
 
+use anyhow::{bail, Result};
 use rayon::prelude::*;
 
 /// Table rows per GEMM block.
@@ -25,6 +28,72 @@ pub fn l2(a: &[f32], b: &[f32]) -> f64 {
             t * t
         })
         .sum()
+}
+
+/// Rows of `table` (`dim` wide) for the given ids, concatenated.
+pub fn rows_of(table: &[f32], dim: usize, ids: &[u32]) -> Vec<f32> {
+    let mut rows = Vec::with_capacity(ids.len() * dim);
+    for &t in ids {
+        rows.extend_from_slice(&table[t as usize * dim..(t as usize + 1) * dim]);
+    }
+    rows
+}
+
+/// The token ids of `table` (`vocab × dim`, row-major) that pass `keep`, and their rows: what
+/// a projection indexes. An error for a table that is not whole rows or keeps no token.
+pub fn kept_rows(
+    table: &[f32],
+    dim: usize,
+    keep: impl Fn(u32) -> bool,
+) -> Result<(Vec<u32>, Vec<f32>)> {
+    if dim == 0 || !table.len().is_multiple_of(dim) {
+        bail!(
+            "embedding table of {} values is not a multiple of dimension {dim}",
+            table.len()
+        );
+    }
+    let ids: Vec<u32> = (0..(table.len() / dim) as u32)
+        .filter(|&i| keep(i))
+        .collect();
+    if ids.is_empty() {
+        bail!("no token left to index after excluding special tokens");
+    }
+    let rows = rows_of(table, dim, &ids);
+    Ok((ids, rows))
+}
+
+/// How far above a query's best GEMM distance the truly nearest row's may lie: the band
+/// `(scale·‖q‖ + offset)²`, for GEMM distances `‖e‖² − 2·q·e` computed in IEEE `f32` (any
+/// summation order, no reduced-precision accumulation such as TF32).
+///
+/// Such a distance is within (d + 2)·u·(‖q‖ + ‖e‖)² of the exact one (a sum of `d` products,
+/// then two additions; `u` the unit roundoff); the truly nearest row is within twice that of
+/// the best GEMM distance. The band is four times that, to spare, with ‖q‖ and the largest
+/// ‖e‖ taken 0.1% larger to cover their own rounding.
+#[derive(Clone, Copy, Debug)]
+pub struct Band {
+    /// `1.001·√c` with `c = 8·(d + 2)·u`.
+    pub scale: f64,
+    /// `1.001·√c·max‖e‖`.
+    pub offset: f64,
+}
+
+impl Band {
+    /// The band for rows `dim` wide whose largest norm is `max_norm`.
+    pub fn new(dim: usize, max_norm: f32) -> Self {
+        let u = f32::EPSILON as f64 / 2.0;
+        let root_c = (8.0 * (dim as f64 + 2.0) * u).sqrt();
+        Self {
+            scale: 1.001 * root_c,
+            offset: 1.001 * root_c * max_norm as f64,
+        }
+    }
+
+    /// The band of a query of norm `qnorm`.
+    pub fn of(&self, qnorm: f64) -> f32 {
+        let s = self.scale * qnorm + self.offset;
+        (s * s) as f32
+    }
 }
 
 /// An exact L2 index over the rows of a table (`n × dim`, row-major).
@@ -76,6 +145,16 @@ impl FlatL2 {
         &self.rows[i * self.dim..(i + 1) * self.dim]
     }
 
+    /// ‖e‖² of each row, as the search computes it.
+    pub fn norms(&self) -> &[f32] {
+        &self.norms
+    }
+
+    /// The rounding band of this table's GEMM distances.
+    pub fn band(&self) -> Band {
+        Band::new(self.dim, self.max_norm)
+    }
+
     /// The nearest row of each query (`m × dim`): the smallest [`l2`], the lowest row on
     /// ties; [`NONE`] for a query whose distances are not finite.
     pub fn nearest(&self, queries: &[f32]) -> Vec<u32> {
@@ -111,21 +190,15 @@ impl FlatL2 {
         if n == 0 {
             return vec![(NONE, f64::INFINITY); m];
         }
-        // The GEMM distance of any row is within (d + 2)·u·(‖q‖ + ‖e‖)² of the exact one
-        // (a sum of `d` products, then two additions); the truly nearest row is within
-        // twice that of the best GEMM distance. Four times that, to spare.
-        let u = f32::EPSILON as f64 / 2.0;
-        let c = 8.0 * (d as f64 + 2.0) * u;
+        let b = self.band();
         let band: Vec<f32> = queries
             .chunks_exact(d)
             .map(|q| {
-                let qn = q
+                b.of(q
                     .iter()
                     .map(|&v| (v as f64) * (v as f64))
                     .sum::<f64>()
-                    .sqrt();
-                let s = qn * 1.001 + self.max_norm as f64 * 1.001;
-                (c * s * s) as f32
+                    .sqrt())
             })
             .collect();
         let chunks = m.div_ceil(CHUNK);

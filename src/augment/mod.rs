@@ -30,6 +30,7 @@ use crate::tokenize::Encoded;
 use crate::util::derive_seed;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
+use flat::rows_of;
 use project::{median_nn_distance, Projector};
 use project_device::DeviceProjector;
 use rand::SeedableRng;
@@ -672,17 +673,6 @@ fn absolute_epsilon(c: &FgsmConfig, scale: f32, dim: usize) -> f32 {
         (None, Some(r)) => (r * scale as f64 / (dim as f64).sqrt()) as f32,
         _ => 0.0,
     }
-}
-
-/// Rows of `table` (`dim` wide) for the given ids, concatenated.
-fn rows_of(table: &[f32], dim: usize, ids: &[u32]) -> Vec<f32> {
-    ids.iter()
-        .flat_map(|&t| {
-            table[t as usize * dim..(t as usize + 1) * dim]
-                .iter()
-                .copied()
-        })
-        .collect()
 }
 
 /// Projects the positions of `embeds` where `masks` is set, in one batched search

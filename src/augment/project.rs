@@ -2,7 +2,7 @@
 //! special and reserved tokens left out, searched in batches. Exact L2 (`Flat`) nearest
 //! search runs on [`FlatL2`], which gives brute force's answer exactly.
 
-use super::flat::{FlatL2, NONE};
+use super::flat::{kept_rows, l2, rows_of, FlatL2, NONE};
 use anyhow::{bail, Context, Result};
 use faiss::{index_factory, Index, MetricType};
 
@@ -56,21 +56,8 @@ impl Projector {
         metric: Metric,
         params: Option<&str>,
     ) -> Result<Self> {
-        if dim == 0 || !table.len().is_multiple_of(dim) {
-            bail!(
-                "embedding table of {} values is not a multiple of dimension {dim}",
-                table.len()
-            );
-        }
+        let (token_ids, data) = kept_rows(table, dim, keep)?;
         let vocab = table.len() / dim;
-        let token_ids: Vec<u32> = (0..vocab as u32).filter(|&i| keep(i)).collect();
-        if token_ids.is_empty() {
-            bail!("no token left to index after excluding special tokens");
-        }
-        let mut data = Vec::with_capacity(token_ids.len() * dim);
-        for &t in &token_ids {
-            data.extend_from_slice(&table[t as usize * dim..(t as usize + 1) * dim]);
-        }
         let mt = match metric {
             Metric::L2 => MetricType::L2,
             Metric::InnerProduct => MetricType::InnerProduct,
@@ -266,7 +253,7 @@ impl Projector {
             let best = (0..16)
                 .map(|k| (s + 1 + k * step) % n)
                 .filter(|&j| j != s)
-                .map(|j| super::flat::l2(exact.row(s), exact.row(j)))
+                .map(|j| l2(exact.row(s), exact.row(j)))
                 .fold(f64::INFINITY, f64::min);
             self.nn_upper[s] = best.sqrt() as f32;
         }
@@ -329,11 +316,7 @@ pub fn brute_force_nearest(
             continue;
         }
         let score = match metric {
-            Metric::L2 => row
-                .iter()
-                .zip(query)
-                .map(|(&a, &b)| (a as f64 - b as f64) * (a as f64 - b as f64))
-                .sum::<f64>(),
+            Metric::L2 => l2(row, query),
             Metric::InnerProduct => -row
                 .iter()
                 .zip(query)
@@ -358,10 +341,7 @@ pub fn median_nn_distance(
     let n = p.token_ids.len();
     let step = (n / sample.max(1)).max(1);
     let picks: Vec<u32> = p.token_ids.iter().step_by(step).copied().collect();
-    let mut q = Vec::with_capacity(picks.len() * dim);
-    for &t in &picks {
-        q.extend_from_slice(&table[t as usize * dim..(t as usize + 1) * dim]);
-    }
+    let q = rows_of(table, dim, &picks);
     let (ids, d) = p.search(&q, 2)?;
     let mut dists: Vec<f32> = picks
         .iter()

@@ -20,26 +20,53 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    /// `params` with their weight decay; moments start at zero.
-    pub fn new(params: Vec<(Var, f64)>, beta1: f64, beta2: f64, eps: f64) -> Self {
+    /// `params` with their weight decay; moments start at zero. An error unless both betas
+    /// are in `[0, 1)`, `eps` is positive and every weight decay is finite.
+    pub fn new(params: Vec<(Var, f64)>, beta1: f64, beta2: f64, eps: f64) -> Result<Self> {
+        let betas_ok = (0.0..1.0).contains(&beta1) && (0.0..1.0).contains(&beta2);
+        if !(betas_ok && eps.is_finite() && eps > 0.0) {
+            candle_core::bail!(
+                "AdamW: betas ({beta1}, {beta2}) must be in [0, 1) and eps {eps} positive"
+            );
+        }
+        if let Some((_, wd)) = params.iter().find(|(_, wd)| !wd.is_finite()) {
+            candle_core::bail!("AdamW: weight decay {wd} is not finite");
+        }
         let moments = params
             .iter()
             .map(|(v, _)| (vec![0f32; v.elem_count()], vec![0f32; v.elem_count()]))
             .collect();
-        Self {
+        Ok(Self {
             params: params.into_iter().map(|(v, wd)| (v, wd as f32)).collect(),
             moments,
             step: 0,
             beta1,
             beta2,
             eps,
-        }
+        })
     }
 
-    /// One update with learning rate `lr`; parameters without a gradient are left alone.
+    /// One update with learning rate `lr`; parameters without a gradient are left alone. An
+    /// error, before any parameter changes, for a learning rate that is not finite or a
+    /// gradient whose shape is not its parameter's.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        if !lr.is_finite() {
+            candle_core::bail!("AdamW: learning rate {lr} is not finite");
+        }
+        for (var, _) in &self.params {
+            match grads.get(var.as_tensor()) {
+                Some(g) if g.shape() != var.shape() => candle_core::bail!(
+                    "AdamW: gradient {:?} is not the shape of its parameter {:?}",
+                    g.shape(),
+                    var.shape()
+                ),
+                _ => {}
+            }
+        }
         self.step += 1;
         let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
+        // 1 − β in f64: in f32, 1 − 0.999 comes out 5e-5 off.
+        let (c1, c2) = ((1.0 - self.beta1) as f32, (1.0 - self.beta2) as f32);
         let scale_m = (1.0 / (1.0 - self.beta1.powi(self.step))) as f32;
         let scale_v = (1.0 / (1.0 - self.beta2.powi(self.step))) as f32;
         let (lr, eps) = (lr as f32, self.eps as f32);
@@ -56,8 +83,8 @@ impl AdamW {
                 .zip(v.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)))
                 .for_each(|((t, m), (v, g))| {
                     for i in 0..t.len() {
-                        m[i] = m[i] * b1 + g[i] * (1.0 - b1);
-                        v[i] = v[i] * b2 + g[i] * g[i] * (1.0 - b2);
+                        m[i] = m[i] * b1 + g[i] * c1;
+                        v[i] = v[i] * b2 + g[i] * g[i] * c2;
                         let step = (m[i] * scale_m) / ((v[i] * scale_v).sqrt() + eps);
                         t[i] = t[i] * decay - step * lr;
                     }
@@ -70,16 +97,16 @@ impl AdamW {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::{assert_close, randn, rng};
     use super::*;
-    use candle_core::Device;
     use candle_nn::{Optimizer, ParamsAdamW};
 
     #[test]
     fn matches_candle_adamw() -> Result<()> {
-        let d = Device::Cpu;
-        let init = Tensor::randn(0f32, 1.0, (33, 7), &d)?;
+        let mut r = rng(9);
+        let init = randn(&mut r, 0.0, 1.0, (33, 7));
         let (a, b) = (Var::from_tensor(&init)?, Var::from_tensor(&init.copy()?)?);
-        let mut ours = AdamW::new(vec![(a.clone(), 0.01)], 0.9, 0.999, 1e-8);
+        let mut ours = AdamW::new(vec![(a.clone(), 0.01)], 0.9, 0.999, 1e-8)?;
         let p = ParamsAdamW {
             lr: 1e-2,
             beta1: 0.9,
@@ -88,18 +115,60 @@ mod tests {
             weight_decay: 0.01,
         };
         let mut theirs = candle_nn::AdamW::new(vec![b.clone()], p)?;
-        let target = Tensor::randn(0f32, 1.0, (33, 7), &d)?;
+        // The gradient of Σ θ·G is exactly G: both optimisers see the same gradients, drawn
+        // afresh each step, so their rounding differences do not feed back into them.
         for _ in 0..5 {
-            let ga = (a.as_tensor() - &target)?.sqr()?.sum_all()?.backward()?;
-            let gb = (b.as_tensor() - &target)?.sqr()?.sum_all()?.backward()?;
+            let g = randn(&mut r, 0.0, 1.0, (33, 7));
+            let ga = a.as_tensor().mul(&g)?.sum_all()?.backward()?;
+            let gb = b.as_tensor().mul(&g)?.sum_all()?.backward()?;
             ours.step(&ga, 1e-2)?;
             theirs.step(&gb)?;
         }
-        let diff = (a.as_tensor() - b.as_tensor())?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?;
-        assert!(diff < 1e-6, "parameters differ by {diff}");
+        // Each step rounds θ·decay (half an ulp of θ) and a step of at most about lr = 1e-2
+        // (to a few ulps of it) differently: after 5 steps, within 1e-6 of |θ| plus 1e-7.
+        assert_close(a.as_tensor(), b.as_tensor(), 1e-6, 1e-7, "parameters")
+    }
+
+    #[test]
+    fn bad_hyperparameters_are_errors() -> Result<()> {
+        let v = || Var::from_tensor(&randn(&mut rng(10), 0.0, 1.0, 4));
+        for (b1, b2, eps, wd) in [
+            (1.0, 0.999, 1e-8, 0.0),
+            (0.9, -0.1, 1e-8, 0.0),
+            (0.9, 0.999, 0.0, 0.0),
+            (f64::NAN, 0.999, 1e-8, 0.0),
+            (0.9, 0.999, 1e-8, f64::INFINITY),
+        ] {
+            let e = AdamW::new(vec![(v()?, wd)], b1, b2, eps).err().unwrap();
+            let e = e.to_string();
+            assert!(
+                e.contains("must be in [0, 1)") || e.contains("is not finite"),
+                "{e}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_misshapen_gradient_or_bad_rate_is_an_error_and_changes_nothing() -> Result<()> {
+        let mut r = rng(11);
+        let (p, q) = (
+            randn(&mut r, 0.0, 1.0, (2, 3)),
+            randn(&mut r, 0.0, 1.0, (3, 2)),
+        );
+        let (vp, vq) = (Var::from_tensor(&p)?, Var::from_tensor(&q)?);
+        let mut opt = AdamW::new(vec![(vp.clone(), 0.0), (vq.clone(), 0.0)], 0.9, 0.999, 1e-8)?;
+        let mut grads = vp.as_tensor().sum_all()?.backward()?;
+        let e = opt.step(&grads, f64::NAN).unwrap_err().to_string();
+        assert!(e.contains("learning rate NaN is not finite"), "{e}");
+        grads.insert(vq.as_tensor(), p.clone());
+        let e = opt.step(&grads, 1e-2).unwrap_err().to_string();
+        assert!(
+            e.contains("gradient [2, 3] is not the shape of its parameter [3, 2]"),
+            "{e}"
+        );
+        assert_eq!(vp.as_tensor().to_vec2::<f32>()?, p.to_vec2::<f32>()?);
+        assert_eq!(opt.step, 0);
         Ok(())
     }
 }

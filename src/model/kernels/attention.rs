@@ -24,6 +24,10 @@ struct Attention {
 }
 
 /// `dst[m×n] = beta·a[m×k]·b[k×n]`, with explicit `(row, column)` strides for each matrix.
+///
+/// # Safety
+/// Every element the strides address (`dst` `m×n`, `a` `m×k`, `b` `k×n`) must lie within a
+/// live allocation, and no other thread may access the elements of `dst` during the call.
 #[allow(clippy::too_many_arguments)] // a strided GEMM: three operands with two strides each
 unsafe fn small_gemm(
     (m, n, k): (usize, usize, usize),
@@ -35,42 +39,74 @@ unsafe fn small_gemm(
     (brs, bcs): (usize, usize),
     beta: f32,
 ) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        dcs as isize,
-        drs as isize,
-        false,
-        a,
-        acs as isize,
-        ars as isize,
-        b,
-        bcs as isize,
-        brs as isize,
-        0.0,
-        beta,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
+    // SAFETY: the caller guarantees the strided matrices are in bounds and `dst` unshared.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            dcs as isize,
+            drs as isize,
+            false,
+            a,
+            acs as isize,
+            ars as isize,
+            b,
+            bcs as isize,
+            brs as isize,
+            0.0,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// Checks that the sequences `(first row, length)` are in order, do not overlap and lie
+/// within `rows` rows.
+fn check_seqs(seqs: &[(usize, usize)], rows: usize) -> Result<()> {
+    let mut end = 0;
+    for (i, &(start, n)) in seqs.iter().enumerate() {
+        match start.checked_add(n) {
+            Some(e) if start >= end && e <= rows => end = e,
+            _ => candle_core::bail!(
+                "attention: sequence {i} (rows {start}..{start}+{n}) is out of order, overlaps \
+                 the one before or lies past the {rows} rows of the input"
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// Checks that a dropout probability is in `[0, 1)`.
+fn check_dropout(dropout: Option<(f32, u64)>) -> Result<()> {
+    match dropout {
+        Some((p, _)) if !(0.0..1.0).contains(&p) => {
+            candle_core::bail!("attention: dropout probability {p} is not in [0, 1)")
+        }
+        _ => Ok(()),
+    }
 }
 
 impl Attention {
-    /// Hidden size and head size for a packed `[T, 3h]` input.
-    fn dims(&self, l: &Layout) -> Result<(usize, usize)> {
+    /// Token count, hidden size and head size of a packed `[T, 3h]` input, after checking
+    /// that the heads divide the hidden size and that the sequences are ordered, disjoint
+    /// and within the `T` rows: the invariants every raw-pointer access below relies on.
+    fn dims(&self, l: &Layout) -> Result<(usize, usize, usize)> {
         let (t, h3) = l.shape().dims2()?;
         let h = h3 / 3;
-        let rows = self.seqs.last().map_or(0, |&(a, n)| a + n);
-        if h3 % 3 != 0 || h % self.heads != 0 || rows > t {
+        if self.heads == 0 || h == 0 || h3 % 3 != 0 || h % self.heads != 0 {
             candle_core::bail!(
-                "attention: input {:?} does not fit the sequences",
-                l.shape()
+                "attention: input {:?} is not [tokens, 3·hidden] with {} heads dividing hidden",
+                l.shape(),
+                self.heads
             );
         }
-        Ok((h, h / self.heads))
+        check_seqs(&self.seqs, t)?;
+        Ok((t, h, h / self.heads))
     }
 
     /// The dropout mask (already scaled by 1/(1-p)) of one (sequence, head) pair.
@@ -86,6 +122,9 @@ impl Attention {
     }
 
     /// Softmax probabilities `[n, n]` of one pair; `q` and `k` point at its first row.
+    ///
+    /// # Safety
+    /// `q` and `k` must each address `n` rows of `d` values, `stride` apart, within the input.
     unsafe fn probs(
         &self,
         q: *const f32,
@@ -96,16 +135,20 @@ impl Attention {
     ) -> Vec<f32> {
         let mut p = vec![0f32; n * n];
         let scale = 1.0 / (d as f32).sqrt();
-        small_gemm(
-            (n, n, d),
-            p.as_mut_ptr(),
-            (n, 1),
-            q,
-            (stride, 1),
-            k,
-            (1, stride),
-            scale,
-        );
+        // SAFETY: `p` is a local `n×n` buffer; the caller guarantees that `q` and `k` address
+        // `n` rows of `d` values within the input.
+        unsafe {
+            small_gemm(
+                (n, n, d),
+                p.as_mut_ptr(),
+                (n, 1),
+                q,
+                (stride, 1),
+                k,
+                (1, stride),
+                scale,
+            );
+        }
         for row in p.chunks_exact_mut(n) {
             math::softmax_row(row);
         }
@@ -131,14 +174,15 @@ impl CustomOp1 for Attention {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (h, d) = self.dims(l)?;
+        let (t, h, d) = self.dims(l)?;
         let qkv = super::contiguous(s, l)?;
-        let t = qkv.len() / (3 * h);
         let mut out = vec![0f32; t * h];
         let dst = SharedMut(out.as_mut_ptr());
         self.pairs(d, |pair, start, n, col| {
-            // SAFETY: each pair writes only columns `col..col + d` of its own rows; reads
-            // stay within `qkv`.
+            // SAFETY: `dims` checked that the sequences are disjoint and within the `t` rows
+            // of `qkv` ([t, 3h]) and `out` ([t, h]), and that `heads·d = h`, so `col + d ≤ h`.
+            // Each pair reads rows `start..start + n` of `qkv` and writes only columns
+            // `col..col + d` of the same rows of `out`, which no other pair writes.
             unsafe {
                 let q = qkv.as_ptr().add(start * 3 * h + col);
                 let mut p = self.probs(q, q.add(h), 3 * h, n, d);
@@ -176,14 +220,23 @@ impl CustomOp2 for AttentionGrad {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let a = &self.0;
-        let (h, d) = a.dims(l1)?;
+        let (t, h, d) = a.dims(l1)?;
+        if l2.shape().dims() != [t, h] {
+            candle_core::bail!(
+                "attention: output gradient {:?} is not [{t}, {h}]",
+                l2.shape()
+            );
+        }
         let (qkv, go) = (super::contiguous(s1, l1)?, super::contiguous(s2, l2)?);
         let mut out = vec![0f32; qkv.len()];
         let dst = SharedMut(out.as_mut_ptr());
         let scale = 1.0 / (d as f32).sqrt();
         a.pairs(d, |pair, start, n, col| {
-            // SAFETY: each pair writes only its own rows' columns `col..col + d` of the
-            // query, key and value thirds; reads stay within the inputs.
+            // SAFETY: `dims` checked that the sequences are disjoint and within the `t` rows
+            // of `qkv` and `out` ([t, 3h]), and that `heads·d = h`; the output gradient was
+            // checked to be [t, h]. Each pair reads its own rows of the inputs and writes only
+            // columns `col..col + d` of the query, key and value thirds of its own rows of
+            // `out`, which no other pair writes.
             unsafe {
                 let q = qkv.as_ptr().add(start * 3 * h + col);
                 let (k, v) = (q.add(h), q.add(2 * h));
@@ -264,6 +317,7 @@ pub fn attention(
     heads: usize,
     dropout: Option<(f32, u64)>,
 ) -> Result<Tensor> {
+    check_dropout(dropout)?;
     let op = Attention {
         heads,
         seqs: seqs.clone(),
@@ -274,6 +328,7 @@ pub fn attention(
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::{assert_close, randn, rng};
     use super::*;
     use candle_core::{Device, Var, D};
 
@@ -321,25 +376,24 @@ mod tests {
         out.index_select(&Tensor::new(keep, dev)?, 0)
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-        (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
-    }
-
     #[test]
     fn matches_padded_attention_forward_and_backward() -> Result<()> {
-        let dev = Device::Cpu;
         let (lens, s, h, heads) = ([9usize, 4, 6], 9, 24, 4);
         let t: usize = lens.iter().sum();
         let seqs: Seqs = Arc::new(vec![(0, 9), (9, 4), (13, 6)]);
-        let qkv = Var::from_tensor(&Tensor::randn(0f32, 1.0, (t, 3 * h), &dev)?)?;
+        let mut r = rng(12);
+        let qkv = Var::from_tensor(&randn(&mut r, 0.0, 1.0, (t, 3 * h)))?;
         let ours = attention(qkv.as_tensor(), &seqs, heads, None)?;
         let theirs = reference(qkv.as_tensor(), &lens, s, heads)?;
-        assert!(max_diff(&ours, &theirs)? < 1e-5);
-        let r = Tensor::randn(0f32, 1.0, (t, h), &dev)?;
-        let g1 = ours.mul(&r)?.sum_all()?.backward()?;
-        let g2 = theirs.mul(&r)?.sum_all()?.backward()?;
-        assert!(max_diff(g1.get(&qkv).unwrap(), g2.get(&qkv).unwrap())? < 1e-4);
-        Ok(())
+        // Outputs are weighted means of values of size ~1 (the exponential is within 2e-7
+        // of the true one): 1e-5 absolute and of the value.
+        assert_close(&ours, &theirs, 1e-5, 1e-5, "forward")?;
+        let g = randn(&mut r, 0.0, 1.0, (t, h));
+        let g1 = ours.mul(&g)?.sum_all()?.backward()?;
+        let g2 = theirs.mul(&g)?.sum_all()?.backward()?;
+        // The gradients sum up to 9 products of size ~1 through the softmax: ten times more.
+        let (a, b) = (g1.get(&qkv).unwrap(), g2.get(&qkv).unwrap());
+        assert_close(a, b, 1e-4, 1e-4, "gradient")
     }
 
     #[test]
@@ -386,5 +440,94 @@ mod tests {
             );
         }
         Ok(())
+    }
+
+    /// The error of attention over a `[rows, 12]` input with 2 heads and `seqs`.
+    fn seq_error(rows: usize, seqs: Vec<(usize, usize)>) -> String {
+        let x = randn(&mut rng(13), 0.0, 1.0, (rows, 12));
+        attention(&x, &Arc::new(seqs), 2, None)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn sequences_out_of_order_overlapping_or_out_of_bounds_are_errors() {
+        let bad = [
+            vec![(0, 5), (3, 4)],
+            vec![(5, 3), (0, 5)],
+            vec![(0, 100), (5, 3)],
+            vec![(0, 3), (6, 3)],
+            vec![(usize::MAX, 2)],
+            vec![(2, usize::MAX)],
+        ];
+        for seqs in bad {
+            let e = seq_error(8, seqs.clone());
+            assert!(e.contains("is out of order, overlaps"), "{seqs:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn gaps_and_empty_sequences_are_allowed() -> Result<()> {
+        let x = randn(&mut rng(14), 0.0, 1.0, (8, 12));
+        let seqs: Seqs = Arc::new(vec![(0, 3), (3, 0), (5, 3)]);
+        let y = attention(&x, &seqs, 2, None)?;
+        let apart = attention(&x.narrow(0, 5, 3)?, &Arc::new(vec![(0, 3)]), 2, None)?;
+        assert_close(
+            &y.narrow(0, 5, 3)?,
+            &apart,
+            1e-6,
+            1e-7,
+            "a sequence after a gap",
+        )?;
+        let gap: Vec<Vec<f32>> = y.narrow(0, 3, 2)?.to_vec2()?;
+        assert!(
+            gap.iter().flatten().all(|&v| v == 0.0),
+            "rows in no sequence stay 0"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn shapes_that_do_not_split_into_heads_are_errors() {
+        let mut r = rng(15);
+        let seqs: Seqs = Arc::new(vec![(0, 4)]);
+        for (shape, heads) in [((4, 12), 0), ((4, 12), 3), ((4, 13), 2), ((4, 0), 1)] {
+            let x = randn(&mut r, 0.0, 1.0, shape);
+            let e = attention(&x, &seqs, heads, None).unwrap_err().to_string();
+            assert!(
+                e.contains("is not [tokens, 3·hidden]"),
+                "{shape:?}/{heads}: {e}"
+            );
+        }
+        let x = randn(&mut r, 0.0, 1.0, (4, 3, 4));
+        assert!(attention(&x, &seqs, 1, None).is_err(), "a 3-d input");
+    }
+
+    #[test]
+    fn dropout_outside_zero_to_one_is_an_error() {
+        let x = randn(&mut rng(16), 0.0, 1.0, (4, 12));
+        let seqs: Seqs = Arc::new(vec![(0, 4)]);
+        for p in [1.0, 1.5, -0.1, f32::NAN] {
+            let e = attention(&x, &seqs, 2, Some((p, 1)))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("is not in [0, 1)"), "{p}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_gradient_of_another_shape_is_an_error() {
+        let mut r = rng(17);
+        let (x, g) = (
+            randn(&mut r, 0.0, 1.0, (4, 12)),
+            randn(&mut r, 0.0, 1.0, (3, 4)),
+        );
+        let op = AttentionGrad(Attention {
+            heads: 2,
+            seqs: Arc::new(vec![(0, 4)]),
+            dropout: None,
+        });
+        let e = x.apply_op2_no_bwd(&g, &op).unwrap_err().to_string();
+        assert!(e.contains("output gradient [3, 4] is not [4, 4]"), "{e}");
     }
 }

@@ -7,6 +7,16 @@ use rayon::prelude::*;
 
 struct Linear;
 
+/// `(n, in, out)` for `x` `[n, in]`, `w` `[out, in]` and `b` `[out]`; an error for other shapes.
+fn dims(x: &Shape, w: &Shape, b: &Shape) -> Result<(usize, usize, usize)> {
+    match (x.dims(), w.dims(), b.dims()) {
+        (&[n, k], &[m, k2], &[m2]) if k == k2 && m == m2 => Ok((n, k, m)),
+        _ => candle_core::bail!(
+            "linear: x {x:?}, w {w:?} and b {b:?} are not [n, in], [out, in] and [out]"
+        ),
+    }
+}
+
 impl CustomOp3 for Linear {
     fn name(&self) -> &'static str {
         "linear"
@@ -21,27 +31,19 @@ impl CustomOp3 for Linear {
         sb: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let (n, k, m) = dims(lx.shape(), lw.shape(), lb.shape())?;
         let (x, w, b) = (
             contiguous(sx, lx)?,
             contiguous(sw, lw)?,
             contiguous(sb, lb)?,
         );
-        let (n, k) = lx.shape().dims2()?;
-        let (m, k2) = lw.shape().dims2()?;
-        if k != k2 || b.len() != m {
-            candle_core::bail!(
-                "linear: x {:?}, w {:?}, b {}",
-                lx.shape(),
-                lw.shape(),
-                b.len()
-            );
-        }
         let mut y = vec![0f32; n * m];
         y.par_chunks_mut(m.max(1))
             .for_each(|row| row.copy_from_slice(b));
         if n > 0 && m > 0 {
-            // SAFETY: the strides describe `y` as [n, m], `x` as [n, k] and `w`ᵀ as [k, m],
-            // all within their buffers.
+            // SAFETY: `dims` checked the shapes, and `contiguous` gives exactly their
+            // elements: `y` holds [n, m], `x` [n, k] and `w` [m, k] (read as `w`ᵀ, [k, m]),
+            // so the strides stay within each buffer; `y` is local, so unshared.
             unsafe {
                 gemm::gemm(
                     n,
@@ -84,53 +86,86 @@ impl CustomOp3 for Linear {
     }
 }
 
-/// `x·Wᵀ + b` for `x` of shape `[n, in]`, `W` `[out, in]`, `b` `[out]` (CPU, `f32`).
+/// `x·Wᵀ + b` for `x` of shape `[n, in]`, `W` `[out, in]`, `b` `[out]` (CPU, `f32`); an
+/// error for other shapes.
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    dims(x.shape(), w.shape(), b.shape())?;
     x.contiguous()?
         .apply_op3(&w.contiguous()?, &b.contiguous()?, Linear)
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::{assert_close, randn, rng};
     use super::*;
-    use candle_core::{Device, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-        (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
-    }
+    use candle_core::{DType, Device, Var};
 
     #[test]
     fn matches_candle_forward_and_backward() -> Result<()> {
-        let d = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (50, 48), &d)?)?;
-        let w = Var::from_tensor(&Tensor::randn(0f32, 0.2, (70, 48), &d)?)?;
-        let b = Var::from_tensor(&Tensor::randn(0f32, 0.2, 70, &d)?)?;
-        let r = Tensor::randn(0f32, 1.0, (50, 70), &d)?;
+        let mut r = rng(3);
+        let x = Var::from_tensor(&randn(&mut r, 0.0, 1.0, (50, 48)))?;
+        let w = Var::from_tensor(&randn(&mut r, 0.0, 0.2, (70, 48)))?;
+        let b = Var::from_tensor(&randn(&mut r, 0.0, 0.2, 70))?;
+        let g = randn(&mut r, 0.0, 1.0, (50, 70));
         let ours = linear(x.as_tensor(), w.as_tensor(), b.as_tensor())?;
         let theirs = x
             .as_tensor()
             .matmul(&w.as_tensor().t()?)?
             .broadcast_add(b.as_tensor())?;
-        assert!(max_diff(&ours, &theirs)? < 1e-5);
-        let g1 = ours.mul(&r)?.sum_all()?.backward()?;
-        let g2 = theirs.mul(&r)?.sum_all()?.backward()?;
-        for v in [&x, &w, &b] {
-            let diff = max_diff(g1.get(v).unwrap(), g2.get(v).unwrap())?;
-            assert!(diff < 1e-4, "gradient differs by {diff}");
+        // Both sum 48 products of typical size |x·w| ≈ 0.2 in another order: rounding of
+        // about 48·6e-8 of Σ|x·w| ≈ 8, so 1e-5 absolute (and 1e-5 of the value) is ample.
+        assert_close(&ours, &theirs, 1e-5, 1e-5, "forward")?;
+        let g1 = ours.mul(&g)?.sum_all()?.backward()?;
+        let g2 = theirs.mul(&g)?.sum_all()?.backward()?;
+        // The gradients sum 50 or 70 products of size up to ~1: a floor ten times higher.
+        for (v, what) in [(&x, "x"), (&w, "w"), (&b, "b")] {
+            let (a, b) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+            assert_close(a, b, 1e-5, 1e-4, &format!("gradient of {what}"))?;
         }
         Ok(())
     }
 
     #[test]
     fn frozen_weights_get_no_gradient() -> Result<()> {
-        let d = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (5, 8), &d)?)?;
-        let w = Tensor::randn(0f32, 0.2, (3, 8), &d)?;
-        let b = Tensor::zeros(3, candle_core::DType::F32, &d)?;
+        let mut r = rng(4);
+        let x = Var::from_tensor(&randn(&mut r, 0.0, 1.0, (5, 8)))?;
+        let w = randn(&mut r, 0.0, 0.2, (3, 8));
+        let b = Tensor::zeros(3, DType::F32, &Device::Cpu)?;
         let grads = linear(x.as_tensor(), &w, &b)?.sum_all()?.backward()?;
         assert!(grads.get(&w).is_none() && grads.get(&b).is_none());
         let want = w.sum(0)?.unsqueeze(0)?.broadcast_as((5, 8))?;
-        assert!(max_diff(grads.get(&x).unwrap(), &want)? < 1e-6);
+        assert_close(grads.get(&x).unwrap(), &want, 1e-6, 1e-6, "gradient of x")
+    }
+
+    #[test]
+    fn mismatched_shapes_are_an_error() -> Result<()> {
+        let mut r = rng(5);
+        let x = randn(&mut r, 0.0, 1.0, (5, 8));
+        let (w, b) = (randn(&mut r, 0.0, 1.0, (3, 8)), randn(&mut r, 0.0, 1.0, 3));
+        let cases = [
+            (x.t()?, w.clone(), b.clone()),
+            (x.clone(), w.t()?, b.clone()),
+            (x.clone(), w.clone(), randn(&mut r, 0.0, 1.0, 4)),
+            (x.clone(), w.clone(), randn(&mut r, 0.0, 1.0, (1, 3))),
+            (x.flatten_all()?, w.clone(), b.clone()),
+        ];
+        for (x, w, b) in cases {
+            let e = linear(&x, &w, &b).unwrap_err().to_string();
+            assert!(e.contains("are not [n, in], [out, in] and [out]"), "{e}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn empty_inner_dimension_gives_the_bias() -> Result<()> {
+        let d = Device::Cpu;
+        let (x, w) = (
+            Tensor::zeros((4, 0), DType::F32, &d)?,
+            Tensor::zeros((3, 0), DType::F32, &d)?,
+        );
+        let b = Tensor::new(&[1f32, -2.0, 3.0], &d)?;
+        let y = linear(&x, &w, &b)?;
+        assert_eq!(y.to_vec2::<f32>()?, vec![vec![1.0, -2.0, 3.0]; 4]);
         Ok(())
     }
 }

@@ -60,12 +60,20 @@ fn map2_body<F: Fn(f32, f32) -> f32>(a: &[f32], b: &[f32], dst: &mut [f32], f: &
     }
 }
 
+/// [`map_body`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn map_avx2<F: Fn(f32) -> f32>(src: &[f32], dst: &mut [f32], f: &F) {
     map_body(src, dst, f)
 }
 
+/// [`map2_body`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn map2_avx2<F: Fn(f32, f32) -> f32>(a: &[f32], b: &[f32], dst: &mut [f32], f: &F) {
@@ -92,7 +100,8 @@ pub fn map<F: Fn(f32) -> f32 + Sync>(src: &[f32], f: F) -> Vec<f32> {
         .for_each(|(d, s)| {
             #[cfg(target_arch = "x86_64")]
             if avx2 {
-                // SAFETY: the CPU supports AVX2 (checked above).
+                // SAFETY: `map_avx2` only needs AVX2, which `has_avx2` detected at run time
+                // just above; the slices are ordinary safe references.
                 return unsafe { map_avx2(s, d, &f) };
             }
             let _ = avx2;
@@ -101,8 +110,16 @@ pub fn map<F: Fn(f32) -> f32 + Sync>(src: &[f32], f: F) -> Vec<f32> {
     dst
 }
 
-/// `f` of each pair of elements, in parallel chunks.
-pub fn map2<F: Fn(f32, f32) -> f32 + Sync>(a: &[f32], b: &[f32], f: F) -> Vec<f32> {
+/// `f` of each pair of elements, in parallel chunks; an error when `a` and `b` differ in
+/// length.
+pub fn map2<F: Fn(f32, f32) -> f32 + Sync>(
+    a: &[f32],
+    b: &[f32],
+    f: F,
+) -> candle_core::Result<Vec<f32>> {
+    if a.len() != b.len() {
+        candle_core::bail!("map2: inputs of {} and {} elements", a.len(), b.len());
+    }
     let mut dst = vec![0f32; a.len()];
     let avx2 = has_avx2();
     dst.par_chunks_mut(CHUNK)
@@ -110,13 +127,14 @@ pub fn map2<F: Fn(f32, f32) -> f32 + Sync>(a: &[f32], b: &[f32], f: F) -> Vec<f3
         .for_each(|(d, (x, y))| {
             #[cfg(target_arch = "x86_64")]
             if avx2 {
-                // SAFETY: the CPU supports AVX2 (checked above).
+                // SAFETY: `map2_avx2` only needs AVX2, which `has_avx2` detected at run time
+                // just above; the slices are ordinary safe references.
                 return unsafe { map2_avx2(x, y, d, &f) };
             }
             let _ = avx2;
             map2_body(x, y, d, &f)
         });
-    dst
+    Ok(dst)
 }
 
 /// In-place softmax of one row.
@@ -152,6 +170,16 @@ mod tests {
         assert!(e_erf < 1e-6, "erf absolute error {e_erf}");
         assert_eq!(exp(-1e9), 0.0);
         assert!((erf(10.0) - 1.0).abs() < 1e-6 && (erf(-10.0) + 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn map2_of_different_lengths_is_an_error() {
+        let e = map2(&[1.0, 2.0], &[1.0], |a, b| a + b).unwrap_err();
+        assert!(e.to_string().contains("inputs of 2 and 1 elements"), "{e}");
+        assert_eq!(
+            map2(&[1.0, 2.0], &[3.0, 4.0], |a, b| a * b).unwrap(),
+            [3.0, 8.0]
+        );
     }
 
     /// erf by its Taylor series (|x| < 3) and continued fraction (beyond), in f64.

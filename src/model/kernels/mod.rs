@@ -33,19 +33,22 @@ pub fn used_on(device: &Device, dtype: DType) -> bool {
     device.is_cpu() && dtype == DType::F32 && ENABLED.load(Ordering::SeqCst)
 }
 
-/// The contiguous `f32` data of a kernel input.
+/// The contiguous `f32` data of a kernel input: exactly the layout's elements, in order.
 fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     let data = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("kernel input must be contiguous"),
+    match l.contiguous_offsets().and_then(|(a, b)| data.get(a..b)) {
+        Some(d) if d.len() == l.shape().elem_count() => Ok(d),
+        _ => candle_core::bail!("kernel input {:?} is not contiguous f32 data", l.shape()),
     }
 }
 
 /// A raw pointer that tasks writing disjoint parts of one buffer may share.
 #[derive(Clone, Copy)]
 struct SharedMut(*mut f32);
+// SAFETY: the wrapper only carries the address; every dereference is in an `unsafe` block of
+// a kernel whose tasks write disjoint elements of a buffer that outlives them (see there).
 unsafe impl Send for SharedMut {}
+// SAFETY: as for `Send`: shared use only ever writes disjoint elements.
 unsafe impl Sync for SharedMut {}
 
 impl SharedMut {
@@ -60,5 +63,54 @@ fn parallelism() -> gemm::Parallelism {
     match rayon::current_num_threads() {
         1 => gemm::Parallelism::None,
         n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// Seeded random inputs and value-scaled comparisons for the kernel tests.
+#[cfg(test)]
+mod testing {
+    use candle_core::{Device, Result, Shape, Tensor};
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+    use rand_distr::{Distribution, Normal};
+
+    /// A generator with a fixed seed, so that every run draws the same inputs.
+    pub fn rng(seed: u64) -> ChaCha8Rng {
+        ChaCha8Rng::seed_from_u64(seed)
+    }
+
+    /// A CPU tensor of normal draws `N(mean, std²)` from `rng`.
+    pub fn randn<S: Into<Shape>>(rng: &mut ChaCha8Rng, mean: f32, std: f32, shape: S) -> Tensor {
+        let shape = shape.into();
+        let normal = Normal::new(mean, std).expect("a valid normal distribution");
+        let v: Vec<f32> = (0..shape.elem_count())
+            .map(|_| normal.sample(rng))
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).expect("a tensor of the drawn values")
+    }
+
+    /// Asserts `|a − b| ≤ abs + rel·max(|a|, |b|)` element-wise, naming the worst element.
+    pub fn assert_close(a: &Tensor, b: &Tensor, rel: f32, abs: f32, what: &str) -> Result<()> {
+        let a: Vec<f32> = a.flatten_all()?.to_vec1()?;
+        let b: Vec<f32> = b.flatten_all()?.to_vec1()?;
+        assert_eq!(a.len(), b.len(), "{what}: sizes differ");
+        let (mut worst, mut at) = (0f32, 0);
+        for (i, (&x, &y)) in a.iter().zip(&b).enumerate() {
+            let excess = (x - y).abs() / (abs + rel * x.abs().max(y.abs()));
+            if excess.is_nan() || excess > worst {
+                (worst, at) = (excess, i);
+                if excess.is_nan() {
+                    break;
+                }
+            }
+        }
+        assert!(
+            worst <= 1.0,
+            "{what} differs at element {at}: {} vs {} (|diff| {} > {abs} + {rel}·|value|)",
+            a[at],
+            b[at],
+            (a[at] - b[at]).abs()
+        );
+        Ok(())
     }
 }

@@ -97,7 +97,7 @@ test: setup store-deps test-data
 	  else echo "not root: the tests that need root were ignored (make test-root as root)"; fi
 
 test-root:
-	cargo test --release --features "$(strip failpoints $(FEATURES))" -- --ignored --test-threads=1
+	cargo test --release --features "$(strip failpoints $(FEATURES))" --test reliability -- --ignored --test-threads=1
 
 # The unit and kernel tests N times over (a test that fails by chance fails here).
 N ?= 20

@@ -8,17 +8,19 @@ use std::cmp::Ordering;
 /// Adjusted p below which a paired difference is marked †.
 pub const ALPHA: f64 = 0.05;
 
+/// `x` ×100 to two decimals, or `–` when unknown.
 fn pct(x: f64) -> String {
-    if x.is_finite() {
-        format!("{:.2}", 100.0 * x)
-    } else {
-        "–".into()
-    }
+    finite_or_dash(x, |x| format!("{:.2}", 100.0 * x))
 }
 
+/// A difference ×100 with its sign, or `–` when unknown.
 fn pm(x: f64) -> String {
+    finite_or_dash(x, |x| format!("{:+.2}", 100.0 * x))
+}
+
+fn finite_or_dash(x: f64, f: impl Fn(f64) -> String) -> String {
     if x.is_finite() {
-        format!("{:+.2}", 100.0 * x)
+        f(x)
     } else {
         "–".into()
     }
@@ -26,19 +28,11 @@ fn pm(x: f64) -> String {
 
 /// `±` and the half-width ×100, or `–` when unknown (one seed).
 fn half(ci95: f64) -> String {
-    if ci95.is_finite() {
-        format!("±{:.2}", 100.0 * ci95)
-    } else {
-        "–".into()
-    }
+    finite_or_dash(ci95, |x| format!("±{:.2}", 100.0 * x))
 }
 
 fn p_value(p: f64) -> String {
-    if p.is_finite() {
-        format!("{p:.3}")
-    } else {
-        "–".into()
-    }
+    finite_or_dash(p, |p| format!("{p:.3}"))
 }
 
 /// Which side of 0 a paired difference's 95% interval lies on: `Some(Greater)` above,

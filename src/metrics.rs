@@ -112,6 +112,24 @@ pub fn argmax(v: &[f32]) -> usize {
         .0
 }
 
+/// Whether `score` beats the best so far: a NaN score never does, and a tie keeps the
+/// earlier one. Used for every "best on dev" choice (checkpoints, grid points).
+pub fn improves(score: f64, best: Option<f64>) -> bool {
+    !score.is_nan() && best.is_none_or(|b| score > b)
+}
+
+/// Index of the largest score, skipping NaN (a diverged run); the first of equal scores.
+/// `None` when every score is NaN (or there is none).
+pub fn best_index(scores: &[f64]) -> Option<usize> {
+    let mut best: Option<usize> = None;
+    for (i, &s) in scores.iter().enumerate() {
+        if improves(s, best.map(|b| scores[b])) {
+            best = Some(i);
+        }
+    }
+    best
+}
+
 /// The task's primary metric in a score map. Maps written before `acc_and_f1` was recorded
 /// give it from their accuracy and F1.
 pub fn primary(task: &TaskSpec, m: &BTreeMap<String, f64>) -> f64 {
@@ -161,6 +179,20 @@ mod tests {
 
     fn close(a: f64, b: f64) {
         assert!((a - b).abs() < 1e-9, "{a} vs {b}");
+    }
+
+    #[test]
+    fn best_scores_skip_nan() {
+        let nan = f64::NAN;
+        assert_eq!(best_index(&[0.5, nan, 0.7, 0.7]), Some(2));
+        assert_eq!(best_index(&[nan, 0.1]), Some(1), "a NaN first is not kept");
+        assert_eq!(best_index(&[nan, -0.3, nan]), Some(1));
+        assert_eq!(best_index(&[nan, nan]), None);
+        assert_eq!(best_index(&[]), None);
+        assert!(!improves(nan, None));
+        assert!(!improves(nan, Some(0.1)));
+        assert!(improves(0.2, Some(0.1)));
+        assert!(!improves(0.1, Some(0.1)), "ties keep the earlier");
     }
 
     #[test]

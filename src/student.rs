@@ -497,7 +497,7 @@ pub fn train(
         let v = crate::metrics::primary(task, &m);
         curve.push(CurvePoint { step, value: v });
         // Ties keep the earlier checkpoint; a NaN score never wins.
-        if best.as_ref().is_none_or(|b| v > b.score) {
+        if crate::metrics::improves(v, best.as_ref().map(|b| b.score)) {
             best = Some(Kept {
                 score: v,
                 step,
@@ -549,6 +549,11 @@ pub fn train(
             params.restore(&k.weights)?;
             (k.metrics, k.step)
         }
+        None if !curve.is_empty() => bail!(
+            "{}: every dev checkpoint scored NaN ({}): the student diverged; lower its learning rate",
+            out.display(),
+            task.primary_metric()
+        ),
         None => (BTreeMap::new(), step),
     };
     let validation = evaluate(&model, &tok, task, glue_dir, device)?;

@@ -728,15 +728,16 @@ fn report_smoke_preset_writes_every_method() {
         0,
         "not tuned"
     );
-    for f in ["results.md", "bars.png", "curves.png"] {
+    for f in ["results.md", "forest.png", "curves.png"] {
         let meta = std::fs::metadata(dir.join(f)).unwrap();
         assert!(meta.len() > 200, "{f} is written");
     }
+    assert!(!dir.join("bars.png").exists());
     // Each student kept its best dev checkpoint and scored validation once.
-    let m: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(dir.join("students/original-pipeline-seed0/metrics.json")).unwrap(),
-    )
-    .unwrap();
+    let kd_seed0 = rows[0]["runs"][0].as_str().unwrap();
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join(kd_seed0).join("metrics.json")).unwrap())
+            .unwrap();
     let best = m["curve"]
         .as_array()
         .unwrap()
@@ -815,15 +816,95 @@ fn report_tunes_on_dev_and_writes_a_glue_table() {
         // The per-task student depth reaches every student of that task.
         let layers = if task == "mrpc" { 2 } else { 3 };
         assert_eq!(r["result"]["layers"], layers, "{task}");
-        let cfg: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(tmp.path().join(format!(
-                "{task}-token_replace/students/original-pipeline-seed1/config.json"
-            )))
-            .unwrap(),
-        )
-        .unwrap();
+        let dir = tmp.path().join(format!("{task}-token_replace"));
+        let kd_seed1 = r["result"]["rows"][0]["runs"][1].as_str().unwrap();
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join(kd_seed1).join("config.json")).unwrap())
+                .unwrap();
         assert_eq!(cfg["num_hidden_layers"], layers, "{task}");
+        final_runs_are_trained_for_the_final_rows(&dir, &r);
+        let md = std::fs::read_to_string(dir.join("results.md")).unwrap();
+        assert!(md.contains("| p | p (Holm) |"), "{md}");
+        assert!(std::fs::metadata(dir.join("forest.png")).unwrap().len() > 200);
     }
+}
+
+/// The seed a finished student run recorded.
+fn run_seed(task_dir: &Path, run: &str) -> u64 {
+    let done: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(task_dir.join(run).join("report-run.json")).unwrap())
+            .unwrap();
+    done["run"]["seed"].as_u64().unwrap()
+}
+
+/// No final value comes from a tuning run: every final row's runs are final runs (their own
+/// directories, seeds 0..seeds) trained by this command, and the tuning runs have seeds
+/// from 1000 in other directories.
+fn final_runs_are_trained_for_the_final_rows(task_dir: &Path, r: &serde_json::Value) {
+    let seeds = r["result"]["seeds"].as_u64().unwrap();
+    let tune_seeds = r["result"]["tune_seeds"].as_u64().unwrap();
+    let log = r["runs"].as_array().unwrap();
+    let mut tuning = Vec::new();
+    for g in r["result"]["grid"].as_array().unwrap() {
+        let runs = g["runs"].as_array().unwrap();
+        assert_eq!(runs.len() as u64, tune_seeds, "{g}");
+        for run in runs.iter().map(|x| x.as_str().unwrap()) {
+            assert!(run.starts_with("students/tune/"), "{run}");
+            assert!(
+                (1000..1000 + tune_seeds).contains(&run_seed(task_dir, run)),
+                "{run}"
+            );
+            tuning.push(run.to_string());
+        }
+    }
+    assert!(!tuning.is_empty());
+    for row in r["result"]["rows"].as_array().unwrap() {
+        let runs: Vec<&str> = row["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap())
+            .collect();
+        assert_eq!(runs.len() as u64, seeds, "{row}");
+        for (i, run) in runs.iter().enumerate() {
+            assert!(run.starts_with("students/final/"), "{run}");
+            assert!(!tuning.iter().any(|t| t == run), "{run} is a tuning run");
+            assert_eq!(run_seed(task_dir, run), i as u64, "{run}");
+            let entry = log
+                .iter()
+                .find(|e| e["dir"] == *run)
+                .unwrap_or_else(|| panic!("{run} not in the run log"));
+            assert_eq!(entry["role"], "final", "{entry}");
+            assert_eq!(entry["status"], "trained", "{entry}");
+        }
+    }
+    for e in log {
+        let tune = e["role"] == "tune";
+        assert_eq!(tune, e["seed"].as_u64().unwrap() >= 1000, "{e}");
+        assert_eq!(
+            tune,
+            e["dir"].as_str().unwrap().starts_with("students/tune/"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn report_refuses_a_task_the_low_preset_has_not_sized() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().to_str().unwrap();
+    let line = fail(&["report", "--tasks", "sst2,rte", "--tune", "--out", out]);
+    for want in [
+        "rte",
+        "--layers rte=",
+        "--steps rte=",
+        "--lr rte=",
+        "scripts/size-student.sh",
+    ] {
+        assert!(line.contains(want), "{line}");
+    }
+    // Stopped before any run: nothing was written.
+    assert!(std::fs::read_dir(tmp.path()).unwrap().next().is_none());
 }
 
 #[test]

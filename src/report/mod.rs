@@ -3,26 +3,27 @@
 //! trained at its own dev-best setting over several seeds; the validation split is scored
 //! once per final run and never used to choose anything. Results go to
 //! `<out>/<task>/results.{json,md}` with plots, and, for several tasks, a GLUE-style table
-//! to `<out>/glue/results.{json,md}`. Finished augmentations and student runs are reused,
-//! so a long comparison can be built up over several sittings.
+//! to `<out>/glue/results.{json,md}`. Finished augmentations and student runs are reused
+//! (a run only for the same role, seed and key, see [`runs`]), so a long comparison can be
+//! built up over several sittings.
 
+mod markdown;
 mod plots;
+mod runs;
 pub mod stats;
 
-use crate::config::PipelineConfig;
-use crate::data::resolve_glue_dir;
 use crate::glue::{self, TaskSpec};
-use crate::pipeline::{self, RunOptions};
-use crate::shards::manifest::{read_manifest, Manifest};
+use crate::shards::manifest::Manifest;
 use crate::storage::Location;
-use crate::student::{self, StudentConfig, StudentMetrics};
+use crate::student;
 use crate::util::{atomic_write, sha256_bytes};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
+use runs::{FileHashes, Role, Run, TaskCtx};
 use serde::{Deserialize, Serialize};
 use stats::{Paired, Summary};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Methods compared, each trained as `original` + itself (plain KD is `original` alone).
 pub const COMPARED: &[&str] = &[
@@ -210,19 +211,14 @@ pub fn grid(method: &str) -> Vec<Setting> {
     }
 }
 
-/// One finished student run.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Run {
-    method: String,
-    setting: String,
-    seed: u64,
-    dev: f64,
-    validation: f64,
-    rows: usize,
-    steps: usize,
-    best_step: usize,
-    train_seconds: f64,
-    curve: Vec<(usize, f64)>,
+/// A paired test with its Holm–Bonferroni adjusted p over the task's paired tests.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Test {
+    /// The paired t-test (raw p).
+    #[serde(flatten)]
+    pub paired: Paired,
+    /// p adjusted by Holm–Bonferroni over every paired test of the task's report.
+    pub p_holm: f64,
 }
 
 /// A method's line in the final comparison.
@@ -239,13 +235,15 @@ pub struct Row {
     /// Validation metric over seeds.
     pub validation: Summary,
     /// Paired validation difference to plain KD (same seeds).
-    pub vs_kd: Option<Paired>,
+    pub vs_kd: Option<Test>,
     /// Per-seed validation values.
     pub values: Vec<f64>,
     /// Rows the student had (original + the method's).
     pub rows: usize,
     /// Mean student training seconds.
     pub train_seconds: f64,
+    /// The final runs' directories (relative to the task's report directory), by seed.
+    pub runs: Vec<String>,
 }
 
 /// A grid point's tuning result.
@@ -261,6 +259,8 @@ pub struct GridPoint {
     pub method_rows: u64,
     /// Chosen.
     pub chosen: bool,
+    /// The tuning runs' directories (relative to the task's report directory).
+    pub runs: Vec<String>,
 }
 
 /// One task's results.
@@ -292,9 +292,10 @@ pub struct TaskResult {
     pub grid: Vec<GridPoint>,
     /// AugPro-Mix minus MixUp at the same setting, paired over seeds: what projection alone
     /// does (when both rows exist).
-    pub projection_effect: Option<Paired>,
+    pub projection_effect: Option<Test>,
 }
 
+/// One task's student budget.
 struct Budget {
     examples: usize,
     seeds: usize,
@@ -304,20 +305,42 @@ struct Budget {
     layers: usize,
 }
 
+/// The `low` preset's student per task, (steps, lr, layers): each sized on the task's own
+/// dev split with plain KD (`scripts/size-student.sh`, tables in reports/sizing/).
+fn low_student(task: &str) -> Option<(usize, f64, usize)> {
+    match task {
+        "sst2" => Some((150, STUDENT_LR, 3)),
+        "stsb" => Some((300, 1e-4, 6)),
+        "mrpc" => Some((150, 1e-4, 6)),
+        "cola" => Some((600, 1e-4, 3)),
+        _ => None,
+    }
+}
+
+/// The student of a task the `low` preset has not sized: all three flags, or an error
+/// naming them.
+fn unsized_student(o: &ReportOptions, task: &str) -> Result<(usize, f64, usize)> {
+    match (o.steps.get(task), o.lr.get(task), o.layers.get(task)) {
+        (Some(s), Some(lr), Some(l)) => Ok((s, lr, l)),
+        _ => bail!(
+            "--preset low has no student budget for {task}: size one on its dev split \
+             (scripts/size-student.sh {task} \"LAYERS LR STEPS SEED\" ...) and give all three of \
+             --layers {task}=N --steps {task}=N --lr {task}=X"
+        ),
+    }
+}
+
 fn budget(o: &ReportOptions, task: &TaskSpec) -> Result<Budget> {
     // (source examples, seeds, steps, lr, layers)
     let (examples, seeds, steps, lr, layers) = match o.preset.as_str() {
         "smoke" => (96, 2, Some(12), STUDENT_LR, 3),
-        // Each task's student sized on its own dev split with plain KD
-        // (`scripts/size-student.sh`, tables in reports/sizing/).
         "low" => {
             let seeds = if task.name == "sst2" { 5 } else { 3 };
-            match task.name {
-                "stsb" => (1000, seeds, Some(300), 1e-4, 6),
-                "mrpc" => (1000, seeds, Some(150), 1e-4, 6),
-                "cola" => (1000, seeds, Some(600), 1e-4, 3),
-                _ => (1000, seeds, Some(150), STUDENT_LR, 3),
-            }
+            let (steps, lr, layers) = match low_student(task.name) {
+                Some(s) => s,
+                None => unsized_student(o, task.name)?,
+            };
+            (1000, seeds, Some(steps), lr, layers)
         }
         "paper" => (usize::MAX, 3, None, STUDENT_LR, 3),
         p => bail!("--preset {p}: expected smoke, low or paper"),
@@ -332,8 +355,8 @@ fn budget(o: &ReportOptions, task: &TaskSpec) -> Result<Budget> {
     })
 }
 
-/// Runs the comparison on every task; returns the directory of the main results file.
-pub fn run(o: &ReportOptions, device: &Device) -> Result<PathBuf> {
+/// Checks the flags that do not depend on a task.
+fn check_options(o: &ReportOptions) -> Result<()> {
     if o.tasks.is_empty() {
         bail!("--tasks: expected at least one GLUE task");
     }
@@ -360,15 +383,30 @@ pub fn run(o: &ReportOptions, device: &Device) -> Result<PathBuf> {
     if o.tune_seeds == Some(0) || o.seeds == Some(0) {
         bail!("--seeds and --tune-seeds must be at least 1");
     }
+    if o.seeds.is_some_and(|n| n as u64 > runs::TUNE_SEED_BASE) {
+        bail!(
+            "--seeds: at most {} (tuning seeds start there)",
+            runs::TUNE_SEED_BASE
+        );
+    }
+    Ok(())
+}
+
+/// Runs the comparison on every task; returns the directory of the main results file.
+pub fn run(o: &ReportOptions, device: &Device) -> Result<PathBuf> {
+    check_options(o)?;
     let tasks: Vec<&'static TaskSpec> = o
         .tasks
         .iter()
         .map(|t| glue::task(t))
         .collect::<Result<_>>()?;
+    // Every task's budget before any run: a task without one stops the command at once.
+    let budgets: Vec<Budget> = tasks.iter().map(|t| budget(o, t)).collect::<Result<_>>()?;
+    let hashes = FileHashes::default();
     let mut results = Vec::new();
     let mut last = PathBuf::new();
-    for task in tasks {
-        let (r, dir) = run_task(o, task, device)?;
+    for (task, b) in tasks.into_iter().zip(budgets) {
+        let (r, dir) = run_task(o, task, b, &hashes, device)?;
         results.push(r);
         last = dir;
     }
@@ -378,7 +416,7 @@ pub fn run(o: &ReportOptions, device: &Device) -> Result<PathBuf> {
     let dir = o.out.join(format!("glue{}", suffix(o)));
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("{}: cannot create report directory", dir.display()))?;
-    let md = glue_table(o, &results);
+    let md = markdown::glue_table(o, &results);
     atomic_write(
         &dir.join("results.json"),
         serde_json::to_string_pretty(&serde_json::json!({
@@ -442,252 +480,53 @@ fn command(o: &ReportOptions) -> String {
     c
 }
 
-/// Everything one task's runs share.
-struct TaskCtx<'a> {
-    o: &'a ReportOptions,
-    task: &'static TaskSpec,
-    base_set: Vec<String>,
-    pipe_path: PathBuf,
-    glue_dir: PathBuf,
-    dir: PathBuf,
-    budget: Budget,
-    steps: usize,
-    device: &'a Device,
-    first_round: Option<PathBuf>,
-}
-
-impl TaskCtx<'_> {
-    /// The shards of one method at one setting (plain KD: `original` alone).
-    fn shards(&self, method: &str, setting: &Setting) -> Result<(Location, Manifest)> {
-        let mut set = self.base_set.clone();
-        set.push(format!(
-            "max_examples={}",
-            if self.budget.examples == usize::MAX {
-                i64::MAX as usize
-            } else {
-                self.budget.examples
-            }
-        ));
-        for s in &setting.set {
-            match s.strip_suffix(FIRST_ROUND) {
-                Some(key) => {
-                    let p = self
-                        .first_round
-                        .as_ref()
-                        .context("the first-round student is trained before AugPro-FGSM")?;
-                    set.push(format!(
-                        "{key}{}",
-                        toml::Value::String(p.display().to_string())
-                    ));
-                }
-                None => set.push(s.clone()),
-            }
-        }
-        let mut cfg = PipelineConfig::load_with(&self.pipe_path, &set)?;
-        if cfg.task != self.task.name {
-            bail!(
-                "{}: pipeline is for task `{}`, not `{}`",
-                self.pipe_path.display(),
-                cfg.task,
-                self.task.name
-            );
-        }
-        if cfg.dev.fraction <= 0.0 {
-            bail!(
-                "{}: the report tunes and chooses checkpoints on a dev split: set `dev.fraction` > 0",
-                self.pipe_path.display()
-            );
-        }
-        if self.budget.examples == usize::MAX {
-            cfg.max_examples = None;
-        }
-        let keep: Vec<String> = if method == "original" {
-            Vec::new()
-        } else {
-            vec![method.to_string()]
-        };
-        cfg.methods.retain(&keep);
-        cfg.name = format!(
-            "report-{}-{}{}-{method}-{}",
-            self.o.preset,
-            if self.budget.examples == usize::MAX {
-                "all".into()
-            } else {
-                self.budget.examples.to_string()
-            },
-            suffix(self.o),
-            setting.id()
-        );
-        cfg.validate()?;
-        let shards = pipeline::run(
-            &cfg,
-            &RunOptions {
-                glue_dir: Some(self.glue_dir.clone()),
-                ..Default::default()
-            },
-            self.device,
-        )?;
-        let m = read_manifest(&shards)?;
-        Ok((shards, m))
-    }
-
-    /// One student run (reused when a finished run of the same configuration exists).
-    fn student(
-        &self,
-        method: &str,
-        setting: &Setting,
-        shards: &(Location, Manifest),
-        seed: u64,
-    ) -> Result<Run> {
-        let methods: Vec<String> = if method == "original" {
-            vec!["original".into()]
-        } else {
-            vec!["original".into(), method.to_string()]
-        };
-        let base = StudentConfig::default();
-        let scfg = StudentConfig {
-            max_steps: Some(self.steps),
-            layers: Some(self.budget.layers),
-            seed,
-            methods: methods.clone(),
-            optim: crate::config::OptimConfig {
-                lr: self.budget.lr,
-                ..base.optim.clone()
-            },
-            ..base
-        };
-        let out = self
-            .dir
-            .join("students")
-            .join(format!("{method}-{}-seed{seed}", setting.id()));
-        let key = serde_json::json!({
-            "shards_config_sha256": shards.1.config_sha256,
-            "student": scfg,
-        });
-        let done = out.join("report-run.json");
-        if let Some(run) = std::fs::read(&done)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .filter(|v| v["key"] == key)
-            .and_then(|v| serde_json::from_value::<Run>(v["run"].clone()).ok())
-        {
-            eprintln!(
-                "student: {} {method} [{}] seed {seed}: reusing",
-                self.task.name, setting.label
-            );
-            return Ok(run);
-        }
-        eprintln!(
-            "student: {} {method} [{}] seed {seed} ({} steps)",
-            self.task.name, setting.label, self.steps
-        );
-        let m: StudentMetrics = student::train(
-            &shards.0,
-            self.task,
-            &self.glue_dir,
-            &out,
-            &scfg,
-            self.device,
-        )?;
-        let run = Run {
-            method: method.to_string(),
-            setting: setting.id(),
-            seed,
-            dev: crate::metrics::primary(self.task, &m.dev),
-            validation: student::first_value(self.task, &m.validation),
-            rows: m.rows_available,
-            steps: m.steps,
-            best_step: m.best_step,
-            train_seconds: m.train_seconds,
-            curve: m.curve.iter().map(|c| (c.step, c.value)).collect(),
-        };
-        atomic_write(
-            &done,
-            serde_json::to_string_pretty(&serde_json::json!({ "key": key, "run": run }))?
-                .as_bytes(),
-        )?;
-        Ok(run)
-    }
-
-    fn seeds(&self, method: &str, setting: &Setting, n: usize) -> Result<Vec<Run>> {
-        let shards = self.shards(method, setting)?;
-        (0..n as u64)
-            .map(|s| self.student(method, setting, &shards, s))
-            .collect()
-    }
-}
-
+/// One task, stage by stage: plain KD, tuning, final rows, outputs.
 fn run_task(
     o: &ReportOptions,
     task: &'static TaskSpec,
+    budget: Budget,
+    hashes: &FileHashes,
     device: &Device,
 ) -> Result<(TaskResult, PathBuf)> {
-    let budget = budget(o, task)?;
-    let pipe_path = o.pipeline.clone().unwrap_or_else(|| {
-        if o.preset == "smoke" && task.name == "sst2" {
-            PathBuf::from("pipelines/smoke.toml")
-        } else {
-            PathBuf::from(format!("pipelines/{}.toml", task.name))
-        }
-    });
-    // The smoke preset shrinks the other tasks' teachers and dev splits to CI size.
-    let base_set: Vec<String> =
-        if o.preset == "smoke" && pipe_path != Path::new("pipelines/smoke.toml") {
-            [
-                "teacher.train.max_train_examples=320",
-                "teacher.train.epochs=1",
-                "dev.max_examples=200",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .chain(o.overrides.iter().cloned())
-            .collect()
-        } else {
-            o.overrides.clone()
-        };
-    let glue_dir = resolve_glue_dir(o.glue_dir.as_deref());
-    let dir = o.out.join(format!("{}{}", task.name, suffix(o)));
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("{}: cannot create report directory", dir.display()))?;
-    let mut cx = TaskCtx {
-        o,
-        task,
-        base_set,
-        pipe_path,
-        glue_dir,
-        dir: dir.clone(),
-        steps: 0,
-        budget,
-        device,
-        first_round: None,
-    };
-    let primary = task.primary_metric();
-    // Plain KD first: the reference of every paired difference, and the first-round
-    // student of AugPro-FGSM's student-space gradient.
-    let kd_setting = Setting::pipeline();
-    let kd_shards = cx.shards("original", &kd_setting)?;
-    let orig_rows = kd_shards
-        .1
-        .method_rows
-        .get("original")
-        .copied()
-        .unwrap_or(0) as usize;
+    let mut cx = TaskCtx::new(o, task, budget, hashes, device)?;
+    let kd = plain_kd(&mut cx)?;
+    let wanted = wanted_methods(o);
+    let (grid, chosen) = tune(&cx, &wanted)?;
+    let (rows, curves) = final_rows(&cx, &kd.runs, &wanted, &chosen)?;
+    let result = task_result(&cx, &kd.shards.1, rows, grid)?;
+    write_task(&cx, &result, &kd.shards.0, &curves)?;
+    Ok((result, cx.dir))
+}
+
+/// Plain KD's shards and final runs.
+struct PlainKd {
+    shards: (Location, Manifest),
+    runs: Vec<Run>,
+}
+
+/// Plain KD first: the reference of every paired difference, and the first-round student of
+/// AugPro-FGSM's student-space gradient. Its shards also fix the step budget when the
+/// preset derives it from the rows.
+fn plain_kd(cx: &mut TaskCtx) -> Result<PlainKd> {
+    let setting = Setting::pipeline();
+    let shards = cx.shards("original", &setting)?;
+    let orig_rows = shards.1.method_rows.get("original").copied().unwrap_or(0) as usize;
     cx.steps = cx
         .budget
         .steps
         .unwrap_or_else(|| 3 * (2 * orig_rows).div_ceil(32))
         .max(1);
-    let n_final = cx.budget.seeds;
-    let n_kd = n_final.max(cx.budget.tune_seeds);
-    let kd: Vec<Run> = (0..n_kd as u64)
-        .map(|s| cx.student("original", &kd_setting, &kd_shards, s))
-        .collect::<Result<_>>()?;
+    let runs = cx.runs_on(Role::Final, "original", &setting, &shards, cx.budget.seeds)?;
     cx.first_round = Some(
         cx.dir
-            .join("students")
-            .join(format!("original-{}-seed0", kd_setting.id())),
+            .join(cx.run_dir(Role::Final, "original", &setting, 0)),
     );
-    let wanted: Vec<&str> = COMPARED
+    Ok(PlainKd { shards, runs })
+}
+
+/// The methods compared with plain KD, in [`COMPARED`]'s order.
+fn wanted_methods(o: &ReportOptions) -> Vec<&'static str> {
+    COMPARED
         .iter()
         .copied()
         .filter(|m| *m != "original")
@@ -696,439 +535,354 @@ fn run_task(
                 .as_ref()
                 .is_none_or(|ms| ms.iter().any(|x| x == m))
         })
-        .collect();
-    let mut grid_points = Vec::new();
-    let mut chosen: BTreeMap<&str, Setting> = BTreeMap::new();
-    for m in &wanted {
-        let best = if o.tune {
-            let mut scored = Vec::new();
-            for s in grid(m) {
-                let shards = cx.shards(m, &s)?;
-                let runs: Vec<Run> = (0..cx.budget.tune_seeds as u64)
-                    .map(|seed| cx.student(m, &s, &shards, seed))
-                    .collect::<Result<_>>()?;
-                let dev = stats::summary(&runs.iter().map(|r| r.dev).collect::<Vec<_>>()).mean;
-                scored.push((s, dev, shards.1.method_rows.get(*m).copied().unwrap_or(0)));
-            }
-            // Ties (and NaN) keep the earlier grid point.
-            let bi =
-                (0..scored.len()).fold(0, |b, i| if scored[i].1 > scored[b].1 { i } else { b });
-            for (i, (s, dev, rows)) in scored.iter().enumerate() {
-                grid_points.push(GridPoint {
-                    method: m.to_string(),
-                    setting: s.clone(),
-                    dev: *dev,
-                    method_rows: *rows,
-                    chosen: i == bi,
-                });
-            }
-            scored[bi].0.clone()
-        } else {
-            Setting::pipeline()
-        };
-        chosen.insert(m, best);
-    }
-    let kd_vals: Vec<f64> = kd[..n_final].iter().map(|r| r.validation).collect();
-    let row = |label: String, method: &str, setting: &Setting, runs: &[Run], kd: bool| -> Row {
-        let values: Vec<f64> = runs.iter().map(|r| r.validation).collect();
-        Row {
-            label,
-            method: method.into(),
-            setting: setting.clone(),
-            dev: stats::summary(&runs.iter().map(|r| r.dev).collect::<Vec<_>>()),
-            validation: stats::summary(&values),
-            vs_kd: (!kd).then(|| stats::paired(&values, &kd_vals)),
-            values,
-            rows: runs.first().map(|r| r.rows).unwrap_or(0),
-            train_seconds: stats::summary(
-                &runs.iter().map(|r| r.train_seconds).collect::<Vec<_>>(),
-            )
-            .mean,
+        .collect()
+}
+
+type Chosen = BTreeMap<&'static str, Setting>;
+
+/// Each method's setting: its dev-best grid point when tuning, else the pipeline's own.
+fn tune(cx: &TaskCtx, wanted: &[&'static str]) -> Result<(Vec<GridPoint>, Chosen)> {
+    let mut points = Vec::new();
+    let mut chosen = BTreeMap::new();
+    for &m in wanted {
+        if !cx.o.tune {
+            chosen.insert(m, Setting::pipeline());
+            continue;
         }
-    };
+        let mut pts = tune_method(cx, m)?;
+        if let Some(best) = pts.iter().find(|p| p.chosen) {
+            chosen.insert(m, best.setting.clone());
+        }
+        points.append(&mut pts);
+    }
+    Ok((points, chosen))
+}
+
+/// Every grid point of a method, scored on dev by the tuning runs (their own seeds); the
+/// dev-best one (never a NaN score; the earlier of equal scores) is marked chosen.
+fn tune_method(cx: &TaskCtx, m: &str) -> Result<Vec<GridPoint>> {
+    let mut points = Vec::new();
+    for s in grid(m) {
+        let shards = cx.shards(m, &s)?;
+        let runs = cx.runs_on(Role::Tune, m, &s, &shards, cx.budget.tune_seeds)?;
+        points.push(GridPoint {
+            method: m.to_string(),
+            dev: stats::summary(&runs.iter().map(|r| r.dev).collect::<Vec<_>>()).mean,
+            method_rows: shards.1.method_rows.get(m).copied().unwrap_or(0),
+            chosen: false,
+            runs: runs.into_iter().map(|r| r.dir).collect(),
+            setting: s,
+        });
+    }
+    let devs: Vec<f64> = points.iter().map(|p| p.dev).collect();
+    let best = crate::metrics::best_index(&devs).with_context(|| {
+        format!(
+            "{}: every grid point of {m} scored NaN on dev ({}): its tuning runs diverged",
+            cx.task.name,
+            cx.task.primary_metric()
+        )
+    })?;
+    points[best].chosen = true;
+    Ok(points)
+}
+
+type Curves = Vec<(String, Vec<(usize, f64)>)>;
+
+/// A row of the final table from its final runs (`kd`: plain KD's values by seed, to pair
+/// with; `None` for plain KD itself).
+fn row(label: &str, method: &str, setting: &Setting, runs: &[Run], kd: Option<&[f64]>) -> Row {
+    let values: Vec<f64> = runs.iter().map(|r| r.validation).collect();
+    let devs: Vec<f64> = runs.iter().map(|r| r.dev).collect();
+    let secs: Vec<f64> = runs.iter().map(|r| r.train_seconds).collect();
+    Row {
+        label: label.into(),
+        method: method.into(),
+        setting: setting.clone(),
+        dev: stats::summary(&devs),
+        validation: stats::summary(&values),
+        vs_kd: kd.map(|k| Test {
+            paired: stats::paired(&values, k),
+            p_holm: f64::NAN,
+        }),
+        rows: runs.first().map_or(0, |r| r.rows),
+        train_seconds: stats::summary(&secs).mean,
+        runs: runs.iter().map(|r| r.dir.clone()).collect(),
+        values,
+    }
+}
+
+/// The final rows (plain KD first), every one from final runs, and the seed-0 dev curves.
+fn final_rows(
+    cx: &TaskCtx,
+    kd: &[Run],
+    wanted: &[&'static str],
+    chosen: &Chosen,
+) -> Result<(Vec<Row>, Curves)> {
+    let n = cx.budget.seeds;
+    let kd_vals: Vec<f64> = kd.iter().map(|r| r.validation).collect();
     let mut rows = vec![row(
-        "original (plain KD)".into(),
+        "original (plain KD)",
         "original",
-        &kd_setting,
-        &kd[..n_final],
-        true,
+        &Setting::pipeline(),
+        kd,
+        None,
     )];
     let mut curves = vec![("original".to_string(), kd[0].curve.clone())];
-    for m in &wanted {
+    for &m in wanted {
         let s = &chosen[m];
-        let runs = cx.seeds(m, s, n_final)?;
+        let runs = cx.seeds(Role::Final, m, s, n)?;
         curves.push((m.to_string(), runs[0].curve.clone()));
-        rows.push(row(m.to_string(), m, s, &runs, false));
+        rows.push(row(m, m, s, &runs, Some(kd_vals.as_slice())));
     }
     // MixUp at AugPro-Mix's setting: the pair of rows that differ only by the projection.
-    if o.tune {
-        if let (Some(am), Some(mx)) = (chosen.get("augpro_mix"), chosen.get("mixup")) {
-            if am.label != mx.label {
-                let s = grid("mixup")
-                    .into_iter()
-                    .find(|g| g.label == am.label)
-                    .context("the mixing grids are the same")?;
-                let runs = cx.seeds("mixup", &s, n_final)?;
-                rows.push(row(
-                    "mixup @ augpro_mix setting".into(),
-                    "mixup",
-                    &s,
-                    &runs,
-                    false,
-                ));
-            }
+    if let (Some(am), Some(mx)) = (chosen.get("augpro_mix"), chosen.get("mixup")) {
+        if cx.o.tune && am.label != mx.label {
+            let s = grid("mixup")
+                .into_iter()
+                .find(|g| g.label == am.label)
+                .context("the mixing grids are the same")?;
+            let runs = cx.seeds(Role::Final, "mixup", &s, n)?;
+            let label = "mixup @ augpro_mix setting";
+            rows.push(row(label, "mixup", &s, &runs, Some(kd_vals.as_slice())));
         }
     }
-    let teacher_validation = kd_shards
-        .1
+    Ok((rows, curves))
+}
+
+/// AugPro-Mix minus MixUp at the same setting, paired over seeds. Grid labels name the same
+/// parameters for both mixing methods; untuned, the two pipeline tables may differ.
+fn projection_effect(o: &ReportOptions, rows: &[Row]) -> Option<Test> {
+    let am = rows.iter().find(|r| o.tune && r.method == "augpro_mix")?;
+    let mx = rows
+        .iter()
+        .find(|r| r.method == "mixup" && r.setting.label == am.setting.label)?;
+    Some(Test {
+        paired: stats::paired(&am.values, &mx.values),
+        p_holm: f64::NAN,
+    })
+}
+
+/// Fills in each paired test's Holm–Bonferroni adjusted p, the family being every paired
+/// test of the task (each row against plain KD, and projection alone).
+fn adjust(r: &mut TaskResult) {
+    let mut tests: Vec<&mut Test> = r
+        .rows
+        .iter_mut()
+        .filter_map(|x| x.vs_kd.as_mut())
+        .chain(r.projection_effect.as_mut())
+        .collect();
+    let raw: Vec<f64> = tests.iter().map(|t| t.paired.p).collect();
+    for (t, p) in tests.iter_mut().zip(stats::holm(&raw)) {
+        t.p_holm = p;
+    }
+}
+
+fn task_result(
+    cx: &TaskCtx,
+    kd: &Manifest,
+    rows: Vec<Row>,
+    grid: Vec<GridPoint>,
+) -> Result<TaskResult> {
+    let task = cx.task;
+    let teacher_validation = kd
         .teacher
         .get("metrics")
         .and_then(|m| serde_json::from_value(m.clone()).ok())
         .map_or(f64::NAN, |m| student::first_value(task, &m));
-    let dev_cfg = kd_shards.1.dev()?;
     let dev_examples = crate::data::part_rows(
         &cx.glue_dir,
         task,
         task.train_split,
-        &dev_cfg,
+        &kd.dev()?,
         crate::data::Part::Dev,
     )?;
-    // Grid labels name the same parameters for both mixing methods; untuned, the two
-    // pipeline tables may differ.
-    let projection_effect = rows
-        .iter()
-        .filter(|_| o.tune)
-        .find(|r| r.method == "augpro_mix")
-        .and_then(|am| {
-            rows.iter()
-                .find(|r| r.method == "mixup" && r.setting.label == am.setting.label)
-                .map(|mx| stats::paired(&am.values, &mx.values))
-        });
-    let result = TaskResult {
+    let mut r = TaskResult {
         task: task.name.into(),
-        metric: primary.into(),
+        metric: task.primary_metric().into(),
         teacher_validation,
-        source_examples: kd_shards.1.source_examples,
+        source_examples: kd.source_examples,
         dev_examples,
         steps: cx.steps,
         lr: cx.budget.lr,
         layers: cx.budget.layers,
-        seeds: n_final,
+        seeds: cx.budget.seeds,
         tune_seeds: cx.budget.tune_seeds,
+        projection_effect: projection_effect(cx.o, &rows),
         rows,
-        grid: grid_points,
-        projection_effect,
+        grid,
     };
-    let md = task_markdown(o, &result, &kd_shards.0);
+    adjust(&mut r);
+    Ok(r)
+}
+
+/// `results.{json,md}` (the JSON with the run log), the forest plot and the dev curves.
+fn write_task(cx: &TaskCtx, r: &TaskResult, kd_shards: &Location, curves: &Curves) -> Result<()> {
+    let o = cx.o;
+    let md = markdown::task(o, r, &kd_shards.to_string());
+    let log = cx.log.borrow();
     atomic_write(
-        &dir.join("results.json"),
+        &cx.dir.join("results.json"),
         serde_json::to_string_pretty(&serde_json::json!({
             "command": command(o), "preset": o.preset, "tuned": o.tune,
-            "eval_max_seq_len": crate::teacher::EVAL_MAX_SEQ_LEN, "result": result,
+            "eval_max_seq_len": crate::teacher::EVAL_MAX_SEQ_LEN, "result": r,
+            "runs": &*log,
         }))?
         .as_bytes(),
     )?;
-    atomic_write(&dir.join("results.md"), md.as_bytes())?;
-    let bars: Vec<plots::Bar> = result
+    atomic_write(&cx.dir.join("results.md"), md.as_bytes())?;
+    let intervals: Vec<plots::Interval> = r
         .rows
         .iter()
-        .map(|r| plots::Bar {
-            label: r
-                .label
-                .replace(" (plain KD)", "")
-                .replace(" @ augpro_mix setting", "@am"),
-            mean: r.validation.mean,
-            ci95: r.validation.ci95,
+        .filter_map(|row| {
+            let t = row.vs_kd.as_ref()?;
+            Some(plots::Interval {
+                label: row.label.replace(" @ augpro_mix setting", " @ augpro_mix"),
+                mean: t.paired.mean,
+                ci95: t.paired.ci95,
+                marked: markdown::significant(t),
+            })
         })
         .collect();
-    let drawn = plots::bars(
-        &dir.join("bars.png"),
+    let metric = &r.metric;
+    let drawn = plots::forest(
+        &cx.dir.join("forest.png"),
         &format!(
-            "{}: student validation {primary} (mean, 95% CI over seeds)",
-            task.name
+            "{}: validation {metric}, Δ vs plain KD (paired, 95% CI)",
+            r.task
         ),
-        primary,
-        &bars,
+        &format!("Δ {metric} (points)"),
+        &intervals,
     )
     .and_then(|_| {
         plots::curves(
-            &dir.join("curves.png"),
-            &format!(
-                "{}: dev {primary} during student training (seed 0)",
-                task.name
-            ),
-            primary,
-            &curves,
+            &cx.dir.join("curves.png"),
+            &format!("{}: dev {metric} during student training (seed 0)", r.task),
+            metric,
+            curves,
         )
     });
     if let Err(e) = drawn {
         tracing::warn!("plots not written: {e:#}");
     }
     print!("{md}");
-    Ok((result, dir))
-}
-
-fn pct(x: f64) -> String {
-    if x.is_finite() {
-        format!("{:.2}", 100.0 * x)
-    } else {
-        "–".into()
-    }
-}
-
-fn pm(x: f64) -> String {
-    if x.is_finite() {
-        format!("{:+.2}", 100.0 * x)
-    } else {
-        "–".into()
-    }
-}
-
-/// Whether a paired difference is within noise (its 95% interval contains 0).
-fn verdict(p: &Paired) -> &'static str {
-    if !p.ci95.is_finite() {
-        "too few seeds"
-    } else if (p.mean - p.ci95) > 0.0 {
-        "better"
-    } else if (p.mean + p.ci95) < 0.0 {
-        "worse"
-    } else {
-        "within noise"
-    }
-}
-
-fn task_markdown(o: &ReportOptions, r: &TaskResult, kd_shards: &Location) -> String {
-    let m = &r.metric;
-    let mut s = format!(
-        "# {} — student comparison ({} preset{})\n\nRegenerate: `{}`\n\n\
-         Protocol: teacher {m} on validation {}. {} source examples of the train split are augmented; \
-         the dev split ({} examples carved from train, never augmented nor trained on) chooses each \
-         student's checkpoint{}. The student is {} layers cut from the base encoder (its weights, not the teacher's), {} steps of batch 32 at peak \
-         learning rate {} (6% warm-up, linear decay), trained on `original` + the method's rows. Validation is scored once per final run and chooses \
-         nothing. Scores are ×100. Δ is the paired difference to plain KD over the same seeds (same \
-         initialisation and data order), with its 95% confidence interval and the paired t-test's p.\n\n",
-        r.task,
-        o.preset,
-        if o.tune { ", tuned on dev" } else { "" },
-        command(o),
-        pct(r.teacher_validation),
-        r.source_examples,
-        r.dev_examples,
-        if o.tune {
-            format!(" and, with {} seed(s) per grid point, each method's setting", r.tune_seeds)
-        } else {
-            String::new()
-        },
-        r.layers,
-        r.steps,
-        r.lr,
-    );
-    s.push_str(&format!(
-        "| method | setting | dev {m} | validation {m} mean ± std | 95% CI | Δ vs plain KD | Δ 95% CI | p | reading | seeds | rows |\n|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|\n"
-    ));
-    for row in &r.rows {
-        let v = &row.validation;
-        let (d, dci, p, read) = match &row.vs_kd {
-            Some(p) => (
-                pm(p.mean),
-                if p.ci95.is_finite() {
-                    format!("±{:.2}", 100.0 * p.ci95)
-                } else {
-                    "–".into()
-                },
-                if p.p.is_finite() {
-                    format!("{:.3}", p.p)
-                } else {
-                    "–".into()
-                },
-                verdict(p),
-            ),
-            None => ("–".into(), "–".into(), "–".into(), "reference"),
-        };
-        s.push_str(&format!(
-            "| {} | {} | {} | {} ± {:.2} | ±{} | {d} | {dci} | {p} | {read} | {} | {} |\n",
-            row.label,
-            row.setting.label,
-            pct(row.dev.mean),
-            pct(v.mean),
-            100.0 * v.std,
-            if v.ci95.is_finite() {
-                format!("{:.2}", 100.0 * v.ci95)
-            } else {
-                "–".into()
-            },
-            v.n,
-            row.rows
-        ));
-    }
-    if let Some(p) = &r.projection_effect {
-        s.push_str(&format!(
-            "\nProjection alone: AugPro-Mix minus MixUp at the same setting, paired over {} seeds: {} points (95% CI ±{:.2}, p {:.3}): {}.\n",
-            p.n,
-            pm(p.mean),
-            100.0 * p.ci95,
-            p.p,
-            verdict(p)
-        ));
-    }
-    if let Some(kd) = r.rows.first() {
-        s.push_str(&format!(
-            "\nPlain KD's seed spread: std {:.2} points over {} seeds{}.\n",
-            100.0 * kd.validation.std,
-            kd.validation.n,
-            if 100.0 * kd.validation.std <= 1.5 {
-                ""
-            } else {
-                " (above 1.5: read small differences with care)"
-            }
-        ));
-    }
-    if r.grid
-        .iter()
-        .any(|g| g.setting.set.iter().any(|x| x.ends_with(FIRST_ROUND)))
-    {
-        s.push_str(
-            "\n\"∇ KL(teacher ‖ 1st-round student)\": AugPro-FGSM takes the gradient of KL(teacher ‖ student) \
-             in the embedding space of plain KD's seed-0 student, trained first in the same command, and \
-             projects with that student's table (a two-round pipeline); the other points take the gradient \
-             of the teacher's cross-entropy against the gold label.\n",
-        );
-        if glue::task(&r.task).is_ok_and(|t| t.is_regression()) {
-            s.push_str(
-                "For this regression task, the cross-entropy is the squared error to the gold score \
-                 and the KL is the squared error between the two models' scores.\n",
-            );
-        }
-    }
-    if !r.grid.is_empty() {
-        s.push_str(&format!(
-            "\n## Tuning on dev ({} seed(s) per point; the chosen point is in bold)\n\n| method | setting | dev {m} | method rows |\n|---|---|---:|---:|\n",
-            r.tune_seeds
-        ));
-        for g in &r.grid {
-            let b = if g.chosen { "**" } else { "" };
-            s.push_str(&format!(
-                "| {} | {b}{}{b} | {b}{}{b} | {} |\n",
-                g.method,
-                g.setting.label,
-                pct(g.dev),
-                g.method_rows
-            ));
-        }
-    }
-    s.push_str(&format!(
-        "\nPlain KD's shards: `{kd_shards}`. Inputs truncated to {} tokens for evaluation. Plots: `bars.png` (95% CI), `curves.png` (dev, seed 0).\n",
-        crate::teacher::EVAL_MAX_SEQ_LEN
-    ));
-    s
-}
-
-fn glue_table(o: &ReportOptions, rs: &[TaskResult]) -> String {
-    let mut labels: Vec<String> = Vec::new();
-    for r in rs {
-        for row in &r.rows {
-            if !labels.contains(&row.label) {
-                labels.push(row.label.clone());
-            }
-        }
-    }
-    let mut s = format!(
-        "# GLUE student comparison ({} preset{})\n\nRegenerate: `{}`\n\n\
-         Validation scores ×100, mean ± 95% CI over seeds ({}), each method at its own dev-best setting \
-         (see each task's `results.md` for the grids, the dev scores and the paired tests). \
-         Avg is the mean over the tasks of the means. † marks a paired difference to plain KD whose 95% \
-         interval excludes 0; the others are within noise.\n\n| method |",
-        o.preset,
-        if o.tune { ", tuned on dev" } else { "" },
-        command(o),
-        rs.iter().map(|r| format!("{} {}", r.task, r.seeds)).collect::<Vec<_>>().join(", ")
-    );
-    for r in rs {
-        s.push_str(&format!(" {} ({}) |", r.task, r.metric));
-    }
-    s.push_str(" Avg |\n|---|");
-    for _ in rs {
-        s.push_str("---:|");
-    }
-    s.push_str("---:|\n");
-    for l in &labels {
-        s.push_str(&format!("| {l} |"));
-        let mut means = Vec::new();
-        for r in rs {
-            match r.rows.iter().find(|x| &x.label == l) {
-                Some(row) => {
-                    let v = &row.validation;
-                    let mark = row
-                        .vs_kd
-                        .as_ref()
-                        .filter(|p| {
-                            p.ci95.is_finite() && (p.mean - p.ci95 > 0.0 || p.mean + p.ci95 < 0.0)
-                        })
-                        .map(|_| "†")
-                        .unwrap_or("");
-                    s.push_str(&format!(
-                        " {} ± {}{mark} |",
-                        pct(v.mean),
-                        if v.ci95.is_finite() {
-                            format!("{:.2}", 100.0 * v.ci95)
-                        } else {
-                            "–".into()
-                        }
-                    ));
-                    means.push(v.mean);
-                }
-                None => s.push_str(" – |"),
-            }
-        }
-        let avg = if means.len() == rs.len() {
-            pct(means.iter().sum::<f64>() / means.len() as f64)
-        } else {
-            "–".into()
-        };
-        s.push_str(&format!(" {avg} |\n"));
-    }
-    for r in rs {
-        if let Some(p) = &r.projection_effect {
-            s.push_str(&format!(
-                "\n{}: projection alone (AugPro-Mix − MixUp at the same setting, paired) {} ± {:.2} points, p {:.3}: {}.",
-                r.task,
-                pm(p.mean),
-                100.0 * p.ci95,
-                p.p,
-                verdict(p)
-            ));
-        }
-    }
-    s.push_str("\n\nSettings chosen on dev:\n\n");
-    for r in rs {
-        let picks: Vec<String> = r
-            .rows
-            .iter()
-            .skip(1)
-            .map(|x| format!("{}: {}", x.label, x.setting.label))
-            .collect();
-        s.push_str(&format!("- {}: {}\n", r.task, picks.join("; ")));
-    }
-    s.push_str("\nTeacher and student budget per task (each sized on the task's dev split):\n\n");
-    for r in rs {
-        s.push_str(&format!(
-            "- {}: teacher {} {}; {} source examples, dev {}; student {} layers, {} steps at lr {}\n",
-            r.task,
-            r.metric,
-            pct(r.teacher_validation),
-            r.source_examples,
-            r.dev_examples,
-            r.layers,
-            r.steps,
-            r.lr
-        ));
-    }
-    s
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::PerTask;
+    use super::*;
+
+    fn options(tasks: &[&str], preset: &str) -> ReportOptions {
+        ReportOptions {
+            tasks: tasks.iter().map(|t| t.to_string()).collect(),
+            preset: preset.into(),
+            train_examples: None,
+            seeds: None,
+            tune: true,
+            tune_seeds: None,
+            steps: PerTask::default(),
+            lr: PerTask::default(),
+            layers: PerTask::default(),
+            pipeline: None,
+            out: PathBuf::from("reports"),
+            glue_dir: None,
+            methods: None,
+            overrides: Vec::new(),
+            tag: None,
+        }
+    }
+
+    fn items(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn a_task_the_low_preset_has_not_sized_needs_its_own_budget() {
+        let rte = glue::task("rte").unwrap();
+        let mut o = options(&["rte"], "low");
+        let e = budget(&o, rte)
+            .err()
+            .expect("no silent SST-2 budget")
+            .to_string();
+        for flag in [
+            "--layers rte=",
+            "--steps rte=",
+            "--lr rte=",
+            "scripts/size-student.sh",
+        ] {
+            assert!(e.contains(flag), "{e}");
+        }
+        assert!(!e.contains('\n'), "one line: {e}");
+        // Two of three flags are not enough.
+        o.steps = PerTask::parse("steps", &items(&["rte=200"])).unwrap();
+        o.layers = PerTask::parse("layers", &items(&["rte=4"])).unwrap();
+        assert!(budget(&o, rte).is_err());
+        o.lr = PerTask::parse("lr", &items(&["rte=5e-5"])).unwrap();
+        let b = budget(&o, rte).unwrap();
+        assert_eq!((b.steps, b.lr, b.layers), (Some(200), 5e-5, 4));
+        // Sized tasks keep the preset's budget; smoke sizes every task alike.
+        let b = budget(&options(&["stsb"], "low"), glue::task("stsb").unwrap()).unwrap();
+        assert_eq!((b.steps, b.lr, b.layers), (Some(300), 1e-4, 6));
+        assert!(budget(&options(&["rte"], "smoke"), rte).is_ok());
+    }
+
+    fn test_row(p: f64) -> Row {
+        let mut r = row("m", "mixup", &Setting::pipeline(), &[], None);
+        r.vs_kd = Some(Test {
+            paired: Paired {
+                n: 3,
+                mean: 0.01,
+                ci95: 0.01,
+                p,
+            },
+            p_holm: f64::NAN,
+        });
+        r
+    }
+
+    #[test]
+    fn holm_runs_over_the_rows_and_projection_alone() {
+        let mut r = TaskResult {
+            task: "sst2".into(),
+            metric: "accuracy".into(),
+            teacher_validation: 0.9,
+            source_examples: 10,
+            dev_examples: 10,
+            steps: 1,
+            lr: 1e-4,
+            layers: 3,
+            seeds: 3,
+            tune_seeds: 1,
+            rows: vec![
+                row(
+                    "original (plain KD)",
+                    "original",
+                    &Setting::pipeline(),
+                    &[],
+                    None,
+                ),
+                test_row(0.01),
+                test_row(0.04),
+            ],
+            grid: Vec::new(),
+            projection_effect: test_row(0.03).vs_kd,
+        };
+        adjust(&mut r);
+        let adj: Vec<f64> = r.rows[1..]
+            .iter()
+            .map(|x| x.vs_kd.unwrap().p_holm)
+            .collect();
+        // 0.01 × 3, 0.03 × 2, 0.04 × 1 → 0.03, 0.06, 0.06.
+        assert!(
+            (adj[0] - 0.03).abs() < 1e-12 && (adj[1] - 0.06).abs() < 1e-12,
+            "{adj:?}"
+        );
+        assert!((r.projection_effect.unwrap().p_holm - 0.06).abs() < 1e-12);
+        assert!(r.rows[0].vs_kd.is_none());
+        let md = markdown::task(&options(&["sst2"], "smoke"), &r, "shards");
+        assert!(md.contains("| 0.010 | 0.030† |"), "{md}");
+        assert!(md.contains("| 0.040 | 0.060 |"), "{md}");
+    }
 
     #[test]
     fn reused_runs_read_back_exactly() {

@@ -1,17 +1,20 @@
-//! The report's figures: the primary metric per method with 95% confidence intervals, and
-//! the dev curves of seed 0.
+//! The report's figures: a forest plot of each method's paired difference to plain KD with
+//! its 95% confidence interval, and the dev curves of seed 0.
 
 use anyhow::{bail, Result};
 use std::path::Path;
 
-/// One bar: a method's mean and the half-width of its 95% confidence interval.
-pub struct Bar {
+/// One row of the forest plot: a method's paired difference to plain KD and the
+/// half-width of its 95% confidence interval.
+pub struct Interval {
     /// Row label.
     pub label: String,
-    /// Mean over seeds.
+    /// Mean paired difference.
     pub mean: f64,
-    /// Half-width of the 95% interval (NaN with one seed: no bar drawn).
+    /// Half-width of the 95% interval (NaN with one seed: the point alone is drawn).
     pub ci95: f64,
+    /// Holm-adjusted p below 0.05 (drawn filled).
+    pub marked: bool,
 }
 
 fn register_font() -> Result<()> {
@@ -44,70 +47,86 @@ fn err(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("{e}")
 }
 
-/// Bars of the validation metric per method with 95% confidence intervals.
-pub fn bars(path: &Path, title: &str, metric: &str, bars: &[Bar]) -> Result<()> {
+/// The x range of a forest plot in points (×100): every interval, and 0.
+fn forest_range(rows: &[Interval]) -> Option<(f64, f64)> {
+    if rows.iter().all(|r| !r.mean.is_finite()) {
+        return None;
+    }
+    let half = |r: &Interval| if r.ci95.is_finite() { r.ci95 } else { 0.0 };
+    let pts = rows
+        .iter()
+        .filter(|r| r.mean.is_finite())
+        .flat_map(|r| [r.mean - half(r), r.mean + half(r)]);
+    let (lo, hi) = pts.fold((0f64, 0f64), |(lo, hi), x| (lo.min(x), hi.max(x)));
+    let pad = ((hi - lo) * 0.1).max(0.002);
+    Some((100.0 * (lo - pad), 100.0 * (hi + pad)))
+}
+
+/// Forest plot: one row per method (top to bottom in the given order), its paired
+/// difference to plain KD with the 95% interval as a horizontal error bar, and a vertical
+/// line at 0 (no difference). Differences whose Holm-adjusted p is below 0.05 are filled.
+pub fn forest(path: &Path, title: &str, x_desc: &str, rows: &[Interval]) -> Result<()> {
     use plotters::prelude::*;
     register_font()?;
-    let root = BitMapBackend::new(path, (1000, 520)).into_drawing_area();
-    root.fill(&WHITE).map_err(err)?;
-    let half = |b: &Bar| if b.ci95.is_finite() { b.ci95 } else { 0.0 };
-    let lo = bars
-        .iter()
-        .map(|b| b.mean - half(b))
-        .fold(f64::INFINITY, f64::min);
-    let hi = bars
-        .iter()
-        .map(|b| b.mean + half(b))
-        .fold(f64::NEG_INFINITY, f64::max);
-    if !lo.is_finite() || !hi.is_finite() {
+    let Some((lo, hi)) = forest_range(rows) else {
         bail!("nothing to plot");
-    }
-    let pad = ((hi - lo) * 0.2).max(0.01);
-    let n = bars.len();
+    };
+    let n = rows.len();
+    let root = BitMapBackend::new(path, (1000, 120 + 60 * n as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    // Row i sits at y = n - 1 - i, so the first row is on top.
+    let y = |i: usize| (n - 1 - i) as f64;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 22))
         .margin(15)
         .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), (lo - pad)..(hi + pad))
+        .y_label_area_size(200)
+        .build_cartesian_2d(lo..hi, -0.5f64..(n as f64 - 0.5))
         .map_err(err)?;
-    let names: Vec<String> = bars.iter().map(|b| b.label.clone()).collect();
+    let names: Vec<String> = rows.iter().map(|r| r.label.clone()).collect();
     chart
         .configure_mesh()
-        .x_labels(n)
-        .x_label_formatter(&|x| names.get(x.round() as usize).cloned().unwrap_or_default())
-        .y_desc(metric)
+        .disable_y_mesh()
+        .y_labels(n)
+        .y_label_formatter(&|v| {
+            let i = n as f64 - 1.0 - v.round();
+            if (v - v.round()).abs() > 0.01 || i < 0.0 {
+                return String::new();
+            }
+            names.get(i as usize).cloned().unwrap_or_default()
+        })
+        .x_desc(x_desc)
         .draw()
         .map_err(err)?;
     chart
-        .draw_series(bars.iter().enumerate().map(|(i, b)| {
-            let color = if b.label.starts_with("augpro") {
-                RED.mix(0.7)
-            } else {
-                BLUE.mix(0.5)
-            };
-            Rectangle::new(
-                [(i as f64 - 0.35, lo - pad), (i as f64 + 0.35, b.mean)],
-                color.filled(),
-            )
+        .draw_series(LineSeries::new(
+            [(0.0, -0.5), (0.0, n as f64 - 0.5)],
+            BLACK.stroke_width(1),
+        ))
+        .map_err(err)?;
+    let color = |r: &Interval| {
+        if r.label.starts_with("augpro") {
+            RED
+        } else {
+            BLUE
+        }
+    };
+    let finite = || rows.iter().enumerate().filter(|(_, r)| r.mean.is_finite());
+    chart
+        .draw_series(finite().filter(|(_, r)| r.ci95.is_finite()).map(|(i, r)| {
+            let (m, h) = (100.0 * r.mean, 100.0 * r.ci95);
+            ErrorBar::new_horizontal(y(i), m - h, m, m + h, color(r).stroke_width(2), 12)
         }))
         .map_err(err)?;
     chart
-        .draw_series(
-            bars.iter()
-                .enumerate()
-                .filter(|(_, b)| b.ci95.is_finite())
-                .map(|(i, b)| {
-                    ErrorBar::new_vertical(
-                        i as f64,
-                        b.mean - b.ci95,
-                        b.mean,
-                        b.mean + b.ci95,
-                        BLACK.filled(),
-                        10,
-                    )
-                }),
-        )
+        .draw_series(finite().map(|(i, r)| {
+            let style = if r.marked {
+                color(r).filled()
+            } else {
+                color(r).stroke_width(2)
+            };
+            Circle::new((100.0 * r.mean, y(i)), 6, style)
+        }))
         .map_err(err)?;
     root.present().map_err(err)?;
     Ok(())
@@ -164,4 +183,28 @@ pub fn curves(
         .map_err(err)?;
     root.present().map_err(err)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(mean: f64, ci95: f64) -> Interval {
+        Interval {
+            label: "m".into(),
+            mean,
+            ci95,
+            marked: false,
+        }
+    }
+
+    #[test]
+    fn forest_range_holds_every_interval_and_zero() {
+        let (lo, hi) = forest_range(&[row(0.02, 0.01), row(0.03, f64::NAN)]).unwrap();
+        assert!(lo < 0.0 && hi > 3.0, "{lo} {hi}");
+        let (lo, hi) = forest_range(&[row(-0.05, 0.02)]).unwrap();
+        assert!(lo < -7.0 && hi > 0.0, "{lo} {hi}");
+        assert!(forest_range(&[row(f64::NAN, f64::NAN)]).is_none());
+        assert!(forest_range(&[]).is_none());
+    }
 }

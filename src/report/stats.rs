@@ -1,5 +1,5 @@
 //! Small-sample statistics for the comparison: mean, sample standard deviation, Student-t
-//! 95% confidence intervals and the paired t-test.
+//! 95% confidence intervals, the paired t-test and Holm–Bonferroni adjusted p-values.
 
 /// Mean, sample standard deviation and the 95% confidence interval of the mean.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -80,6 +80,24 @@ pub fn paired(a: &[f64], b: &[f64]) -> Paired {
         ci95: s.ci95,
         p,
     }
+}
+
+/// Holm–Bonferroni adjusted p-values of a family of tests, in the order given. With the m
+/// finite p-values sorted ascending, the i-th (from 0) is multiplied by m − i, capped at 1,
+/// and raised to the largest adjusted value before it, so the adjusted values keep the
+/// order of the raw ones (equal raw p-values get equal adjusted ones). A NaN p-value (too
+/// few pairs) is no test: it stays NaN and does not count in m.
+pub fn holm(p: &[f64]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..p.len()).filter(|&i| p[i].is_finite()).collect();
+    order.sort_by(|&a, &b| p[a].total_cmp(&p[b]));
+    let m = order.len();
+    let mut out = vec![f64::NAN; p.len()];
+    let mut running = 0f64;
+    for (rank, &i) in order.iter().enumerate() {
+        running = running.max(((m - rank) as f64 * p[i]).min(1.0));
+        out[i] = running;
+    }
+    out
 }
 
 /// CDF of Student's t with `df` degrees of freedom.
@@ -214,5 +232,28 @@ mod tests {
         assert!((p.p - 0.0742).abs() < 1e-3, "{}", p.p);
         assert_eq!(paired(&[1.0, 2.0], &[1.0, 2.0]).p, 1.0);
         assert!(paired(&[1.0], &[0.0]).p.is_nan());
+    }
+
+    #[test]
+    fn holm_by_hand() {
+        let close = |got: Vec<f64>, want: &[f64]| {
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(want) {
+                assert!(
+                    (g - w).abs() < 1e-12 || (g.is_nan() && w.is_nan()),
+                    "{got:?} vs {want:?}"
+                );
+            }
+        };
+        // Sorted 0.005, 0.01, 0.03, 0.04 → ×4, ×3, ×2, ×1 = 0.02, 0.03, 0.06, 0.04; the last
+        // is raised to 0.06 (monotonicity).
+        close(holm(&[0.01, 0.04, 0.03, 0.005]), &[0.03, 0.06, 0.06, 0.02]);
+        // Ties: 0.02 × 3 = 0.06, 0.02 × 2 = 0.04 → 0.06; 0.5 × 1.
+        close(holm(&[0.02, 0.5, 0.02]), &[0.06, 0.5, 0.06]);
+        // Capped at 1; a NaN is left out of the family (m = 2).
+        close(holm(&[0.6, f64::NAN, 0.7]), &[1.0, f64::NAN, 1.0]);
+        close(holm(&[0.02, f64::NAN, 0.04]), &[0.04, f64::NAN, 0.04]);
+        close(holm(&[0.03]), &[0.03]);
+        assert!(holm(&[]).is_empty());
     }
 }

@@ -1,8 +1,9 @@
 //! augpro: Augmentation with Projection (AugPro) for knowledge distillation.
 //!
 //! The pipeline runs one way: GLUE Parquet ([`data`]) → [`tokenize`] → [`teacher`] →
-//! [`augment`] (mix / FGSM / replacement, FAISS projection) → [`shards`] → [`student`] →
-//! [`report`]. [`pipeline`] runs the stages for a pipeline file; the binary only wires flags.
+//! [`augment`] (mix / FGSM / replacement, nearest-token projection) → [`shards`] →
+//! [`student`] → [`report`]. [`pipeline`] runs the stages for a pipeline file; the binary
+//! only wires flags.
 
 pub mod augment;
 pub mod cli;

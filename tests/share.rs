@@ -3,7 +3,7 @@
 //! Storage through fake-gcs-server, ignored: it takes no upload from this client). On each: an upload killed half way leaves no manifest, the
 //! rerun completes it byte-identical to a local run, a second finalize is refused, and
 //! `verify`, `inspect` and `train-student` read the bucket. On S3 also: pyarrow, polars,
-//! pandas, `datasets` and DuckDB load it with the README's own lines; finalize refuses a
+//! pandas, `datasets` and DuckDB load it with the lines of docs/sharing.md; finalize refuses a
 //! shard object replaced after its summary; of two racing finalizers the loser writes
 //! nothing (also on a file system); a multipart upload killed or interrupted is aborted.
 
@@ -12,14 +12,14 @@
 
 mod common;
 
-use common::{augpro_cmd, augpro_faulty_cmd, files};
+use common::{augpro_cmd, augpro_faulty_cmd, files, sharing_loading_lines};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// The bucket (container) every store test uses, as the README's loading lines do.
+/// The bucket (container) every store test uses, as the loading lines of docs/sharing.md do.
 const BUCKET: &str = "team-bucket";
 
 /// Azurite's well-known development account.
@@ -338,23 +338,6 @@ fn tree(dir: &Path, rel: &str, out: &mut Vec<String>) {
     }
 }
 
-/// The README's "Share with another team" Python block.
-fn readme_loading_lines() -> String {
-    let readme = std::fs::read_to_string(common::root().join("README.md")).unwrap();
-    let section = readme
-        .split("## Share with another team")
-        .nth(1)
-        .expect("README section");
-    let block = section
-        .split("```python\n")
-        .nth(1)
-        .expect("python block")
-        .split("```")
-        .next()
-        .unwrap();
-    block.to_string()
-}
-
 /// On `store`: an upload killed in the middle of shard 1 leaves no manifest; the rerun skips
 /// shard 0 and completes byte-identical to a local run; a second finalize is refused; augpro
 /// reads the bucket. Returns the dataset's URL.
@@ -468,8 +451,8 @@ fn same_as_a_local_run(store: &Store, prefix: &str) {
 fn s3_upload_resume_finalize_once_and_read_back() {
     let store = Store::start(Kind::S3);
     upload_resume_finalize_once_and_read_back(&store);
-    // Other teams read it with the README's lines, and `label` stays a ClassLabel.
-    let mut code = readme_loading_lines();
+    // Other teams read it with the lines of docs/sharing.md, and `label` stays a ClassLabel.
+    let mut code = sharing_loading_lines();
     code.push_str(
         r#"
 from datasets import ClassLabel

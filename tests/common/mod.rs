@@ -31,6 +31,28 @@ pub fn reference() -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(&p).expect("reference file")).expect("reference json")
 }
 
+/// The Python block under "## Share with another team" in `docs/sharing.md`: the lines another
+/// team loads a dataset from a bucket with, which `tests/share.rs` runs against S3 and
+/// `tests/docs.rs` checks are there.
+pub fn sharing_loading_lines() -> String {
+    let path = root().join("docs/sharing.md");
+    let doc = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let section = doc
+        .split("\n## Share with another team\n")
+        .nth(1)
+        .expect("docs/sharing.md: no \"## Share with another team\" section");
+    // The section ends at the next heading of its level.
+    let section = section.split("\n## ").next().unwrap();
+    section
+        .split("```python\n")
+        .nth(1)
+        .expect("docs/sharing.md: no ```python block under \"## Share with another team\"")
+        .split("```")
+        .next()
+        .unwrap()
+        .to_string()
+}
+
 /// The `augpro` binary with `args`, in the repository root, with the test GLUE directory.
 pub fn augpro_cmd(args: &[&str]) -> Command {
     command(env!("CARGO_BIN_EXE_augpro"), args)

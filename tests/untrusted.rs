@@ -243,7 +243,8 @@ fn manifests_naming_files_outside_the_dataset_are_refused() {
 #[test]
 fn manifests_with_wrong_fields_get_one_clear_error() {
     let fx = Fixture::new();
-    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
         (
             "huge-size",
             Box::new(|m| m["shards"][0]["files"][0]["bytes"] = json!(u64::MAX)),

@@ -60,35 +60,43 @@ pub enum Command {
 #[derive(Subcommand, Debug)]
 pub enum DataCmd {
     /// Download a GLUE config's Parquet files from the hub layout.
-    Fetch {
-        /// GLUE config name.
-        #[arg(long)]
-        config: String,
-        /// Only these splits (comma-separated).
-        #[arg(long, value_delimiter = ',')]
-        splits: Option<Vec<String>>,
-        /// Where to put the files.
-        #[arg(long)]
-        glue_dir: Option<PathBuf>,
-        /// Base URL of the dataset's files.
-        #[arg(long, default_value = fetch::DEFAULT_BASE_URL)]
-        base_url: String,
-    },
+    Fetch(DataFetchArgs),
     /// Print the first rows of a split and its row count.
-    Show {
-        /// GLUE config name.
-        #[arg(long)]
-        task: String,
-        /// Split name.
-        #[arg(long, default_value = "validation")]
-        split: String,
-        /// Rows to print.
-        #[arg(short, default_value_t = 5)]
-        n: usize,
-        /// GLUE directory.
-        #[arg(long)]
-        glue_dir: Option<PathBuf>,
-    },
+    Show(DataShowArgs),
+}
+
+/// `data fetch` flags.
+#[derive(Args, Debug)]
+pub struct DataFetchArgs {
+    /// GLUE config name.
+    #[arg(long)]
+    pub config: String,
+    /// Only these splits (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub splits: Option<Vec<String>>,
+    /// Where to put the files.
+    #[arg(long)]
+    pub glue_dir: Option<PathBuf>,
+    /// Base URL of the dataset's files.
+    #[arg(long, default_value = fetch::DEFAULT_BASE_URL)]
+    pub base_url: String,
+}
+
+/// `data show` flags.
+#[derive(Args, Debug)]
+pub struct DataShowArgs {
+    /// GLUE config name.
+    #[arg(long)]
+    pub task: String,
+    /// Split name.
+    #[arg(long, default_value = "validation")]
+    pub split: String,
+    /// Rows to print.
+    #[arg(short, default_value_t = 5)]
+    pub n: usize,
+    /// GLUE directory.
+    #[arg(long)]
+    pub glue_dir: Option<PathBuf>,
 }
 
 /// Flags shared by commands that run a model.
@@ -106,55 +114,63 @@ pub struct DeviceArgs {
 #[derive(Subcommand, Debug)]
 pub enum TeacherCmd {
     /// Fine-tune a base model on a task.
-    Train {
-        /// GLUE task.
-        #[arg(long)]
-        task: String,
-        /// Base model directory (HF layout).
-        #[arg(long, default_value = "data/models/minilm-l6")]
-        model: PathBuf,
-        /// Output checkpoint directory.
-        #[arg(long)]
-        out: PathBuf,
-        /// Epochs.
-        #[arg(long, default_value_t = 1)]
-        epochs: usize,
-        /// Use at most this many shuffled training examples.
-        #[arg(long)]
-        max_train_examples: Option<usize>,
-        /// Stop after this many steps.
-        #[arg(long)]
-        max_steps: Option<usize>,
-        /// Peak learning rate.
-        #[arg(long, default_value_t = 5e-5)]
-        lr: f64,
-        /// Batch size.
-        #[arg(long, default_value_t = 32)]
-        batch_size: usize,
-        /// Truncation length.
-        #[arg(long, default_value_t = 66)]
-        max_seq_len: usize,
-        /// Seed.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Share of the train split held out as the dev split (as a pipeline's `dev.fraction`;
-        /// 0 trains on all of it).
-        #[arg(long, default_value_t = 0.1)]
-        dev_fraction: f64,
-        #[command(flatten)]
-        dev: DeviceArgs,
-    },
+    Train(TeacherTrainArgs),
     /// Evaluate a fine-tuned checkpoint on the validation split(s).
-    Eval {
-        /// Checkpoint directory.
-        #[arg(long)]
-        teacher: PathBuf,
-        /// GLUE task.
-        #[arg(long)]
-        task: String,
-        #[command(flatten)]
-        dev: DeviceArgs,
-    },
+    Eval(TeacherEvalArgs),
+}
+
+/// `teacher train` flags.
+#[derive(Args, Debug)]
+pub struct TeacherTrainArgs {
+    /// GLUE task.
+    #[arg(long)]
+    pub task: String,
+    /// Base model directory (HF layout).
+    #[arg(long, default_value = "data/models/minilm-l6")]
+    pub model: PathBuf,
+    /// Output checkpoint directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Epochs.
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Use at most this many shuffled training examples.
+    #[arg(long)]
+    pub max_train_examples: Option<usize>,
+    /// Stop after this many steps.
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 5e-5)]
+    pub lr: f64,
+    /// Batch size.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Truncation length.
+    #[arg(long, default_value_t = 66)]
+    pub max_seq_len: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Share of the train split held out as the dev split (as a pipeline's `dev.fraction`;
+    /// 0 trains on all of it).
+    #[arg(long, default_value_t = 0.1)]
+    pub dev_fraction: f64,
+    #[command(flatten)]
+    pub dev: DeviceArgs,
+}
+
+/// `teacher eval` flags.
+#[derive(Args, Debug)]
+pub struct TeacherEvalArgs {
+    /// Checkpoint directory.
+    #[arg(long)]
+    pub teacher: PathBuf,
+    /// GLUE task.
+    #[arg(long)]
+    pub task: String,
+    #[command(flatten)]
+    pub dev: DeviceArgs,
 }
 
 /// `augment` flags.
@@ -363,239 +379,258 @@ fn shard_index_from_env() -> Option<usize> {
 /// Runs a parsed command.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Data(DataCmd::Fetch {
-            config,
-            splits,
-            glue_dir,
-            base_url,
-        }) => {
-            let task = glue::task(&config)?;
-            let files = fetch::fetch_config(
-                task,
-                &resolve_glue_dir(glue_dir.as_deref()),
-                &base_url,
-                splits.as_deref(),
-            )?;
-            for f in files {
-                println!("{}", f.display());
-            }
-        }
-        Command::Data(DataCmd::Show {
-            task,
-            split,
-            n,
-            glue_dir,
-        }) => {
-            let task = glue::task(&task)?;
-            let dir = resolve_glue_dir(glue_dir.as_deref());
-            let rows = crate::data::split_rows(&dir, task, &split)?;
-            let ex = crate::data::SplitReader::open(&dir, task, &split)?.read_all(Some(n))?;
-            println!("{} / {split}: {rows} rows", task.name);
-            for e in ex {
-                println!(
-                    "{}\t{:?}\t{}\t{}",
-                    e.idx,
-                    e.label,
-                    e.text_a,
-                    e.text_b.unwrap_or_default()
-                );
-            }
-        }
-        Command::Teacher(TeacherCmd::Train {
-            task,
-            model,
-            out,
-            epochs,
-            max_train_examples,
-            max_steps,
-            lr,
-            batch_size,
-            max_seq_len,
-            seed,
-            dev_fraction,
-            dev,
-        }) => {
-            let task = glue::task(&task)?;
-            if !(0.0..=0.5).contains(&dev_fraction) {
-                bail!("--dev-fraction must be in [0, 0.5], got {dev_fraction}");
-            }
-            let held_out = crate::config::DevConfig {
-                fraction: dev_fraction,
-                ..Default::default()
-            };
-            let device = parse_device(&dev.device)?;
-            let cfg = crate::config::TeacherTrainConfig {
-                epochs,
-                max_train_examples,
-                max_steps,
-                max_seq_len,
-                seed,
-                optim: crate::config::OptimConfig {
-                    lr,
-                    batch_size,
-                    ..Default::default()
-                },
-            };
-            let m = teacher::train(
-                &model,
-                task,
-                &resolve_glue_dir(dev.glue_dir.as_deref()),
-                &out,
-                &cfg,
-                &held_out,
-                &device,
-            )?;
-            println!("{}", serde_json::to_string_pretty(&m)?);
-        }
-        Command::Teacher(TeacherCmd::Eval {
-            teacher: dir,
-            task,
-            dev,
-        }) => {
-            let task = glue::task(&task)?;
-            let device = parse_device(&dev.device)?;
-            let t = teacher::Teacher::load(&dir, task, &device, teacher::EVAL_MAX_SEQ_LEN)?;
-            let v = teacher::evaluate(
-                &t.model,
-                &t.tokenizer,
-                task,
-                &resolve_glue_dir(dev.glue_dir.as_deref()),
-                &device,
-            )?;
-            let text = serde_json::to_string_pretty(&v)?;
-            crate::util::atomic_write(&dir.join("eval.json"), text.as_bytes())?;
-            println!("{text}");
-        }
-        Command::Augment(a) => {
-            let cfg = PipelineConfig::load_with(&a.pipeline, &a.set)?;
-            let device = parse_device(&a.dev.device)?;
-            let shard_index = a.shard_index.or_else(|| {
-                if a.finalize || a.teacher_only {
-                    None
-                } else {
-                    shard_index_from_env()
-                }
-            });
-            let opts = RunOptions {
-                glue_dir: a.dev.glue_dir.clone(),
-                output: a.out.clone(),
-                shard_index,
-                num_shards: a.num_shards,
-                finalize_only: a.finalize,
-                force: a.force,
-                teacher_only: a.teacher_only,
-                dtype: a.dtype.clone(),
-            };
-            let out = pipeline::run(&cfg, &opts, &device)?;
-            if a.teacher_only {
-                println!("teacher: {out}");
-            } else if shard_index.is_none() {
-                let m = shards::manifest::read_manifest(&out)?;
-                println!(
-                    "shards: {out} ({} rows, {} shard(s))",
-                    m.rows,
-                    m.shards.len()
-                );
-                if m.truncated_examples > 0 {
-                    println!("  {} of {} source examples were longer than max_seq_len = {} tokens and truncated", m.truncated_examples, m.source_examples, cfg.max_seq_len);
-                }
-                for (k, d) in &m.diagnostics {
-                    println!("  {}", d.summary(k, m.num_labels == 1));
-                }
-            }
-        }
-        Command::Slurm(SlurmCmd::Submit(a)) => {
-            parse_device(&a.dev.device)?;
-            let o = crate::slurm::SubmitOptions {
-                pipeline: a.pipeline,
-                overrides: a.set,
-                shards: a.shards,
-                out: a.out,
-                glue_dir: a.dev.glue_dir,
-                device: a.dev.device,
-                partition: a.partition,
-                account: a.account,
-                time: a.time,
-                cpus_per_task: a.cpus_per_task,
-                gpus_per_task: a.gpus_per_task,
-                mem: a.mem,
-                dry_run: a.dry_run,
-            };
-            crate::slurm::submit(&o)?;
-        }
-        Command::TrainStudent(a) => {
-            let task = glue::task(&a.task)?;
-            let device = parse_device(&a.dev.device)?;
-            let cfg = student::StudentConfig {
-                model: a.model,
-                layers: Some(a.layers),
-                alpha: a.alpha,
-                temperature: a.temperature,
-                epochs: a.epochs,
-                max_steps: a.max_steps,
-                seed: a.seed,
-                methods: a.methods.unwrap_or_default(),
-                optim: crate::config::OptimConfig {
-                    lr: a.lr,
-                    batch_size: a.batch_size,
-                    ..Default::default()
-                },
-                ..Default::default()
-            };
-            let m = student::train(
-                &Location::from_arg(&a.shards)?,
-                task,
-                &resolve_glue_dir(a.dev.glue_dir.as_deref()),
-                &a.out,
-                &cfg,
-                &device,
-            )?;
-            println!(
-                "{}: {} = {:.4}",
-                a.out.display(),
-                task.primary_metric(),
-                student::first_value(task, &m.validation)
-            );
-        }
-        Command::Report(a) => {
-            let device = parse_device(&a.dev.device)?;
-            let opts = report::ReportOptions {
-                tasks: a.tasks,
-                preset: a.preset,
-                train_examples: a.train_examples,
-                seeds: a.seeds,
-                tune: a.tune,
-                tune_seeds: a.tune_seeds,
-                steps: report::PerTask::parse("steps", &a.steps)?,
-                lr: report::PerTask::parse("lr", &a.lr)?,
-                layers: report::PerTask::parse("layers", &a.layers)?,
-                pipeline: a.pipeline,
-                out: a.out,
-                glue_dir: a.dev.glue_dir,
-                methods: a.methods,
-                overrides: a.set,
-                tag: a.tag,
-            };
-            let dir = report::run(&opts, &device)?;
-            println!("report: {}", dir.join("results.md").display());
-        }
-        Command::Inspect(a) => inspect::print(&Location::from_arg(&a.dir)?, a.n)?,
-        Command::Verify(a) => {
-            let dir = Location::from_arg(&a.dir)?;
-            let problems = shards::manifest::verify(&dir)?;
-            if problems.is_empty() {
-                println!("{}: ok", a.dir.display());
-                let m = shards::manifest::read_manifest(&dir)?;
-                println!("  {}", shards::manifest::reproducibility_note(&m));
-            } else {
-                for p in &problems {
-                    println!("{p}");
-                }
-                bail!("{}: {} problem(s) found", a.dir.display(), problems.len());
-            }
-        }
+        Command::Data(DataCmd::Fetch(a)) => data_fetch(a),
+        Command::Data(DataCmd::Show(a)) => data_show(a),
+        Command::Teacher(TeacherCmd::Train(a)) => teacher_train(a),
+        Command::Teacher(TeacherCmd::Eval(a)) => teacher_eval(a),
+        Command::Augment(a) => augment(a),
+        Command::Slurm(SlurmCmd::Submit(a)) => slurm_submit(a),
+        Command::TrainStudent(a) => train_student(a),
+        Command::Report(a) => run_report(a),
+        Command::Inspect(a) => inspect::print(&Location::from_arg(&a.dir)?, a.n),
+        Command::Verify(a) => verify(a),
+    }
+}
+
+/// `data fetch`: downloads the files and prints their paths.
+fn data_fetch(a: DataFetchArgs) -> Result<()> {
+    let task = glue::task(&a.config)?;
+    let files = fetch::fetch_config(
+        task,
+        &resolve_glue_dir(a.glue_dir.as_deref()),
+        &a.base_url,
+        a.splits.as_deref(),
+    )?;
+    for f in files {
+        println!("{}", f.display());
     }
     Ok(())
+}
+
+/// `data show`: the split's row count and its first rows.
+fn data_show(a: DataShowArgs) -> Result<()> {
+    let task = glue::task(&a.task)?;
+    let split = a.split;
+    let dir = resolve_glue_dir(a.glue_dir.as_deref());
+    let rows = crate::data::split_rows(&dir, task, &split)?;
+    let ex = crate::data::SplitReader::open(&dir, task, &split)?.read_all(Some(a.n))?;
+    println!("{} / {split}: {rows} rows", task.name);
+    for e in ex {
+        println!(
+            "{}\t{:?}\t{}\t{}",
+            e.idx,
+            e.label,
+            e.text_a,
+            e.text_b.unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// `teacher train`: fine-tunes and prints the validation metrics.
+fn teacher_train(a: TeacherTrainArgs) -> Result<()> {
+    let task = glue::task(&a.task)?;
+    let dev_fraction = a.dev_fraction;
+    if !(0.0..=0.5).contains(&dev_fraction) {
+        bail!("--dev-fraction must be in [0, 0.5], got {dev_fraction}");
+    }
+    let held_out = crate::config::DevConfig {
+        fraction: dev_fraction,
+        ..Default::default()
+    };
+    let device = parse_device(&a.dev.device)?;
+    let cfg = crate::config::TeacherTrainConfig {
+        epochs: a.epochs,
+        max_train_examples: a.max_train_examples,
+        max_steps: a.max_steps,
+        max_seq_len: a.max_seq_len,
+        seed: a.seed,
+        optim: crate::config::OptimConfig {
+            lr: a.lr,
+            batch_size: a.batch_size,
+            ..Default::default()
+        },
+    };
+    let m = teacher::train(
+        &a.model,
+        task,
+        &resolve_glue_dir(a.dev.glue_dir.as_deref()),
+        &a.out,
+        &cfg,
+        &held_out,
+        &device,
+    )?;
+    println!("{}", serde_json::to_string_pretty(&m)?);
+    Ok(())
+}
+
+/// `teacher eval`: evaluates a checkpoint, writes `eval.json` beside it and prints it.
+fn teacher_eval(a: TeacherEvalArgs) -> Result<()> {
+    let dir = a.teacher;
+    let task = glue::task(&a.task)?;
+    let device = parse_device(&a.dev.device)?;
+    let t = teacher::Teacher::load(&dir, task, &device, teacher::EVAL_MAX_SEQ_LEN)?;
+    let v = teacher::evaluate(
+        &t.model,
+        &t.tokenizer,
+        task,
+        &resolve_glue_dir(a.dev.glue_dir.as_deref()),
+        &device,
+    )?;
+    let text = serde_json::to_string_pretty(&v)?;
+    crate::util::atomic_write(&dir.join("eval.json"), text.as_bytes())?;
+    println!("{text}");
+    Ok(())
+}
+
+/// `augment`: runs the pipeline (or one shard, the teacher or the finalizer of it).
+fn augment(a: AugmentArgs) -> Result<()> {
+    let cfg = PipelineConfig::load_with(&a.pipeline, &a.set)?;
+    let device = parse_device(&a.dev.device)?;
+    let shard_index = a.shard_index.or_else(|| {
+        if a.finalize || a.teacher_only {
+            None
+        } else {
+            shard_index_from_env()
+        }
+    });
+    let opts = RunOptions {
+        glue_dir: a.dev.glue_dir.clone(),
+        output: a.out.clone(),
+        shard_index,
+        num_shards: a.num_shards,
+        finalize_only: a.finalize,
+        force: a.force,
+        teacher_only: a.teacher_only,
+        dtype: a.dtype.clone(),
+    };
+    let out = pipeline::run(&cfg, &opts, &device)?;
+    if a.teacher_only {
+        println!("teacher: {out}");
+    } else if shard_index.is_none() {
+        print_shards_summary(&out, cfg.max_seq_len)?;
+    }
+    Ok(())
+}
+
+/// The finished shard directory's rows, truncation count and per-method diagnostics.
+fn print_shards_summary(out: &Location, max_seq_len: usize) -> Result<()> {
+    let m = shards::manifest::read_manifest(out)?;
+    println!(
+        "shards: {out} ({} rows, {} shard(s))",
+        m.rows,
+        m.shards.len()
+    );
+    if m.truncated_examples > 0 {
+        println!(
+            "  {} of {} source examples were longer than max_seq_len = {} tokens and truncated",
+            m.truncated_examples, m.source_examples, max_seq_len
+        );
+    }
+    for (k, d) in &m.diagnostics {
+        println!("  {}", d.summary(k, m.num_labels == 1));
+    }
+    Ok(())
+}
+
+/// `slurm submit`: writes and submits the batch-job chain.
+fn slurm_submit(a: SlurmSubmitArgs) -> Result<()> {
+    parse_device(&a.dev.device)?;
+    let o = crate::slurm::SubmitOptions {
+        pipeline: a.pipeline,
+        overrides: a.set,
+        shards: a.shards,
+        out: a.out,
+        glue_dir: a.dev.glue_dir,
+        device: a.dev.device,
+        partition: a.partition,
+        account: a.account,
+        time: a.time,
+        cpus_per_task: a.cpus_per_task,
+        gpus_per_task: a.gpus_per_task,
+        mem: a.mem,
+        dry_run: a.dry_run,
+    };
+    crate::slurm::submit(&o)?;
+    Ok(())
+}
+
+/// `train-student`: distils a student from shards and prints its primary metric.
+fn train_student(a: StudentArgs) -> Result<()> {
+    let task = glue::task(&a.task)?;
+    let device = parse_device(&a.dev.device)?;
+    let cfg = student::StudentConfig {
+        model: a.model,
+        layers: Some(a.layers),
+        alpha: a.alpha,
+        temperature: a.temperature,
+        epochs: a.epochs,
+        max_steps: a.max_steps,
+        seed: a.seed,
+        methods: a.methods.unwrap_or_default(),
+        optim: crate::config::OptimConfig {
+            lr: a.lr,
+            batch_size: a.batch_size,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let m = student::train(
+        &Location::from_arg(&a.shards)?,
+        task,
+        &resolve_glue_dir(a.dev.glue_dir.as_deref()),
+        &a.out,
+        &cfg,
+        &device,
+    )?;
+    println!(
+        "{}: {} = {:.4}",
+        a.out.display(),
+        task.primary_metric(),
+        student::first_value(task, &m.validation)
+    );
+    Ok(())
+}
+
+/// `report`: the method comparison; prints where `results.md` went.
+fn run_report(a: ReportArgs) -> Result<()> {
+    let device = parse_device(&a.dev.device)?;
+    let opts = report::ReportOptions {
+        tasks: a.tasks,
+        preset: a.preset,
+        train_examples: a.train_examples,
+        seeds: a.seeds,
+        tune: a.tune,
+        tune_seeds: a.tune_seeds,
+        steps: report::PerTask::parse("steps", &a.steps)?,
+        lr: report::PerTask::parse("lr", &a.lr)?,
+        layers: report::PerTask::parse("layers", &a.layers)?,
+        pipeline: a.pipeline,
+        out: a.out,
+        glue_dir: a.dev.glue_dir,
+        methods: a.methods,
+        overrides: a.set,
+        tag: a.tag,
+    };
+    let dir = report::run(&opts, &device)?;
+    println!("report: {}", dir.join("results.md").display());
+    Ok(())
+}
+
+/// `verify`: checks a shard directory against its manifest; fails listing the problems.
+fn verify(a: VerifyArgs) -> Result<()> {
+    let dir = Location::from_arg(&a.dir)?;
+    let problems = shards::manifest::verify(&dir)?;
+    if problems.is_empty() {
+        println!("{}: ok", a.dir.display());
+        let m = shards::manifest::read_manifest(&dir)?;
+        println!("  {}", shards::manifest::reproducibility_note(&m));
+        return Ok(());
+    }
+    for p in &problems {
+        println!("{p}");
+    }
+    bail!("{}: {} problem(s) found", a.dir.display(), problems.len())
 }
 
 /// The binary's entry: parses flags, sets up logging, threads and the interrupt handler,

@@ -3,10 +3,10 @@
 
 pub mod card;
 pub mod manifest;
+pub mod method_stats;
 pub mod reader;
 pub mod schema;
-pub mod stats;
 pub mod writer;
 
+pub use method_stats::MethodStats;
 pub use schema::{Row, ShardSchema};
-pub use stats::MethodStats;

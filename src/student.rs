@@ -6,7 +6,7 @@
 //! buffer and are batched by length. MixUp and FGSM rows are rebuilt in the student's own
 //! embedding space from `partner_input_ids`/`lambda` and `perturbation`/`epsilon`.
 
-use crate::augment::mix;
+use crate::augment::arith::mix;
 use crate::config::OptimConfig;
 use crate::glue::TaskSpec;
 use crate::model::checkpoint::{save_classifier, sketch_difference};

@@ -2,9 +2,9 @@
 
 mod common;
 
-use augpro::augment::mix::{align, mix};
+use augpro::augment::arith::mix::{align, mix};
+use augpro::augment::arith::{fgsm, replace};
 use augpro::augment::project::{brute_force_nearest, Projector};
-use augpro::augment::{fgsm, replace};
 use augpro::config::Metric;
 use augpro::model::Checkpoint;
 use augpro::tokenize::TextTokenizer;

@@ -2,7 +2,8 @@
 //! then projected back to the vocabulary. The gradient is the teacher's on the gold label,
 //! or, with a student checkpoint, that of KL(teacher ‖ student) in the student's space.
 
-use super::{absolute_epsilon, fgsm, project_rows, rows_of, token_variants};
+use super::arith::fgsm;
+use super::{absolute_epsilon, project_rows, rows_of, token_variants};
 use super::{Method, Recipe, Sources, Space, Variant};
 use crate::config::FgsmConfig;
 use crate::teacher::GradLoss;

@@ -1,7 +1,8 @@
 //! AugPro-Mix: each example's embeddings mixed with a random partner's, then projected back
 //! to the vocabulary.
 
-use super::{mix, token_variants, Method, Recipe, Sources, Space, Variant};
+use super::arith::mix;
+use super::{token_variants, Method, Recipe, Sources, Space, Variant};
 use crate::config::MixConfig;
 use anyhow::Result;
 use rand_chacha::ChaCha8Rng;

@@ -1,7 +1,8 @@
 //! FGSM baseline: each example's embeddings moved by ε along the sign of the teacher's loss
 //! gradient, not projected (a virtual input the student rebuilds from the stored signs).
 
-use super::{fgsm, Method, Recipe, Sources, Space, Variant};
+use super::arith::fgsm;
+use super::{Method, Recipe, Sources, Space, Variant};
 use crate::config::FgsmConfig;
 use anyhow::Result;
 use rand_chacha::ChaCha8Rng;

@@ -1,7 +1,8 @@
 //! MixUp baseline: each example's embeddings mixed with a random partner's, not projected
 //! (a virtual input the student rebuilds from the partner's tokens and λ).
 
-use super::{mix, Method, Recipe, Sources, Space, Variant};
+use super::arith::mix;
+use super::{Method, Recipe, Sources, Space, Variant};
 use crate::config::MixConfig;
 use anyhow::Result;
 use rand_chacha::ChaCha8Rng;

@@ -7,16 +7,14 @@
 //! one [`Variant`] per source example, a real token sequence or a virtual input. The
 //! [`Engine`] scores the variants with the teacher and turns them into rows.
 
+pub mod arith;
 pub mod augpro_fgsm;
 pub mod augpro_mix;
-pub mod fgsm;
 pub mod fgsm_baseline;
 pub mod flat;
-pub mod mix;
 pub mod mixup;
 pub mod project;
 pub mod project_device;
-pub mod replace;
 pub mod token_replace;
 
 use crate::config::{FgsmConfig, MethodsConfig, Metric, PipelineConfig};
@@ -29,6 +27,7 @@ use crate::timing;
 use crate::tokenize::Encoded;
 use crate::util::derive_seed;
 use anyhow::{bail, Context, Result};
+use arith::fgsm;
 use candle_core::{DType, Tensor};
 use flat::rows_of;
 use project::{median_nn_distance, Projector};

@@ -1,7 +1,8 @@
 //! Token replacement baseline: each non-special token replaced with probability p by one of
 //! its k nearest neighbours in the teacher's embedding table.
 
-use super::{changed, replace, Method, Recipe, Sources, Space, Variant};
+use super::arith::replace;
+use super::{changed, Method, Recipe, Sources, Space, Variant};
 use crate::config::ReplaceConfig;
 use anyhow::Result;
 use rand_chacha::ChaCha8Rng;

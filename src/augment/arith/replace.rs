@@ -22,7 +22,7 @@ pub fn replace(
             let cands: Vec<u32> = neighbours[i * (k + 1)..(i + 1) * (k + 1)]
                 .iter()
                 .copied()
-                .filter(|&c| c != t && c != super::project::MISSING)
+                .filter(|&c| c != t && c != crate::augment::project::MISSING)
                 .take(k)
                 .collect();
             if cands.is_empty() {

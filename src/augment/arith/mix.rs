@@ -65,7 +65,7 @@ pub fn mix(
 
 /// What both mixing methods make of a batch: each example's partner, its λ (sequence mode;
 /// `None` per position), its mixed embeddings and which positions were mixed.
-pub(super) struct Mixed {
+pub(in crate::augment) struct Mixed {
     pub partners: Vec<usize>,
     pub lambdas: Vec<Option<f32>>,
     pub per_position: Vec<Vec<f32>>,
@@ -75,9 +75,9 @@ pub(super) struct Mixed {
 
 /// Mixes every example of the batch with a partner drawn at random among the others, in
 /// the teacher's embedding space; `None` for a batch of one (no partner but itself).
-pub(super) fn mix_batch(
-    space: &super::Space,
-    src: &super::Sources,
+pub(in crate::augment) fn mix_batch(
+    space: &crate::augment::Space,
+    src: &crate::augment::Sources,
     c: &crate::config::MixConfig,
     rng: &mut rand_chacha::ChaCha8Rng,
 ) -> Option<Mixed> {

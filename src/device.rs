@@ -1,4 +1,4 @@
-//! Compute devices by name.
+//! Compute devices by name: parsed from `--device`, named in the manifest.
 
 use anyhow::{bail, Result};
 use candle_core::Device;
@@ -22,5 +22,17 @@ pub fn parse_device(name: &str) -> Result<Device> {
             Ok(Device::new_cuda(ord)?)
         }
         other => bail!("--device {other}: expected cpu, cuda or cuda:N"),
+    }
+}
+
+/// The name of a device as the manifest records it (`cpu` or `cuda`; the ordinal does not
+/// change results).
+pub fn device_name(device: &Device) -> &'static str {
+    if device.is_cuda() {
+        "cuda"
+    } else if device.is_metal() {
+        "metal"
+    } else {
+        "cpu"
     }
 }

@@ -232,7 +232,7 @@ pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Resul
     let teacher_sha = Checkpoint::open(&teacher_dir)?.weights_sha256()?;
     check_same_teacher(&out, &teacher_sha, opts.force)?;
     let (dev_name, dtype_name) = (
-        crate::precision::device_name(device),
+        crate::device::device_name(device),
         crate::precision::name(dtype),
     );
     check_summaries(&out, opts.force, "another device or dtype", |s| {
@@ -503,7 +503,7 @@ fn run_shard(
         teacher_sha256: teacher_sha.to_string(),
         methods: stats,
         median_nn_distance: engine.nn_scale(),
-        device: crate::precision::device_name(engine.device()).to_string(),
+        device: crate::device::device_name(engine.device()).to_string(),
         dtype: crate::precision::name(engine.dtype()).to_string(),
     };
     let times = crate::timing::take();

@@ -27,18 +27,6 @@ pub fn name(dtype: DType) -> &'static str {
     }
 }
 
-/// The name of a device as the manifest records it (`cpu` or `cuda`; the ordinal does not
-/// change results).
-pub fn device_name(device: &Device) -> &'static str {
-    if device.is_cuda() {
-        "cuda"
-    } else if device.is_metal() {
-        "metal"
-    } else {
-        "cpu"
-    }
-}
-
 /// The teacher dtype for `--dtype` (or its default) on `device`: f32 on the CPU; on CUDA bf16
 /// where the GPU has bf16 arithmetic (compute capability 8.0 and up), else f32. Half precision
 /// asked for on the CPU is an error.

@@ -398,94 +398,32 @@ fn run_shard(
     let task = glue::task(&cfg.task)?;
     let (start, end) = shard_range(total, i, cfg.shards);
     let schema = ShardSchema::new(task);
-    let mut writer = ShardWriter::create(out, i, cfg.shards, &schema)?;
+    let writer = ShardWriter::create(out, i, cfg.shards, &schema)?;
     tracing::info!(
         "shard {i}/{}: augmenting source examples {start}..{end}",
         cfg.shards
     );
     let mut reader = SplitReader::open_part(glue_dir, task, &cfg.split, &cfg.dev, Part::Train)?;
-    let tok = engine.tokenizer();
-    let mut stats: BTreeMap<String, MethodStats> = BTreeMap::new();
     crate::timing::take();
-    let (mut pos, mut truncated, mut handled, mut batch_no) = (0usize, 0usize, 0usize, 0usize);
     let pb = crate::util::progress((end - start) as u64, &format!("shard {i}"));
     let t0 = Instant::now();
-    let mut pending = Vec::new();
-    // Examples are read in windows of 16 batches, tokenized, sorted by length (stable) and
-    // processed batch by batch, so padding stays small and mixing partners have similar
-    // lengths. The order is a pure function of the input, so output stays deterministic.
-    let window = cfg.batch_size * 16;
-    let mut flush = |pending: &mut Vec<crate::data::Example>,
-                     stats: &mut BTreeMap<String, MethodStats>,
-                     batch_no: &mut usize,
-                     truncated: &mut usize,
-                     writer: &mut ShardWriter|
-     -> Result<()> {
-        if pending.is_empty() {
-            return Ok(());
-        }
-        let encs = {
-            let _t = crate::timing::stage("tokenize");
-            tok.encode(pending)?
-        };
-        *truncated += encs.iter().filter(|e| e.truncated).count();
-        let mut order: Vec<usize> = (0..pending.len()).collect();
-        order.sort_by_key(|&k| encs[k].ids.len());
-        let mut chunks: Vec<&[usize]> = order.chunks(cfg.batch_size).collect();
-        if chunks.len() > 1 && chunks[chunks.len() - 1].len() == 1 {
-            // A batch of one has no mixing partner: fold it into the previous batch.
-            let k = chunks.len() - 2;
-            chunks[k] = &order[k * cfg.batch_size..];
-            chunks.pop();
-        }
-        for chunk in chunks {
-            let ex: Vec<crate::data::Example> = chunk.iter().map(|&k| pending[k].clone()).collect();
-            let en: Vec<crate::tokenize::Encoded> =
-                chunk.iter().map(|&k| encs[k].clone()).collect();
-            let seed = derive_seed(
-                cfg.seed,
-                &["augment", &i.to_string(), &batch_no.to_string()],
-            );
-            let rows = engine.augment_batch(&ex, &en, seed, stats)?;
-            {
-                let _t = crate::timing::stage("write");
-                writer.write(&rows)?;
-            }
-            crate::util::failpoint("shard-batch");
-            pb.inc(ex.len() as u64);
-            *batch_no += 1;
-        }
-        pending.clear();
-        Ok(())
+    let mut flush = ShardFlush {
+        cfg,
+        shard: i,
+        writer,
+        stats: BTreeMap::new(),
+        truncated: 0,
+        batch_no: 0,
+        pb,
     };
-    'read: while let Some(batch) = reader.next_batch()? {
-        for ex in batch {
-            if pos >= end {
-                break 'read;
-            }
-            if pos >= start {
-                pending.push(ex);
-                handled += 1;
-                if pending.len() == window {
-                    flush(
-                        &mut pending,
-                        &mut stats,
-                        &mut batch_no,
-                        &mut truncated,
-                        &mut writer,
-                    )?;
-                }
-            }
-            pos += 1;
-        }
-    }
-    flush(
-        &mut pending,
-        &mut stats,
-        &mut batch_no,
-        &mut truncated,
-        &mut writer,
-    )?;
+    let handled = augment_range(&mut reader, start, end, engine, &mut flush)?;
+    let ShardFlush {
+        writer,
+        stats,
+        truncated,
+        pb,
+        ..
+    } = flush;
     pb.finish_and_clear();
     let files = {
         let _t = crate::timing::stage("write");
@@ -506,18 +444,128 @@ fn run_shard(
         device: crate::device::device_name(engine.device()).to_string(),
         dtype: crate::precision::name(engine.dtype()).to_string(),
     };
-    let times = crate::timing::take();
-    let timing = serde_json::json!({ "seconds": t0.elapsed().as_secs_f64(), "examples": handled, "method_seconds": times.methods, "stage_seconds": times.stages });
-    out.join(&format!(".timing-{i:05}.json"))
-        .put(timing.to_string().into())?;
-    out.join(&summary_name(i, cfg.shards))
-        .put(serde_json::to_string_pretty(&summary)?.into())?;
-    crate::util::failpoint("shard-done");
+    write_shard_records(out, i, cfg.shards, t0, handled, &summary)?;
     eprintln!(
         "shard {i}/{}: {rows} rows from {handled} examples in {:.1}s",
         cfg.shards,
         t0.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// Reads the source examples `start..end` of the training part and hands them to `flush` in
+/// windows of 16 batches; returns how many examples were read.
+fn augment_range(
+    reader: &mut SplitReader,
+    start: usize,
+    end: usize,
+    engine: &mut Engine,
+    flush: &mut ShardFlush,
+) -> Result<usize> {
+    // Examples are read in windows of 16 batches, tokenized, sorted by length (stable) and
+    // processed batch by batch, so padding stays small and mixing partners have similar
+    // lengths. The order is a pure function of the input, so output stays deterministic.
+    let window = flush.cfg.batch_size * 16;
+    let (mut pos, mut handled) = (0usize, 0usize);
+    let mut pending = Vec::new();
+    'read: while let Some(batch) = reader.next_batch()? {
+        for ex in batch {
+            if pos >= end {
+                break 'read;
+            }
+            if pos >= start {
+                pending.push(ex);
+                handled += 1;
+                if pending.len() == window {
+                    flush.flush(engine, &mut pending)?;
+                }
+            }
+            pos += 1;
+        }
+    }
+    flush.flush(engine, &mut pending)?;
+    Ok(handled)
+}
+
+/// One shard's writer and running counts: each flush tokenizes a window of examples, sorts
+/// it by length and augments and writes it batch by batch.
+struct ShardFlush<'c> {
+    cfg: &'c PipelineConfig,
+    shard: usize,
+    writer: ShardWriter,
+    stats: BTreeMap<String, MethodStats>,
+    truncated: usize,
+    batch_no: usize,
+    pb: indicatif::ProgressBar,
+}
+
+impl ShardFlush<'_> {
+    /// Augments and writes the pending examples, then empties `pending`.
+    fn flush(
+        &mut self,
+        engine: &mut Engine,
+        pending: &mut Vec<crate::data::Example>,
+    ) -> Result<()> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let encs = {
+            let _t = crate::timing::stage("tokenize");
+            engine.tokenizer().encode(pending)?
+        };
+        self.truncated += encs.iter().filter(|e| e.truncated).count();
+        let batch_size = self.cfg.batch_size;
+        let mut order: Vec<usize> = (0..pending.len()).collect();
+        order.sort_by_key(|&k| encs[k].ids.len());
+        let mut chunks: Vec<&[usize]> = order.chunks(batch_size).collect();
+        if chunks.len() > 1 && chunks[chunks.len() - 1].len() == 1 {
+            // A batch of one has no mixing partner: fold it into the previous batch.
+            let k = chunks.len() - 2;
+            chunks[k] = &order[k * batch_size..];
+            chunks.pop();
+        }
+        for chunk in chunks {
+            let ex: Vec<crate::data::Example> = chunk.iter().map(|&k| pending[k].clone()).collect();
+            let en: Vec<crate::tokenize::Encoded> =
+                chunk.iter().map(|&k| encs[k].clone()).collect();
+            let seed = derive_seed(
+                self.cfg.seed,
+                &[
+                    "augment",
+                    &self.shard.to_string(),
+                    &self.batch_no.to_string(),
+                ],
+            );
+            let rows = engine.augment_batch(&ex, &en, seed, &mut self.stats)?;
+            {
+                let _t = crate::timing::stage("write");
+                self.writer.write(&rows)?;
+            }
+            crate::util::failpoint("shard-batch");
+            self.pb.inc(ex.len() as u64);
+            self.batch_no += 1;
+        }
+        pending.clear();
+        Ok(())
+    }
+}
+
+/// Writes the shard's timing record, then its summary (whose existence marks the shard done).
+fn write_shard_records(
+    out: &Location,
+    i: usize,
+    shards: usize,
+    t0: Instant,
+    handled: usize,
+    summary: &ShardSummary,
+) -> Result<()> {
+    let times = crate::timing::take();
+    let timing = serde_json::json!({ "seconds": t0.elapsed().as_secs_f64(), "examples": handled, "method_seconds": times.methods, "stage_seconds": times.stages });
+    out.join(&format!(".timing-{i:05}.json"))
+        .put(timing.to_string().into())?;
+    out.join(&summary_name(i, shards))
+        .put(serde_json::to_string_pretty(summary)?.into())?;
+    crate::util::failpoint("shard-done");
     Ok(())
 }
 

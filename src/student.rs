@@ -10,7 +10,7 @@ use crate::augment::arith::mix;
 use crate::config::OptimConfig;
 use crate::glue::TaskSpec;
 use crate::model::checkpoint::{save_classifier, sketch_difference};
-use crate::model::{Checkpoint, Ctx, SeqClassifier};
+use crate::model::{Checkpoint, Ctx, Params, SeqClassifier};
 use crate::shards::manifest::{shard_paths, Manifest};
 use crate::shards::reader::ShardReader;
 use crate::shards::{Row, ShardSchema};
@@ -414,6 +414,87 @@ pub fn train(
     device: &Device,
 ) -> Result<StudentMetrics> {
     let (manifest, paths) = shard_paths(shards_dir)?;
+    let ck = check_student(&manifest, shards_dir, task, glue_dir, cfg)?;
+    let tok = TextTokenizer::load(&cfg.model, 512)?;
+    let schema = ShardSchema::new(task);
+    let rows_available = rows_available(&manifest, shards_dir, cfg)?;
+    let per_epoch = rows_available.div_ceil(cfg.optim.batch_size);
+    let total = cfg.max_steps.unwrap_or(per_epoch * cfg.epochs.max(1));
+    let (model, params) = ck.load_classifier(
+        device,
+        true,
+        task.num_labels,
+        cfg.layers,
+        derive_seed(cfg.seed, &["student-init"]),
+    )?;
+    let mut opt = Optim::new(&params, &cfg.optim, total)?;
+    let mut ctx = Ctx::train(derive_seed(cfg.seed, &["student-dropout"]));
+    let pb = crate::util::progress(total as u64, "student");
+    let start = Instant::now();
+    let dev_cfg = manifest.dev().with_context(|| format!("{shards_dir}"))?;
+    let dev_score = if dev_cfg.fraction > 0.0 && manifest.split == task.train_split {
+        Some(dev_scorer(&tok, task, glue_dir, &dev_cfg)?)
+    } else {
+        None
+    };
+    let mut keeper = DevKeeper {
+        score: dev_score,
+        task,
+        device,
+        params: &params,
+        curve: Vec::new(),
+        best: None,
+    };
+    let plan = StepPlan {
+        task,
+        model: &model,
+        tok: &tok,
+        cfg,
+        device,
+        paths: &paths,
+        schema: &schema,
+        total,
+        eval_every: total.div_ceil(cfg.evals.max(1)).max(1),
+    };
+    let (step, seen) = plan.run(&mut opt, &mut ctx, &pb, &mut keeper)?;
+    pb.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    let (dev, best_step, curve) = keeper.restore_best(step, out)?;
+    let validation = plan.evaluate_and_save(&params, glue_dir, out)?;
+    let m = StudentMetrics {
+        task: task.name.into(),
+        methods: if cfg.methods.is_empty() {
+            manifest.method_rows.keys().cloned().collect()
+        } else {
+            cfg.methods.clone()
+        },
+        validation,
+        dev,
+        best_step,
+        curve,
+        steps: step,
+        rows_seen: seen,
+        rows_available,
+        train_seconds: secs,
+        eval_max_seq_len: crate::teacher::EVAL_MAX_SEQ_LEN,
+    };
+    atomic_write(
+        &out.join("metrics.json"),
+        serde_json::to_string_pretty(&m)?.as_bytes(),
+    )?;
+    Ok(m)
+}
+
+/// Checks that the shards are for `task` and the student fits them: known methods, the
+/// teacher's vocabulary and tokenizer, a usable `fgsm` table and the same source files.
+/// Returns the student's base checkpoint.
+fn check_student(
+    manifest: &Manifest,
+    shards_dir: &Location,
+    task: &TaskSpec,
+    glue_dir: &Path,
+    cfg: &StudentConfig,
+) -> Result<Checkpoint> {
     if manifest.task != task.name {
         bail!(
             "{}: shards are for task `{}`, not `{}`",
@@ -448,10 +529,18 @@ pub fn train(
             manifest.tokenizer_sha256
         );
     }
-    check_fgsm_table(&manifest, &ck, cfg)?;
-    check_source_files(&manifest, shards_dir, task, glue_dir)?;
-    let tok = TextTokenizer::load(&cfg.model, 512)?;
-    let schema = ShardSchema::new(task);
+    check_fgsm_table(manifest, &ck, cfg)?;
+    check_source_files(manifest, shards_dir, task, glue_dir)?;
+    Ok(ck)
+}
+
+/// Rows of the selected methods (all methods when none are selected) in the shards; refuses
+/// none.
+fn rows_available(
+    manifest: &Manifest,
+    shards_dir: &Location,
+    cfg: &StudentConfig,
+) -> Result<usize> {
     let rows_available: usize = manifest
         .shards
         .iter()
@@ -466,129 +555,165 @@ pub fn train(
     if rows_available == 0 {
         bail!("{}: no rows for methods {:?}", shards_dir, cfg.methods);
     }
-    let per_epoch = rows_available.div_ceil(cfg.optim.batch_size);
-    let total = cfg.max_steps.unwrap_or(per_epoch * cfg.epochs.max(1));
-    let (model, params) = ck.load_classifier(
-        device,
-        true,
-        task.num_labels,
-        cfg.layers,
-        derive_seed(cfg.seed, &["student-init"]),
-    )?;
-    let mut opt = Optim::new(&params, &cfg.optim, total)?;
-    let mut ctx = Ctx::train(derive_seed(cfg.seed, &["student-dropout"]));
-    let pb = crate::util::progress(total as u64, "student");
-    let start = Instant::now();
-    let (mut step, mut seen, mut epoch) = (0usize, 0usize, 0usize);
-    let mut curve = Vec::new();
-    let dev_cfg = manifest.dev().with_context(|| format!("{shards_dir}"))?;
-    let dev_score = if dev_cfg.fraction > 0.0 && manifest.split == task.train_split {
-        Some(dev_scorer(&tok, task, glue_dir, &dev_cfg)?)
-    } else {
-        None
-    };
-    let eval_every = total.div_ceil(cfg.evals.max(1)).max(1);
-    let mut best: Option<Kept> = None;
-    let mut check = |model: &SeqClassifier, step: usize| -> Result<()> {
-        let Some(score) = &dev_score else {
+    Ok(rows_available)
+}
+
+/// Scores the student on dev at each check, records the curve and keeps the best weights.
+struct DevKeeper<'a, S> {
+    /// Scores a model on dev; `None` when there is no dev split to score on.
+    score: Option<S>,
+    task: &'static TaskSpec,
+    device: &'a Device,
+    params: &'a Params,
+    curve: Vec<CurvePoint>,
+    best: Option<Kept>,
+}
+
+impl<S> DevKeeper<'_, S>
+where
+    S: Fn(&SeqClassifier, &Device) -> Result<BTreeMap<String, f64>>,
+{
+    /// Scores `model` at `step` and keeps its weights if it beats the best so far.
+    fn check(&mut self, model: &SeqClassifier, step: usize) -> Result<()> {
+        let Some(score) = &self.score else {
             return Ok(());
         };
-        let m = score(model, device)?;
-        let v = crate::metrics::primary(task, &m);
-        curve.push(CurvePoint { step, value: v });
+        let m = score(model, self.device)?;
+        let v = crate::metrics::primary(self.task, &m);
+        self.curve.push(CurvePoint { step, value: v });
         // Ties keep the earlier checkpoint; a NaN score never wins.
-        if crate::metrics::improves(v, best.as_ref().map(|b| b.score)) {
-            best = Some(Kept {
+        if crate::metrics::improves(v, self.best.as_ref().map(|b| b.score)) {
+            self.best = Some(Kept {
                 score: v,
                 step,
                 metrics: m,
-                weights: params.snapshot()?,
+                weights: self.params.snapshot()?,
             });
         }
         Ok(())
-    };
-    while step < total {
-        let mut stream = RowStream::new(
-            paths.clone(),
-            schema.clone(),
-            cfg.methods.clone(),
-            cfg.shuffle_buffer,
-            derive_seed(cfg.seed, &["student-epoch", &epoch.to_string()]),
-        );
-        loop {
-            let batches = stream.next_batches(cfg.optim.batch_size)?;
-            if batches.is_empty() {
-                break;
+    }
+
+    /// Restores the best weights kept; returns their dev metrics and step (none and the
+    /// last step without dev checks) and the curve. Refuses when every check scored NaN.
+    fn restore_best(
+        self,
+        step: usize,
+        out: &Path,
+    ) -> Result<(BTreeMap<String, f64>, usize, Vec<CurvePoint>)> {
+        let (dev, best_step) = match self.best {
+            Some(k) => {
+                self.params.restore(&k.weights)?;
+                (k.metrics, k.step)
             }
-            for rows in batches {
+            None if !self.curve.is_empty() => bail!(
+                "{}: every dev checkpoint scored NaN ({}): the student diverged; lower its learning rate",
+                out.display(),
+                self.task.primary_metric()
+            ),
+            None => (BTreeMap::new(), step),
+        };
+        Ok((dev, best_step, self.curve))
+    }
+}
+
+/// What the training loop steps through: the model, the shards and how often to check dev.
+struct StepPlan<'a> {
+    task: &'static TaskSpec,
+    model: &'a SeqClassifier,
+    tok: &'a TextTokenizer,
+    cfg: &'a StudentConfig,
+    device: &'a Device,
+    paths: &'a [Location],
+    schema: &'a ShardSchema,
+    total: usize,
+    eval_every: usize,
+}
+
+impl StepPlan<'_> {
+    /// Takes `total` optimizer steps over epochs of shuffled rows, checking dev every
+    /// `eval_every` steps and at the last; returns the steps taken and rows seen.
+    fn run<S>(
+        &self,
+        opt: &mut Optim,
+        ctx: &mut Ctx,
+        pb: &indicatif::ProgressBar,
+        keeper: &mut DevKeeper<'_, S>,
+    ) -> Result<(usize, usize)>
+    where
+        S: Fn(&SeqClassifier, &Device) -> Result<BTreeMap<String, f64>>,
+    {
+        let (total, cfg) = (self.total, self.cfg);
+        let (mut step, mut seen, mut epoch) = (0usize, 0usize, 0usize);
+        while step < total {
+            let mut stream = RowStream::new(
+                self.paths.to_vec(),
+                self.schema.clone(),
+                cfg.methods.clone(),
+                cfg.shuffle_buffer,
+                derive_seed(cfg.seed, &["student-epoch", &epoch.to_string()]),
+            );
+            loop {
+                let batches = stream.next_batches(cfg.optim.batch_size)?;
+                if batches.is_empty() {
+                    break;
+                }
+                for rows in batches {
+                    if step >= total {
+                        break;
+                    }
+                    let loss = batch_loss(
+                        self.task,
+                        self.model,
+                        &rows,
+                        self.tok,
+                        cfg,
+                        self.device,
+                        ctx,
+                    )?;
+                    opt.backward_step(&loss)?;
+                    step += 1;
+                    seen += rows.len();
+                    if step % self.eval_every == 0 || step == total {
+                        keeper.check(self.model, step)?;
+                    }
+                    if step % 10 == 0 {
+                        pb.set_prefix(format!("loss {:.4}", loss.to_scalar::<f32>()?));
+                    }
+                    pb.inc(1);
+                }
                 if step >= total {
                     break;
                 }
-                let loss = batch_loss(task, &model, &rows, &tok, cfg, device, &mut ctx)?;
-                opt.backward_step(&loss)?;
-                step += 1;
-                seen += rows.len();
-                if step % eval_every == 0 || step == total {
-                    check(&model, step)?;
-                }
-                if step % 10 == 0 {
-                    pb.set_prefix(format!("loss {:.4}", loss.to_scalar::<f32>()?));
-                }
-                pb.inc(1);
             }
-            if step >= total {
-                break;
-            }
+            epoch += 1;
         }
-        epoch += 1;
+        Ok((step, seen))
     }
-    pb.finish_and_clear();
-    let secs = start.elapsed().as_secs_f64();
-    let (dev, best_step) = match best {
-        Some(k) => {
-            params.restore(&k.weights)?;
-            (k.metrics, k.step)
-        }
-        None if !curve.is_empty() => bail!(
-            "{}: every dev checkpoint scored NaN ({}): the student diverged; lower its learning rate",
-            out.display(),
-            task.primary_metric()
-        ),
-        None => (BTreeMap::new(), step),
-    };
-    let validation = evaluate(&model, &tok, task, glue_dir, device)?;
-    let names = label_names(glue_dir, task);
-    save_classifier(
-        out,
-        &params,
-        &model.bert.config,
-        task.num_labels,
-        task,
-        &names,
-        &cfg.model,
-    )?;
-    let m = StudentMetrics {
-        task: task.name.into(),
-        methods: if cfg.methods.is_empty() {
-            manifest.method_rows.keys().cloned().collect()
-        } else {
-            cfg.methods.clone()
-        },
-        validation,
-        dev,
-        best_step,
-        curve,
-        steps: step,
-        rows_seen: seen,
-        rows_available,
-        train_seconds: secs,
-        eval_max_seq_len: crate::teacher::EVAL_MAX_SEQ_LEN,
-    };
-    atomic_write(
-        &out.join("metrics.json"),
-        serde_json::to_string_pretty(&m)?.as_bytes(),
-    )?;
-    Ok(m)
+}
+
+impl StepPlan<'_> {
+    /// Evaluates the student on the validation splits, then saves it as a checkpoint in
+    /// `out`; returns the validation metrics.
+    fn evaluate_and_save(
+        &self,
+        params: &Params,
+        glue_dir: &Path,
+        out: &Path,
+    ) -> Result<BTreeMap<String, BTreeMap<String, f64>>> {
+        let (model, task) = (self.model, self.task);
+        let validation = evaluate(model, self.tok, task, glue_dir, self.device)?;
+        let names = label_names(glue_dir, task);
+        save_classifier(
+            out,
+            params,
+            &model.bert.config,
+            task.num_labels,
+            task,
+            &names,
+            &self.cfg.model,
+        )?;
+        Ok(validation)
+    }
 }
 
 /// The task's primary metric on the first validation split.

@@ -111,28 +111,7 @@ pub fn array_spec(idx: &[usize]) -> String {
 
 /// Works out which stages are still needed and writes their scripts' text.
 pub fn plan(o: &SubmitOptions) -> Result<Plan> {
-    if o.shards == 0 {
-        bail!("--shards must be at least 1, got 0");
-    }
-    let mut cfg = PipelineConfig::load_with(&o.pipeline, &o.overrides)?;
-    cfg.shards = o.shards;
-    cfg.validate()
-        .with_context(|| o.pipeline.display().to_string())?;
-    let root = o.out.as_deref().unwrap_or(&cfg.output);
-    let out_root = if Location::from_arg(root)?.is_remote() {
-        root.to_path_buf()
-    } else {
-        absolute(root)?
-    };
-    let loc = pipeline::output_dir(&cfg, Some(&out_root))?;
-    let exists = match loc.as_local() {
-        Some(d) => d.is_dir(),
-        None => true,
-    };
-    if exists {
-        // The same refusals as a local run: never mix configurations in one directory.
-        pipeline::prepare_out_dir(&loc, &pipeline::config_sha256(&cfg)?, false)?;
-    }
+    let (cfg, out_root, loc) = prepare_output(o)?;
     let mut missing = Vec::new();
     for i in 0..o.shards {
         if !pipeline::shard_complete(&loc, i, o.shards)? {
@@ -168,25 +147,88 @@ pub fn plan(o: &SubmitOptions) -> Result<Plan> {
         common.push("--set".into());
         common.push(s.clone());
     }
-    let augpro = |extra: &[&str]| -> String {
-        let mut words = vec![
-            sh(&exe.display().to_string()),
-            "--threads".into(),
-            "\"${SLURM_CPUS_PER_TASK:-1}\"".into(),
-        ];
-        words.extend(common.iter().map(|w| sh(w)));
-        words.extend(extra.iter().map(|w| w.to_string()));
-        words.join(" ")
-    };
     // The job name carries a short hash of the output directory, so a resubmission can see
     // whether jobs for the same output are still queued.
     let job = job_prefix(&cfg.task, &cfg.name, &out);
-    let header = |stage: &str, log: &str| -> String {
+    let scripts = Scripts {
+        o,
+        exe,
+        common,
+        job,
+        workdir,
+        script_dir,
+    };
+    let stages = scripts.stages(&cfg, &missing, finalized, &out)?;
+    Ok(Plan {
+        out,
+        script_dir: scripts.script_dir,
+        missing,
+        stages,
+        job: scripts.job,
+    })
+}
+
+/// Loads and validates the pipeline for `o.shards` shards and finds its output directory;
+/// when that exists, refuses it as a local run would. Returns the configuration, the output
+/// root and the output directory.
+fn prepare_output(o: &SubmitOptions) -> Result<(PipelineConfig, PathBuf, Location)> {
+    if o.shards == 0 {
+        bail!("--shards must be at least 1, got 0");
+    }
+    let mut cfg = PipelineConfig::load_with(&o.pipeline, &o.overrides)?;
+    cfg.shards = o.shards;
+    cfg.validate()
+        .with_context(|| o.pipeline.display().to_string())?;
+    let root = o.out.as_deref().unwrap_or(&cfg.output);
+    let out_root = if Location::from_arg(root)?.is_remote() {
+        root.to_path_buf()
+    } else {
+        absolute(root)?
+    };
+    let loc = pipeline::output_dir(&cfg, Some(&out_root))?;
+    let exists = match loc.as_local() {
+        Some(d) => d.is_dir(),
+        None => true,
+    };
+    if exists {
+        // The same refusals as a local run: never mix configurations in one directory.
+        pipeline::prepare_out_dir(&loc, &pipeline::config_sha256(&cfg)?, false)?;
+    }
+    Ok((cfg, out_root, loc))
+}
+
+/// What every stage's script is made from: the scheduler options, the binary and its
+/// `augment` arguments, the job-name prefix and the directories.
+struct Scripts<'a> {
+    o: &'a SubmitOptions,
+    exe: PathBuf,
+    common: Vec<String>,
+    job: String,
+    workdir: PathBuf,
+    script_dir: PathBuf,
+}
+
+impl Scripts<'_> {
+    /// The `augpro augment` command line with the common arguments and `extra`.
+    fn augpro(&self, extra: &[&str]) -> String {
+        let mut words = vec![
+            sh(&self.exe.display().to_string()),
+            "--threads".into(),
+            "\"${SLURM_CPUS_PER_TASK:-1}\"".into(),
+        ];
+        words.extend(self.common.iter().map(|w| sh(w)));
+        words.extend(extra.iter().map(|w| w.to_string()));
+        words.join(" ")
+    }
+
+    /// The `#SBATCH` header of a stage's script, logging to `log` in the script directory.
+    fn header(&self, stage: &str, log: &str) -> String {
+        let o = self.o;
         let mut h = format!(
             "#!/bin/bash\n#SBATCH --job-name={}\n#SBATCH --chdir={}\n#SBATCH --output={}\n",
-            sh(&format!("{job}-{stage}")),
-            sh(&workdir.display().to_string()),
-            sh(&script_dir.join(log).display().to_string())
+            sh(&format!("{}-{stage}", self.job)),
+            sh(&self.workdir.display().to_string()),
+            sh(&self.script_dir.join(log).display().to_string())
         );
         let mut opt = |k: &str, v: Option<String>| {
             if let Some(v) = v {
@@ -204,53 +246,58 @@ pub fn plan(o: &SubmitOptions) -> Result<Plan> {
         opt("mem", o.mem.clone());
         h.push_str("set -euo pipefail\n");
         h
-    };
-    let mut stages = Vec::new();
-    if !missing.is_empty() && !pipeline::teacher_ready(&cfg)? {
-        stages.push(Stage {
-            name: "teacher",
-            script: format!(
-                "{}{}\n",
-                header("teacher", "teacher-%j.out"),
-                augpro(&["--teacher-only"])
-            ),
-            flags: vec![],
-        });
     }
-    if !missing.is_empty() {
-        stages.push(Stage {
-            name: "shards",
-            script: format!(
-                "{}{}\n",
-                header("shards", "shard-%a-%A.out"),
-                augpro(&["--shard-index", "\"$SLURM_ARRAY_TASK_ID\""])
-            ),
-            flags: vec![format!("--array={}", array_spec(&missing))],
-        });
+
+    /// The stages still needed: the teacher (unless ready) and the shards while some are
+    /// missing, and the finalizer until the output is finalized.
+    fn stages(
+        &self,
+        cfg: &PipelineConfig,
+        missing: &[usize],
+        finalized: bool,
+        out: &Path,
+    ) -> Result<Vec<Stage>> {
+        let mut stages = Vec::new();
+        if !missing.is_empty() && !pipeline::teacher_ready(cfg)? {
+            stages.push(Stage {
+                name: "teacher",
+                script: format!(
+                    "{}{}\n",
+                    self.header("teacher", "teacher-%j.out"),
+                    self.augpro(&["--teacher-only"])
+                ),
+                flags: vec![],
+            });
+        }
+        if !missing.is_empty() {
+            stages.push(Stage {
+                name: "shards",
+                script: format!(
+                    "{}{}\n",
+                    self.header("shards", "shard-%a-%A.out"),
+                    self.augpro(&["--shard-index", "\"$SLURM_ARRAY_TASK_ID\""])
+                ),
+                flags: vec![format!("--array={}", array_spec(missing))],
+            });
+        }
+        if !finalized {
+            let verify = format!(
+                "{} verify {}",
+                sh(&self.exe.display().to_string()),
+                sh(&out.display().to_string())
+            );
+            stages.push(Stage {
+                name: "finalize",
+                script: format!(
+                    "{}{}\n{verify}\n",
+                    self.header("finalize", "finalize-%j.out"),
+                    self.augpro(&["--finalize"])
+                ),
+                flags: vec![],
+            });
+        }
+        Ok(stages)
     }
-    if !finalized {
-        let verify = format!(
-            "{} verify {}",
-            sh(&exe.display().to_string()),
-            sh(&out.display().to_string())
-        );
-        stages.push(Stage {
-            name: "finalize",
-            script: format!(
-                "{}{}\n{verify}\n",
-                header("finalize", "finalize-%j.out"),
-                augpro(&["--finalize"])
-            ),
-            flags: vec![],
-        });
-    }
-    Ok(Plan {
-        out,
-        script_dir,
-        missing,
-        stages,
-        job,
-    })
 }
 
 /// `augpro-<task>-<name>-<hash of the output directory>`, the prefix of every job name.
@@ -301,36 +348,8 @@ pub fn submit(o: &SubmitOptions) -> Result<Vec<(String, String)>> {
             array_spec(&p.missing)
         );
     }
-    let sbatch_args = |s: &Stage, prev: Option<&str>| -> Vec<String> {
-        let mut a = vec!["--parsable".to_string()];
-        a.extend(s.flags.iter().cloned());
-        if let Some(prev) = prev {
-            a.push(format!("--dependency=afterok:{prev}"));
-            a.push("--kill-on-invalid-dep=yes".into());
-        }
-        a.push(
-            p.script_dir
-                .join(format!("{}.sbatch", s.name))
-                .display()
-                .to_string(),
-        );
-        a
-    };
     if o.dry_run {
-        let mut prev: Option<String> = None;
-        for s in &p.stages {
-            println!(
-                "# {}: sbatch {}\n{}",
-                s.name,
-                sbatch_args(s, prev.as_deref()).join(" "),
-                s.script
-            );
-            prev = Some(format!("<{} job id>", s.name));
-        }
-        println!(
-            "(dry run: nothing written or submitted; scripts would go to {})",
-            p.script_dir.display()
-        );
+        print_dry_run(&p);
         return Ok(Vec::new());
     }
     let queued = queued_jobs(&p.job)?;
@@ -341,36 +360,83 @@ pub fn submit(o: &SubmitOptions) -> Result<Vec<(String, String)>> {
         .with_context(|| format!("{}: cannot create script directory", p.script_dir.display()))?;
     let mut ids: Vec<(String, String)> = Vec::new();
     for s in &p.stages {
-        let path = p.script_dir.join(format!("{}.sbatch", s.name));
-        crate::util::atomic_write(&path, s.script.as_bytes())?;
-        let outp = Command::new("sbatch")
-            .args(sbatch_args(s, ids.last().map(|(_, id)| id.as_str())))
-            .output()
-            .with_context(|| "sbatch: cannot run (is Slurm installed and on PATH?)".to_string())?;
-        if !outp.status.success() {
-            bail!(
-                "sbatch {}: {}",
-                path.display(),
-                String::from_utf8_lossy(&outp.stderr)
-                    .trim()
-                    .replace('\n', " ")
-            );
-        }
-        let id = String::from_utf8_lossy(&outp.stdout)
-            .trim()
-            .split(';')
-            .next()
-            .unwrap_or_default()
-            .to_string();
-        if id.is_empty() || !id.chars().all(|c| c.is_ascii_digit()) {
-            bail!(
-                "sbatch {}: unexpected job id {:?}",
-                path.display(),
-                String::from_utf8_lossy(&outp.stdout)
-            );
-        }
+        let id = sbatch(&p, s, ids.last().map(|(_, id)| id.as_str()))?;
         ids.push((s.name.to_string(), id));
     }
+    print_submitted(&p, &ids);
+    Ok(ids)
+}
+
+/// `sbatch` arguments for a stage, depending on the job `prev` when given.
+fn sbatch_args(p: &Plan, s: &Stage, prev: Option<&str>) -> Vec<String> {
+    let mut a = vec!["--parsable".to_string()];
+    a.extend(s.flags.iter().cloned());
+    if let Some(prev) = prev {
+        a.push(format!("--dependency=afterok:{prev}"));
+        a.push("--kill-on-invalid-dep=yes".into());
+    }
+    a.push(
+        p.script_dir
+            .join(format!("{}.sbatch", s.name))
+            .display()
+            .to_string(),
+    );
+    a
+}
+
+/// Prints each stage's `sbatch` command and script, writing and submitting nothing.
+fn print_dry_run(p: &Plan) {
+    let mut prev: Option<String> = None;
+    for s in &p.stages {
+        println!(
+            "# {}: sbatch {}\n{}",
+            s.name,
+            sbatch_args(p, s, prev.as_deref()).join(" "),
+            s.script
+        );
+        prev = Some(format!("<{} job id>", s.name));
+    }
+    println!(
+        "(dry run: nothing written or submitted; scripts would go to {})",
+        p.script_dir.display()
+    );
+}
+
+/// Writes a stage's script and submits it after the job `prev`; returns its job id.
+fn sbatch(p: &Plan, s: &Stage, prev: Option<&str>) -> Result<String> {
+    let path = p.script_dir.join(format!("{}.sbatch", s.name));
+    crate::util::atomic_write(&path, s.script.as_bytes())?;
+    let outp = Command::new("sbatch")
+        .args(sbatch_args(p, s, prev))
+        .output()
+        .with_context(|| "sbatch: cannot run (is Slurm installed and on PATH?)".to_string())?;
+    if !outp.status.success() {
+        bail!(
+            "sbatch {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&outp.stderr)
+                .trim()
+                .replace('\n', " ")
+        );
+    }
+    let id = String::from_utf8_lossy(&outp.stdout)
+        .trim()
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    if id.is_empty() || !id.chars().all(|c| c.is_ascii_digit()) {
+        bail!(
+            "sbatch {}: unexpected job id {:?}",
+            path.display(),
+            String::from_utf8_lossy(&outp.stdout)
+        );
+    }
+    Ok(id)
+}
+
+/// Prints the submitted job ids and how to watch them.
+fn print_submitted(p: &Plan, ids: &[(String, String)]) {
     let list: Vec<&str> = ids.iter().map(|(_, id)| id.as_str()).collect();
     println!(
         "submitted: {}",
@@ -386,7 +452,6 @@ pub fn submit(o: &SubmitOptions) -> Result<Vec<(String, String)>> {
     );
     println!("logs:      {}", p.script_dir.display());
     println!("output:    {}", p.out.display());
-    Ok(ids)
 }
 
 #[cfg(test)]

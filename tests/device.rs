@@ -1,4 +1,4 @@
-//! The device paths: exact projection as tensor ops against FAISS `Flat`, and the teacher in
+//! The device paths: exact projection as tensor ops against the exact CPU search, and the teacher in
 //! each dtype against the PyTorch reference. They run on the CPU here; `make gpu-check` runs
 //! them on CUDA with `AUGPRO_TEST_DEVICE=cuda`.
 
@@ -71,7 +71,7 @@ fn mixed_points(table: &[f32], d: usize, special: &[bool], n: usize, seed: u64) 
 }
 
 #[test]
-fn device_projection_gives_the_faiss_flat_ids_on_minilm() {
+fn device_projection_gives_the_exact_search_ids_on_minilm() {
     let dev = test_device();
     let (table, d, special) = minilm_table();
     let keep = |t: u32| !special[t as usize];

@@ -72,23 +72,9 @@ pub fn print(dir: &Location, n: usize) -> Result<()> {
         println!("  {}", d.summary(k, m.num_labels == 1));
     }
     if let Some(t) = dir.join("timings.json").read_opt()? {
-        let t: serde_json::Value = serde_json::from_slice(&t)?;
-        let mut per: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
-        for shard in t.as_object().into_iter().flat_map(|o| o.values()) {
-            let ex = shard["examples"].as_f64().unwrap_or(0.0);
-            for (k, v) in shard["method_seconds"].as_object().into_iter().flatten() {
-                let e = per.entry(k.clone()).or_default();
-                e.0 += ex;
-                e.1 += v.as_f64().unwrap_or(0.0);
-            }
-        }
-        let rates: Vec<String> = per
-            .iter()
-            .map(|(k, (ex, s))| format!("{k} {:.0}", ex / s.max(1e-9)))
-            .collect();
         println!(
             "source examples/s per method (teacher time included): {}",
-            rates.join(", ")
+            method_rates(&serde_json::from_slice(&t)?).join(", ")
         );
     }
     let task = crate::glue::task(&m.task)?;
@@ -97,18 +83,43 @@ pub fn print(dir: &Location, n: usize) -> Result<()> {
     let first = m.shards.first().map(|s| s.files.len()).unwrap_or(0);
     let mut rows: Vec<Row> = Vec::new();
     for p in paths.iter().take(first) {
-        let mut r = ShardReader::open(p, &schema)?;
-        let mut got = 0;
-        while got < 8192 {
-            match r.next_rows(&schema)? {
-                Some(b) => {
-                    got += b.len();
-                    rows.extend(b)
-                }
-                None => break,
-            }
+        rows.extend(first_rows(&schema, p, 8192)?);
+    }
+    print_examples(&rows, n);
+    Ok(())
+}
+
+/// `method examples/s` over all shards, from `timings.json`.
+fn method_rates(t: &serde_json::Value) -> Vec<String> {
+    let mut per: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
+    for shard in t.as_object().into_iter().flat_map(|o| o.values()) {
+        let ex = shard["examples"].as_f64().unwrap_or(0.0);
+        for (k, v) in shard["method_seconds"].as_object().into_iter().flatten() {
+            let e = per.entry(k.clone()).or_default();
+            e.0 += ex;
+            e.1 += v.as_f64().unwrap_or(0.0);
         }
     }
+    per.iter()
+        .map(|(k, (ex, s))| format!("{k} {:.0}", ex / s.max(1e-9)))
+        .collect()
+}
+
+/// The first `limit` rows of a shard file (whole record batches, so a few more).
+fn first_rows(schema: &ShardSchema, p: &Location, limit: usize) -> Result<Vec<Row>> {
+    let mut r = ShardReader::open(p, schema)?;
+    let mut rows = Vec::new();
+    while rows.len() < limit {
+        match r.next_rows(schema)? {
+            Some(b) => rows.extend(b),
+            None => break,
+        }
+    }
+    Ok(rows)
+}
+
+/// Up to `n` rows of each augmentation method, each beside its source.
+fn print_examples(rows: &[Row], n: usize) {
     let originals: HashMap<i64, &Row> = rows
         .iter()
         .filter(|r| r.method == "original")
@@ -137,23 +148,25 @@ pub fn print(dir: &Location, n: usize) -> Result<()> {
                 .get(&p.idx)
                 .map(|o| o.texts.join(" || "))
                 .unwrap_or_default();
-            let extra = match (p.lambda, p.epsilon, p.changed_tokens) {
-                (Some(l), _, c) => format!(
-                    "λ={l:.2} changed={}",
-                    c.map(|c| c.to_string()).unwrap_or("-".into())
-                ),
-                (_, Some(e), c) => format!(
-                    "ε={e:.3} changed={}",
-                    c.map(|c| c.to_string()).unwrap_or("-".into())
-                ),
-                (_, _, c) => format!("changed={}", c.map(|c| c.to_string()).unwrap_or("-".into())),
-            };
             println!(
-                "  source : {src}\n  {method:<7}: {}   [{extra}; teacher {:?}]",
+                "  source : {src}\n  {method:<7}: {}   [{}; teacher {:?}]",
                 p.texts.join(" || "),
+                row_setting(p),
                 p.teacher_logits
             );
         }
     }
-    Ok(())
+}
+
+/// λ or ε of an augmented row, and how many of its tokens changed.
+fn row_setting(p: &Row) -> String {
+    let changed = p
+        .changed_tokens
+        .map(|c| c.to_string())
+        .unwrap_or("-".into());
+    match (p.lambda, p.epsilon) {
+        (Some(l), _) => format!("λ={l:.2} changed={changed}"),
+        (_, Some(e)) => format!("ε={e:.3} changed={changed}"),
+        _ => format!("changed={changed}"),
+    }
 }

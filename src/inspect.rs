@@ -1,7 +1,7 @@
 //! `augpro inspect`: per-method diagnostics computed with polars over the shards, and a
 //! few decoded augmented rows side by side with their sources.
 
-use crate::shards::manifest::shard_paths;
+use crate::shards::manifest::{shard_paths, TIMINGS};
 use crate::shards::reader::ShardReader;
 use crate::shards::{Row, ShardSchema};
 use crate::storage::Location;
@@ -71,7 +71,7 @@ pub fn print(dir: &Location, n: usize) -> Result<()> {
     for (k, d) in &m.diagnostics {
         println!("  {}", d.summary(k, m.num_labels == 1));
     }
-    if let Some(t) = dir.join("timings.json").read_opt()? {
+    if let Some(t) = dir.join(TIMINGS).read_opt()? {
         println!(
             "source examples/s per method (teacher time included): {}",
             method_rates(&serde_json::from_slice(&t)?).join(", ")

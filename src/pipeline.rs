@@ -10,7 +10,7 @@ use crate::model::Checkpoint;
 use crate::shards::card;
 use crate::shards::manifest::{
     read_manifest, shard_files, shard_name, summary_name, Manifest, MethodDiagnostics,
-    ShardSummary, DATA_DIR, FORMAT_VERSION, MANIFEST,
+    ShardSummary, CARD, DATA_DIR, FORMAT_VERSION, MANIFEST, TIMINGS,
 };
 use crate::shards::writer::ShardWriter;
 use crate::shards::{MethodStats, ShardSchema};
@@ -640,10 +640,10 @@ fn finished_shards(
 fn check_shard_data(out: &Location, s: &ShardSummary) -> Result<()> {
     for f in &s.files {
         let loc = out.join(&f.file);
-        let bytes = loc
-            .read_bounded(f.bytes)?
-            .with_context(|| format!("{loc}: missing"))?;
-        let h = sha256_bytes(&bytes);
+        // The size first, so a file of another size is refused unread; a local file is
+        // then hashed as it streams.
+        loc.check_size(f.bytes)?;
+        let h = loc.sha256()?;
         if h != f.sha256 {
             bail!("{loc}: sha256 {h} is not the {} recorded for it", f.sha256);
         }
@@ -679,7 +679,7 @@ fn check_same_inputs(out: &Location, shards: &[ShardSummary]) -> Result<()> {
 /// this host is gone, since another finalizer may be writing them right now.
 fn sweep_worker_temporaries(out: &Location) -> Result<()> {
     let finalizer_output = |n: &str| {
-        [MANIFEST, "README.md", "timings.json"]
+        [MANIFEST, CARD, TIMINGS]
             .iter()
             .any(|f| n.starts_with(&format!(".{f}.tmp-")))
     };
@@ -768,8 +768,7 @@ fn build_manifest(
 /// only the finalizer that created the manifest does, or a rerun that finds them missing.
 fn write_card_and_timings(cfg: &PipelineConfig, out: &Location, manifest: &Manifest) -> Result<()> {
     let schema = ShardSchema::new(glue::task(&manifest.task)?);
-    out.join("README.md")
-        .put(card::render(manifest, &schema).into())?;
+    out.join(CARD).put(card::render(manifest, &schema).into())?;
     let mut timings = serde_json::Map::new();
     for i in 0..cfg.shards {
         if let Some(b) = out.join(&format!(".timing-{i:05}.json")).read_opt()? {
@@ -778,7 +777,7 @@ fn write_card_and_timings(cfg: &PipelineConfig, out: &Location, manifest: &Manif
             }
         }
     }
-    out.join("timings.json")
+    out.join(TIMINGS)
         .put(serde_json::to_string_pretty(&timings)?.into())
 }
 
@@ -786,7 +785,7 @@ fn write_card_and_timings(cfg: &PipelineConfig, out: &Location, manifest: &Manif
 /// the finalizer was stopped between the manifest and them (the same bytes it would have
 /// written).
 fn complete_finalized(cfg: &PipelineConfig, out: &Location) -> Result<()> {
-    if out.join("README.md").exists()? && out.join("timings.json").exists()? {
+    if out.join(CARD).exists()? && out.join(TIMINGS).exists()? {
         return Ok(());
     }
     let manifest = read_manifest(out)?;

@@ -386,7 +386,6 @@ fn both<S: ObjectStore + MultipartStore>(s: S) -> (Arc<dyn ObjectStore>, Arc<dyn
 /// A multipart upload under way: its object, its id, and the record object beside it
 /// (`.<name>.tmp-<host>-<pid>`, holding the id) by which a rerun finds and aborts it if this
 /// process dies.
-#[derive(Clone)]
 struct Upload {
     object: Location,
     id: String,

@@ -17,6 +17,12 @@ pub const FORMAT_VERSION: u32 = 2;
 /// File name of the manifest, written last: a dataset is complete when it exists.
 pub const MANIFEST: &str = "manifest.json";
 
+/// File name of the dataset card, written by finalize after the manifest.
+pub const CARD: &str = "README.md";
+
+/// File name of the shards' timings, written by finalize after the manifest.
+pub const TIMINGS: &str = "timings.json";
+
 /// Folder of the Parquet files, as on the Hugging Face Hub.
 pub const DATA_DIR: &str = "data";
 
@@ -344,7 +350,7 @@ pub fn verify(dir: &Location) -> Result<Vec<String>> {
         .flat_map(|s| &s.files)
         .map(|f| f.file.clone())
         .collect();
-    known.extend(["manifest.json", "README.md", "timings.json"].map(String::from));
+    known.extend([MANIFEST, CARD, TIMINGS].map(String::from));
     for s in &m.shards {
         let mut per: BTreeMap<String, u64> = BTreeMap::new();
         let listed: u64 = s.files.iter().map(|f| f.rows).sum();

@@ -349,6 +349,11 @@ pub struct ReportArgs {
     /// Name of this variant: shards and report go to `<task>-<tag>` instead of `<task>`.
     #[arg(long)]
     pub tag: Option<String>,
+    /// How much data AugPro saves: source-example counts, ascending (e.g.
+    /// `250,1000,4000`); with `--tune`, plain KD, the best baseline and both AugPro
+    /// methods at each count, written to `<out>/scaling[-<tag>]/`.
+    #[arg(long, value_delimiter = ',')]
+    pub scaling: Option<Vec<usize>>,
     #[command(flatten)]
     pub dev: DeviceArgs,
 }
@@ -611,6 +616,7 @@ fn run_report(a: ReportArgs) -> Result<()> {
         methods: a.methods,
         overrides: a.set,
         tag: a.tag,
+        scaling: a.scaling,
     };
     let dir = report::run(&opts, &device)?;
     println!("report: {}", dir.join("results.md").display());

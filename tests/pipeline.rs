@@ -908,6 +908,91 @@ fn report_refuses_a_task_the_low_preset_has_not_sized() {
 }
 
 #[test]
+fn report_scaling_sizes_the_student_on_dev_at_every_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().to_str().unwrap();
+    // Without tuning there is no chosen setting to scale: one line, nothing written.
+    let line = fail(&["report", "--scaling", "48,96", "--out", out]);
+    assert!(line.contains("--tune"), "{line}");
+    assert!(std::fs::read_dir(tmp.path()).unwrap().next().is_none());
+    let shards = format!("output={}", tmp.path().join("shards").display());
+    let text = ok(&[
+        "report",
+        "--tasks",
+        "sst2",
+        "--preset",
+        "smoke",
+        "--tune",
+        "--methods",
+        "token_replace,augpro_mix",
+        "--seeds",
+        "2",
+        "--scaling",
+        "48,96",
+        "--out",
+        out,
+        "--set",
+        &shards,
+    ]);
+    assert!(text.contains("# How much data AugPro saves"), "{text}");
+    let dir = tmp.path().join("scaling-token_replace+augpro_mix");
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("results.json")).unwrap()).unwrap();
+    assert!(
+        r["command"].as_str().unwrap().contains("--scaling 48,96"),
+        "{r}"
+    );
+    let task = &r["tasks"][0];
+    let task_dir = tmp.path().join("sst2-token_replace+augpro_mix");
+    let points = task["points"].as_array().unwrap();
+    assert_eq!(points.len(), 2);
+    for (p, n) in points.iter().zip([48, 96]) {
+        assert_eq!(p["source_examples"], n, "{p}");
+        // The step count is plain KD's dev-best among the ones tried (tuning runs).
+        let sizing = p["sizing"].as_array().unwrap();
+        assert_eq!(sizing.len(), 3, "{p}");
+        let best = sizing
+            .iter()
+            .map(|s| s["dev"].as_f64().unwrap())
+            .fold(f64::NEG_INFINITY, f64::max);
+        let chosen: Vec<&serde_json::Value> =
+            sizing.iter().filter(|s| s["chosen"] == true).collect();
+        assert_eq!(chosen.len(), 1, "{p}");
+        assert_eq!(chosen[0]["dev"].as_f64().unwrap(), best, "{p}");
+        assert_eq!(chosen[0]["steps"], p["steps"], "{p}");
+        for run in sizing.iter().flat_map(|s| s["runs"].as_array().unwrap()) {
+            let run = run.as_str().unwrap();
+            assert!(run.starts_with("students/tune/"), "{run}");
+            assert!(run_seed(&task_dir, run) >= 1000, "{run}");
+        }
+        let rows = p["rows"].as_array().unwrap();
+        let labels: Vec<&str> = rows.iter().map(|m| m["label"].as_str().unwrap()).collect();
+        assert_eq!(
+            labels,
+            ["original (plain KD)", "token_replace", "augpro_mix"]
+        );
+        // Every method trains at the sized step count over the final seeds.
+        for row in rows {
+            let runs = row["runs"].as_array().unwrap();
+            assert_eq!(runs.len(), 2, "{row}");
+            for (i, run) in runs.iter().enumerate() {
+                let run = run.as_str().unwrap();
+                assert!(run.starts_with("students/final/"), "{run}");
+                assert_eq!(run_seed(&task_dir, run), i as u64, "{run}");
+                let done: serde_json::Value = serde_json::from_slice(
+                    &std::fs::read(task_dir.join(run).join("report-run.json")).unwrap(),
+                )
+                .unwrap();
+                assert_eq!(done["key"]["student"]["max_steps"], p["steps"], "{done}");
+            }
+            assert_eq!(row["vs_kd"].is_null(), row["method"] == "original", "{row}");
+        }
+    }
+    assert_eq!(task["worth"].as_array().unwrap().len(), 4, "{task}");
+    assert!(std::fs::metadata(dir.join("sst2.png")).unwrap().len() > 200);
+}
+
+#[test]
 fn augpro_fgsm_with_a_student_checkpoint() {
     // The gradient of KL(teacher ‖ student) is taken in the student's embedding space and
     // projected there; the base encoder (fresh head) stands in for a student.

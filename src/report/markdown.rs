@@ -347,6 +347,88 @@ fn glue_notes(rs: &[TaskResult]) -> String {
     s
 }
 
+/// The scaling report (`--scaling`): per task, every method at every size, then what each
+/// method's score is worth in plain-KD source examples.
+pub fn scaling(command: &str, rs: &[super::scaling::TaskScaling]) -> String {
+    let mut s = format!(
+        "# How much data AugPro saves\n\nRegenerate: `{command}`\n\n\
+         Protocol: each method keeps the setting its dev tuning chose at the table's budget. \
+         At each number of source examples the student's step count is sized on dev for plain \
+         KD (tuning runs with their own seeds, at the table's steps scaled to the size, half and \
+         twice that), and every method trains at that count over the final seeds 0..n; \
+         validation is scored once per final run and chooses nothing. Scores ×100 with 95% \
+         intervals; Δ is paired with plain KD over the same seeds; p (Holm) is adjusted over \
+         every paired test of the task's table, † below {ALPHA}. \"Plain-KD examples\" places a \
+         method's mean on plain KD's curve (linear in log examples between sizes).\n"
+    );
+    for r in rs {
+        s.push_str(&scaling_task(r));
+    }
+    s
+}
+
+fn scaling_task(r: &super::scaling::TaskScaling) -> String {
+    let m = &r.metric;
+    let mut s = format!(
+        "\n## {} ({m})\n\nSettings: {}. Plot: [`{}.png`]({}.png).\n\n\
+         | source examples | steps | method | validation {m} | Δ vs plain KD | p | p (Holm) | reading |\n\
+         |---:|---:|---|---:|---:|---:|---:|---|\n",
+        r.task,
+        r.settings
+            .iter()
+            .map(|(k, v)| format!("{k} [{}]", v.label))
+            .collect::<Vec<_>>()
+            .join(", "),
+        r.task,
+        r.task,
+    );
+    for p in &r.points {
+        for row in &p.rows {
+            let v = &row.validation;
+            let (d, pv, ph, reading) = match &row.vs_kd {
+                Some(t) => (
+                    format!("{} {}{}", pm(t.paired.mean), half(t.paired.ci95), dagger(t)),
+                    p_value(t.paired.p),
+                    p_value(t.p_holm),
+                    verdict(t),
+                ),
+                None => ("".into(), "".into(), "".into(), "".into()),
+            };
+            s.push_str(&format!(
+                "| {} | {} | {} | {} {} | {d} | {pv} | {ph} | {reading} |\n",
+                p.source_examples,
+                p.steps,
+                row.label,
+                pct(v.mean),
+                half(v.ci95),
+            ));
+        }
+    }
+    s.push_str(&format!(
+        "\n| method | source examples | validation {m} | plain-KD examples | × |\n|---|---:|---:|---:|---:|\n"
+    ));
+    for w in &r.worth {
+        use super::scaling::Equivalent;
+        let (kd, ratio) = match w.kd_examples {
+            Equivalent::Examples(n) => (format!("{n:.0}"), format!("{:.2}", n / w.examples as f64)),
+            Equivalent::BelowSmallest => ("below the smallest size".into(), "–".into()),
+            Equivalent::AboveLargest => ("above the largest size".into(), "–".into()),
+        };
+        let note = if w.significant {
+            ""
+        } else {
+            " (Δ within noise after Holm)"
+        };
+        s.push_str(&format!(
+            "| {} | {} | {} | {kd}{note} | {ratio} |\n",
+            w.method,
+            w.examples,
+            pct(w.score)
+        ));
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

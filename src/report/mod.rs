@@ -10,6 +10,7 @@
 mod markdown;
 mod plots;
 mod runs;
+mod scaling;
 pub mod stats;
 
 use crate::glue::{self, TaskSpec};
@@ -76,6 +77,8 @@ pub struct ReportOptions {
     pub overrides: Vec<String>,
     /// Variant name appended to the shard and report directory names.
     pub tag: Option<String>,
+    /// Source-example counts of the scaling comparison (`--scaling`, ascending).
+    pub scaling: Option<Vec<usize>>,
 }
 
 /// A value for every task, or per task: `150`, or `sst2=150,cola=600` (from a
@@ -296,6 +299,7 @@ pub struct TaskResult {
 }
 
 /// One task's student budget.
+#[derive(Clone)]
 struct Budget {
     examples: usize,
     seeds: usize,
@@ -389,7 +393,7 @@ fn check_options(o: &ReportOptions) -> Result<()> {
             runs::TUNE_SEED_BASE
         );
     }
-    Ok(())
+    scaling::check(o)
 }
 
 /// Runs the comparison on every task; returns the directory of the main results file.
@@ -403,6 +407,9 @@ pub fn run(o: &ReportOptions, device: &Device) -> Result<PathBuf> {
     // Every task's budget before any run: a task without one stops the command at once.
     let budgets: Vec<Budget> = tasks.iter().map(|t| budget(o, t)).collect::<Result<_>>()?;
     let hashes = FileHashes::default();
+    if o.scaling.is_some() {
+        return scaling::run(o, tasks.into_iter().zip(budgets).collect(), &hashes, device);
+    }
     let mut results = Vec::new();
     let mut last = PathBuf::new();
     for (task, b) in tasks.into_iter().zip(budgets) {
@@ -476,6 +483,10 @@ fn command(o: &ReportOptions) -> String {
     }
     if let Some(t) = &o.tag {
         c.push_str(&format!(" --tag {t}"));
+    }
+    if let Some(sizes) = &o.scaling {
+        let v: Vec<String> = sizes.iter().map(|n| n.to_string()).collect();
+        c.push_str(&format!(" --scaling {}", v.join(",")));
     }
     c
 }
@@ -789,6 +800,7 @@ mod tests {
             methods: None,
             overrides: Vec::new(),
             tag: None,
+            scaling: None,
         }
     }
 

@@ -185,6 +185,82 @@ pub fn curves(
     Ok(())
 }
 
+/// Validation score against source examples (log scale), one line per method, each point
+/// with its 95% interval as a vertical error bar (scores ×100).
+pub fn scaling(
+    path: &Path,
+    title: &str,
+    metric: &str,
+    lines: &[(String, Vec<(f64, super::stats::Summary)>)],
+) -> Result<()> {
+    use plotters::prelude::*;
+    register_font()?;
+    let pts = || lines.iter().flat_map(|l| l.1.iter());
+    let finite = |v: f64| v.is_finite().then_some(v);
+    let bound =
+        |s: &super::stats::Summary, sign: f64| s.mean + sign * finite(s.ci95).unwrap_or(0.0);
+    let lo = pts()
+        .map(|p| bound(&p.1, -1.0))
+        .fold(f64::INFINITY, f64::min);
+    let hi = pts()
+        .map(|p| bound(&p.1, 1.0))
+        .fold(f64::NEG_INFINITY, f64::max);
+    let xmin = pts().map(|p| p.0).fold(f64::INFINITY, f64::min);
+    let xmax = pts().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max);
+    if ![lo, hi, xmin, xmax].iter().all(|v| v.is_finite()) || xmin <= 0.0 {
+        bail!("nothing to plot");
+    }
+    let pad = ((hi - lo) * 0.1).max(0.002);
+    let root = BitMapBackend::new(path, (1000, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(
+            (xmin / 1.3..xmax * 1.3).log_scale(),
+            100.0 * (lo - pad)..100.0 * (hi + pad),
+        )
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("source examples (log scale)")
+        .y_desc(format!("validation {metric} (×100)"))
+        .draw()
+        .map_err(err)?;
+    for (i, (name, line)) in lines.iter().enumerate() {
+        let c = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(
+                line.iter().map(|(n, s)| (*n, 100.0 * s.mean)),
+                c.stroke_width(2),
+            ))
+            .map_err(err)?
+            .label(name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        chart
+            .draw_series(
+                line.iter()
+                    .filter(|(_, s)| s.ci95.is_finite())
+                    .map(|(n, s)| {
+                        let (m, h) = (100.0 * s.mean, 100.0 * s.ci95);
+                        ErrorBar::new_vertical(*n, m - h, m, m + h, c.stroke_width(2), 10)
+                    }),
+            )
+            .map_err(err)?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

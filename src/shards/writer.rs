@@ -7,9 +7,10 @@ use crate::storage::Location;
 use crate::util::{sha256_bytes, AtomicFile};
 use anyhow::{Context, Result};
 use arrow::array::{
-    ArrayRef, BooleanBuilder, FixedSizeListBuilder, Float32Builder, Int32Builder, Int64Builder,
-    Int8Builder, ListBuilder, RecordBatch, StringBuilder,
+    ArrayRef, BooleanArray, FixedSizeListArray, Float32Array, Int32Array, Int64Array, ListArray,
+    RecordBatch, StringArray,
 };
+use arrow::datatypes::{Float32Type, Int32Type, Int8Type};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
@@ -159,99 +160,112 @@ impl ShardWriter {
 /// Converts rows to a record batch of the shard schema.
 pub fn to_batch<R: Borrow<Row>>(schema: &ShardSchema, rows: &[R]) -> Result<RecordBatch> {
     let rows: Vec<&Row> = rows.iter().map(Borrow::borrow).collect();
-    let n = rows.len();
-    let mut cols: Vec<ArrayRef> = Vec::new();
-    for (c, _) in schema.text_columns.iter().enumerate() {
-        let mut b = StringBuilder::new();
-        for r in &rows {
-            b.append_value(r.texts.get(c).map(String::as_str).unwrap_or(""));
-        }
-        cols.push(Arc::new(b.finish()));
-    }
-    if schema.regression {
-        let mut b = Float32Builder::with_capacity(n);
-        rows.iter().for_each(|r| b.append_option(r.label));
-        cols.push(Arc::new(b.finish()));
-    } else {
-        let mut b = Int64Builder::with_capacity(n);
-        rows.iter()
-            .for_each(|r| b.append_option(r.label.map(|l| l as i64)));
-        cols.push(Arc::new(b.finish()));
-    }
-    let mut idx = Int32Builder::with_capacity(n);
-    let mut method = StringBuilder::new();
-    let mut virt = BooleanBuilder::with_capacity(n);
-    let mut copy = Int32Builder::with_capacity(n);
-    let mut partner = Int32Builder::with_capacity(n);
-    let mut lambda = Float32Builder::with_capacity(n);
-    let mut eps = Float32Builder::with_capacity(n);
-    let mut ids = ListBuilder::new(Int32Builder::new());
-    let mut types = ListBuilder::new(Int8Builder::new());
-    let mut changed = Int32Builder::with_capacity(n);
-    let mut logits = FixedSizeListBuilder::new(Float32Builder::new(), schema.num_labels as i32);
-    let mut pids = ListBuilder::new(Int32Builder::new());
-    let mut ptypes = ListBuilder::new(Int8Builder::new());
-    let mut pert = ListBuilder::new(Int8Builder::new());
-    let mut lambdas = ListBuilder::new(Float32Builder::new());
-    let int32 = |v: i64| {
-        i32::try_from(v)
-            .with_context(|| format!("source idx {v} does not fit the int32 `idx` column"))
-    };
-    for r in &rows {
-        idx.append_value(int32(r.idx)?);
-        method.append_value(r.method);
-        virt.append_value(is_virtual(r.method));
-        copy.append_value(r.copy as i32);
-        partner.append_option(r.partner_idx.map(int32).transpose()?);
-        lambda.append_option(r.lambda);
-        eps.append_option(r.epsilon);
-        ids.append_value(r.input_ids.iter().map(|&x| Some(x as i32)));
-        types.append_value(r.token_type_ids.iter().map(|&x| Some(x as i8)));
-        changed.append_option(r.changed_tokens.map(|c| c as i32));
-        anyhow::ensure!(
-            r.teacher_logits.len() == schema.num_labels,
+    if let Some(r) = rows
+        .iter()
+        .find(|r| r.teacher_logits.len() != schema.num_labels)
+    {
+        anyhow::bail!(
             "row has {} logits, schema expects {}",
             r.teacher_logits.len(),
             schema.num_labels
         );
-        logits.values().append_slice(&r.teacher_logits);
-        logits.append(true);
-        pids.append_option(
-            r.partner_input_ids
-                .as_ref()
-                .map(|v| v.iter().map(|&x| Some(x as i32)).collect::<Vec<_>>()),
-        );
-        ptypes.append_option(
-            r.partner_token_type_ids
-                .as_ref()
-                .map(|v| v.iter().map(|&x| Some(x as i8)).collect::<Vec<_>>()),
-        );
-        pert.append_option(
-            r.perturbation
-                .as_ref()
-                .map(|v| v.iter().map(|&x| Some(x)).collect::<Vec<_>>()),
-        );
-        lambdas.append_option(
-            r.lambdas
-                .as_ref()
-                .map(|v| v.iter().map(|&x| Some(x)).collect::<Vec<_>>()),
-        );
     }
-    cols.push(Arc::new(idx.finish()));
-    cols.push(Arc::new(method.finish()));
-    cols.push(Arc::new(virt.finish()));
-    cols.push(Arc::new(copy.finish()));
-    cols.push(Arc::new(partner.finish()));
-    cols.push(Arc::new(lambda.finish()));
-    cols.push(Arc::new(eps.finish()));
-    cols.push(Arc::new(ids.finish()));
-    cols.push(Arc::new(types.finish()));
-    cols.push(Arc::new(changed.finish()));
-    cols.push(Arc::new(logits.finish()));
-    cols.push(Arc::new(pids.finish()));
-    cols.push(Arc::new(ptypes.finish()));
-    cols.push(Arc::new(pert.finish()));
-    cols.push(Arc::new(lambdas.finish()));
-    // The builders produce nullable child fields named "item", as the schema declares.
+    let mut cols = text_and_label_columns(schema, &rows);
+    cols.extend(provenance_columns(&rows)?);
+    cols.extend(token_columns(schema, &rows));
+    // The list arrays have nullable child fields named "item", as the schema declares.
     Ok(RecordBatch::try_new(schema.schema.clone(), cols)?)
+}
+
+/// The text columns, then the label (float for regression, else int64).
+fn text_and_label_columns(schema: &ShardSchema, rows: &[&Row]) -> Vec<ArrayRef> {
+    let mut cols: Vec<ArrayRef> = (0..schema.text_columns.len())
+        .map(|c| {
+            let texts = rows
+                .iter()
+                .map(|r| r.texts.get(c).map(String::as_str).unwrap_or(""));
+            Arc::new(StringArray::from_iter_values(texts)) as ArrayRef
+        })
+        .collect();
+    cols.push(if schema.regression {
+        Arc::new(Float32Array::from_iter(rows.iter().map(|r| r.label)))
+    } else {
+        Arc::new(Int64Array::from_iter(
+            rows.iter().map(|r| r.label.map(|l| l as i64)),
+        ))
+    });
+    cols
+}
+
+/// Where each row comes from: source idx, method, virtual flag, copy, partner, λ, ε.
+fn provenance_columns(rows: &[&Row]) -> Result<Vec<ArrayRef>> {
+    let int32 = |v: i64| {
+        i32::try_from(v)
+            .with_context(|| format!("source idx {v} does not fit the int32 `idx` column"))
+    };
+    let idx: Vec<i32> = rows.iter().map(|r| int32(r.idx)).collect::<Result<_>>()?;
+    let partner: Vec<Option<i32>> = rows
+        .iter()
+        .map(|r| r.partner_idx.map(int32).transpose())
+        .collect::<Result<_>>()?;
+    Ok(vec![
+        Arc::new(Int32Array::from(idx)),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.method))),
+        Arc::new(BooleanArray::from_iter(
+            rows.iter().map(|r| Some(is_virtual(r.method))),
+        )),
+        Arc::new(Int32Array::from_iter_values(
+            rows.iter().map(|r| r.copy as i32),
+        )),
+        Arc::new(Int32Array::from(partner)),
+        Arc::new(Float32Array::from_iter(rows.iter().map(|r| r.lambda))),
+        Arc::new(Float32Array::from_iter(rows.iter().map(|r| r.epsilon))),
+    ])
+}
+
+/// The token sequence, its changes and logits, the partner's tokens, the perturbation and
+/// per-position λ.
+fn token_columns(schema: &ShardSchema, rows: &[&Row]) -> Vec<ArrayRef> {
+    let list_i32 = |v: &[u32]| Some(v.iter().map(|&x| Some(x as i32)).collect::<Vec<_>>());
+    let list_i8 = |v: &[u8]| Some(v.iter().map(|&x| Some(x as i8)).collect::<Vec<_>>());
+    let logits = rows
+        .iter()
+        .map(|r| Some(r.teacher_logits.iter().map(|&x| Some(x)).collect::<Vec<_>>()));
+    vec![
+        Arc::new(ListArray::from_iter_primitive::<Int32Type, _, _>(
+            rows.iter().map(|r| list_i32(&r.input_ids)),
+        )),
+        Arc::new(ListArray::from_iter_primitive::<Int8Type, _, _>(
+            rows.iter().map(|r| list_i8(&r.token_type_ids)),
+        )),
+        Arc::new(Int32Array::from_iter(
+            rows.iter().map(|r| r.changed_tokens.map(|c| c as i32)),
+        )),
+        Arc::new(FixedSizeListArray::from_iter_primitive::<Float32Type, _, _>(
+            logits,
+            schema.num_labels as i32,
+        )),
+        Arc::new(ListArray::from_iter_primitive::<Int32Type, _, _>(
+            rows.iter()
+                .map(|r| r.partner_input_ids.as_deref().and_then(list_i32)),
+        )),
+        Arc::new(ListArray::from_iter_primitive::<Int8Type, _, _>(
+            rows.iter()
+                .map(|r| r.partner_token_type_ids.as_deref().and_then(list_i8)),
+        )),
+        Arc::new(ListArray::from_iter_primitive::<Int8Type, _, _>(
+            rows.iter().map(|r| {
+                r.perturbation
+                    .as_ref()
+                    .map(|v| v.iter().map(|&x| Some(x)).collect::<Vec<_>>())
+            }),
+        )),
+        Arc::new(ListArray::from_iter_primitive::<Float32Type, _, _>(
+            rows.iter().map(|r| {
+                r.lambdas
+                    .as_ref()
+                    .map(|v| v.iter().map(|&x| Some(x)).collect::<Vec<_>>())
+            }),
+        )),
+    ]
 }

@@ -3,7 +3,7 @@
 use super::schema::{Row, ShardSchema, METHODS};
 use crate::storage::Location;
 use anyhow::{bail, ensure, Context, Result};
-use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::datatypes::{Float32Type, Int32Type, Int64Type, Int8Type};
 use bytes::Bytes;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
@@ -117,83 +117,117 @@ pub fn rows_from_batch(
     schema: &ShardSchema,
     first_row: usize,
 ) -> Result<Vec<Row>> {
-    let col = |n: &str| {
-        b.column_by_name(n)
-            .cloned()
-            .ok_or_else(|| anyhow::anyhow!("missing column `{n}`"))
-    };
-    let texts: Vec<_> = schema
-        .text_columns
-        .iter()
-        .map(|c| col(c))
-        .collect::<Result<_>>()?;
-    let (label, idx, method, copy, partner, lambda, eps) = (
-        col("label")?,
-        col("idx")?,
-        col("method")?,
-        col("copy")?,
-        col("partner_idx")?,
-        col("lambda")?,
-        col("epsilon")?,
-    );
-    let (ids, types, changed, logits, pids, ptypes, pert) = (
-        col("input_ids")?,
-        col("token_type_ids")?,
-        col("changed_tokens")?,
-        col("teacher_logits")?,
-        col("partner_input_ids")?,
-        col("partner_token_type_ids")?,
-        col("perturbation")?,
-    );
-    let lambdas = col("lambdas")?;
-    let logits = logits.as_fixed_size_list();
-    let mut out = Vec::with_capacity(b.num_rows());
-    for i in 0..b.num_rows() {
-        let n = first_row + i;
-        let m = method.as_string::<i32>().value(i);
-        let Some(&m) = METHODS.iter().find(|&&k| k == m) else {
-            bail!("row {n}: unknown method `{m}`")
+    let cols = Columns::of(b, schema)?;
+    (0..b.num_rows())
+        .map(|i| {
+            let n = first_row + i;
+            let row = cols.row(i).with_context(|| format!("row {n}"))?;
+            check_row(&row).with_context(|| format!("row {n}"))?;
+            Ok(row)
+        })
+        .collect()
+}
+
+/// The columns of one record batch, by role (their types were checked when the file was
+/// opened).
+struct Columns {
+    regression: bool,
+    texts: Vec<ArrayRef>,
+    label: ArrayRef,
+    idx: ArrayRef,
+    method: ArrayRef,
+    copy: ArrayRef,
+    partner: ArrayRef,
+    lambda: ArrayRef,
+    epsilon: ArrayRef,
+    ids: ArrayRef,
+    types: ArrayRef,
+    changed: ArrayRef,
+    logits: ArrayRef,
+    partner_ids: ArrayRef,
+    partner_types: ArrayRef,
+    perturbation: ArrayRef,
+    lambdas: ArrayRef,
+}
+
+impl Columns {
+    fn of(b: &RecordBatch, schema: &ShardSchema) -> Result<Self> {
+        let col = |n: &str| {
+            b.column_by_name(n)
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("missing column `{n}`"))
         };
-        let lab = if label.is_null(i) {
-            None
-        } else if schema.regression {
-            Some(label.as_primitive::<Float32Type>().value(i))
-        } else {
-            Some(label.as_primitive::<Int64Type>().value(i) as f32)
+        Ok(Self {
+            regression: schema.regression,
+            texts: schema
+                .text_columns
+                .iter()
+                .map(|c| col(c))
+                .collect::<Result<_>>()?,
+            label: col("label")?,
+            idx: col("idx")?,
+            method: col("method")?,
+            copy: col("copy")?,
+            partner: col("partner_idx")?,
+            lambda: col("lambda")?,
+            epsilon: col("epsilon")?,
+            ids: col("input_ids")?,
+            types: col("token_type_ids")?,
+            changed: col("changed_tokens")?,
+            logits: col("teacher_logits")?,
+            partner_ids: col("partner_input_ids")?,
+            partner_types: col("partner_token_type_ids")?,
+            perturbation: col("perturbation")?,
+            lambdas: col("lambdas")?,
+        })
+    }
+
+    /// The gold label of row `i` (float for regression, else the class as a float).
+    fn label(&self, i: usize) -> Option<f32> {
+        let l = &self.label;
+        match () {
+            _ if l.is_null(i) => None,
+            _ if self.regression => Some(l.as_primitive::<Float32Type>().value(i)),
+            _ => Some(l.as_primitive::<Int64Type>().value(i) as f32),
+        }
+    }
+
+    /// Row `i`; an unknown method is an error.
+    fn row(&self, i: usize) -> Result<Row> {
+        let m = self.method.as_string::<i32>().value(i);
+        let Some(&method) = METHODS.iter().find(|&&k| k == m) else {
+            bail!("unknown method `{m}`")
         };
-        out.push(Row {
-            texts: texts
+        let to_u8 = |v: Vec<i8>| v.into_iter().map(|x| x as u8).collect::<Vec<u8>>();
+        Ok(Row {
+            texts: self
+                .texts
                 .iter()
                 .map(|t| t.as_string::<i32>().value(i).to_string())
                 .collect(),
-            label: lab,
-            idx: idx.as_primitive::<Int32Type>().value(i) as i64,
-            method: m,
-            copy: copy.as_primitive::<Int32Type>().value(i) as u32,
-            partner_idx: opt_i32(partner.as_ref(), i).map(|x| x as i64),
-            lambda: opt_f32(lambda.as_ref(), i),
-            epsilon: opt_f32(eps.as_ref(), i),
-            input_ids: list_u32(ids.as_ref(), i).unwrap_or_default(),
-            token_type_ids: list_i8(types.as_ref(), i)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|x| x as u8)
-                .collect(),
-            changed_tokens: opt_i32(changed.as_ref(), i).map(|x| x as u32),
-            teacher_logits: logits
+            label: self.label(i),
+            idx: self.idx.as_primitive::<Int32Type>().value(i) as i64,
+            method,
+            copy: self.copy.as_primitive::<Int32Type>().value(i) as u32,
+            partner_idx: opt_i32(self.partner.as_ref(), i).map(|x| x as i64),
+            lambda: opt_f32(self.lambda.as_ref(), i),
+            epsilon: opt_f32(self.epsilon.as_ref(), i),
+            input_ids: list_u32(self.ids.as_ref(), i).unwrap_or_default(),
+            token_type_ids: to_u8(list_i8(self.types.as_ref(), i).unwrap_or_default()),
+            changed_tokens: opt_i32(self.changed.as_ref(), i).map(|x| x as u32),
+            teacher_logits: self
+                .logits
+                .as_fixed_size_list()
                 .value(i)
                 .as_primitive::<Float32Type>()
                 .values()
                 .to_vec(),
-            partner_input_ids: list_u32(pids.as_ref(), i),
-            partner_token_type_ids: list_i8(ptypes.as_ref(), i)
-                .map(|v| v.into_iter().map(|x| x as u8).collect()),
-            perturbation: list_i8(pert.as_ref(), i),
-            lambdas: list_f32(lambdas.as_ref(), i),
-        });
-        check_row(out.last().expect("pushed")).with_context(|| format!("row {n}"))?;
+            partner_input_ids: list_u32(self.partner_ids.as_ref(), i),
+            partner_token_type_ids: list_i8(self.partner_types.as_ref(), i).map(to_u8),
+            perturbation: list_i8(self.perturbation.as_ref(), i),
+            lambdas: list_f32(self.lambdas.as_ref(), i),
+        })
     }
-    Ok(out)
 }
 
 /// Checks what readers of a row rely on: consistent lengths; MixUp rows carry their partner

@@ -344,36 +344,16 @@ pub fn verify(dir: &Location) -> Result<Vec<String>> {
         .and_then(|v| v.as_u64())
         .unwrap_or(u64::MAX);
     let mut problems = Vec::new();
-    let mut known: Vec<String> = m
-        .shards
-        .iter()
-        .flat_map(|s| &s.files)
-        .map(|f| f.file.clone())
-        .collect();
-    known.extend([MANIFEST, CARD, TIMINGS].map(String::from));
     for s in &m.shards {
         let mut per: BTreeMap<String, u64> = BTreeMap::new();
-        let listed: u64 = s.files.iter().map(|f| f.rows).sum();
-        if listed != s.rows {
-            problems.push(format!(
-                "{}: shard {} lists {listed} rows in its files, manifest says {}",
-                dir.join(MANIFEST),
-                s.index,
-                s.rows
-            ));
-        }
         for f in &s.files {
-            verify_file(dir, f, &schema, &m, vocab, &mut per, &mut problems);
-        }
-        for (meth, st) in &s.methods {
-            let got = per.get(meth).copied().unwrap_or(0);
-            if got != st.rows {
-                problems.push(format!(
-                    "{dir}: shard {}: method `{meth}` has {got} rows, manifest says {}",
-                    s.index, st.rows
-                ));
+            let file = verify_file(dir, f, &schema, m.num_labels, vocab);
+            for (k, n) in file.per_method {
+                *per.entry(k).or_default() += n;
             }
+            problems.extend(file.problems);
         }
+        problems.extend(shard_count_problems(dir, s, &per));
     }
     for k in m.method_rows.keys() {
         if !METHODS.contains(&k.as_str()) {
@@ -383,112 +363,168 @@ pub fn verify(dir: &Location) -> Result<Vec<String>> {
             ));
         }
     }
-    let mut extra = Vec::new();
-    for sub in ["", DATA_DIR] {
-        let d = if sub.is_empty() {
-            dir.clone()
-        } else {
-            dir.join(sub)
-        };
-        for n in d.list()? {
-            let rel = if sub.is_empty() {
-                n.clone()
-            } else {
-                format!("{sub}/{n}")
-            };
-            if !n.starts_with('.') && !known.contains(&rel) {
-                extra.push(rel);
-            }
-        }
-    }
-    extra.sort();
-    for n in extra {
-        problems.push(format!(
-            "{}: unknown file not listed in the manifest",
-            dir.join(&n)
-        ));
-    }
+    problems.extend(
+        unlisted_files(dir, &m)?
+            .into_iter()
+            .map(|n| format!("{}: unknown file not listed in the manifest", dir.join(&n))),
+    );
     Ok(problems)
 }
 
+/// A shard's row counts against its summary: its files' total and each method's rows
+/// (`per`, as read).
+fn shard_count_problems(
+    dir: &Location,
+    s: &ShardSummary,
+    per: &BTreeMap<String, u64>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    let listed: u64 = s.files.iter().map(|f| f.rows).sum();
+    if listed != s.rows {
+        problems.push(format!(
+            "{}: shard {} lists {listed} rows in its files, manifest says {}",
+            dir.join(MANIFEST),
+            s.index,
+            s.rows
+        ));
+    }
+    for (meth, st) in &s.methods {
+        let got = per.get(meth).copied().unwrap_or(0);
+        if got != st.rows {
+            problems.push(format!(
+                "{dir}: shard {}: method `{meth}` has {got} rows, manifest says {}",
+                s.index, st.rows
+            ));
+        }
+    }
+    problems
+}
+
+/// Files in the dataset directory and its `data/` that the manifest does not name (hidden
+/// files aside), sorted.
+fn unlisted_files(dir: &Location, m: &Manifest) -> Result<Vec<String>> {
+    let mut known: Vec<String> = m
+        .shards
+        .iter()
+        .flat_map(|s| &s.files)
+        .map(|f| f.file.clone())
+        .collect();
+    known.extend([MANIFEST, CARD, TIMINGS].map(String::from));
+    let top = dir.list()?;
+    let data = dir.join(DATA_DIR).list()?;
+    let mut extra: Vec<String> = top
+        .into_iter()
+        .chain(data.into_iter().map(|n| format!("{DATA_DIR}/{n}")))
+        .filter(|rel| !rel.rsplit('/').next().unwrap_or("").starts_with('.'))
+        .filter(|rel| !known.contains(rel))
+        .collect();
+    extra.sort();
+    Ok(extra)
+}
+
+/// What reading one shard file found: rows per method and the problems.
+#[derive(Default)]
+struct FileCheck {
+    per_method: BTreeMap<String, u64>,
+    rows: u64,
+    bad_ids: u64,
+    misplaced: u64,
+    problems: Vec<String>,
+}
+
 /// Checks one shard file: present, its sha256 and row count, its rows (method, token ids,
-/// logits width), counting rows per method into `per`.
+/// logits width).
 fn verify_file(
     dir: &Location,
     f: &ShardFile,
     schema: &ShardSchema,
-    m: &Manifest,
+    num_labels: usize,
     vocab: u64,
-    per: &mut BTreeMap<String, u64>,
-    problems: &mut Vec<String>,
-) {
-    let p = match dataset_file(dir, f) {
-        Ok(p) => p,
-        Err(e) => {
-            problems.push(format!("{e:#}"));
-            return;
-        }
-    };
-    let bytes = match p.read_bounded(f.bytes) {
-        Ok(Some(b)) => b,
-        Ok(None) => {
-            problems.push(format!("{p}: missing shard"));
-            return;
-        }
-        Err(e) => {
-            problems.push(format!("{e:#}"));
-            return;
-        }
-    };
-    let h = sha256_bytes(&bytes);
-    if h != f.sha256 {
-        problems.push(format!(
-            "{p}: sha256 {h} does not match the manifest's {}",
-            f.sha256
-        ));
+) -> FileCheck {
+    let mut out = FileCheck::default();
+    match dataset_file(dir, f).and_then(|p| Ok((p.read_bounded(f.bytes)?, p))) {
+        Err(e) => out.problems.push(format!("{e:#}")),
+        Ok((None, p)) => out.problems.push(format!("{p}: missing shard")),
+        Ok((Some(bytes), p)) => out.check_bytes(bytes, &p, f, schema, num_labels, vocab),
     }
-    let virtual_file = f.file.starts_with(&format!("{DATA_DIR}/virtual-"));
-    let (mut rows, mut bad_ids, mut misplaced) = (0u64, 0u64, 0u64);
-    let res = (|| -> Result<()> {
+    out
+}
+
+impl FileCheck {
+    /// The file's sha256, then its rows.
+    fn check_bytes(
+        &mut self,
+        bytes: bytes::Bytes,
+        p: &Location,
+        f: &ShardFile,
+        schema: &ShardSchema,
+        num_labels: usize,
+        vocab: u64,
+    ) {
+        let h = sha256_bytes(&bytes);
+        if h != f.sha256 {
+            self.problems.push(format!(
+                "{p}: sha256 {h} does not match the manifest's {}",
+                f.sha256
+            ));
+        }
+        let virtual_file = f.file.starts_with(&format!("{DATA_DIR}/virtual-"));
+        match self.count_rows(bytes, p, schema, num_labels, vocab, virtual_file) {
+            Ok(()) => self.row_problems(p, f, vocab, virtual_file),
+            Err(e) => self.problems.push(format!("{p}: {e:#}")),
+        }
+    }
+
+    /// Reads every row, counting rows per method, out-of-vocabulary ids and rows in the
+    /// wrong config; a row whose logits are not `num_labels` wide stops the read.
+    fn count_rows(
+        &mut self,
+        bytes: bytes::Bytes,
+        p: &Location,
+        schema: &ShardSchema,
+        num_labels: usize,
+        vocab: u64,
+        virtual_file: bool,
+    ) -> Result<()> {
         let mut r = ShardReader::from_bytes(bytes, &p.to_string(), schema)?;
         while let Some(batch) = r.next_rows(schema)? {
             for row in batch {
-                rows += 1;
-                *per.entry(row.method.to_string()).or_default() += 1;
-                if row.input_ids.iter().any(|&t| t as u64 >= vocab) {
-                    bad_ids += 1;
-                }
-                if is_virtual(row.method) != virtual_file {
-                    misplaced += 1;
-                }
+                self.rows += 1;
+                *self.per_method.entry(row.method.to_string()).or_default() += 1;
+                self.bad_ids += row.input_ids.iter().any(|&t| t as u64 >= vocab) as u64;
+                self.misplaced += (is_virtual(row.method) != virtual_file) as u64;
                 anyhow::ensure!(
-                    row.teacher_logits.len() == m.num_labels,
-                    "teacher_logits has width {}, manifest says {}",
+                    row.teacher_logits.len() == num_labels,
+                    "teacher_logits has width {}, manifest says {num_labels}",
                     row.teacher_logits.len(),
-                    m.num_labels
                 );
             }
         }
         Ok(())
-    })();
-    if let Err(e) = res {
-        problems.push(format!("{p}: {e:#}"));
-        return;
     }
-    if rows != f.rows {
-        problems.push(format!("{p}: has {rows} rows, manifest says {}", f.rows));
-    }
-    if bad_ids > 0 {
-        problems.push(format!(
-            "{p}: {bad_ids} rows have token ids outside the vocabulary of {vocab}"
-        ));
-    }
-    if misplaced > 0 {
-        let want = if virtual_file {
-            "virtual"
-        } else {
-            "real token"
-        };
-        problems.push(format!("{p}: {misplaced} rows are not {want} rows"));
+
+    /// The file's row count against the manifest, out-of-vocabulary ids, misplaced rows.
+    fn row_problems(&mut self, p: &Location, f: &ShardFile, vocab: u64, virtual_file: bool) {
+        if self.rows != f.rows {
+            self.problems.push(format!(
+                "{p}: has {} rows, manifest says {}",
+                self.rows, f.rows
+            ));
+        }
+        if self.bad_ids > 0 {
+            self.problems.push(format!(
+                "{p}: {} rows have token ids outside the vocabulary of {vocab}",
+                self.bad_ids
+            ));
+        }
+        if self.misplaced > 0 {
+            let want = if virtual_file {
+                "virtual"
+            } else {
+                "real token"
+            };
+            self.problems
+                .push(format!("{p}: {} rows are not {want} rows", self.misplaced));
+        }
     }
 }

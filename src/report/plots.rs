@@ -185,6 +185,25 @@ pub fn curves(
     Ok(())
 }
 
+/// The x range (examples) and y range (scores with their 95% intervals) of the scaling
+/// plot; `None` when nothing finite is there.
+fn scaling_ranges(
+    lines: &[(String, Vec<(f64, super::stats::Summary)>)],
+) -> Option<((f64, f64), (f64, f64))> {
+    let pts = || lines.iter().flat_map(|l| l.1.iter());
+    let half = |s: &super::stats::Summary| if s.ci95.is_finite() { s.ci95 } else { 0.0 };
+    let lo = pts()
+        .map(|p| p.1.mean - half(&p.1))
+        .fold(f64::INFINITY, f64::min);
+    let hi = pts()
+        .map(|p| p.1.mean + half(&p.1))
+        .fold(f64::NEG_INFINITY, f64::max);
+    let xmin = pts().map(|p| p.0).fold(f64::INFINITY, f64::min);
+    let xmax = pts().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max);
+    let finite = [lo, hi, xmin, xmax].iter().all(|v| v.is_finite());
+    (finite && xmin > 0.0).then_some(((xmin, xmax), (lo, hi)))
+}
+
 /// Validation score against source examples (log scale), one line per method, each point
 /// with its 95% interval as a vertical error bar (scores ×100).
 pub fn scaling(
@@ -195,21 +214,9 @@ pub fn scaling(
 ) -> Result<()> {
     use plotters::prelude::*;
     register_font()?;
-    let pts = || lines.iter().flat_map(|l| l.1.iter());
-    let finite = |v: f64| v.is_finite().then_some(v);
-    let bound =
-        |s: &super::stats::Summary, sign: f64| s.mean + sign * finite(s.ci95).unwrap_or(0.0);
-    let lo = pts()
-        .map(|p| bound(&p.1, -1.0))
-        .fold(f64::INFINITY, f64::min);
-    let hi = pts()
-        .map(|p| bound(&p.1, 1.0))
-        .fold(f64::NEG_INFINITY, f64::max);
-    let xmin = pts().map(|p| p.0).fold(f64::INFINITY, f64::min);
-    let xmax = pts().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max);
-    if ![lo, hi, xmin, xmax].iter().all(|v| v.is_finite()) || xmin <= 0.0 {
+    let Some(((xmin, xmax), (lo, hi))) = scaling_ranges(lines) else {
         bail!("nothing to plot");
-    }
+    };
     let pad = ((hi - lo) * 0.1).max(0.002);
     let root = BitMapBackend::new(path, (1000, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
@@ -282,5 +289,27 @@ mod tests {
         assert!(lo < -7.0 && hi > 0.0, "{lo} {hi}");
         assert!(forest_range(&[row(f64::NAN, f64::NAN)]).is_none());
         assert!(forest_range(&[]).is_none());
+    }
+
+    #[test]
+    fn scaling_ranges_hold_every_interval() {
+        use crate::report::stats::summary;
+        let line = |xs: &[(f64, &[f64])]| -> Vec<(f64, crate::report::stats::Summary)> {
+            xs.iter().map(|(n, v)| (*n, summary(v))).collect()
+        };
+        let lines = vec![
+            (
+                "kd".to_string(),
+                line(&[(250.0, &[0.7, 0.8]), (1000.0, &[0.85])]),
+            ),
+            ("augpro".to_string(), line(&[(4000.0, &[0.9, 0.92])])),
+        ];
+        let ((x0, x1), (lo, hi)) = scaling_ranges(&lines).unwrap();
+        assert_eq!((x0, x1), (250.0, 4000.0));
+        // The two-seed interval at 250 reaches far below its mean of 0.75.
+        assert!(lo < 0.7 && hi > 0.92, "{lo} {hi}");
+        assert!(scaling_ranges(&[]).is_none());
+        let empty = vec![("kd".to_string(), line(&[(0.0, &[0.5])]))];
+        assert!(scaling_ranges(&empty).is_none(), "no log axis through 0");
     }
 }

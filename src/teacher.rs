@@ -130,11 +130,13 @@ pub fn dev_scorer(
     })
 }
 
-/// Checks that the tokenizer's vocabulary fits the model's embedding table.
+/// Checks that the tokenizer's vocabulary fits the model's embedding table (which may have
+/// spare rows past it, as DeBERTa-v3's does; no tokenizer produces them, so a projection
+/// leaves them out like special tokens).
 pub fn check_vocab(tok: &TextTokenizer, ck: &Checkpoint) -> Result<()> {
-    if tok.vocab_size() != ck.config.vocab_size {
+    if tok.vocab_size() > ck.config.vocab_size {
         bail!(
-            "{}: tokenizer vocabulary has {} tokens but the model's embedding table has {} rows (tokenizer and model do not match)",
+            "{}: tokenizer vocabulary has {} tokens but the model's embedding table has only {} rows (tokenizer and model do not match)",
             ck.dir.display(),
             tok.vocab_size(),
             ck.config.vocab_size

@@ -14,6 +14,9 @@ use tokenizers::{
     AddedToken, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
 };
 
+/// The padding tokens of the supported vocabularies, looked up in this order.
+const PAD_TOKENS: [&str; 2] = ["[PAD]", "<pad>"];
+
 /// One tokenized example: ids, token types, and whether it was cut to fit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Encoded {
@@ -25,16 +28,13 @@ pub struct Encoded {
     pub truncated: bool,
 }
 
-/// A BERT tokenizer configured for this pipeline.
+/// A model's tokenizer (WordPiece, byte-level BPE or SentencePiece Unigram, as its
+/// `tokenizer.json` says) configured for this pipeline.
 pub struct TextTokenizer {
     inner: Tokenizer,
     max_seq_len: usize,
     special: Vec<bool>,
-    /// Id of `[CLS]`.
-    pub cls_id: u32,
-    /// Id of `[SEP]`.
-    pub sep_id: u32,
-    /// Id of `[PAD]`.
+    /// Id of the padding token (`[PAD]`, or `<pad>` in BPE and SentencePiece vocabularies).
     pub pad_id: u32,
 }
 
@@ -57,12 +57,16 @@ impl TextTokenizer {
         };
         inner.with_padding(None);
         truncate_to(&mut inner, max_seq_len)?;
-        let id = |t: &str| {
-            inner
-                .token_to_id(t)
-                .ok_or_else(|| anyhow!("{}: tokenizer has no `{t}` token", model_dir.display()))
-        };
-        let (cls_id, sep_id, pad_id) = (id("[CLS]")?, id("[SEP]")?, id("[PAD]")?);
+        let pad_id = PAD_TOKENS
+            .iter()
+            .find_map(|t| inner.token_to_id(t))
+            .ok_or_else(|| {
+                anyhow!(
+                    "{}: tokenizer has no padding token (expected one of {})",
+                    file.display(),
+                    PAD_TOKENS.join(", ")
+                )
+            })?;
         // Special tokens are those the tokenizer flags as special, plus BERT's reserved
         // `[unusedN]` placeholders, which no text produces.
         let n = inner.get_vocab_size(true);
@@ -81,8 +85,6 @@ impl TextTokenizer {
             inner,
             max_seq_len,
             special,
-            cls_id,
-            sep_id,
             pad_id,
         })
     }
@@ -105,8 +107,6 @@ impl TextTokenizer {
             inner,
             max_seq_len,
             special: self.special.clone(),
-            cls_id: self.cls_id,
-            sep_id: self.sep_id,
             pad_id: self.pad_id,
         })
     }

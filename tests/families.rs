@@ -1,0 +1,242 @@
+//! The teacher families against PyTorch: the tiny seeded checkpoints of
+//! `tests/families/make_families.py` (RoBERTa, XLM-R, DistilBERT, DeBERTa-v3 and a
+//! DeBERTa-v2 with separate position projections) tokenize the reference batch to the same
+//! ids and give the same last hidden states, logits and input-embedding gradients on it,
+//! through both attention code paths.
+
+mod common;
+
+use augpro::model::{Checkpoint, Ctx, Family};
+use augpro::tokenize::TextTokenizer;
+use augpro::train::Batch;
+use candle_core::{Device, Tensor, Var};
+use std::path::PathBuf;
+
+const FAMILIES: [(&str, Family); 5] = [
+    ("roberta", Family::Roberta),
+    ("xlm-roberta", Family::XlmRoberta),
+    ("distilbert", Family::DistilBert),
+    ("deberta-v3", Family::DebertaV2),
+    ("deberta-v2", Family::DebertaV2),
+];
+const TOLERANCE: f32 = 2e-4;
+
+fn dir(name: &str) -> PathBuf {
+    common::root().join("tests/families").join(name)
+}
+
+fn reference(name: &str) -> serde_json::Value {
+    let p = dir(name).join("reference.json");
+    serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap()
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+fn ints<T: TryFrom<u64>>(v: &serde_json::Value) -> Vec<T> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| T::try_from(x.as_u64().unwrap()).ok().unwrap())
+        .collect()
+}
+
+/// Asserts `got` and `want` agree within [`TOLERANCE`] element-wise.
+fn assert_close(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    let worst = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= TOLERANCE, "{what}: differs by {worst}");
+}
+
+#[test]
+fn config_model_type_picks_the_family() {
+    for (name, family) in FAMILIES {
+        let ck = Checkpoint::open(&dir(name)).unwrap();
+        assert_eq!(ck.config.family, family, "{name}");
+        assert_eq!(ck.config.num_hidden_layers, 2, "{name}: layers read");
+        assert_eq!(ck.config.hidden_size, 32, "{name}: hidden size read");
+    }
+}
+
+#[test]
+fn an_unsupported_model_type_is_one_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(dir("roberta").join(f), tmp.path().join(f)).unwrap();
+    }
+    let p = tmp.path().join("config.json");
+    let text = std::fs::read_to_string(&p).unwrap();
+    std::fs::write(&p, text.replace("\"roberta\"", "\"gpt2\"")).unwrap();
+    let e = format!("{:#}", Checkpoint::open(tmp.path()).unwrap_err());
+    assert!(e.contains("config.json") && e.contains("`gpt2`"), "{e}");
+    assert!(
+        e.contains("bert, roberta, xlm-roberta, distilbert, deberta-v2"),
+        "{e}"
+    );
+}
+
+#[test]
+fn tokenizers_give_the_reference_ids() {
+    for (name, _) in FAMILIES {
+        let tok = TextTokenizer::load(&dir(name), 512).unwrap();
+        for row in reference(name)["rows"].as_array().unwrap() {
+            let ex = augpro::data::Example {
+                idx: 0,
+                text_a: row["text"].as_str().unwrap().into(),
+                text_b: row["text_pair"].as_str().map(String::from),
+                label: None,
+            };
+            let enc = tok.encode(&[ex]).unwrap().remove(0);
+            assert_eq!(enc.ids, ints::<u32>(&row["input_ids"]), "{name}");
+            assert_eq!(enc.type_ids, ints::<u8>(&row["token_type_ids"]), "{name}");
+        }
+    }
+}
+
+/// The reference rows as a right-padded batch.
+fn batch(r: &serde_json::Value, pad: u32) -> Batch {
+    let rows = r["rows"].as_array().unwrap();
+    let ids: Vec<Vec<u32>> = rows.iter().map(|x| ints(&x["input_ids"])).collect();
+    let types: Vec<Vec<u8>> = rows.iter().map(|x| ints(&x["token_type_ids"])).collect();
+    let pairs: Vec<(&[u32], &[u8])> = ids
+        .iter()
+        .zip(&types)
+        .map(|(a, b)| (a.as_slice(), b.as_slice()))
+        .collect();
+    let b = Batch::new(&pairs, pad, &Device::Cpu).unwrap();
+    assert_eq!(
+        b.seq_len,
+        r["batch_padded_length"].as_u64().unwrap() as usize
+    );
+    b
+}
+
+/// Hidden states, logits and the gradient of the reference loss (real hidden states'
+/// first 4 values + logits · weights) with respect to the input word embeddings.
+fn check_family(name: &str, trainable: bool) {
+    let path = if trainable {
+        "separate q/k/v"
+    } else {
+        "stacked qkv"
+    };
+    let what = |s: String| format!("{name} ({path}): {s}");
+    let r = reference(name);
+    let ck = Checkpoint::open(&dir(name)).unwrap();
+    let tok = TextTokenizer::load(&dir(name), 512).unwrap();
+    let (model, _params) = ck
+        .load_classifier(&Device::Cpu, trainable, 3, None, 0)
+        .unwrap();
+    let b = batch(&r, tok.pad_id);
+    let emb = model.bert.embed_ids(&b.ids).unwrap().detach();
+    let var = Var::from_tensor(&emb).unwrap();
+    let out = model
+        .forward_embeds(var.as_tensor(), &b.types, &b.mask, &mut Ctx::eval_grad())
+        .unwrap();
+    let mask = b.mask.unsqueeze(2).unwrap();
+    let weights = Tensor::new(floats(&r["logit_weights"]).as_slice(), &Device::Cpu).unwrap();
+    let hidden_part = out.hidden.narrow(2, 0, 4).unwrap();
+    let hidden_part = hidden_part.broadcast_mul(&mask).unwrap().sum_all().unwrap();
+    let logit_part = out
+        .logits
+        .broadcast_mul(&weights)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let loss = (hidden_part + logit_part).unwrap();
+    let got = loss.to_scalar::<f32>().unwrap() as f64;
+    let want = r["loss_value"].as_f64().unwrap();
+    assert!(
+        (got - want).abs() < 1e-3 * want.abs().max(1.0),
+        "{}",
+        what(format!("loss {got} vs {want}"))
+    );
+    let grad = loss
+        .backward()
+        .unwrap()
+        .get(var.as_tensor())
+        .unwrap()
+        .clone();
+    let hidden: Vec<Vec<Vec<f32>>> = out.hidden.to_vec3().unwrap();
+    let grad: Vec<Vec<Vec<f32>>> = grad.to_vec3().unwrap();
+    let logits: Vec<Vec<f32>> = out.logits.to_vec2().unwrap();
+    for (i, row) in r["rows"].as_array().unwrap().iter().enumerate() {
+        assert_close(
+            &logits[i],
+            &floats(&row["logits"]),
+            &what(format!("row {i} logits")),
+        );
+        let want_h = row["last_hidden_state"].as_array().unwrap();
+        let want_g = row["embedding_grad"].as_array().unwrap();
+        for pos in 0..want_h.len() {
+            assert_close(
+                &hidden[i][pos],
+                &floats(&want_h[pos]),
+                &what(format!("row {i} position {pos} hidden")),
+            );
+            assert_close(
+                &grad[i][pos],
+                &floats(&want_g[pos]),
+                &what(format!("row {i} position {pos} gradient")),
+            );
+        }
+    }
+    // From ids, in inference mode (fused kernels), the hidden states agree too.
+    let h = model
+        .bert
+        .forward_ids(&b.ids, &b.types, &b.mask, &mut Ctx::eval())
+        .unwrap();
+    let h: Vec<Vec<Vec<f32>>> = h.to_vec3().unwrap();
+    for (i, row) in r["rows"].as_array().unwrap().iter().enumerate() {
+        for (pos, w) in row["last_hidden_state"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+        {
+            assert_close(
+                &h[i][pos],
+                &floats(w),
+                &what(format!("from ids, row {i} position {pos}")),
+            );
+        }
+    }
+}
+
+#[test]
+fn roberta_matches_pytorch() {
+    check_family("roberta", false);
+    check_family("roberta", true);
+}
+
+#[test]
+fn xlm_roberta_matches_pytorch() {
+    check_family("xlm-roberta", false);
+    check_family("xlm-roberta", true);
+}
+
+#[test]
+fn distilbert_matches_pytorch() {
+    check_family("distilbert", false);
+    check_family("distilbert", true);
+}
+
+#[test]
+fn deberta_v3_matches_pytorch() {
+    check_family("deberta-v3", false);
+    check_family("deberta-v3", true);
+}
+
+#[test]
+fn deberta_v2_with_separate_position_projections_matches_pytorch() {
+    check_family("deberta-v2", false);
+    check_family("deberta-v2", true);
+}

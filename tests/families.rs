@@ -2,15 +2,20 @@
 //! `tests/families/make_families.py` (RoBERTa, XLM-R, DistilBERT, DeBERTa-v3 and a
 //! DeBERTa-v2 with separate position projections) tokenize the reference batch to the same
 //! ids and give the same last hidden states, logits and input-embedding gradients on it,
-//! through both attention code paths.
+//! through both attention code paths; then `augment`, `verify` and `train-student` run on
+//! each of them end to end.
 
 mod common;
 
 use augpro::model::{Checkpoint, Ctx, Family};
+use augpro::shards::reader::ShardReader;
+use augpro::shards::{Row, ShardSchema};
 use augpro::tokenize::TextTokenizer;
 use augpro::train::Batch;
 use candle_core::{Device, Tensor, Var};
-use std::path::PathBuf;
+use common::{fail, ok};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 const FAMILIES: [(&str, Family); 5] = [
     ("roberta", Family::Roberta),
@@ -133,7 +138,7 @@ fn check_family(name: &str, trainable: bool) {
     let ck = Checkpoint::open(&dir(name)).unwrap();
     let tok = TextTokenizer::load(&dir(name), 512).unwrap();
     let (model, _params) = ck
-        .load_classifier(&Device::Cpu, trainable, 3, None, 0)
+        .load_classifier(&Device::Cpu, trainable, 2, None, 0)
         .unwrap();
     let b = batch(&r, tok.pad_id);
     let emb = model.bert.embed_ids(&b.ids).unwrap().detach();
@@ -239,4 +244,159 @@ fn deberta_v3_matches_pytorch() {
 fn deberta_v2_with_separate_position_projections_matches_pytorch() {
     check_family("deberta-v2", false);
     check_family("deberta-v2", true);
+}
+
+/// The rows of a shard directory.
+fn read_rows(dir: &Path) -> Vec<Row> {
+    let schema = ShardSchema::new(augpro::glue::task("sst2").unwrap());
+    let (_, paths) = augpro::shards::manifest::shard_paths(&dir.into()).unwrap();
+    let mut rows = Vec::new();
+    for p in paths {
+        let mut r = ShardReader::open(&p, &schema).unwrap();
+        while let Some(b) = r.next_rows(&schema).unwrap() {
+            rows.extend(b);
+        }
+    }
+    rows
+}
+
+/// Runs the smoke pipeline with the teacher fine-tuned from a family's tiny checkpoint
+/// into `root`; returns the shard directory after `verify` passed on it.
+fn augment_with(name: &str, root: &Path) -> PathBuf {
+    let model = format!("teacher.model={}", dir(name).display());
+    let cache = format!("teacher.cache_dir={}", root.join("teachers").display());
+    let text = ok(&[
+        "augment",
+        "pipelines/smoke.toml",
+        "--out",
+        root.to_str().unwrap(),
+        "--set",
+        &model,
+        "--set",
+        &cache,
+        "--set",
+        "max_examples=32",
+        "--set",
+        "teacher.train.max_train_examples=64",
+    ]);
+    assert!(text.contains("shards:"), "{name}: {text}");
+    let shards = root.join("sst2/smoke");
+    assert!(ok(&["verify", shards.to_str().unwrap()]).contains("ok"));
+    shards
+}
+
+/// Every token row keeps its source's length, and a special token only where the source
+/// has that very token: a projection or replacement never yields one.
+fn check_no_special_token_made(name: &str, rows: &[Row]) {
+    let tok = TextTokenizer::load(&dir(name), 512).unwrap();
+    let originals: HashMap<i64, &Row> = rows
+        .iter()
+        .filter(|r| r.method == "original")
+        .map(|r| (r.idx, r))
+        .collect();
+    assert_eq!(originals.len(), 32, "{name}");
+    let mut changed = 0;
+    for r in rows.iter().filter(|r| r.method != "original") {
+        let src = originals[&r.idx];
+        assert_eq!(
+            r.input_ids.len(),
+            src.input_ids.len(),
+            "{name} {}",
+            r.method
+        );
+        for (t, s) in r.input_ids.iter().zip(&src.input_ids) {
+            assert!(
+                !tok.is_special(*t) || t == s,
+                "{name} {} row of idx {}: special token {t} made where the source has {s}",
+                r.method,
+                r.idx
+            );
+            changed += (t != s) as usize;
+        }
+    }
+    assert!(changed > 100, "{name}: only {changed} tokens changed");
+}
+
+/// A student cut from the same family's checkpoint (its first layer) trains on the shards
+/// and is saved as that family's classifier, which loads back.
+fn check_student(name: &str, family: Family, shards: &Path, root: &Path) {
+    let out = root.join("student");
+    let text = ok(&[
+        "train-student",
+        "--shards",
+        shards.to_str().unwrap(),
+        "--task",
+        "sst2",
+        "--out",
+        out.to_str().unwrap(),
+        "--model",
+        dir(name).to_str().unwrap(),
+        "--layers",
+        "1",
+        "--max-steps",
+        "3",
+        "--methods",
+        "original,augpro_mix,augpro_fgsm,mixup,fgsm",
+    ]);
+    assert!(text.contains("accuracy"), "{name}: {text}");
+    let ck = Checkpoint::open(&out).unwrap();
+    assert_eq!(ck.config.family, family, "{name}");
+    assert_eq!(ck.config.num_hidden_layers, 1, "{name}");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], family.architecture(), "{name}");
+    let weights =
+        candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    let word = format!(
+        "{}embeddings.word_embeddings.weight",
+        family.weight_prefix()
+    );
+    assert!(weights.contains_key(&word), "{name}: no {word}");
+    let head = family.head_names();
+    for w in [head.dense, head.out] {
+        assert!(
+            weights.contains_key(&format!("{w}.weight"))
+                || weights.contains_key(&format!("{}{w}.weight", family.weight_prefix())),
+            "{name}: no {w}"
+        );
+    }
+    ck.load_classifier(&Device::Cpu, false, 2, None, 0).unwrap();
+}
+
+#[test]
+fn augment_verify_and_a_student_on_every_family() {
+    for (name, family) in FAMILIES {
+        let tmp = tempfile::tempdir().unwrap();
+        let shards = augment_with(name, tmp.path());
+        check_no_special_token_made(name, &read_rows(&shards));
+        check_student(name, family, &shards, tmp.path());
+    }
+}
+
+/// `train-student` refuses a student whose tokenizer is not the teacher's, across families
+/// (here two SentencePiece vocabularies of the same size) and from the BERT base.
+#[test]
+fn a_student_with_another_tokenizer_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = augment_with("xlm-roberta", tmp.path());
+    for (student, says) in [
+        (dir("deberta-v2"), "tokenizer"),
+        (common::model_dir(), "vocabulary"),
+    ] {
+        let e = fail(&[
+            "train-student",
+            "--shards",
+            shards.to_str().unwrap(),
+            "--task",
+            "sst2",
+            "--out",
+            tmp.path().join("student").to_str().unwrap(),
+            "--model",
+            student.to_str().unwrap(),
+            "--layers",
+            "1",
+        ]);
+        assert!(e.contains(says), "{}: {e}", student.display());
+    }
+    assert!(!tmp.path().join("student").exists(), "no partial student");
 }

@@ -8,7 +8,10 @@ input-embedding gradient of a fixed scalar loss, all in fp32 eval mode.
 
     make families-fixtures        # or: python3 tests/families/make_families.py GLUE_DIR OUT_DIR
 
-Needs torch, transformers and tokenizers (`make peer-deps`) and pyarrow.
+Needs torch, transformers and tokenizers (`make peer-deps`) and pyarrow. The weights are
+seeded; the tokenizer trainers break ties in hash order, so a rerun may pick a slightly
+different vocabulary, and the reference outputs are always those of the files written
+beside them.
 """
 
 import json
@@ -30,9 +33,9 @@ from transformers import (
 )
 
 SEED = 20231
-NUM_LABELS = 3
+NUM_LABELS = 2  # SST-2's classes: the end-to-end test fine-tunes these checkpoints on it
 # Each logit's weight in the scalar loss whose input-embedding gradient is recorded.
-LOGIT_WEIGHTS = [1.0, -2.0, 0.5]
+LOGIT_WEIGHTS = [1.0, -2.0]
 BATCH = [
     ("it 's a charming and often affecting journey .", None),
     ("unflinchingly bleak and desperate", None),

@@ -117,6 +117,14 @@ impl TextTokenizer {
         self.special.get(id as usize).copied().unwrap_or(true)
     }
 
+    /// The tokens [`TextTokenizer::is_special`] holds, in id order.
+    pub fn special_tokens(&self) -> Vec<String> {
+        (0..self.special.len() as u32)
+            .filter(|&i| self.special[i as usize])
+            .map(|i| self.token(i))
+            .collect()
+    }
+
     /// Encodes examples in parallel (one or two texts each).
     pub fn encode(&self, examples: &[Example]) -> Result<Vec<Encoded>> {
         let encs = if examples.iter().all(|e| e.text_b.is_none()) {

@@ -107,6 +107,38 @@ fn tokenizers_give_the_reference_ids() {
     }
 }
 
+/// Special tokens are exactly those `tokenizer.json` flags `special` (no BERT-style
+/// reserved names in these vocabularies), and embedding rows past the vocabulary (DeBERTa-v3
+/// has spare ones) count as special too, so no projection can pick them.
+#[test]
+fn special_tokens_are_the_tokenizers_flagged_ones() {
+    for (name, _) in FAMILIES {
+        let tok = TextTokenizer::load(&dir(name), 512).unwrap();
+        let file: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir(name).join("tokenizer.json")).unwrap())
+                .unwrap();
+        let flagged: Vec<u32> = file["added_tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["special"] == true)
+            .map(|t| t["id"].as_u64().unwrap() as u32)
+            .collect();
+        assert!(flagged.len() >= 4, "{name}: {flagged:?}");
+        let special: Vec<u32> = (0..tok.vocab_size() as u32)
+            .filter(|&i| tok.is_special(i))
+            .collect();
+        assert_eq!(special, flagged, "{name}");
+        assert_eq!(tok.special_tokens().len(), flagged.len(), "{name}");
+        let rows = Checkpoint::open(&dir(name)).unwrap().config.vocab_size;
+        assert!(rows >= tok.vocab_size(), "{name}");
+        assert!(
+            (tok.vocab_size()..rows + 3).all(|i| tok.is_special(i as u32)),
+            "{name}"
+        );
+    }
+}
+
 /// The reference rows as a right-padded batch.
 fn batch(r: &serde_json::Value, pad: u32) -> Batch {
     let rows = r["rows"].as_array().unwrap();
@@ -282,6 +314,13 @@ fn augment_with(name: &str, root: &Path) -> PathBuf {
     assert!(text.contains("shards:"), "{name}: {text}");
     let shards = root.join("sst2/smoke");
     assert!(ok(&["verify", shards.to_str().unwrap()]).contains("ok"));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(shards.join("manifest.json")).unwrap()).unwrap();
+    let excluded = manifest["projection"]["excluded"].as_str().unwrap();
+    let tok = TextTokenizer::load(&dir(name), 512).unwrap();
+    for t in tok.special_tokens() {
+        assert!(excluded.contains(&t), "{name}: `{t}` not in {excluded}");
+    }
     shards
 }
 

@@ -1,6 +1,7 @@
-//! The teacher stage: fine-tune a BERT classifier on a GLUE task, evaluate it, and serve
-//! the inference API the augmentation stage uses (logits, pooled embeddings, word
-//! embeddings, and gradients of a loss with respect to the input embeddings).
+//! The teacher stage: fine-tune a classifier (of any supported family) on a GLUE task,
+//! evaluate it, and serve the inference API the augmentation stage uses (logits, pooled
+//! embeddings, word embeddings, and gradients of a loss with respect to the input
+//! embeddings).
 
 use crate::config::{DevConfig, TeacherTrainConfig};
 use crate::data::{label_names_from_metadata, split_files, Example, Part, SplitReader};

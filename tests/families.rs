@@ -7,7 +7,7 @@
 
 mod common;
 
-use augpro::model::{Checkpoint, Ctx, Family};
+use augpro::model::{Checkpoint, Ctx, Family, SeqClassifier};
 use augpro::shards::reader::ShardReader;
 use augpro::shards::{Row, ShardSchema};
 use augpro::tokenize::TextTokenizer;
@@ -82,11 +82,21 @@ fn an_unsupported_model_type_is_one_clear_error() {
     let text = std::fs::read_to_string(&p).unwrap();
     std::fs::write(&p, text.replace("\"roberta\"", "\"gpt2\"")).unwrap();
     let e = format!("{:#}", Checkpoint::open(tmp.path()).unwrap_err());
-    assert!(e.contains("config.json") && e.contains("`gpt2`"), "{e}");
-    assert!(
-        e.contains("bert, roberta, xlm-roberta, distilbert, deberta-v2"),
-        "{e}"
-    );
+    let cli = fail(&[
+        "teacher",
+        "eval",
+        "--teacher",
+        tmp.path().to_str().unwrap(),
+        "--task",
+        "sst2",
+    ]);
+    for e in [e, cli] {
+        assert!(e.contains("config.json") && e.contains("`gpt2`"), "{e}");
+        assert!(
+            e.contains("bert, roberta, xlm-roberta, distilbert, deberta-v2"),
+            "{e}"
+        );
+    }
 }
 
 #[test]
@@ -157,22 +167,17 @@ fn batch(r: &serde_json::Value, pad: u32) -> Batch {
     b
 }
 
-/// Hidden states, logits and the gradient of the reference loss (real hidden states'
-/// first 4 values + logits · weights) with respect to the input word embeddings.
-fn check_family(name: &str, trainable: bool) {
-    let path = if trainable {
-        "separate q/k/v"
-    } else {
-        "stacked qkv"
-    };
-    let what = |s: String| format!("{name} ({path}): {s}");
-    let r = reference(name);
-    let ck = Checkpoint::open(&dir(name)).unwrap();
-    let tok = TextTokenizer::load(&dir(name), 512).unwrap();
-    let (model, _params) = ck
-        .load_classifier(&Device::Cpu, trainable, 2, None, 0)
-        .unwrap();
-    let b = batch(&r, tok.pad_id);
+/// What the model gives on the reference batch: hidden states `[b][s][h]`, logits and the
+/// gradient of the reference loss (real hidden states' first 4 values + logits · weights)
+/// with respect to the input word embeddings, after checking the loss itself.
+type Outputs = (Vec<Vec<Vec<f32>>>, Vec<Vec<f32>>, Vec<Vec<Vec<f32>>>);
+
+fn run_reference_loss(
+    model: &SeqClassifier,
+    b: &Batch,
+    r: &serde_json::Value,
+    what: &str,
+) -> Outputs {
     let emb = model.bert.embed_ids(&b.ids).unwrap().detach();
     let var = Var::from_tensor(&emb).unwrap();
     let out = model
@@ -193,18 +198,39 @@ fn check_family(name: &str, trainable: bool) {
     let want = r["loss_value"].as_f64().unwrap();
     assert!(
         (got - want).abs() < 1e-3 * want.abs().max(1.0),
-        "{}",
-        what(format!("loss {got} vs {want}"))
+        "{what}: loss {got} vs {want}"
     );
-    let grad = loss
-        .backward()
+    let grads = loss.backward().unwrap();
+    (
+        out.hidden.to_vec3().unwrap(),
+        out.logits.to_vec2().unwrap(),
+        grads.get(var.as_tensor()).unwrap().to_vec3().unwrap(),
+    )
+}
+
+/// Hidden states, logits and input-embedding gradients against the reference, on the real
+/// positions of every row; then the hidden states from ids in inference mode (fused kernels).
+fn check_family(name: &str, trainable: bool) {
+    let path = if trainable {
+        "separate q/k/v"
+    } else {
+        "stacked qkv"
+    };
+    let what = |s: String| format!("{name} ({path}): {s}");
+    let r = reference(name);
+    let ck = Checkpoint::open(&dir(name)).unwrap();
+    let tok = TextTokenizer::load(&dir(name), 512).unwrap();
+    let (model, _params) = ck
+        .load_classifier(&Device::Cpu, trainable, 2, None, 0)
+        .unwrap();
+    let b = batch(&r, tok.pad_id);
+    let (hidden, logits, grad) = run_reference_loss(&model, &b, &r, &what(String::new()));
+    let from_ids: Vec<Vec<Vec<f32>>> = model
+        .bert
+        .forward_ids(&b.ids, &b.types, &b.mask, &mut Ctx::eval())
         .unwrap()
-        .get(var.as_tensor())
-        .unwrap()
-        .clone();
-    let hidden: Vec<Vec<Vec<f32>>> = out.hidden.to_vec3().unwrap();
-    let grad: Vec<Vec<Vec<f32>>> = grad.to_vec3().unwrap();
-    let logits: Vec<Vec<f32>> = out.logits.to_vec2().unwrap();
+        .to_vec3()
+        .unwrap();
     for (i, row) in r["rows"].as_array().unwrap().iter().enumerate() {
         assert_close(
             &logits[i],
@@ -214,35 +240,13 @@ fn check_family(name: &str, trainable: bool) {
         let want_h = row["last_hidden_state"].as_array().unwrap();
         let want_g = row["embedding_grad"].as_array().unwrap();
         for pos in 0..want_h.len() {
+            let at = |s: &str| what(format!("row {i} position {pos} {s}"));
+            assert_close(&hidden[i][pos], &floats(&want_h[pos]), &at("hidden"));
+            assert_close(&grad[i][pos], &floats(&want_g[pos]), &at("gradient"));
             assert_close(
-                &hidden[i][pos],
+                &from_ids[i][pos],
                 &floats(&want_h[pos]),
-                &what(format!("row {i} position {pos} hidden")),
-            );
-            assert_close(
-                &grad[i][pos],
-                &floats(&want_g[pos]),
-                &what(format!("row {i} position {pos} gradient")),
-            );
-        }
-    }
-    // From ids, in inference mode (fused kernels), the hidden states agree too.
-    let h = model
-        .bert
-        .forward_ids(&b.ids, &b.types, &b.mask, &mut Ctx::eval())
-        .unwrap();
-    let h: Vec<Vec<Vec<f32>>> = h.to_vec3().unwrap();
-    for (i, row) in r["rows"].as_array().unwrap().iter().enumerate() {
-        for (pos, w) in row["last_hidden_state"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .enumerate()
-        {
-            assert_close(
-                &h[i][pos],
-                &floats(w),
-                &what(format!("from ids, row {i} position {pos}")),
+                &at("hidden from ids"),
             );
         }
     }

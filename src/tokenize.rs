@@ -142,7 +142,7 @@ impl TextTokenizer {
             .into_iter()
             .map(|e| Encoded {
                 ids: e.get_ids().to_vec(),
-                type_ids: e.get_type_ids().iter().map(|&t| t as u8).collect(),
+                type_ids: segment_ids(&e),
                 truncated: !e.get_overflowing().is_empty(),
             })
             .collect())
@@ -188,6 +188,22 @@ impl TextTokenizer {
             .id_to_token(id)
             .unwrap_or_else(|| format!("<{id}>"))
     }
+}
+
+/// Segment ids of an encoding: its token types, with every token from the second text's
+/// first token on in segment 1 even where the tokenizer gives one token type throughout
+/// (RoBERTa's and XLM-R's `<s> A </s></s> B </s>`), so that methods and decoding see both
+/// texts; a model with one token type reads them all as its only type.
+fn segment_ids(e: &tokenizers::Encoding) -> Vec<u8> {
+    let mut second = false;
+    e.get_type_ids()
+        .iter()
+        .zip(e.get_sequence_ids())
+        .map(|(&t, seq)| {
+            second |= seq == Some(1);
+            (t as u8).max(second as u8)
+        })
+        .collect()
 }
 
 /// Longest-first truncation to `max_seq_len` tokens, special tokens included.

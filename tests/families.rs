@@ -99,20 +99,40 @@ fn an_unsupported_model_type_is_one_clear_error() {
     }
 }
 
+/// Each family's tokenizer gives the reference ids; the second text of a pair is segment 1
+/// from its first token on (even where the tokenizer has one token type, as RoBERTa's),
+/// so decoding splits a pair back into its two texts.
 #[test]
-fn tokenizers_give_the_reference_ids() {
+fn tokenizers_give_the_reference_ids_and_both_segments() {
     for (name, _) in FAMILIES {
         let tok = TextTokenizer::load(&dir(name), 512).unwrap();
         for row in reference(name)["rows"].as_array().unwrap() {
+            let pair = row["text_pair"].as_str();
             let ex = augpro::data::Example {
                 idx: 0,
                 text_a: row["text"].as_str().unwrap().into(),
-                text_b: row["text_pair"].as_str().map(String::from),
+                text_b: pair.map(String::from),
                 label: None,
             };
             let enc = tok.encode(&[ex]).unwrap().remove(0);
             assert_eq!(enc.ids, ints::<u32>(&row["input_ids"]), "{name}");
-            assert_eq!(enc.type_ids, ints::<u8>(&row["token_type_ids"]), "{name}");
+            let first_b = enc.type_ids.iter().position(|&t| t == 1);
+            let (a, b) = tok.decode_segments(&enc.ids, &enc.type_ids).unwrap();
+            let Some(pair) = pair else {
+                assert_eq!(first_b, None, "{name}: one segment");
+                continue;
+            };
+            let first_b = first_b.expect("a second segment");
+            assert!(enc.type_ids[first_b..].iter().all(|&t| t == 1), "{name}");
+            // The word only the second text has comes back in the second segment alone.
+            let text_a = row["text"].as_str().unwrap();
+            let word = pair.split(' ').find(|w| !text_a.contains(w)).unwrap();
+            let word = word.to_lowercase();
+            let b = b.unwrap().to_lowercase();
+            assert!(
+                b.contains(&word) && !a.to_lowercase().contains(&word),
+                "{name}: {a} | {b}"
+            );
         }
     }
 }
@@ -282,9 +302,9 @@ fn deberta_v2_with_separate_position_projections_matches_pytorch() {
     check_family("deberta-v2", true);
 }
 
-/// The rows of a shard directory.
-fn read_rows(dir: &Path) -> Vec<Row> {
-    let schema = ShardSchema::new(augpro::glue::task("sst2").unwrap());
+/// The rows of a shard directory of `task`.
+fn read_rows(dir: &Path, task: &str) -> Vec<Row> {
+    let schema = ShardSchema::new(augpro::glue::task(task).unwrap());
     let (_, paths) = augpro::shards::manifest::shard_paths(&dir.into()).unwrap();
     let mut rows = Vec::new();
     for p in paths {
@@ -299,6 +319,11 @@ fn read_rows(dir: &Path) -> Vec<Row> {
 /// Runs the smoke pipeline with the teacher fine-tuned from a family's tiny checkpoint
 /// into `root`; returns the shard directory after `verify` passed on it.
 fn augment_with(name: &str, root: &Path) -> PathBuf {
+    augment_task_with(name, "sst2", root)
+}
+
+fn augment_task_with(name: &str, task: &str, root: &Path) -> PathBuf {
+    let task_key = format!("task={task}");
     let model = format!("teacher.model={}", dir(name).display());
     let cache = format!("teacher.cache_dir={}", root.join("teachers").display());
     let text = ok(&[
@@ -311,12 +336,14 @@ fn augment_with(name: &str, root: &Path) -> PathBuf {
         "--set",
         &cache,
         "--set",
+        &task_key,
+        "--set",
         "max_examples=32",
         "--set",
         "teacher.train.max_train_examples=64",
     ]);
     assert!(text.contains("shards:"), "{name}: {text}");
-    let shards = root.join("sst2/smoke");
+    let shards = root.join(task).join("smoke");
     assert!(ok(&["verify", shards.to_str().unwrap()]).contains("ok"));
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(shards.join("manifest.json")).unwrap()).unwrap();
@@ -411,7 +438,7 @@ fn augment_verify_and_a_student_on_every_family() {
     for (name, family) in FAMILIES {
         let tmp = tempfile::tempdir().unwrap();
         let shards = augment_with(name, tmp.path());
-        check_no_special_token_made(name, &read_rows(&shards));
+        check_no_special_token_made(name, &read_rows(&shards, "sst2"));
         check_student(name, family, &shards, tmp.path());
     }
 }
@@ -442,4 +469,26 @@ fn a_student_with_another_tokenizer_is_refused() {
         assert!(e.contains(says), "{}: {e}", student.display());
     }
     assert!(!tmp.path().join("student").exists(), "no partial student");
+}
+
+/// On a sentence-pair task, a teacher with one token type (RoBERTa) still gets rows whose
+/// second segment is marked and decodes to the second text column.
+#[test]
+fn pair_rows_keep_both_texts_with_one_token_type() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = augment_task_with("roberta", "mrpc", tmp.path());
+    let rows = read_rows(&shards, "mrpc");
+    assert!(!rows.is_empty());
+    for r in rows
+        .iter()
+        .filter(|r| r.method != "mixup" && r.method != "fgsm")
+    {
+        assert!(
+            r.token_type_ids.contains(&1),
+            "{}: no second segment",
+            r.method
+        );
+        assert_eq!(r.texts.len(), 2, "{}", r.method);
+        assert!(!r.texts[1].trim().is_empty(), "{}: {:?}", r.method, r.texts);
+    }
 }

@@ -81,13 +81,19 @@ impl BertConfig {
         Ok(config)
     }
 
-    /// The `config.json` object to save: the family's own key names and `model_type`.
-    pub fn to_json(&self) -> Result<serde_json::Value> {
-        let serde_json::Value::Object(mut map) = serde_json::to_value(self)? else {
-            bail!("a config serialises to an object");
-        };
-        map.insert("model_type".into(), self.family.model_type().into());
-        Ok(serde_json::Value::Object(self.family.from_bert_keys(map)))
+    /// The `config.json` text to save: `model_type` set, in the family's own key names.
+    pub fn to_json(&self) -> Result<String> {
+        let mut cfg = self.clone();
+        cfg.extra
+            .insert("model_type".into(), self.family.model_type().into());
+        if !self.family.has_own_config_keys() {
+            return Ok(serde_json::to_string_pretty(&cfg)?);
+        }
+        // Through text, so that f32 values keep their short form.
+        let map = serde_json::from_str(&serde_json::to_string(&cfg)?)?;
+        Ok(serde_json::to_string_pretty(
+            &self.family.from_bert_keys(map),
+        )?)
     }
 
     /// The relative-attention settings (DeBERTa with `relative_attention`), else `None`.

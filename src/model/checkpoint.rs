@@ -219,10 +219,7 @@ pub fn save_classifier(
     candle_core::safetensors::save(&tensors, weights.temp_path())
         .with_context(|| format!("{}: cannot write weights", weights.temp_path().display()))?;
     weights.commit()?;
-    atomic_write(
-        &out.join("config.json"),
-        serde_json::to_string_pretty(&cfg.to_json()?)?.as_bytes(),
-    )?;
+    atomic_write(&out.join("config.json"), cfg.to_json()?.as_bytes())?;
     for f in [
         "tokenizer.json",
         "vocab.txt",

@@ -186,9 +186,14 @@ impl Family {
         matches!(self, Self::Roberta | Self::XlmRoberta)
     }
 
+    /// True when the family's `config.json` names its keys its own way (DistilBERT).
+    pub fn has_own_config_keys(self) -> bool {
+        self == Self::DistilBert
+    }
+
     /// A `config.json` object in BERT's key names (DistilBERT's are renamed).
     pub fn to_bert_keys(self, mut map: Map<String, Value>) -> Map<String, Value> {
-        if self == Self::DistilBert {
+        if self.has_own_config_keys() {
             rename(&mut map, DISTILBERT_KEYS.iter().map(|&(d, b)| (d, b)));
             map.entry("type_vocab_size").or_insert(0.into());
         }
@@ -197,7 +202,7 @@ impl Family {
 
     /// The inverse of [`Family::to_bert_keys`]: the family's own key names, as saved.
     pub fn from_bert_keys(self, mut map: Map<String, Value>) -> Map<String, Value> {
-        if self == Self::DistilBert {
+        if self.has_own_config_keys() {
             rename(&mut map, DISTILBERT_KEYS.iter().map(|&(d, b)| (b, d)));
             map.remove("type_vocab_size");
         }

@@ -14,7 +14,7 @@ MODEL_DIR := data/models/minilm-l6
 MODEL_SHA := 53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
 APT_PKGS := cmake g++ libopenblas-dev liblapack-dev python3 python3-pip fonts-dejavu-core strace
 
-.PHONY: setup system-deps rust-components slurm-deps python-deps peer-deps store-deps model build augment test-data test test-root test-repeat lint test-slurm bench compare clean \
+.PHONY: setup system-deps rust-components slurm-deps python-deps peer-deps store-deps model families-fixtures build augment test-data test test-root test-repeat lint test-slurm bench compare clean \
 	cuda-deps build-cuda gpu-check
 
 setup: system-deps rust-components python-deps model
@@ -62,6 +62,11 @@ peer-deps:
 	@python3 -c "import torch, transformers, faiss" 2>/dev/null || python3 -m pip install -q torch transformers faiss-cpu
 
 model: $(MODEL_DIR)/model.safetensors
+
+# Regenerates the tiny seeded checkpoints of each teacher family and their PyTorch reference
+# outputs (tests/families/, read by tests/families.rs).
+families-fixtures: peer-deps
+	python3 tests/families/make_families.py "$(AUGPRO_GLUE_DIR)" tests/families
 
 $(MODEL_DIR)/model.safetensors:
 	@set -euo pipefail; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \

@@ -699,6 +699,21 @@ fn sweep_worker_temporaries(out: &Location) -> Result<()> {
     Ok(())
 }
 
+/// What the projection index leaves out, in the manifest's words: BERT's special and
+/// reserved tokens, or the tokens another family's tokenizer flags special.
+fn excluded_tokens(ck: &Checkpoint, teacher_dir: &Path) -> Result<String> {
+    if ck.config.family == crate::model::Family::Bert {
+        return Ok(
+            "special and reserved tokens ([PAD], [UNK], [CLS], [SEP], [MASK], [unusedN])".into(),
+        );
+    }
+    let tok = crate::tokenize::TextTokenizer::load(teacher_dir, 512)?;
+    Ok(format!(
+        "tokens the tokenizer flags special ({}) and embedding rows past its vocabulary",
+        tok.special_tokens().join(", ")
+    ))
+}
+
 /// The manifest of the finished `shards`.
 fn build_manifest(
     cfg: &PipelineConfig,
@@ -748,7 +763,7 @@ fn build_manifest(
         projection: serde_json::json!({
             "index": cfg.projection.index,
             "metric": cfg.projection.metric,
-            "excluded": "special and reserved tokens ([PAD], [UNK], [CLS], [SEP], [MASK], [unusedN])",
+            "excluded": excluded_tokens(&ck, &teacher_dir)?,
             "median_nn_distance": nn_scale,
         }),
         num_labels: task.num_labels,

@@ -1,6 +1,7 @@
-//! The teacher stage: fine-tune a BERT classifier on a GLUE task, evaluate it, and serve
-//! the inference API the augmentation stage uses (logits, pooled embeddings, word
-//! embeddings, and gradients of a loss with respect to the input embeddings).
+//! The teacher stage: fine-tune a classifier (of any supported family) on a GLUE task,
+//! evaluate it, and serve the inference API the augmentation stage uses (logits, pooled
+//! embeddings, word embeddings, and gradients of a loss with respect to the input
+//! embeddings).
 
 use crate::config::{DevConfig, TeacherTrainConfig};
 use crate::data::{label_names_from_metadata, split_files, Example, Part, SplitReader};
@@ -130,11 +131,13 @@ pub fn dev_scorer(
     })
 }
 
-/// Checks that the tokenizer's vocabulary fits the model's embedding table.
+/// Checks that the tokenizer's vocabulary fits the model's embedding table (which may have
+/// spare rows past it, as DeBERTa-v3's does; no tokenizer produces them, so a projection
+/// leaves them out like special tokens).
 pub fn check_vocab(tok: &TextTokenizer, ck: &Checkpoint) -> Result<()> {
-    if tok.vocab_size() != ck.config.vocab_size {
+    if tok.vocab_size() > ck.config.vocab_size {
         bail!(
-            "{}: tokenizer vocabulary has {} tokens but the model's embedding table has {} rows (tokenizer and model do not match)",
+            "{}: tokenizer vocabulary has {} tokens but the model's embedding table has only {} rows (tokenizer and model do not match)",
             ck.dir.display(),
             tok.vocab_size(),
             ck.config.vocab_size

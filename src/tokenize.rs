@@ -14,6 +14,9 @@ use tokenizers::{
     AddedToken, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
 };
 
+/// The padding tokens of the supported vocabularies, looked up in this order.
+const PAD_TOKENS: [&str; 2] = ["[PAD]", "<pad>"];
+
 /// One tokenized example: ids, token types, and whether it was cut to fit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Encoded {
@@ -25,16 +28,13 @@ pub struct Encoded {
     pub truncated: bool,
 }
 
-/// A BERT tokenizer configured for this pipeline.
+/// A model's tokenizer (WordPiece, byte-level BPE or SentencePiece Unigram, as its
+/// `tokenizer.json` says) configured for this pipeline.
 pub struct TextTokenizer {
     inner: Tokenizer,
     max_seq_len: usize,
     special: Vec<bool>,
-    /// Id of `[CLS]`.
-    pub cls_id: u32,
-    /// Id of `[SEP]`.
-    pub sep_id: u32,
-    /// Id of `[PAD]`.
+    /// Id of the padding token (`[PAD]`, or `<pad>` in BPE and SentencePiece vocabularies).
     pub pad_id: u32,
 }
 
@@ -57,12 +57,16 @@ impl TextTokenizer {
         };
         inner.with_padding(None);
         truncate_to(&mut inner, max_seq_len)?;
-        let id = |t: &str| {
-            inner
-                .token_to_id(t)
-                .ok_or_else(|| anyhow!("{}: tokenizer has no `{t}` token", model_dir.display()))
-        };
-        let (cls_id, sep_id, pad_id) = (id("[CLS]")?, id("[SEP]")?, id("[PAD]")?);
+        let pad_id = PAD_TOKENS
+            .iter()
+            .find_map(|t| inner.token_to_id(t))
+            .ok_or_else(|| {
+                anyhow!(
+                    "{}: tokenizer has no padding token (expected one of {})",
+                    file.display(),
+                    PAD_TOKENS.join(", ")
+                )
+            })?;
         // Special tokens are those the tokenizer flags as special, plus BERT's reserved
         // `[unusedN]` placeholders, which no text produces.
         let n = inner.get_vocab_size(true);
@@ -81,8 +85,6 @@ impl TextTokenizer {
             inner,
             max_seq_len,
             special,
-            cls_id,
-            sep_id,
             pad_id,
         })
     }
@@ -105,8 +107,6 @@ impl TextTokenizer {
             inner,
             max_seq_len,
             special: self.special.clone(),
-            cls_id: self.cls_id,
-            sep_id: self.sep_id,
             pad_id: self.pad_id,
         })
     }
@@ -115,6 +115,14 @@ impl TextTokenizer {
     /// placeholders (`[unused7]`), which a projection must never produce.
     pub fn is_special(&self, id: u32) -> bool {
         self.special.get(id as usize).copied().unwrap_or(true)
+    }
+
+    /// The tokens [`TextTokenizer::is_special`] holds, in id order.
+    pub fn special_tokens(&self) -> Vec<String> {
+        (0..self.special.len() as u32)
+            .filter(|&i| self.special[i as usize])
+            .map(|i| self.token(i))
+            .collect()
     }
 
     /// Encodes examples in parallel (one or two texts each).
@@ -134,7 +142,7 @@ impl TextTokenizer {
             .into_iter()
             .map(|e| Encoded {
                 ids: e.get_ids().to_vec(),
-                type_ids: e.get_type_ids().iter().map(|&t| t as u8).collect(),
+                type_ids: segment_ids(&e),
                 truncated: !e.get_overflowing().is_empty(),
             })
             .collect())
@@ -180,6 +188,22 @@ impl TextTokenizer {
             .id_to_token(id)
             .unwrap_or_else(|| format!("<{id}>"))
     }
+}
+
+/// Segment ids of an encoding: its token types, with every token from the second text's
+/// first token on in segment 1 even where the tokenizer gives one token type throughout
+/// (RoBERTa's and XLM-R's `<s> A </s></s> B </s>`), so that methods and decoding see both
+/// texts; a model with one token type reads them all as its only type.
+fn segment_ids(e: &tokenizers::Encoding) -> Vec<u8> {
+    let mut second = false;
+    e.get_type_ids()
+        .iter()
+        .zip(e.get_sequence_ids())
+        .map(|(&t, seq)| {
+            second |= seq == Some(1);
+            (t as u8).max(second as u8)
+        })
+        .collect()
 }
 
 /// Longest-first truncation to `max_seq_len` tokens, special tokens included.

@@ -1,9 +1,12 @@
-//! A BERT encoder in candle that runs from token ids or from input word embeddings, with a
-//! LayerNorm and softmax that keep gradients flowing to the embeddings.
+//! The encoder in candle, for every supported family (BERT, RoBERTa, XLM-R, DistilBERT,
+//! DeBERTa-v2/v3: see [`super::family`]), run from token ids or from input word
+//! embeddings, with a LayerNorm and softmax that keep gradients flowing to the embeddings.
 //!
 //! Weight names follow Hugging Face (`embeddings.word_embeddings.weight`,
 //! `encoder.layer.N.attention.self.query.weight`, ...), so loading is a walk over names.
 
+use super::deberta::{self, PosProjections, RelEmbeddings, RelState, Relative};
+use super::family::Family;
 use super::kernels;
 use super::params::{Init, Params};
 use anyhow::{bail, Result};
@@ -12,9 +15,13 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-/// Hugging Face `config.json` of a BERT model; unknown keys are kept for round-tripping.
+/// Hugging Face `config.json` of an encoder, in BERT's key names (DistilBERT's are
+/// renamed on reading and back on saving); unknown keys are kept for round-tripping.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BertConfig {
+    /// The family `model_type` selects (set by [`BertConfig::parse`]; BERT otherwise).
+    #[serde(skip)]
+    pub family: Family,
     /// Vocabulary size (rows of the word-embedding table).
     pub vocab_size: usize,
     /// Hidden size.
@@ -61,6 +68,55 @@ fn default_eps() -> f64 {
 }
 
 impl BertConfig {
+    /// Reads a `config.json` text: `model_type` picks the family, whose key names are
+    /// mapped to BERT's; the result is validated.
+    pub fn parse(text: &str) -> Result<Self> {
+        let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)?;
+        let model_type = map.get("model_type").and_then(|v| v.as_str());
+        let family = Family::from_model_type(model_type)?;
+        let mut config: Self =
+            serde_json::from_value(serde_json::Value::Object(family.to_bert_keys(map)))?;
+        config.family = family;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The `config.json` text to save: `model_type` set, in the family's own key names.
+    pub fn to_json(&self) -> Result<String> {
+        let mut cfg = self.clone();
+        cfg.extra
+            .insert("model_type".into(), self.family.model_type().into());
+        if !self.family.has_own_config_keys() {
+            return Ok(serde_json::to_string_pretty(&cfg)?);
+        }
+        // Through text, so that f32 values keep their short form.
+        let map = serde_json::from_str(&serde_json::to_string(&cfg)?)?;
+        Ok(serde_json::to_string_pretty(
+            &self.family.from_bert_keys(map),
+        )?)
+    }
+
+    /// The relative-attention settings (DeBERTa with `relative_attention`), else `None`.
+    pub fn relative(&self) -> Result<Option<Relative>> {
+        match self.family {
+            Family::DebertaV2 => Relative::from_config(self),
+            _ => Ok(None),
+        }
+    }
+
+    /// The padding token id (`pad_token_id`; RoBERTa's default 1 when absent).
+    pub fn pad_token_id(&self) -> usize {
+        let default = if self.family.offsets_positions() {
+            1
+        } else {
+            0
+        };
+        self.extra
+            .get("pad_token_id")
+            .and_then(|v| v.as_u64())
+            .map_or(default, |v| v as usize)
+    }
+
     /// Checks the fields this implementation depends on.
     pub fn validate(&self) -> Result<()> {
         if self.hidden_size == 0
@@ -82,6 +138,7 @@ impl BertConfig {
                 self.hidden_act
             );
         }
+        self.relative()?;
         Ok(())
     }
 }
@@ -257,75 +314,112 @@ fn softmax_last(x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
     Ok(e.broadcast_div(&s)?)
 }
 
-/// Word, position and token-type embeddings followed by LayerNorm and dropout.
+/// Word, position and token-type embeddings followed by LayerNorm and dropout. A family
+/// without absolute positions (DeBERTa-v3) or token types (DistilBERT, DeBERTa-v3) has no
+/// table for them; with one token type (RoBERTa) every token gets it.
 pub struct Embeddings {
     word: Tensor,
-    position: Tensor,
-    token_type: Tensor,
+    position: Option<Tensor>,
+    token_type: Option<Tensor>,
+    /// Where the first real token's position counts from: 0, or the padding index + 1
+    /// with positions counted over real tokens only (RoBERTa).
+    position_offset: Option<usize>,
     norm: LayerNorm,
     dropout: f32,
 }
 
 impl Embeddings {
     fn load(p: &Params, c: &BertConfig) -> Result<Self> {
+        let h = c.hidden_size;
+        let word = p.get(
+            "embeddings.word_embeddings.weight",
+            &[c.vocab_size, h],
+            Init::Required,
+        )?;
+        let biased = c
+            .extra
+            .get("position_biased_input")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(true);
+        let position = (c.family != Family::DebertaV2 || biased)
+            .then(|| {
+                p.get(
+                    "embeddings.position_embeddings.weight",
+                    &[c.max_position_embeddings, h],
+                    Init::Required,
+                )
+            })
+            .transpose()?;
+        let token_type = (c.type_vocab_size > 0)
+            .then(|| {
+                p.get(
+                    "embeddings.token_type_embeddings.weight",
+                    &[c.type_vocab_size, h],
+                    Init::Required,
+                )
+            })
+            .transpose()?;
         Ok(Self {
-            word: p.get(
-                "embeddings.word_embeddings.weight",
-                &[c.vocab_size, c.hidden_size],
-                Init::Required,
-            )?,
-            position: p.get(
-                "embeddings.position_embeddings.weight",
-                &[c.max_position_embeddings, c.hidden_size],
-                Init::Required,
-            )?,
-            token_type: p.get(
-                "embeddings.token_type_embeddings.weight",
-                &[c.type_vocab_size, c.hidden_size],
-                Init::Required,
-            )?,
-            norm: LayerNorm::load(p, "embeddings.LayerNorm", c.hidden_size, c.layer_norm_eps)?,
+            word,
+            position,
+            token_type,
+            position_offset: c.family.offsets_positions().then(|| c.pad_token_id() + 1),
+            norm: LayerNorm::load(p, "embeddings.LayerNorm", h, c.layer_norm_eps)?,
             dropout: c.hidden_dropout_prob,
         })
     }
 
-    fn check_len(&self, s: usize) -> Result<()> {
-        if s > self.position.dim(0)? {
-            bail!(
-                "sequence length {s} exceeds max_position_embeddings {}",
-                self.position.dim(0)?
-            );
+    /// Position ids of a `[b, s]` batch given which tokens are real: the column, or for
+    /// RoBERTa the padding index + 1 + the count of real tokens before (the padding index
+    /// at padded positions). Fails when one lies past the position table.
+    fn position_ids(&self, real: &[bool], s: usize) -> Result<Vec<u32>> {
+        let mut out = Vec::with_capacity(real.len());
+        for row in real.chunks(s.max(1)) {
+            let mut rank = 0;
+            for (j, &r) in row.iter().enumerate() {
+                out.push(match self.position_offset {
+                    None => j,
+                    Some(first) if r => {
+                        rank += 1;
+                        first - 1 + rank
+                    }
+                    Some(first) => first - 1,
+                } as u32);
+            }
         }
-        Ok(())
+        if let Some(table) = &self.position {
+            let rows = table.dim(0)?;
+            if let Some(&p) = out.iter().find(|&&p| p as usize >= rows) {
+                bail!(
+                    "sequence length {s} needs position {p}, past max_position_embeddings {rows}"
+                );
+            }
+        }
+        Ok(out)
     }
 
-    /// Padded: word embeddings `[b, s, h]` and type ids `[b, s]`.
-    fn forward(&self, word_embeds: &Tensor, type_ids: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
-        let (b, s, h) = word_embeds.dims3()?;
-        self.check_len(s)?;
-        let pos = self.position.narrow(0, 0, s)?.unsqueeze(0)?;
-        let tt = self
-            .token_type
-            .index_select(&type_ids.flatten_all()?, 0)?
-            .reshape((b, s, h))?;
-        self.finish(&word_embeds.broadcast_add(&pos)?.add(&tt)?, ctx)
-    }
-
-    /// Packed: word embeddings `[T, h]`, with type ids and positions `[T]`.
-    fn forward_packed(
+    /// Word embeddings `[N, h]` of any `N` tokens, with their type ids and positions `[N]`.
+    fn forward(
         &self,
         word_embeds: &Tensor,
         type_ids: &Tensor,
-        positions: &Tensor,
+        positions: &[u32],
         ctx: &mut Ctx,
     ) -> Result<Tensor> {
-        let pos = self.position.index_select(positions, 0)?;
-        let tt = self.token_type.index_select(type_ids, 0)?;
-        self.finish(&word_embeds.add(&pos)?.add(&tt)?, ctx)
-    }
-
-    fn finish(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
-        let x = self.norm.forward(x, ctx)?;
+        let mut x = word_embeds.clone();
+        if let Some(table) = &self.position {
+            let ids = Tensor::new(positions, word_embeds.device())?;
+            x = x.add(&table.index_select(&ids, 0)?)?;
+        }
+        if let Some(table) = &self.token_type {
+            let ids = if table.dim(0)? == 1 {
+                type_ids.zeros_like()?
+            } else {
+                type_ids.clone()
+            };
+            x = x.add(&table.index_select(&ids, 0)?)?;
+        }
+        let x = self.norm.forward(&x, ctx)?;
         ctx.dropout(&x, self.dropout)
     }
 }
@@ -336,6 +430,8 @@ struct Layer {
     v: Linear,
     /// Query, key and value stacked, when the weights are frozen (inference).
     qkv: Option<Linear>,
+    /// DeBERTa's position projections, when attention is relative.
+    pos: Option<PosProjections>,
     attn_out: Linear,
     attn_norm: LayerNorm,
     inter: Linear,
@@ -351,46 +447,40 @@ struct Layer {
 
 /// How a batch's tokens are laid out through the layers.
 enum Tokens {
-    /// `[b, s, h]`, with the additive attention mask `[b, 1, 1, s]` (candle's plain ops).
-    Padded(Tensor),
+    /// `[b, s, h]`, with the additive attention mask `[b, 1, 1, s]` (candle's plain ops)
+    /// and, for relative attention, its per-forward state.
+    Padded(Tensor, Option<(RelState, Relative)>),
     /// `[T, h]`, real tokens only, sequence after sequence (the CPU kernels).
     Packed(kernels::Seqs),
 }
 
 impl Layer {
-    fn load(p: &Params, c: &BertConfig, i: usize) -> Result<Self> {
-        let pre = format!("encoder.layer.{i}");
-        let h = c.hidden_size;
+    fn load(p: &Params, c: &BertConfig, i: usize, rel: Option<&Relative>) -> Result<Self> {
+        let n = c.family.layer_names();
+        let name = |part: &str| format!("{}.{i}.{part}", n.layers);
+        let (h, eps) = (c.hidden_size, c.layer_norm_eps);
         let r = Init::Required;
-        let q = Linear::load(p, &format!("{pre}.attention.self.query"), h, h, r)?;
-        let k = Linear::load(p, &format!("{pre}.attention.self.key"), h, h, r)?;
-        let v = Linear::load(p, &format!("{pre}.attention.self.value"), h, h, r)?;
+        let [q, k, v] = n.qkv.map(|part| Linear::load(p, &name(part), h, h, r));
+        let (q, k, v) = (q?, k?, v?);
         let qkv = if p.is_trainable() {
             None
         } else {
             Some(Linear::stacked(&[&q, &k, &v])?)
         };
+        let pos = rel
+            .map(|rel| PosProjections::load(p, &name("attention.self"), h, rel))
+            .transpose()?;
         Ok(Self {
             q,
             k,
             v,
             qkv,
-            attn_out: Linear::load(p, &format!("{pre}.attention.output.dense"), h, h, r)?,
-            attn_norm: LayerNorm::load(
-                p,
-                &format!("{pre}.attention.output.LayerNorm"),
-                h,
-                c.layer_norm_eps,
-            )?,
-            inter: Linear::load(
-                p,
-                &format!("{pre}.intermediate.dense"),
-                h,
-                c.intermediate_size,
-                r,
-            )?,
-            out: Linear::load(p, &format!("{pre}.output.dense"), c.intermediate_size, h, r)?,
-            out_norm: LayerNorm::load(p, &format!("{pre}.output.LayerNorm"), h, c.layer_norm_eps)?,
+            pos,
+            attn_out: Linear::load(p, &name(n.attn_out), h, h, r)?,
+            attn_norm: LayerNorm::load(p, &name(n.attn_norm), h, eps)?,
+            inter: Linear::load(p, &name(n.inter), h, c.intermediate_size, r)?,
+            out: Linear::load(p, &name(n.out), c.intermediate_size, h, r)?,
+            out_norm: LayerNorm::load(p, &name(n.out_norm), h, eps)?,
             heads: c.num_attention_heads,
             act: c.hidden_act.clone(),
             hidden_p: c.hidden_dropout_prob,
@@ -409,7 +499,7 @@ impl Layer {
 
     /// Self-attention before the output projection.
     fn attention(&self, x: &Tensor, tokens: &Tokens, ctx: &mut Ctx) -> Result<Tensor> {
-        let mask = match tokens {
+        let (mask, rel) = match tokens {
             Tokens::Packed(seqs) => {
                 let dropout = (ctx.train && self.attn_p > 0.0).then(|| (self.attn_p, ctx.seed()));
                 return Ok(kernels::attention(
@@ -419,7 +509,7 @@ impl Layer {
                     dropout,
                 )?);
             }
-            Tokens::Padded(mask) => mask,
+            Tokens::Padded(mask, rel) => (mask, rel),
         };
         let (b, s, h) = x.dims3()?;
         let d = h / self.heads;
@@ -440,7 +530,12 @@ impl Layer {
             None => (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?),
         };
         let (q, k, v) = (split(q)?, split(k)?, split(v)?);
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(mask)?;
+        let factor = rel.as_ref().map_or(1, |(_, r)| r.scale_factor());
+        let mut scores = (q.matmul(&k.t()?)? * (1.0 / ((d * factor) as f64).sqrt()))?;
+        if let (Some((st, r)), Some(own)) = (rel, &self.pos) {
+            scores = (scores + deberta::scores(&q, &k, (&self.q, &self.k), own, st, r)?)?;
+        }
+        let scores = scores.broadcast_add(mask)?;
         let probs = softmax_last(&scores, ctx)?;
         let probs = ctx.dropout(&probs, self.attn_p)?;
         Ok(probs
@@ -466,10 +561,12 @@ impl Layer {
     }
 }
 
-/// The BERT encoder.
+/// The encoder (any supported family).
 pub struct Bert {
     embeddings: Embeddings,
     layers: Vec<Layer>,
+    /// DeBERTa's relative-position embeddings, when attention is relative.
+    relative: Option<RelEmbeddings>,
     /// The configuration it was built from.
     pub config: BertConfig,
 }
@@ -479,12 +576,15 @@ impl Bert {
     pub fn load(p: &Params, c: &BertConfig) -> Result<Self> {
         c.validate()?;
         let embeddings = Embeddings::load(p, c)?;
+        let rel = c.relative()?;
         let layers = (0..c.num_hidden_layers)
-            .map(|i| Layer::load(p, c, i))
+            .map(|i| Layer::load(p, c, i, rel.as_ref()))
             .collect::<Result<Vec<_>>>()?;
+        let relative = rel.map(|r| RelEmbeddings::load(p, c, r)).transpose()?;
         Ok(Self {
             embeddings,
             layers,
+            relative,
             config: c.clone(),
         })
     }
@@ -516,7 +616,9 @@ impl Bert {
     }
 
     /// Runs the encoder from input word embeddings `[b, s, hidden]` (positions and token
-    /// types are still added inside); `mask` is `[b, s]` with 1 for real tokens.
+    /// types are still added inside); `mask` is `[b, s]` with 1 for real tokens. On the
+    /// CPU kernels only real tokens are computed (zeros come back at padded positions),
+    /// except under relative attention, which runs padded.
     pub fn forward_embeds(
         &self,
         word_embeds: &Tensor,
@@ -524,15 +626,33 @@ impl Bert {
         mask: &Tensor,
         ctx: &mut Ctx,
     ) -> Result<Tensor> {
-        if self.layers.first().is_some_and(|l| l.cpu) {
-            return self.forward_packed(word_embeds, type_ids, mask, ctx);
+        let (b, s, h) = word_embeds.dims3()?;
+        let real: Vec<bool> = mask
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(|m| m > 0.5)
+            .collect();
+        let positions = self.embeddings.position_ids(&real, s)?;
+        if self.relative.is_none() && self.layers.first().is_some_and(|l| l.cpu) {
+            return self.forward_packed(word_embeds, type_ids, &real, &positions, ctx);
         }
-        let (b, s, _) = word_embeds.dims3()?;
         let add = ((mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?
             .to_dtype(word_embeds.dtype())?
             .reshape((b, 1, 1, s))?;
-        let tokens = Tokens::Padded(add);
-        let mut x = self.embeddings.forward(word_embeds, type_ids, ctx)?;
+        let rel = match &self.relative {
+            Some(r) => Some((r.state(s, ctx)?, r.settings.clone())),
+            None => None,
+        };
+        let tokens = Tokens::Padded(add, rel);
+        let x = self.embeddings.forward(
+            &word_embeds.reshape((b * s, h))?,
+            &type_ids.flatten_all()?,
+            &positions,
+            ctx,
+        )?;
+        let mut x = x.reshape((b, s, h))?;
         for l in &self.layers {
             x = l.forward(&x, &tokens, ctx)?;
         }
@@ -545,23 +665,20 @@ impl Bert {
         &self,
         word_embeds: &Tensor,
         type_ids: &Tensor,
-        mask: &Tensor,
+        real: &[bool],
+        positions: &[u32],
         ctx: &mut Ctx,
     ) -> Result<Tensor> {
         let (b, s, h) = word_embeds.dims3()?;
-        self.embeddings.check_len(s)?;
         let dev = word_embeds.device();
-        let real: Vec<f32> = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let (mut rows, mut positions, mut seqs) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut rows, mut packed_positions, mut seqs) = (Vec::new(), Vec::new(), Vec::new());
         let mut unpack = vec![u32::MAX; b * s];
         for i in 0..b {
             let start = rows.len();
-            for j in 0..s {
-                if real[i * s + j] > 0.5 {
-                    unpack[i * s + j] = rows.len() as u32;
-                    rows.push((i * s + j) as u32);
-                    positions.push(j as u32);
-                }
+            for j in (i * s..(i + 1) * s).filter(|&j| real[j]) {
+                unpack[j] = rows.len() as u32;
+                rows.push(j as u32);
+                packed_positions.push(positions[j]);
             }
             seqs.push((start, rows.len() - start));
         }
@@ -571,10 +688,10 @@ impl Bert {
             .filter(|u| **u == u32::MAX)
             .for_each(|u| *u = t);
         let rows = Tensor::new(rows, dev)?;
-        let mut x = self.embeddings.forward_packed(
+        let mut x = self.embeddings.forward(
             &word_embeds.reshape((b * s, h))?.index_select(&rows, 0)?,
             &type_ids.flatten_all()?.index_select(&rows, 0)?,
-            &Tensor::new(positions, dev)?,
+            &packed_positions,
             ctx,
         )?;
         let tokens = Tokens::Packed(std::sync::Arc::new(seqs));

@@ -1,6 +1,7 @@
 //! Hugging Face checkpoint directories: `config.json` + `model.safetensors` + tokenizer.
-//! Loads plain BERT or `BertForSequenceClassification` weights (with or without the `bert.`
-//! prefix) and saves classifiers that transformers can load as `BertForSequenceClassification`.
+//! Loads a family's plain encoder or `*ForSequenceClassification` weights (with or without
+//! the family prefix, `bert.`, `roberta.`, ...) and saves classifiers that transformers loads
+//! as that family's `*ForSequenceClassification`.
 
 use super::bert::BertConfig;
 use super::head::SeqClassifier;
@@ -34,11 +35,8 @@ impl Checkpoint {
                 cfg_path.display()
             )
         })?;
-        let config: BertConfig = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a BERT config", cfg_path.display()))?;
-        config
-            .validate()
-            .with_context(|| format!("{}", cfg_path.display()))?;
+        let config = BertConfig::parse(&text)
+            .with_context(|| format!("{}: not a supported encoder config", cfg_path.display()))?;
         let st = dir.join("model.safetensors");
         if !st.is_file() {
             bail!(
@@ -151,7 +149,7 @@ impl Checkpoint {
     }
 }
 
-/// Saves a classifier as a Hugging Face `BertForSequenceClassification` directory:
+/// Saves a classifier as a Hugging Face `*ForSequenceClassification` directory of its family:
 /// config.json (with `num_labels`, `id2label`, `problem_type`), model.safetensors, and
 /// the tokenizer files copied from `tokenizer_src`.
 pub fn save_classifier(
@@ -183,9 +181,10 @@ pub fn save_classifier(
         .enumerate()
         .map(|(i, n)| (n.clone(), serde_json::Value::from(i)))
         .collect();
+    let family = config.family;
     cfg.extra.insert(
         "architectures".into(),
-        serde_json::json!(["BertForSequenceClassification"]),
+        serde_json::json!([family.architecture()]),
     );
     cfg.extra.insert("num_labels".into(), num_labels.into());
     cfg.extra.insert("id2label".into(), id2label.into());
@@ -200,7 +199,6 @@ pub fn save_classifier(
         .into(),
     );
     cfg.extra.insert("finetuning_task".into(), task.name.into());
-    cfg.extra.insert("model_type".into(), "bert".into());
 
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (name, t, var) in params.used() {
@@ -208,10 +206,11 @@ pub fn save_classifier(
             Some(v) => v.as_tensor().detach(),
             None => t,
         };
-        let key = if name.starts_with("classifier.") {
+        let top_level = family.head_names().top_level;
+        let key = if top_level.iter().any(|p| name.starts_with(p)) {
             name
         } else {
-            format!("bert.{name}")
+            format!("{}{name}", family.weight_prefix())
         };
         tensors.insert(key, t.to_device(&Device::Cpu)?.contiguous()?);
     }
@@ -220,10 +219,7 @@ pub fn save_classifier(
     candle_core::safetensors::save(&tensors, weights.temp_path())
         .with_context(|| format!("{}: cannot write weights", weights.temp_path().display()))?;
     weights.commit()?;
-    atomic_write(
-        &out.join("config.json"),
-        serde_json::to_string_pretty(&cfg)?.as_bytes(),
-    )?;
+    atomic_write(&out.join("config.json"), cfg.to_json()?.as_bytes())?;
     for f in [
         "tokenizer.json",
         "vocab.txt",

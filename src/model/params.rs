@@ -19,7 +19,7 @@ pub enum Init {
 }
 
 /// Source of named tensors for building a model. Names are canonical: the encoder's
-/// without the `bert.` prefix (`encoder.layer.0...`), the head's as `classifier.*`.
+/// without the family prefix (`encoder.layer.0...`), the head's as in the checkpoint.
 pub struct Params {
     tensors: HashMap<String, Tensor>,
     trainable: bool,
@@ -30,12 +30,7 @@ pub struct Params {
     source: String,
 }
 
-/// Maps a checkpoint name to its canonical form (drops `bert.`, renames TF-style `gamma`/`beta`).
-pub fn canonical_name(name: &str) -> String {
-    let n = name.strip_prefix("bert.").unwrap_or(name);
-    n.replace("LayerNorm.gamma", "LayerNorm.weight")
-        .replace("LayerNorm.beta", "LayerNorm.bias")
-}
+pub use super::family::canonical_name;
 
 impl Params {
     /// Wraps loaded tensors; `source` names the file for error messages.

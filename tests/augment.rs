@@ -256,3 +256,44 @@ fn exact_projection_equals_brute_force_on_the_real_table() {
         .collect();
     assert_eq!(proj.nearest_with_hints(&q, &hints).unwrap(), got);
 }
+
+/// Token replacement's k nearest neighbours on MiniLM's real table equal a brute-force
+/// top-k (distances in `f64`, sorted by distance, then id), for the table's own rows (what
+/// token replacement asks) and points between two tokens; FAISS's `IndexFlatL2` is
+/// compared as well and may only differ where its `f32` distances reorder near-ties.
+#[test]
+fn k_nearest_equals_brute_force_top_k_on_the_real_table() {
+    let (table, d, tok) = real_table();
+    let vocab = table.len() / d;
+    let keep = |t: u32| !tok.is_special(t);
+    let mut proj = Projector::build(&table, d, keep, "Flat", Metric::L2).unwrap();
+    let row = |t: usize| &table[t * d..(t + 1) * d];
+    let mut r = ChaCha8Rng::seed_from_u64(12);
+    let mut q = Vec::new();
+    for i in 0..120 {
+        let (s, j) = (r.gen_range(999..vocab), r.gen_range(999..vocab));
+        if i % 3 == 0 {
+            q.extend(row(s).iter().zip(row(j)).map(|(a, b)| 0.5 * a + 0.5 * b));
+        } else {
+            q.extend_from_slice(row(s));
+        }
+    }
+    let k = 9;
+    let got = proj.nearest_k(&q, k).unwrap();
+    for (i, qq) in q.chunks_exact(d).enumerate() {
+        let mut all: Vec<(f64, u32)> = (0..vocab as u32)
+            .filter(|&t| keep(t))
+            .map(|t| (augpro::augment::flat::l2(row(t as usize), qq), t))
+            .collect();
+        all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let want: Vec<u32> = all[..k].iter().map(|&(_, t)| t).collect();
+        assert_eq!(got[i * k..(i + 1) * k], want, "query {i}");
+    }
+    let faiss = proj.search(&q, k).unwrap().0;
+    let same = faiss.iter().zip(&got).filter(|(a, b)| a == b).count();
+    assert!(
+        same * 100 >= got.len() * 95,
+        "FAISS agrees on {same} of {}",
+        got.len()
+    );
+}

@@ -51,6 +51,17 @@ impl AdamW {
     /// error, before any parameter changes, for a learning rate that is not finite or a
     /// gradient whose shape is not its parameter's.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        self.step_scaled(grads, lr, None)
+    }
+
+    /// [`AdamW::step`] on the gradients times `grad_scale` (as `g * scale + 0`, the bits of
+    /// candle's `g * scale`), without writing the scaled gradients out.
+    pub fn step_scaled(
+        &mut self,
+        grads: &GradStore,
+        lr: f64,
+        grad_scale: Option<f32>,
+    ) -> Result<()> {
         if !lr.is_finite() {
             candle_core::bail!("AdamW: learning rate {lr} is not finite");
         }
@@ -85,6 +96,7 @@ impl AdamW {
                 lr,
                 eps,
                 decay: 1.0 - lr * wd,
+                grad_scale,
             };
             let op = InPlace {
                 k,
@@ -108,18 +120,33 @@ struct Coeffs {
     lr: f32,
     eps: f32,
     decay: f32,
+    grad_scale: Option<f32>,
 }
 
 impl Coeffs {
     /// Updates parameters `t` and moments `m`, `v` from gradients `g`, element by element.
     fn apply(&self, t: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
-        let k = *self;
-        for i in 0..t.len() {
-            m[i] = m[i] * k.b1 + g[i] * k.c1;
-            v[i] = v[i] * k.b2 + g[i] * g[i] * k.c2;
-            let step = (m[i] * k.scale_m) / ((v[i] * k.scale_v).sqrt() + k.eps);
-            t[i] = t[i] * k.decay - step * k.lr;
+        match self.grad_scale {
+            Some(s) => {
+                for i in 0..t.len() {
+                    self.one(&mut t[i], &mut m[i], &mut v[i], g[i] * s + 0.0);
+                }
+            }
+            None => {
+                for i in 0..t.len() {
+                    self.one(&mut t[i], &mut m[i], &mut v[i], g[i]);
+                }
+            }
         }
+    }
+
+    /// The update of one element.
+    #[inline(always)]
+    fn one(&self, t: &mut f32, m: &mut f32, v: &mut f32, g: f32) {
+        *m = *m * self.b1 + g * self.c1;
+        *v = *v * self.b2 + g * g * self.c2;
+        let step = (*m * self.scale_m) / ((*v * self.scale_v).sqrt() + self.eps);
+        *t = *t * self.decay - step * self.lr;
     }
 }
 
@@ -273,6 +300,30 @@ mod tests {
                 "step {step}"
             );
         }
+        Ok(())
+    }
+
+    /// Scaling the gradients as they are read gives the bits of scaling them first with
+    /// candle (`g * scale`, as gradient clipping did) and stepping on the result.
+    #[test]
+    fn scaled_step_equals_stepping_on_scaled_gradients() -> Result<()> {
+        let mut r = rng(6);
+        let init = randn(&mut r, 0.0, 1.0, (4099,));
+        let (a, b) = (Var::from_tensor(&init)?, Var::from_tensor(&init.copy()?)?);
+        let mut fused = AdamW::new(vec![(a.clone(), 0.01)], 0.9, 0.999, 1e-8)?;
+        let mut first = AdamW::new(vec![(b.clone(), 0.01)], 0.9, 0.999, 1e-8)?;
+        for step in 0..3 {
+            let g = randn(&mut r, 0.0, 3.0, (4099,));
+            let scale = 0.37 + 0.1 * step as f64;
+            let ga = a.as_tensor().mul(&g)?.sum_all()?.backward()?;
+            fused.step_scaled(&ga, 1e-2, Some(scale as f32))?;
+            let mut gb = b.as_tensor().mul(&g)?.sum_all()?.backward()?;
+            let scaled = (gb.get(b.as_tensor()).expect("gradient") * scale)?;
+            gb.insert(b.as_tensor(), scaled);
+            first.step(&gb, 1e-2)?;
+        }
+        let (x, y): (Vec<f32>, Vec<f32>) = (a.as_tensor().to_vec1()?, b.as_tensor().to_vec1()?);
+        assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()));
         Ok(())
     }
 }

@@ -260,7 +260,7 @@ fn exact_projection_equals_brute_force_on_the_real_table() {
 /// Token replacement's k nearest neighbours on MiniLM's real table equal a brute-force
 /// top-k (distances in `f64`, sorted by distance, then id), for the table's own rows (what
 /// token replacement asks) and points between two tokens; FAISS's `IndexFlatL2` is
-/// compared as well and may only differ where its `f32` distances reorder near-ties.
+/// compared as well: it agrees on the own rows, and may differ on the near-ties.
 #[test]
 fn k_nearest_equals_brute_force_top_k_on_the_real_table() {
     let (table, d, tok) = real_table();
@@ -290,10 +290,18 @@ fn k_nearest_equals_brute_force_top_k_on_the_real_table() {
         assert_eq!(got[i * k..(i + 1) * k], want, "query {i}");
     }
     let faiss = proj.search(&q, k).unwrap().0;
-    let same = faiss.iter().zip(&got).filter(|(a, b)| a == b).count();
-    assert!(
-        same * 100 >= got.len() * 95,
-        "FAISS agrees on {same} of {}",
-        got.len()
+    // Lists that differ, for the table's own rows and for the midpoints (every third query).
+    let (mut rows, mut mids) = (0, 0);
+    for (i, (a, b)) in faiss.chunks_exact(k).zip(got.chunks_exact(k)).enumerate() {
+        if a != b {
+            *(if i % 3 == 0 { &mut mids } else { &mut rows }) += 1;
+        }
+    }
+    eprintln!(
+        "FAISS IndexFlatL2 differs in {rows} of 80 own-row and {mids} of 40 midpoint top-{k} lists"
     );
+    // Token replacement asks for the neighbours of the table's own rows: there FAISS's
+    // answer is the exact one (so shards made through FAISS are unchanged); midpoints are
+    // near-ties that its f32 distances order either way.
+    assert_eq!(rows, 0, "own-row lists where FAISS differs");
 }

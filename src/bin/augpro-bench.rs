@@ -59,8 +59,8 @@ fn secs<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
 }
 
 /// The machine's f32 matmul peak: the best of candle's matmul (as the engine's plain ops
-/// use it) at 1024³ and the `gemm` crate on every thread at 1024³ and 2048³ (the CPU;
-/// candle alone elsewhere). Each figure is the best of `reps` products.
+/// use it) at 1024³, and the `gemm` crate and OpenBLAS on every thread at 1024³ and 2048³
+/// (the CPU; candle alone elsewhere). Each figure is the best of `reps` products.
 fn matmul_peak(device: &Device, quick: bool) -> Result<Value> {
     let reps = if quick { 3 } else { 10 };
     let mut rows = vec![json!({ "gemm": "candle matmul", "size": 1024,
@@ -71,6 +71,10 @@ fn matmul_peak(device: &Device, quick: bool) -> Result<Value> {
             rows.push(
                 json!({ "gemm": format!("gemm crate, {threads} threads"), "size": n,
                 "gflops": gemm_gflops(n, threads, reps) }),
+            );
+            rows.push(
+                json!({ "gemm": format!("OpenBLAS sgemm, {threads} threads"), "size": n,
+                "gflops": openblas_gflops(n, reps) }),
             );
         }
     }
@@ -102,12 +106,73 @@ fn candle_gflops(device: &Device, n: usize, reps: usize) -> Result<f64> {
     Ok(2.0 * (n as f64).powi(3) / best / 1e9)
 }
 
-/// GFLOP/s of the `gemm` crate's `n³` f32 product on `threads` rayon threads, the best of
-/// `reps`.
-fn gemm_gflops(n: usize, threads: usize, reps: usize) -> f64 {
+extern "C" {
+    /// OpenBLAS's CBLAS sgemm (the library FAISS links).
+    fn cblas_sgemm(
+        layout: i32,
+        trans_a: i32,
+        trans_b: i32,
+        m: i32,
+        n: i32,
+        k: i32,
+        alpha: f32,
+        a: *const f32,
+        lda: i32,
+        b: *const f32,
+        ldb: i32,
+        beta: f32,
+        c: *mut f32,
+        ldc: i32,
+    );
+}
+
+/// GFLOP/s of OpenBLAS's `n³` sgemm on its threads (as many as rayon's, set at start-up),
+/// the best of `reps`.
+fn openblas_gflops(n: usize, reps: usize) -> f64 {
+    let (a, b) = random_square(n);
+    let mut c = vec![0f32; n * n];
+    let ni = n as i32;
+    let mut best = f64::INFINITY;
+    for _ in 0..reps + 1 {
+        let t = Instant::now();
+        // SAFETY: `a`, `b` and `c` are n × n row-major buffers (CblasRowMajor = 101,
+        // CblasNoTrans = 111) of their full size.
+        unsafe {
+            cblas_sgemm(
+                101,
+                111,
+                111,
+                ni,
+                ni,
+                ni,
+                1.0,
+                a.as_ptr(),
+                ni,
+                b.as_ptr(),
+                ni,
+                0.0,
+                c.as_mut_ptr(),
+                ni,
+            );
+        }
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&c);
+    2.0 * (n as f64).powi(3) / best / 1e9
+}
+
+/// Two seeded `n × n` matrices.
+fn random_square(n: usize) -> (Vec<f32>, Vec<f32>) {
     let mut r = ChaCha8Rng::seed_from_u64(3);
     let a: Vec<f32> = (0..n * n).map(|_| r.gen_range(-1.0f32..1.0)).collect();
     let b: Vec<f32> = (0..n * n).map(|_| r.gen_range(-1.0f32..1.0)).collect();
+    (a, b)
+}
+
+/// GFLOP/s of the `gemm` crate's `n³` f32 product on `threads` rayon threads, the best of
+/// `reps`.
+fn gemm_gflops(n: usize, threads: usize, reps: usize) -> f64 {
+    let (a, b) = random_square(n);
     let mut c = vec![0f32; n * n];
     let mut best = f64::INFINITY;
     for _ in 0..reps + 1 {

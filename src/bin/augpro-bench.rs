@@ -754,26 +754,46 @@ fn student_run(
     })?;
     let mut student_cfg = Checkpoint::open(model)?.config;
     student_cfg.num_hidden_layers = layers;
-    let fwd = flops_per_token(&student_cfg);
+    let (dev_tokens, val_tokens) = eval_tokens(glue_dir, task, model, &dev)?;
+    let mut v = student_figures(
+        &m,
+        &stages,
+        wall,
+        flops_per_token(&student_cfg),
+        peak_gflops,
+        dev_tokens * m.curve.len() + val_tokens,
+    );
+    v["task"] = json!(task_name);
+    v["layers"] = json!(layers);
+    Ok(v)
+}
+
+/// A student run's figures: time by stage with shares, the step's and the evaluations'
+/// speed against the limit (`fwd` matmul FLOPs per real token; `eval_tokens` real tokens
+/// scored by the dev evaluations and validation together).
+fn student_figures(
+    m: &augpro::student::StudentMetrics,
+    stages: &std::collections::BTreeMap<String, f64>,
+    wall: f64,
+    fwd: f64,
+    peak_gflops: f64,
+    eval_tokens: usize,
+) -> Value {
     let stage = |k: &str| stages.get(k).copied().unwrap_or(0.0);
     let step_gflops = 3.0 * fwd * m.tokens_seen as f64 / stage("step") / 1e9;
-    let (dev_tokens, val_tokens) = eval_tokens(glue_dir, task, model, &dev)?;
-    let eval_tokens = dev_tokens * m.curve.len() + val_tokens;
     let eval_tps = eval_tokens as f64 / (stage("dev") + stage("validation"));
     let shares: serde_json::Map<String, Value> = stages
         .iter()
         .map(|(k, v)| (k.clone(), json!({ "seconds": v, "share": v / wall })))
         .collect();
     let accounted: f64 = stages.values().sum();
-    Ok(
-        json!({ "task": task_name, "layers": layers, "steps": m.steps, "rows_seen": m.rows_seen,
+    json!({ "steps": m.steps, "rows_seen": m.rows_seen,
         "tokens_seen": m.tokens_seen, "dev_evaluations": m.curve.len(), "seconds": wall,
         "stages": shares, "other_share": 1.0 - accounted / wall,
         "step_examples_per_s": m.rows_seen as f64 / stage("step"),
         "step_gflops": step_gflops, "step_share_of_limit": step_gflops / peak_gflops,
         "eval_real_tokens": eval_tokens, "eval_real_tokens_per_s": eval_tps,
-        "eval_share_of_limit": eval_tps * fwd / (peak_gflops * 1e9) }),
-    )
+        "eval_share_of_limit": eval_tps * fwd / (peak_gflops * 1e9) })
 }
 
 const ALL_METHODS: &str = r#"

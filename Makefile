@@ -59,7 +59,7 @@ store-deps:
 
 # The Python pipeline that `make bench` compares `augment` with (bench/peer.py).
 peer-deps:
-	@python3 -c "import torch, transformers, faiss" 2>/dev/null || python3 -m pip install -q torch transformers faiss-cpu
+	@python3 -c "import torch, transformers, faiss, onnx, onnxruntime" 2>/dev/null || python3 -m pip install -q torch transformers faiss-cpu onnx onnxruntime
 
 model: $(MODEL_DIR)/model.safetensors
 

@@ -16,6 +16,7 @@ use crate::shards::reader::ShardReader;
 use crate::shards::{Row, ShardSchema};
 use crate::storage::Location;
 use crate::teacher::{dev_scorer, evaluate, label_names};
+use crate::timing;
 use crate::tokenize::TextTokenizer;
 use crate::train::{kd_loss, supervised_loss, Batch, Optim};
 use crate::util::{atomic_write, derive_seed, sha256_file};
@@ -100,6 +101,9 @@ pub struct StudentMetrics {
     pub steps: usize,
     /// Rows seen (with repeats).
     pub rows_seen: usize,
+    /// Real (unpadded) tokens of the rows seen.
+    #[serde(default)]
+    pub tokens_seen: usize,
     /// Distinct rows available after the method filter.
     pub rows_available: usize,
     /// Training seconds.
@@ -413,6 +417,7 @@ pub fn train(
     cfg: &StudentConfig,
     device: &Device,
 ) -> Result<StudentMetrics> {
+    let setup = timing::stage("setup");
     let (manifest, paths) = shard_paths(shards_dir)?;
     let ck = check_student(&manifest, shards_dir, task, glue_dir, cfg)?;
     let tok = TextTokenizer::load(&cfg.model, 512)?;
@@ -432,7 +437,9 @@ pub fn train(
     let pb = crate::util::progress(total as u64, "student");
     let start = Instant::now();
     let dev_cfg = manifest.dev().with_context(|| format!("{shards_dir}"))?;
+    drop(setup);
     let dev_score = if dev_cfg.fraction > 0.0 && manifest.split == task.train_split {
+        let _t = timing::stage("data");
         Some(dev_scorer(&tok, task, glue_dir, &dev_cfg)?)
     } else {
         None
@@ -456,10 +463,13 @@ pub fn train(
         total,
         eval_every: total.div_ceil(cfg.evals.max(1)).max(1),
     };
-    let (step, seen) = plan.run(&mut opt, &mut ctx, &pb, &mut keeper)?;
+    let (step, seen, tokens_seen) = plan.run(&mut opt, &mut ctx, &pb, &mut keeper)?;
     pb.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
-    let (dev, best_step, curve) = keeper.restore_best(step, out)?;
+    let (dev, best_step, curve) = {
+        let _t = timing::stage("checkpoint");
+        keeper.restore_best(step, out)?
+    };
     let validation = plan.evaluate_and_save(&params, glue_dir, out)?;
     let m = StudentMetrics {
         task: task.name.into(),
@@ -474,6 +484,7 @@ pub fn train(
         curve,
         steps: step,
         rows_seen: seen,
+        tokens_seen,
         rows_available,
         train_seconds: secs,
         eval_max_seq_len: crate::teacher::EVAL_MAX_SEQ_LEN,
@@ -578,11 +589,15 @@ where
         let Some(score) = &self.score else {
             return Ok(());
         };
-        let m = score(model, self.device)?;
+        let m = {
+            let _t = timing::stage("dev");
+            score(model, self.device)?
+        };
         let v = crate::metrics::primary(self.task, &m);
         self.curve.push(CurvePoint { step, value: v });
         // Ties keep the earlier checkpoint; a NaN score never wins.
         if crate::metrics::improves(v, self.best.as_ref().map(|b| b.score)) {
+            let _t = timing::stage("checkpoint");
             self.best = Some(Kept {
                 score: v,
                 step,
@@ -631,19 +646,20 @@ struct StepPlan<'a> {
 
 impl StepPlan<'_> {
     /// Takes `total` optimizer steps over epochs of shuffled rows, checking dev every
-    /// `eval_every` steps and at the last; returns the steps taken and rows seen.
+    /// `eval_every` steps and at the last; returns the steps taken, rows seen and their real
+    /// tokens.
     fn run<S>(
         &self,
         opt: &mut Optim,
         ctx: &mut Ctx,
         pb: &indicatif::ProgressBar,
         keeper: &mut DevKeeper<'_, S>,
-    ) -> Result<(usize, usize)>
+    ) -> Result<(usize, usize, usize)>
     where
         S: Fn(&SeqClassifier, &Device) -> Result<BTreeMap<String, f64>>,
     {
         let (total, cfg) = (self.total, self.cfg);
-        let (mut step, mut seen, mut epoch) = (0usize, 0usize, 0usize);
+        let (mut step, mut seen, mut tokens, mut epoch) = (0usize, 0usize, 0usize, 0usize);
         while step < total {
             let mut stream = RowStream::new(
                 self.paths.to_vec(),
@@ -653,7 +669,10 @@ impl StepPlan<'_> {
                 derive_seed(cfg.seed, &["student-epoch", &epoch.to_string()]),
             );
             loop {
-                let batches = stream.next_batches(cfg.optim.batch_size)?;
+                let batches = {
+                    let _t = timing::stage("data");
+                    stream.next_batches(cfg.optim.batch_size)?
+                };
                 if batches.is_empty() {
                     break;
                 }
@@ -661,18 +680,23 @@ impl StepPlan<'_> {
                     if step >= total {
                         break;
                     }
-                    let loss = batch_loss(
-                        self.task,
-                        self.model,
-                        &rows,
-                        self.tok,
-                        cfg,
-                        self.device,
-                        ctx,
-                    )?;
-                    opt.backward_step(&loss)?;
+                    let loss = {
+                        let _t = timing::stage("step");
+                        let loss = batch_loss(
+                            self.task,
+                            self.model,
+                            &rows,
+                            self.tok,
+                            cfg,
+                            self.device,
+                            ctx,
+                        )?;
+                        opt.backward_step(&loss)?;
+                        loss
+                    };
                     step += 1;
                     seen += rows.len();
+                    tokens += rows.iter().map(|r| r.input_ids.len()).sum::<usize>();
                     if step % self.eval_every == 0 || step == total {
                         keeper.check(self.model, step)?;
                     }
@@ -687,7 +711,7 @@ impl StepPlan<'_> {
             }
             epoch += 1;
         }
-        Ok((step, seen))
+        Ok((step, seen, tokens))
     }
 }
 
@@ -701,7 +725,11 @@ impl StepPlan<'_> {
         out: &Path,
     ) -> Result<BTreeMap<String, BTreeMap<String, f64>>> {
         let (model, task) = (self.model, self.task);
-        let validation = evaluate(model, self.tok, task, glue_dir, self.device)?;
+        let validation = {
+            let _t = timing::stage("validation");
+            evaluate(model, self.tok, task, glue_dir, self.device)?
+        };
+        let _t = timing::stage("checkpoint");
         let names = label_names(glue_dir, task);
         save_classifier(
             out,

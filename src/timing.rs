@@ -14,7 +14,8 @@ use tracing_subscriber::registry::LookupSpan;
 /// Seconds per stage and per method since the last [`take`].
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Totals {
-    /// Pipeline stages: `teacher`, `projection`, `decode`, `tokenize`, `write`.
+    /// Pipeline stages: `teacher`, `projection`, `decode`, `tokenize`, `write`; in
+    /// `train-student`: `setup`, `data`, `step`, `dev`, `validation`, `checkpoint`.
     pub stages: BTreeMap<String, f64>,
     /// Augmentation methods (teacher time included).
     pub methods: BTreeMap<String, f64>,

@@ -149,13 +149,19 @@ impl Optim {
     /// Back-propagates `loss`, clips, and applies one update.
     pub fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
         let mut grads = loss.backward()?;
-        if self.cfg.max_grad_norm > 0.0 {
-            clip(&mut grads, &self.vars, self.cfg.max_grad_norm)?;
-        }
+        let scale = if self.cfg.max_grad_norm > 0.0 {
+            clip_scale(&grads, &self.vars, self.cfg.max_grad_norm)?
+        } else {
+            None
+        };
         let lr = self.lr();
         match &mut self.update {
-            Update::Fused(a) => a.step(&grads, lr)?,
+            // The kernel scales each gradient as it reads it.
+            Update::Fused(a) => a.step_scaled(&grads, lr, scale.map(|s| s as f32))?,
             Update::Candle { decay, no_decay } => {
+                if let Some(s) = scale {
+                    scale_grads(&mut grads, &self.vars, s)?;
+                }
                 decay.set_learning_rate(lr);
                 no_decay.set_learning_rate(lr);
                 decay.step(&grads)?;
@@ -179,8 +185,9 @@ fn schedule(cfg: &OptimConfig, total_steps: usize, step: usize) -> f64 {
     }
 }
 
-/// Scales the gradients of `vars` so that their global L2 norm is at most `max_norm`.
-fn clip(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<()> {
+/// The factor that brings the global L2 norm of the gradients of `vars` down to
+/// `max_norm`; `None` when it is within it.
+fn clip_scale(grads: &GradStore, vars: &[Var], max_norm: f64) -> Result<Option<f64>> {
     let mut sq = Vec::new();
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
@@ -188,16 +195,18 @@ fn clip(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<()> {
         }
     }
     if sq.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let total = Tensor::stack(&sq, 0)?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64;
-    if total > max_norm {
-        let scale = max_norm / (total + 1e-6);
-        for v in vars {
-            if let Some(g) = grads.get(v.as_tensor()) {
-                let g = (g * scale)?;
-                grads.insert(v.as_tensor(), g);
-            }
+    Ok((total > max_norm).then(|| max_norm / (total + 1e-6)))
+}
+
+/// Multiplies the gradients of `vars` by `scale`.
+fn scale_grads(grads: &mut GradStore, vars: &[Var], scale: f64) -> Result<()> {
+    for v in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            let g = (g * scale)?;
+            grads.insert(v.as_tensor(), g);
         }
     }
     Ok(())
@@ -256,7 +265,7 @@ pub fn predict(
 
 #[cfg(test)]
 mod tests {
-    use super::{clip, kd_loss, schedule};
+    use super::{clip_scale, kd_loss, scale_grads, schedule};
     use crate::config::OptimConfig;
     use candle_core::{Device, Tensor, Var};
 
@@ -323,6 +332,12 @@ mod tests {
 
     #[test]
     fn clipping_scales_to_the_global_norm() {
+        let clip = |g: &mut candle_core::backprop::GradStore, vars: &[Var], max: f64| {
+            if let Some(s) = clip_scale(g, vars, max)? {
+                scale_grads(g, vars, s)?;
+            }
+            anyhow::Ok(())
+        };
         let dev = Device::Cpu;
         let a = Var::new(&[1f32, 1.0], &dev).unwrap();
         let b = Var::new(&[1f32], &dev).unwrap();

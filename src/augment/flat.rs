@@ -6,6 +6,8 @@
 //! [`l2`], the distance accumulated in `f64` (exact to far below any `f32` difference): the
 //! answer is the truly nearest row, the lowest one on ties, as
 //! [`super::project::brute_force_nearest`] finds it, whatever the GEMM's summation order.
+//! The k nearest rows ([`FlatL2::nearest_k`], token replacement's neighbours) come the same
+//! way, every row within the band of the k-th smallest GEMM distance re-ranked.
 //! The device projection ([`super::project_device`]) uses the same [`Band`] on its own GEMM
 //! distances, and this search for the queries the band leaves undecided.
 
@@ -190,37 +192,8 @@ impl FlatL2 {
         if n == 0 {
             return vec![(NONE, f64::INFINITY); m];
         }
-        let b = self.band();
-        let band: Vec<f32> = queries
-            .chunks_exact(d)
-            .map(|q| {
-                b.of(q
-                    .iter()
-                    .map(|&v| (v as f64) * (v as f64))
-                    .sum::<f64>()
-                    .sqrt())
-            })
-            .collect();
-        let chunks = m.div_ceil(CHUNK);
+        let (band, parts) = self.candidates(queries, 1, exclude);
         let blocks = n.div_ceil(BLOCK);
-        // Per (chunk, block): the block's best GEMM distance per query, and the rows within
-        // the band of it.
-        let parts: Vec<(Vec<f32>, Vec<Candidate>)> = (0..chunks * blocks)
-            .into_par_iter()
-            .map_init(Vec::new, |buf: &mut Vec<f32>, w| {
-                let (ci, bi) = (w / blocks, w % blocks);
-                let (q0, q1) = (ci * CHUNK, ((ci + 1) * CHUNK).min(m));
-                let (r0, r1) = (bi * BLOCK, ((bi + 1) * BLOCK).min(n));
-                self.block(
-                    &queries[q0 * d..q1 * d],
-                    q0,
-                    r0..r1,
-                    &band[q0..q1],
-                    exclude.map(|e| &e[q0..q1]),
-                    buf,
-                )
-            })
-            .collect();
         let mut best = vec![f32::INFINITY; m];
         for (w, (mins, _)) in parts.iter().enumerate() {
             let q0 = (w / blocks) * CHUNK;
@@ -266,13 +239,105 @@ impl FlatL2 {
             .collect()
     }
 
-    /// One GEMM of queries `q` (the first being query `q0`) against `rows`.
+    /// The `k` nearest rows of each query (`m × dim`), `k` per query, nearest first: the
+    /// smallest [`l2`], the lower row on ties, as a brute-force sort by (distance, row) gives
+    /// them; [`NONE`] fills the places of a query with fewer than `k` finite distances.
+    pub fn nearest_k(&self, queries: &[f32], k: usize) -> Vec<u32> {
+        let d = self.dim;
+        assert!(queries.len().is_multiple_of(d));
+        let m = queries.len() / d;
+        if m == 0 || k == 0 {
+            return Vec::new();
+        }
+        if self.is_empty() {
+            return vec![NONE; m * k];
+        }
+        let (band, parts) = self.candidates(queries, k, None);
+        let mut cands: Vec<Vec<(u32, f32)>> = vec![Vec::new(); m];
+        for (_, list) in &parts {
+            for c in list {
+                cands[c.query as usize].push((c.row, c.approx));
+            }
+        }
+        cands
+            .par_iter()
+            .enumerate()
+            .flat_map_iter(|(i, rows)| {
+                self.rerank_k(&queries[i * d..(i + 1) * d], rows, band[i], k)
+            })
+            .collect()
+    }
+
+    /// The `k` nearest of a query's candidates (row, GEMM distance), padded with [`NONE`].
+    /// Each GEMM distance is within an eighth of the band of its exact value, so the `k`-th
+    /// smallest exact distance is within an eighth of the `k`-th smallest GEMM distance, and
+    /// every truly `k`-nearest row within a quarter: re-ranking the rows within the band in
+    /// `f64` gives the exact `k` nearest, ties included.
+    fn rerank_k(&self, q: &[f32], rows: &[(u32, f32)], band: f32, k: usize) -> Vec<u32> {
+        let kth = kth_smallest(rows.iter().map(|&(_, v)| v), k);
+        let mut exact: Vec<(f64, u32)> = rows
+            .iter()
+            .filter(|&&(_, v)| v <= kth + band)
+            .map(|&(r, _)| (l2(self.row(r as usize), q), r))
+            .collect();
+        exact.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let mut out: Vec<u32> = exact.iter().take(k).map(|&(_, r)| r).collect();
+        out.resize(k, NONE);
+        out
+    }
+
+    /// The GEMM pass of a search: each query's band, and per (query chunk, table block) the
+    /// block's `k`-th smallest GEMM distance of each query and the rows within the band of
+    /// it (a block holds every row within the band of the `k`-th smallest over the table,
+    /// which is no larger than any block's). `exclude[i]` is skipped for query `i`.
+    #[allow(clippy::type_complexity)]
+    fn candidates(
+        &self,
+        queries: &[f32],
+        k: usize,
+        exclude: Option<&[u32]>,
+    ) -> (Vec<f32>, Vec<(Vec<f32>, Vec<Candidate>)>) {
+        let d = self.dim;
+        let (m, n) = (queries.len() / d, self.len());
+        let b = self.band();
+        let band: Vec<f32> = queries
+            .chunks_exact(d)
+            .map(|q| {
+                b.of(q
+                    .iter()
+                    .map(|&v| (v as f64) * (v as f64))
+                    .sum::<f64>()
+                    .sqrt())
+            })
+            .collect();
+        let blocks = n.div_ceil(BLOCK);
+        let parts = (0..m.div_ceil(CHUNK) * blocks)
+            .into_par_iter()
+            .map_init(Vec::new, |buf: &mut Vec<f32>, w| {
+                let (ci, bi) = (w / blocks, w % blocks);
+                let (q0, q1) = (ci * CHUNK, ((ci + 1) * CHUNK).min(m));
+                let (r0, r1) = (bi * BLOCK, ((bi + 1) * BLOCK).min(n));
+                self.block(
+                    &queries[q0 * d..q1 * d],
+                    q0,
+                    r0..r1,
+                    (&band[q0..q1], k),
+                    exclude.map(|e| &e[q0..q1]),
+                    buf,
+                )
+            })
+            .collect();
+        (band, parts)
+    }
+
+    /// One GEMM of queries `q` (the first being query `q0`) against `rows`: per query the
+    /// `k`-th smallest distance and the rows within `band` of it.
     fn block(
         &self,
         q: &[f32],
         q0: usize,
         rows: std::ops::Range<usize>,
-        band: &[f32],
+        (band, k): (&[f32], usize),
         exclude: Option<&[u32]>,
         buf: &mut Vec<f32>,
     ) -> (Vec<f32>, Vec<Candidate>) {
@@ -317,7 +382,11 @@ impl FlatL2 {
                     dist[x - rows.start] = f32::INFINITY;
                 }
             }
-            let min = min_of(dist);
+            let min = if k == 1 {
+                min_of(dist)
+            } else {
+                kth_smallest(dist.iter().copied(), k)
+            };
             mins.push(min);
             let lim = min + band[i];
             for (j, &v) in dist.iter().enumerate() {
@@ -332,6 +401,15 @@ impl FlatL2 {
         }
         (mins, cands)
     }
+}
+
+/// The `k`-th smallest value (`k` ≥ 1; infinite for fewer than `k`; NaN values are skipped).
+fn kth_smallest(v: impl Iterator<Item = f32>, k: usize) -> f32 {
+    let mut vals: Vec<f32> = v.filter(|x| !x.is_nan()).collect();
+    if vals.len() < k {
+        return f32::INFINITY;
+    }
+    *vals.select_nth_unstable_by(k - 1, f32::total_cmp).1
 }
 
 /// The smallest value (infinite for none; NaN values are skipped).
@@ -405,5 +483,89 @@ mod tests {
         assert_eq!(nn[1], 0.0);
         let bad = vec![f32::NAN; d];
         assert_eq!(f.nearest(&bad), vec![NONE]);
+    }
+
+    /// The `k` nearest rows by brute force: sorted by (`l2`, row), padded with `NONE`.
+    fn brute_k(rows: &[f32], d: usize, q: &[f32], k: usize) -> Vec<u32> {
+        let mut all: Vec<(f64, u32)> = rows
+            .chunks_exact(d)
+            .enumerate()
+            .map(|(j, r)| (l2(r, q), j as u32))
+            .filter(|(v, _)| v.is_finite())
+            .collect();
+        all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let mut out: Vec<u32> = all.iter().take(k).map(|&(_, j)| j).collect();
+        out.resize(k, NONE);
+        out
+    }
+
+    #[test]
+    fn k_nearest_equals_brute_force_top_k_with_ties() {
+        let (n, d) = (1300, 16);
+        let mut r = ChaCha8Rng::seed_from_u64(11);
+        // Coarse values: many rows at equal distances, so the k-th place is often a tie
+        // spanning several rows and blocks. Rows 5, 600 and 1299 are duplicates.
+        let mut rows: Vec<f32> = (0..n * d)
+            .map(|_| r.gen_range(-2i32..2) as f32 * 0.5)
+            .collect();
+        let dup = rows[5 * d..6 * d].to_vec();
+        for j in [600, 1299] {
+            rows[j * d..(j + 1) * d].copy_from_slice(&dup);
+        }
+        let f = FlatL2::new(rows.clone(), d);
+        let mut q: Vec<f32> = (0..200 * d)
+            .map(|_| r.gen_range(-2i32..2) as f32 * 0.5)
+            .collect();
+        q.extend_from_slice(&dup);
+        q.extend(rows[40 * d..41 * d].iter().map(|v| v + 1e-4));
+        for k in [1, 2, 9, 40] {
+            let got = f.nearest_k(&q, k);
+            assert_eq!(got.len(), q.len() / d * k);
+            for (i, qq) in q.chunks_exact(d).enumerate() {
+                assert_eq!(
+                    got[i * k..(i + 1) * k],
+                    brute_k(&rows, d, qq, k),
+                    "k {k} query {i}"
+                );
+            }
+        }
+        let three = f.nearest_k(&dup, 3);
+        assert_eq!(three, vec![5, 600, 1299], "tied duplicates in row order");
+        assert_eq!(
+            f.nearest_k(&dup, 1),
+            f.nearest(&dup),
+            "k = 1 is the 1-NN search"
+        );
+    }
+
+    #[test]
+    fn k_nearest_pads_short_tables_and_non_finite_queries() {
+        let d = 4;
+        let rows: Vec<f32> = (0..3 * d).map(|i| i as f32).collect();
+        let f = FlatL2::new(rows.clone(), d);
+        let q = vec![1.0f32; d];
+        assert_eq!(f.nearest_k(&q, 5), brute_k(&rows, d, &q, 5));
+        assert_eq!(f.nearest_k(&q, 5)[3..], [NONE, NONE]);
+        assert_eq!(f.nearest_k(&[f32::NAN; 4], 2), vec![NONE, NONE]);
+    }
+
+    #[test]
+    fn k_nearest_is_deterministic_across_thread_counts() {
+        let (n, d) = (2100, 32);
+        let mut r = ChaCha8Rng::seed_from_u64(5);
+        let rows: Vec<f32> = (0..n * d).map(|_| r.gen_range(-1.0f32..1.0)).collect();
+        let f = FlatL2::new(rows, d);
+        let q: Vec<f32> = (0..300 * d).map(|_| r.gen_range(-1.0f32..1.0)).collect();
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let four = rayon::ThreadPoolBuilder::new()
+            .num_threads(4)
+            .build()
+            .unwrap();
+        let a = one.install(|| f.nearest_k(&q, 8));
+        let b = four.install(|| f.nearest_k(&q, 8));
+        assert_eq!(a, b);
     }
 }

@@ -34,7 +34,7 @@ use project::{median_nn_distance, Projector};
 use project_device::DeviceProjector;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 
 /// One augmentation method.
@@ -160,15 +160,12 @@ impl Sources<'_> {
                 return Ok(n.clone());
             }
         }
-        let mut q = Vec::new();
-        for e in self.encs {
-            q.extend(space.embeds_of(&e.ids));
-        }
-        let (nb, _) = {
-            let _t = timing::stage("projection");
-            space.projector.search(&q, k + 1)?
-        };
-        let nb = Rc::new(nb);
+        let ids: Vec<u32> = self
+            .encs
+            .iter()
+            .flat_map(|e| e.ids.iter().copied())
+            .collect();
+        let nb = Rc::new(space.neighbours_of(&ids, k + 1)?);
         self.neighbours = Some((k, nb.clone()));
         Ok(nb)
     }
@@ -188,6 +185,8 @@ pub struct Space<'a> {
     special: Vec<bool>,
     pad_id: u32,
     student: Option<StudentSpace>,
+    /// The `k` nearest tokens of each token searched so far, and that `k`.
+    known_neighbours: (usize, HashMap<u32, Vec<u32>>),
 }
 
 /// A student's embedding space for AugPro-FGSM with KL(teacher ‖ student).
@@ -297,6 +296,7 @@ impl<'a> Engine<'a> {
                 special,
                 pad_id: tok.pad_id,
                 student,
+                known_neighbours: (0, HashMap::new()),
             },
             methods: enabled(&cfg.methods),
         })
@@ -407,6 +407,35 @@ impl Space<'_> {
         absolute_epsilon(c, self.nn_scale, self.dim)
     }
 
+    /// The `k` nearest tokens of each token of `ids` (`k` per token, concatenated): a
+    /// token's neighbours depend on it alone, so each distinct token is searched once per
+    /// run.
+    fn neighbours_of(&mut self, ids: &[u32], k: usize) -> Result<Vec<u32>> {
+        if self.known_neighbours.0 != k {
+            self.known_neighbours = (k, HashMap::new());
+        }
+        let known = &mut self.known_neighbours.1;
+        let mut todo: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|t| !known.contains_key(t))
+            .collect();
+        todo.sort_unstable();
+        todo.dedup();
+        if !todo.is_empty() {
+            let q = rows_of(&self.table, self.dim, &todo);
+            let found = {
+                let _t = timing::stage("projection");
+                self.projector.nearest_k(&q, k)?
+            };
+            for (t, nb) in todo.iter().zip(found.chunks_exact(k)) {
+                known.insert(*t, nb.to_vec());
+            }
+        }
+        Ok(ids.iter().flat_map(|t| known[t].iter().copied()).collect())
+    }
+
+    /// Rows of the embedding table for `ids`.
     fn embeds_of(&self, ids: &[u32]) -> Vec<f32> {
         rows_of(&self.table, self.dim, ids)
     }

@@ -1,6 +1,6 @@
 //! Projection back to the vocabulary: a FAISS index over the word-embedding table with
-//! special and reserved tokens left out, searched in batches. Exact L2 (`Flat`) nearest
-//! search runs on [`FlatL2`], which gives brute force's answer exactly.
+//! special and reserved tokens left out, searched in batches. Exact L2 (`Flat`) nearest and
+//! k-nearest search runs on [`FlatL2`], which gives brute force's answer exactly.
 
 use super::flat::{kept_rows, l2, rows_of, FlatL2, NONE};
 use anyhow::{bail, Context, Result};
@@ -119,13 +119,7 @@ impl Projector {
         if queries.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
-        if !queries.len().is_multiple_of(self.dim) {
-            bail!(
-                "query buffer of {} values is not a multiple of dimension {}",
-                queries.len(),
-                self.dim
-            );
-        }
+        self.check_dim(queries)?;
         let res = self
             .index
             .search(queries, k)
@@ -142,12 +136,31 @@ impl Projector {
         Ok((ids, res.distances))
     }
 
-    /// The nearest token id of each query. Exact L2 `Flat` gives brute force's answer: the
-    /// smallest distance (accumulated in `f64`), the lowest id on ties.
-    pub fn nearest(&mut self, queries: &[f32]) -> Result<Vec<u32>> {
+    /// The `k` nearest token ids of each query, best first, `k` per query. Exact L2 `Flat`
+    /// gives brute force's answer: sorted by distance (accumulated in `f64`), the lower id
+    /// on ties; other indexes give FAISS's. [`MISSING`] where fewer than `k` are found.
+    pub fn nearest_k(&mut self, queries: &[f32], k: usize) -> Result<Vec<u32>> {
         let Some(exact) = &self.exact else {
-            return Ok(self.search(queries, 1)?.0);
+            return Ok(self.search(queries, k)?.0);
         };
+        self.check_dim(queries)?;
+        Ok(exact
+            .nearest_k(queries, k)
+            .into_iter()
+            .map(|s| self.token_id(s))
+            .collect())
+    }
+
+    /// The token id of index row `s` ([`MISSING`] for [`NONE`]).
+    fn token_id(&self, s: u32) -> u32 {
+        match s {
+            NONE => MISSING,
+            s => self.token_ids[s as usize],
+        }
+    }
+
+    /// An error for a query buffer that is not whole rows.
+    fn check_dim(&self, queries: &[f32]) -> Result<()> {
         if !queries.len().is_multiple_of(self.dim) {
             bail!(
                 "query buffer of {} values is not a multiple of dimension {}",
@@ -155,13 +168,20 @@ impl Projector {
                 self.dim
             );
         }
+        Ok(())
+    }
+
+    /// The nearest token id of each query. Exact L2 `Flat` gives brute force's answer: the
+    /// smallest distance (accumulated in `f64`), the lowest id on ties.
+    pub fn nearest(&mut self, queries: &[f32]) -> Result<Vec<u32>> {
+        let Some(exact) = &self.exact else {
+            return Ok(self.search(queries, 1)?.0);
+        };
+        self.check_dim(queries)?;
         Ok(exact
             .nearest(queries)
             .into_iter()
-            .map(|s| match s {
-                NONE => MISSING,
-                s => self.token_ids[s as usize],
-            })
+            .map(|s| self.token_id(s))
             .collect())
     }
 }

@@ -1,10 +1,11 @@
 //! `make bench`: measures every stage against its limit and its alternative, on the real
 //! default model and SST-2 data, and writes `bench/results.json` and `bench/results.md`.
 //!
-//! Sections: matmul peak; projection (exact Flat, FAISS Flat / HNSW / IVF, a candle matmul + argmin)
-//! on the MiniLM table and synthetic tables; teacher forward and forward+backward
-//! throughput; end-to-end `augment` per method with the share of time per stage; and peak
-//! memory of `augment` as the input grows.
+//! Sections: matmul peak (the limit: the best GEMM here); projection (exact Flat, FAISS Flat /
+//! HNSW / IVF, a candle matmul + argmin) on the MiniLM table and synthetic tables; teacher
+//! forward and forward+backward throughput, beside PyTorch and ONNX Runtime (fp32, int8);
+//! a student run by stage; end-to-end `augment` per method with the share of time per
+//! stage; and peak memory of `augment` as the input grows.
 
 use anyhow::{Context, Result};
 use augpro::augment::project::{Metric, Projector};
@@ -45,7 +46,7 @@ struct Args {
     /// GLUE directory.
     #[arg(long)]
     glue_dir: Option<PathBuf>,
-    /// Sections to run (matmul, projection, teacher, e2e, peer, memory); all when empty. A partial
+    /// Sections to run (matmul, projection, teacher, student, e2e, peer, memory); all when empty. A partial
     /// run replaces those sections in an existing `results.json` and keeps the others.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -57,21 +58,153 @@ fn secs<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
     Ok((v, t.elapsed().as_secs_f64()))
 }
 
-fn matmul_peak(device: &Device) -> Result<Value> {
-    let n = 1024;
+/// The machine's f32 matmul peak: the best of candle's matmul (as the engine's plain ops
+/// use it) at 1024³, and the `gemm` crate and OpenBLAS on every thread at 1024³ and 2048³
+/// (the CPU; candle alone elsewhere). Each figure is the best of `reps` products.
+fn matmul_peak(device: &Device, quick: bool) -> Result<Value> {
+    let reps = if quick { 3 } else { 10 };
+    let mut rows = vec![json!({ "gemm": "candle matmul", "size": 1024,
+        "gflops": candle_gflops(device, 1024, reps)? })];
+    if device.is_cpu() {
+        let threads = rayon::current_num_threads();
+        for n in [1024, 2048] {
+            rows.push(
+                json!({ "gemm": format!("gemm crate, {threads} threads"), "size": n,
+                "gflops": gemm_gflops(n, threads, reps) }),
+            );
+            rows.push(
+                json!({ "gemm": format!("OpenBLAS sgemm, {threads} threads"), "size": n,
+                "gflops": openblas_gflops(n, reps) }),
+            );
+        }
+    }
+    let best = rows
+        .iter()
+        .max_by(|a, b| {
+            a["gflops"]
+                .as_f64()
+                .unwrap_or(0.0)
+                .total_cmp(&b["gflops"].as_f64().unwrap_or(0.0))
+        })
+        .cloned()
+        .unwrap_or_default();
+    Ok(
+        json!({ "gflops": best["gflops"], "best": format!("{}, {}³", best["gemm"].as_str().unwrap_or(""), best["size"]), "rows": rows }),
+    )
+}
+
+/// GFLOP/s of candle's `n³` matmul, the best of `reps`.
+fn candle_gflops(device: &Device, n: usize, reps: usize) -> Result<f64> {
     let a = Tensor::randn(0f32, 1.0, (n, n), device)?;
     let b = Tensor::randn(0f32, 1.0, (n, n), device)?;
     let _ = a.matmul(&b)?.sum_all()?.to_scalar::<f32>()?;
-    let reps = 10;
-    let (_, t) = secs(|| {
-        let mut s = 0f32;
-        for _ in 0..reps {
-            s += a.matmul(&b)?.sum_all()?.to_scalar::<f32>()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let (_, t) = secs(|| Ok(a.matmul(&b)?.sum_all()?.to_scalar::<f32>()?))?;
+        best = best.min(t);
+    }
+    Ok(2.0 * (n as f64).powi(3) / best / 1e9)
+}
+
+extern "C" {
+    /// OpenBLAS's CBLAS sgemm (the library FAISS links).
+    fn cblas_sgemm(
+        layout: i32,
+        trans_a: i32,
+        trans_b: i32,
+        m: i32,
+        n: i32,
+        k: i32,
+        alpha: f32,
+        a: *const f32,
+        lda: i32,
+        b: *const f32,
+        ldb: i32,
+        beta: f32,
+        c: *mut f32,
+        ldc: i32,
+    );
+}
+
+/// GFLOP/s of OpenBLAS's `n³` sgemm on its threads (as many as rayon's, set at start-up),
+/// the best of `reps`.
+fn openblas_gflops(n: usize, reps: usize) -> f64 {
+    let (a, b) = random_square(n);
+    let mut c = vec![0f32; n * n];
+    let ni = n as i32;
+    let mut best = f64::INFINITY;
+    for _ in 0..reps + 1 {
+        let t = Instant::now();
+        // SAFETY: `a`, `b` and `c` are n × n row-major buffers (CblasRowMajor = 101,
+        // CblasNoTrans = 111) of their full size.
+        unsafe {
+            cblas_sgemm(
+                101,
+                111,
+                111,
+                ni,
+                ni,
+                ni,
+                1.0,
+                a.as_ptr(),
+                ni,
+                b.as_ptr(),
+                ni,
+                0.0,
+                c.as_mut_ptr(),
+                ni,
+            );
         }
-        Ok(s)
-    })?;
-    let gflops = 2.0 * (n as f64).powi(3) * reps as f64 / t / 1e9;
-    Ok(json!({ "size": n, "gflops": gflops }))
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&c);
+    2.0 * (n as f64).powi(3) / best / 1e9
+}
+
+/// Two seeded `n × n` matrices.
+fn random_square(n: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut r = ChaCha8Rng::seed_from_u64(3);
+    let a: Vec<f32> = (0..n * n).map(|_| r.gen_range(-1.0f32..1.0)).collect();
+    let b: Vec<f32> = (0..n * n).map(|_| r.gen_range(-1.0f32..1.0)).collect();
+    (a, b)
+}
+
+/// GFLOP/s of the `gemm` crate's `n³` f32 product on `threads` rayon threads, the best of
+/// `reps`.
+fn gemm_gflops(n: usize, threads: usize, reps: usize) -> f64 {
+    let (a, b) = random_square(n);
+    let mut c = vec![0f32; n * n];
+    let mut best = f64::INFINITY;
+    for _ in 0..reps + 1 {
+        let t = Instant::now();
+        // SAFETY: `a`, `b` and `c` are n × n row-major buffers of their full size.
+        unsafe {
+            gemm::gemm(
+                n,
+                n,
+                n,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                n as isize,
+                b.as_ptr(),
+                1,
+                n as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(threads),
+            );
+        }
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&c);
+    2.0 * (n as f64).powi(3) / best / 1e9
 }
 
 fn projection_case(
@@ -166,6 +299,7 @@ fn teacher_speed(
     device: &Device,
     quick: bool,
     peak_gflops: f64,
+    tmp: &Path,
 ) -> Result<Value> {
     let task = glue::task("sst2")?;
     let ck = Checkpoint::open(model)?;
@@ -284,10 +418,58 @@ fn teacher_speed(
                 "limit_tokens_per_s": limit, "share_of_limit": tps / limit }));
         }
     }
+    let batches: Vec<Value> = sorted_batches(&lens, 32)
+        .iter()
+        .map(|b| {
+            json!({ "ids": b.iter().map(|&i| &enc[i].ids).collect::<Vec<_>>(),
+                "types": b.iter().map(|&i| &enc[i].type_ids).collect::<Vec<_>>(),
+                "labels": b.iter().map(|&i| labels[i] as i64).collect::<Vec<_>>() })
+        })
+        .collect();
+    let runtimes = other_runtimes(model, &json!({ "batches": batches }), tmp, limit_fwd)?;
     Ok(
         json!({ "examples": ex.len(), "real_tokens": real, "flops_per_token": fwd_flops,
-        "matmul_peak_gflops": peak_gflops, "rows": rows }),
+        "matmul_peak_gflops": peak_gflops, "rows": rows, "runtimes": runtimes }),
     )
+}
+
+/// The same forward (and PyTorch's forward + backward) on PyTorch eager and ONNX Runtime
+/// (fp32 and dynamic int8) through `bench/runtimes.py`, on the engine's own batch-32
+/// length-sorted batches; `null` when the Python packages are missing.
+fn other_runtimes(model: &Path, batches: &Value, tmp: &Path, limit_fwd: f64) -> Result<Value> {
+    let has = std::process::Command::new("python3")
+        .args(["-c", "import torch, transformers, onnx, onnxruntime"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has {
+        eprintln!("teacher: torch, transformers, onnx or onnxruntime missing (`make peer-deps`); augpro only");
+        return Ok(Value::Null);
+    }
+    std::fs::create_dir_all(tmp)?;
+    let file = tmp.join("teacher-batches.json");
+    std::fs::write(&file, serde_json::to_vec(batches)?)?;
+    let o = std::process::Command::new("python3")
+        .arg("bench/runtimes.py")
+        .args([model, &file, tmp])
+        .args([rayon::current_num_threads().to_string(), "3".into()])
+        .output()?;
+    anyhow::ensure!(
+        o.status.success(),
+        "bench/runtimes.py failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let mut v: Value = serde_json::from_slice(o.stdout.trim_ascii())?;
+    for row in v["rows"].as_array_mut().into_iter().flatten() {
+        let limit = if row["pass"] == "forward" {
+            limit_fwd
+        } else {
+            limit_fwd / 2.0
+        };
+        row["share_of_limit"] =
+            json!(row["real_tokens_per_s"].as_f64().unwrap_or(f64::NAN) / limit);
+    }
+    Ok(v)
 }
 
 fn bench_pipeline(dir: &Path, name: &str, examples: usize, methods: &str) -> Result<PathBuf> {
@@ -433,6 +615,187 @@ fn peer(model: &Path, glue_dir: &Path, dir: &Path, device: &str, quick: bool) ->
     Ok(out)
 }
 
+/// The `student` section: one `train-student` run of the low preset on SST-2 and on MRPC,
+/// its time split by the trainer's stage spans (setup, data, step, dev, validation,
+/// checkpoint), with the training step's and the evaluations' share of the limit.
+fn student_speed(
+    model: &Path,
+    glue_dir: &Path,
+    tmp: &Path,
+    device: &str,
+    quick: bool,
+    peak_gflops: f64,
+) -> Result<Value> {
+    let mut runs = Vec::new();
+    for name in ["sst2", "mrpc"] {
+        eprintln!("student: {name}…");
+        runs.push(student_run(
+            model,
+            glue_dir,
+            tmp,
+            device,
+            quick,
+            peak_gflops,
+            name,
+        )?);
+    }
+    Ok(json!({ "matmul_peak_gflops": peak_gflops, "runs": runs }))
+}
+
+/// Shards for a student run of `task`: `n` training examples, original + AugPro-Mix, the
+/// shipped pipeline's sequence length and dev split, the base encoder with a seeded head as
+/// teacher (throughput does not depend on its weights). Returns the shards' directory.
+fn student_shards(
+    model: &Path,
+    glue_dir: &Path,
+    tmp: &Path,
+    device: &str,
+    task: &'static glue::TaskSpec,
+    n: usize,
+) -> Result<PathBuf> {
+    let shipped = PipelineConfig::load(Path::new(&format!("pipelines/{}.toml", task.name)))?;
+    let dir = tmp.join(format!("student-{}", task.name));
+    let teacher = dir.join("teacher");
+    let ck = Checkpoint::open(model)?;
+    let (_, params) = ck.load_classifier(&Device::Cpu, true, task.num_labels, None, 0)?;
+    let names: Vec<String> = task.label_names.iter().map(|s| s.to_string()).collect();
+    augpro::model::checkpoint::save_classifier(
+        &teacher,
+        &params,
+        &ck.config,
+        task.num_labels,
+        task,
+        &names,
+        model,
+    )?;
+    let d = &shipped.dev;
+    let toml = format!(
+        "name = \"student\"\ntask = \"{}\"\nsplit = \"{}\"\nmax_examples = {n}\nmax_seq_len = {}\nseed = 0\nshards = 1\nbatch_size = 32\noutput = \"{}\"\n\n[dev]\nfraction = {}\nmax_examples = {}\nseed = {}\n\n[teacher]\nmodel = \"{}\"\ncheckpoint = \"{}\"\n\n[methods.augpro_mix]\nalpha = 1.0\nlambda_mode = \"position\"\nlambda_min = 0.35\n",
+        task.name, task.train_split, shipped.max_seq_len, dir.join("out").display(), d.fraction, d.max_examples, d.seed, model.display(), teacher.display()
+    );
+    let p = dir.join("pipeline.toml");
+    std::fs::write(&p, toml)?;
+    run_augment(&p, glue_dir, device)?;
+    Ok(dir.join(format!("out/{}/student", task.name)))
+}
+
+/// Real tokens of the dev split (as the trainer scores it) and of the validation splits.
+fn eval_tokens(
+    glue_dir: &Path,
+    task: &'static glue::TaskSpec,
+    model: &Path,
+    dev: &augpro::config::DevConfig,
+) -> Result<(usize, usize)> {
+    let tok = TextTokenizer::load(model, augpro::teacher::EVAL_MAX_SEQ_LEN)?;
+    let count = |ex: Vec<augpro::data::Example>| -> Result<usize> {
+        let ex: Vec<_> = ex.into_iter().filter(|e| e.label.is_some()).collect();
+        Ok(tok.encode(&ex)?.iter().map(|e| e.ids.len()).sum())
+    };
+    let dev_ex = SplitReader::open_part(
+        glue_dir,
+        task,
+        task.train_split,
+        dev,
+        augpro::data::Part::Dev,
+    )?
+    .read_all(None)?;
+    let mut val = 0;
+    for split in task.validation_splits {
+        val += count(SplitReader::open(glue_dir, task, split)?.read_all(None)?)?;
+    }
+    Ok((count(dev_ex)?, val))
+}
+
+/// One low-preset student run of `task_name`, timed by stage.
+fn student_run(
+    model: &Path,
+    glue_dir: &Path,
+    tmp: &Path,
+    device: &str,
+    quick: bool,
+    peak_gflops: f64,
+    task_name: &str,
+) -> Result<Value> {
+    use tracing_subscriber::prelude::*;
+    let task = glue::task(task_name)?;
+    let (steps, lr, layers) =
+        augpro::report::low_student(task_name).context("no low-preset student")?;
+    let steps = if quick { steps / 10 } else { steps };
+    let shards = student_shards(
+        model,
+        glue_dir,
+        tmp,
+        device,
+        task,
+        if quick { 200 } else { 1000 },
+    )?;
+    let base = augpro::student::StudentConfig::default();
+    let cfg = augpro::student::StudentConfig {
+        model: model.to_path_buf(),
+        max_steps: Some(steps),
+        layers: Some(layers),
+        methods: vec!["original".into(), "augpro_mix".into()],
+        optim: augpro::config::OptimConfig {
+            lr,
+            ..base.optim.clone()
+        },
+        ..base
+    };
+    let loc: augpro::storage::Location = shards.as_path().into();
+    let dev = augpro::shards::manifest::shard_paths(&loc)?.0.dev()?;
+    let sub = tracing_subscriber::registry().with(augpro::timing::SpanTimes);
+    let ((m, wall), stages) = tracing::subscriber::with_default(sub, || -> Result<_> {
+        augpro::timing::take();
+        let dev_device = augpro::model::bert::parse_device(device)?;
+        let r = secs(|| {
+            augpro::student::train(&loc, task, glue_dir, &shards.join("run"), &cfg, &dev_device)
+        })?;
+        Ok((r, augpro::timing::take().stages))
+    })?;
+    let mut student_cfg = Checkpoint::open(model)?.config;
+    student_cfg.num_hidden_layers = layers;
+    let (dev_tokens, val_tokens) = eval_tokens(glue_dir, task, model, &dev)?;
+    let mut v = student_figures(
+        &m,
+        &stages,
+        wall,
+        flops_per_token(&student_cfg),
+        peak_gflops,
+        dev_tokens * m.curve.len() + val_tokens,
+    );
+    v["task"] = json!(task_name);
+    v["layers"] = json!(layers);
+    Ok(v)
+}
+
+/// A student run's figures: time by stage with shares, the step's and the evaluations'
+/// speed against the limit (`fwd` matmul FLOPs per real token; `eval_tokens` real tokens
+/// scored by the dev evaluations and validation together).
+fn student_figures(
+    m: &augpro::student::StudentMetrics,
+    stages: &std::collections::BTreeMap<String, f64>,
+    wall: f64,
+    fwd: f64,
+    peak_gflops: f64,
+    eval_tokens: usize,
+) -> Value {
+    let stage = |k: &str| stages.get(k).copied().unwrap_or(0.0);
+    let step_gflops = 3.0 * fwd * m.tokens_seen as f64 / stage("step") / 1e9;
+    let eval_tps = eval_tokens as f64 / (stage("dev") + stage("validation"));
+    let shares: serde_json::Map<String, Value> = stages
+        .iter()
+        .map(|(k, v)| (k.clone(), json!({ "seconds": v, "share": v / wall })))
+        .collect();
+    let accounted: f64 = stages.values().sum();
+    json!({ "steps": m.steps, "rows_seen": m.rows_seen,
+        "tokens_seen": m.tokens_seen, "dev_evaluations": m.curve.len(), "seconds": wall,
+        "stages": shares, "other_share": 1.0 - accounted / wall,
+        "step_examples_per_s": m.rows_seen as f64 / stage("step"),
+        "step_gflops": step_gflops, "step_share_of_limit": step_gflops / peak_gflops,
+        "eval_real_tokens": eval_tokens, "eval_real_tokens_per_s": eval_tps,
+        "eval_share_of_limit": eval_tps * fwd / (peak_gflops * 1e9) })
+}
+
 const ALL_METHODS: &str = r#"
 [methods.augpro_mix]
 alpha = 1.0
@@ -467,9 +830,9 @@ fn main() -> Result<()> {
         })
         .unwrap_or_default();
     res.insert("machine".into(), json!({ "cpu": cpu, "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), "device": a.device }));
-    if want("matmul") || want("projection") || want("teacher") {
+    if want("matmul") || want("projection") || want("teacher") || want("student") {
         eprintln!("matmul peak…");
-        res.insert("matmul_peak".into(), matmul_peak(&device)?);
+        res.insert("matmul_peak".into(), matmul_peak(&device, a.quick)?);
     }
     // The teacher runs before FAISS and the large tables have run in this process.
     if want("teacher") {
@@ -477,7 +840,14 @@ fn main() -> Result<()> {
         let peak = res["matmul_peak"]["gflops"].as_f64().unwrap_or(f64::NAN);
         res.insert(
             "teacher".into(),
-            teacher_speed(&a.model, &glue_dir, &device, a.quick, peak)?,
+            teacher_speed(
+                &a.model,
+                &glue_dir,
+                &device,
+                a.quick,
+                peak,
+                &a.out.join("tmp"),
+            )?,
         );
     }
     if want("projection") {
@@ -553,6 +923,13 @@ fn main() -> Result<()> {
             .sum();
         res.insert("end_to_end".into(), json!({ "examples": n, "augment_seconds": total, "wall_seconds_with_startup": wall, "examples_per_s": n as f64 / total, "peak_rss_mib": rss, "methods": methods, "stages": stages, "other_share": 1.0 - accounted / total }));
     }
+    if want("student") {
+        let peak = res["matmul_peak"]["gflops"].as_f64().unwrap_or(f64::NAN);
+        res.insert(
+            "student".into(),
+            student_speed(&a.model, &glue_dir, &tmp, &a.device, a.quick, peak)?,
+        );
+    }
     if want("peer") {
         eprintln!("peer: augment vs the Python pipeline…");
         res.insert(
@@ -624,9 +1001,24 @@ fn markdown(r: &Value) -> String {
     );
     let peak = r["matmul_peak"]["gflops"].as_f64();
     if let Some(p) = peak {
+        let tried: Vec<String> = r["matmul_peak"]["rows"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| {
+                format!(
+                    "{} {}³ {}",
+                    m["gemm"].as_str().unwrap_or(""),
+                    m["size"],
+                    f(&m["gflops"])
+                )
+            })
+            .collect();
         let _ = writeln!(
             s,
-            "Measured fp32 matmul peak (candle, 1024³): **{p:.1} GFLOP/s**.\n"
+            "Limit: the machine's f32 matmul peak, the best GEMM measured here ({}): **{p:.1} GFLOP/s** ({}).\n",
+            tried.join("; "),
+            r["matmul_peak"]["best"].as_str().unwrap_or("")
         );
     }
     if let Some(cases) = r["projection"].as_array() {
@@ -669,7 +1061,9 @@ fn markdown(r: &Value) -> String {
             );
         }
         s.push('\n');
+        runtimes_markdown(&mut s, t);
     }
+    student_markdown(&mut s, r);
     if let Some(p) = r.get("peer").filter(|t| !t.is_null()) {
         let _ = writeln!(s, "## Peer: `augment` vs a Python pipeline on the same job\n\n{} SST-2 training examples, original + AugPro-Mix + AugPro-FGSM, exact L2 projection, one shard, the same teacher and thread count. The Python side is `bench/peer.py` (transformers + faiss-cpu + pyarrow).\n\n| pipeline | work s | whole process s | source examples/s (work) |\n|---|---:|---:|---:|", p["examples"]);
         for (name, k) in [
@@ -743,4 +1137,70 @@ fn markdown(r: &Value) -> String {
         }
     }
     s
+}
+
+/// The teacher's other runtimes beside the engine's batch-32 rows of the same pass.
+fn runtimes_markdown(s: &mut String, t: &Value) {
+    let Some(rt) = t.get("runtimes").filter(|v| !v.is_null()) else {
+        return;
+    };
+    let ours = |pass: &str| {
+        t["rows"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["pass"] == pass && r["batch"] == 32 && r["engine"] == "kernels")
+    };
+    let _ = writeln!(s, "Other runtimes on the same batch-32 length-sorted batches, in the same run (`bench/runtimes.py`: torch {}, onnxruntime {}; ONNX Runtime with all graph optimisations):\n\n| engine | pass | real tokens/s | % of limit | augpro engine ÷ this |\n|---|---|---:|---:|---:|", rt["versions"]["torch"].as_str().unwrap_or("?"), rt["versions"]["onnxruntime"].as_str().unwrap_or("?"));
+    for row in rt["rows"].as_array().into_iter().flatten() {
+        let pass = row["pass"].as_str().unwrap_or("");
+        let tps = row["real_tokens_per_s"].as_f64().unwrap_or(f64::NAN);
+        let ratio = ours(pass)
+            .and_then(|o| o["real_tokens_per_s"].as_f64())
+            .map_or("–".into(), |o| format!("{:.2}×", o / tps));
+        let _ = writeln!(
+            s,
+            "| {} | {pass} | {} | {:.0}% | {ratio} |",
+            row["engine"].as_str().unwrap_or(""),
+            f(&row["real_tokens_per_s"]),
+            100.0 * row["share_of_limit"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    s.push('\n');
+}
+
+/// The `student` section: per run, the time by stage and the step's and evaluations' speed.
+fn student_markdown(s: &mut String, r: &Value) {
+    let Some(st) = r.get("student").filter(|v| !v.is_null()) else {
+        return;
+    };
+    let _ = writeln!(s, "## Student: one `train-student` run of the low preset\n\nOriginal + AugPro-Mix rows of 1,000 training examples (the base encoder with a seeded head as teacher), the low preset's steps, learning rate and layers, 6 dev evaluations and one validation. Time by the trainer's stage spans; the step's limit is the matmul peak over 3× the forward FLOPs of its real tokens, the evaluations' the peak over 1× (validation includes reading and tokenizing its split).\n\n| task | layers | steps | seconds | step | data | dev | validation | checkpoint | setup | other | step examples/s | step % of limit | eval real tokens/s | eval % of limit |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for run in st["runs"].as_array().into_iter().flatten() {
+        let share = |k: &str| {
+            format!(
+                "{:.1}%",
+                100.0 * run["stages"][k]["share"].as_f64().unwrap_or(0.0)
+            )
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1}% | {} | {:.0}% | {} | {:.0}% |",
+            run["task"].as_str().unwrap_or(""),
+            run["layers"],
+            run["steps"],
+            f(&run["seconds"]),
+            share("step"),
+            share("data"),
+            share("dev"),
+            share("validation"),
+            share("checkpoint"),
+            share("setup"),
+            100.0 * run["other_share"].as_f64().unwrap_or(f64::NAN),
+            f(&run["step_examples_per_s"]),
+            100.0 * run["step_share_of_limit"].as_f64().unwrap_or(f64::NAN),
+            f(&run["eval_real_tokens_per_s"]),
+            100.0 * run["eval_share_of_limit"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    s.push('\n');
 }

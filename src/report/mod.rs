@@ -311,7 +311,7 @@ struct Budget {
 
 /// The `low` preset's student per task, (steps, lr, layers): each sized on the task's own
 /// dev split with plain KD (`scripts/size-student.sh`, tables in reports/sizing/).
-fn low_student(task: &str) -> Option<(usize, f64, usize)> {
+pub fn low_student(task: &str) -> Option<(usize, f64, usize)> {
     match task {
         "sst2" => Some((150, STUDENT_LR, 3)),
         "stsb" => Some((300, 1e-4, 6)),

@@ -1,10 +1,11 @@
-//! AdamW as one parallel pass per parameter over host buffers: the same update as
-//! `candle_nn::AdamW`, without a dozen single-threaded tensor ops (and their allocations)
-//! per parameter per step.
+//! AdamW as one parallel pass per parameter, in place in the parameter's storage: the same
+//! update as `candle_nn::AdamW`, without a dozen single-threaded tensor ops (and their
+//! allocations) per parameter per step, and without copying parameters or gradients.
 
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor, Var};
+use candle_core::{CpuStorage, InplaceOp2, Layout, Result, Var};
 use rayon::prelude::*;
+use std::cell::RefCell;
 
 /// Elements per parallel task.
 const CHUNK: usize = 32 * 1024;
@@ -50,6 +51,17 @@ impl AdamW {
     /// error, before any parameter changes, for a learning rate that is not finite or a
     /// gradient whose shape is not its parameter's.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        self.step_scaled(grads, lr, None)
+    }
+
+    /// [`AdamW::step`] on the gradients times `grad_scale` (as `g * scale + 0`, the bits of
+    /// candle's `g * scale`), without writing the scaled gradients out.
+    pub fn step_scaled(
+        &mut self,
+        grads: &GradStore,
+        lr: f64,
+        grad_scale: Option<f32>,
+    ) -> Result<()> {
         if !lr.is_finite() {
             candle_core::bail!("AdamW: learning rate {lr} is not finite");
         }
@@ -74,23 +86,105 @@ impl AdamW {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
-            let mut theta: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
-            let decay = 1.0 - lr * wd;
-            theta
-                .par_chunks_mut(CHUNK)
-                .zip(m.par_chunks_mut(CHUNK))
-                .zip(v.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)))
-                .for_each(|((t, m), (v, g))| {
-                    for i in 0..t.len() {
-                        m[i] = m[i] * b1 + g[i] * c1;
-                        v[i] = v[i] * b2 + g[i] * g[i] * c2;
-                        let step = (m[i] * scale_m) / ((v[i] * scale_v).sqrt() + eps);
-                        t[i] = t[i] * decay - step * lr;
-                    }
-                });
-            var.set(&Tensor::from_vec(theta, var.shape(), var.device())?)?;
+            let k = Coeffs {
+                b1,
+                b2,
+                c1,
+                c2,
+                scale_m,
+                scale_v,
+                lr,
+                eps,
+                decay: 1.0 - lr * wd,
+                grad_scale,
+            };
+            let op = InPlace {
+                k,
+                moments: RefCell::new((m, v)),
+            };
+            var.as_tensor().inplace_op2(g, &op)?;
         }
+        Ok(())
+    }
+}
+
+/// The scalars of one update.
+#[derive(Clone, Copy)]
+struct Coeffs {
+    b1: f32,
+    b2: f32,
+    c1: f32,
+    c2: f32,
+    scale_m: f32,
+    scale_v: f32,
+    lr: f32,
+    eps: f32,
+    decay: f32,
+    grad_scale: Option<f32>,
+}
+
+impl Coeffs {
+    /// Updates parameters `t` and moments `m`, `v` from gradients `g`, element by element.
+    fn apply(&self, t: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
+        match self.grad_scale {
+            Some(s) => {
+                for i in 0..t.len() {
+                    self.one(&mut t[i], &mut m[i], &mut v[i], g[i] * s + 0.0);
+                }
+            }
+            None => {
+                for i in 0..t.len() {
+                    self.one(&mut t[i], &mut m[i], &mut v[i], g[i]);
+                }
+            }
+        }
+    }
+
+    /// The update of one element.
+    #[inline(always)]
+    fn one(&self, t: &mut f32, m: &mut f32, v: &mut f32, g: f32) {
+        *m = *m * self.b1 + g * self.c1;
+        *v = *v * self.b2 + g * g * self.c2;
+        let step = (*m * self.scale_m) / ((*v * self.scale_v).sqrt() + self.eps);
+        *t = *t * self.decay - step * self.lr;
+    }
+}
+
+/// One parameter's update, applied in place in its storage (read from its gradient's):
+/// no copy of either.
+struct InPlace<'a> {
+    k: Coeffs,
+    moments: RefCell<(&'a mut Vec<f32>, &'a mut Vec<f32>)>,
+}
+
+impl InplaceOp2 for InPlace<'_> {
+    fn name(&self) -> &'static str {
+        "adamw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let (CpuStorage::F32(theta), CpuStorage::F32(g)) = (s1, s2) else {
+            candle_core::bail!("AdamW: parameters and gradients must be f32");
+        };
+        let (Some((t0, t1)), Some((g0, g1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("AdamW: parameters and gradients must be contiguous");
+        };
+        let (theta, g) = (&mut theta[t0..t1], &g[g0..g1]);
+        let k = self.k;
+        let mut moments = self.moments.borrow_mut();
+        let (m, v) = &mut *moments;
+        theta
+            .par_chunks_mut(CHUNK)
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)))
+            .for_each(|((t, m), (v, g))| k.apply(t, m, v, g));
         Ok(())
     }
 }
@@ -169,6 +263,67 @@ mod tests {
         );
         assert_eq!(vp.as_tensor().to_vec2::<f32>()?, p.to_vec2::<f32>()?);
         assert_eq!(opt.step, 0);
+        Ok(())
+    }
+
+    /// The update written out on copies of the buffers, the arithmetic in the same order:
+    /// the in-place update gives exactly these bits.
+    #[test]
+    fn in_place_update_equals_the_update_on_copies() -> Result<()> {
+        let mut r = rng(4);
+        let init = randn(&mut r, 0.0, 1.0, (70_001,));
+        let var = Var::from_tensor(&init)?;
+        let mut ours = AdamW::new(vec![(var.clone(), 0.01)], 0.9, 0.999, 1e-8)?;
+        let mut theta: Vec<f32> = init.to_vec1()?;
+        let (mut m, mut v) = (vec![0f32; theta.len()], vec![0f32; theta.len()]);
+        for step in 1..=3 {
+            let g = randn(&mut r, 0.0, 1.0, (70_001,));
+            let lr = 1e-3 * step as f64;
+            ours.step(&var.as_tensor().mul(&g)?.sum_all()?.backward()?, lr)?;
+            let gv: Vec<f32> = g.to_vec1()?;
+            let (b1, b2) = (0.9f32, 0.999f32);
+            let (c1, c2) = ((1.0 - 0.9f64) as f32, (1.0 - 0.999f64) as f32);
+            let scale_m = (1.0 / (1.0 - 0.9f64.powi(step))) as f32;
+            let scale_v = (1.0 / (1.0 - 0.999f64.powi(step))) as f32;
+            let (lr, decay) = (lr as f32, 1.0 - lr as f32 * 0.01f32);
+            for i in 0..theta.len() {
+                m[i] = m[i] * b1 + gv[i] * c1;
+                v[i] = v[i] * b2 + gv[i] * gv[i] * c2;
+                let s = (m[i] * scale_m) / ((v[i] * scale_v).sqrt() + 1e-8f32);
+                theta[i] = theta[i] * decay - s * lr;
+            }
+            let got: Vec<f32> = var.as_tensor().to_vec1()?;
+            assert!(
+                got.iter()
+                    .zip(&theta)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "step {step}"
+            );
+        }
+        Ok(())
+    }
+
+    /// Scaling the gradients as they are read gives the bits of scaling them first with
+    /// candle (`g * scale`, as gradient clipping did) and stepping on the result.
+    #[test]
+    fn scaled_step_equals_stepping_on_scaled_gradients() -> Result<()> {
+        let mut r = rng(6);
+        let init = randn(&mut r, 0.0, 1.0, (4099,));
+        let (a, b) = (Var::from_tensor(&init)?, Var::from_tensor(&init.copy()?)?);
+        let mut fused = AdamW::new(vec![(a.clone(), 0.01)], 0.9, 0.999, 1e-8)?;
+        let mut first = AdamW::new(vec![(b.clone(), 0.01)], 0.9, 0.999, 1e-8)?;
+        for step in 0..3 {
+            let g = randn(&mut r, 0.0, 3.0, (4099,));
+            let scale = 0.37 + 0.1 * step as f64;
+            let ga = a.as_tensor().mul(&g)?.sum_all()?.backward()?;
+            fused.step_scaled(&ga, 1e-2, Some(scale as f32))?;
+            let mut gb = b.as_tensor().mul(&g)?.sum_all()?.backward()?;
+            let scaled = (gb.get(b.as_tensor()).expect("gradient") * scale)?;
+            gb.insert(b.as_tensor(), scaled);
+            first.step(&gb, 1e-2)?;
+        }
+        let (x, y): (Vec<f32>, Vec<f32>) = (a.as_tensor().to_vec1()?, b.as_tensor().to_vec1()?);
+        assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()));
         Ok(())
     }
 }

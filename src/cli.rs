@@ -557,7 +557,8 @@ fn slurm_submit(a: SlurmSubmitArgs) -> Result<()> {
 
 /// `train-student`: distils a student from shards and prints its primary metric.
 fn train_student(a: StudentArgs) -> Result<()> {
-    let task = glue::task(&a.task)?;
+    let shards = Location::from_arg(&a.shards)?;
+    let task = student::shards_task(&shards, &a.task)?;
     let device = parse_device(&a.dev.device)?;
     let cfg = student::StudentConfig {
         model: a.model,
@@ -576,7 +577,7 @@ fn train_student(a: StudentArgs) -> Result<()> {
         ..Default::default()
     };
     let m = student::train(
-        &Location::from_arg(&a.shards)?,
+        &shards,
         task,
         &resolve_glue_dir(a.dev.glue_dir.as_deref()),
         &a.out,

@@ -17,13 +17,13 @@ pub fn fetch_config(
     base_url: &str,
     splits: Option<&[String]>,
 ) -> Result<Vec<PathBuf>> {
-    let dir = glue_dir.join(task.name);
+    let dir = glue_dir.join(&task.name);
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("{}: cannot create directory", dir.display()))?;
     let mut out = Vec::new();
     for split in task.all_splits() {
         if let Some(s) = splits {
-            if !s.iter().any(|x| x == split) {
+            if !s.iter().any(|x| *x == split) {
                 continue;
             }
         }

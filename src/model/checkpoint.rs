@@ -199,7 +199,8 @@ pub fn save_classifier(
         })
         .into(),
     );
-    cfg.extra.insert("finetuning_task".into(), task.name.into());
+    cfg.extra
+        .insert("finetuning_task".into(), task.name.clone().into());
     cfg.extra.insert("model_type".into(), "bert".into());
 
     let mut tensors: HashMap<String, Tensor> = HashMap::new();

@@ -207,6 +207,14 @@ impl DataConfig {
                 self.text.len()
             );
         }
+        self.check_metric()?;
+        self.check_labels()?;
+        self.format()?;
+        Ok(())
+    }
+
+    /// Checks that the metric is known and scores the task's kind.
+    fn check_metric(&self) -> Result<()> {
         let metric = self.metric_name();
         let family = crate::glue::METRICS
             .iter()
@@ -234,6 +242,12 @@ impl DataConfig {
             }
             _ => {}
         }
+        Ok(())
+    }
+
+    /// Checks explicit class names: at least two, distinct, and only for classification.
+    fn check_labels(&self) -> Result<()> {
+        let regression = self.kind == TaskKind::Regression;
         if regression && self.labels.is_some() {
             bail!("`data.labels`: a regression task has no class names");
         }
@@ -243,7 +257,6 @@ impl DataConfig {
                 bail!("`data.labels` must list at least two distinct class names, got {l:?}");
             }
         }
-        self.format()?;
         Ok(())
     }
 }

@@ -23,7 +23,7 @@ pub fn fetch_config(
     let mut out = Vec::new();
     for split in task.all_splits() {
         if let Some(s) = splits {
-            if !s.iter().any(|x| *x == split) {
+            if !s.contains(&split) {
                 continue;
             }
         }

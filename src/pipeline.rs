@@ -120,7 +120,7 @@ pub fn config_sha256(cfg: &PipelineConfig) -> Result<String> {
 
 /// Returns the teacher checkpoint directory, training (and caching) one if needed.
 pub fn ensure_teacher(cfg: &PipelineConfig, glue_dir: &Path, device: &Device) -> Result<PathBuf> {
-    let task = crate::data::task_of(&cfg)?;
+    let task = crate::data::task_of(cfg)?;
     if let Some(c) = &cfg.teacher.checkpoint {
         Checkpoint::open(c)?;
         return Ok(c.clone());
@@ -407,7 +407,7 @@ fn run_shard(
     i: usize,
     out: &Location,
 ) -> Result<()> {
-    let task = crate::data::task_of(&cfg)?;
+    let task = crate::data::task_of(cfg)?;
     let (start, end) = shard_range(total, i, cfg.shards);
     let schema = ShardSchema::new(task);
     let writer = ShardWriter::create(out, i, cfg.shards, &schema)?;
@@ -585,7 +585,7 @@ fn write_shard_records(
 /// dataset card and `timings.json`. A dataset is complete exactly when its manifest exists;
 /// a second finalizer writes nothing and is refused.
 pub fn finalize(cfg: &PipelineConfig, out: &Location) -> Result<Manifest> {
-    let task = crate::data::task_of(&cfg)?;
+    let task = crate::data::task_of(cfg)?;
     let cfg_hash = config_sha256(cfg)?;
     if out.join(MANIFEST).exists()? {
         return Err(already_finalized(out));

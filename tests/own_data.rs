@@ -338,3 +338,75 @@ fn readme_pipeline_file_is_valid() {
     assert_eq!(data.format().unwrap(), augpro::glue::Format::Csv);
     assert_eq!(data.text, ["review"]);
 }
+
+/// A description of `dir` with `train` and `validation` patterns and extra keys.
+fn description(
+    dir: &Path,
+    train: &str,
+    validation: &str,
+    extra: &str,
+) -> augpro::config::DataConfig {
+    let text = format!(
+        "source = {:?}\nsplits = {{ train = {train:?}, validation = {validation:?} }}\n{extra}",
+        dir.display().to_string()
+    );
+    toml::from_str(&text).unwrap()
+}
+
+/// Class names come from the Parquet files' ClassLabel metadata when the labels are ids,
+/// and explicit `labels` fix the classes' order of string labels.
+#[test]
+fn class_names_come_from_metadata_or_the_description() {
+    let tmp = tempfile::tempdir().unwrap();
+    let glue = common::glue_dir().join("sst2");
+    std::fs::copy(
+        glue.join("train-00000-of-00001.parquet"),
+        tmp.path().join("all-train.parquet"),
+    )
+    .unwrap();
+    std::fs::copy(
+        glue.join("validation-00000-of-00001.parquet"),
+        tmp.path().join("dev.parquet"),
+    )
+    .unwrap();
+    let d = description(
+        tmp.path(),
+        "*train.parquet",
+        "dev.parquet",
+        "text = [\"sentence\"]\n",
+    );
+    let task = augpro::data::describe("films", &d, None).unwrap();
+    assert_eq!(task.label_names, ["negative", "positive"]);
+    let ex = SplitReader::open(Path::new(""), task, "validation")
+        .unwrap()
+        .read_all(None)
+        .unwrap();
+    let gold = glue_examples("sst2", "validation", usize::MAX);
+    assert_eq!(ex.len(), gold.len());
+    assert!(ex
+        .iter()
+        .zip(&gold)
+        .all(|(a, b)| a.label == b.label && a.text_a == b.text_a));
+    // Rows are numbered within the split: the ids are row positions, not the file's `idx`.
+    assert!(ex.iter().enumerate().all(|(i, e)| e.idx == i as i64));
+
+    let csv = tmp.path().join("csv");
+    std::fs::create_dir_all(&csv).unwrap();
+    write_reviews(&csv.join("train.csv"), "train", 50);
+    let val = write_reviews(&csv.join("validation.csv"), "validation", 20);
+    let extra =
+        "text = [\"review\"]\nlabel = \"sentiment\"\nlabels = [\"positive\", \"negative\"]\n";
+    let d = description(&csv, "train.csv", "validation.csv", extra);
+    let task = augpro::data::describe("flipped", &d, None).unwrap();
+    let ex = SplitReader::open(Path::new(""), task, "validation")
+        .unwrap()
+        .read_all(None)
+        .unwrap();
+    for (e, src) in ex.iter().zip(&val) {
+        assert_eq!(
+            e.label,
+            src.label.map(|l| 1.0 - l),
+            "positive is class 0 here"
+        );
+    }
+}

@@ -68,9 +68,16 @@ pub enum DataCmd {
 /// `data fetch` flags.
 #[derive(Args, Debug)]
 pub struct DataFetchArgs {
-    /// GLUE config name.
+    /// GLUE config name; with `--repo`, the repository folder to fetch (all when absent).
+    #[arg(long, required_unless_present = "repo")]
+    pub config: Option<String>,
+    /// A Hub dataset repository (`owner/name`): fetch its Parquet files to
+    /// `<glue dir>/<owner>/<name>/`.
     #[arg(long)]
-    pub config: String,
+    pub repo: Option<String>,
+    /// Address of the Hub (with `--repo`).
+    #[arg(long, default_value = fetch::DEFAULT_HUB_URL)]
+    pub hub_url: String,
     /// Only these splits (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub splits: Option<Vec<String>>,
@@ -399,13 +406,14 @@ pub fn run(cli: Cli) -> Result<()> {
 
 /// `data fetch`: downloads the files and prints their paths.
 fn data_fetch(a: DataFetchArgs) -> Result<()> {
-    let task = glue::task(&a.config)?;
-    let files = fetch::fetch_config(
-        task,
-        &resolve_glue_dir(a.glue_dir.as_deref()),
-        &a.base_url,
-        a.splits.as_deref(),
-    )?;
+    let dir = resolve_glue_dir(a.glue_dir.as_deref());
+    let files = match (&a.repo, &a.config) {
+        (Some(repo), config) => fetch::fetch_repo(repo, config.as_deref(), &dir, &a.hub_url)?,
+        (None, Some(config)) => {
+            fetch::fetch_config(glue::task(config)?, &dir, &a.base_url, a.splits.as_deref())?
+        }
+        (None, None) => bail!("--config or --repo is required"),
+    };
     for f in files {
         println!("{}", f.display());
     }
@@ -562,7 +570,8 @@ fn slurm_submit(a: SlurmSubmitArgs) -> Result<()> {
 
 /// `train-student`: distils a student from shards and prints its primary metric.
 fn train_student(a: StudentArgs) -> Result<()> {
-    let task = glue::task(&a.task)?;
+    let shards = Location::from_arg(&a.shards)?;
+    let task = student::shards_task(&shards, &a.task)?;
     let device = parse_device(&a.dev.device)?;
     let cfg = student::StudentConfig {
         model: a.model,
@@ -581,7 +590,7 @@ fn train_student(a: StudentArgs) -> Result<()> {
         ..Default::default()
     };
     let m = student::train(
-        &Location::from_arg(&a.shards)?,
+        &shards,
         task,
         &resolve_glue_dir(a.dev.glue_dir.as_deref()),
         &a.out,

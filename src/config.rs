@@ -3,8 +3,10 @@
 //! The plain configuration types of every stage live here, so that `config` depends on no
 //! stage.
 
+use crate::glue::{Format, MetricKind};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// A whole pipeline: task, teacher, projection, methods, output.
@@ -13,8 +15,11 @@ use std::path::{Path, PathBuf};
 pub struct PipelineConfig {
     /// Run name; output goes to `<output>/<task>/<name>/`.
     pub name: String,
-    /// GLUE config name.
+    /// Task name: a GLUE config, or the name of the dataset `data` describes.
     pub task: String,
+    /// The dataset, when it is not the GLUE config `task` names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<DataConfig>,
     /// Split to augment.
     #[serde(default = "default_split")]
     pub split: String,
@@ -99,6 +104,160 @@ impl DevConfig {
         }
         let h = crate::util::derive_seed(self.seed, &["dev", &idx.to_string()]);
         ((h >> 11) as f64 / (1u64 << 53) as f64) < share
+    }
+}
+
+/// A dataset described by the pipeline file (`[data]`) instead of named by a GLUE config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// A directory the split patterns are relative to, or `glue:<config>`.
+    pub source: String,
+    /// File format; inferred from the train pattern's extension when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<Format>,
+    /// File-name pattern (`*`, `?`) of each split: `train` and at least one validation split.
+    #[serde(default)]
+    pub splits: BTreeMap<String, String>,
+    /// One or two text columns, in the order they are fed to the encoder.
+    #[serde(default)]
+    pub text: Vec<String>,
+    /// The gold label's column: class ids, class names or scores.
+    #[serde(default = "default_label")]
+    pub label: String,
+    /// `classification` or `regression`.
+    #[serde(default)]
+    pub kind: TaskKind,
+    /// Primary metric; `accuracy` (classification) or `pearson` (regression) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<String>,
+    /// Class names in class order, when neither the files' metadata nor string labels give
+    /// them (or to fix their order).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Vec<String>>,
+}
+
+/// Whether a described dataset's label is a class or a score.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskKind {
+    /// A class: an id, or a name.
+    #[default]
+    Classification,
+    /// A real-valued score.
+    Regression,
+}
+
+fn default_label() -> String {
+    "label".into()
+}
+
+/// Prefix of a `data.source` that names a GLUE config.
+pub const GLUE_SOURCE: &str = "glue:";
+
+impl DataConfig {
+    /// The GLUE config a `glue:<config>` source names.
+    pub fn glue_config(&self) -> Option<&str> {
+        self.source.strip_prefix(GLUE_SOURCE)
+    }
+
+    /// The primary metric: the one given, else the kind's default.
+    pub fn metric_name(&self) -> &str {
+        match (&self.metric, self.kind) {
+            (Some(m), _) => m,
+            (None, TaskKind::Classification) => "accuracy",
+            (None, TaskKind::Regression) => "pearson",
+        }
+    }
+
+    /// The format given, else the one the train pattern's extension says.
+    pub fn format(&self) -> Result<Format> {
+        if let Some(f) = self.format {
+            return Ok(f);
+        }
+        let train = self.splits.get("train").map(String::as_str).unwrap_or("");
+        Format::from_name(train).ok_or_else(|| {
+            anyhow::anyhow!(
+                "`data.format`: cannot tell it from `data.splits.train` = {train:?}; set parquet, csv or jsonl"
+            )
+        })
+    }
+
+    /// Checks the description's shape (the files are checked when read).
+    pub fn validate(&self) -> Result<()> {
+        if let Some(c) = self.glue_config() {
+            crate::glue::task(c)?;
+            if !self.splits.is_empty() || !self.text.is_empty() || self.labels.is_some() {
+                bail!("`data`: a `{GLUE_SOURCE}` source takes no splits, text or labels (the GLUE config has them)");
+            }
+            return Ok(());
+        }
+        if self.source.contains("://") {
+            bail!("`data.source` = {:?}: only local directories and `{GLUE_SOURCE}<config>` are read; copy the files to a directory", self.source);
+        }
+        if !self.splits.contains_key("train") || self.splits.len() < 2 {
+            bail!(
+                "`data.splits` must name `train` and at least one validation split, got {:?}",
+                self.splits.keys().collect::<Vec<_>>()
+            );
+        }
+        if self.text.is_empty() || self.text.len() > 2 {
+            bail!(
+                "`data.text` must name one or two text columns, got {}",
+                self.text.len()
+            );
+        }
+        self.check_metric()?;
+        self.check_labels()?;
+        self.format()?;
+        Ok(())
+    }
+
+    /// Checks that the metric is known and scores the task's kind.
+    fn check_metric(&self) -> Result<()> {
+        let metric = self.metric_name();
+        let family = crate::glue::METRICS
+            .iter()
+            .find(|(n, _)| *n == metric)
+            .map(|(_, k)| *k);
+        let regression = self.kind == TaskKind::Regression;
+        match family {
+            None => bail!(
+                "`data.metric` = `{metric}`: expected one of {}",
+                crate::glue::METRICS
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Some(k) if (k == MetricKind::PearsonSpearman) != regression => {
+                bail!(
+                    "`data.metric` = `{metric}` does not score a {} task",
+                    if regression {
+                        "regression"
+                    } else {
+                        "classification"
+                    }
+                )
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Checks explicit class names: at least two, distinct, and only for classification.
+    fn check_labels(&self) -> Result<()> {
+        let regression = self.kind == TaskKind::Regression;
+        if regression && self.labels.is_some() {
+            bail!("`data.labels`: a regression task has no class names");
+        }
+        if let Some(l) = &self.labels {
+            let distinct: std::collections::BTreeSet<&String> = l.iter().collect();
+            if l.len() < 2 || distinct.len() != l.len() {
+                bail!("`data.labels` must list at least two distinct class names, got {l:?}");
+            }
+        }
+        Ok(())
     }
 }
 
@@ -310,7 +469,7 @@ impl PipelineConfig {
 
     /// Checks ranges and consistency.
     pub fn validate(&self) -> Result<()> {
-        let task = crate::glue::task(&self.task)?;
+        let (train, validation) = self.split_names()?;
         if self.shards == 0 {
             bail!("`shards` must be at least 1, got 0");
         }
@@ -323,12 +482,11 @@ impl PipelineConfig {
         if self.max_examples == Some(0) {
             bail!("`max_examples` must be at least 1, got 0");
         }
-        if self.split != task.train_split && !task.validation_splits.contains(&self.split.as_str())
-        {
+        if self.split != train && !validation.contains(&self.split) {
             bail!(
                 "`split` = `{}` is not a labelled split of `{}`",
                 self.split,
-                task.name
+                self.task
             );
         }
         let m = &self.methods;
@@ -403,6 +561,37 @@ impl PipelineConfig {
             );
         }
         Ok(())
+    }
+}
+
+impl PipelineConfig {
+    /// Checks the task's name and description; returns its train and validation splits.
+    fn split_names(&self) -> Result<(String, Vec<String>)> {
+        let Some(data) = &self.data else {
+            let t = crate::glue::task(&self.task)?;
+            return Ok((t.train_split.clone(), t.validation_splits.clone()));
+        };
+        let name_ok = !self.task.is_empty()
+            && !self.task.starts_with('.')
+            && self
+                .task
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !name_ok {
+            bail!("`task` = {:?}: a described dataset's name must be letters, digits, '-', '_' or '.'", self.task);
+        }
+        data.validate()?;
+        if let Some(c) = data.glue_config() {
+            let t = crate::glue::task(c)?;
+            return Ok((t.train_split.clone(), t.validation_splits.clone()));
+        }
+        let validation = data
+            .splits
+            .keys()
+            .filter(|k| *k != "train")
+            .cloned()
+            .collect();
+        Ok(("train".into(), validation))
     }
 }
 

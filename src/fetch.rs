@@ -1,5 +1,6 @@
-//! Downloads GLUE Parquet files from the Hugging Face hub layout into `data/glue/`,
-//! resumably (a `.part` file continued with an HTTP Range request) and atomically.
+//! Downloads GLUE Parquet files from the Hugging Face hub layout into `data/glue/`, or the
+//! Parquet files of any Hub dataset repository, resumably (a `.part` file continued with an
+//! HTTP Range request) and atomically.
 
 use crate::glue::TaskSpec;
 use anyhow::{bail, Context, Result};
@@ -17,13 +18,13 @@ pub fn fetch_config(
     base_url: &str,
     splits: Option<&[String]>,
 ) -> Result<Vec<PathBuf>> {
-    let dir = glue_dir.join(task.name);
+    let dir = glue_dir.join(&task.name);
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("{}: cannot create directory", dir.display()))?;
     let mut out = Vec::new();
     for split in task.all_splits() {
         if let Some(s) = splits {
-            if !s.iter().any(|x| x == split) {
+            if !s.contains(&split) {
                 continue;
             }
         }
@@ -39,6 +40,111 @@ pub fn fetch_config(
         out.push(dest);
     }
     Ok(out)
+}
+
+/// Default address of the Hugging Face Hub.
+pub const DEFAULT_HUB_URL: &str = "https://huggingface.co";
+
+/// One file of a repository listing (`/api/datasets/<repo>/tree/main/<dir>`).
+#[derive(Debug, serde::Deserialize)]
+struct HubEntry {
+    #[serde(rename = "type")]
+    kind: String,
+    path: String,
+    /// Large files carry their sha256 here.
+    #[serde(default)]
+    lfs: Option<HubLfs>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct HubLfs {
+    oid: String,
+}
+
+/// Downloads the Parquet files of the Hub dataset repository `repo` (`owner/name`), those
+/// under `config` when given, to `<dir>/<owner>/<name>/<path in the repository>`; existing
+/// files are kept, and each download is checked against the sha256 the Hub lists for it.
+pub fn fetch_repo(
+    repo: &str,
+    config: Option<&str>,
+    dir: &Path,
+    hub_url: &str,
+) -> Result<Vec<PathBuf>> {
+    let ok_name = |p: &str| {
+        !p.is_empty()
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    match repo.split_once('/') {
+        Some((o, n)) if ok_name(o) && ok_name(n) && !o.starts_with('.') && !n.starts_with('.') => {}
+        _ => bail!("--repo {repo:?}: expected owner/name"),
+    }
+    let hub = hub_url.trim_end_matches('/');
+    let listing = format!(
+        "{hub}/api/datasets/{repo}/tree/main/{}?recursive=true",
+        config.unwrap_or("")
+    );
+    let text = ureq::get(&listing)
+        .timeout(std::time::Duration::from_secs(60))
+        .call()
+        .context("cannot list the repository")?
+        .into_string()
+        .with_context(|| format!("{listing}: unreadable listing"))?;
+    let entries: Vec<HubEntry> = serde_json::from_str(&text)
+        .with_context(|| format!("{listing}: not a repository listing"))?;
+    let mut out = Vec::new();
+    for e in entries
+        .iter()
+        .filter(|e| e.kind == "file" && e.path.ends_with(".parquet"))
+    {
+        if e.path
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+        {
+            bail!(
+                "{listing}: file path {:?} is not a plain relative path",
+                e.path
+            );
+        }
+        let dest = dir.join(repo).join(&e.path);
+        out.push(dest.clone());
+        if dest.is_file() {
+            eprintln!("{}: present, skipped", dest.display());
+            continue;
+        }
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("{}: cannot create directory", parent.display()))?;
+        }
+        download(
+            &format!("{hub}/datasets/{repo}/resolve/main/{}", e.path),
+            &dest,
+        )?;
+        check_sha256(&dest, e.lfs.as_ref().map(|l| l.oid.as_str()))?;
+    }
+    if out.is_empty() {
+        bail!(
+            "{listing}: no Parquet file in the repository{}",
+            config.map(|c| format!(" under `{c}`")).unwrap_or_default()
+        );
+    }
+    Ok(out)
+}
+
+/// Removes `path` and fails when its sha256 is not `want` (when the Hub lists one).
+fn check_sha256(path: &Path, want: Option<&str>) -> Result<()> {
+    let Some(want) = want else {
+        return Ok(());
+    };
+    let got = crate::util::sha256_file(path)?;
+    if got != want {
+        let _ = std::fs::remove_file(path);
+        bail!(
+            "{}: sha256 {got} is not the {want} the Hub lists; removed",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// An HTTP status that retrying cannot change: a 4xx other than 408 (timeout) and 429 (rate

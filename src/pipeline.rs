@@ -5,7 +5,7 @@
 use crate::augment::Engine;
 use crate::config::PipelineConfig;
 use crate::data::{resolve_glue_dir, source_files, Part, SplitReader};
-use crate::glue::{self, TaskSpec};
+use crate::glue::TaskSpec;
 use crate::model::Checkpoint;
 use crate::shards::card;
 use crate::shards::manifest::{
@@ -87,6 +87,15 @@ pub fn config_sha256(cfg: &PipelineConfig) -> Result<String> {
         .context("configuration is not an object")?;
     o.remove("name");
     o.remove("output");
+    // A described dataset's directory is a place too: its files' sha256s are recorded.
+    if let Some(d) = o.get_mut("data").and_then(|d| d.as_object_mut()) {
+        if !d["source"]
+            .as_str()
+            .is_some_and(|s| s.starts_with(crate::config::GLUE_SOURCE))
+        {
+            d.remove("source");
+        }
+    }
     let t = &mut o["teacher"];
     if let Some(t) = t.as_object_mut() {
         t.remove("cache_dir");
@@ -111,7 +120,7 @@ pub fn config_sha256(cfg: &PipelineConfig) -> Result<String> {
 
 /// Returns the teacher checkpoint directory, training (and caching) one if needed.
 pub fn ensure_teacher(cfg: &PipelineConfig, glue_dir: &Path, device: &Device) -> Result<PathBuf> {
-    let task = glue::task(&cfg.task)?;
+    let task = crate::data::task_of(cfg)?;
     if let Some(c) = &cfg.teacher.checkpoint {
         Checkpoint::open(c)?;
         return Ok(c.clone());
@@ -212,9 +221,12 @@ pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Resul
             );
         }
     }
-    let task = glue::task(&cfg.task)?;
+    let task = crate::data::task_of(&cfg)?;
     let dtype = crate::precision::resolve(opts.dtype.as_deref(), device)?;
     let glue_dir = resolve_glue_dir(opts.glue_dir.as_deref());
+    if !task.is_glue() {
+        crate::data::check_splits(&glue_dir, task)?;
+    }
     // The output location is not part of the configuration: moving a run elsewhere
     // changes nothing inside it.
     if opts.teacher_only {
@@ -395,7 +407,7 @@ fn run_shard(
     i: usize,
     out: &Location,
 ) -> Result<()> {
-    let task = glue::task(&cfg.task)?;
+    let task = crate::data::task_of(cfg)?;
     let (start, end) = shard_range(total, i, cfg.shards);
     let schema = ShardSchema::new(task);
     let writer = ShardWriter::create(out, i, cfg.shards, &schema)?;
@@ -573,7 +585,7 @@ fn write_shard_records(
 /// dataset card and `timings.json`. A dataset is complete exactly when its manifest exists;
 /// a second finalizer writes nothing and is refused.
 pub fn finalize(cfg: &PipelineConfig, out: &Location) -> Result<Manifest> {
-    let task = glue::task(&cfg.task)?;
+    let task = crate::data::task_of(cfg)?;
     let cfg_hash = config_sha256(cfg)?;
     if out.join(MANIFEST).exists()? {
         return Err(already_finalized(out));
@@ -738,14 +750,9 @@ fn build_manifest(
     Ok(Manifest {
         format_version: FORMAT_VERSION,
         augpro_version: env!("CARGO_PKG_VERSION").into(),
-        task: task.name.into(),
+        task: task.name.clone(),
         split: cfg.split.clone(),
-        source: serde_json::json!({
-            "dataset": crate::shards::card::SOURCE_DATASET,
-            "config": task.name,
-            "split": cfg.split,
-            "files_sha256": shards[0].source_sha256,
-        }),
+        source: source_json(cfg, task, &shards[0]),
         seed: cfg.seed,
         config: serde_json::to_value(cfg)?,
         config_sha256: cfg_hash,
@@ -767,6 +774,7 @@ fn build_manifest(
             "median_nn_distance": nn_scale,
         }),
         num_labels: task.num_labels,
+        label_names: (!task.is_glue() && !task.is_regression()).then(|| task.label_names.clone()),
         source_examples: shards.iter().map(|s| s.source_examples).sum(),
         truncated_examples: shards.iter().map(|s| s.truncated_examples).sum(),
         rows: shards.iter().map(|s| s.rows).sum(),
@@ -779,10 +787,27 @@ fn build_manifest(
     })
 }
 
+/// The manifest's `source`: the dataset (GLUE's on the Hub, or a described dataset's
+/// directory and format), its config and split, and the sha256 of each source file.
+fn source_json(cfg: &PipelineConfig, task: &TaskSpec, shard: &ShardSummary) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "dataset": crate::shards::card::SOURCE_DATASET,
+        "config": task.name,
+        "split": cfg.split,
+        "files_sha256": shard.source_sha256,
+    });
+    if let crate::glue::Source::Files { dir, format, .. } = &task.source {
+        v["dataset"] = dir.display().to_string().into();
+        v["config"] = serde_json::Value::Null;
+        v["format"] = serde_json::to_value(format).unwrap_or_default();
+    }
+    v
+}
+
 /// Writes the dataset card and `timings.json` (the shards' timings) of a finalized dataset;
 /// only the finalizer that created the manifest does, or a rerun that finds them missing.
 fn write_card_and_timings(cfg: &PipelineConfig, out: &Location, manifest: &Manifest) -> Result<()> {
-    let schema = ShardSchema::new(glue::task(&manifest.task)?);
+    let schema = ShardSchema::new(crate::shards::manifest::task_of(manifest)?);
     out.join(CARD).put(card::render(manifest, &schema).into())?;
     let mut timings = serde_json::Map::new();
     for i in 0..cfg.shards {
@@ -811,12 +836,15 @@ fn complete_finalized(cfg: &PipelineConfig, out: &Location) -> Result<()> {
 /// training configuration; also returns the key's source.
 pub fn teacher_cache_dir(cfg: &PipelineConfig) -> Result<(PathBuf, serde_json::Value)> {
     let base = Checkpoint::open(&cfg.teacher.model)?;
-    let key_src = serde_json::json!({
+    let mut key_src = serde_json::json!({
         "task": cfg.task,
         "base_weights_sha256": base.weights_sha256()?,
         "train": cfg.teacher.train,
         "dev": cfg.dev,
     });
+    if let Some(data) = &cfg.data {
+        key_src["data"] = serde_json::to_value(data)?;
+    }
     let key = &sha256_bytes(key_src.to_string().as_bytes())[..12];
     Ok((
         cfg.teacher.cache_dir.join(format!("{}-{key}", cfg.task)),

@@ -398,13 +398,26 @@ fn check_source_files(
                 |h: Option<&String>| h.map_or("absent".to_string(), |h| format!("sha256 {h}"));
             bail!(
                 "{}: {} here, but {} in {shards_dir}/manifest.json (source.files_sha256); train on the source data the shards were made from",
-                glue_dir.join(task.name).join(name).display(),
+                crate::data::split_dir(glue_dir, task).join(name).display(),
                 show(here),
                 show(there)
             );
         }
     }
     Ok(())
+}
+
+/// The task of the shards in `shards_dir` (GLUE, or the dataset their configuration
+/// describes), which must be `task`.
+pub fn shards_task(shards_dir: &Location, task: &str) -> Result<&'static TaskSpec> {
+    let m = crate::shards::manifest::read_manifest(shards_dir)?;
+    if m.task != task {
+        bail!(
+            "{shards_dir}: shards are for task `{}`, not `{task}`",
+            m.task
+        );
+    }
+    crate::shards::manifest::task_of(&m)
 }
 
 /// Trains a student from the shards in `shards_dir` and writes a checkpoint and
@@ -472,7 +485,7 @@ pub fn train(
     };
     let validation = plan.evaluate_and_save(&params, glue_dir, out)?;
     let m = StudentMetrics {
-        task: task.name.into(),
+        task: task.name.clone(),
         methods: if cfg.methods.is_empty() {
             manifest.method_rows.keys().cloned().collect()
         } else {

@@ -67,15 +67,19 @@ pub fn load_encoded(
     Ok((ex, enc))
 }
 
-/// Class names for a task, from the train file's metadata when it has them.
+/// Class names for a task: a GLUE config's from the train file's metadata when it has
+/// them; a described dataset's as resolved.
 pub fn label_names(glue_dir: &Path, task: &TaskSpec) -> Vec<String> {
-    split_files(glue_dir, task, task.train_split)
+    if !task.is_glue() {
+        return task.label_names.clone();
+    }
+    split_files(glue_dir, task, &task.train_split)
         .ok()
         .and_then(|f| {
             f.first()
                 .and_then(|p| label_names_from_metadata(p).ok().flatten())
         })
-        .unwrap_or_else(|| task.label_names.iter().map(|s| s.to_string()).collect())
+        .unwrap_or_else(|| task.label_names.clone())
 }
 
 /// Truncation length of every evaluation (teacher and student alike), recorded in their
@@ -93,7 +97,7 @@ pub fn evaluate(
 ) -> Result<BTreeMap<String, BTreeMap<String, f64>>> {
     let tok = &tok.with_max_seq_len(EVAL_MAX_SEQ_LEN)?;
     let mut out = BTreeMap::new();
-    for split in task.validation_splits {
+    for split in &task.validation_splits {
         let (ex, enc) = load_encoded(glue_dir, task, split, tok, true)?;
         let logits = predict(model, &enc, tok.pad_id, 64, device)?;
         let gold: Vec<f32> = ex.iter().map(|e| e.label.expect("labelled")).collect();
@@ -112,8 +116,8 @@ pub fn dev_scorer(
     dev: &DevConfig,
 ) -> Result<impl Fn(&SeqClassifier, &Device) -> Result<BTreeMap<String, f64>>> {
     let tok = tok.with_max_seq_len(EVAL_MAX_SEQ_LEN)?;
-    let mut ex =
-        SplitReader::open_part(glue_dir, task, task.train_split, dev, Part::Dev)?.read_all(None)?;
+    let mut ex = SplitReader::open_part(glue_dir, task, &task.train_split, dev, Part::Dev)?
+        .read_all(None)?;
     ex.retain(|e| e.label.is_some());
     if ex.is_empty() {
         bail!(
@@ -159,7 +163,7 @@ pub fn train(
     let ck = Checkpoint::open(base)?;
     let tok = TextTokenizer::load(base, cfg.max_seq_len)?;
     check_vocab(&tok, &ck)?;
-    let mut ex = SplitReader::open_part(glue_dir, task, task.train_split, dev, Part::Train)?
+    let mut ex = SplitReader::open_part(glue_dir, task, &task.train_split, dev, Part::Train)?
         .read_all(None)?;
     ex.retain(|e| e.label.is_some());
     let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(cfg.seed, &["teacher-subset"]));
@@ -238,7 +242,7 @@ pub fn train(
         base,
     )?;
     let m = TeacherMetrics {
-        task: task.name.into(),
+        task: task.name.clone(),
         validation,
         dev: dev_metrics,
         train_examples: ex.len(),

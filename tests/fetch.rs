@@ -46,6 +46,7 @@ fn serve(root: std::path::PathBuf, drop_first: usize, max_requests: usize) -> Se
                 }
             }
             let n = count.fetch_add(1, Ordering::SeqCst);
+            let path = path.split('?').next().unwrap_or("/").to_string();
             let file = root.join(path.trim_start_matches('/'));
             let Ok(body) = std::fs::read(&file) else {
                 let _ = s.write_all(
@@ -163,4 +164,78 @@ fn missing_file_is_an_error_and_leaves_no_file() {
         .path()
         .join("qnli/validation-00000-of-00001.parquet")
         .exists());
+}
+
+/// A mirror of a Hub dataset repository under `root`: its listing of `config` (with each
+/// file's sha256, `bad` for the named file) and its files, copied from GLUE MRPC.
+fn repo_mirror(root: &std::path::Path, repo: &str, config: &str, bad: Option<&str>) {
+    let mut entries = Vec::new();
+    for split in ["train", "validation"] {
+        let name = format!("{split}-00000-of-00001.parquet");
+        let src = common::glue_dir().join("mrpc").join(&name);
+        let dest = root.join(format!("datasets/{repo}/resolve/main/{config}/{name}"));
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::copy(&src, &dest).unwrap();
+        let sha = if bad == Some(split) {
+            "0".repeat(64)
+        } else {
+            augpro::util::sha256_file(&src).unwrap()
+        };
+        entries.push(serde_json::json!({"type": "file", "path": format!("{config}/{name}"), "lfs": {"oid": sha}}));
+    }
+    entries.push(serde_json::json!({"type": "file", "path": format!("{config}/README.md")}));
+    let listing = root.join(format!("api/datasets/{repo}/tree/main/{config}"));
+    std::fs::create_dir_all(listing.parent().unwrap()).unwrap();
+    std::fs::write(listing, serde_json::Value::from(entries).to_string()).unwrap();
+}
+
+#[test]
+fn fetches_a_hub_repository_by_name() {
+    let mirror = tempfile::tempdir().unwrap();
+    repo_mirror(mirror.path(), "acme/entail", "main", None);
+    let srv = serve(mirror.path().to_path_buf(), 0, 8);
+    let dest = tempfile::tempdir().unwrap();
+    let files =
+        augpro::fetch::fetch_repo("acme/entail", Some("main"), dest.path(), &srv.base).unwrap();
+    let got: Vec<_> = files
+        .iter()
+        .map(|f| f.strip_prefix(dest.path()).unwrap().to_path_buf())
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "acme/entail/main/train-00000-of-00001.parquet",
+            "acme/entail/main/validation-00000-of-00001.parquet"
+        ]
+        .map(std::path::PathBuf::from)
+    );
+    for f in &files {
+        let name = f.file_name().unwrap();
+        assert_eq!(
+            std::fs::read(f).unwrap(),
+            std::fs::read(common::glue_dir().join("mrpc").join(name)).unwrap()
+        );
+    }
+    // A second run keeps the files: only the listing is requested.
+    let before = srv.requests.load(Ordering::SeqCst);
+    augpro::fetch::fetch_repo("acme/entail", Some("main"), dest.path(), &srv.base).unwrap();
+    assert_eq!(srv.requests.load(Ordering::SeqCst), before + 1);
+
+    // A file whose sha256 is not the listed one is refused and removed.
+    let mirror = tempfile::tempdir().unwrap();
+    repo_mirror(mirror.path(), "acme/broken", "main", Some("validation"));
+    let srv = serve(mirror.path().to_path_buf(), 0, 8);
+    let err = augpro::fetch::fetch_repo("acme/broken", Some("main"), dest.path(), &srv.base)
+        .err()
+        .unwrap();
+    let err = format!("{err:#}");
+    assert!(err.contains("is not the 0000"), "{err}");
+    assert!(!dest
+        .path()
+        .join("acme/broken/main/validation-00000-of-00001.parquet")
+        .exists());
+    let err = augpro::fetch::fetch_repo("../up", None, dest.path(), &srv.base)
+        .err()
+        .unwrap();
+    assert!(format!("{err:#}").contains("expected owner/name"));
 }

@@ -694,13 +694,13 @@ fn eval_tokens(
     let dev_ex = SplitReader::open_part(
         glue_dir,
         task,
-        task.train_split,
+        &task.train_split,
         dev,
         augpro::data::Part::Dev,
     )?
     .read_all(None)?;
     let mut val = 0;
-    for split in task.validation_splits {
+    for split in &task.validation_splits {
         val += count(SplitReader::open(glue_dir, task, split)?.read_all(None)?)?;
     }
     Ok((count(dev_ex)?, val))

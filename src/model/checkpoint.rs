@@ -198,7 +198,8 @@ pub fn save_classifier(
         })
         .into(),
     );
-    cfg.extra.insert("finetuning_task".into(), task.name.into());
+    cfg.extra
+        .insert("finetuning_task".into(), task.name.clone().into());
 
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (name, t, var) in params.used() {

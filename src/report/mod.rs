@@ -340,9 +340,9 @@ fn budget(o: &ReportOptions, task: &TaskSpec) -> Result<Budget> {
         "smoke" => (96, 2, Some(12), STUDENT_LR, 3),
         "low" => {
             let seeds = if task.name == "sst2" { 5 } else { 3 };
-            let (steps, lr, layers) = match low_student(task.name) {
+            let (steps, lr, layers) = match low_student(&task.name) {
                 Some(s) => s,
-                None => unsized_student(o, task.name)?,
+                None => unsized_student(o, &task.name)?,
             };
             (1000, seeds, Some(steps), lr, layers)
         }
@@ -353,9 +353,9 @@ fn budget(o: &ReportOptions, task: &TaskSpec) -> Result<Budget> {
         examples: o.train_examples.unwrap_or(examples),
         seeds: o.seeds.unwrap_or(seeds),
         tune_seeds: if o.tune { o.tune_seeds.unwrap_or(1) } else { 0 },
-        steps: o.steps.get(task.name).or(steps),
-        lr: o.lr.get(task.name).unwrap_or(lr),
-        layers: o.layers.get(task.name).unwrap_or(layers),
+        steps: o.steps.get(&task.name).or(steps),
+        lr: o.lr.get(&task.name).unwrap_or(lr),
+        layers: o.layers.get(&task.name).unwrap_or(layers),
     })
 }
 
@@ -396,13 +396,30 @@ fn check_options(o: &ReportOptions) -> Result<()> {
     scaling::check(o)
 }
 
+/// The task `name`: the one `--pipeline` runs on (a GLUE config or a described dataset),
+/// which must be called `name`, else the GLUE config.
+fn report_task(o: &ReportOptions, name: &str) -> Result<&'static TaskSpec> {
+    let Some(p) = &o.pipeline else {
+        return glue::task(name);
+    };
+    let cfg = crate::config::PipelineConfig::load_with(p, &o.overrides)?;
+    if cfg.task != name {
+        bail!(
+            "{}: the pipeline's task is `{}`, not `{name}` (--tasks)",
+            p.display(),
+            cfg.task
+        );
+    }
+    crate::data::task_of(&cfg)
+}
+
 /// Runs the comparison on every task; returns the directory of the main results file.
 pub fn run(o: &ReportOptions, device: &Device) -> Result<PathBuf> {
     check_options(o)?;
     let tasks: Vec<&'static TaskSpec> = o
         .tasks
         .iter()
-        .map(|t| glue::task(t))
+        .map(|t| report_task(o, t))
         .collect::<Result<_>>()?;
     // Every task's budget before any run: a task without one stops the command at once.
     let budgets: Vec<Budget> = tasks.iter().map(|t| budget(o, t)).collect::<Result<_>>()?;
@@ -703,12 +720,12 @@ fn task_result(
     let dev_examples = crate::data::part_rows(
         &cx.glue_dir,
         task,
-        task.train_split,
+        &task.train_split,
         &kd.dev()?,
         crate::data::Part::Dev,
     )?;
     let mut r = TaskResult {
-        task: task.name.into(),
+        task: task.name.clone(),
         metric: task.primary_metric().into(),
         teacher_validation,
         source_examples: kd.source_examples,

@@ -108,7 +108,7 @@ impl RunKey {
         Ok(Self {
             run_format_version: RUN_FORMAT_VERSION,
             role,
-            task: cx.task.name.into(),
+            task: cx.task.name.clone(),
             checkpoint_metric: cx.task.primary_metric().into(),
             base_weights_sha256: cx.hashes.get(&weights)?,
             source_sha256: cx.source_sha256()?,
@@ -243,8 +243,7 @@ impl<'a> TaskCtx<'a> {
     /// validation split(s), by `split/file`.
     fn source_sha256(&self) -> Result<BTreeMap<String, String>> {
         let mut out = BTreeMap::new();
-        let splits = std::iter::once(self.task.train_split)
-            .chain(self.task.validation_splits.iter().copied());
+        let splits = std::iter::once(&self.task.train_split).chain(&self.task.validation_splits);
         for split in splits {
             for f in crate::data::split_files(&self.glue_dir, self.task, split)? {
                 let name = f.file_name().map(|n| n.to_string_lossy().to_string());

@@ -177,7 +177,7 @@ fn task_scaling(
     }
     adjust(&mut points);
     Ok(TaskScaling {
-        task: task.name.into(),
+        task: task.name.to_string(),
         metric: task.primary_metric().into(),
         worth: worth(&points),
         settings,

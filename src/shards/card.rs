@@ -12,18 +12,19 @@ pub fn render(m: &Manifest, schema: &ShardSchema) -> String {
     let _ = write!(s, "{}", front_matter(m, schema));
     let _ = writeln!(
         s,
-        "# AugPro distillation data: GLUE `{}` ({} split)\n",
-        m.task, m.split
+        "# AugPro distillation data: {} ({} split)\n",
+        source_name(m),
+        m.split
     );
     let _ = writeln!(
         s,
-        "Augmented copies of GLUE `{task}` examples for knowledge distillation, each token row carrying the \
+        "Augmented copies of {task} examples for knowledge distillation, each token row carrying the \
          teacher's logits on exactly its tokens. Made by augpro {ver} with *Augmentation with Projection* \
          (AugPro, Wang et al., ICLR 2023): interpolations (AugPro-Mix) and gradient-sign perturbations \
          (AugPro-FGSM) of word embeddings are projected back to each position's nearest vocabulary token, \
          so every augmented row is a real token sequence. Baselines are included for comparison: token \
          replacement, and MixUp / FGSM without projection (virtual inputs, see below).\n",
-        task = m.task,
+        task = source_name(m),
         ver = m.augpro_version
     );
     let _ = writeln!(s, "## Contents\n\n```");
@@ -107,26 +108,52 @@ pub fn render(m: &Manifest, schema: &ShardSchema) -> String {
         "Check integrity with `augpro verify <this directory>`; `manifest.json` has the full configuration, \
          the source files' and the teacher checkpoint's sha256, the teacher's metrics, and every shard file's sha256.\n"
     );
+    if is_described(m) {
+        let _ = writeln!(
+            s,
+            "## License and citation\n\nThe rows derive from the dataset `{}`; its terms apply. Cite it and AugPro:\n\n```bibtex\n{}```",
+            m.task,
+            AUGPRO_CITATION
+        );
+        return s;
+    }
     let _ = writeln!(
         s,
         "## License and citation\n\nThe rows derive from GLUE `{}` (`{SOURCE_DATASET}` on the Hub); the terms of \
-         that task's original corpus apply, as listed by the GLUE benchmark. Cite GLUE, the task's corpus and AugPro:\n\n```bibtex\n{CITATION}```",
+         that task's original corpus apply, as listed by the GLUE benchmark. Cite GLUE, the task's corpus and AugPro:\n\n```bibtex\n{GLUE_CITATION}{AUGPRO_CITATION}```",
         m.task
     );
     s
 }
 
+/// True when the rows come from a dataset the pipeline file describes, not from GLUE.
+fn is_described(m: &Manifest) -> bool {
+    m.source.get("format").is_some()
+}
+
+/// The rows' source in prose: GLUE `sst2`, or the described dataset's name.
+fn source_name(m: &Manifest) -> String {
+    if is_described(m) {
+        format!("`{}`", m.task)
+    } else {
+        format!("GLUE `{}`", m.task)
+    }
+}
+
 /// The dataset on the Hub the rows derive from.
 pub const SOURCE_DATASET: &str = "nyu-mll/glue";
 
-/// GLUE and AugPro.
-pub const CITATION: &str = r#"@inproceedings{wang2019glue,
+/// GLUE's citation.
+pub const GLUE_CITATION: &str = r#"@inproceedings{wang2019glue,
   title = {{GLUE}: A Multi-Task Benchmark and Analysis Platform for Natural Language Understanding},
   author = {Wang, Alex and Singh, Amanpreet and Michael, Julian and Hill, Felix and Levy, Omer and Bowman, Samuel R.},
   booktitle = {International Conference on Learning Representations},
   year = {2019}
 }
-@inproceedings{wang2023augpro,
+"#;
+
+/// AugPro's citation.
+pub const AUGPRO_CITATION: &str = r#"@inproceedings{wang2023augpro,
   title = {Augmentation with Projection: Towards an Effective and Efficient Data Augmentation Paradigm for Distillation},
   author = {Wang, Ziqi and Wu, Yuexin and Liu, Frederick and Liu, Daogao and Hou, Le and Yu, Hongkun and Li, Jing and Ji, Heng},
   booktitle = {International Conference on Learning Representations},
@@ -159,12 +186,14 @@ print(duckdb.sql("SELECT method, count(*) FROM 'data/*.parquet' GROUP BY method 
 /// YAML front matter: metadata, both configs and their `datasets` features.
 fn front_matter(m: &Manifest, schema: &ShardSchema) -> String {
     let mut s = String::from("---\nlicense: other\nlanguage:\n- en\n");
-    let _ = writeln!(
+    let _ =
+        writeln!(
         s,
-        "pretty_name: AugPro distillation data for GLUE {}\ntask_categories:\n- text-classification\n\
-         source_datasets:\n- {SOURCE_DATASET}\nsize_categories:\n- {}\ntags:\n- knowledge-distillation\n\
+        "pretty_name: AugPro distillation data for {}\ntask_categories:\n- text-classification\n\
+         source_datasets:\n- {}\nsize_categories:\n- {}\ntags:\n- knowledge-distillation\n\
          - data-augmentation\n- augpro\nconfigs:",
-        m.task,
+        source_name(m).replace('`', ""),
+        if is_described(m) { "original" } else { SOURCE_DATASET },
         size_category(m.rows)
     );
     for (name, glob, default) in [

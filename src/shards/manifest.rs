@@ -220,6 +220,10 @@ pub struct Manifest {
     pub projection: serde_json::Value,
     /// Width of `teacher_logits`.
     pub num_labels: usize,
+    /// Class names in class order, for a dataset described in the pipeline file (GLUE's
+    /// are built in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_names: Option<Vec<String>>,
     /// Source examples in all shards.
     pub source_examples: usize,
     /// Source examples truncated to `max_seq_len`.
@@ -262,6 +266,21 @@ impl Manifest {
         serde_json::from_value(v).with_context(|| {
             format!("{MANIFEST}: field `source.files_sha256` is not a map of file names to sha256s")
         })
+    }
+}
+
+/// The task a dataset was made for: the GLUE config it names, or the dataset its
+/// configuration describes (with the class names it records).
+pub fn task_of(m: &Manifest) -> Result<&'static crate::glue::TaskSpec> {
+    match m.config.get("data") {
+        None | Some(serde_json::Value::Null) => crate::glue::task(&m.task),
+        Some(v) => {
+            let d: crate::config::DataConfig =
+                serde_json::from_value(v.clone()).with_context(|| {
+                    format!("{MANIFEST}: field `config.data` is not a dataset description ({v})")
+                })?;
+            crate::data::describe(&m.task, &d, m.label_names.as_deref())
+        }
     }
 }
 
@@ -336,8 +355,7 @@ fn dataset_file(dir: &Location, f: &ShardFile) -> Result<Location> {
 /// Checks every shard against the manifest; returns one line per problem (empty = valid).
 pub fn verify(dir: &Location) -> Result<Vec<String>> {
     let m = read_manifest(dir)?;
-    let task = crate::glue::task(&m.task)?;
-    let schema = ShardSchema::new(task);
+    let schema = ShardSchema::new(task_of(&m)?);
     let vocab = m
         .teacher
         .get("vocab_size")

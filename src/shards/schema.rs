@@ -85,7 +85,7 @@ impl ShardSchema {
         let mut fields: Vec<Field> = task
             .text_columns
             .iter()
-            .map(|c| Field::new(*c, DataType::Utf8, false))
+            .map(|c| Field::new(c.as_str(), DataType::Utf8, false))
             .collect();
         fields.push(Field::new(
             "label",
@@ -130,10 +130,10 @@ impl ShardSchema {
         )]);
         Self {
             schema: Arc::new(Schema::new_with_metadata(fields, metadata)),
-            text_columns: task.text_columns.iter().map(|s| s.to_string()).collect(),
+            text_columns: task.text_columns.clone(),
             regression: task.is_regression(),
             num_labels: task.num_labels,
-            label_names: task.label_names.iter().map(|s| s.to_string()).collect(),
+            label_names: task.label_names.clone(),
             features,
         }
     }

@@ -228,9 +228,14 @@ fn provenance_columns(rows: &[&Row]) -> Result<Vec<ArrayRef>> {
 fn token_columns(schema: &ShardSchema, rows: &[&Row]) -> Vec<ArrayRef> {
     let list_i32 = |v: &[u32]| Some(v.iter().map(|&x| Some(x as i32)).collect::<Vec<_>>());
     let list_i8 = |v: &[u8]| Some(v.iter().map(|&x| Some(x as i8)).collect::<Vec<_>>());
-    let logits = rows
-        .iter()
-        .map(|r| Some(r.teacher_logits.iter().map(|&x| Some(x)).collect::<Vec<_>>()));
+    let logits = rows.iter().map(|r| {
+        Some(
+            r.teacher_logits
+                .iter()
+                .map(|&x| Some(x))
+                .collect::<Vec<_>>(),
+        )
+    });
     vec![
         Arc::new(ListArray::from_iter_primitive::<Int32Type, _, _>(
             rows.iter().map(|r| list_i32(&r.input_ids)),
@@ -241,10 +246,12 @@ fn token_columns(schema: &ShardSchema, rows: &[&Row]) -> Vec<ArrayRef> {
         Arc::new(Int32Array::from_iter(
             rows.iter().map(|r| r.changed_tokens.map(|c| c as i32)),
         )),
-        Arc::new(FixedSizeListArray::from_iter_primitive::<Float32Type, _, _>(
-            logits,
-            schema.num_labels as i32,
-        )),
+        Arc::new(
+            FixedSizeListArray::from_iter_primitive::<Float32Type, _, _>(
+                logits,
+                schema.num_labels as i32,
+            ),
+        ),
         Arc::new(ListArray::from_iter_primitive::<Int32Type, _, _>(
             rows.iter()
                 .map(|r| r.partner_input_ids.as_deref().and_then(list_i32)),

@@ -137,6 +137,12 @@ pub struct DataConfig {
     pub labels: Option<Vec<String>>,
 }
 
+/// Whether a split pattern stays inside the source: relative, with plain names only (no
+/// `..`, `.` or empty parts).
+fn relative_pattern(p: &str) -> bool {
+    !p.is_empty() && p.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
 /// Whether a described dataset's label is a class or a score.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -192,8 +198,10 @@ impl DataConfig {
             }
             return Ok(());
         }
-        if self.source.contains("://") {
-            bail!("`data.source` = {:?}: only local directories and `{GLUE_SOURCE}<config>` are read; copy the files to a directory", self.source);
+        crate::storage::Location::parse(&self.source)
+            .with_context(|| format!("`data.source` = {:?}", self.source))?;
+        if let Some((split, p)) = self.splits.iter().find(|(_, p)| !relative_pattern(p)) {
+            bail!("`data.splits.{split}` = {p:?}: expected a file-name pattern relative to `data.source`, without `..`");
         }
         if !self.splits.contains_key("train") || self.splits.len() < 2 {
             bail!(

@@ -69,8 +69,11 @@ pub enum Source {
     Glue(&'static str),
     /// Files of one format under a directory, each split a file-name pattern (`*` and `?`).
     Files {
-        /// The directory the patterns are relative to.
+        /// The directory the patterns are relative to (for an object-store source, its
+        /// local mirror).
         dir: PathBuf,
+        /// The object-store URL the files are mirrored from (`None`: a local directory).
+        origin: Option<String>,
         /// Format of every file.
         format: Format,
         /// Pattern of each split's files.

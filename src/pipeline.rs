@@ -796,8 +796,17 @@ fn source_json(cfg: &PipelineConfig, task: &TaskSpec, shard: &ShardSummary) -> s
         "split": cfg.split,
         "files_sha256": shard.source_sha256,
     });
-    if let crate::glue::Source::Files { dir, format, .. } = &task.source {
-        v["dataset"] = dir.display().to_string().into();
+    if let crate::glue::Source::Files {
+        dir,
+        origin,
+        format,
+        ..
+    } = &task.source
+    {
+        v["dataset"] = origin
+            .clone()
+            .unwrap_or_else(|| dir.display().to_string())
+            .into();
         v["config"] = serde_json::Value::Null;
         v["format"] = serde_json::to_value(format).unwrap_or_default();
     }

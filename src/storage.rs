@@ -257,6 +257,52 @@ impl Location {
         }
     }
 
+    /// An object's size and entity tag (`None` for a local file's tag).
+    pub fn meta(&self) -> Result<(u64, Option<String>)> {
+        match self {
+            Location::Local(p) => {
+                let m = std::fs::metadata(p).with_context(|| format!("{self}: cannot read"))?;
+                Ok((m.len(), None))
+            }
+            Location::Remote { store, key, .. } => {
+                let m =
+                    block_on(store.head(key)).with_context(|| format!("{self}: cannot read"))?;
+                Ok((m.size, m.e_tag))
+            }
+        }
+    }
+
+    /// Copies the file (object) to the local path `dest` in ranges of [`PART_SIZE`], so
+    /// memory stays flat in its size; written under a temporary name, fsynced and renamed.
+    /// Returns the bytes copied.
+    pub fn download(&self, dest: &Path, size: u64) -> Result<u64> {
+        if let Some(dir) = dest.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("{}: cannot create directory", dir.display()))?;
+        }
+        let mut out = AtomicFile::create(dest)?;
+        let step = PART_SIZE as u64;
+        let mut at = 0u64;
+        while at < size {
+            let end = (at + step).min(size);
+            let chunk = match self {
+                Location::Local(p) => read_range(p, at, end),
+                Location::Remote { store, key, .. } => {
+                    block_on(store.get_range(key, at..end)).map_err(anyhow::Error::from)
+                }
+            }
+            .with_context(|| format!("{self}: cannot read bytes {at}..{end}"))?;
+            if chunk.len() as u64 != end - at {
+                bail!("{self}: changed while it was copied (short read at byte {at})");
+            }
+            std::io::Write::write_all(&mut out, &chunk)
+                .with_context(|| format!("{}: cannot write", dest.display()))?;
+            at = end;
+        }
+        out.commit()?;
+        Ok(size)
+    }
+
     /// The file's bytes.
     pub fn read(&self) -> Result<Bytes> {
         self.read_opt()?
@@ -365,6 +411,16 @@ impl Location {
             },
         }
     }
+}
+
+/// Bytes `at..end` of a local file.
+fn read_range(p: &Path, at: u64, end: u64) -> Result<Bytes> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(p)?;
+    f.seek(SeekFrom::Start(at))?;
+    let mut buf = Vec::with_capacity((end - at) as usize);
+    f.take(end - at).read_to_end(&mut buf)?;
+    Ok(Bytes::from(buf))
 }
 
 /// Refuses a file whose `size` is not the `recorded` one.

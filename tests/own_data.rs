@@ -6,36 +6,11 @@
 
 mod common;
 
-use augpro::data::{Example, SplitReader};
+use augpro::data::SplitReader;
 use augpro::shards::reader::ShardReader;
 use augpro::shards::ShardSchema;
-use common::{fail, ok};
+use common::{fail, glue_examples, ok, write_reviews};
 use std::path::{Path, PathBuf};
-
-/// The first `n` examples of a GLUE split.
-fn glue_examples(config: &str, split: &str, n: usize) -> Vec<Example> {
-    let task = augpro::glue::task(config).unwrap();
-    SplitReader::open(&common::glue_dir(), task, split)
-        .unwrap()
-        .read_all(Some(n))
-        .unwrap()
-}
-
-fn csv_field(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-/// SST-2 as a review export: `id,review,sentiment`, the sentiment a word.
-fn write_reviews(path: &Path, split: &str, n: usize) -> Vec<Example> {
-    let ex = glue_examples("sst2", split, n);
-    let mut text = String::from("id,review,sentiment\n");
-    for e in &ex {
-        let word = ["negative", "positive"][e.label.unwrap() as usize];
-        text.push_str(&format!("{},{},{word}\n", e.idx, csv_field(&e.text_a)));
-    }
-    std::fs::write(path, text).unwrap();
-    ex
-}
 
 /// STS-B as JSON lines: `{"first", "second", "score"}`.
 fn write_similarity(path: &Path, split: &str, n: usize) {

@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::{augpro_cmd, augpro_faulty_cmd, files, sharing_loading_lines};
+use common::{augpro_cmd, augpro_faulty_cmd, files, sharing_loading_lines, write_reviews};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -256,6 +256,22 @@ impl Store {
         ));
     }
 
+    /// Uploads the local file `src` as object `key` (S3 and Azure).
+    fn upload(&self, src: &Path, key: &str) {
+        let put = match self.kind {
+            Kind::S3 => format!(
+                "client.upload_file(r'{}', '{BUCKET}', '{key}')",
+                src.display()
+            ),
+            Kind::Azure => format!(
+                "client.upload_blob('{key}', open(r'{}', 'rb').read(), overwrite=True)",
+                src.display()
+            ),
+            Kind::Gcs => panic!("no GCS emulator takes uploads here"),
+        };
+        self.python(&format!("{put}\n"));
+    }
+
     /// S3: multipart uploads begun and neither completed nor aborted, as `key upload-id`.
     fn open_uploads(&self) -> Vec<String> {
         assert_eq!(self.kind, Kind::S3);
@@ -478,6 +494,134 @@ fn gcs_upload_resume_finalize_once_and_read_back() {
 #[test]
 fn azure_upload_resume_finalize_once_and_read_back() {
     upload_resume_finalize_once_and_read_back(&Store::start(Kind::Azure));
+}
+
+/// A described dataset whose CSV files are in the bucket: `augment` mirrors the objects its
+/// split patterns match and reads them like local files, the manifest names the bucket,
+/// `train-student` on a fresh mirror fetches them again and refuses them once an object has
+/// changed; bad patterns get one line.
+fn described_dataset_in_the_bucket(mut store: Store) {
+    let tmp = tempfile::tempdir().unwrap();
+    let local = tmp.path().join("reviews");
+    std::fs::create_dir_all(&local).unwrap();
+    write_reviews(&local.join("train.csv"), "train", 120);
+    write_reviews(&local.join("validation.csv"), "validation", 60);
+    for f in ["train.csv", "validation.csv"] {
+        store.upload(&local.join(f), &format!("exports/reviews/{f}"));
+    }
+    let source = store.url("exports/reviews");
+    let write = |name: &str, splits: &str| {
+        let base = std::fs::read_to_string(common::root().join("pipelines/smoke.toml")).unwrap();
+        let text = base
+            .replace("task = \"sst2\"", "task = \"reviews\"")
+            .replace("max_examples = 64", "max_examples = 16")
+            .replace("max_train_examples = 320", "max_train_examples = 64")
+            .replace(
+                "output = \"out\"",
+                &format!("output = {:?}", tmp.path().join("out")),
+            )
+            .replace(
+                "cache_dir = \"runs/teachers\"",
+                &format!("cache_dir = {:?}", tmp.path().join("teachers")),
+            );
+        let data = format!(
+            "\n[data]\nsource = {source:?}\nsplits = {splits}\ntext = [\"review\"]\nlabel = \"sentiment\"\n"
+        );
+        let p = tmp.path().join(name);
+        std::fs::write(&p, text + &data).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let good = write(
+        "reviews.toml",
+        "{ train = \"train*.csv\", validation = \"validation*.csv\" }",
+    );
+    let mirror = tmp.path().join("mirror");
+    store.extra = vec![("AUGPRO_DATA_MIRROR", mirror.display().to_string())];
+    store.ok(&["augment", &good]);
+    let dir = tmp.path().join("out/reviews/smoke");
+    let d = dir.to_str().unwrap();
+    assert!(store.ok(&["verify", d]).contains(": ok"));
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["source"]["dataset"], source.as_str(), "{m}");
+    assert_eq!(
+        m["label_names"],
+        serde_json::json!(["negative", "positive"])
+    );
+    let hashes = m["source"]["files_sha256"].to_string();
+    for f in ["train.csv", "validation.csv"] {
+        let sha = augpro::util::sha256_file(&local.join(f)).unwrap();
+        // The manifest records the augmented split's files.
+        assert_eq!(hashes.contains(&sha), f == "train.csv", "{f}: {hashes}");
+        let mirrored = std::fs::read_dir(&mirror)
+            .unwrap()
+            .map(|e| e.unwrap().path().join(f))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| panic!("{f} mirrored under {}", mirror.display()));
+        assert_eq!(
+            std::fs::read(mirrored).unwrap(),
+            std::fs::read(local.join(f)).unwrap()
+        );
+    }
+
+    // train-student reads the source again, on a fresh mirror: the same objects pass its
+    // provenance check; a changed object is fetched again and refused.
+    let student = tmp.path().join("student");
+    let train = |mirror: &str| {
+        let mut c = common::augpro_cmd(&[
+            "train-student",
+            "--shards",
+            d,
+            "--task",
+            "reviews",
+            "--out",
+            student.to_str().unwrap(),
+            "--max-steps",
+            "2",
+            "--layers",
+            "2",
+        ]);
+        c.envs(store.env())
+            .env("AUGPRO_DATA_MIRROR", tmp.path().join(mirror));
+        c.output().unwrap()
+    };
+    let o = train("mirror-2");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(tmp.path().join("mirror-2").exists());
+    store.upload(&local.join("validation.csv"), "exports/reviews/train.csv");
+    let o = train("mirror-2");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a changed source object is refused");
+    assert!(err.contains("sha256"), "{err}");
+
+    for (splits, want) in [
+        (
+            "{ train = \"../elsewhere/*.csv\", validation = \"validation*.csv\" }",
+            "without `..`",
+        ),
+        (
+            "{ train = \"nothing-*.csv\", validation = \"validation*.csv\" }",
+            "no object matches",
+        ),
+    ] {
+        let p = write("bad.toml", splits);
+        let o = store.augpro(&["augment", &p], None);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{splits}");
+        let lines: Vec<&str> = err.lines().filter(|l| l.contains("error")).collect();
+        assert_eq!(lines.len(), 1, "{err}");
+        assert!(lines[0].contains(want), "{err}");
+    }
+}
+
+#[test]
+fn s3_described_dataset_is_read_from_the_bucket() {
+    described_dataset_in_the_bucket(Store::start(Kind::S3));
+}
+
+#[test]
+fn azure_described_dataset_is_read_from_the_bucket() {
+    described_dataset_in_the_bucket(Store::start(Kind::Azure));
 }
 
 /// The smoke pipeline's shards at `out` (a path or URL), each run as its own worker, with no

@@ -73,6 +73,7 @@ fn cached_names(name: &str, data: &DataConfig, spec: &TaskSpec) -> Result<Vec<St
 
 /// The description with no class names yet (regression tasks are complete).
 fn unlabelled(name: &str, data: &DataConfig) -> Result<TaskSpec> {
+    let (dir, origin) = super::mirror::place(&data.source)?;
     let metric = data.metric_name();
     let (primary, family) = *METRICS
         .iter()
@@ -99,7 +100,8 @@ fn unlabelled(name: &str, data: &DataConfig) -> Result<TaskSpec> {
             .cloned()
             .collect(),
         source: Source::Files {
-            dir: PathBuf::from(&data.source),
+            dir,
+            origin,
             format: data.format()?,
             splits: data.splits.clone(),
         },

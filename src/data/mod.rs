@@ -6,6 +6,7 @@
 
 mod describe;
 mod formats;
+mod mirror;
 
 pub use describe::{describe, task_of};
 
@@ -66,13 +67,21 @@ pub fn format(task: &TaskSpec) -> Format {
 pub fn split_files(glue_dir: &Path, task: &TaskSpec, split: &str) -> Result<Vec<PathBuf>> {
     match &task.source {
         Source::Glue(config) => glue_split_files(&glue_dir.join(config), config, split),
-        Source::Files { dir, splits, .. } => {
+        Source::Files {
+            dir,
+            origin,
+            splits,
+            ..
+        } => {
             let pattern = splits.get(split).with_context(|| {
                 format!(
                     "split `{split}` is not one of `data.splits` ({})",
                     splits.keys().cloned().collect::<Vec<_>>().join(", ")
                 )
             })?;
+            if let Some(url) = origin {
+                mirror::sync(url, dir, split, pattern)?;
+            }
             matching_files(dir, split, pattern)
         }
     }

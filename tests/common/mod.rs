@@ -109,3 +109,28 @@ pub fn files(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// The first `n` examples of a GLUE split.
+pub fn glue_examples(config: &str, split: &str, n: usize) -> Vec<augpro::data::Example> {
+    let task = augpro::glue::task(config).unwrap();
+    augpro::data::SplitReader::open(&glue_dir(), task, split)
+        .unwrap()
+        .read_all(Some(n))
+        .unwrap()
+}
+
+fn csv_field(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// SST-2 as a review export: `id,review,sentiment`, the sentiment a word.
+pub fn write_reviews(path: &Path, split: &str, n: usize) -> Vec<augpro::data::Example> {
+    let ex = glue_examples("sst2", split, n);
+    let mut text = String::from("id,review,sentiment\n");
+    for e in &ex {
+        let word = ["negative", "positive"][e.label.unwrap() as usize];
+        text.push_str(&format!("{},{},{word}\n", e.idx, csv_field(&e.text_a)));
+    }
+    std::fs::write(path, text).unwrap();
+    ex
+}

@@ -1,0 +1,66 @@
+//! A described dataset in an object store (`s3://`, `gs://`, `az://`): the objects a split's
+//! pattern matches are copied into a local mirror directory when the split is first listed,
+//! in ranges (memory stays flat in their size), and read from there like local files. An
+//! object already mirrored with the same size and entity tag is not fetched again.
+
+use crate::storage::Location;
+use crate::util::atomic_write;
+use anyhow::{bail, Result};
+use std::path::{Path, PathBuf};
+
+/// Where a described dataset's files are read from: the source directory itself, or, for
+/// an object-store URL, its mirror under `AUGPRO_DATA_MIRROR` (default `runs/data-mirror`),
+/// with the URL as the origin.
+pub fn place(source: &str) -> Result<(PathBuf, Option<String>)> {
+    match Location::parse(source)? {
+        Location::Local(p) => Ok((p, None)),
+        remote => {
+            let url = remote.to_string();
+            let root = std::env::var_os("AUGPRO_DATA_MIRROR")
+                .filter(|v| !v.is_empty())
+                .map_or_else(|| PathBuf::from("runs/data-mirror"), PathBuf::from);
+            let id = &crate::util::sha256_bytes(url.as_bytes())[..16];
+            Ok((root.join(id), Some(url)))
+        }
+    }
+}
+
+/// Mirrors into `dir` the objects under `origin` that the pattern of `split` matches (a
+/// pattern with `/` names a sub-prefix); none is an error.
+pub fn sync(origin: &str, dir: &Path, split: &str, pattern: &str) -> Result<()> {
+    let (sub, name) = pattern.rsplit_once('/').unwrap_or(("", pattern));
+    let base = Location::parse(origin)?;
+    let folder = if sub.is_empty() { base } else { base.join(sub) };
+    let names: Vec<String> = folder
+        .list()?
+        .into_iter()
+        .filter(|n| super::wildcard_match(name.as_bytes(), n.as_bytes()))
+        .collect();
+    if names.is_empty() {
+        bail!("{folder}: no object matches `data.splits.{split}` = {pattern:?}");
+    }
+    for n in names {
+        let tag = dir.join(".etags").join(sub).join(&n);
+        fetch(&folder.join(&n), &dir.join(sub).join(&n), &tag)?;
+    }
+    Ok(())
+}
+
+/// Copies one object to `dest` unless the copy there has its size and entity tag
+/// (recorded in `tag_file`).
+fn fetch(obj: &Location, dest: &Path, tag_file: &Path) -> Result<()> {
+    let (size, tag) = obj.meta()?;
+    let same_size = std::fs::metadata(dest).is_ok_and(|m| m.is_file() && m.len() == size);
+    let recorded = std::fs::read_to_string(tag_file).ok();
+    if same_size && tag.is_some() && recorded == tag {
+        return Ok(());
+    }
+    obj.download(dest, size)?;
+    if let Some(t) = tag {
+        if let Some(d) = tag_file.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        atomic_write(tag_file, t.as_bytes())?;
+    }
+    Ok(())
+}

@@ -92,9 +92,8 @@ pub struct DataFetchArgs {
 /// `data show` flags.
 #[derive(Args, Debug)]
 pub struct DataShowArgs {
-    /// GLUE config name.
-    #[arg(long)]
-    pub task: String,
+    #[command(flatten)]
+    pub data: TaskArgs,
     /// Split name.
     #[arg(long, default_value = "validation")]
     pub split: String,
@@ -104,6 +103,40 @@ pub struct DataShowArgs {
     /// GLUE directory.
     #[arg(long)]
     pub glue_dir: Option<PathBuf>,
+}
+
+/// The dataset a command works on: a GLUE config, or the one a pipeline file describes.
+#[derive(Args, Debug, Clone)]
+pub struct TaskArgs {
+    /// GLUE config name (with `--pipeline`: must be the pipeline's `task`).
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Pipeline file whose `[data]` section describes the dataset.
+    #[arg(long)]
+    pub pipeline: Option<PathBuf>,
+}
+
+impl TaskArgs {
+    /// The task named or described.
+    fn resolve(&self) -> Result<&'static glue::TaskSpec> {
+        match (&self.task, &self.pipeline) {
+            (task, Some(p)) => {
+                let cfg = PipelineConfig::load(p)?;
+                if let Some(t) = task.as_ref().filter(|t| **t != cfg.task) {
+                    bail!(
+                        "--task {t}: {} is a pipeline for task `{}`",
+                        p.display(),
+                        cfg.task
+                    );
+                }
+                crate::data::task_of(&cfg)
+            }
+            (Some(t), None) => glue::task(t),
+            (None, None) => bail!(
+                "give --task (a GLUE config) or --pipeline (a pipeline file describing the dataset)"
+            ),
+        }
+    }
 }
 
 /// Flags shared by commands that run a model.
@@ -129,9 +162,8 @@ pub enum TeacherCmd {
 /// `teacher train` flags.
 #[derive(Args, Debug)]
 pub struct TeacherTrainArgs {
-    /// GLUE task.
-    #[arg(long)]
-    pub task: String,
+    #[command(flatten)]
+    pub data: TaskArgs,
     /// Base model directory (HF layout).
     #[arg(long, default_value = "data/models/minilm-l6")]
     pub model: PathBuf,
@@ -173,9 +205,8 @@ pub struct TeacherEvalArgs {
     /// Checkpoint directory.
     #[arg(long)]
     pub teacher: PathBuf,
-    /// GLUE task.
-    #[arg(long)]
-    pub task: String,
+    #[command(flatten)]
+    pub data: TaskArgs,
     #[command(flatten)]
     pub dev: DeviceArgs,
 }
@@ -422,7 +453,7 @@ fn data_fetch(a: DataFetchArgs) -> Result<()> {
 
 /// `data show`: the split's row count and its first rows.
 fn data_show(a: DataShowArgs) -> Result<()> {
-    let task = glue::task(&a.task)?;
+    let task = a.data.resolve()?;
     let split = a.split;
     let dir = resolve_glue_dir(a.glue_dir.as_deref());
     let rows = crate::data::split_rows(&dir, task, &split)?;
@@ -442,7 +473,7 @@ fn data_show(a: DataShowArgs) -> Result<()> {
 
 /// `teacher train`: fine-tunes and prints the validation metrics.
 fn teacher_train(a: TeacherTrainArgs) -> Result<()> {
-    let task = glue::task(&a.task)?;
+    let task = a.data.resolve()?;
     let dev_fraction = a.dev_fraction;
     if !(0.0..=0.5).contains(&dev_fraction) {
         bail!("--dev-fraction must be in [0, 0.5], got {dev_fraction}");
@@ -480,7 +511,7 @@ fn teacher_train(a: TeacherTrainArgs) -> Result<()> {
 /// `teacher eval`: evaluates a checkpoint, writes `eval.json` beside it and prints it.
 fn teacher_eval(a: TeacherEvalArgs) -> Result<()> {
     let dir = a.teacher;
-    let task = glue::task(&a.task)?;
+    let task = a.data.resolve()?;
     let device = parse_device(&a.dev.device)?;
     let t = teacher::Teacher::load(&dir, task, &device, teacher::EVAL_MAX_SEQ_LEN)?;
     let v = teacher::evaluate(

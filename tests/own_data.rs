@@ -222,6 +222,56 @@ fn refused(p: &Path) -> String {
 }
 
 #[test]
+fn data_and_teacher_commands_take_a_described_dataset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("reviews");
+    std::fs::create_dir_all(&data).unwrap();
+    write_reviews(&data.join("train.csv"), "train", 120);
+    let val = write_reviews(&data.join("validation.csv"), "validation", 40);
+    let p = pipeline(
+        tmp.path(),
+        "reviews",
+        &format!(
+            "source = {:?}\nsplits = {{ train = \"train.csv\", validation = \"validation.csv\" }}\n\
+             text = [\"review\"]\nlabel = \"sentiment\"\n",
+            data.display().to_string()
+        ),
+    );
+    let p = p.to_str().unwrap();
+    let shown = ok(&["data", "show", "--pipeline", p, "-n", "2"]);
+    assert!(shown.contains("reviews / validation: 40 rows"), "{shown}");
+    assert!(shown.contains(&val[0].text_a), "{shown}");
+    let teacher = tmp.path().join("teacher");
+    let t = teacher.to_str().unwrap();
+    let trained = ok(&[
+        "teacher",
+        "train",
+        "--pipeline",
+        p,
+        "--out",
+        t,
+        "--max-steps",
+        "2",
+        "--max-train-examples",
+        "64",
+    ]);
+    assert!(trained.contains("accuracy"), "{trained}");
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(teacher.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["id2label"]["0"], "negative", "{cfg}");
+    let eval = ok(&["teacher", "eval", "--pipeline", p, "--teacher", t]);
+    assert!(eval.contains("accuracy"), "{eval}");
+    // A GLUE name that is not the pipeline's task, or neither flag: one line.
+    let line = fail(&["data", "show", "--task", "sst2", "--pipeline", p]);
+    assert!(line.contains("a pipeline for task `reviews`"), "{line}");
+    let line = fail(&["data", "show"]);
+    assert!(
+        line.contains("--task") && line.contains("--pipeline"),
+        "{line}"
+    );
+}
+
+#[test]
 fn bad_descriptions_are_refused_with_one_line() {
     let good = "text,label\na fine film,pos\na dull film,neg\n";
     let splits = "splits = { train = \"train.csv\", validation = \"validation.csv\" }\n";

@@ -8,12 +8,11 @@
 mod common;
 
 use augpro::model::{Checkpoint, Ctx, Family, SeqClassifier};
-use augpro::shards::reader::ShardReader;
-use augpro::shards::{Row, ShardSchema};
+use augpro::shards::Row;
 use augpro::tokenize::TextTokenizer;
 use augpro::train::Batch;
 use candle_core::{Device, Tensor, Var};
-use common::{fail, ok};
+use common::{fail, ok, read_rows};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -302,20 +301,6 @@ fn deberta_v2_with_separate_position_projections_matches_pytorch() {
     check_family("deberta-v2", true);
 }
 
-/// The rows of a shard directory of `task`.
-fn read_rows(dir: &Path, task: &str) -> Vec<Row> {
-    let schema = ShardSchema::new(augpro::glue::task(task).unwrap());
-    let (_, paths) = augpro::shards::manifest::shard_paths(&dir.into()).unwrap();
-    let mut rows = Vec::new();
-    for p in paths {
-        let mut r = ShardReader::open(&p, &schema).unwrap();
-        while let Some(b) = r.next_rows(&schema).unwrap() {
-            rows.extend(b);
-        }
-    }
-    rows
-}
-
 /// Runs the smoke pipeline with the teacher fine-tuned from a family's tiny checkpoint
 /// into `root`; returns the shard directory after `verify` passed on it.
 fn augment_with(name: &str, root: &Path) -> PathBuf {
@@ -438,7 +423,7 @@ fn augment_verify_and_a_student_on_every_family() {
     for (name, family) in FAMILIES {
         let tmp = tempfile::tempdir().unwrap();
         let shards = augment_with(name, tmp.path());
-        check_no_special_token_made(name, &read_rows(&shards, "sst2"));
+        check_no_special_token_made(name, &read_rows(&shards));
         check_student(name, family, &shards, tmp.path());
     }
 }
@@ -477,7 +462,7 @@ fn a_student_with_another_tokenizer_is_refused() {
 fn pair_rows_keep_both_texts_with_one_token_type() {
     let tmp = tempfile::tempdir().unwrap();
     let shards = augment_task_with("roberta", "mrpc", tmp.path());
-    let rows = read_rows(&shards, "mrpc");
+    let rows = read_rows(&shards);
     assert!(!rows.is_empty());
     for r in rows
         .iter()

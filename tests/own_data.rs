@@ -7,9 +7,7 @@
 mod common;
 
 use augpro::data::SplitReader;
-use augpro::shards::reader::ShardReader;
-use augpro::shards::ShardSchema;
-use common::{fail, glue_examples, ok, write_reviews};
+use common::{fail, glue_examples, ok, shard_rows, write_reviews};
 use std::path::{Path, PathBuf};
 
 /// STS-B as JSON lines: `{"first", "second", "score"}`.
@@ -50,20 +48,6 @@ fn pipeline(tmp: &Path, task: &str, data: &str) -> PathBuf {
 
 fn manifest(dir: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
-}
-
-/// The shards' rows, read with the schema of the task their manifest describes.
-fn shard_rows(dir: &Path) -> (ShardSchema, Vec<augpro::shards::Row>) {
-    let (m, paths) = augpro::shards::manifest::shard_paths(&dir.into()).unwrap();
-    let schema = ShardSchema::new(augpro::shards::manifest::task_of(&m).unwrap());
-    let mut rows = Vec::new();
-    for p in paths {
-        let mut r = ShardReader::open(&p, &schema).unwrap();
-        while let Some(b) = r.next_rows(&schema).unwrap() {
-            rows.extend(b);
-        }
-    }
-    (schema, rows)
 }
 
 #[test]

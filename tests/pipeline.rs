@@ -6,23 +6,10 @@ mod common;
 
 use augpro::shards::reader::ShardReader;
 use augpro::shards::{Row, ShardSchema};
-use common::{augpro, fail, files, ok};
+use common::{augpro, fail, files, ok, read_rows};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn read_rows(dir: &Path) -> Vec<Row> {
-    let schema = ShardSchema::new(augpro::glue::task("sst2").unwrap());
-    let (_, paths) = augpro::shards::manifest::shard_paths(&dir.into()).unwrap();
-    let mut rows = Vec::new();
-    for p in paths {
-        let mut r = ShardReader::open(&p, &schema).unwrap();
-        while let Some(b) = r.next_rows(&schema).unwrap() {
-            rows.extend(b);
-        }
-    }
-    rows
-}
 
 /// The central contract: a token row's `teacher_logits` are the teacher's on exactly that
 /// row's tokens. Reloads the teacher and recomputes them, one row at a time (no padding),

@@ -441,16 +441,22 @@ pub fn run(o: &ReportOptions, device: &Device) -> Result<PathBuf> {
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("{}: cannot create report directory", dir.display()))?;
     let md = markdown::glue_table(o, &results);
+    let json = serde_json::json!({
+        "command": command(o), "preset": o.preset, "tuned": o.tune, "tasks": results,
+    });
+    write_results(&dir, &json, &md)?;
+    Ok(dir)
+}
+
+/// `results.json` and `results.md` in `dir`; the Markdown is also printed.
+fn write_results(dir: &std::path::Path, json: &serde_json::Value, md: &str) -> Result<()> {
     atomic_write(
         &dir.join("results.json"),
-        serde_json::to_string_pretty(&serde_json::json!({
-            "command": command(o), "preset": o.preset, "tuned": o.tune, "tasks": results,
-        }))?
-        .as_bytes(),
+        serde_json::to_string_pretty(json)?.as_bytes(),
     )?;
     atomic_write(&dir.join("results.md"), md.as_bytes())?;
     print!("{md}");
-    Ok(dir)
+    Ok(())
 }
 
 fn suffix(o: &ReportOptions) -> String {

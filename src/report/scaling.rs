@@ -16,7 +16,6 @@ use super::{
     Row, Setting,
 };
 use crate::glue::TaskSpec;
-use crate::util::atomic_write;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use serde::Serialize;
@@ -135,15 +134,8 @@ pub fn run(
         draw(&dir, r);
     }
     let md = markdown(o, &results);
-    atomic_write(
-        &dir.join("results.json"),
-        serde_json::to_string_pretty(&serde_json::json!({
-            "command": command(o), "preset": o.preset, "tasks": results,
-        }))?
-        .as_bytes(),
-    )?;
-    atomic_write(&dir.join("results.md"), md.as_bytes())?;
-    print!("{md}");
+    let json = serde_json::json!({ "command": command(o), "preset": o.preset, "tasks": results });
+    super::write_results(&dir, &json, &md)?;
     Ok(dir)
 }
 

@@ -134,3 +134,24 @@ pub fn write_reviews(path: &Path, split: &str, n: usize) -> Vec<augpro::data::Ex
     std::fs::write(path, text).unwrap();
     ex
 }
+
+/// The schema and rows of a shard directory, read with the schema of the task its
+/// manifest names or describes.
+pub fn shard_rows(dir: &Path) -> (augpro::shards::ShardSchema, Vec<augpro::shards::Row>) {
+    use augpro::shards::{manifest, reader::ShardReader, ShardSchema};
+    let (m, paths) = manifest::shard_paths(&dir.into()).unwrap();
+    let schema = ShardSchema::new(manifest::task_of(&m).unwrap());
+    let mut rows = Vec::new();
+    for p in paths {
+        let mut r = ShardReader::open(&p, &schema).unwrap();
+        while let Some(b) = r.next_rows(&schema).unwrap() {
+            rows.extend(b);
+        }
+    }
+    (schema, rows)
+}
+
+/// The rows of a shard directory.
+pub fn read_rows(dir: &Path) -> Vec<augpro::shards::Row> {
+    shard_rows(dir).1
+}

@@ -10,6 +10,17 @@ use std::fmt::Write;
 pub fn render(m: &Manifest, schema: &ShardSchema) -> String {
     let mut s = String::new();
     let _ = write!(s, "{}", front_matter(m, schema));
+    intro(&mut s, m);
+    contents(&mut s, m);
+    let _ = writeln!(s, "## Protocol\n\n{}\n", protocol(m));
+    schema_table(&mut s, schema);
+    configs(&mut s, m);
+    loading_and_license(&mut s, m);
+    s
+}
+
+/// The title and what the rows are.
+fn intro(s: &mut String, m: &Manifest) {
     let _ = writeln!(
         s,
         "# AugPro distillation data: {} ({} split)\n",
@@ -27,6 +38,10 @@ pub fn render(m: &Manifest, schema: &ShardSchema) -> String {
         task = source_name(m),
         ver = m.augpro_version
     );
+}
+
+/// Per-method diagnostics, row counts, teacher and projection.
+fn contents(s: &mut String, m: &Manifest) {
     let _ = writeln!(s, "## Contents\n\n```");
     for (k, d) in &m.diagnostics {
         let _ = writeln!(s, "{}", d.summary(k, m.num_labels == 1));
@@ -42,34 +57,46 @@ pub fn render(m: &Manifest, schema: &ShardSchema) -> String {
             .unwrap_or("?")
     );
     let _ = writeln!(s, "Projection: {}.\n", m.projection);
-    let _ = writeln!(s, "## Protocol\n\n{}\n", protocol(m));
+}
+
+/// What a column of the shard schema holds.
+fn column_meaning(name: &str) -> &'static str {
+    match name {
+        "label" => "gold label of `original` rows; null for augmented rows (use `teacher_logits`)",
+        "idx" => "`idx` of the source example in the GLUE split",
+        "method" => "original, augpro_mix, augpro_fgsm, token_replace, mixup or fgsm",
+        "virtual" => "true for `mixup` and `fgsm` rows (the `virtual` config): their `teacher_logits` belong to a point in embedding space, not to `input_ids`",
+        "copy" => "copy number of this method's row for the source",
+        "partner_idx" => "`idx` of the mixing partner (augpro_mix, mixup)",
+        "lambda" => "mixing weight of the source (sequence-level λ)",
+        "epsilon" => "FGSM step size",
+        "input_ids" => "token ids (with [CLS]/[SEP]) of the row",
+        "token_type_ids" => "segment ids",
+        "changed_tokens" => "positions whose token differs from the source (projected methods)",
+        "teacher_logits" => "teacher logits on exactly this row's input",
+        "partner_input_ids" => "partner tokens, to rebuild a MixUp point: λ·E(input_ids) + (1-λ)·E(partner) position by position within segments",
+        "partner_token_type_ids" => "partner segment ids (mixup)",
+        "perturbation" => "FGSM gradient signs, row-major [len × hidden]: the virtual input is E(input_ids) + ε·perturbation",
+        "lambdas" => "per-position mixing weights of the source (mixup with `lambda_mode = position`; `lambda` is then null)",
+        _ => "display decode of `input_ids` (special tokens dropped, word pieces joined); lossy: `input_ids` is the truth",
+    }
+}
+
+/// The schema table and how virtual rows are rebuilt.
+fn schema_table(s: &mut String, schema: &ShardSchema) {
     let _ = writeln!(s, "## Schema\n\n| column | type | meaning |\n|---|---|---|");
     for f in schema.schema.fields() {
-        let meaning = match f.name().as_str() {
-            "label" => "gold label of `original` rows; null for augmented rows (use `teacher_logits`)",
-            "idx" => "`idx` of the source example in the GLUE split",
-            "method" => "original, augpro_mix, augpro_fgsm, token_replace, mixup or fgsm",
-            "virtual" => "true for `mixup` and `fgsm` rows (the `virtual` config): their `teacher_logits` belong to a point in embedding space, not to `input_ids`",
-            "copy" => "copy number of this method's row for the source",
-            "partner_idx" => "`idx` of the mixing partner (augpro_mix, mixup)",
-            "lambda" => "mixing weight of the source (sequence-level λ)",
-            "epsilon" => "FGSM step size",
-            "input_ids" => "token ids (with [CLS]/[SEP]) of the row",
-            "token_type_ids" => "segment ids",
-            "changed_tokens" => "positions whose token differs from the source (projected methods)",
-            "teacher_logits" => "teacher logits on exactly this row's input",
-            "partner_input_ids" => "partner tokens, to rebuild a MixUp point: λ·E(input_ids) + (1-λ)·E(partner) position by position within segments",
-            "partner_token_type_ids" => "partner segment ids (mixup)",
-            "perturbation" => "FGSM gradient signs, row-major [len × hidden]: the virtual input is E(input_ids) + ε·perturbation",
-            "lambdas" => "per-position mixing weights of the source (mixup with `lambda_mode = position`; `lambda` is then null)",
-            _ => "display decode of `input_ids` (special tokens dropped, word pieces joined); lossy: `input_ids` is the truth",
-        };
         let ty = if f.name() == "label" && !schema.regression {
             format!("ClassLabel ({})", schema.label_names.join(", "))
         } else {
             f.data_type().to_string()
         };
-        let _ = writeln!(s, "| `{}` | {ty} | {meaning} |", f.name());
+        let _ = writeln!(
+            s,
+            "| `{}` | {ty} | {} |",
+            f.name(),
+            column_meaning(f.name())
+        );
     }
     let _ = writeln!(
         s,
@@ -78,30 +105,35 @@ pub fn render(m: &Manifest, schema: &ShardSchema) -> String {
          and `lambda` (or `lambdas`), or from `perturbation` and `epsilon`. The teacher's logits were computed at that point \
          in the teacher's embedding space.\n"
     );
-    let virt: Vec<&str> = m
-        .method_rows
-        .keys()
-        .map(String::as_str)
-        .filter(|k| is_virtual(k))
-        .collect();
+}
+
+/// The two configs (real token rows, virtual rows) and the methods in each.
+fn configs(s: &mut String, m: &Manifest) {
+    let listed = |virt: bool| -> Vec<String> {
+        m.method_rows
+            .keys()
+            .filter(|k| is_virtual(k) == virt)
+            .map(|k| format!("`{k}`"))
+            .collect()
+    };
+    let virt = listed(true);
     let _ = writeln!(
         s,
         "## Configs\n\n- `default` (`data/train-*.parquet`): real token rows ({}). Text or `input_ids` with \
          `teacher_logits` train a student directly.\n- `virtual` (`data/virtual-*.parquet`): {} rows, with \
          `virtual` = true. Their text and `input_ids` are the source's; train on them only by rebuilding the \
          virtual input as described above.\n",
-        m.method_rows
-            .keys()
-            .filter(|k| !is_virtual(k))
-            .map(|k| format!("`{k}`"))
-            .collect::<Vec<_>>()
-            .join(", "),
+        listed(false).join(", "),
         if virt.is_empty() {
             "no".to_string()
         } else {
-            virt.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
+            virt.join(", ")
         }
     );
+}
+
+/// Loading snippets, the integrity check, the license and the citations.
+fn loading_and_license(s: &mut String, m: &Manifest) {
     let _ = writeln!(s, "## Loading\n\nFrom this directory (or a local copy of the repository):\n\n```python\n{}```\n", LOADING);
     let _ = writeln!(
         s,
@@ -115,7 +147,7 @@ pub fn render(m: &Manifest, schema: &ShardSchema) -> String {
             m.task,
             AUGPRO_CITATION
         );
-        return s;
+        return;
     }
     let _ = writeln!(
         s,
@@ -123,7 +155,6 @@ pub fn render(m: &Manifest, schema: &ShardSchema) -> String {
          that task's original corpus apply, as listed by the GLUE benchmark. Cite GLUE, the task's corpus and AugPro:\n\n```bibtex\n{GLUE_CITATION}{AUGPRO_CITATION}```",
         m.task
     );
-    s
 }
 
 /// True when the rows come from a dataset the pipeline file describes, not from GLUE.

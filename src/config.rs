@@ -477,6 +477,13 @@ impl PipelineConfig {
 
     /// Checks ranges and consistency.
     pub fn validate(&self) -> Result<()> {
+        self.check_sizes()?;
+        self.methods.validate()?;
+        self.check_training()
+    }
+
+    /// Shards, batch, lengths, example count and the split augmented.
+    fn check_sizes(&self) -> Result<()> {
         let (train, validation) = self.split_names()?;
         if self.shards == 0 {
             bail!("`shards` must be at least 1, got 0");
@@ -497,61 +504,11 @@ impl PipelineConfig {
                 self.task
             );
         }
-        let m = &self.methods;
-        for (name, c) in [("augpro_mix", &m.augpro_mix), ("mixup", &m.mixup)] {
-            if let Some(c) = c {
-                if c.copies == 0 {
-                    bail!("`methods.{name}.copies` must be at least 1, got 0");
-                }
-                if !c.alpha.is_finite() || c.alpha <= 0.0 {
-                    bail!("`methods.{name}.alpha` must be > 0, got {}", c.alpha);
-                }
-                if !(0.0..1.0).contains(&c.lambda_min) {
-                    bail!(
-                        "`methods.{name}.lambda_min` must be in [0, 1), got {}",
-                        c.lambda_min
-                    );
-                }
-            }
-        }
-        for (name, c) in [("augpro_fgsm", &m.augpro_fgsm), ("fgsm", &m.fgsm)] {
-            if let Some(c) = c {
-                if let Some(r) = c.epsilon_rel {
-                    bail!(
-                        "`methods.{name}.epsilon_rel` is replaced by `epsilon_nn`, the step's L2 length in \
-                         nearest-neighbour distances: use epsilon_nn = epsilon_rel·√hidden \
-                         ({:.2} for {r} at hidden size 384)",
-                        r * 384f64.sqrt()
-                    );
-                }
-                match (c.epsilon, c.epsilon_nn) {
-                    (Some(_), Some(_)) => {
-                        bail!("`methods.{name}`: give `epsilon` or `epsilon_nn`, not both")
-                    }
-                    (None, None) => {
-                        bail!("`methods.{name}`: `epsilon` or `epsilon_nn` is required")
-                    }
-                    (Some(e), None) | (None, Some(e)) if !e.is_finite() || e < 0.0 => {
-                        bail!("`methods.{name}`: ε must be >= 0, got {e}")
-                    }
-                    _ => {}
-                }
-            }
-        }
-        if m.fgsm.as_ref().is_some_and(|c| c.student.is_some()) {
-            bail!("`methods.fgsm.student` is not supported: the unprojected baseline perturbs the teacher's embeddings");
-        }
-        if let Some(c) = &m.token_replace {
-            if c.copies == 0 {
-                bail!("`methods.token_replace.copies` must be at least 1, got 0");
-            }
-            if !(0.0..=1.0).contains(&c.p) {
-                bail!("`methods.token_replace.p` must be in [0, 1], got {}", c.p);
-            }
-            if c.k == 0 {
-                bail!("`methods.token_replace.k` must be at least 1, got 0");
-            }
-        }
+        Ok(())
+    }
+
+    /// The dev split's share and the teacher's training recipe.
+    fn check_training(&self) -> Result<()> {
         if !(0.0..=0.5).contains(&self.dev.fraction) {
             bail!(
                 "`dev.fraction` must be in [0, 0.5], got {}",
@@ -569,6 +526,80 @@ impl PipelineConfig {
             );
         }
         Ok(())
+    }
+}
+
+impl MethodsConfig {
+    /// Checks every enabled method's parameters.
+    fn validate(&self) -> Result<()> {
+        for (name, c) in [("augpro_mix", &self.augpro_mix), ("mixup", &self.mixup)] {
+            if let Some(c) = c {
+                c.validate(name)?;
+            }
+        }
+        for (name, c) in [("augpro_fgsm", &self.augpro_fgsm), ("fgsm", &self.fgsm)] {
+            if let Some(c) = c {
+                c.validate(name)?;
+            }
+        }
+        if self.fgsm.as_ref().is_some_and(|c| c.student.is_some()) {
+            bail!("`methods.fgsm.student` is not supported: the unprojected baseline perturbs the teacher's embeddings");
+        }
+        if let Some(c) = &self.token_replace {
+            if c.copies == 0 {
+                bail!("`methods.token_replace.copies` must be at least 1, got 0");
+            }
+            if !(0.0..=1.0).contains(&c.p) {
+                bail!("`methods.token_replace.p` must be in [0, 1], got {}", c.p);
+            }
+            if c.k == 0 {
+                bail!("`methods.token_replace.k` must be at least 1, got 0");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl MixConfig {
+    /// Copies, α and λ's lower bound of the mixing method `name`.
+    fn validate(&self, name: &str) -> Result<()> {
+        if self.copies == 0 {
+            bail!("`methods.{name}.copies` must be at least 1, got 0");
+        }
+        if !self.alpha.is_finite() || self.alpha <= 0.0 {
+            bail!("`methods.{name}.alpha` must be > 0, got {}", self.alpha);
+        }
+        if !(0.0..1.0).contains(&self.lambda_min) {
+            bail!(
+                "`methods.{name}.lambda_min` must be in [0, 1), got {}",
+                self.lambda_min
+            );
+        }
+        Ok(())
+    }
+}
+
+impl FgsmConfig {
+    /// The step size of the gradient-sign method `name`: `epsilon` or `epsilon_nn`, once.
+    fn validate(&self, name: &str) -> Result<()> {
+        if let Some(r) = self.epsilon_rel {
+            bail!(
+                "`methods.{name}.epsilon_rel` is replaced by `epsilon_nn`, the step's L2 length in \
+                 nearest-neighbour distances: use epsilon_nn = epsilon_rel·√hidden \
+                 ({:.2} for {r} at hidden size 384)",
+                r * 384f64.sqrt()
+            );
+        }
+        match (self.epsilon, self.epsilon_nn) {
+            (Some(_), Some(_)) => {
+                bail!("`methods.{name}`: give `epsilon` or `epsilon_nn`, not both")
+            }
+            (None, None) => bail!("`methods.{name}`: `epsilon` or `epsilon_nn` is required"),
+            (Some(e), None) | (None, Some(e)) if !e.is_finite() || e < 0.0 => {
+                bail!("`methods.{name}`: ε must be >= 0, got {e}")
+            }
+            _ => Ok(()),
+        }
     }
 }
 

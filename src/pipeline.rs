@@ -206,21 +206,7 @@ pub fn shard_range(total: usize, i: usize, n: usize) -> (usize, usize) {
 /// Runs a pipeline: teacher, shards, finalize. Returns the output location (the teacher
 /// checkpoint directory with `teacher_only`).
 pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Result<Location> {
-    let mut cfg = cfg_in.clone();
-    if let Some(n) = opts.num_shards {
-        if n == 0 {
-            bail!("--num-shards must be at least 1, got 0");
-        }
-        cfg.shards = n;
-    }
-    if let Some(i) = opts.shard_index {
-        if i >= cfg.shards {
-            bail!(
-                "--shard-index {i} is out of range for {} shards",
-                cfg.shards
-            );
-        }
-    }
+    let cfg = with_shard_options(cfg_in, opts)?;
     let task = crate::data::task_of(&cfg)?;
     let dtype = crate::precision::resolve(opts.dtype.as_deref(), device)?;
     let glue_dir = resolve_glue_dir(opts.glue_dir.as_deref());
@@ -250,39 +236,18 @@ pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Resul
     check_summaries(&out, opts.force, "another device or dtype", |s| {
         s.device != dev_name || s.dtype != dtype_name
     })?;
-    let shards: Vec<usize> = match opts.shard_index {
-        Some(i) => vec![i],
-        None => (0..cfg.shards).collect(),
-    };
-    let mut pending = Vec::new();
-    for i in shards {
-        if shard_complete(&out, i, cfg.shards)? {
-            eprintln!("shard {i}/{}: already complete, skipped", cfg.shards);
-        } else {
-            pending.push(i);
-        }
-    }
+    let pending = pending_shards(&cfg, &out, opts.shard_index)?;
     // The teacher, its index and the source count are only needed for shards left to run.
     if !pending.is_empty() {
         let teacher = Teacher::load_as(&teacher_dir, task, device, dtype, cfg.max_seq_len)?;
-        let mut engine = Engine::new(&teacher, &cfg)?;
-        let total = crate::data::part_rows(&glue_dir, task, &cfg.split, &cfg.dev, Part::Train)?
-            .min(cfg.max_examples.unwrap_or(usize::MAX));
-        if total == 0 {
-            bail!("split `{}` of `{}` is empty", cfg.split, task.name);
-        }
-        for i in pending {
-            run_shard(
-                &cfg,
-                &cfg_hash,
-                &teacher_sha,
-                &mut engine,
-                &glue_dir,
-                total,
-                i,
-                &out,
-            )?;
-        }
+        let shared = ShardInputs {
+            cfg: &cfg,
+            cfg_hash: &cfg_hash,
+            teacher_sha: &teacher_sha,
+            glue_dir: &glue_dir,
+            out: &out,
+        };
+        augment_shards(&shared, &teacher, &pending)?;
     }
     if opts.shard_index.is_none() {
         if out.join(MANIFEST).exists()? {
@@ -293,6 +258,70 @@ pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Resul
         }
     }
     Ok(out)
+}
+
+/// The pipeline with `--num-shards` applied, after checking it and `--shard-index`.
+fn with_shard_options(cfg_in: &PipelineConfig, opts: &RunOptions) -> Result<PipelineConfig> {
+    let mut cfg = cfg_in.clone();
+    if let Some(n) = opts.num_shards {
+        if n == 0 {
+            bail!("--num-shards must be at least 1, got 0");
+        }
+        cfg.shards = n;
+    }
+    if let Some(i) = opts.shard_index.filter(|&i| i >= cfg.shards) {
+        bail!(
+            "--shard-index {i} is out of range for {} shards",
+            cfg.shards
+        );
+    }
+    Ok(cfg)
+}
+
+/// The shards this run makes (one with `--shard-index`, else all) that are not complete.
+fn pending_shards(
+    cfg: &PipelineConfig,
+    out: &Location,
+    index: Option<usize>,
+) -> Result<Vec<usize>> {
+    let shards: Vec<usize> = match index {
+        Some(i) => vec![i],
+        None => (0..cfg.shards).collect(),
+    };
+    let mut pending = Vec::new();
+    for i in shards {
+        if shard_complete(out, i, cfg.shards)? {
+            eprintln!("shard {i}/{}: already complete, skipped", cfg.shards);
+        } else {
+            pending.push(i);
+        }
+    }
+    Ok(pending)
+}
+
+/// What every shard of one run shares.
+struct ShardInputs<'a> {
+    cfg: &'a PipelineConfig,
+    cfg_hash: &'a str,
+    teacher_sha: &'a str,
+    glue_dir: &'a Path,
+    out: &'a Location,
+}
+
+/// Augments the `pending` shards with one engine over the teacher.
+fn augment_shards(s: &ShardInputs, teacher: &Teacher, pending: &[usize]) -> Result<()> {
+    let cfg = s.cfg;
+    let mut engine = Engine::new(teacher, cfg)?;
+    let task = teacher.task;
+    let total = crate::data::part_rows(s.glue_dir, task, &cfg.split, &cfg.dev, Part::Train)?
+        .min(cfg.max_examples.unwrap_or(usize::MAX));
+    if total == 0 {
+        bail!("split `{}` of `{}` is empty", cfg.split, task.name);
+    }
+    for &i in pending {
+        run_shard(s, &mut engine, total, i)?;
+    }
+    Ok(())
 }
 
 /// Removes temporaries (files or directories) left in `dir` by interrupted runs on this
@@ -394,19 +423,10 @@ pub fn prepare_out_dir(out: &Location, cfg_hash: &str, force: bool) -> Result<()
     })
 }
 
-// Eight distinct inputs of one shard (configuration and its hash, teacher hash, engine,
-// data, example count, shard index, output); a struct would only rename them.
-#[allow(clippy::too_many_arguments)]
-fn run_shard(
-    cfg: &PipelineConfig,
-    cfg_hash: &str,
-    teacher_sha: &str,
-    engine: &mut Engine,
-    glue_dir: &Path,
-    total: usize,
-    i: usize,
-    out: &Location,
-) -> Result<()> {
+/// Augments shard `i` (its share of the `total` source examples) and writes its files and
+/// summary.
+fn run_shard(s: &ShardInputs, engine: &mut Engine, total: usize, i: usize) -> Result<()> {
+    let (cfg, glue_dir, out) = (s.cfg, s.glue_dir, s.out);
     let task = crate::data::task_of(cfg)?;
     let (start, end) = shard_range(total, i, cfg.shards);
     let schema = ShardSchema::new(task);
@@ -449,8 +469,8 @@ fn run_shard(
         source_examples: handled,
         truncated_examples: truncated,
         rows,
-        config_sha256: cfg_hash.to_string(),
-        teacher_sha256: teacher_sha.to_string(),
+        config_sha256: s.cfg_hash.to_string(),
+        teacher_sha256: s.teacher_sha.to_string(),
         methods: stats,
         median_nn_distance: engine.nn_scale(),
         device: crate::device::device_name(engine.device()).to_string(),

@@ -163,25 +163,15 @@ pub fn train(
     let ck = Checkpoint::open(base)?;
     let tok = TextTokenizer::load(base, cfg.max_seq_len)?;
     check_vocab(&tok, &ck)?;
-    let mut ex = SplitReader::open_part(glue_dir, task, &task.train_split, dev, Part::Train)?
-        .read_all(None)?;
-    ex.retain(|e| e.label.is_some());
-    let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(cfg.seed, &["teacher-subset"]));
-    ex.shuffle(&mut rng);
-    if let Some(n) = cfg.max_train_examples {
-        ex.truncate(n);
-    }
-    if ex.is_empty() {
-        bail!("no labelled training examples for `{}`", task.name);
-    }
-    let enc = tok.encode(&ex)?;
-    let labels: Vec<f32> = ex.iter().map(|e| e.label.expect("labelled")).collect();
-    let lens: Vec<usize> = enc.iter().map(|e| e.ids.len()).collect();
+    let ex = training_examples(task, glue_dir, dev, cfg)?;
+    let set = TrainingSet {
+        enc: tok.encode(&ex)?,
+        labels: ex.iter().map(|e| e.label.expect("labelled")).collect(),
+        pad_id: tok.pad_id,
+        regression: task.is_regression(),
+    };
     let per_epoch = ex.len().div_ceil(cfg.optim.batch_size);
-    let mut total = per_epoch * cfg.epochs.max(1);
-    if let Some(m) = cfg.max_steps {
-        total = total.min(m);
-    }
+    let total = (per_epoch * cfg.epochs.max(1)).min(cfg.max_steps.unwrap_or(usize::MAX));
     let (model, params) = ck.load_classifier(
         device,
         true,
@@ -189,41 +179,9 @@ pub fn train(
         None,
         derive_seed(cfg.seed, &["teacher-head"]),
     )?;
-    let mut opt = Optim::new(&params, &cfg.optim, total)?;
-    let pb = crate::util::progress(total as u64, "teacher");
+    let opt = Optim::new(&params, &cfg.optim, total)?;
     let start = Instant::now();
-    let (mut step, mut seen) = (0usize, 0usize);
-    let mut ctx = Ctx::train(derive_seed(cfg.seed, &["teacher-dropout"]));
-    'outer: for epoch in 0..cfg.epochs.max(1) {
-        for b in bucketed_batches(
-            &lens,
-            cfg.optim.batch_size,
-            derive_seed(cfg.seed, &["teacher-epoch", &epoch.to_string()]),
-        ) {
-            if step >= total {
-                break 'outer;
-            }
-            let rows: Vec<&Encoded> = b.iter().map(|&i| &enc[i]).collect();
-            let batch = Batch::from_encoded(&rows, tok.pad_id, device)?;
-            let y: Vec<f32> = b.iter().map(|&i| labels[i]).collect();
-            let out = model.forward_ids(&batch.ids, &batch.types, &batch.mask, &mut ctx)?;
-            let loss = supervised_loss(&out.logits, &y, task.is_regression())?;
-            opt.backward_step(&loss)?;
-            step += 1;
-            crate::util::failpoint("teacher-step");
-            seen += b.len();
-            if step % 10 == 0 || step == total {
-                let l = loss.to_scalar::<f32>()?;
-                pb.set_prefix(format!(
-                    "loss {l:.4} {:.1} ex/s",
-                    seen as f64 / start.elapsed().as_secs_f64()
-                ));
-                tracing::debug!(step, loss = l, "teacher step");
-            }
-            pb.inc(1);
-        }
-    }
-    pb.finish_and_clear();
+    let (steps, seen) = fine_tune(&model, opt, &set, cfg, total, device)?;
     let secs = start.elapsed().as_secs_f64();
     let validation = evaluate(&model, &tok, task, glue_dir, device)?;
     let dev_metrics = if dev.fraction > 0.0 {
@@ -246,7 +204,7 @@ pub fn train(
         validation,
         dev: dev_metrics,
         train_examples: ex.len(),
-        steps: step,
+        steps,
         train_seconds: secs,
         train_examples_per_second: seen as f64 / secs,
         eval_max_seq_len: EVAL_MAX_SEQ_LEN,
@@ -256,6 +214,79 @@ pub fn train(
         serde_json::to_string_pretty(&m)?.as_bytes(),
     )?;
     Ok(m)
+}
+
+/// The labelled examples of the train part (dev held out), shuffled by the seed and cut to
+/// `max_train_examples`; none is an error.
+fn training_examples(
+    task: &'static TaskSpec,
+    glue_dir: &Path,
+    dev: &DevConfig,
+    cfg: &TeacherTrainConfig,
+) -> Result<Vec<Example>> {
+    let mut ex = SplitReader::open_part(glue_dir, task, &task.train_split, dev, Part::Train)?
+        .read_all(None)?;
+    ex.retain(|e| e.label.is_some());
+    let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(cfg.seed, &["teacher-subset"]));
+    ex.shuffle(&mut rng);
+    if let Some(n) = cfg.max_train_examples {
+        ex.truncate(n);
+    }
+    if ex.is_empty() {
+        bail!("no labelled training examples for `{}`", task.name);
+    }
+    Ok(ex)
+}
+
+/// The teacher's training rows: tokens, gold labels, the padding id and the loss kind.
+struct TrainingSet {
+    enc: Vec<Encoded>,
+    labels: Vec<f32>,
+    pad_id: u32,
+    regression: bool,
+}
+
+/// `total` optimiser steps over length-bucketed batches, epoch by epoch; returns the steps
+/// taken and the examples seen.
+fn fine_tune(
+    model: &SeqClassifier,
+    mut opt: Optim,
+    set: &TrainingSet,
+    cfg: &TeacherTrainConfig,
+    total: usize,
+    device: &Device,
+) -> Result<(usize, usize)> {
+    let lens: Vec<usize> = set.enc.iter().map(|e| e.ids.len()).collect();
+    let pb = crate::util::progress(total as u64, "teacher");
+    let start = Instant::now();
+    let (mut step, mut seen) = (0usize, 0usize);
+    let mut ctx = Ctx::train(derive_seed(cfg.seed, &["teacher-dropout"]));
+    'outer: for epoch in 0..cfg.epochs.max(1) {
+        let seed = derive_seed(cfg.seed, &["teacher-epoch", &epoch.to_string()]);
+        for b in bucketed_batches(&lens, cfg.optim.batch_size, seed) {
+            if step >= total {
+                break 'outer;
+            }
+            let rows: Vec<&Encoded> = b.iter().map(|&i| &set.enc[i]).collect();
+            let batch = Batch::from_encoded(&rows, set.pad_id, device)?;
+            let y: Vec<f32> = b.iter().map(|&i| set.labels[i]).collect();
+            let out = model.forward_ids(&batch.ids, &batch.types, &batch.mask, &mut ctx)?;
+            let loss = supervised_loss(&out.logits, &y, set.regression)?;
+            opt.backward_step(&loss)?;
+            step += 1;
+            crate::util::failpoint("teacher-step");
+            seen += b.len();
+            if step % 10 == 0 || step == total {
+                let l = loss.to_scalar::<f32>()?;
+                let rate = seen as f64 / start.elapsed().as_secs_f64();
+                pb.set_prefix(format!("loss {l:.4} {rate:.1} ex/s"));
+                tracing::debug!(step, loss = l, "teacher step");
+            }
+            pb.inc(1);
+        }
+    }
+    pb.finish_and_clear();
+    Ok((step, seen))
 }
 
 /// What the gradient of [`Teacher::embedding_grad`] is taken of.

@@ -6,7 +6,9 @@
 use crate::storage::Location;
 use crate::util::atomic_write;
 use anyhow::{bail, Result};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 /// Where a described dataset's files are read from: the source directory itself, or, for
 /// an object-store URL, its mirror under `AUGPRO_DATA_MIRROR` (default `runs/data-mirror`),
@@ -26,8 +28,23 @@ pub fn place(source: &str) -> Result<(PathBuf, Option<String>)> {
 }
 
 /// Mirrors into `dir` the objects under `origin` that the pattern of `split` matches (a
-/// pattern with `/` names a sub-prefix); none is an error.
+/// pattern with `/` names a sub-prefix); none is an error. Once per process for each
+/// origin, mirror and pattern: a run reads the one snapshot it mirrored, and every later listing
+/// of the split costs no request.
 pub fn sync(origin: &str, dir: &Path, split: &str, pattern: &str) -> Result<()> {
+    static SYNCED: Mutex<BTreeSet<(String, PathBuf, String)>> = Mutex::new(BTreeSet::new());
+    let key = (origin.to_string(), dir.to_path_buf(), pattern.to_string());
+    let mut synced = SYNCED.lock().unwrap_or_else(|e| e.into_inner());
+    if synced.contains(&key) {
+        return Ok(());
+    }
+    fetch_matching(origin, dir, split, pattern)?;
+    synced.insert(key);
+    Ok(())
+}
+
+/// Copies every object the pattern matches (see [`sync`]).
+fn fetch_matching(origin: &str, dir: &Path, split: &str, pattern: &str) -> Result<()> {
     let (sub, name) = pattern.rsplit_once('/').unwrap_or(("", pattern));
     let base = Location::parse(origin)?;
     let folder = if sub.is_empty() { base } else { base.join(sub) };

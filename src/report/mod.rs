@@ -542,8 +542,13 @@ struct PlainKd {
 /// AugPro-FGSM's student-space gradient. Its shards also fix the step budget when the
 /// preset derives it from the rows.
 fn plain_kd(cx: &mut TaskCtx) -> Result<PlainKd> {
+    let shards = cx.shards("original", &Setting::pipeline())?;
+    plain_kd_on(cx, shards)
+}
+
+/// [`plain_kd`] on plain KD's shards, already made.
+fn plain_kd_on(cx: &mut TaskCtx, shards: (Location, Manifest)) -> Result<PlainKd> {
     let setting = Setting::pipeline();
-    let shards = cx.shards("original", &setting)?;
     let orig_rows = shards.1.method_rows.get("original").copied().unwrap_or(0) as usize;
     cx.steps = cx
         .budget

@@ -12,10 +12,12 @@
 use super::runs::{FileHashes, Role, TaskCtx};
 use super::stats::{self, Summary};
 use super::{
-    command, plain_kd, plots, row, suffix, tune, wanted_methods, Budget, GridPoint, ReportOptions,
-    Row, Setting,
+    command, plain_kd, plain_kd_on, plots, row, suffix, tune, wanted_methods, Budget, GridPoint,
+    ReportOptions, Row, Setting,
 };
 use crate::glue::TaskSpec;
+use crate::shards::manifest::Manifest;
+use crate::storage::Location;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use serde::Serialize;
@@ -213,14 +215,15 @@ fn size_point(
     candidates: Vec<usize>,
     settings: &BTreeMap<String, Setting>,
 ) -> Result<SizePoint> {
-    let sizing = size_steps(cx, &candidates)?;
+    let shards = cx.shards("original", &Setting::pipeline())?;
+    let sizing = size_steps(cx, &shards, &candidates)?;
     let steps = sizing
         .iter()
         .find(|p| p.chosen)
         .map(|p| p.steps)
         .context("a step count is chosen")?;
     cx.budget.steps = Some(steps);
-    let kd = plain_kd(cx)?;
+    let kd = plain_kd_on(cx, shards)?;
     let kd_vals: Vec<f64> = kd.runs.iter().map(|r| r.validation).collect();
     let mut rows = vec![row(
         "original (plain KD)",
@@ -252,9 +255,12 @@ fn ordered(settings: &BTreeMap<String, Setting>) -> Vec<(&'static str, &Setting)
 }
 
 /// Plain KD's tuning runs at each candidate step count; the dev-best one is chosen.
-fn size_steps(cx: &mut TaskCtx, candidates: &[usize]) -> Result<Vec<StepsPoint>> {
+fn size_steps(
+    cx: &mut TaskCtx,
+    shards: &(Location, Manifest),
+    candidates: &[usize],
+) -> Result<Vec<StepsPoint>> {
     let setting = Setting::pipeline();
-    let shards = cx.shards("original", &setting)?;
     let mut points = Vec::new();
     for &steps in candidates {
         cx.steps = steps;
@@ -262,7 +268,7 @@ fn size_steps(cx: &mut TaskCtx, candidates: &[usize]) -> Result<Vec<StepsPoint>>
             Role::Tune,
             "original",
             &setting,
-            &shards,
+            shards,
             cx.budget.tune_seeds,
         )?;
         points.push(StepsPoint {

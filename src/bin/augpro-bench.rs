@@ -1034,6 +1034,19 @@ fn f(v: &Value) -> String {
         .unwrap_or("–".into())
 }
 
+/// One table row per memory measurement: its size (`size_key`), peak RSS and wall time.
+fn memory_rows(s: &mut String, rows: &[Value], size_key: &str) {
+    for row in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} |",
+            row[size_key],
+            f(&row["peak_rss_mib"]),
+            f(&row["wall_seconds"])
+        );
+    }
+}
+
 fn markdown(r: &Value) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -1170,15 +1183,7 @@ fn markdown(r: &Value) -> String {
     }
     if let Some(m) = r["memory_csv"].as_array() {
         let _ = writeln!(s, "## Peak memory of `augment` on a described CSV\n\n16 source examples augmented, after a small teacher fine-tune (320 examples, which sets the peak); the class-name scan of the string labels, the dev split and the source hash stream every train row.\n\n| train rows | peak RSS MiB | wall s |\n|---:|---:|---:|");
-        for row in m {
-            let _ = writeln!(
-                s,
-                "| {} | {} | {} |",
-                row["csv_rows"],
-                f(&row["peak_rss_mib"]),
-                f(&row["wall_seconds"])
-            );
-        }
+        memory_rows(&mut s, m, "csv_rows");
         let rss = |i: usize| m.get(i).and_then(|r| r["peak_rss_mib"].as_f64());
         if let (Some(a), Some(b)) = (rss(0), rss(m.len().saturating_sub(1))) {
             let _ = writeln!(
@@ -1190,15 +1195,7 @@ fn markdown(r: &Value) -> String {
     }
     if let Some(m) = r["memory"].as_array() {
         let _ = writeln!(s, "## Peak memory of `augment` (original + augpro_mix)\n\n| examples | peak RSS MiB | wall s |\n|---:|---:|---:|");
-        for row in m {
-            let _ = writeln!(
-                s,
-                "| {} | {} | {} |",
-                row["examples"],
-                f(&row["peak_rss_mib"]),
-                f(&row["wall_seconds"])
-            );
-        }
+        memory_rows(&mut s, m, "examples");
     }
     s
 }

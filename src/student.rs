@@ -449,16 +449,9 @@ pub fn train(
     let mut ctx = Ctx::train(derive_seed(cfg.seed, &["student-dropout"]));
     let pb = crate::util::progress(total as u64, "student");
     let start = Instant::now();
-    let dev_cfg = manifest.dev().with_context(|| format!("{shards_dir}"))?;
     drop(setup);
-    let dev_score = if dev_cfg.fraction > 0.0 && manifest.split == task.train_split {
-        let _t = timing::stage("data");
-        Some(dev_scorer(&tok, task, glue_dir, &dev_cfg)?)
-    } else {
-        None
-    };
     let mut keeper = DevKeeper {
-        score: dev_score,
+        score: shards_dev_scorer(&manifest, shards_dir, task, &tok, glue_dir)?,
         task,
         device,
         params: &params,
@@ -486,11 +479,7 @@ pub fn train(
     let validation = plan.evaluate_and_save(&params, glue_dir, out)?;
     let m = StudentMetrics {
         task: task.name.clone(),
-        methods: if cfg.methods.is_empty() {
-            manifest.method_rows.keys().cloned().collect()
-        } else {
-            cfg.methods.clone()
-        },
+        methods: trained_methods(&manifest, cfg),
         validation,
         dev,
         best_step,
@@ -507,6 +496,36 @@ pub fn train(
         serde_json::to_string_pretty(&m)?.as_bytes(),
     )?;
     Ok(m)
+}
+
+/// Metric name to score.
+type Scores = BTreeMap<String, f64>;
+
+/// Scores a student on the dev split the shards' source held out; `None` when the shards
+/// are not of the train split or held out nothing.
+fn shards_dev_scorer(
+    manifest: &Manifest,
+    shards_dir: &Location,
+    task: &'static TaskSpec,
+    tok: &TextTokenizer,
+    glue_dir: &Path,
+) -> Result<Option<impl Fn(&SeqClassifier, &Device) -> Result<Scores>>> {
+    let dev = manifest.dev().with_context(|| format!("{shards_dir}"))?;
+    if dev.fraction <= 0.0 || manifest.split != task.train_split {
+        return Ok(None);
+    }
+    let _t = timing::stage("data");
+    Ok(Some(dev_scorer(tok, task, glue_dir, &dev)?))
+}
+
+/// The methods whose rows a student trains on: the chosen ones, else every method of the
+/// shards.
+fn trained_methods(manifest: &Manifest, cfg: &StudentConfig) -> Vec<String> {
+    if cfg.methods.is_empty() {
+        manifest.method_rows.keys().cloned().collect()
+    } else {
+        cfg.methods.clone()
+    }
 }
 
 /// Checks that the shards are for `task` and the student fits them: known methods, the

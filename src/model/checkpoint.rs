@@ -4,6 +4,7 @@
 //! as that family's `*ForSequenceClassification`.
 
 use super::bert::BertConfig;
+use super::family::Family;
 use super::head::SeqClassifier;
 use super::params::Params;
 use crate::glue::TaskSpec;
@@ -163,6 +164,36 @@ pub fn save_classifier(
 ) -> Result<()> {
     std::fs::create_dir_all(out)
         .with_context(|| format!("{}: cannot create directory", out.display()))?;
+    let cfg = classifier_config(config, num_labels, task, label_names);
+    let tensors = hf_tensors(params, config.family)?;
+    // candle writes by path: it rewrites the temporary's file, which commit then fsyncs and renames.
+    let weights = crate::util::AtomicFile::create(&out.join("model.safetensors"))?;
+    candle_core::safetensors::save(&tensors, weights.temp_path())
+        .with_context(|| format!("{}: cannot write weights", weights.temp_path().display()))?;
+    weights.commit()?;
+    atomic_write(&out.join("config.json"), cfg.to_json()?.as_bytes())?;
+    for f in [
+        "tokenizer.json",
+        "vocab.txt",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        let src = tokenizer_src.join(f);
+        if src.is_file() && src.canonicalize().ok() != out.join(f).canonicalize().ok() {
+            atomic_write(&out.join(f), &std::fs::read(&src)?)?;
+        }
+    }
+    Ok(())
+}
+
+/// The config of a saved classifier: the base's, with its architecture, labels, problem
+/// type and task.
+fn classifier_config(
+    config: &BertConfig,
+    num_labels: usize,
+    task: &TaskSpec,
+    label_names: &[String],
+) -> BertConfig {
     let mut cfg = config.clone();
     let names: Vec<String> = if task.is_regression() {
         vec!["LABEL_0".into()]
@@ -200,14 +231,18 @@ pub fn save_classifier(
     );
     cfg.extra
         .insert("finetuning_task".into(), task.name.clone().into());
+    cfg
+}
 
+/// The parameters in use, on the CPU, under their Hugging Face names.
+fn hf_tensors(params: &Params, family: Family) -> Result<HashMap<String, Tensor>> {
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let top_level = family.head_names().top_level;
     for (name, t, var) in params.used() {
         let t = match var {
             Some(v) => v.as_tensor().detach(),
             None => t,
         };
-        let top_level = family.head_names().top_level;
         let key = if top_level.iter().any(|p| name.starts_with(p)) {
             name
         } else {
@@ -215,24 +250,7 @@ pub fn save_classifier(
         };
         tensors.insert(key, t.to_device(&Device::Cpu)?.contiguous()?);
     }
-    // candle writes by path: it rewrites the temporary's file, which commit then fsyncs and renames.
-    let weights = crate::util::AtomicFile::create(&out.join("model.safetensors"))?;
-    candle_core::safetensors::save(&tensors, weights.temp_path())
-        .with_context(|| format!("{}: cannot write weights", weights.temp_path().display()))?;
-    weights.commit()?;
-    atomic_write(&out.join("config.json"), cfg.to_json()?.as_bytes())?;
-    for f in [
-        "tokenizer.json",
-        "vocab.txt",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-    ] {
-        let src = tokenizer_src.join(f);
-        if src.is_file() && src.canonicalize().ok() != out.join(f).canonicalize().ok() {
-            atomic_write(&out.join(f), &std::fs::read(&src)?)?;
-        }
-    }
-    Ok(())
+    Ok(tensors)
 }
 
 /// Relative L2 difference of two embedding sketches (`f64::INFINITY` when their sizes

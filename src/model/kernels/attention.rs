@@ -230,7 +230,6 @@ impl CustomOp2 for AttentionGrad {
         let (qkv, go) = (super::contiguous(s1, l1)?, super::contiguous(s2, l2)?);
         let mut out = vec![0f32; qkv.len()];
         let dst = SharedMut(out.as_mut_ptr());
-        let scale = 1.0 / (d as f32).sqrt();
         a.pairs(d, |pair, start, n, col| {
             // SAFETY: `dims` checked that the sequences are disjoint and within the `t` rows
             // of `qkv` and `out` ([t, 3h]), and that `heads·d = h`; the output gradient was
@@ -239,73 +238,93 @@ impl CustomOp2 for AttentionGrad {
             // `out`, which no other pair writes.
             unsafe {
                 let q = qkv.as_ptr().add(start * 3 * h + col);
-                let (k, v) = (q.add(h), q.add(2 * h));
                 let go = go.as_ptr().add(start * h + col);
                 let dq = dst.ptr().add(start * 3 * h + col);
-                let (dk, dv) = (dq.add(h), dq.add(2 * h));
-                let p = a.probs(q, k, 3 * h, n, d);
-                let mask = a.dropout_mask(pair, n);
-                let dropped: Vec<f32> = match &mask {
-                    Some(m) => p.iter().zip(m).map(|(x, m)| x * m).collect(),
-                    None => p.clone(),
-                };
-                // dV = P'ᵀ·dO
-                small_gemm(
-                    (n, d, n),
-                    dv,
-                    (3 * h, 1),
-                    dropped.as_ptr(),
-                    (1, n),
-                    go,
-                    (h, 1),
-                    1.0,
-                );
-                // dP = (dO·Vᵀ) ⊙ mask, then dS = P ⊙ (dP − rowsum(P ⊙ dP))
-                let mut ds = vec![0f32; n * n];
-                small_gemm(
-                    (n, n, d),
-                    ds.as_mut_ptr(),
-                    (n, 1),
-                    go,
-                    (h, 1),
-                    v,
-                    (1, 3 * h),
-                    1.0,
-                );
-                if let Some(m) = &mask {
-                    ds.iter_mut().zip(m).for_each(|(x, m)| *x *= m);
-                }
-                for (dsr, pr) in ds.chunks_exact_mut(n).zip(p.chunks_exact(n)) {
-                    let dot: f32 = dsr.iter().zip(pr).map(|(x, y)| x * y).sum();
-                    for (x, y) in dsr.iter_mut().zip(pr) {
-                        *x = y * (*x - dot);
-                    }
-                }
-                // dQ = scale·dS·K, dK = scale·dSᵀ·Q
-                small_gemm(
-                    (n, d, n),
-                    dq,
-                    (3 * h, 1),
-                    ds.as_ptr(),
-                    (n, 1),
-                    k,
-                    (3 * h, 1),
-                    scale,
-                );
-                small_gemm(
-                    (n, d, n),
-                    dk,
-                    (3 * h, 1),
-                    ds.as_ptr(),
-                    (1, n),
-                    q,
-                    (3 * h, 1),
-                    scale,
-                );
+                pair_grad(a, pair, (n, d, h), q, go, dq);
             }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
+}
+
+/// One sequence and head's gradient: dV = P'ᵀ·dO, dP = (dO·Vᵀ) ⊙ mask,
+/// dS = P ⊙ (dP − rowsum(P ⊙ dP)), dQ = scale·dS·K and dK = scale·dSᵀ·Q, for the `n` rows
+/// and `d` columns at `q` (key and value `h` and `2h` further on, rows `3h` apart), `go`
+/// (rows `h` apart) and `dq` (laid out as `q`).
+///
+/// # Safety
+/// Those rows and columns are within their buffers, and no other thread reads or writes
+/// the ones of `dq`, `dq + h` and `dq + 2h` while this runs.
+unsafe fn pair_grad(
+    a: &Attention,
+    pair: usize,
+    (n, d, h): (usize, usize, usize),
+    q: *const f32,
+    go: *const f32,
+    dq: *mut f32,
+) {
+    let (k, v) = (q.add(h), q.add(2 * h));
+    let (dk, dv) = (dq.add(h), dq.add(2 * h));
+    let scale = 1.0 / (d as f32).sqrt();
+    let p = a.probs(q, k, 3 * h, n, d);
+    let mask = a.dropout_mask(pair, n);
+    let dropped: Vec<f32> = match &mask {
+        Some(m) => p.iter().zip(m).map(|(x, m)| x * m).collect(),
+        None => p.clone(),
+    };
+    // dV = P'ᵀ·dO
+    small_gemm(
+        (n, d, n),
+        dv,
+        (3 * h, 1),
+        dropped.as_ptr(),
+        (1, n),
+        go,
+        (h, 1),
+        1.0,
+    );
+    // dP = (dO·Vᵀ) ⊙ mask, then dS = P ⊙ (dP − rowsum(P ⊙ dP))
+    let mut ds = vec![0f32; n * n];
+    small_gemm(
+        (n, n, d),
+        ds.as_mut_ptr(),
+        (n, 1),
+        go,
+        (h, 1),
+        v,
+        (1, 3 * h),
+        1.0,
+    );
+    if let Some(m) = &mask {
+        ds.iter_mut().zip(m).for_each(|(x, m)| *x *= m);
+    }
+    for (dsr, pr) in ds.chunks_exact_mut(n).zip(p.chunks_exact(n)) {
+        let dot: f32 = dsr.iter().zip(pr).map(|(x, y)| x * y).sum();
+        for (x, y) in dsr.iter_mut().zip(pr) {
+            *x = y * (*x - dot);
+        }
+    }
+    // dQ = scale·dS·K, dK = scale·dSᵀ·Q
+    small_gemm(
+        (n, d, n),
+        dq,
+        (3 * h, 1),
+        ds.as_ptr(),
+        (n, 1),
+        k,
+        (3 * h, 1),
+        scale,
+    );
+    small_gemm(
+        (n, d, n),
+        dk,
+        (3 * h, 1),
+        ds.as_ptr(),
+        (1, n),
+        q,
+        (3 * h, 1),
+        scale,
+    );
 }
 
 /// Self-attention over packed sequences: `qkv` is `[T, 3·hidden]` (query, key, value side

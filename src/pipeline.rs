@@ -867,6 +867,7 @@ pub fn teacher_cache_dir(cfg: &PipelineConfig) -> Result<(PathBuf, serde_json::V
     let base = Checkpoint::open(&cfg.teacher.model)?;
     let mut key_src = serde_json::json!({
         "task": cfg.task,
+        "code": teacher::TRAINING_CODE_VERSION,
         "base_weights_sha256": base.weights_sha256()?,
         "train": cfg.teacher.train,
         "dev": cfg.dev,

@@ -86,6 +86,11 @@ pub fn label_names(glue_dir: &Path, task: &TaskSpec) -> Vec<String> {
 /// `metrics.json`.
 pub const EVAL_MAX_SEQ_LEN: usize = 128;
 
+/// Version of what teacher fine-tuning computes, part of a cached teacher's key. Bump it
+/// when a change of the training code or its kernels changes the weights, so that no
+/// teacher trained by earlier code is reused.
+pub const TRAINING_CODE_VERSION: u32 = 2;
+
 /// Scores a classifier on every validation split of the task, truncating to
 /// [`EVAL_MAX_SEQ_LEN`] whatever `tok`'s own length.
 pub fn evaluate(

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 /// Version of what a student run computes. Bump it when a change of the training or
 /// evaluation code changes a run's result, so that no earlier run is reused.
-pub const RUN_FORMAT_VERSION: u32 = 2;
+pub const RUN_FORMAT_VERSION: u32 = 3;
 
 /// First seed of the tuning runs; final runs use seeds `0..seeds`, so the two ranges never
 /// meet (at most this many final seeds).

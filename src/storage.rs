@@ -274,8 +274,7 @@ impl Location {
 
     /// Copies the file (object) to the local path `dest` in ranges of [`PART_SIZE`], so
     /// memory stays flat in its size; written under a temporary name, fsynced and renamed.
-    /// Returns the bytes copied.
-    pub fn download(&self, dest: &Path, size: u64) -> Result<u64> {
+    pub fn download(&self, dest: &Path, size: u64) -> Result<()> {
         if let Some(dir) = dest.parent() {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("{}: cannot create directory", dir.display()))?;
@@ -299,8 +298,7 @@ impl Location {
                 .with_context(|| format!("{}: cannot write", dest.display()))?;
             at = end;
         }
-        out.commit()?;
-        Ok(size)
+        out.commit()
     }
 
     /// The file's bytes.

@@ -865,6 +865,15 @@ fn final_runs_are_trained_for_the_final_rows(task_dir: &Path, r: &serde_json::Va
             assert_eq!(entry["status"], "trained", "{entry}");
         }
     }
+    // Scored students keep their metrics, not their weights: only plain KD's first final
+    // run (AugPro-FGSM's first-round student) keeps them.
+    for e in log {
+        let first_round = e["role"] == "final" && e["method"] == "original" && e["seed"] == 0;
+        let weights = task_dir
+            .join(e["dir"].as_str().unwrap())
+            .join("model.safetensors");
+        assert_eq!(weights.is_file(), first_round, "{e}");
+    }
     for e in log {
         let tune = e["role"] == "tune";
         assert_eq!(tune, e["seed"].as_u64().unwrap() >= 1000, "{e}");

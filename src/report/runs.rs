@@ -376,7 +376,9 @@ impl<'a> TaskCtx<'a> {
             role.dir(),
             setting.label
         );
-        let reused = reusable(&done, &key);
+        let keeps_weights = role == Role::Final && method == "original" && seed == 0;
+        let reused = reusable(&done, &key)
+            .filter(|_| !keeps_weights || out.join("model.safetensors").is_file());
         let status = if reused.is_some() {
             "reused"
         } else {
@@ -404,6 +406,9 @@ impl<'a> TaskCtx<'a> {
                     serde_json::to_string_pretty(&serde_json::json!({ "key": key, "run": run }))?
                         .as_bytes(),
                 )?;
+                if !keeps_weights {
+                    drop_weights(&out)?;
+                }
                 run
             }
         };
@@ -459,6 +464,19 @@ impl<'a> TaskCtx<'a> {
         (0..n)
             .map(|i| self.student(role, method, setting, shards, role.seed(i)))
             .collect()
+    }
+}
+
+/// Removes a scored student's weights: only its metrics are read again. A report makes
+/// hundreds of runs, and only plain KD's first final run (AugPro-FGSM's first-round
+/// student) is loaded later.
+fn drop_weights(out: &Path) -> Result<()> {
+    let weights = out.join("model.safetensors");
+    match std::fs::remove_file(&weights) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("{}: cannot remove", weights.display()))
+        }
+        _ => Ok(()),
     }
 }
 

@@ -14,7 +14,7 @@ MODEL_DIR := data/models/minilm-l6
 MODEL_SHA := 53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
 APT_PKGS := cmake g++ libopenblas-dev liblapack-dev python3 python3-pip fonts-dejavu-core strace
 
-.PHONY: setup system-deps rust-components slurm-deps python-deps peer-deps store-deps model families-fixtures build augment test-data test test-root test-repeat lint test-slurm bench compare clean \
+.PHONY: setup system-deps rust-components slurm-deps python-deps peer-deps store-deps model families-fixtures build augment test-data test shards-crate test-root test-repeat lint test-slurm bench compare clean \
 	cuda-deps build-cuda gpu-check
 
 setup: system-deps rust-components python-deps model
@@ -96,10 +96,18 @@ test-data: model
 	  cargo run -q --release --bin augpro -- data fetch --config $$t --splits train,validation \
 	    --glue-dir "$(AUGPRO_GLUE_DIR)" || exit 1; done
 
-test: setup store-deps test-data
+test: setup store-deps test-data shards-crate
 	cargo test --release --features "$(strip failpoints $(FEATURES))" -- --test-threads=1
 	@if [ "$$(id -u)" = 0 ]; then $(MAKE) --no-print-directory test-root; \
 	  else echo "not root: the tests that need root were ignored (make test-root as root)"; fi
+
+# The shard format's crate on its own: its tests, built with its dependencies alone, and
+# none of the teacher's engine (candle, FAISS, polars, tokenizers) in its tree.
+shards-crate:
+	cargo test --release -p augpro-shards
+	@if cargo tree -p augpro-shards -e normal --prefix none | grep -E '^(candle|faiss|polars|tokenizers|gemm)'; then \
+	  echo "augpro-shards: the engine crates above are in its dependency tree"; exit 1; fi
+	RUSTDOCFLAGS="-D warnings" cargo doc --release -p augpro-shards --no-deps -q
 
 test-root:
 	cargo test --release --features "$(strip failpoints $(FEATURES))" --test reliability -- --ignored --test-threads=1
@@ -115,8 +123,8 @@ test-repeat:
 
 # Formatting and lints, as CI runs them (release profile, so the release build cache is reused).
 lint: rust-components
-	cargo fmt --check
-	cargo clippy --release --all-targets -- -D warnings
+	cargo fmt --all --check
+	cargo clippy --release --workspace --all-targets -- -D warnings
 
 # Starts munged, slurmctld and slurmd on localhost, runs the Slurm chain and fault test, stops them.
 test-slurm: setup slurm-deps build

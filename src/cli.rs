@@ -5,7 +5,7 @@ use crate::data::resolve_glue_dir;
 use crate::device::parse_device;
 use crate::pipeline::{self, RunOptions};
 use crate::storage::Location;
-use crate::{fetch, glue, inspect, report, shards, student, teacher};
+use crate::{fetch, inspect, report, shards, student, task, teacher};
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -118,7 +118,7 @@ pub struct TaskArgs {
 
 impl TaskArgs {
     /// The task named or described.
-    fn resolve(&self) -> Result<&'static glue::TaskSpec> {
+    fn resolve(&self) -> Result<&'static task::TaskSpec> {
         match (&self.task, &self.pipeline) {
             (task, Some(p)) => {
                 let cfg = PipelineConfig::load(p)?;
@@ -131,7 +131,7 @@ impl TaskArgs {
                 }
                 crate::data::task_of(&cfg)
             }
-            (Some(t), None) => glue::task(t),
+            (Some(t), None) => task::glue(t),
             (None, None) => bail!(
                 "give --task (a GLUE config) or --pipeline (a pipeline file describing the dataset)"
             ),
@@ -441,7 +441,7 @@ fn data_fetch(a: DataFetchArgs) -> Result<()> {
     let files = match (&a.repo, &a.config) {
         (Some(repo), config) => fetch::fetch_repo(repo, config.as_deref(), &dir, &a.hub_url)?,
         (None, Some(config)) => {
-            fetch::fetch_config(glue::task(config)?, &dir, &a.base_url, a.splits.as_deref())?
+            fetch::fetch_config(task::glue(config)?, &dir, &a.base_url, a.splits.as_deref())?
         }
         (None, None) => bail!("--config or --repo is required"),
     };

@@ -1,12 +1,11 @@
 //! Pipeline files (`pipelines/*.toml`): parsed into typed, validated configuration.
 //! Unknown keys, wrong types and out-of-range values are errors that name the key.
 //! The plain configuration types of every stage live here, so that `config` depends on no
-//! stage.
+//! stage. The dataset description (`[data]`) and the dev split (`[dev]`) are recorded in
+//! every manifest, so they are the shard format's types, re-exported from `augpro-shards`.
 
-use crate::glue::{Format, MetricKind};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// A whole pipeline: task, teacher, projection, methods, output.
@@ -54,220 +53,7 @@ pub struct PipelineConfig {
     pub dev: DevConfig,
 }
 
-/// A dev split carved deterministically from the task's train split: an example belongs to
-/// it when a hash of its `idx` (and `seed`) falls below a threshold, so membership does not
-/// depend on file order or sharding. Dev examples are left out of teacher fine-tuning,
-/// augmentation and student training; students choose their checkpoint on them, and sweeps
-/// tune on them. The validation split is only scored.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DevConfig {
-    /// Share of the train split held out (0 disables the dev split).
-    pub fraction: f64,
-    /// At most about this many examples: the share is lowered on large train splits.
-    pub max_examples: usize,
-    /// Seed of the membership hash.
-    pub seed: u64,
-}
-
-impl Default for DevConfig {
-    fn default() -> Self {
-        Self {
-            fraction: 0.1,
-            max_examples: 2000,
-            seed: 0,
-        }
-    }
-}
-
-impl DevConfig {
-    /// No dev split.
-    pub const NONE: DevConfig = DevConfig {
-        fraction: 0.0,
-        max_examples: 0,
-        seed: 0,
-    };
-
-    /// The share held out of a train split of `rows` examples.
-    pub fn share(&self, rows: usize) -> f64 {
-        if rows == 0 {
-            return 0.0;
-        }
-        self.fraction.min(self.max_examples as f64 / rows as f64)
-    }
-
-    /// Whether the example with this `idx` is in the dev split of a train split of `rows`.
-    pub fn contains(&self, idx: i64, rows: usize) -> bool {
-        let share = self.share(rows);
-        if share <= 0.0 {
-            return false;
-        }
-        let h = crate::util::derive_seed(self.seed, &["dev", &idx.to_string()]);
-        ((h >> 11) as f64 / (1u64 << 53) as f64) < share
-    }
-}
-
-/// A dataset described by the pipeline file (`[data]`) instead of named by a GLUE config.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DataConfig {
-    /// A directory the split patterns are relative to, or `glue:<config>`.
-    pub source: String,
-    /// File format; inferred from the train pattern's extension when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub format: Option<Format>,
-    /// File-name pattern (`*`, `?`) of each split: `train` and at least one validation split.
-    #[serde(default)]
-    pub splits: BTreeMap<String, String>,
-    /// One or two text columns, in the order they are fed to the encoder.
-    #[serde(default)]
-    pub text: Vec<String>,
-    /// The gold label's column: class ids, class names or scores.
-    #[serde(default = "default_label")]
-    pub label: String,
-    /// `classification` or `regression`.
-    #[serde(default)]
-    pub kind: TaskKind,
-    /// Primary metric; `accuracy` (classification) or `pearson` (regression) when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub metric: Option<String>,
-    /// Class names in class order, when neither the files' metadata nor string labels give
-    /// them (or to fix their order).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub labels: Option<Vec<String>>,
-}
-
-/// Whether a split pattern stays inside the source: relative, with plain names only (no
-/// `..`, `.` or empty parts).
-fn relative_pattern(p: &str) -> bool {
-    !p.is_empty() && p.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
-}
-
-/// Whether a described dataset's label is a class or a score.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TaskKind {
-    /// A class: an id, or a name.
-    #[default]
-    Classification,
-    /// A real-valued score.
-    Regression,
-}
-
-fn default_label() -> String {
-    "label".into()
-}
-
-/// Prefix of a `data.source` that names a GLUE config.
-pub const GLUE_SOURCE: &str = "glue:";
-
-impl DataConfig {
-    /// The GLUE config a `glue:<config>` source names.
-    pub fn glue_config(&self) -> Option<&str> {
-        self.source.strip_prefix(GLUE_SOURCE)
-    }
-
-    /// The primary metric: the one given, else the kind's default.
-    pub fn metric_name(&self) -> &str {
-        match (&self.metric, self.kind) {
-            (Some(m), _) => m,
-            (None, TaskKind::Classification) => "accuracy",
-            (None, TaskKind::Regression) => "pearson",
-        }
-    }
-
-    /// The format given, else the one the train pattern's extension says.
-    pub fn format(&self) -> Result<Format> {
-        if let Some(f) = self.format {
-            return Ok(f);
-        }
-        let train = self.splits.get("train").map(String::as_str).unwrap_or("");
-        Format::from_name(train).ok_or_else(|| {
-            anyhow::anyhow!(
-                "`data.format`: cannot tell it from `data.splits.train` = {train:?}; set parquet, csv or jsonl"
-            )
-        })
-    }
-
-    /// Checks the description's shape (the files are checked when read).
-    pub fn validate(&self) -> Result<()> {
-        if let Some(c) = self.glue_config() {
-            crate::glue::task(c)?;
-            if !self.splits.is_empty() || !self.text.is_empty() || self.labels.is_some() {
-                bail!("`data`: a `{GLUE_SOURCE}` source takes no splits, text or labels (the GLUE config has them)");
-            }
-            return Ok(());
-        }
-        crate::storage::Location::parse(&self.source)
-            .with_context(|| format!("`data.source` = {:?}", self.source))?;
-        if let Some((split, p)) = self.splits.iter().find(|(_, p)| !relative_pattern(p)) {
-            bail!("`data.splits.{split}` = {p:?}: expected a file-name pattern relative to `data.source`, without `..`");
-        }
-        if !self.splits.contains_key("train") || self.splits.len() < 2 {
-            bail!(
-                "`data.splits` must name `train` and at least one validation split, got {:?}",
-                self.splits.keys().collect::<Vec<_>>()
-            );
-        }
-        if self.text.is_empty() || self.text.len() > 2 {
-            bail!(
-                "`data.text` must name one or two text columns, got {}",
-                self.text.len()
-            );
-        }
-        self.check_metric()?;
-        self.check_labels()?;
-        self.format()?;
-        Ok(())
-    }
-
-    /// Checks that the metric is known and scores the task's kind.
-    fn check_metric(&self) -> Result<()> {
-        let metric = self.metric_name();
-        let family = crate::glue::METRICS
-            .iter()
-            .find(|(n, _)| *n == metric)
-            .map(|(_, k)| *k);
-        let regression = self.kind == TaskKind::Regression;
-        match family {
-            None => bail!(
-                "`data.metric` = `{metric}`: expected one of {}",
-                crate::glue::METRICS
-                    .iter()
-                    .map(|(n, _)| *n)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            Some(k) if (k == MetricKind::PearsonSpearman) != regression => {
-                bail!(
-                    "`data.metric` = `{metric}` does not score a {} task",
-                    if regression {
-                        "regression"
-                    } else {
-                        "classification"
-                    }
-                )
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-
-    /// Checks explicit class names: at least two, distinct, and only for classification.
-    fn check_labels(&self) -> Result<()> {
-        let regression = self.kind == TaskKind::Regression;
-        if regression && self.labels.is_some() {
-            bail!("`data.labels`: a regression task has no class names");
-        }
-        if let Some(l) = &self.labels {
-            let distinct: std::collections::BTreeSet<&String> = l.iter().collect();
-            if l.len() < 2 || distinct.len() != l.len() {
-                bail!("`data.labels` must list at least two distinct class names, got {l:?}");
-            }
-        }
-        Ok(())
-    }
-}
+pub use augpro_shards::task::{DataConfig, DevConfig, TaskKind, GLUE_SOURCE};
 
 fn default_split() -> String {
     "train".into()
@@ -607,7 +393,7 @@ impl PipelineConfig {
     /// Checks the task's name and description; returns its train and validation splits.
     fn split_names(&self) -> Result<(String, Vec<String>)> {
         let Some(data) = &self.data else {
-            let t = crate::glue::task(&self.task)?;
+            let t = crate::task::glue(&self.task)?;
             return Ok((t.train_split.clone(), t.validation_splits.clone()));
         };
         let name_ok = !self.task.is_empty()
@@ -621,7 +407,7 @@ impl PipelineConfig {
         }
         data.validate()?;
         if let Some(c) = data.glue_config() {
-            let t = crate::glue::task(c)?;
+            let t = crate::task::glue(c)?;
             return Ok((t.train_split.clone(), t.validation_splits.clone()));
         }
         let validation = data

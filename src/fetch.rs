@@ -2,7 +2,7 @@
 //! Parquet files of any Hub dataset repository, resumably (a `.part` file continued with an
 //! HTTP Range request) and atomically.
 
-use crate::glue::TaskSpec;
+use crate::task::TaskSpec;
 use anyhow::{bail, Context, Result};
 use std::fs::OpenOptions;
 use std::io::{Read, Write};

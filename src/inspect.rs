@@ -77,7 +77,7 @@ pub fn print(dir: &Location, n: usize) -> Result<()> {
             method_rates(&serde_json::from_slice(&t)?).join(", ")
         );
     }
-    let task = crate::shards::manifest::task_of(&m)?;
+    let task = crate::data::manifest_task(&m)?;
     let schema = ShardSchema::new(task);
     // Example rows come from the first shard's files (real and virtual rows).
     let first = m.shards.first().map(|s| s.files.len()).unwrap_or(0);

@@ -11,19 +11,19 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod fetch;
-pub mod glue;
 pub mod inspect;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod precision;
 pub mod report;
-pub mod shards;
 pub mod slurm;
-pub mod storage;
 pub mod student;
 pub mod teacher;
 pub mod timing;
 pub mod tokenize;
 pub mod train;
 pub mod util;
+
+/// The shard format, its storage locations and task descriptions (the `augpro-shards` crate).
+pub use augpro_shards::{self as shards, storage, task};

@@ -1,6 +1,6 @@
 //! GLUE metrics: accuracy, F1, Matthews correlation, Pearson and Spearman correlation.
 
-use crate::glue::{MetricKind, TaskSpec, ACC_AND_F1};
+use crate::task::{MetricKind, TaskSpec, ACC_AND_F1};
 use std::collections::BTreeMap;
 
 /// Fraction of equal predictions.
@@ -243,7 +243,7 @@ mod tests {
             })
             .collect();
         let gold: Vec<f32> = GOLD.iter().map(|&g| g as f32).collect();
-        let task = |n| crate::glue::task(n).unwrap();
+        let task = |n| crate::task::glue(n).unwrap();
         let keys = |m: &BTreeMap<String, f64>| m.keys().cloned().collect::<Vec<_>>();
         let sst2 = score(task("sst2"), &logits, &gold);
         assert_eq!(keys(&sst2), ["accuracy"]);

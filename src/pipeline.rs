@@ -5,7 +5,6 @@
 use crate::augment::Engine;
 use crate::config::PipelineConfig;
 use crate::data::{resolve_glue_dir, source_files, Part, SplitReader};
-use crate::glue::TaskSpec;
 use crate::model::Checkpoint;
 use crate::shards::card;
 use crate::shards::manifest::{
@@ -15,6 +14,7 @@ use crate::shards::manifest::{
 use crate::shards::writer::ShardWriter;
 use crate::shards::{MethodStats, ShardSchema};
 use crate::storage::Location;
+use crate::task::TaskSpec;
 use crate::teacher::{self, Teacher};
 use crate::util::{atomic_write, derive_seed, sha256_bytes, sha256_file};
 use anyhow::{bail, Context, Result};
@@ -816,7 +816,7 @@ fn source_json(cfg: &PipelineConfig, task: &TaskSpec, shard: &ShardSummary) -> s
         "split": cfg.split,
         "files_sha256": shard.source_sha256,
     });
-    if let crate::glue::Source::Files {
+    if let crate::task::Source::Files {
         dir,
         origin,
         format,
@@ -836,7 +836,7 @@ fn source_json(cfg: &PipelineConfig, task: &TaskSpec, shard: &ShardSummary) -> s
 /// Writes the dataset card and `timings.json` (the shards' timings) of a finalized dataset;
 /// only the finalizer that created the manifest does, or a rerun that finds them missing.
 fn write_card_and_timings(cfg: &PipelineConfig, out: &Location, manifest: &Manifest) -> Result<()> {
-    let schema = ShardSchema::new(crate::shards::manifest::task_of(manifest)?);
+    let schema = ShardSchema::new(crate::data::manifest_task(manifest)?);
     out.join(CARD).put(card::render(manifest, &schema).into())?;
     let mut timings = serde_json::Map::new();
     for i in 0..cfg.shards {

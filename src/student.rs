@@ -8,13 +8,13 @@
 
 use crate::augment::arith::mix;
 use crate::config::OptimConfig;
-use crate::glue::TaskSpec;
 use crate::model::checkpoint::{save_classifier, sketch_difference};
 use crate::model::{Checkpoint, Ctx, Params, SeqClassifier};
 use crate::shards::manifest::{shard_paths, Manifest};
 use crate::shards::reader::ShardReader;
 use crate::shards::{Row, ShardSchema};
 use crate::storage::Location;
+use crate::task::TaskSpec;
 use crate::teacher::{dev_scorer, evaluate, label_names};
 use crate::timing;
 use crate::tokenize::TextTokenizer;
@@ -417,7 +417,7 @@ pub fn shards_task(shards_dir: &Location, task: &str) -> Result<&'static TaskSpe
             m.task
         );
     }
-    crate::shards::manifest::task_of(&m)
+    crate::data::manifest_task(&m)
 }
 
 /// Trains a student from the shards in `shards_dir` and writes a checkpoint and

@@ -5,10 +5,10 @@
 
 use crate::config::{DevConfig, TeacherTrainConfig};
 use crate::data::{label_names_from_metadata, split_files, Example, Part, SplitReader};
-use crate::glue::TaskSpec;
 use crate::metrics;
 use crate::model::checkpoint::save_classifier;
 use crate::model::{Checkpoint, Ctx, SeqClassifier};
+use crate::task::TaskSpec;
 use crate::tokenize::{Encoded, TextTokenizer};
 use crate::train::{bucketed_batches, predict, supervised_loss, Batch, Optim};
 use crate::util::{atomic_write, derive_seed};

@@ -5,7 +5,7 @@ mod common;
 use arrow::array::{ArrayRef, Float32Array, Int32Array, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use augpro::data::SplitReader;
-use augpro::glue;
+use augpro::task;
 use augpro::tokenize::TextTokenizer;
 use parquet::arrow::ArrowWriter;
 use std::path::Path;
@@ -14,7 +14,7 @@ use std::sync::Arc;
 #[test]
 fn reads_real_glue_splits() {
     let g = common::glue_dir();
-    let sst2 = SplitReader::open(&g, glue::task("sst2").unwrap(), "validation")
+    let sst2 = SplitReader::open(&g, task::glue("sst2").unwrap(), "validation")
         .unwrap()
         .read_all(None)
         .unwrap();
@@ -24,7 +24,7 @@ fn reads_real_glue_splits() {
         "it 's a charming and often affecting journey . "
     );
     assert_eq!(sst2[0].label, Some(1.0));
-    let mrpc = SplitReader::open(&g, glue::task("mrpc").unwrap(), "validation")
+    let mrpc = SplitReader::open(&g, task::glue("mrpc").unwrap(), "validation")
         .unwrap()
         .read_all(None)
         .unwrap();
@@ -34,12 +34,12 @@ fn reads_real_glue_splits() {
         .as_deref()
         .unwrap()
         .contains("foodservice pie"));
-    let stsb = SplitReader::open(&g, glue::task("stsb").unwrap(), "validation")
+    let stsb = SplitReader::open(&g, task::glue("stsb").unwrap(), "validation")
         .unwrap()
         .read_all(Some(2))
         .unwrap();
     assert_eq!(stsb[1].label, Some(4.75));
-    let cola = SplitReader::open(&g, glue::task("cola").unwrap(), "train").unwrap();
+    let cola = SplitReader::open(&g, task::glue("cola").unwrap(), "train").unwrap();
     let mut n = 0;
     let mut r = cola;
     while let Some(b) = r.next_batch().unwrap() {
@@ -61,7 +61,7 @@ fn dev_split_is_carved_from_train_deterministically() {
     use augpro::config::DevConfig;
     use augpro::data::Part;
     let g = common::glue_dir();
-    let cola = glue::task("cola").unwrap();
+    let cola = task::glue("cola").unwrap();
     let dev = DevConfig::default();
     let read = |part| {
         SplitReader::open_part(&g, cola, "train", &dev, part)
@@ -115,14 +115,14 @@ fn task_registry_covers_glue() {
     for t in [
         "cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli",
     ] {
-        glue::task(t).unwrap();
+        task::glue(t).unwrap();
     }
     assert_eq!(
-        glue::task("mnli").unwrap().validation_splits,
+        task::glue("mnli").unwrap().validation_splits,
         &["validation_matched", "validation_mismatched"]
     );
-    assert!(glue::task("stsb").unwrap().is_regression());
-    assert!(format!("{:#}", glue::task("imdb").err().unwrap()).contains("unknown GLUE task"));
+    assert!(task::glue("stsb").unwrap().is_regression());
+    assert!(format!("{:#}", task::glue("imdb").err().unwrap()).contains("unknown GLUE task"));
 }
 
 fn write(path: &Path, cols: Vec<(&str, ArrayRef)>) {
@@ -143,7 +143,7 @@ fn sst2_err(cols: Vec<(&str, ArrayRef)>) -> String {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("sst2/train-00000-of-00001.parquet");
     write(&p, cols);
-    let e = SplitReader::open(d.path(), glue::task("sst2").unwrap(), "train")
+    let e = SplitReader::open(d.path(), task::glue("sst2").unwrap(), "train")
         .and_then(|r| r.read_all(None))
         .expect_err("must fail");
     let msg = format!("{e:#}");
@@ -228,7 +228,7 @@ fn bad_inputs_name_file_and_field() {
     );
     let m = format!(
         "{:#}",
-        SplitReader::open(d.path(), glue::task("stsb").unwrap(), "train")
+        SplitReader::open(d.path(), task::glue("stsb").unwrap(), "train")
             .unwrap()
             .read_all(None)
             .err()
@@ -245,7 +245,7 @@ fn bad_inputs_name_file_and_field() {
     .unwrap();
     let m = format!(
         "{:#}",
-        SplitReader::open(d.path(), glue::task("sst2").unwrap(), "train")
+        SplitReader::open(d.path(), task::glue("sst2").unwrap(), "train")
             .unwrap()
             .read_all(None)
             .err()
@@ -255,14 +255,14 @@ fn bad_inputs_name_file_and_field() {
 
     let m = format!(
         "{:#}",
-        SplitReader::open(d.path(), glue::task("cola").unwrap(), "train")
+        SplitReader::open(d.path(), task::glue("cola").unwrap(), "train")
             .err()
             .unwrap()
     );
     assert!(m.contains("GLUE config directory not found"), "{m}");
     let m = format!(
         "{:#}",
-        SplitReader::open(d.path(), glue::task("sst2").unwrap(), "validation")
+        SplitReader::open(d.path(), task::glue("sst2").unwrap(), "validation")
             .err()
             .unwrap()
     );

@@ -92,7 +92,7 @@ fn serve(root: std::path::PathBuf, drop_first: usize, max_requests: usize) -> Se
 fn fetches_a_config_atomically() {
     let dest = tempfile::tempdir().unwrap();
     let srv = serve(common::glue_dir(), 0, 4);
-    let task = augpro::glue::task("sst2").unwrap();
+    let task = augpro::task::glue("sst2").unwrap();
     let files = augpro::fetch::fetch_config(
         task,
         dest.path(),
@@ -123,7 +123,7 @@ fn fetches_a_config_atomically() {
 fn resumes_after_a_dropped_connection() {
     let dest = tempfile::tempdir().unwrap();
     let srv = serve(common::glue_dir(), 1, 4);
-    let task = augpro::glue::task("mrpc").unwrap();
+    let task = augpro::task::glue("mrpc").unwrap();
     let files = augpro::fetch::fetch_config(
         task,
         dest.path(),
@@ -146,7 +146,7 @@ fn resumes_after_a_dropped_connection() {
 fn missing_file_is_an_error_and_leaves_no_file() {
     let dest = tempfile::tempdir().unwrap();
     let srv = serve(common::glue_dir(), 0, 8);
-    let task = augpro::glue::task("qnli").unwrap();
+    let task = augpro::task::glue("qnli").unwrap();
     let err = augpro::fetch::fetch_config(
         task,
         dest.path(),

@@ -5,21 +5,22 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-/// Top-level modules, each allowed to use only the ones before it. Base types first, then
-/// the stages in pipeline order, then the entry points at the edge. `shards` (schema, rows,
-/// reader, writer, manifest) is the on-disk format that `augment` writes and `student`
-/// reads, so it sits below both and needs neither FAISS nor the model.
+/// Top-level modules, each allowed to use only the ones before it. The shard format's
+/// crate first (`augpro-shards`, re-exported as `shards`, `storage` and `task`: the
+/// on-disk format that `augment` writes and `student` reads, with the task descriptions
+/// and storage locations it records, needing neither FAISS nor the model), then base
+/// types, then the stages in pipeline order, then the entry points at the edge.
 const ORDER: &[&str] = &[
+    "shards",
+    "storage",
+    "task",
     "util",
     "timing",
-    "storage",
-    "glue",
     "device",
     "precision",
     "config",
     "metrics",
     "data",
-    "shards",
     "tokenize",
     "model",
     "train",

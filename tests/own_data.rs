@@ -344,7 +344,7 @@ fn readme_pipeline_file_is_valid() {
     std::fs::write(&p, toml).unwrap();
     let cfg = augpro::config::PipelineConfig::load(&p).unwrap();
     let data = cfg.data.expect("a [data] section");
-    assert_eq!(data.format().unwrap(), augpro::glue::Format::Csv);
+    assert_eq!(data.format().unwrap(), augpro::task::Format::Csv);
     assert_eq!(data.text, ["review"]);
 }
 

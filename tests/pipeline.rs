@@ -16,7 +16,7 @@ use std::process::Command;
 /// for a sample of the rows of every token method.
 fn logits_contract(rows: &[Row], manifest: &serde_json::Value) {
     let teacher_dir = common::root().join(manifest["teacher"]["path"].as_str().unwrap());
-    let task = augpro::glue::task("sst2").unwrap();
+    let task = augpro::task::glue("sst2").unwrap();
     let dev = candle_core::Device::Cpu;
     let teacher = augpro::teacher::Teacher::load(&teacher_dir, task, &dev, 64).unwrap();
     for method in ["original", "augpro_mix", "augpro_fgsm", "token_replace"] {
@@ -111,7 +111,7 @@ fn smoke_pipeline_end_to_end() {
     assert_eq!((dev.fraction, dev.max_examples), (0.1, 200));
     let train_rows = augpro::data::split_rows(
         &common::glue_dir(),
-        augpro::glue::task("sst2").unwrap(),
+        augpro::task::glue("sst2").unwrap(),
         "train",
     )
     .unwrap();
@@ -1141,7 +1141,7 @@ fn pair_and_regression_tasks_end_to_end() {
         assert!(tm["validation"]["validation"][metric].is_number(), "{tm}");
         let dir = root.join(task).join("smoke");
         ok(&["verify", dir.to_str().unwrap()]);
-        let schema = ShardSchema::new(augpro::glue::task(task).unwrap());
+        let schema = ShardSchema::new(augpro::task::glue(task).unwrap());
         let (_, paths) = augpro::shards::manifest::shard_paths(&dir.as_path().into()).unwrap();
         let mut r = ShardReader::open(&paths[0], &schema).unwrap();
         let rows = r.next_rows(&schema).unwrap().unwrap();

@@ -11,8 +11,8 @@ use anyhow::{Context, Result};
 use augpro::augment::project::{Metric, Projector};
 use augpro::config::PipelineConfig;
 use augpro::data::{resolve_glue_dir, SplitReader};
-use augpro::glue;
 use augpro::model::{Checkpoint, Ctx};
+use augpro::task;
 use augpro::teacher::{embedding_grad, GradLoss};
 use augpro::tokenize::TextTokenizer;
 use augpro::train::{sorted_batches, Batch};
@@ -301,7 +301,7 @@ fn teacher_speed(
     peak_gflops: f64,
     tmp: &Path,
 ) -> Result<Value> {
-    let task = glue::task("sst2")?;
+    let task = task::glue("sst2")?;
     let ck = Checkpoint::open(model)?;
     let tok = TextTokenizer::load(model, 128)?;
     let mut ex = SplitReader::open(glue_dir, task, "validation")?.read_all(None)?;
@@ -502,7 +502,7 @@ fn described_csv_pipeline(tmp: &Path, glue_dir: &Path, rows: usize) -> Result<Pa
     use std::io::Write;
     let dir = tmp.join(format!("csv{rows}"));
     std::fs::create_dir_all(&dir)?;
-    let task = glue::task("sst2")?;
+    let task = task::glue("sst2")?;
     for (split, n) in [("train", rows), ("validation", 200)] {
         let ex = SplitReader::open(glue_dir, task, split)?.read_all(None)?;
         let mut w =
@@ -579,7 +579,7 @@ fn run_augment(pipeline: &Path, glue_dir: &Path, device: &str) -> Result<(f64, f
 /// classification head: throughput does not depend on its weights.
 fn peer(model: &Path, glue_dir: &Path, dir: &Path, device: &str, quick: bool) -> Result<Value> {
     let n = if quick { 256 } else { 1000 };
-    let task = glue::task("sst2")?;
+    let task = task::glue("sst2")?;
     let teacher = dir.join("peer-teacher");
     let ck = Checkpoint::open(model)?;
     let (_, params) = ck.load_classifier(&Device::Cpu, true, 2, None, 0)?;
@@ -681,7 +681,7 @@ fn student_shards(
     glue_dir: &Path,
     tmp: &Path,
     device: &str,
-    task: &'static glue::TaskSpec,
+    task: &'static task::TaskSpec,
     n: usize,
 ) -> Result<PathBuf> {
     let shipped = PipelineConfig::load(Path::new(&format!("pipelines/{}.toml", task.name)))?;
@@ -713,7 +713,7 @@ fn student_shards(
 /// Real tokens of the dev split (as the trainer scores it) and of the validation splits.
 fn eval_tokens(
     glue_dir: &Path,
-    task: &'static glue::TaskSpec,
+    task: &'static task::TaskSpec,
     model: &Path,
     dev: &augpro::config::DevConfig,
 ) -> Result<(usize, usize)> {
@@ -748,17 +748,17 @@ fn student_run(
     task_name: &str,
 ) -> Result<Value> {
     use tracing_subscriber::prelude::*;
-    let task = glue::task(task_name)?;
-    let (steps, lr, layers) =
-        augpro::report::low_student(task_name).context("no low-preset student")?;
-    let steps = if quick { steps / 10 } else { steps };
+    let task = task::glue(task_name)?;
+    let low = augpro::report::low_student(task_name).context("no low-preset student")?;
+    let (lr, layers) = (low.lr, low.layers);
+    let steps = if quick { low.steps / 10 } else { low.steps };
     let shards = student_shards(
         model,
         glue_dir,
         tmp,
         device,
         task,
-        if quick { 200 } else { 1000 },
+        if quick { 200 } else { low.examples },
     )?;
     let base = augpro::student::StudentConfig::default();
     let cfg = augpro::student::StudentConfig {

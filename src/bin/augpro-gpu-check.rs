@@ -7,8 +7,8 @@ use anyhow::{bail, Context, Result};
 use augpro::augment::project::{Metric, Projector};
 use augpro::augment::project_device::DeviceProjector;
 use augpro::data::{resolve_glue_dir, SplitReader};
-use augpro::glue;
 use augpro::model::{Checkpoint, Ctx, SeqClassifier};
+use augpro::task;
 use augpro::teacher::{embedding_grad, GradLoss};
 use augpro::tokenize::TextTokenizer;
 use augpro::train::{sorted_batches, Batch};
@@ -84,7 +84,7 @@ fn rate(min_s: f64, mut pass: impl FnMut() -> Result<()>) -> Result<f64> {
 }
 
 fn teacher(a: &Args, device: &Device, glue_dir: &Path) -> Result<Value> {
-    let task = glue::task("sst2")?;
+    let task = task::glue("sst2")?;
     let ck = Checkpoint::open(&a.model)?;
     let tok = TextTokenizer::load(&a.model, 128)?;
     let ex = SplitReader::open(glue_dir, task, "train")?.read_all(Some(a.examples))?;

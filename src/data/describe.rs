@@ -4,8 +4,9 @@
 
 use super::formats::open_batches;
 use super::{split_files, text_at};
-use crate::config::{DataConfig, PipelineConfig, TaskKind};
-use crate::glue::{self, Source, TaskSpec, METRICS};
+use crate::config::{DataConfig, PipelineConfig};
+use crate::shards::manifest::Manifest;
+use crate::task::{self, TaskSpec};
 use anyhow::{bail, Context, Result};
 use arrow::array::Array;
 use std::collections::BTreeSet;
@@ -20,7 +21,7 @@ static RESOLVED: Mutex<Resolved> = Mutex::new(Vec::new());
 /// The task a pipeline runs on.
 pub fn task_of(cfg: &PipelineConfig) -> Result<&'static TaskSpec> {
     match &cfg.data {
-        None => glue::task(&cfg.task),
+        None => task::glue(&cfg.task),
         Some(d) => describe(&cfg.task, d, None),
     }
 }
@@ -32,21 +33,17 @@ pub fn describe(
     data: &DataConfig,
     recorded: Option<&[String]>,
 ) -> Result<&'static TaskSpec> {
-    data.validate()?;
-    if let Some(config) = data.glue_config() {
-        let mut t = glue::task(config)?.clone();
-        t.name = name.into();
-        return Ok(glue::register(t));
-    }
-    let mut spec = unlabelled(name, data)?;
-    if data.kind == TaskKind::Classification {
-        spec.label_names = match recorded {
-            Some(names) => names.to_vec(),
-            None => cached_names(name, data, &spec)?,
-        };
-        spec.num_labels = spec.label_names.len();
-    }
-    Ok(glue::register(spec))
+    data.describe(name, super::mirror::place, |spec| match recorded {
+        Some(names) => Ok(names.to_vec()),
+        None => cached_names(name, data, spec),
+    })
+}
+
+/// The task a dataset was made for: the GLUE config its manifest names, or the dataset its
+/// configuration describes (with the class names it records), its files where this
+/// process reads them.
+pub fn manifest_task(m: &Manifest) -> Result<&'static TaskSpec> {
+    m.task_placed(super::mirror::place)
 }
 
 /// Class names resolved before for this description, else from the files.
@@ -63,49 +60,12 @@ fn cached_names(name: &str, data: &DataConfig, spec: &TaskSpec) -> Result<Vec<St
     let mut done = spec.clone();
     done.num_labels = names.len();
     done.label_names = names.clone();
-    let t = glue::register(done);
+    let t = task::register(done);
     RESOLVED
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push((name.into(), data.clone(), t));
     Ok(names)
-}
-
-/// The description with no class names yet (regression tasks are complete).
-fn unlabelled(name: &str, data: &DataConfig) -> Result<TaskSpec> {
-    let (dir, origin) = super::mirror::place(&data.source)?;
-    let metric = data.metric_name();
-    let (primary, family) = *METRICS
-        .iter()
-        .find(|(n, _)| *n == metric)
-        .context("metric checked")?;
-    Ok(TaskSpec {
-        name: name.into(),
-        text_columns: data.text.clone(),
-        label_column: data.label.clone(),
-        idx_column: None,
-        num_labels: if data.kind == TaskKind::Regression {
-            1
-        } else {
-            0
-        },
-        label_names: Vec::new(),
-        metric: family,
-        primary,
-        train_split: "train".into(),
-        validation_splits: data
-            .splits
-            .keys()
-            .filter(|k| *k != "train")
-            .cloned()
-            .collect(),
-        source: Source::Files {
-            dir,
-            origin,
-            format: data.format()?,
-            splits: data.splits.clone(),
-        },
-    })
 }
 
 /// Class names of a classification task, in class order.
@@ -114,7 +74,7 @@ fn class_names(data: &DataConfig, spec: &TaskSpec) -> Result<Vec<String>> {
         return Ok(names.clone());
     }
     let files = split_files(Path::new(""), spec, &spec.train_split)?;
-    if data.format()? == glue::Format::Parquet {
+    if data.format()? == task::Format::Parquet {
         if let Some(names) = super::class_label_names(&files[0], &spec.label_column)? {
             return Ok(names);
         }

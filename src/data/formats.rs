@@ -2,7 +2,7 @@
 //! header row, JSON lines), read in batches so memory stays flat in the number of rows;
 //! the columns a task reads are checked before any row is.
 
-use crate::glue::{Format, Source, TaskSpec};
+use crate::task::{Format, Source, TaskSpec};
 use anyhow::{bail, Context, Result};
 use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, Field, Schema};

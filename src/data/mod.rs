@@ -8,10 +8,10 @@ mod describe;
 mod formats;
 mod mirror;
 
-pub use describe::{describe, task_of};
+pub use describe::{describe, manifest_task, task_of};
 
 use crate::config::DevConfig;
-use crate::glue::{Format, Source, TaskSpec};
+use crate::task::{Format, Source, TaskSpec};
 use crate::util::sha256_file;
 use anyhow::{bail, Context, Result};
 use arrow::array::{Array, AsArray, RecordBatch};

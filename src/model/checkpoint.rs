@@ -7,7 +7,7 @@ use super::bert::BertConfig;
 use super::family::Family;
 use super::head::SeqClassifier;
 use super::params::Params;
-use crate::glue::TaskSpec;
+use crate::task::TaskSpec;
 use crate::util::{atomic_write, sha256_file};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};

@@ -2,7 +2,7 @@
 
 use super::stats::Paired;
 use super::{command, ReportOptions, TaskResult, Test, FIRST_ROUND};
-use crate::glue;
+use crate::task;
 use std::cmp::Ordering;
 
 /// Adjusted p below which a paired difference is marked †.
@@ -213,7 +213,7 @@ fn notes(r: &TaskResult) -> String {
              projects with that student's table (a two-round pipeline); the other points take the gradient \
              of the teacher's cross-entropy against the gold label.\n",
         );
-        if glue::task(&r.task).is_ok_and(|t| t.is_regression()) {
+        if task::glue(&r.task).is_ok_and(|t| t.is_regression()) {
             s.push_str(
                 "For this regression task, the cross-entropy is the squared error to the gold score \
                  and the KL is the squared error between the two models' scores.\n",

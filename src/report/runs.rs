@@ -8,11 +8,11 @@
 
 use super::{suffix, Budget, ReportOptions, Setting, FIRST_ROUND};
 use crate::config::PipelineConfig;
-use crate::glue::TaskSpec;
 use crate::pipeline::{self, RunOptions};
 use crate::shards::manifest::{read_manifest, Manifest};
 use crate::storage::Location;
 use crate::student::{self, StudentConfig, StudentMetrics};
+use crate::task::TaskSpec;
 use crate::util::{atomic_write, sha256_bytes, sha256_file};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;

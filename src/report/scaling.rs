@@ -15,9 +15,9 @@ use super::{
     command, plain_kd, plain_kd_on, plots, row, suffix, tune, wanted_methods, Budget, GridPoint,
     ReportOptions, Row, Setting,
 };
-use crate::glue::TaskSpec;
 use crate::shards::manifest::Manifest;
 use crate::storage::Location;
+use crate::task::TaskSpec;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use serde::Serialize;

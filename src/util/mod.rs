@@ -1,18 +1,15 @@
-//! Small shared helpers: crash-safe file writes, fault-injection points, hashing and seed
-//! derivation, thread and allocator set-up, the progress bar.
+//! Small shared helpers: thread and allocator set-up, the progress bar, and (from the
+//! shards crate) crash-safe file writes, fault-injection points, hashing and seed derivation.
 
-pub mod atomic;
-pub mod failpoint;
-pub mod hash;
 pub mod progress;
 pub mod threads;
 
-pub use atomic::{
+pub use augpro_shards::atomic::{
     atomic_write, forget_temporary, is_dead_temporary, is_own_temporary, register_temporary,
     remove_temporaries, rename_noreplace, temporary_for, temporary_name, temporary_target,
     AtomicFile,
 };
-pub use failpoint::{failpoint, install_failpoint_hook};
-pub use hash::{derive_seed, sha256_bytes, sha256_file};
+pub use augpro_shards::failpoint::{failpoint, install_failpoint_hook};
+pub use augpro_shards::hash::{derive_seed, sha256_bytes, sha256_file};
 pub use progress::progress;
 pub use threads::{init_threads, limit_native_threads, tune_allocator, with_one_native_thread};

@@ -112,7 +112,7 @@ pub fn files(dir: &Path) -> Vec<String> {
 
 /// The first `n` examples of a GLUE split.
 pub fn glue_examples(config: &str, split: &str, n: usize) -> Vec<augpro::data::Example> {
-    let task = augpro::glue::task(config).unwrap();
+    let task = augpro::task::glue(config).unwrap();
     augpro::data::SplitReader::open(&glue_dir(), task, split)
         .unwrap()
         .read_all(Some(n))
@@ -140,7 +140,7 @@ pub fn write_reviews(path: &Path, split: &str, n: usize) -> Vec<augpro::data::Ex
 pub fn shard_rows(dir: &Path) -> (augpro::shards::ShardSchema, Vec<augpro::shards::Row>) {
     use augpro::shards::{manifest, reader::ShardReader, ShardSchema};
     let (m, paths) = manifest::shard_paths(&dir.into()).unwrap();
-    let schema = ShardSchema::new(manifest::task_of(&m).unwrap());
+    let schema = ShardSchema::new(augpro::data::manifest_task(&m).unwrap());
     let mut rows = Vec::new();
     for p in paths {
         let mut r = ShardReader::open(&p, &schema).unwrap();

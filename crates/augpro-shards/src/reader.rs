@@ -1,6 +1,6 @@
 //! Reads shards back into [`Row`]s, streaming record batches, checking the schema.
 
-use super::schema::{Row, ShardSchema, METHODS};
+use crate::schema::{Row, ShardSchema, METHODS};
 use crate::storage::Location;
 use anyhow::{bail, ensure, Context, Result};
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
@@ -294,8 +294,8 @@ fn check_row(r: &Row) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::ShardReader;
-    use crate::shards::writer::ShardWriter;
-    use crate::shards::{Row, ShardSchema};
+    use crate::writer::ShardWriter;
+    use crate::{Row, ShardSchema};
 
     fn row(method: &'static str) -> Row {
         Row {
@@ -320,18 +320,16 @@ mod tests {
 
     /// Writes `rows` (all real or all virtual) to a shard and reads back their file.
     fn read_back(rows: &[Row]) -> (String, anyhow::Result<Vec<Row>>) {
-        let schema = ShardSchema::new(crate::glue::task("sst2").unwrap());
+        let schema = ShardSchema::new(crate::task::glue("sst2").unwrap());
         let dir = tempfile::tempdir().unwrap();
         let out = crate::storage::Location::from_arg(dir.path()).unwrap();
         let mut w = ShardWriter::create(&out, 0, 1, &schema).unwrap();
         w.write(rows).unwrap();
         w.finish().unwrap();
-        let virt = rows
-            .iter()
-            .any(|r| crate::shards::schema::is_virtual(r.method));
+        let virt = rows.iter().any(|r| crate::schema::is_virtual(r.method));
         let path = out.join(&match virt {
-            true => crate::shards::manifest::virtual_shard_name(0, 1),
-            false => crate::shards::manifest::shard_name(0, 1),
+            true => crate::manifest::virtual_shard_name(0, 1),
+            false => crate::manifest::shard_name(0, 1),
         });
         let mut r = ShardReader::open(&path, &schema).unwrap();
         let mut out = Vec::new();

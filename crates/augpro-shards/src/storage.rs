@@ -9,7 +9,8 @@
 //! `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, `GOOGLE_SERVICE_ACCOUNT`,
 //! `AZURE_STORAGE_ACCOUNT_NAME`, …).
 
-use crate::util::{atomic_write, sha256_bytes, sha256_file, temporary_name, AtomicFile};
+use crate::atomic::{atomic_write, temporary_name, AtomicFile};
+use crate::hash::{sha256_bytes, sha256_file};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use object_store::aws::AmazonS3Builder;
@@ -495,7 +496,7 @@ async fn upload_parts(
     let mut done: Vec<PartId> = Vec::new();
     for (idx, start) in (0..bytes.len()).step_by(size).enumerate() {
         if idx > 0 {
-            crate::util::failpoint("upload-part");
+            crate::failpoint::failpoint("upload-part");
         }
         let part = bytes.slice(start..(start + size).min(bytes.len()));
         done.push(parts.put_part(key, id, idx, PutPayload::from(part)).await?);
@@ -587,7 +588,7 @@ async fn abort(up: &Upload) -> object_store::Result<()> {
 
 impl Location {
     /// Aborts the multipart uploads recorded in this directory (prefix) whose record names
-    /// `doomed` accepts (see [`crate::util::is_dead_temporary`]), and removes the records;
+    /// `doomed` accepts (see [`crate::atomic::is_dead_temporary`]), and removes the records;
     /// returns how many. A local directory has none.
     pub fn abort_uploads(&self, doomed: impl Fn(&str) -> bool) -> Result<usize> {
         if !self.is_remote() {
@@ -595,7 +596,7 @@ impl Location {
         }
         let mut n = 0;
         for name in self.list()? {
-            let Some(target) = crate::util::temporary_target(&name).filter(|_| doomed(&name))
+            let Some(target) = crate::atomic::temporary_target(&name).filter(|_| doomed(&name))
             else {
                 continue;
             };

@@ -1,15 +1,16 @@
 //! Shard summaries (completion markers written after each shard), the manifest written
 //! by finalize, and verification of a shard directory against its manifest.
 
-use super::reader::ShardReader;
-use super::schema::{is_virtual, ShardSchema, METHODS};
-use super::MethodStats;
-use crate::config::DevConfig;
+use crate::hash::sha256_bytes;
+use crate::reader::ShardReader;
+use crate::schema::{is_virtual, ShardSchema, METHODS};
 use crate::storage::Location;
-use crate::util::sha256_bytes;
+use crate::task::{DataConfig, DevConfig, TaskSpec};
+use crate::MethodStats;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 /// Version of the shard layout and manifest format.
 pub const FORMAT_VERSION: u32 = 2;
@@ -250,6 +251,34 @@ impl Manifest {
         }
     }
 
+    /// The task the dataset was made for: the GLUE config it names, or the dataset its
+    /// configuration describes, with the class names it records. A described dataset's
+    /// files are named by its `data.source` as recorded (see [`Manifest::task_placed`]).
+    pub fn task(&self) -> Result<&'static TaskSpec> {
+        self.task_placed(|source| Ok((PathBuf::from(source), None)))
+    }
+
+    /// [`Manifest::task`], with `place` turning a described dataset's `data.source` into
+    /// the directory its files are read from and the object-store URL they are mirrored from.
+    pub fn task_placed(
+        &self,
+        place: impl FnOnce(&str) -> Result<(PathBuf, Option<String>)>,
+    ) -> Result<&'static TaskSpec> {
+        match self.config.get("data") {
+            None | Some(serde_json::Value::Null) => crate::task::glue(&self.task),
+            Some(v) => {
+                let d: DataConfig = serde_json::from_value(v.clone()).with_context(|| {
+                    format!("{MANIFEST}: field `config.data` is not a dataset description ({v})")
+                })?;
+                d.describe(&self.task, place, |_| {
+                    self.label_names.clone().with_context(|| {
+                        format!("{MANIFEST}: field `label_names`: a classification dataset records its class names")
+                    })
+                })
+            }
+        }
+    }
+
     /// Checks the shard list: shards `0..n` in order, each naming exactly its writer's files.
     pub fn check_layout(&self) -> Result<()> {
         let n = self.shards.len();
@@ -266,21 +295,6 @@ impl Manifest {
         serde_json::from_value(v).with_context(|| {
             format!("{MANIFEST}: field `source.files_sha256` is not a map of file names to sha256s")
         })
-    }
-}
-
-/// The task a dataset was made for: the GLUE config it names, or the dataset its
-/// configuration describes (with the class names it records).
-pub fn task_of(m: &Manifest) -> Result<&'static crate::glue::TaskSpec> {
-    match m.config.get("data") {
-        None | Some(serde_json::Value::Null) => crate::glue::task(&m.task),
-        Some(v) => {
-            let d: crate::config::DataConfig =
-                serde_json::from_value(v.clone()).with_context(|| {
-                    format!("{MANIFEST}: field `config.data` is not a dataset description ({v})")
-                })?;
-            crate::data::describe(&m.task, &d, m.label_names.as_deref())
-        }
     }
 }
 
@@ -355,7 +369,7 @@ fn dataset_file(dir: &Location, f: &ShardFile) -> Result<Location> {
 /// Checks every shard against the manifest; returns one line per problem (empty = valid).
 pub fn verify(dir: &Location) -> Result<Vec<String>> {
     let m = read_manifest(dir)?;
-    let schema = ShardSchema::new(task_of(&m)?);
+    let schema = ShardSchema::new(m.task()?);
     let vocab = m
         .teacher
         .get("vocab_size")

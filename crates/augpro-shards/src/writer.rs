@@ -1,10 +1,11 @@
 //! Streaming shard writer: rows arrive in batches and become zstd-compressed Parquet row
 //! groups, written under temporary names and renamed when complete.
 
-use super::manifest::{shard_files, ShardFile};
-use super::schema::{is_virtual, Row, ShardSchema};
+use crate::atomic::AtomicFile;
+use crate::hash::sha256_bytes;
+use crate::manifest::{shard_files, ShardFile};
+use crate::schema::{is_virtual, Row, ShardSchema};
 use crate::storage::Location;
-use crate::util::{sha256_bytes, AtomicFile};
 use anyhow::{Context, Result};
 use arrow::array::{
     ArrayRef, BooleanArray, FixedSizeListArray, Float32Array, Int32Array, Int64Array, ListArray,
@@ -122,7 +123,7 @@ impl ShardWriter {
         let mut files = Vec::new();
         for (k, part) in self.parts.into_iter().enumerate() {
             if k > 0 {
-                crate::util::failpoint(&format!("shard-upload:{}", self.index));
+                crate::failpoint::failpoint(&format!("shard-upload:{}", self.index));
             }
             let sink = part
                 .writer

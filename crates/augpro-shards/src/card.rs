@@ -1,7 +1,7 @@
 //! The dataset card (`README.md`) written next to the shards.
 
-use super::manifest::Manifest;
-use super::schema::{is_virtual, ShardSchema};
+use crate::manifest::Manifest;
+use crate::schema::{is_virtual, ShardSchema};
 use std::fmt::Write;
 
 /// Renders the dataset card from the manifest and the schema: YAML front matter for the

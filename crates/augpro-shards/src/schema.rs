@@ -2,7 +2,7 @@
 //! plus the augmentation columns, with the Hugging Face `datasets` features of every column
 //! (written into each shard's `huggingface` schema metadata and into the dataset card).
 
-use crate::glue::TaskSpec;
+use crate::task::TaskSpec;
 use arrow::datatypes::{DataType, Field, Schema};
 use std::collections::HashMap;
 use std::sync::Arc;

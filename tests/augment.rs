@@ -4,7 +4,8 @@ mod common;
 
 use augpro::augment::arith::mix::{align, mix};
 use augpro::augment::arith::{fgsm, replace};
-use augpro::augment::project::{brute_force_nearest, Projector};
+use augpro::augment::exact_search::brute_force_nearest;
+use augpro::augment::project::Projector;
 use augpro::config::Metric;
 use augpro::model::Checkpoint;
 use augpro::tokenize::TextTokenizer;
@@ -283,7 +284,7 @@ fn k_nearest_equals_brute_force_top_k_on_the_real_table() {
     for (i, qq) in q.chunks_exact(d).enumerate() {
         let mut all: Vec<(f64, u32)> = (0..vocab as u32)
             .filter(|&t| keep(t))
-            .map(|t| (augpro::augment::flat::l2(row(t as usize), qq), t))
+            .map(|t| (augpro::augment::exact_search::l2(row(t as usize), qq), t))
             .collect();
         all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         let want: Vec<u32> = all[..k].iter().map(|&(_, t)| t).collect();

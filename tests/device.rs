@@ -171,7 +171,8 @@ fn device_projection_equals_the_exact_search_at_near_ties_and_non_finite_queries
     assert_eq!(got, want, "the device path gives the CPU's exact answers");
     // The near ties, then a table row.
     for (i, x) in q.chunks_exact(d).take(ties + 1).enumerate() {
-        let brute = augpro::augment::project::brute_force_nearest(&table, d, keep, x, Metric::L2);
+        let brute =
+            augpro::augment::exact_search::brute_force_nearest(&table, d, keep, x, Metric::L2);
         assert_eq!(got[i], brute, "query {i}");
     }
     let missing = augpro::augment::project::MISSING;

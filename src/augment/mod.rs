@@ -10,8 +10,8 @@
 pub mod arith;
 pub mod augpro_fgsm;
 pub mod augpro_mix;
+pub mod exact_search;
 pub mod fgsm_baseline;
-pub mod flat;
 pub mod mixup;
 pub mod project;
 pub mod project_device;
@@ -29,7 +29,7 @@ use crate::util::derive_seed;
 use anyhow::{bail, Context, Result};
 use arith::fgsm;
 use candle_core::{DType, Tensor};
-use flat::rows_of;
+use exact_search::rows_of;
 use project::{median_nn_distance, Projector};
 use project_device::DeviceProjector;
 use rand::SeedableRng;

@@ -2,7 +2,7 @@
 //! special and reserved tokens left out, searched in batches. Exact L2 (`Flat`) nearest and
 //! k-nearest search runs on [`FlatL2`], which gives brute force's answer exactly.
 
-use super::flat::{kept_rows, l2, rows_of, FlatL2, NONE};
+use super::exact_search::{kept_rows, l2, rows_of, FlatL2, NONE};
 use anyhow::{bail, Context, Result};
 use faiss::{index_factory, Index, MetricType};
 
@@ -319,35 +319,6 @@ fn set_parameters(index: &mut faiss::index::IndexImpl, params: &str) -> Result<(
         }
     }
     Ok(())
-}
-
-/// Exact nearest neighbour by brute force (the reference the tests compare the indexes
-/// against): the smallest distance accumulated in `f64`, the lowest id on ties.
-pub fn brute_force_nearest(
-    table: &[f32],
-    dim: usize,
-    keep: impl Fn(u32) -> bool,
-    query: &[f32],
-    metric: Metric,
-) -> u32 {
-    let mut best = (u32::MAX, f64::INFINITY);
-    for (t, row) in table.chunks_exact(dim).enumerate() {
-        if !keep(t as u32) {
-            continue;
-        }
-        let score = match metric {
-            Metric::L2 => l2(row, query),
-            Metric::InnerProduct => -row
-                .iter()
-                .zip(query)
-                .map(|(&a, &b)| a as f64 * b as f64)
-                .sum::<f64>(),
-        };
-        if score < best.1 {
-            best = (t as u32, score);
-        }
-    }
-    best.0
 }
 
 /// Median distance from an indexed token to its nearest other token, over up to

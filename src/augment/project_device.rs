@@ -9,7 +9,7 @@
 //! [`FlatL2`] on the host, which re-ranks the rows within the band in `f64`. On CUDA that is
 //! one small read-back per chunk when the band decides every query.
 
-use super::flat::{kept_rows, Band, FlatL2, NONE};
+use super::exact_search::{kept_rows, Band, FlatL2, NONE};
 use super::project::MISSING;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -204,7 +204,7 @@ fn full_precision_f32(device: &Device) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::augment::project::brute_force_nearest;
+    use crate::augment::exact_search::brute_force_nearest;
     use crate::config::Metric;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;

@@ -5,12 +5,13 @@
 //! row whose GEMM distance lies within a proven bound of the best one is re-ranked with
 //! [`l2`], the distance accumulated in `f64` (exact to far below any `f32` difference): the
 //! answer is the truly nearest row, the lowest one on ties, as
-//! [`super::project::brute_force_nearest`] finds it, whatever the GEMM's summation order.
+//! [`brute_force_nearest`] (the reference the tests compare every index against) finds it, whatever the GEMM's summation order.
 //! The k nearest rows ([`FlatL2::nearest_k`], token replacement's neighbours) come the same
 //! way, every row within the band of the k-th smallest GEMM distance re-ranked.
 //! The device projection ([`super::project_device`]) uses the same [`Band`] on its own GEMM
 //! distances, and this search for the queries the band leaves undecided.
 
+use crate::config::Metric;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 
@@ -431,6 +432,35 @@ fn min_of(v: &[f32]) -> f32 {
         }
     }
     m
+}
+
+/// Exact nearest neighbour by brute force (the reference the tests compare the indexes
+/// against): the smallest distance accumulated in `f64`, the lowest id on ties.
+pub fn brute_force_nearest(
+    table: &[f32],
+    dim: usize,
+    keep: impl Fn(u32) -> bool,
+    query: &[f32],
+    metric: Metric,
+) -> u32 {
+    let mut best = (u32::MAX, f64::INFINITY);
+    for (t, row) in table.chunks_exact(dim).enumerate() {
+        if !keep(t as u32) {
+            continue;
+        }
+        let score = match metric {
+            Metric::L2 => l2(row, query),
+            Metric::InnerProduct => -row
+                .iter()
+                .zip(query)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum::<f64>(),
+        };
+        if score < best.1 {
+            best = (t as u32, score);
+        }
+    }
+    best.0
 }
 
 #[cfg(test)]

@@ -229,8 +229,9 @@ pub struct AugmentArgs {
     /// Only make sure the teacher checkpoint exists (the first job of a cluster chain).
     #[arg(long, conflicts_with_all = ["finalize", "shard_index"])]
     pub teacher_only: bool,
-    /// Teacher dtype: bf16, f16 or f32 (half precision needs `--device cuda`; default bf16 on
-    /// GPUs with bf16, else f32). Shards made in another dtype are not byte-identical.
+    /// Teacher dtype: bf16, f16 or f32 (default bf16 on GPUs with bf16, else f32). f16 needs
+    /// `--device cuda`; bf16 on the CPU needs AVX-512 BF16 and multiplies the dense layers in
+    /// bf16. Shards made in another dtype are not byte-identical.
     #[arg(long, value_parser = ["bf16", "f16", "f32"])]
     pub dtype: Option<String>,
     /// Replace outputs of a different configuration.

@@ -312,7 +312,8 @@ pub struct Teacher {
     pub task: &'static TaskSpec,
     /// Device it runs on.
     pub device: Device,
-    /// Floating-point type of its weights and activations (f32, or bf16/f16 on CUDA).
+    /// Its `--dtype`: f32; bf16 or f16 on CUDA (weights and activations); bf16 on the CPU
+    /// (the dense layers' products).
     pub dtype: DType,
     /// Checkpoint directory.
     pub dir: PathBuf,
@@ -364,6 +365,16 @@ impl Teacher {
         })
     }
 
+    /// The dtype of its weights and activations: f32 on the CPU, whose bf16 is in the
+    /// dense layers' products only.
+    fn compute_dtype(&self) -> DType {
+        if self.device.is_cpu() {
+            DType::F32
+        } else {
+            self.dtype
+        }
+    }
+
     /// Pads encoded rows into a batch on the teacher's device.
     pub fn batch(&self, rows: &[(&[u32], &[u8])]) -> Result<Batch> {
         Batch::new(rows, self.tokenizer.pad_id, &self.device)
@@ -379,7 +390,7 @@ impl Teacher {
 
     /// Logits for input word embeddings `[b, s, hidden]` (virtual inputs).
     pub fn logits_from_embeds(&self, embeds: &Tensor, b: &Batch) -> Result<Tensor> {
-        let embeds = embeds.to_dtype(self.dtype)?;
+        let embeds = embeds.to_dtype(self.compute_dtype())?;
         Ok(self
             .model
             .forward_embeds(&embeds, &b.types, &b.mask, &mut Ctx::eval())?

@@ -313,16 +313,79 @@ fn bf16_logit_difference(dev: &Device) -> f32 {
 }
 
 #[test]
-fn half_precision_on_the_cpu_is_a_clear_error() {
-    for dtype in ["bf16", "f16"] {
-        let e = common::fail(&[
+fn f16_on_the_cpu_is_a_clear_error() {
+    let e = common::fail(&[
+        "augment",
+        "pipelines/smoke.toml",
+        "--device",
+        "cpu",
+        "--dtype",
+        "f16",
+    ]);
+    assert!(e.contains("f16 is for `--device cuda`"), "{e}");
+}
+
+/// `--dtype bf16` on the CPU: where the CPU has AVX-512 BF16, shards that verify, record
+/// bf16 and keep the f32 run's rows (logits within 0.1, most token rows identical);
+/// elsewhere one error line naming the instructions.
+#[test]
+fn bf16_on_the_cpu_keeps_the_f32_rows_or_names_what_is_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |dtype: &str| {
+        let root = tmp.path().join(dtype);
+        let out = root.to_str().unwrap().to_string();
+        let args = [
             "augment",
             "pipelines/smoke.toml",
+            "--out",
+            &out,
             "--device",
             "cpu",
             "--dtype",
             dtype,
-        ]);
-        assert!(e.contains("half precision is for `--device cuda`"), "{e}");
+        ]
+        .map(String::from);
+        (root, args)
+    };
+    let (bf16_root, args) = run("bf16");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    if !augpro::precision::cpu_has_bf16() {
+        let e = common::fail(&args);
+        assert!(e.contains("lacks AVX-512 BF16"), "{e}");
+        return;
     }
+    common::ok(&args);
+    let (f32_root, f32_args) = run("f32");
+    common::ok(&f32_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let dir = |root: &std::path::Path| root.join("sst2/smoke");
+    assert!(common::ok(&["verify", dir(&bf16_root).to_str().unwrap()]).contains("ok"));
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir(&bf16_root).join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(m["shards"][0]["dtype"], "bf16");
+    let (a, b) = (
+        common::read_rows(&dir(&f32_root)),
+        common::read_rows(&dir(&bf16_root)),
+    );
+    let key = |r: &augpro::shards::Row| (r.method, r.idx, r.copy);
+    let b: std::collections::HashMap<_, _> = b.iter().map(|r| (key(r), r)).collect();
+    let (mut same, mut both, mut worst) = (0, 0, 0f32);
+    for r in &a {
+        let Some(o) = b.get(&key(r)) else { continue };
+        both += 1;
+        same += usize::from(r.input_ids == o.input_ids);
+        if r.method == "original" {
+            for (x, y) in r.teacher_logits.iter().zip(&o.teacher_logits) {
+                worst = worst.max((x - y).abs());
+            }
+        }
+    }
+    eprintln!("bf16 vs f32: {same} of {both} rows identical, max logit diff {worst:.3}");
+    assert!(
+        both * 10 >= a.len() * 9,
+        "{both} of {} rows in both",
+        a.len()
+    );
+    assert!(same * 10 >= both * 9, "{same} of {both} rows identical");
+    assert!(worst <= 0.1, "original rows' logits differ by {worst}");
 }

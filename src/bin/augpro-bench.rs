@@ -427,9 +427,74 @@ fn teacher_speed(
         })
         .collect();
     let runtimes = other_runtimes(model, &json!({ "batches": batches }), tmp, limit_fwd)?;
+    let bf16 = if device.is_cpu() && augpro::precision::cpu_has_bf16() {
+        let f32_secs = best[1][0];
+        let logits = |m: &augpro::model::SeqClassifier| -> Result<Vec<Vec<f32>>> {
+            let mut out = vec![Vec::new(); ex.len()];
+            for b in sorted_batches(&lens, 32) {
+                let batch = batch_of(&b)?;
+                let l = m.forward_ids(&batch.ids, &batch.types, &batch.mask, &mut Ctx::eval())?;
+                for (i, row) in b.iter().zip(l.logits.to_vec2::<f32>()?) {
+                    out[*i] = row;
+                }
+            }
+            Ok(out)
+        };
+        let p = ck
+            .params(device, false, 0)?
+            .with_dtype(candle_core::DType::BF16);
+        let m16 = augpro::model::SeqClassifier::load(&p, &ck.config, 2)?;
+        Some(bf16_rows(
+            &logits(&models[0])?,
+            &logits(&m16)?,
+            real,
+            f32_secs,
+            || forward(&m16, 32),
+        )?)
+    } else {
+        None
+    };
     Ok(
         json!({ "examples": ex.len(), "real_tokens": real, "flops_per_token": fwd_flops,
-        "matmul_peak_gflops": peak_gflops, "rows": rows, "runtimes": runtimes }),
+        "matmul_peak_gflops": peak_gflops, "rows": rows, "runtimes": runtimes, "bf16": bf16 }),
+    )
+}
+
+/// The CPU's bf16 forward (batch 32) beside the f32 one: speed (best of 3) and how far its
+/// logits are from f32's on the same examples.
+fn bf16_rows(
+    f32_logits: &[Vec<f32>],
+    bf16_logits: &[Vec<f32>],
+    real_tokens: usize,
+    f32_secs: f64,
+    forward: impl Fn() -> Result<()>,
+) -> Result<Value> {
+    let mut t = f64::INFINITY;
+    for _ in 0..3 {
+        t = t.min(secs(&forward)?.1);
+    }
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i)
+    };
+    let same = f32_logits
+        .iter()
+        .zip(bf16_logits)
+        .filter(|(a, b)| argmax(a) == argmax(b))
+        .count();
+    let max_diff = f32_logits
+        .iter()
+        .flatten()
+        .zip(bf16_logits.iter().flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    Ok(
+        json!({ "batch": 32, "f32_tokens_per_s": real_tokens as f64 / f32_secs,
+        "bf16_tokens_per_s": real_tokens as f64 / t, "speedup": f32_secs / t,
+        "examples": f32_logits.len(), "argmax_agreement": same as f64 / f32_logits.len() as f64,
+        "max_abs_logit_diff": max_diff }),
     )
 }
 
@@ -528,6 +593,16 @@ fn described_csv_pipeline(tmp: &Path, glue_dir: &Path, rows: usize) -> Result<Pa
 
 /// Runs `augpro augment` as a child; returns (wall seconds, peak RSS in MiB).
 fn run_augment(pipeline: &Path, glue_dir: &Path, device: &str) -> Result<(f64, f64)> {
+    run_augment_as(pipeline, glue_dir, device, "f32")
+}
+
+/// [`run_augment`] with the teacher in `dtype`.
+fn run_augment_as(
+    pipeline: &Path,
+    glue_dir: &Path,
+    device: &str,
+    dtype: &str,
+) -> Result<(f64, f64)> {
     let exe = std::env::current_exe()?.with_file_name("augpro");
     let t = Instant::now();
     let mut child = std::process::Command::new(&exe)
@@ -538,6 +613,8 @@ fn run_augment(pipeline: &Path, glue_dir: &Path, device: &str) -> Result<(f64, f
             "--force",
             "--device",
             device,
+            "--dtype",
+            dtype,
         ])
         .env("AUGPRO_GLUE_DIR", glue_dir)
         .stdout(std::process::Stdio::null())
@@ -597,18 +674,31 @@ fn peer(model: &Path, glue_dir: &Path, dir: &Path, device: &str, quick: bool) ->
     );
     let p = dir.join("peer.toml");
     std::fs::write(&p, toml)?;
-    let (wall, rss) = run_augment(&p, glue_dir, device)?;
-    let timings: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("out/sst2/peer/timings.json"))?)?;
-    let shard = timings
-        .as_object()
-        .and_then(|o| o.values().next())
-        .cloned()
-        .unwrap_or_default();
-    let work = shard["seconds"].as_f64().unwrap_or(f64::NAN);
-    let stages = shard["stage_seconds"].clone();
-    let mut out = json!({ "examples": n, "augpro": { "work_seconds": work, "process_seconds": wall,
-        "examples_per_s": n as f64 / work, "peak_rss_mib": rss, "stage_seconds": stages } });
+    let run = |dtype: &str| -> Result<(f64, Value)> {
+        let (wall, rss) = run_augment_as(&p, glue_dir, device, dtype)?;
+        let timings: Value =
+            serde_json::from_slice(&std::fs::read(dir.join("out/sst2/peer/timings.json"))?)?;
+        let shard = timings
+            .as_object()
+            .and_then(|o| o.values().next())
+            .cloned()
+            .unwrap_or_default();
+        let work = shard["seconds"].as_f64().unwrap_or(f64::NAN);
+        let stages = shard["stage_seconds"].clone();
+        Ok((
+            work,
+            json!({ "work_seconds": work, "process_seconds": wall,
+            "examples_per_s": n as f64 / work, "peak_rss_mib": rss, "stage_seconds": stages }),
+        ))
+    };
+    let bf16 = (device == "cpu" && augpro::precision::cpu_has_bf16())
+        .then(|| run("bf16"))
+        .transpose()?;
+    let (work, f32_row) = run("f32")?;
+    let mut out = json!({ "examples": n, "augpro": f32_row });
+    if let Some((_, row)) = &bf16 {
+        out["augpro_bf16"] = row.clone();
+    }
     let has_peer = std::process::Command::new("python3")
         .args(["-c", "import torch, transformers, faiss, pyarrow"])
         .stderr(std::process::Stdio::null())
@@ -643,6 +733,9 @@ fn peer(model: &Path, glue_dir: &Path, dir: &Path, device: &str, quick: bool) ->
     out["python"] = json!({ "work_seconds": py_work, "process_seconds": wall,
         "examples_per_s": n as f64 / py_work });
     out["speedup_work"] = json!(py_work / work);
+    if let Some((w, _)) = bf16 {
+        out["speedup_work_bf16"] = json!(py_work / w);
+    }
     Ok(out)
 }
 
@@ -1119,12 +1212,14 @@ fn markdown(r: &Value) -> String {
         }
         s.push('\n');
         runtimes_markdown(&mut s, t);
+        bf16_markdown(&mut s, t);
     }
     student_markdown(&mut s, r);
     if let Some(p) = r.get("peer").filter(|t| !t.is_null()) {
         let _ = writeln!(s, "## Peer: `augment` vs a Python pipeline on the same job\n\n{} SST-2 training examples, original + AugPro-Mix + AugPro-FGSM, exact L2 projection, one shard, the same teacher and thread count. The Python side is `bench/peer.py` (transformers + faiss-cpu + pyarrow).\n\n| pipeline | work s | whole process s | source examples/s (work) |\n|---|---:|---:|---:|", p["examples"]);
         for (name, k) in [
             ("augpro `augment`", "augpro"),
+            ("augpro `augment --dtype bf16`", "augpro_bf16"),
             ("Python (`bench/peer.py`)", "python"),
         ] {
             if let Some(v) = p.get(k) {
@@ -1141,6 +1236,13 @@ fn markdown(r: &Value) -> String {
             let _ = writeln!(
                 s,
                 "\naugment is **{}×** the Python pipeline on the work.",
+                f(x)
+            );
+        }
+        if let Some(x) = p.get("speedup_work_bf16") {
+            let _ = writeln!(
+                s,
+                "With `--dtype bf16` (the dense layers in bf16 on AVX-512 BF16), **{}×**.",
                 f(x)
             );
         }
@@ -1264,4 +1366,23 @@ fn student_markdown(s: &mut String, r: &Value) {
         );
     }
     s.push('\n');
+}
+
+/// The teacher's bf16 rows (CPU, `--dtype bf16`), when the CPU has AVX-512 BF16.
+fn bf16_markdown(s: &mut String, t: &Value) {
+    let Some(b) = t.get("bf16").filter(|b| !b.is_null()) else {
+        return;
+    };
+    let f = |k: &str| b[k].as_f64().unwrap_or(f64::NAN);
+    let _ = writeln!(
+        s,
+        "### bf16 on the CPU (`--dtype bf16`)\n\nThe dense layers multiply in bf16 with f32 accumulation (AVX-512 BF16); the rest stays f32. Forward, batch {}, length-sorted, on the {} SST-2 validation examples, against the f32 kernels in the same run.\n\n| | f32 | bf16 |\n|---|---:|---:|\n| forward, real tokens/s | {:.0} | {:.0} ({:.2}×) |\n| argmax equal to f32 | | {:.2}% |\n| max abs logit difference | | {:.2e} |\n",
+        b["batch"],
+        b["examples"],
+        f("f32_tokens_per_s"),
+        f("bf16_tokens_per_s"),
+        f("speedup"),
+        100.0 * f("argmax_agreement"),
+        f("max_abs_logit_diff"),
+    );
 }

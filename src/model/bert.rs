@@ -8,12 +8,14 @@
 use super::deberta::{self, PosProjections, RelEmbeddings, RelState, Relative};
 use super::family::Family;
 use super::kernels;
+use super::kernels::bf16::PackedWeight;
 use super::params::{Init, Params};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// Hugging Face `config.json` of an encoder, in BERT's key names (DistilBERT's are
 /// renamed on reading and back on saving); unknown keys are kept for round-tripping.
@@ -211,6 +213,8 @@ pub struct Linear {
     b: Tensor,
     /// Use the CPU kernel (chosen once, from the device).
     cpu: bool,
+    /// The weight packed for the bf16 kernel (CPU inference under `--dtype bf16`).
+    bf16: Option<Arc<PackedWeight>>,
 }
 
 impl Linear {
@@ -226,10 +230,16 @@ impl Linear {
             Init::Required => Init::Required,
             _ => Init::Zeros,
         };
+        let cpu = kernels::used_on(p.device(), p.dtype());
+        let w = p.get(&format!("{prefix}.weight"), &[out_dim, in_dim], init)?;
+        let bf16 = (cpu && p.bf16_matmuls())
+            .then(|| kernels::pack_bf16(&w))
+            .transpose()?;
         Ok(Self {
-            w: p.get(&format!("{prefix}.weight"), &[out_dim, in_dim], init)?,
+            w,
             b: p.get(&format!("{prefix}.bias"), &[out_dim], bias_init)?,
-            cpu: kernels::used_on(p.device(), p.dtype()),
+            cpu,
+            bf16,
         })
     }
 
@@ -239,7 +249,9 @@ impl Linear {
         let in_dim = *dims.last().expect("rank >= 1");
         let rows = x.elem_count() / in_dim;
         let x = x.reshape((rows, in_dim))?;
-        let y = if self.cpu {
+        let y = if let Some(packed) = &self.bf16 {
+            kernels::linear_bf16(&x, &self.w, &self.b, packed)?
+        } else if self.cpu {
             kernels::linear(&x, &self.w, &self.b)?
         } else {
             x.matmul(&self.w.t()?)?.broadcast_add(&self.b)?
@@ -254,10 +266,16 @@ impl Linear {
     pub fn stacked(parts: &[&Linear]) -> Result<Self> {
         let w = Tensor::cat(&parts.iter().map(|l| &l.w).collect::<Vec<_>>(), 0)?;
         let b = Tensor::cat(&parts.iter().map(|l| &l.b).collect::<Vec<_>>(), 0)?;
+        let bf16 = parts
+            .iter()
+            .all(|l| l.bf16.is_some())
+            .then(|| kernels::pack_bf16(&w))
+            .transpose()?;
         Ok(Self {
             w,
             b,
             cpu: parts.iter().all(|l| l.cpu),
+            bf16,
         })
     }
 }

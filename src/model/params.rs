@@ -27,6 +27,8 @@ pub struct Params {
     rng: RefCell<ChaCha8Rng>,
     device: Device,
     dtype: DType,
+    /// Dense layers multiply in bf16 (CPU, `--dtype bf16`): parameters stay f32.
+    bf16_matmuls: bool,
     source: String,
 }
 
@@ -52,14 +54,27 @@ impl Params {
             rng: RefCell::new(ChaCha8Rng::seed_from_u64(seed)),
             device: device.clone(),
             dtype: DType::F32,
+            bf16_matmuls: false,
             source: source.to_string(),
         }
     }
 
     /// Loads every parameter in `dtype` instead of f32 (a half-precision teacher on CUDA).
+    /// On the CPU, bf16 keeps the parameters and activations in f32 and multiplies the
+    /// dense layers' inputs and weights in bf16 (f32 accumulation): inference only, the
+    /// weights packed once at load.
     pub fn with_dtype(mut self, dtype: DType) -> Self {
-        self.dtype = dtype;
+        if self.device.is_cpu() && dtype == DType::BF16 {
+            self.bf16_matmuls = true;
+        } else {
+            self.dtype = dtype;
+        }
         self
+    }
+
+    /// Whether dense layers multiply in bf16 (see [`Params::with_dtype`]).
+    pub fn bf16_matmuls(&self) -> bool {
+        self.bf16_matmuls
     }
 
     /// Fetches a parameter by canonical name, checking its shape; initialises it if allowed.

@@ -1,11 +1,14 @@
 //! `y = x·Wᵀ + b` whose backward computes only the gradients that are tracked: for frozen
 //! weights (the teacher under FGSM) that is one GEMM instead of two.
 
+use super::bf16::{self, PackedWeight};
 use super::{contiguous, parallelism};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::sync::Arc;
 
-struct Linear;
+/// The op: f32, or with the weight's bf16 packing (forward in bf16, backward in f32).
+struct Linear(Option<Arc<PackedWeight>>);
 
 /// `(n, in, out)` for `x` `[n, in]`, `w` `[out, in]` and `b` `[out]`; an error for other shapes.
 fn dims(x: &Shape, w: &Shape, b: &Shape) -> Result<(usize, usize, usize)> {
@@ -37,6 +40,15 @@ impl CustomOp3 for Linear {
             contiguous(sw, lw)?,
             contiguous(sb, lb)?,
         );
+        if let Some(packed) = &self.0 {
+            if packed.dims() != (m, k) {
+                candle_core::bail!("linear: packed weight {:?}, not [{m}, {k}]", packed.dims());
+            }
+            return Ok((
+                CpuStorage::F32(bf16::linear(x, packed, b)),
+                Shape::from((n, m)),
+            ));
+        }
         let mut y = vec![0f32; n * m];
         y.par_chunks_mut(m.max(1))
             .for_each(|row| row.copy_from_slice(b));
@@ -91,7 +103,30 @@ impl CustomOp3 for Linear {
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     dims(x.shape(), w.shape(), b.shape())?;
     x.contiguous()?
-        .apply_op3(&w.contiguous()?, &b.contiguous()?, Linear)
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, Linear(None))
+}
+
+/// [`linear`] with the forward product in bf16 (f32 accumulation) from `packed`, `W`
+/// rounded and packed once ([`PackedWeight::new`]); the backward pass uses `W` in f32.
+pub fn linear_bf16(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    packed: &Arc<PackedWeight>,
+) -> Result<Tensor> {
+    dims(x.shape(), w.shape(), b.shape())?;
+    x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        Linear(Some(packed.clone())),
+    )
+}
+
+/// `W` `[out, in]` (CPU, f32) rounded to bf16 and packed for [`linear_bf16`].
+pub fn pack_bf16(w: &Tensor) -> Result<Arc<PackedWeight>> {
+    let (out, inputs) = w.dims2()?;
+    let v: Vec<f32> = w.flatten_all()?.to_vec1()?;
+    Ok(Arc::new(PackedWeight::new(&v, out, inputs)))
 }
 
 #[cfg(test)]

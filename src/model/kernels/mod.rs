@@ -6,6 +6,7 @@
 
 mod adamw;
 mod attention;
+pub mod bf16;
 mod gelu;
 mod linear;
 mod math;
@@ -14,7 +15,7 @@ mod norm;
 pub use adamw::AdamW;
 pub use attention::{attention, Seqs};
 pub use gelu::gelu_erf;
-pub use linear::linear;
+pub use linear::{linear, linear_bf16, pack_bf16};
 pub use norm::layer_norm;
 
 use candle_core::{CpuStorage, DType, Device, Layout};

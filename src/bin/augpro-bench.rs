@@ -596,6 +596,16 @@ fn run_augment(pipeline: &Path, glue_dir: &Path, device: &str) -> Result<(f64, f
     run_augment_as(pipeline, glue_dir, device, "f32")
 }
 
+/// The first shard's entry of an `augment` run's `timings.json` (the bench runs one shard).
+fn shard_timings(path: &Path) -> Result<Value> {
+    let timings: Value = serde_json::from_slice(&std::fs::read(path)?)?;
+    Ok(timings
+        .as_object()
+        .and_then(|o| o.values().next())
+        .cloned()
+        .unwrap_or_default())
+}
+
 /// [`run_augment`] with the teacher in `dtype`.
 fn run_augment_as(
     pipeline: &Path,
@@ -676,13 +686,7 @@ fn peer(model: &Path, glue_dir: &Path, dir: &Path, device: &str, quick: bool) ->
     std::fs::write(&p, toml)?;
     let run = |dtype: &str| -> Result<(f64, Value)> {
         let (wall, rss) = run_augment_as(&p, glue_dir, device, dtype)?;
-        let timings: Value =
-            serde_json::from_slice(&std::fs::read(dir.join("out/sst2/peer/timings.json"))?)?;
-        let shard = timings
-            .as_object()
-            .and_then(|o| o.values().next())
-            .cloned()
-            .unwrap_or_default();
+        let shard = shard_timings(&dir.join("out/sst2/peer/timings.json"))?;
         let work = shard["seconds"].as_f64().unwrap_or(f64::NAN);
         let stages = shard["stage_seconds"].clone();
         Ok((
@@ -1013,13 +1017,7 @@ fn main() -> Result<()> {
         eprintln!("end to end: augment {n} SST-2 examples with every method…");
         let p = bench_pipeline(&tmp, "e2e", n, ALL_METHODS)?;
         let (wall, rss) = run_augment(&p, &glue_dir, &a.device)?;
-        let timings: Value =
-            serde_json::from_slice(&std::fs::read(tmp.join("out/sst2/e2e/timings.json"))?)?;
-        let shard = timings
-            .as_object()
-            .and_then(|o| o.values().next())
-            .cloned()
-            .unwrap_or_default();
+        let shard = shard_timings(&tmp.join("out/sst2/e2e/timings.json"))?;
         let total = shard["seconds"].as_f64().unwrap_or(f64::NAN);
         let methods: serde_json::Map<String, Value> = shard["method_seconds"]
             .as_object()

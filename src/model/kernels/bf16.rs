@@ -76,12 +76,28 @@ fn pack_rows(x: &[f32], inputs: usize) -> Vec<u32> {
     let mut out = vec![0u32; (x.len() / inputs) * kp];
     out.par_chunks_mut(kp)
         .zip(x.par_chunks(inputs))
-        .for_each(|(dst, row)| {
-            for (p, d) in dst.iter_mut().enumerate() {
-                *d = pair(row[2 * p], row.get(2 * p + 1).copied().unwrap_or(0.0));
-            }
-        });
+        // SAFETY: the caller checked `available`; `dst` holds ⌈row.len()/2⌉ pairs.
+        .for_each(|(dst, row)| unsafe { pack_row(row, dst) });
     out
+}
+
+/// One row as bf16 pairs: 32 values per `vcvtne2ps2bf16` (nearest, ties to even, as
+/// [`bf16`]), the tail one pair at a time.
+///
+/// # Safety
+/// The CPU has AVX-512 F and BF16, and `dst` holds `⌈row.len() / 2⌉` pairs.
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn pack_row(row: &[f32], dst: &mut [u32]) {
+    let full = row.len() / 32;
+    for c in 0..full {
+        let lo = _mm512_loadu_ps(row.as_ptr().add(32 * c));
+        let hi = _mm512_loadu_ps(row.as_ptr().add(32 * c + 16));
+        let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+        _mm512_storeu_si512(dst.as_mut_ptr().add(16 * c).cast(), v);
+    }
+    for (p, d) in dst.iter_mut().enumerate().skip(16 * full) {
+        *d = pair(row[2 * p], row.get(2 * p + 1).copied().unwrap_or(0.0));
+    }
 }
 
 /// One tile: `y[r][j] += Σ_p x[r][p] · w[p][j]` for `rows` rows and `cols` features.

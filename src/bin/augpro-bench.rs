@@ -596,6 +596,43 @@ fn run_augment(pipeline: &Path, glue_dir: &Path, device: &str) -> Result<(f64, f
     run_augment_as(pipeline, glue_dir, device, "f32")
 }
 
+/// Token ids of every row of a dataset, by (method, source idx, copy).
+fn token_rows(dir: &Path) -> Result<std::collections::HashMap<(String, i64, u32), Vec<u32>>> {
+    use augpro::shards::{manifest::read_manifest, reader::ShardReader, ShardSchema};
+    let loc: augpro::storage::Location = dir.into();
+    let m = read_manifest(&loc)?;
+    let schema = ShardSchema::new(augpro::data::manifest_task(&m)?);
+    let mut out = std::collections::HashMap::new();
+    for f in m.shards.iter().flat_map(|s| &s.files) {
+        let mut r = ShardReader::open(&loc.join(&f.file), &schema)?;
+        while let Some(rows) = r.next_rows(&schema)? {
+            for row in rows {
+                out.insert((row.method.to_string(), row.idx, row.copy), row.input_ids);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Per augmented method, the share of `b`'s rows whose tokens equal `a`'s row of the same
+/// method, source and copy (a row only one side kept counts as different).
+fn identical_rows(a: &Path, b: &Path) -> Result<Value> {
+    let (a, b) = (token_rows(a)?, token_rows(b)?);
+    let mut per: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+    for (k, ids) in &b {
+        if k.0 == "original" {
+            continue;
+        }
+        let e = per.entry(k.0.clone()).or_default();
+        e.1 += 1;
+        e.0 += usize::from(a.get(k) == Some(ids));
+    }
+    Ok(json!(per
+        .into_iter()
+        .map(|(m, (same, all))| (m, json!(same as f64 / all.max(1) as f64)))
+        .collect::<serde_json::Map<_, _>>()))
+}
+
 /// The first shard's entry of an `augment` run's `timings.json` (the bench runs one shard).
 fn shard_timings(path: &Path) -> Result<Value> {
     let timings: Value = serde_json::from_slice(&std::fs::read(path)?)?;
@@ -682,11 +719,20 @@ fn peer(model: &Path, glue_dir: &Path, dir: &Path, device: &str, quick: bool) ->
         // The Python peer's per-coordinate ε = 0.2 × median nearest-neighbour distance.
         eps_nn = 0.2 * (ck.config.hidden_size as f64).sqrt()
     );
-    let p = dir.join("peer.toml");
-    std::fs::write(&p, toml)?;
+    // Each dtype writes its own dataset (`peer`, `peer-bf16`), to compare their rows.
     let run = |dtype: &str| -> Result<(f64, Value)> {
+        let name = if dtype == "f32" {
+            "peer".to_string()
+        } else {
+            format!("peer-{dtype}")
+        };
+        let p = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &p,
+            toml.replacen("name = \"peer\"", &format!("name = \"{name}\""), 1),
+        )?;
         let (wall, rss) = run_augment_as(&p, glue_dir, device, dtype)?;
-        let shard = shard_timings(&dir.join("out/sst2/peer/timings.json"))?;
+        let shard = shard_timings(&dir.join(format!("out/sst2/{name}/timings.json")))?;
         let work = shard["seconds"].as_f64().unwrap_or(f64::NAN);
         let stages = shard["stage_seconds"].clone();
         Ok((
@@ -702,6 +748,8 @@ fn peer(model: &Path, glue_dir: &Path, dir: &Path, device: &str, quick: bool) ->
     let mut out = json!({ "examples": n, "augpro": f32_row });
     if let Some((_, row)) = &bf16 {
         out["augpro_bf16"] = row.clone();
+        out["bf16_identical_rows"] =
+            identical_rows(&dir.join("out/sst2/peer"), &dir.join("out/sst2/peer-bf16"))?;
     }
     let has_peer = std::process::Command::new("python3")
         .args(["-c", "import torch, transformers, faiss, pyarrow"])
@@ -1242,6 +1290,17 @@ fn markdown(r: &Value) -> String {
                 s,
                 "With `--dtype bf16` (the dense layers in bf16 on AVX-512 BF16), **{}×**.",
                 f(x)
+            );
+        }
+        if let Some(o) = p.get("bf16_identical_rows").and_then(|v| v.as_object()) {
+            let shares: Vec<String> = o
+                .iter()
+                .map(|(m, v)| format!("{m} {:.1}%", 100.0 * v.as_f64().unwrap_or(f64::NAN)))
+                .collect();
+            let _ = writeln!(
+                s,
+                "Augmented rows whose projected tokens equal the f32 run's: {}.",
+                shares.join(", ")
             );
         }
         let total = p["augpro"]["work_seconds"].as_f64().unwrap_or(f64::NAN);

@@ -1,6 +1,8 @@
 //! Task descriptions: a dataset's text columns, labels, splits, metric and where its files
 //! are. The nine GLUE configs are the built-in descriptions; a pipeline's `[data]` section
-//! describes any other dataset ([`register`] gives it the same standing).
+//! ([`DataConfig`]) describes any other dataset ([`register`] gives it the same standing).
+//! Both are recorded in every manifest, with the dev split held out of train
+//! ([`DevConfig`]), so that a reader knows what the rows hold without the pipeline.
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};

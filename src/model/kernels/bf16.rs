@@ -17,9 +17,16 @@ pub fn available() -> bool {
     crate::precision::cpu_has_bf16()
 }
 
-/// `x` rounded to the nearest bf16 (ties to even), as its 16 bits.
+/// `x` rounded to the nearest bf16 (ties to even), as its 16 bits, as `vcvtne2ps2bf16`
+/// gives it: NaN stays a quiet NaN and subnormals become zero of their sign.
 fn bf16(x: f32) -> u16 {
     let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) as u16) | 0x0040;
+    }
+    if x.is_subnormal() {
+        return ((b >> 16) & 0x8000) as u16;
+    }
     ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16
 }
 
@@ -184,6 +191,51 @@ pub fn linear(x: &[f32], w: &PackedWeight, b: &[f32]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The scalar rounding of the row tails gives the instruction's bits: on ties, both
+    /// signs, subnormals, infinities and NaN.
+    #[test]
+    fn scalar_rounding_matches_the_instruction() {
+        let mut v: Vec<f32> = vec![
+            1.0,
+            -1.0,
+            f32::from_bits(0x3F80_8000), // a tie, rounds to even (down)
+            f32::from_bits(0x3F81_8000), // a tie, rounds to even (up)
+            f32::from_bits(0x0000_0001),
+            -f32::from_bits(0x0040_0000),
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::MAX,
+            0.0,
+            -0.0,
+        ];
+        let mut seed = 3u32;
+        while v.len() < 64 {
+            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+            v.push(f32::from_bits(seed));
+        }
+        // The rounding itself: ties to even, subnormals to signed zero, NaN kept.
+        assert_eq!(bf16(v[2]), 0x3F80);
+        assert_eq!(bf16(v[3]), 0x3F82);
+        assert_eq!((bf16(v[4]), bf16(v[5])), (0x0000, 0x8000));
+        assert!(f32::from_bits((bf16(f32::NAN) as u32) << 16).is_nan());
+        if !available() {
+            return;
+        }
+        let mut dst = vec![0u32; 32];
+        // SAFETY: `available` is true and `dst` holds 32 pairs for 64 values.
+        unsafe { pack_row(&v, &mut dst) };
+        for (p, d) in dst.iter().enumerate() {
+            assert_eq!(
+                *d,
+                pair(v[2 * p], v[2 * p + 1]),
+                "values {} and {}",
+                v[2 * p],
+                v[2 * p + 1]
+            );
+        }
+    }
 
     /// Against the f32 product of the bf16-rounded inputs, summed in f64: the kernel's only
     /// error is then its f32 accumulation, far below bf16 rounding.

@@ -581,10 +581,7 @@ fn plain_kd_on(cx: &mut TaskCtx, shards: (Location, Manifest)) -> Result<PlainKd
         .unwrap_or_else(|| 3 * (2 * orig_rows).div_ceil(32))
         .max(1);
     let runs = cx.runs_on(Role::Final, "original", &setting, &shards, cx.budget.seeds)?;
-    cx.first_round = Some(
-        cx.dir
-            .join(cx.run_dir(Role::Final, "original", &setting, 0)),
-    );
+    cx.first_round = Some(cx.dir.join(cx.first_round_dir()));
     Ok(PlainKd { shards, runs })
 }
 

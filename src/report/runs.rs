@@ -239,6 +239,17 @@ impl<'a> TaskCtx<'a> {
         )
     }
 
+    /// Directory of plain KD's first final run: AugPro-FGSM's first-round student, the one
+    /// run whose weights are read again.
+    pub fn first_round_dir(&self) -> String {
+        self.run_dir(
+            Role::Final,
+            "original",
+            &Setting::pipeline(),
+            Role::Final.seed(0),
+        )
+    }
+
     /// sha256 of every file of the task's train split (the dev split is carved from it) and
     /// validation split(s), by `split/file`.
     fn source_sha256(&self) -> Result<BTreeMap<String, String>> {
@@ -376,7 +387,7 @@ impl<'a> TaskCtx<'a> {
             role.dir(),
             setting.label
         );
-        let keeps_weights = role == Role::Final && method == "original" && seed == 0;
+        let keeps_weights = rel == self.first_round_dir();
         let reused = reusable(&done, &key)
             .filter(|_| !keeps_weights || out.join("model.safetensors").is_file());
         let status = if reused.is_some() {

@@ -365,16 +365,6 @@ impl Teacher {
         })
     }
 
-    /// The dtype of its weights and activations: f32 on the CPU, whose bf16 is in the
-    /// dense layers' products only.
-    fn compute_dtype(&self) -> DType {
-        if self.device.is_cpu() {
-            DType::F32
-        } else {
-            self.dtype
-        }
-    }
-
     /// Pads encoded rows into a batch on the teacher's device.
     pub fn batch(&self, rows: &[(&[u32], &[u8])]) -> Result<Batch> {
         Batch::new(rows, self.tokenizer.pad_id, &self.device)
@@ -390,7 +380,9 @@ impl Teacher {
 
     /// Logits for input word embeddings `[b, s, hidden]` (virtual inputs).
     pub fn logits_from_embeds(&self, embeds: &Tensor, b: &Batch) -> Result<Tensor> {
-        let embeds = embeds.to_dtype(self.compute_dtype())?;
+        // The encoder's own dtype (on the CPU f32 even under bf16, whose products alone
+        // are in bf16).
+        let embeds = embeds.to_dtype(self.model.bert.word_embeddings().dtype())?;
         Ok(self
             .model
             .forward_embeds(&embeds, &b.types, &b.mask, &mut Ctx::eval())?

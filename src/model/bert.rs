@@ -15,7 +15,7 @@ use candle_core::{DType, Tensor, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// Hugging Face `config.json` of an encoder, in BERT's key names (DistilBERT's are
 /// renamed on reading and back on saving); unknown keys are kept for round-tripping.
@@ -213,8 +213,9 @@ pub struct Linear {
     b: Tensor,
     /// Use the CPU kernel (chosen once, from the device).
     cpu: bool,
-    /// The weight packed for the bf16 kernel (CPU inference under `--dtype bf16`).
-    bf16: Option<Arc<PackedWeight>>,
+    /// Multiply in bf16 (CPU inference under `--dtype bf16`): the weight packed for the
+    /// bf16 kernel on first use, so a layer only ever used stacked is never packed.
+    bf16: Option<OnceLock<Arc<PackedWeight>>>,
 }
 
 impl Linear {
@@ -232,9 +233,7 @@ impl Linear {
         };
         let cpu = kernels::used_on(p.device(), p.dtype());
         let w = p.get(&format!("{prefix}.weight"), &[out_dim, in_dim], init)?;
-        let bf16 = (cpu && p.bf16_matmuls())
-            .then(|| kernels::pack_bf16(&w))
-            .transpose()?;
+        let bf16 = (cpu && p.bf16_matmuls()).then(OnceLock::new);
         Ok(Self {
             w,
             b: p.get(&format!("{prefix}.bias"), &[out_dim], bias_init)?,
@@ -250,6 +249,13 @@ impl Linear {
         let rows = x.elem_count() / in_dim;
         let x = x.reshape((rows, in_dim))?;
         let y = if let Some(packed) = &self.bf16 {
+            let packed = match packed.get() {
+                Some(p) => p,
+                None => {
+                    let p = kernels::pack_bf16(&self.w)?;
+                    packed.get_or_init(|| p)
+                }
+            };
             kernels::linear_bf16(&x, &self.w, &self.b, packed)?
         } else if self.cpu {
             kernels::linear(&x, &self.w, &self.b)?
@@ -266,11 +272,7 @@ impl Linear {
     pub fn stacked(parts: &[&Linear]) -> Result<Self> {
         let w = Tensor::cat(&parts.iter().map(|l| &l.w).collect::<Vec<_>>(), 0)?;
         let b = Tensor::cat(&parts.iter().map(|l| &l.b).collect::<Vec<_>>(), 0)?;
-        let bf16 = parts
-            .iter()
-            .all(|l| l.bf16.is_some())
-            .then(|| kernels::pack_bf16(&w))
-            .transpose()?;
+        let bf16 = parts.iter().all(|l| l.bf16.is_some()).then(OnceLock::new);
         Ok(Self {
             w,
             b,

@@ -14,6 +14,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, OnceLock};
 
@@ -191,20 +192,30 @@ impl Ctx {
         if !self.train || p <= 0.0 {
             return Ok(x.clone());
         }
-        let n = x.elem_count();
-        let scale = 1.0 / (1.0 - p);
-        let mask: Vec<f32> = (0..n)
-            .map(|_| {
-                if self.rng.gen::<f32>() >= p {
-                    scale
-                } else {
-                    0.0
-                }
-            })
-            .collect();
+        let mask = dropout_mask(&mut self.rng, x.elem_count(), p);
         let m = Tensor::from_vec(mask, x.shape(), x.device())?;
         Ok(x.mul(&m)?)
     }
+}
+
+/// `n` inverted-dropout factors (`1/(1-p)` kept, `0` dropped): element `i` is kept when the
+/// generator's `i`-th uniform draw (`rng.gen::<f32>()`, 24 bits) is at least `p`. The words
+/// are drawn in one block and converted in parallel, with the same bits as drawing one by one.
+fn dropout_mask(rng: &mut ChaCha8Rng, n: usize, p: f32) -> Vec<f32> {
+    let scale = 1.0 / (1.0 - p);
+    let mut words = vec![0u32; n];
+    rng.fill(&mut words[..]);
+    words
+        .par_iter()
+        .map(|&w| {
+            let uniform = (w >> 8) as f32 * (1.0 / (1u32 << 24) as f32);
+            if uniform >= p {
+                scale
+            } else {
+                0.0
+            }
+        })
+        .collect()
 }
 
 /// A dense layer with HF weight layout `[out, in]`.
@@ -734,3 +745,36 @@ pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
 
 /// Re-exported for the benchmarks; the function lives in [`crate::device`].
 pub use crate::device::parse_device;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropout_mask_draws_what_one_draw_per_element_gives() {
+        for (seed, n, p) in [(0, 1000, 0.1f32), (7, 333, 0.5), (9, 65, 0.3)] {
+            let mut one_by_one = ChaCha8Rng::seed_from_u64(seed);
+            let scale = 1.0 / (1.0 - p);
+            let want: Vec<f32> = (0..n)
+                .map(|_| {
+                    if one_by_one.gen::<f32>() >= p {
+                        scale
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let mut block = ChaCha8Rng::seed_from_u64(seed);
+            assert_eq!(dropout_mask(&mut block, n, p), want, "seed {seed}, n {n}");
+            assert_eq!(
+                block.gen::<u64>(),
+                one_by_one.gen::<u64>(),
+                "the stream goes on alike"
+            );
+            assert!(
+                want.contains(&0.0) && want.contains(&scale),
+                "seed {seed}: {want:?}"
+            );
+        }
+    }
+}

@@ -3,7 +3,7 @@
 
 use super::bf16::{self, PackedWeight};
 use super::{contiguous, parallelism};
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -49,9 +49,10 @@ impl CustomOp3 for Linear {
                 Shape::from((n, m)),
             ));
         }
-        let mut y = vec![0f32; n * m];
-        y.par_chunks_mut(m.max(1))
-            .for_each(|row| row.copy_from_slice(b));
+        let mut y = Vec::with_capacity(n * m);
+        for _ in 0..n {
+            y.extend_from_slice(b);
+        }
         if n > 0 && m > 0 {
             // SAFETY: `dims` checked the shapes, and `contiguous` gives exactly their
             // elements: `y` holds [n, m], `x` [n, k] and `w` [m, k] (read as `w`ᵀ, [k, m]),
@@ -93,8 +94,41 @@ impl CustomOp3 for Linear {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let gx = x.track_op().then(|| g.matmul(w)).transpose()?;
         let gw = w.track_op().then(|| g.t()?.matmul(x)).transpose()?;
-        let gb = b.track_op().then(|| g.sum(0)).transpose()?;
+        let gb = b
+            .track_op()
+            .then(|| g.contiguous()?.apply_op1_no_bwd(&ColumnSums))
+            .transpose()?;
         Ok((gx, gw, gb))
+    }
+}
+
+/// Column sums of a `[n, m]` matrix (the bias gradient): each column adds its rows in order
+/// from zero, as candle's `sum(0)` does, so the bits are the same; column blocks in parallel.
+struct ColumnSums;
+
+/// Columns per parallel task of [`ColumnSums`].
+const SUM_COLUMNS: usize = 64;
+
+impl CustomOp1 for ColumnSums {
+    fn name(&self) -> &'static str {
+        "column-sums"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, m) = l.shape().dims2()?;
+        let g = contiguous(s, l)?;
+        let mut sums = vec![0f32; m];
+        sums.par_chunks_mut(SUM_COLUMNS)
+            .enumerate()
+            .for_each(|(block, dst)| {
+                let columns = block * SUM_COLUMNS..block * SUM_COLUMNS + dst.len();
+                for row in g.chunks_exact(m) {
+                    for (d, v) in dst.iter_mut().zip(&row[columns.clone()]) {
+                        *d += v;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(sums), Shape::from(m)))
     }
 }
 
@@ -157,6 +191,25 @@ mod tests {
             let (a, b) = (g1.get(v).unwrap(), g2.get(v).unwrap());
             assert_close(a, b, 1e-5, 1e-4, &format!("gradient of {what}"))?;
         }
+        Ok(())
+    }
+
+    #[test]
+    fn column_sums_have_the_bits_of_candles_sum() -> Result<()> {
+        let mut r = rng(6);
+        for (n, m) in [(1664, 384), (37, 1536), (5, 70), (1, 3)] {
+            let g = randn(&mut r, 0.0, 1.0, (n, m));
+            let want: Vec<f32> = g.sum(0)?.to_vec1()?;
+            let got: Vec<f32> = g.apply_op1_no_bwd(&ColumnSums)?.to_vec1()?;
+            assert_eq!(got, want, "[{n}, {m}]");
+        }
+        let strided = randn(&mut r, 0.0, 1.0, (70, 50)).t()?;
+        let want: Vec<f32> = strided.sum(0)?.to_vec1()?;
+        let got: Vec<f32> = strided
+            .contiguous()?
+            .apply_op1_no_bwd(&ColumnSums)?
+            .to_vec1()?;
+        assert_eq!(got, want, "a transposed input");
         Ok(())
     }
 

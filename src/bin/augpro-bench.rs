@@ -47,8 +47,9 @@ struct Args {
     #[arg(long)]
     glue_dir: Option<PathBuf>,
     /// Sections to run (matmul, projection, teacher, student, e2e, peer, memory); all when empty. A partial
-    /// run replaces those sections in an existing `results.json` and keeps the others.
-    #[arg(long, value_delimiter = ',')]
+    /// run replaces those sections in an existing `results.json` and keeps the others; `render`
+    /// alone measures nothing and rewrites `results.md` from `results.json`.
+    #[arg(long, value_delimiter = ',', value_parser = ["matmul", "projection", "teacher", "student", "e2e", "peer", "memory", "render"])]
     only: Vec<String>,
 }
 
@@ -1057,6 +1058,12 @@ fn main() -> Result<()> {
                 &device,
             )?);
         }
+        // Each section keeps the limit of its own run, so a partial run that measures the
+        // peak again does not restate older sections against it.
+        let peak = res["matmul_peak"]["gflops"].clone();
+        for c in &mut cases {
+            c["matmul_peak_gflops"] = peak.clone();
+        }
         res.insert("projection".into(), json!(cases));
     }
     let tmp = a.out.join("tmp");
@@ -1186,6 +1193,31 @@ fn memory_rows(s: &mut String, rows: &[Value], size_key: &str) {
     }
 }
 
+/// A note naming the sections measured against another run's limit than `peak` (a partial
+/// run keeps the sections it did not run, each with the limit of the run that measured it).
+fn older_limits(r: &Value, peak: f64) -> String {
+    let mut older: Vec<String> = vec![];
+    let mut note = |name: &str, limit: Option<f64>| {
+        if let Some(l) = limit.filter(|l| (l - peak).abs() > 0.05) {
+            older.push(format!("{name} {l:.1}"));
+        }
+    };
+    let projection = r["projection"].as_array().and_then(|c| c.first());
+    note(
+        "projection",
+        projection.and_then(|c| c["matmul_peak_gflops"].as_f64()),
+    );
+    note("teacher", r["teacher"]["matmul_peak_gflops"].as_f64());
+    note("student", r["student"]["matmul_peak_gflops"].as_f64());
+    if older.is_empty() {
+        return String::new();
+    }
+    format!(
+        " Sections from an earlier run state their shares against that run's limit (GFLOP/s): {}.",
+        older.join(", ")
+    )
+}
+
 fn markdown(r: &Value) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -1212,16 +1244,17 @@ fn markdown(r: &Value) -> String {
             .collect();
         let _ = writeln!(
             s,
-            "Limit: the machine's f32 matmul peak, the best GEMM measured here ({}): **{p:.1} GFLOP/s** ({}).\n",
+            "Limit: the machine's f32 matmul peak, the best GEMM measured here ({}): **{p:.1} GFLOP/s** ({}).{}\n",
             tried.join("; "),
-            r["matmul_peak"]["best"].as_str().unwrap_or("")
+            r["matmul_peak"]["best"].as_str().unwrap_or(""),
+            older_limits(r, p)
         );
     }
     if let Some(cases) = r["projection"].as_array() {
         let _ = writeln!(s, "## Projection (nearest token, k = 1)\n\n| table | index | build s | queries/s | GFLOP/s | % of peak | recall@1 vs exact |\n|---|---|---:|---:|---:|---:|---:|");
         for c in cases {
             for row in c["results"].as_array().into_iter().flatten() {
-                let pct = match (row["gflops"].as_f64(), peak) {
+                let pct = match (row["gflops"].as_f64(), c["matmul_peak_gflops"].as_f64()) {
                     (Some(g), Some(p)) => format!("{:.0}%", 100.0 * g / p),
                     _ => "–".into(),
                 };

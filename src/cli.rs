@@ -393,6 +393,10 @@ pub struct ReportArgs {
     /// methods at each count, written to `<out>/scaling[-<tag>]/`.
     #[arg(long, value_delimiter = ',')]
     pub scaling: Option<Vec<usize>>,
+    /// Student runs trained side by side, the threads shared among them; the results are
+    /// the same, the wall time shorter (small students use many threads poorly)
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub jobs: u16,
     #[command(flatten)]
     pub dev: DeviceArgs,
 }
@@ -658,6 +662,7 @@ fn run_report(a: ReportArgs) -> Result<()> {
         overrides: a.set,
         tag: a.tag,
         scaling: a.scaling,
+        jobs: a.jobs.into(),
     };
     let dir = report::run(&opts, &device)?;
     println!("report: {}", dir.join("results.md").display());

@@ -745,6 +745,29 @@ fn report_smoke_preset_writes_every_method() {
     let r2: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("results.json")).unwrap()).unwrap();
     assert_eq!(r["result"], r2["result"]);
+    // Trained again two side by side (a fresh report directory, the same shards), the
+    // students score exactly the same.
+    let side = tmp.path().join("side-by-side");
+    let mut jobs = args.to_vec();
+    jobs[6] = side.to_str().unwrap();
+    jobs.extend(["--jobs", "2"]);
+    let text = ok(&jobs);
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("student:") && l.contains("reusing"))
+            .count(),
+        0,
+        "{text}"
+    );
+    let r3: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(side.join("sst2/results.json")).unwrap()).unwrap();
+    let scores = |r: &serde_json::Value| -> Vec<serde_json::Value> {
+        let rows = r["result"]["rows"].as_array().unwrap();
+        rows.iter()
+            .map(|m| serde_json::json!([m["runs"], m["validation"], m["dev"], m["vs_kd"]]))
+            .collect()
+    };
+    assert_eq!(scores(&r), scores(&r3));
 }
 
 #[test]

@@ -79,6 +79,9 @@ pub struct ReportOptions {
     pub tag: Option<String>,
     /// Source-example counts of the scaling comparison (`--scaling`, ascending).
     pub scaling: Option<Vec<usize>>,
+    /// Student runs trained side by side, each with its share of the threads (the results
+    /// do not change).
+    pub jobs: usize,
 }
 
 /// A value for every task, or per task: `150`, or `sst2=150,cola=600` (from a
@@ -780,7 +783,7 @@ fn task_result(
 fn write_task(cx: &TaskCtx, r: &TaskResult, kd_shards: &Location, curves: &Curves) -> Result<()> {
     let o = cx.o;
     let md = markdown::task(o, r, &kd_shards.to_string());
-    let log = cx.log.borrow();
+    let log = cx.log.lock().expect("run log");
     atomic_write(
         &cx.dir.join("results.json"),
         serde_json::to_string_pretty(&serde_json::json!({
@@ -851,6 +854,7 @@ mod tests {
             overrides: Vec::new(),
             tag: None,
             scaling: None,
+            jobs: 1,
         }
     }
 

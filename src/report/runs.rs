@@ -17,9 +17,9 @@ use crate::util::{atomic_write, sha256_bytes, sha256_file};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 /// Version of what a student run computes. Bump it when a change of the training or
 /// evaluation code changes a run's result, so that no earlier run is reused.
@@ -60,16 +60,19 @@ impl Role {
 /// sha256 of files, each computed once per report run (model weights and source splits are
 /// large, and every run's key needs them).
 #[derive(Default)]
-pub struct FileHashes(RefCell<BTreeMap<PathBuf, String>>);
+pub struct FileHashes(Mutex<BTreeMap<PathBuf, String>>);
 
 impl FileHashes {
     /// sha256 of `path`'s bytes.
     pub fn get(&self, path: &Path) -> Result<String> {
-        if let Some(h) = self.0.borrow().get(path) {
+        if let Some(h) = self.0.lock().expect("hash cache").get(path) {
             return Ok(h.clone());
         }
         let h = sha256_file(path)?;
-        self.0.borrow_mut().insert(path.to_path_buf(), h.clone());
+        self.0
+            .lock()
+            .expect("hash cache")
+            .insert(path.to_path_buf(), h.clone());
         Ok(h)
     }
 }
@@ -167,7 +170,7 @@ pub struct TaskCtx<'a> {
     pub device: &'a Device,
     pub hashes: &'a FileHashes,
     pub first_round: Option<PathBuf>,
-    pub log: RefCell<Vec<LogEntry>>,
+    pub log: Mutex<Vec<LogEntry>>,
 }
 
 impl<'a> TaskCtx<'a> {
@@ -213,7 +216,7 @@ impl<'a> TaskCtx<'a> {
             device,
             hashes,
             first_round: None,
-            log: RefCell::new(Vec::new()),
+            log: Mutex::new(Vec::new()),
         })
     }
 
@@ -367,15 +370,16 @@ impl<'a> TaskCtx<'a> {
         }
     }
 
-    /// One student run (reused when a finished run with the same key exists).
-    pub fn student(
+    /// One student run (reused when a finished run with the same key exists), with its
+    /// line of the run log.
+    fn student(
         &self,
         role: Role,
         method: &str,
         setting: &Setting,
         shards: &(Location, Manifest),
         seed: u64,
-    ) -> Result<Run> {
+    ) -> Result<(Run, LogEntry)> {
         let scfg = self.student_config(method, seed);
         let key = RunKey::new(self, role, &shards.1, &scfg)?;
         let rel = self.run_dir(role, method, setting, seed);
@@ -423,15 +427,15 @@ impl<'a> TaskCtx<'a> {
                 run
             }
         };
-        self.log.borrow_mut().push(LogEntry {
+        let entry = LogEntry {
             role,
             method: method.into(),
             setting: setting.id(),
             seed,
             dir: rel,
             status,
-        });
-        Ok(run)
+        };
+        Ok((run, entry))
     }
 
     fn finished(
@@ -472,9 +476,16 @@ impl<'a> TaskCtx<'a> {
         shards: &(Location, Manifest),
         n: usize,
     ) -> Result<Vec<Run>> {
-        (0..n)
-            .map(|i| self.student(role, method, setting, shards, role.seed(i)))
-            .collect()
+        let one = |i: usize| self.student(role, method, setting, shards, role.seed(i));
+        let done = side_by_side(self.o.jobs, n, one)?;
+        let mut log = self.log.lock().expect("run log");
+        Ok(done
+            .into_iter()
+            .map(|(run, entry)| {
+                log.push(entry);
+                run
+            })
+            .collect())
     }
 }
 
@@ -498,6 +509,50 @@ fn reusable(done: &Path, key: &RunKey) -> Option<Run> {
     (&recorded == key)
         .then(|| serde_json::from_value::<Run>(v["run"].clone()).ok())
         .flatten()
+}
+
+/// `f(0..n)` on `jobs` workers side by side (one when `jobs` ≤ 1), each with its share of
+/// the current thread pool's threads, results in index order. A run's result does not
+/// depend on its thread count, so the jobs change only the wall time.
+fn side_by_side<T: Send>(
+    jobs: usize,
+    n: usize,
+    f: impl Fn(usize) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    let jobs = jobs.clamp(1, n.max(1));
+    if jobs == 1 {
+        return (0..n).map(f).collect();
+    }
+    let threads = (rayon::current_num_threads() / jobs).max(1);
+    let pools = (0..jobs)
+        .map(|_| rayon::ThreadPoolBuilder::new().num_threads(threads).build())
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let f = &f;
+    let mut done: Vec<(usize, T)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = pools
+            .iter()
+            .enumerate()
+            .map(|(j, pool)| {
+                scope.spawn(move || {
+                    pool.install(|| {
+                        (j..n)
+                            .step_by(jobs)
+                            .map(|i| Ok((i, f(i)?)))
+                            .collect::<Result<Vec<_>>>()
+                    })
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("a run's worker panicked"))
+            .collect::<Result<Vec<_>>>()
+    })?
+    .into_iter()
+    .flatten()
+    .collect();
+    done.sort_by_key(|(i, _)| *i);
+    Ok(done.into_iter().map(|(_, t)| t).collect())
 }
 
 #[cfg(test)]
@@ -578,5 +633,24 @@ mod tests {
             .iter()
             .all(|s| *s >= TUNE_SEED_BASE && !fin.contains(s)));
         assert_ne!(Role::Tune.dir(), Role::Final.dir());
+    }
+
+    #[test]
+    fn side_by_side_keeps_the_order_and_the_first_error() {
+        for jobs in [1, 2, 3, 8] {
+            let got = side_by_side(jobs, 7, |i| Ok(i * 10)).unwrap();
+            assert_eq!(got, [0, 10, 20, 30, 40, 50, 60], "{jobs} jobs");
+            let threads = side_by_side(jobs, 2, |_| Ok(rayon::current_num_threads())).unwrap();
+            let want = (rayon::current_num_threads() / jobs.min(2)).max(1);
+            assert_eq!(threads, [want, want], "{jobs} jobs");
+            let e = side_by_side(jobs, 5, |i| {
+                if i == 3 {
+                    anyhow::bail!("run {i} failed")
+                }
+                Ok(i)
+            });
+            assert_eq!(e.unwrap_err().to_string(), "run 3 failed");
+        }
+        assert!(side_by_side(2, 0, |i| Ok(i)).unwrap().is_empty());
     }
 }

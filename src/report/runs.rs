@@ -651,6 +651,6 @@ mod tests {
             });
             assert_eq!(e.unwrap_err().to_string(), "run 3 failed");
         }
-        assert!(side_by_side(2, 0, |i| Ok(i)).unwrap().is_empty());
+        assert!(side_by_side(2, 0, Ok).unwrap().is_empty());
     }
 }

@@ -134,7 +134,7 @@ bench: setup build peer-deps
 	$(CARGO_TARGET_DIR)/release/augpro-bench --device $(DEVICE) $(BENCH_ARGS)
 
 compare: setup build
-	$(BIN) report --tasks $(or $(TASKS),$(TASK)) --preset $(or $(PRESET),low) $(if $(TUNE),--tune) $(if $(TRAIN_EXAMPLES),--train-examples $(TRAIN_EXAMPLES)) $(if $(SEEDS),--seeds $(SEEDS)) --device $(DEVICE)
+	$(BIN) report --tasks $(or $(TASKS),$(TASK)) --preset $(or $(PRESET),low) $(if $(TUNE),--tune) $(if $(TRAIN_EXAMPLES),--train-examples $(TRAIN_EXAMPLES)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(JOBS),--jobs $(JOBS)) --device $(DEVICE)
 
 # The CUDA toolkit (nvcc, headers, cuBLAS, cuRAND, NVRTC) from PyPI into ~/.cache/augpro-cuda.
 cuda-deps: system-deps

@@ -65,14 +65,13 @@ pub struct FileHashes(Mutex<BTreeMap<PathBuf, String>>);
 impl FileHashes {
     /// sha256 of `path`'s bytes.
     pub fn get(&self, path: &Path) -> Result<String> {
-        if let Some(h) = self.0.lock().expect("hash cache").get(path) {
+        // Held while hashing, so runs side by side never read the same file twice.
+        let mut cache = self.0.lock().expect("hash cache");
+        if let Some(h) = cache.get(path) {
             return Ok(h.clone());
         }
         let h = sha256_file(path)?;
-        self.0
-            .lock()
-            .expect("hash cache")
-            .insert(path.to_path_buf(), h.clone());
+        cache.insert(path.to_path_buf(), h.clone());
         Ok(h)
     }
 }
@@ -477,15 +476,10 @@ impl<'a> TaskCtx<'a> {
         n: usize,
     ) -> Result<Vec<Run>> {
         let one = |i: usize| self.student(role, method, setting, shards, role.seed(i));
-        let done = side_by_side(self.o.jobs, n, one)?;
-        let mut log = self.log.lock().expect("run log");
-        Ok(done
-            .into_iter()
-            .map(|(run, entry)| {
-                log.push(entry);
-                run
-            })
-            .collect())
+        let (runs, entries): (Vec<Run>, Vec<LogEntry>) =
+            side_by_side(self.o.jobs, n, one)?.into_iter().unzip();
+        self.log.lock().expect("run log").extend(entries);
+        Ok(runs)
     }
 }
 

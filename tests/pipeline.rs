@@ -768,6 +768,49 @@ fn report_smoke_preset_writes_every_method() {
             .collect()
     };
     assert_eq!(scores(&r), scores(&r3));
+    // On another clone: only the runs' records travel (no weights, shards or teacher). The
+    // teacher and shards are remade, every run whose key matches is read back, and plain
+    // KD's first run, whose weights AugPro-FGSM would read, is trained again to the same
+    // scores.
+    let clone = tmp.path().join("clone");
+    let copied = copy_run_records(&dir.join("students"), &clone.join("sst2/students"));
+    assert_eq!(copied, 12);
+    let mut elsewhere = args.to_vec();
+    elsewhere[6] = clone.to_str().unwrap();
+    let shards2 = format!("output={}", tmp.path().join("shards2").display());
+    let teachers2 = format!(
+        "teacher.cache_dir={}",
+        tmp.path().join("teachers2").display()
+    );
+    elsewhere[8] = &shards2;
+    elsewhere.extend(["--set", &teachers2]);
+    let text = ok(&elsewhere);
+    assert!(text.contains("training teacher"), "{text}");
+    let reused = text
+        .lines()
+        .filter(|l| l.starts_with("student:") && l.contains("reusing"))
+        .count();
+    assert_eq!(reused, 11, "{text}");
+    let r4: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(clone.join("sst2/results.json")).unwrap()).unwrap();
+    assert_eq!(scores(&r), scores(&r4));
+}
+
+/// Copies every `report-run.json` under `from` to the same place under `to`; how many.
+fn copy_run_records(from: &Path, to: &Path) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        if e.file_type().unwrap().is_dir() {
+            n += copy_run_records(&src, &dst);
+        } else if e.file_name() == "report-run.json" {
+            std::fs::create_dir_all(to).unwrap();
+            std::fs::copy(&src, &dst).unwrap();
+            n += 1;
+        }
+    }
+    n
 }
 
 #[test]

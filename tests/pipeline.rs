@@ -63,8 +63,21 @@ fn smoke_pipeline_end_to_end() {
         "--out",
         a_root.to_str().unwrap(),
     ]);
-    assert!(text.contains("shards:"), "{text}");
-    let names = files(&a);
+    layout_is_complete(&a, &text);
+    rows_keep_the_contract(&a);
+    sharded_run_is_byte_identical(&a, tmp.path());
+    rerun_skips_and_other_configs_are_refused(&a_root, &a, tmp.path());
+    other_readers_load_the_shards(&a);
+    student_trains_on_the_shards(&a, tmp.path());
+    fgsm_rows_need_the_teachers_embedding_table(&a, tmp.path());
+    verify_detects_damage(&a, tmp.path());
+}
+
+/// The output directory holds the manifest, its README, the timings and the shards, and
+/// nothing else; `verify` passes.
+fn layout_is_complete(a: &Path, augment_output: &str) {
+    assert!(augment_output.contains("shards:"), "{augment_output}");
+    let names = files(a);
     for f in ["manifest.json", "README.md", "timings.json"]
         .into_iter()
         .chain(SHARD_FILES)
@@ -82,11 +95,13 @@ fn smoke_pipeline_end_to_end() {
         "no temporary file left: {names:?}"
     );
     assert!(ok(&["verify", a.to_str().unwrap()]).contains("ok"));
+}
 
-    // Every row: teacher logits of the task's width; augmented rows keep the source's
-    // length, segments and special positions; projected rows contain no special token
-    // elsewhere; virtual rows carry what the student needs to rebuild them.
-    let rows = read_rows(&a);
+/// Every row: teacher logits of the task's width; augmented rows keep the source's
+/// length, segments and special positions; projected rows contain no special token
+/// elsewhere; virtual rows carry what the student needs to rebuild them.
+fn rows_keep_the_contract(a: &Path) {
+    let rows = read_rows(a);
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(a.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["source_examples"], 64);
@@ -186,9 +201,12 @@ fn smoke_pipeline_end_to_end() {
     let d = &manifest["diagnostics"];
     assert!(d["augpro_mix"]["changed_position_rate"].as_f64().unwrap() > 0.0);
     assert!(d["augpro_fgsm"]["changed_position_rate"].as_f64().unwrap() > 0.0);
+}
 
-    // Same config, one thread, one process per shard, then finalize: byte-identical.
-    let b_root = tmp.path().join("b");
+/// The same config, one thread, one process per shard, then finalize: byte-identical to
+/// the run in `a`.
+fn sharded_run_is_byte_identical(a: &Path, tmp: &Path) {
+    let b_root = tmp.join("b");
     let b = out_dir(&b_root);
     for i in ["0", "1"] {
         ok(&[
@@ -225,8 +243,11 @@ fn smoke_pipeline_end_to_end() {
         );
         assert!(x == y, "{f} differs between runs");
     }
+}
 
-    // Rerun: complete shards are skipped and nothing changes.
+/// A rerun skips complete shards and changes nothing; a different configuration, or a
+/// completion summary this version cannot read, is refused without `--force`.
+fn rerun_skips_and_other_configs_are_refused(a_root: &Path, a: &Path, tmp: &Path) {
     let before = std::fs::read(a.join(SHARD_FILES[0])).unwrap();
     let text = ok(&[
         "augment",
@@ -241,7 +262,7 @@ fn smoke_pipeline_end_to_end() {
     );
 
     // A different configuration in the same directory is refused without --force.
-    let cfg2 = tmp.path().join("smoke2.toml");
+    let cfg2 = tmp.join("smoke2.toml");
     std::fs::write(
         &cfg2,
         std::fs::read_to_string(common::root().join("pipelines/smoke.toml"))
@@ -260,7 +281,7 @@ fn smoke_pipeline_end_to_end() {
         "{e}"
     );
     // A completion summary this version cannot read is refused the same way.
-    let odd_root = tmp.path().join("odd");
+    let odd_root = tmp.join("odd");
     std::fs::create_dir_all(out_dir(&odd_root)).unwrap();
     std::fs::write(
         out_dir(&odd_root).join(".train-00000-of-00002.done.json"),
@@ -277,8 +298,11 @@ fn smoke_pipeline_end_to_end() {
         e.contains("unreadable shard summary") && e.contains("--force"),
         "{e}"
     );
+}
 
-    // Interoperability: pyarrow and polars read the shards.
+/// Interoperability: pyarrow and polars read the shards, which have the Hugging Face
+/// layout, and `inspect` summarises them.
+fn other_readers_load_the_shards(a: &Path) {
     let py = format!(
         r#"
 import pyarrow as pa, pyarrow.parquet as pq, polars as pl, json, glob
@@ -298,17 +322,20 @@ print("interop ok", df.height)
 "#,
         dir = a.display()
     );
-    python(&py, &a);
-    hugging_face_layout(&a);
+    python(&py, a);
+    hugging_face_layout(a);
 
     let text = ok(&["inspect", a.to_str().unwrap()]);
     assert!(
         text.contains("augpro_mix") && text.contains("source :"),
         "{text}"
     );
+}
 
-    // The student trainer reads the shards and reports the metric.
-    let s = tmp.path().join("student");
+/// The student trainer reads the shards and reports the metric; an unknown method is
+/// refused.
+fn student_trains_on_the_shards(a: &Path, tmp: &Path) {
+    let s = tmp.join("student");
     let text = ok(&[
         "train-student",
         "--shards",
@@ -345,9 +372,6 @@ print("interop ok", df.height)
         "nope",
     ]);
     assert!(e.contains("unknown method `nope`"), "{e}");
-    fgsm_rows_need_the_teachers_embedding_table(&a, tmp.path());
-
-    verify_detects_damage(&a, tmp.path());
 }
 
 /// `fgsm` rows hold gradient signs in the teacher's embedding coordinates: a student with

@@ -1,6 +1,7 @@
 //! `augment` as the sections run it: bench pipelines written from `pipelines/smoke.toml`, the
 //! child process with its peak memory, and what its output records.
 
+use crate::Bench;
 use anyhow::{Context, Result};
 use augpro::config::PipelineConfig;
 use augpro::data::SplitReader;
@@ -72,17 +73,12 @@ pub(crate) fn described_csv_pipeline(tmp: &Path, glue_dir: &Path, rows: usize) -
 }
 
 /// Runs `augpro augment` as a child; returns (wall seconds, peak RSS in MiB).
-pub(crate) fn run_augment(pipeline: &Path, glue_dir: &Path, device: &str) -> Result<(f64, f64)> {
-    run_augment_as(pipeline, glue_dir, device, "f32")
+pub(crate) fn run_augment(pipeline: &Path, b: &Bench) -> Result<(f64, f64)> {
+    run_augment_as(pipeline, b, "f32")
 }
 
 /// [`run_augment`] with the teacher in `dtype`.
-pub(crate) fn run_augment_as(
-    pipeline: &Path,
-    glue_dir: &Path,
-    device: &str,
-    dtype: &str,
-) -> Result<(f64, f64)> {
+pub(crate) fn run_augment_as(pipeline: &Path, b: &Bench, dtype: &str) -> Result<(f64, f64)> {
     let exe = std::env::current_exe()?.with_file_name("augpro");
     let t = Instant::now();
     let mut child = std::process::Command::new(&exe)
@@ -92,11 +88,11 @@ pub(crate) fn run_augment_as(
             pipeline.to_str().unwrap(),
             "--force",
             "--device",
-            device,
+            &b.device_name,
             "--dtype",
             dtype,
         ])
-        .env("AUGPRO_GLUE_DIR", glue_dir)
+        .env("AUGPRO_GLUE_DIR", &b.glue_dir)
         .stdout(std::process::Stdio::null())
         .spawn()
         .with_context(|| {

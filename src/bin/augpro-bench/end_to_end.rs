@@ -2,11 +2,10 @@
 //! and per stage.
 
 use crate::augment_runs::{bench_pipeline, run_augment, shard_timings};
-use crate::num;
+use crate::{num, Bench};
 use anyhow::Result;
 use serde_json::{json, Map, Value};
 use std::fmt::Write as _;
-use std::path::Path;
 
 /// Every method, at the settings the bench has always used.
 const ALL_METHODS: &str = r#"
@@ -25,12 +24,12 @@ epsilon_nn = 3.92
 "#;
 
 /// The section: one `augment` of 1,024 examples (256 when `quick`) with every method.
-pub(crate) fn measure(tmp: &Path, glue_dir: &Path, device: &str, quick: bool) -> Result<Value> {
-    let n = if quick { 256 } else { 1024 };
+pub(crate) fn measure(b: &Bench) -> Result<Value> {
+    let n = if b.quick { 256 } else { 1024 };
     eprintln!("end to end: augment {n} SST-2 examples with every method…");
-    let p = bench_pipeline(tmp, "e2e", n, ALL_METHODS)?;
-    let (wall, rss) = run_augment(&p, glue_dir, device)?;
-    let shard = shard_timings(&tmp.join("out/sst2/e2e/timings.json"))?;
+    let p = bench_pipeline(&b.tmp, "e2e", n, ALL_METHODS)?;
+    let (wall, rss) = run_augment(&p, b)?;
+    let shard = shard_timings(&b.tmp.join("out/sst2/e2e/timings.json"))?;
     let total = shard["seconds"].as_f64().unwrap_or(f64::NAN);
     let methods = seconds_map(
         &shard["method_seconds"],

@@ -17,6 +17,7 @@ mod teacher;
 
 use anyhow::{Context, Result};
 use augpro::data::resolve_glue_dir;
+use candle_core::Device;
 use clap::Parser;
 use serde_json::{json, Map, Value};
 use std::fmt::Write as _;
@@ -90,13 +91,36 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// What every section measures with.
+pub(crate) struct Bench {
+    /// The base model's directory.
+    model: PathBuf,
+    /// The GLUE directory.
+    glue_dir: PathBuf,
+    /// Scratch space for pipelines, shards and checkpoints, removed at the end.
+    tmp: PathBuf,
+    /// The device as `augment --device` takes it, and as candle's.
+    device_name: String,
+    device: Device,
+    /// Smaller sizes.
+    quick: bool,
+    /// Also the 250,000 × 768 synthetic table.
+    large: bool,
+    /// The limit: the matmul peak in GFLOP/s measured by this run (`null` when it did not).
+    peak: Value,
+}
+
+impl Bench {
+    /// The limit in GFLOP/s (NaN when this run did not measure it).
+    fn peak_gflops(&self) -> f64 {
+        self.peak.as_f64().unwrap_or(f64::NAN)
+    }
+}
+
 /// Runs the sections `a` asks for, in an order that keeps each away from the others'
 /// leftovers (the teacher before FAISS and the large tables have run in this process).
 fn measure(a: &Args) -> Result<Map<String, Value>> {
     let device = augpro::model::bert::parse_device(&a.device)?;
-    let glue_dir = resolve_glue_dir(a.glue_dir.as_deref())
-        .canonicalize()
-        .context("GLUE directory")?;
     let mut res = Map::new();
     res.insert("machine".into(), machine(&a.device));
     if ["matmul", "projection", "teacher", "student"]
@@ -106,39 +130,43 @@ fn measure(a: &Args) -> Result<Map<String, Value>> {
         eprintln!("matmul peak…");
         res.insert("matmul_peak".into(), peak::matmul_peak(&device, a.quick)?);
     }
-    let peak = res
-        .get("matmul_peak")
-        .map_or(Value::Null, |p| p["gflops"].clone());
-    let peak_gflops = peak.as_f64().unwrap_or(f64::NAN);
-    let tmp = a.out.join("tmp");
+    let b = Bench {
+        model: a.model.clone(),
+        glue_dir: resolve_glue_dir(a.glue_dir.as_deref())
+            .canonicalize()
+            .context("GLUE directory")?,
+        tmp: a.out.join("tmp"),
+        device_name: a.device.clone(),
+        device,
+        quick: a.quick,
+        large: a.large,
+        peak: res
+            .get("matmul_peak")
+            .map_or(Value::Null, |p| p["gflops"].clone()),
+    };
     if a.wants("teacher") {
         eprintln!("teacher throughput…");
-        let t = teacher::teacher_speed(&a.model, &glue_dir, &device, a.quick, peak_gflops, &tmp)?;
-        res.insert("teacher".into(), t);
+        res.insert("teacher".into(), teacher::measure(&b)?);
     }
     if a.wants("projection") {
-        let p = projection::measure(&a.model, &device, a.quick, a.large, &peak)?;
-        res.insert("projection".into(), p);
+        res.insert("projection".into(), projection::measure(&b)?);
     }
     if a.wants("e2e") {
-        let e = end_to_end::measure(&tmp, &glue_dir, &a.device, a.quick)?;
-        res.insert("end_to_end".into(), e);
+        res.insert("end_to_end".into(), end_to_end::measure(&b)?);
     }
     if a.wants("student") {
-        let s = student::student_speed(&a.model, &glue_dir, &tmp, &a.device, a.quick, peak_gflops)?;
-        res.insert("student".into(), s);
+        res.insert("student".into(), student::measure(&b)?);
     }
     if a.wants("peer") {
         eprintln!("peer: augment vs the Python pipeline…");
-        let p = peer::peer(&a.model, &glue_dir, &tmp, &a.device, a.quick)?;
-        res.insert("peer".into(), p);
+        res.insert("peer".into(), peer::measure(&b)?);
     }
     if a.wants("memory") {
-        let (memory, csv) = memory::measure(&tmp, &glue_dir, &a.device, a.quick)?;
+        let (memory, csv) = memory::measure(&b)?;
         res.insert("memory".into(), memory);
         res.insert("memory_csv".into(), csv);
     }
-    let _ = std::fs::remove_dir_all(&tmp);
+    let _ = std::fs::remove_dir_all(&b.tmp);
     Ok(res)
 }
 

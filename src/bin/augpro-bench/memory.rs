@@ -2,20 +2,14 @@
 //! described CSV whose train file grows while the examples augmented stay 16.
 
 use crate::augment_runs::{bench_pipeline, described_csv_pipeline, run_augment};
-use crate::num;
+use crate::{num, Bench};
 use anyhow::Result;
 use serde_json::{json, Value};
 use std::fmt::Write as _;
-use std::path::Path;
 
 /// The section: `(memory, memory_csv)`, one row per size.
-pub(crate) fn measure(
-    tmp: &Path,
-    glue_dir: &Path,
-    device: &str,
-    quick: bool,
-) -> Result<(Value, Value)> {
-    let sizes: &[usize] = if quick {
+pub(crate) fn measure(b: &Bench) -> Result<(Value, Value)> {
+    let sizes: &[usize] = if b.quick {
         &[250, 500, 1000]
     } else {
         &[1000, 4000, 16000]
@@ -24,15 +18,15 @@ pub(crate) fn measure(
     for &n in sizes {
         eprintln!("memory: augment {n} examples (original + augpro_mix)…");
         let p = bench_pipeline(
-            tmp,
+            &b.tmp,
             &format!("mem{n}"),
             n,
             "[methods.augpro_mix]\nalpha = 1.0\nlambda_mode = \"position\"\nlambda_min = 0.35\n",
         )?;
-        let (wall, rss) = run_augment(&p, glue_dir, device)?;
+        let (wall, rss) = run_augment(&p, b)?;
         rows.push(json!({ "examples": n, "peak_rss_mib": rss, "wall_seconds": wall }));
     }
-    let sizes: &[usize] = if quick {
+    let sizes: &[usize] = if b.quick {
         &[10_000, 100_000]
     } else {
         &[100_000, 1_000_000]
@@ -40,8 +34,8 @@ pub(crate) fn measure(
     let mut csv_rows = vec![];
     for &n in sizes {
         eprintln!("memory: augment a described CSV of {n} train rows…");
-        let p = described_csv_pipeline(tmp, glue_dir, n)?;
-        let (wall, rss) = run_augment(&p, glue_dir, device)?;
+        let p = described_csv_pipeline(&b.tmp, &b.glue_dir, n)?;
+        let (wall, rss) = run_augment(&p, b)?;
         csv_rows.push(json!({ "csv_rows": n, "peak_rss_mib": rss, "wall_seconds": wall }));
     }
     Ok((json!(rows), json!(csv_rows)))

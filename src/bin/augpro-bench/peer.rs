@@ -2,7 +2,7 @@
 //! methods, projection and teacher.
 
 use crate::augment_runs::{identical_rows, run_augment_as, seeded_teacher, shard_timings};
-use crate::{num, python_has};
+use crate::{num, python_has, Bench};
 use anyhow::Result;
 use augpro::model::Checkpoint;
 use augpro::task;
@@ -15,23 +15,15 @@ use std::time::Instant;
 /// same 1,000 SST-2 training examples, original + AugPro-Mix + AugPro-FGSM, exact L2
 /// projection, one shard, the same teacher (the base encoder with a seeded head). With
 /// AVX-512 BF16, `augment --dtype bf16` too, and the share of its rows equal to f32's.
-pub(crate) fn peer(
-    model: &Path,
-    glue_dir: &Path,
-    dir: &Path,
-    device: &str,
-    quick: bool,
-) -> Result<Value> {
-    let n = if quick { 256 } else { 1000 };
-    let teacher = seeded_teacher(model, task::glue("sst2")?, &dir.join("peer-teacher"))?;
+pub(crate) fn measure(b: &Bench) -> Result<Value> {
+    let (n, dir) = (if b.quick { 256 } else { 1000 }, &b.tmp);
+    let teacher = seeded_teacher(&b.model, task::glue("sst2")?, &dir.join("peer-teacher"))?;
     let job = Job {
         n,
-        glue_dir,
-        dir,
-        device,
-        toml: pipeline(model, &teacher, dir, n)?,
+        b,
+        toml: pipeline(&b.model, &teacher, dir, n)?,
     };
-    let bf16 = (device == "cpu" && augpro::precision::cpu_has_bf16())
+    let bf16 = (b.device.is_cpu() && augpro::precision::cpu_has_bf16())
         .then(|| job.augment("bf16"))
         .transpose()?;
     let (work, f32_row) = job.augment("f32")?;
@@ -69,12 +61,10 @@ fn pipeline(model: &Path, teacher: &Path, dir: &Path, n: usize) -> Result<String
     ))
 }
 
-/// The job's examples, data, working directory, device and pipeline file.
+/// The job's examples, the bench it runs in, and its pipeline file.
 struct Job<'a> {
     n: usize,
-    glue_dir: &'a Path,
-    dir: &'a Path,
-    device: &'a str,
+    b: &'a Bench,
     toml: String,
 }
 
@@ -87,13 +77,13 @@ impl Job<'_> {
         } else {
             format!("peer-{dtype}")
         };
-        let p = self.dir.join(format!("{name}.toml"));
+        let p = self.b.tmp.join(format!("{name}.toml"));
         let toml = self
             .toml
             .replacen("name = \"peer\"", &format!("name = \"{name}\""), 1);
         std::fs::write(&p, toml)?;
-        let (wall, rss) = run_augment_as(&p, self.glue_dir, self.device, dtype)?;
-        let shard = shard_timings(&self.dir.join(format!("out/sst2/{name}/timings.json")))?;
+        let (wall, rss) = run_augment_as(&p, self.b, dtype)?;
+        let shard = shard_timings(&self.b.tmp.join(format!("out/sst2/{name}/timings.json")))?;
         let work = shard["seconds"].as_f64().unwrap_or(f64::NAN);
         let stages = shard["stage_seconds"].clone();
         Ok((
@@ -105,11 +95,11 @@ impl Job<'_> {
 
     /// `bench/peer.py` on the same job: its work seconds and row.
     fn python(&self, teacher: &Path) -> Result<(f64, Value)> {
-        let data = self.glue_dir.join("sst2/train-00000-of-00001.parquet");
+        let data = self.b.glue_dir.join("sst2/train-00000-of-00001.parquet");
         let t = Instant::now();
         let o = std::process::Command::new("python3")
             .arg("bench/peer.py")
-            .args([teacher, &data, &self.dir.join("peer.parquet")])
+            .args([teacher, &data, &self.b.tmp.join("peer.parquet")])
             .args([
                 self.n.to_string(),
                 rayon::current_num_threads().to_string(),

@@ -2,7 +2,7 @@
 //! Flat, HNSW and IVF indexes, and a candle matmul + argmin, on the MiniLM table and
 //! synthetic tables.
 
-use crate::{num, secs};
+use crate::{num, secs, Bench};
 use anyhow::Result;
 use augpro::augment::project::{Metric, Projector};
 use augpro::model::Checkpoint;
@@ -11,19 +11,13 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 use std::fmt::Write as _;
-use std::path::Path;
 
 /// The section: every index on the model's word-embedding table and on a synthetic
 /// 30,522 × 768 table (and 250,000 × 768 with `large`), each case carrying `peak`, the
 /// limit of this run.
-pub(crate) fn measure(
-    model: &Path,
-    device: &Device,
-    quick: bool,
-    large: bool,
-    peak: &Value,
-) -> Result<Value> {
-    let ck = Checkpoint::open(model)?;
+pub(crate) fn measure(b: &Bench) -> Result<Value> {
+    let (device, quick, large) = (&b.device, b.quick, b.large);
+    let ck = Checkpoint::open(&b.model)?;
     let p = ck.params(&Device::Cpu, false, 0)?;
     let bert = augpro::model::Bert::load(&p, &ck.config)?;
     let table: Vec<f32> = bert.word_embeddings().flatten_all()?.to_vec1()?;
@@ -56,7 +50,7 @@ pub(crate) fn measure(
     // Each section keeps the limit of its own run, so a partial run that measures the
     // peak again does not restate older sections against it.
     for c in &mut cases {
-        c["matmul_peak_gflops"] = peak.clone();
+        c["matmul_peak_gflops"] = b.peak.clone();
     }
     Ok(json!(cases))
 }

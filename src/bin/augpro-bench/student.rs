@@ -4,7 +4,7 @@
 
 use crate::augment_runs::{run_augment, seeded_teacher};
 use crate::teacher::flops_per_token;
-use crate::{num, secs};
+use crate::{num, secs, Bench};
 use anyhow::{Context, Result};
 use augpro::config::PipelineConfig;
 use augpro::data::SplitReader;
@@ -18,43 +18,22 @@ use std::path::{Path, PathBuf};
 /// The `student` section: one `train-student` run of the low preset on SST-2 and on MRPC,
 /// its time split by the trainer's stage spans (setup, data, step, dev, validation,
 /// checkpoint), with the training step's and the evaluations' share of the limit.
-pub(crate) fn student_speed(
-    model: &Path,
-    glue_dir: &Path,
-    tmp: &Path,
-    device: &str,
-    quick: bool,
-    peak_gflops: f64,
-) -> Result<Value> {
+pub(crate) fn measure(b: &Bench) -> Result<Value> {
     let mut runs = Vec::new();
     for name in ["sst2", "mrpc"] {
         eprintln!("student: {name}…");
-        runs.push(student_run(
-            model,
-            glue_dir,
-            tmp,
-            device,
-            quick,
-            peak_gflops,
-            name,
-        )?);
+        runs.push(student_run(b, name)?);
     }
-    Ok(json!({ "matmul_peak_gflops": peak_gflops, "runs": runs }))
+    Ok(json!({ "matmul_peak_gflops": b.peak_gflops(), "runs": runs }))
 }
 
 /// Shards for a student run of `task`: `n` training examples, original + AugPro-Mix, the
 /// shipped pipeline's sequence length and dev split, the base encoder with a seeded head as
 /// teacher (throughput does not depend on its weights). Returns the shards' directory.
-fn student_shards(
-    model: &Path,
-    glue_dir: &Path,
-    tmp: &Path,
-    device: &str,
-    task: &'static task::TaskSpec,
-    n: usize,
-) -> Result<PathBuf> {
+fn student_shards(b: &Bench, task: &'static task::TaskSpec, n: usize) -> Result<PathBuf> {
+    let model = &b.model;
     let shipped = PipelineConfig::load(Path::new(&format!("pipelines/{}.toml", task.name)))?;
-    let dir = tmp.join(format!("student-{}", task.name));
+    let dir = b.tmp.join(format!("student-{}", task.name));
     let teacher = seeded_teacher(model, task, &dir.join("teacher"))?;
     let d = &shipped.dev;
     let toml = format!(
@@ -63,7 +42,7 @@ fn student_shards(
     );
     let p = dir.join("pipeline.toml");
     std::fs::write(&p, toml)?;
-    run_augment(&p, glue_dir, device)?;
+    run_augment(&p, b)?;
     Ok(dir.join(format!("out/{}/student", task.name)))
 }
 
@@ -95,31 +74,17 @@ fn eval_tokens(
 }
 
 /// One low-preset student run of `task_name`, timed by stage.
-fn student_run(
-    model: &Path,
-    glue_dir: &Path,
-    tmp: &Path,
-    device: &str,
-    quick: bool,
-    peak_gflops: f64,
-    task_name: &str,
-) -> Result<Value> {
+fn student_run(b: &Bench, task_name: &str) -> Result<Value> {
     use tracing_subscriber::prelude::*;
+    let (model, glue_dir, quick) = (&b.model, &b.glue_dir, b.quick);
     let task = task::glue(task_name)?;
     let low = augpro::report::low_student(task_name).context("no low-preset student")?;
     let (lr, layers) = (low.lr, low.layers);
     let steps = if quick { low.steps / 10 } else { low.steps };
-    let shards = student_shards(
-        model,
-        glue_dir,
-        tmp,
-        device,
-        task,
-        if quick { 200 } else { low.examples },
-    )?;
+    let shards = student_shards(b, task, if quick { 200 } else { low.examples })?;
     let base = augpro::student::StudentConfig::default();
     let cfg = augpro::student::StudentConfig {
-        model: model.to_path_buf(),
+        model: model.clone(),
         max_steps: Some(steps),
         layers: Some(layers),
         methods: vec!["original".into(), "augpro_mix".into()],
@@ -134,9 +99,8 @@ fn student_run(
     let sub = tracing_subscriber::registry().with(augpro::timing::SpanTimes);
     let ((m, wall), stages) = tracing::subscriber::with_default(sub, || -> Result<_> {
         augpro::timing::take();
-        let dev_device = augpro::model::bert::parse_device(device)?;
         let r = secs(|| {
-            augpro::student::train(&loc, task, glue_dir, &shards.join("run"), &cfg, &dev_device)
+            augpro::student::train(&loc, task, glue_dir, &shards.join("run"), &cfg, &b.device)
         })?;
         Ok((r, augpro::timing::take().stages))
     })?;
@@ -148,7 +112,7 @@ fn student_run(
         &stages,
         wall,
         flops_per_token(&student_cfg),
-        peak_gflops,
+        b.peak_gflops(),
         dev_tokens * m.curve.len() + val_tokens,
     );
     v["task"] = json!(task_name);

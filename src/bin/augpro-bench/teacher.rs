@@ -3,7 +3,7 @@
 //! interleaved), beside PyTorch and ONNX Runtime on the same batches, and the CPU's bf16
 //! forward beside f32.
 
-use crate::{num, python_has, secs};
+use crate::{num, python_has, secs, Bench};
 use anyhow::Result;
 use augpro::data::SplitReader;
 use augpro::model::{Checkpoint, Ctx, SeqClassifier};
@@ -138,16 +138,10 @@ struct Case {
 /// Teacher forward, forward + backward to the embeddings, and fine-tuning throughput, for
 /// the engine with the CPU kernels and for candle's plain ops, passes interleaved so that
 /// both see the same machine; each figure is the best of 3 passes.
-pub(crate) fn teacher_speed(
-    model: &Path,
-    glue_dir: &Path,
-    device: &Device,
-    quick: bool,
-    peak_gflops: f64,
-    tmp: &Path,
-) -> Result<Value> {
+pub(crate) fn measure(b: &Bench) -> Result<Value> {
+    let (model, device, peak_gflops) = (&b.model, &b.device, b.peak_gflops());
     let ck = Checkpoint::open(model)?;
-    let inputs = Inputs::load(model, glue_dir, quick, device)?;
+    let inputs = Inputs::load(model, &b.glue_dir, b.quick, device)?;
     let engines: &[(&str, bool)] = if device.is_cpu() {
         &[("kernels", true), ("candle ops", false)]
     } else {
@@ -193,7 +187,7 @@ pub(crate) fn teacher_speed(
                 "limit_tokens_per_s": c.limit, "share_of_limit": tps / c.limit }));
         }
     }
-    let runtimes = other_runtimes(model, &inputs.runtime_batches(), tmp, limit_fwd)?;
+    let runtimes = other_runtimes(model, &inputs.runtime_batches(), &b.tmp, limit_fwd)?;
     let bf16 = if device.is_cpu() && augpro::precision::cpu_has_bf16() {
         Some(bf16_section(&ck, &inputs, &models[0], best[1][0])?)
     } else {

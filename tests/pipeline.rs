@@ -66,7 +66,7 @@ fn smoke_pipeline_end_to_end() {
     layout_is_complete(&a, &text);
     rows_keep_the_contract(&a);
     sharded_run_is_byte_identical(&a, tmp.path());
-    rerun_skips_and_other_configs_are_refused(&a_root, &a, tmp.path());
+    rerun_skips_and_other_configs_are_refused(&a_root, tmp.path());
     other_readers_load_the_shards(&a);
     student_trains_on_the_shards(&a, tmp.path());
     fgsm_rows_need_the_teachers_embedding_table(&a, tmp.path());
@@ -247,7 +247,8 @@ fn sharded_run_is_byte_identical(a: &Path, tmp: &Path) {
 
 /// A rerun skips complete shards and changes nothing; a different configuration, or a
 /// completion summary this version cannot read, is refused without `--force`.
-fn rerun_skips_and_other_configs_are_refused(a_root: &Path, a: &Path, tmp: &Path) {
+fn rerun_skips_and_other_configs_are_refused(a_root: &Path, tmp: &Path) {
+    let a = out_dir(a_root);
     let before = std::fs::read(a.join(SHARD_FILES[0])).unwrap();
     let text = ok(&[
         "augment",

@@ -472,17 +472,16 @@ pub fn train(
     let (step, seen, tokens_seen) = plan.run(&mut opt, &mut ctx, &pb, &mut keeper)?;
     pb.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
-    let (dev, best_step, curve) = {
+    let (kept, curve) = {
         let _t = timing::stage("checkpoint");
-        keeper.restore_best(step, out)?
+        keeper.restore_best(step)?
     };
-    let validation = plan.evaluate_and_save(&params, glue_dir, out)?;
-    let m = StudentMetrics {
+    let mut m = StudentMetrics {
         task: task.name.clone(),
         methods: trained_methods(&manifest, cfg),
-        validation,
-        dev,
-        best_step,
+        validation: BTreeMap::new(),
+        dev: BTreeMap::new(),
+        best_step: step,
         curve,
         steps: step,
         rows_seen: seen,
@@ -491,12 +490,48 @@ pub fn train(
         train_seconds: secs,
         eval_max_seq_len: crate::teacher::EVAL_MAX_SEQ_LEN,
     };
+    let Some((dev, best_step)) = kept else {
+        let (out, metric) = (out.to_path_buf(), task.primary_metric());
+        return Err(Diverged {
+            out,
+            metric,
+            metrics: m,
+        }
+        .into());
+    };
+    (m.dev, m.best_step) = (dev, best_step);
+    m.validation = plan.evaluate_and_save(&params, glue_dir, out)?;
     atomic_write(
         &out.join("metrics.json"),
         serde_json::to_string_pretty(&m)?.as_bytes(),
     )?;
     Ok(m)
 }
+
+/// A student whose every dev checkpoint scored NaN: it diverged. Its metrics have no dev or
+/// validation scores; nothing is written to its directory.
+#[derive(Debug)]
+pub struct Diverged {
+    /// The run's directory.
+    pub out: PathBuf,
+    /// The dev metric that scored NaN.
+    pub metric: &'static str,
+    /// What the run did (steps, rows, curve, time).
+    pub metrics: StudentMetrics,
+}
+
+impl std::fmt::Display for Diverged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: every dev checkpoint scored NaN ({}): the student diverged; lower its learning rate",
+            self.out.display(),
+            self.metric
+        )
+    }
+}
+
+impl std::error::Error for Diverged {}
 
 /// Metric name to score.
 type Scores = BTreeMap<String, f64>;
@@ -641,25 +676,17 @@ where
     }
 
     /// Restores the best weights kept; returns their dev metrics and step (none and the
-    /// last step without dev checks) and the curve. Refuses when every check scored NaN.
-    fn restore_best(
-        self,
-        step: usize,
-        out: &Path,
-    ) -> Result<(BTreeMap<String, f64>, usize, Vec<CurvePoint>)> {
-        let (dev, best_step) = match self.best {
+    /// last step without dev checks; `None` when every check scored NaN) and the curve.
+    fn restore_best(self, step: usize) -> Result<(Option<(Scores, usize)>, Vec<CurvePoint>)> {
+        let kept = match self.best {
             Some(k) => {
                 self.params.restore(&k.weights)?;
-                (k.metrics, k.step)
+                Some((k.metrics, k.step))
             }
-            None if !self.curve.is_empty() => bail!(
-                "{}: every dev checkpoint scored NaN ({}): the student diverged; lower its learning rate",
-                out.display(),
-                self.task.primary_metric()
-            ),
-            None => (BTreeMap::new(), step),
+            None if !self.curve.is_empty() => None,
+            None => Some((BTreeMap::new(), step)),
         };
-        Ok((dev, best_step, self.curve))
+        Ok((kept, self.curve))
     }
 }
 

@@ -66,7 +66,8 @@ fn dagger(t: &Test) -> &'static str {
 /// difference survives Holm's adjustment.
 pub fn verdict(t: &Test) -> String {
     let word = match interval_side(&t.paired) {
-        _ if !t.paired.ci95.is_finite() => return "too few seeds".into(),
+        _ if t.paired.n < 2 => return "too few seeds".into(),
+        _ if !t.paired.ci95.is_finite() => return "not a number".into(),
         Some(Ordering::Greater) => "better",
         Some(_) => "worse",
         None => return "within noise".into(),
@@ -355,7 +356,9 @@ pub fn scaling(command: &str, rs: &[super::scaling::TaskScaling]) -> String {
          Protocol: each method keeps the setting its dev tuning chose at the table's budget. \
          At each number of source examples the student's step count is sized on dev for plain \
          KD (tuning runs with their own seeds, at the table's steps scaled to the size, half and \
-         twice that), and every method trains at that count over the final seeds 0..n; \
+         twice that, then doubling while the longest count is dev-best and gained at least one \
+         point over the one before, up to four times the scaled count), and every method trains \
+         at that count over the final seeds 0..n; \
          validation is scored once per final run and chooses nothing. Scores ×100 with 95% \
          intervals; Δ is paired with plain KD over the same seeds; p (Holm) is adjusted over \
          every paired test of the task's table, † below {ALPHA}. \"Plain-KD examples\" places a \
@@ -405,6 +408,16 @@ fn scaling_task(r: &super::scaling::TaskScaling) -> String {
         }
     }
     s.push_str(&format!(
+        "\nStep counts tried on dev for plain KD (dev {m}, chosen in bold):\n\n"
+    ));
+    for p in &r.points {
+        s.push_str(&format!(
+            "- {} source examples: {}\n",
+            p.source_examples,
+            sizing_line(&p.sizing)
+        ));
+    }
+    s.push_str(&format!(
         "\n| method | source examples | validation {m} | plain-KD examples | × |\n|---|---:|---:|---:|---:|\n"
     ));
     for w in &r.worth {
@@ -413,6 +426,7 @@ fn scaling_task(r: &super::scaling::TaskScaling) -> String {
             Equivalent::Examples(n) => (format!("{n:.0}"), format!("{:.2}", n / w.examples as f64)),
             Equivalent::BelowSmallest => ("below the smallest size".into(), "–".into()),
             Equivalent::AboveLargest => ("above the largest size".into(), "–".into()),
+            Equivalent::Unknown => ("not a number".into(), "–".into()),
         };
         let note = if w.significant {
             ""
@@ -427,6 +441,32 @@ fn scaling_task(r: &super::scaling::TaskScaling) -> String {
         ));
     }
     s
+}
+
+/// The step counts tried at one size with their dev scores; the chosen one in bold, and a
+/// note when it is the longest tried (plain KD may have gained from more steps).
+fn sizing_line(sizing: &[super::scaling::StepsPoint]) -> String {
+    let tried: Vec<String> = sizing
+        .iter()
+        .map(|p| {
+            let t = format!("{} steps {}", p.steps, pct(p.dev));
+            if p.chosen {
+                format!("**{t}**")
+            } else {
+                t
+            }
+        })
+        .collect();
+    let longest_chosen = sizing.last().is_some_and(|p| p.chosen) && sizing.len() > 1;
+    format!(
+        "{}{}",
+        tried.join(", "),
+        if longest_chosen {
+            " (the longest tried)"
+        } else {
+            ""
+        }
+    )
 }
 
 #[cfg(test)]
@@ -469,8 +509,18 @@ mod tests {
         assert_eq!(verdict(&t(0.02, 0.03, 0.2, 0.4)), "within noise");
         assert_eq!(
             verdict(&t(0.02, f64::NAN, f64::NAN, f64::NAN)),
-            "too few seeds"
+            "not a number"
         );
+        let one_pair = Test {
+            paired: Paired {
+                n: 1,
+                mean: 0.02,
+                ci95: f64::NAN,
+                p: f64::NAN,
+            },
+            p_holm: f64::NAN,
+        };
+        assert_eq!(verdict(&one_pair), "too few seeds");
         assert!(significant(&t(0.02, 0.01, 0.01, 0.049)));
         assert!(!significant(&t(0.02, 0.01, 0.01, 0.05)));
         assert!(!significant(&t(0.02, 0.01, 0.01, f64::NAN)));

@@ -121,6 +121,23 @@ impl RunKey {
     }
 }
 
+/// Reads back the `null` that JSON writes for a NaN score as NaN.
+mod nan_as_null {
+    use serde::{Deserialize, Deserializer};
+
+    pub fn score<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
+
+    pub fn curve<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(usize, f64)>, D::Error> {
+        let points = Vec::<(usize, Option<f64>)>::deserialize(d)?;
+        Ok(points
+            .into_iter()
+            .map(|(step, v)| (step, v.unwrap_or(f64::NAN)))
+            .collect())
+    }
+}
+
 fn teacher_sha(m: &Manifest) -> &str {
     m.shards.first().map_or("", |s| s.teacher_sha256.as_str())
 }
@@ -131,12 +148,16 @@ pub struct Run {
     pub method: String,
     pub setting: String,
     pub seed: u64,
+    /// NaN (JSON `null`) for a diverged tuning run.
+    #[serde(deserialize_with = "nan_as_null::score")]
     pub dev: f64,
+    #[serde(deserialize_with = "nan_as_null::score")]
     pub validation: f64,
     pub rows: usize,
     pub steps: usize,
     pub best_step: usize,
     pub train_seconds: f64,
+    #[serde(deserialize_with = "nan_as_null::curve")]
     pub curve: Vec<(usize, f64)>,
     /// Directory, relative to the task's report directory.
     #[serde(default)]
@@ -406,14 +427,25 @@ impl<'a> TaskCtx<'a> {
         let run = match reused {
             Some(run) => run,
             None => {
-                let m = student::train(
+                let trained = student::train(
                     &shards.0,
                     self.task,
                     &self.glue_dir,
                     &out,
                     &scfg,
                     self.device,
-                )?;
+                );
+                let m = match trained {
+                    Ok(m) => m,
+                    // A diverged tuning run scores NaN on dev, which no choice picks; a
+                    // diverged final run stops the report.
+                    Err(e) if role == Role::Tune => {
+                        let d = e.downcast::<student::Diverged>()?;
+                        eprintln!("{what}: {d}; recorded with a NaN dev score");
+                        d.metrics
+                    }
+                    Err(e) => return Err(e),
+                };
                 let run = self.finished(method, setting, seed, &rel, &m);
                 atomic_write(
                     &done,
@@ -565,6 +597,29 @@ mod tests {
             shards_data_sha256: "dd".into(),
             student: serde_json::to_value(scfg).unwrap(),
         }
+    }
+
+    #[test]
+    fn a_diverged_runs_nan_scores_read_back_as_nan() {
+        let run = Run {
+            method: "original".into(),
+            setting: "pipeline".into(),
+            seed: 1000,
+            dev: f64::NAN,
+            validation: f64::NAN,
+            rows: 10,
+            steps: 4,
+            best_step: 4,
+            train_seconds: 1.0,
+            curve: vec![(2, f64::NAN), (4, 0.5)],
+            dir: "tune/x".into(),
+        };
+        let json = serde_json::to_string(&run).unwrap();
+        assert!(json.contains(r#""dev":null"#), "{json}");
+        let back: Run = serde_json::from_str(&json).unwrap();
+        assert!(back.dev.is_nan() && back.validation.is_nan());
+        assert!(back.curve[0].1.is_nan());
+        assert_eq!(back.curve[1], (4, 0.5));
     }
 
     #[test]

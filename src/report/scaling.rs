@@ -30,6 +30,14 @@ const BASELINES: &[&str] = &["token_replace", "mixup", "fgsm"];
 /// The AugPro methods, both in the scaling table (when compared).
 const AUGPRO: &[&str] = &["augpro_mix", "augpro_fgsm"];
 
+/// What a doubling of plain KD's step count must gain on dev (in the metric's units, so
+/// one point ×100) over the count before it for sizing to try the next doubling.
+const MIN_DOUBLING_GAIN: f64 = 0.01;
+
+/// The longest step count sizing tries, as a multiple of the table's count scaled to the
+/// size.
+const MAX_STRETCH: usize = 4;
+
 /// One step count tried for plain KD at one size.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepsPoint {
@@ -83,6 +91,8 @@ pub enum Equivalent {
     Examples(f64),
     /// Above plain KD's score at the largest size.
     AboveLargest,
+    /// The score or plain KD's curve is not a number.
+    Unknown,
 }
 
 /// One task's scaling table.
@@ -167,7 +177,7 @@ fn task_scaling(
             ..budget.clone()
         };
         let mut cx = TaskCtx::new(o, task, b, hashes, device)?;
-        points.push(size_point(&mut cx, step_grid(table, n), &settings)?);
+        points.push(size_point(&mut cx, &step_grid(table, n), &settings)?);
     }
     adjust(&mut points);
     Ok(TaskScaling {
@@ -200,23 +210,47 @@ fn scaled_methods(grid: &[GridPoint]) -> Vec<&'static str> {
         .collect()
 }
 
-/// The step counts tried at `n` source examples: the table's step count scaled to `n`
-/// (the same passes over the data), half and twice that.
-fn step_grid((examples, steps): (usize, usize), n: usize) -> Vec<usize> {
+/// The step counts sizing starts from at `n` source examples, and the longest it may try.
+#[derive(Debug, PartialEq)]
+struct StepGrid {
+    /// The table's step count scaled to `n` (the same passes over the data), half and
+    /// twice that, ascending.
+    start: Vec<usize>,
+    /// [`MAX_STRETCH`] times the scaled count.
+    longest: usize,
+}
+
+fn step_grid((examples, steps): (usize, usize), n: usize) -> StepGrid {
     let centre = ((steps as f64 * n as f64 / examples as f64).round() as usize).max(1);
-    let mut v = vec![(centre / 2).max(1), centre, 2 * centre];
-    v.dedup();
-    v
+    let mut start = vec![(centre / 2).max(1), centre, 2 * centre];
+    start.dedup();
+    StepGrid {
+        start,
+        longest: MAX_STRETCH * centre,
+    }
+}
+
+/// The next step count to try after `points` (ascending): twice the longest tried, while
+/// that one is the dev-best, gained at least [`MIN_DOUBLING_GAIN`] over the count before
+/// it, and the doubling stays within `longest`.
+fn next_longer(points: &[StepsPoint], longest: usize) -> Option<usize> {
+    let [.., before, last] = points else {
+        return None;
+    };
+    let devs: Vec<f64> = points.iter().map(|p| p.dev).collect();
+    let last_is_best = crate::metrics::best_index(&devs) == Some(points.len() - 1);
+    let next = 2 * last.steps;
+    (last_is_best && last.dev - before.dev >= MIN_DOUBLING_GAIN && next <= longest).then_some(next)
 }
 
 /// Sizes plain KD's step count on dev at this size, then trains every method there.
 fn size_point(
     cx: &mut TaskCtx,
-    candidates: Vec<usize>,
+    grid: &StepGrid,
     settings: &BTreeMap<String, Setting>,
 ) -> Result<SizePoint> {
     let shards = cx.shards("original", &Setting::pipeline())?;
-    let sizing = size_steps(cx, &shards, &candidates)?;
+    let sizing = size_steps(cx, &shards, grid)?;
     let steps = sizing
         .iter()
         .find(|p| p.chosen)
@@ -254,29 +288,19 @@ fn ordered(settings: &BTreeMap<String, Setting>) -> Vec<(&'static str, &Setting)
         .collect()
 }
 
-/// Plain KD's tuning runs at each candidate step count; the dev-best one is chosen.
+/// Plain KD's tuning runs at the grid's step counts, then at doublings while
+/// [`next_longer`] asks for one; the dev-best count is chosen.
 fn size_steps(
     cx: &mut TaskCtx,
     shards: &(Location, Manifest),
-    candidates: &[usize],
+    grid: &StepGrid,
 ) -> Result<Vec<StepsPoint>> {
-    let setting = Setting::pipeline();
     let mut points = Vec::new();
-    for &steps in candidates {
-        cx.steps = steps;
-        let runs = cx.runs_on(
-            Role::Tune,
-            "original",
-            &setting,
-            shards,
-            cx.budget.tune_seeds,
-        )?;
-        points.push(StepsPoint {
-            steps,
-            dev: stats::summary(&runs.iter().map(|r| r.dev).collect::<Vec<_>>()).mean,
-            chosen: false,
-            runs: runs.into_iter().map(|r| r.dir).collect(),
-        });
+    for &steps in &grid.start {
+        points.push(sizing_point(cx, shards, steps)?);
+    }
+    while let Some(steps) = next_longer(&points, grid.longest) {
+        points.push(sizing_point(cx, shards, steps)?);
     }
     let devs: Vec<f64> = points.iter().map(|p| p.dev).collect();
     let best = crate::metrics::best_index(&devs).with_context(|| {
@@ -287,6 +311,28 @@ fn size_steps(
     })?;
     points[best].chosen = true;
     Ok(points)
+}
+
+/// Plain KD's tuning runs at one step count, with their mean dev score.
+fn sizing_point(
+    cx: &mut TaskCtx,
+    shards: &(Location, Manifest),
+    steps: usize,
+) -> Result<StepsPoint> {
+    cx.steps = steps;
+    let runs = cx.runs_on(
+        Role::Tune,
+        "original",
+        &Setting::pipeline(),
+        shards,
+        cx.budget.tune_seeds,
+    )?;
+    Ok(StepsPoint {
+        steps,
+        dev: stats::summary(&runs.iter().map(|r| r.dev).collect::<Vec<_>>()).mean,
+        chosen: false,
+        runs: runs.into_iter().map(|r| r.dir).collect(),
+    })
 }
 
 /// Holm-adjusts every paired test of the task's scaling table (all sizes, all methods).
@@ -326,6 +372,9 @@ fn worth(points: &[SizePoint]) -> Vec<Worth> {
 /// The plain-KD examples at which the curve through `kd` (examples ascending, linear in
 /// log examples between points) first reaches `score`.
 pub fn kd_equivalent(kd: &[(f64, f64)], score: f64) -> Equivalent {
+    if !score.is_finite() || kd.iter().any(|(_, s)| !s.is_finite()) {
+        return Equivalent::Unknown;
+    }
     let Some(&(n0, s0)) = kd.first() else {
         return Equivalent::AboveLargest;
     };
@@ -402,10 +451,60 @@ mod tests {
     }
 
     #[test]
+    fn a_nan_score_or_curve_has_no_place_on_it() {
+        let kd = [(250.0, 0.80), (1000.0, 0.84)];
+        assert_eq!(kd_equivalent(&kd, f64::NAN), Equivalent::Unknown);
+        assert_eq!(
+            kd_equivalent(&[(250.0, f64::NAN), (1000.0, 0.84)], 0.82),
+            Equivalent::Unknown
+        );
+    }
+
+    #[test]
     fn the_step_grid_keeps_the_passes_over_the_data() {
-        assert_eq!(step_grid((1000, 150), 1000), [75, 150, 300]);
-        assert_eq!(step_grid((1000, 150), 4000), [300, 600, 1200]);
-        assert_eq!(step_grid((1000, 150), 250), [19, 38, 76]);
-        assert_eq!(step_grid((1000, 1), 10), [1, 2]);
+        let g = |t, n| step_grid(t, n).start;
+        assert_eq!(g((1000, 150), 1000), [75, 150, 300]);
+        assert_eq!(g((1000, 150), 4000), [300, 600, 1200]);
+        assert_eq!(g((1000, 150), 250), [19, 38, 76]);
+        assert_eq!(g((1000, 1), 10), [1, 2]);
+        assert_eq!(step_grid((1000, 150), 250).longest, 152);
+    }
+
+    fn tried(points: &[(usize, f64)]) -> Vec<StepsPoint> {
+        points
+            .iter()
+            .map(|&(steps, dev)| StepsPoint {
+                steps,
+                dev,
+                chosen: false,
+                runs: Vec::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sizing_doubles_while_the_longest_count_wins_by_a_point() {
+        // Still rising by more than a point at the longest count: try twice that.
+        let rising = tried(&[(19, 0.54), (38, 0.63), (76, 0.73)]);
+        assert_eq!(next_longer(&rising, 152), Some(152));
+        // ... but never past the longest allowed.
+        assert_eq!(next_longer(&rising, 151), None);
+        // The longest count wins by less than a point: enough.
+        assert_eq!(
+            next_longer(&tried(&[(75, 0.79), (150, 0.8129), (300, 0.8135)]), 1200),
+            None
+        );
+        // A shorter count is dev-best (ties keep the shorter one): enough.
+        assert_eq!(
+            next_longer(&tried(&[(300, 0.84), (600, 0.86), (1200, 0.85)]), 4800),
+            None
+        );
+        assert_eq!(next_longer(&tried(&[(75, 0.7), (150, 0.7)]), 600), None);
+        // A NaN at the longest count never asks for more.
+        assert_eq!(
+            next_longer(&tried(&[(75, 0.5), (150, f64::NAN)]), 600),
+            None
+        );
+        assert_eq!(next_longer(&tried(&[(75, 0.5)]), 600), None);
     }
 }

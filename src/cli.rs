@@ -254,9 +254,14 @@ pub struct StudentArgs {
     /// Shard directory (with manifest.json): a path or an s3://, gs://, az:// or file:// URL.
     #[arg(long)]
     pub shards: PathBuf,
-    /// GLUE task.
+    /// Task the shards were made for: a GLUE task, or the `task` of a described dataset.
     #[arg(long)]
     pub task: String,
+    /// For shards of a described (non-GLUE) dataset: your copy of its source data, a
+    /// directory or an s3://, gs://, az:// URL (the split patterns and file sha256s come from
+    /// the manifest; the location it names is never read).
+    #[arg(long)]
+    pub data_source: Option<String>,
     /// Output checkpoint directory.
     #[arg(long)]
     pub out: PathBuf,
@@ -607,7 +612,7 @@ fn slurm_submit(a: SlurmSubmitArgs) -> Result<()> {
 /// `train-student`: distils a student from shards and prints its primary metric.
 fn train_student(a: StudentArgs) -> Result<()> {
     let shards = Location::from_arg(&a.shards)?;
-    let task = student::shards_task(&shards, &a.task)?;
+    let task = student::shards_task(&shards, &a.task, a.data_source.as_deref())?;
     let device = parse_device(&a.dev.device)?;
     let cfg = student::StudentConfig {
         model: a.model,

@@ -407,9 +407,14 @@ fn check_source_files(
     Ok(())
 }
 
-/// The task of the shards in `shards_dir` (GLUE, or the dataset their configuration
-/// describes), which must be `task`.
-pub fn shards_task(shards_dir: &Location, task: &str) -> Result<&'static TaskSpec> {
+/// The task of the shards in `shards_dir`, which must be `task`: GLUE, or the dataset their
+/// configuration describes with its files read from `data_source`, the reader's copy. The
+/// location the manifest names is the writer's and is never read.
+pub fn shards_task(
+    shards_dir: &Location,
+    task: &str,
+    data_source: Option<&str>,
+) -> Result<&'static TaskSpec> {
     let m = crate::shards::manifest::read_manifest(shards_dir)?;
     if m.task != task {
         bail!(
@@ -417,7 +422,16 @@ pub fn shards_task(shards_dir: &Location, task: &str) -> Result<&'static TaskSpe
             m.task
         );
     }
-    crate::data::manifest_task(&m)
+    match (m.described_source()?, data_source) {
+        (None, None) => crate::data::manifest_task(&m),
+        (None, Some(_)) => bail!(
+            "--data-source: the shards in {shards_dir} are of GLUE `{task}`, read from the GLUE directory; drop --data-source"
+        ),
+        (Some(theirs), None) => bail!(
+            "{shards_dir}/manifest.json: the shards were made from a dataset at {theirs:?} (config.data.source); give --data-source with your copy of it (train-student reads no location a manifest names)"
+        ),
+        (Some(_), Some(ours)) => m.task_placed(|_| crate::data::mirror::place(ours)),
+    }
 }
 
 /// Trains a student from the shards in `shards_dir` and writes a checkpoint and

@@ -110,13 +110,38 @@ fn csv_with_string_labels_runs_every_stage() {
         "--out",
         s,
     ];
-    let text = ok(&[&args[..], &["--max-steps", "2", "--layers", "2"]].concat());
+    // The reader names its own copy of the data; the location in the manifest is the
+    // writer's and is never read.
+    let line = fail(&args);
+    assert!(
+        line.contains("give --data-source") && line.contains("config.data.source"),
+        "{line}"
+    );
+    let copy = tmp.path().join("reviews-copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    for f in ["train.csv", "validation.csv"] {
+        std::fs::copy(data.join(f), copy.join(f)).unwrap();
+    }
+    let from_copy = ["--data-source", copy.to_str().unwrap()];
+    let text = ok(&[
+        &args[..],
+        &from_copy,
+        &["--max-steps", "2", "--layers", "2"],
+    ]
+    .concat());
     assert!(text.contains("accuracy"), "{text}");
     let cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(student.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["id2label"]["1"], "positive", "{cfg}");
     let line = fail(&["train-student", "--shards", d, "--task", "sst2", "--out", s]);
     assert!(line.contains("shards are for task `reviews`"), "{line}");
+    // A copy whose train file differs from the one the shards were made from.
+    std::fs::copy(data.join("validation.csv"), copy.join("train.csv")).unwrap();
+    let line = fail(&[&args[..], &from_copy].concat());
+    assert!(
+        line.contains("train.csv") && line.contains("sha256"),
+        "{line}"
+    );
 
     let report = tmp.path().join("report");
     let text = ok(&[
@@ -177,6 +202,8 @@ fn jsonl_regression_set_runs_every_stage() {
         d,
         "--task",
         "similarity",
+        "--data-source",
+        data.to_str().unwrap(),
         "--out",
         s.to_str().unwrap(),
         "--max-steps",

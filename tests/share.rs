@@ -574,6 +574,8 @@ fn described_dataset_in_the_bucket(mut store: Store) {
             d,
             "--task",
             "reviews",
+            "--data-source",
+            &source,
             "--out",
             student.to_str().unwrap(),
             "--max-steps",

@@ -238,6 +238,24 @@ fn manifests_naming_files_outside_the_dataset_are_refused() {
     std::fs::remove_file(dir.join(SHARD0)).unwrap();
     std::os::unix::fs::symlink(&decoy, dir.join(SHARD0)).unwrap();
     fx.refused("symlink", &dir, "outside the dataset");
+    // A described dataset whose source is the reader's directory holding the decoy: the
+    // student reads none of it (traced) and asks for the reader's own copy instead.
+    let outside = fx.root.join("outside");
+    let dir = fx.with_manifest("data-source", |m| {
+        m["config"]["data"] = json!({
+            "source": outside,
+            "splits": { "train": "data/*", "validation": "data/*" },
+            "text": ["sentence"],
+            "label": "label",
+            "format": "parquet",
+        });
+        m["label_names"] = json!(["negative", "positive"]);
+    });
+    let e = fx.all_readers("data-source", &dir).pop().unwrap();
+    assert!(
+        e.contains("give --data-source") && e.contains("outside"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -6,7 +6,7 @@
 
 mod describe;
 mod formats;
-mod mirror;
+pub mod mirror;
 
 pub use describe::{describe, manifest_task, task_of};
 

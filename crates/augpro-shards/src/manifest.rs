@@ -279,6 +279,21 @@ impl Manifest {
         }
     }
 
+    /// Where a described (non-GLUE) dataset's configuration says its source data was
+    /// (`config.data.source`); `None` for GLUE. A reader should not read it: the location
+    /// is on the writer's side.
+    pub fn described_source(&self) -> Result<Option<String>> {
+        match self.config.get("data") {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => {
+                let d: DataConfig = serde_json::from_value(v.clone()).with_context(|| {
+                    format!("{MANIFEST}: field `config.data` is not a dataset description ({v})")
+                })?;
+                Ok(d.glue_config().is_none().then_some(d.source))
+            }
+        }
+    }
+
     /// Checks the shard list: shards `0..n` in order, each naming exactly its writer's files.
     pub fn check_layout(&self) -> Result<()> {
         let n = self.shards.len();

@@ -309,6 +309,29 @@ fn manifests_with_wrong_fields_get_one_clear_error() {
     );
 }
 
+/// A named pipe where a file should be is refused without waiting on it; a manifest
+/// larger than anything a writer makes is refused unread.
+#[test]
+fn pipes_and_huge_files_are_refused_unread() {
+    let fx = Fixture::new();
+    let mkfifo = |p: &Path| {
+        std::fs::remove_file(p).unwrap();
+        let o = std::process::Command::new("mkfifo").arg(p).output().unwrap();
+        assert!(o.status.success(), "mkfifo {}", p.display());
+    };
+    let dir = fx.copy("fifo-manifest");
+    mkfifo(&dir.join("manifest.json"));
+    fx.refused("fifo-manifest", &dir, "not a regular file");
+    let dir = fx.copy("fifo-shard");
+    mkfifo(&dir.join(SHARD0));
+    fx.refused("fifo-shard", &dir, "not a regular file");
+    // A sparse 2 GiB manifest: refused from its size, before any allocation.
+    let dir = fx.copy("huge-manifest");
+    let f = std::fs::File::create(dir.join("manifest.json")).unwrap();
+    f.set_len(2 << 30).unwrap();
+    fx.refused("huge-manifest", &dir, "more than the 1073741824 read");
+}
+
 #[test]
 fn mutated_manifests_and_shards_never_panic_or_read_outside() {
     let fx = Fixture::new();

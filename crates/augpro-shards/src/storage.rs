@@ -218,11 +218,12 @@ impl Location {
     }
 
     /// The bytes of a regular file (object), or `None` when it does not exist; refused
-    /// unread when its size is not `bytes` (when given).
+    /// unread when its size is not `bytes` (when given), or over [`MAX_UNRECORDED_READ`]
+    /// when no size is recorded. A named pipe or device is refused without blocking on it.
     pub fn read_bounded(&self, bytes: Option<u64>) -> Result<Option<Bytes>> {
         match self {
             Location::Local(p) => {
-                let mut f = match std::fs::File::open(p) {
+                let mut f = match open_nonblocking(p) {
                     Ok(f) => f,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
                     Err(e) => return Err(e).with_context(|| format!("{self}: cannot read")),
@@ -233,8 +234,11 @@ impl Location {
                 if !meta.is_file() {
                     bail!("{self}: not a regular file");
                 }
-                check_recorded_size(self, meta.len(), bytes)?;
-                let mut buf = Vec::with_capacity(meta.len() as usize);
+                check_readable_size(self, meta.len(), bytes)?;
+                let mut buf = Vec::new();
+                buf.try_reserve_exact(meta.len() as usize).map_err(|_| {
+                    anyhow::anyhow!("{self}: {} bytes do not fit in memory", meta.len())
+                })?;
                 std::io::Read::read_to_end(&mut std::io::Read::take(&mut f, meta.len()), &mut buf)
                     .with_context(|| format!("{self}: cannot read"))?;
                 Ok(Some(Bytes::from(buf)))
@@ -243,14 +247,14 @@ impl Location {
                 let got = block_on(async {
                     let r = store.get(key).await?;
                     let size = r.meta.size;
-                    if bytes.is_some_and(|b| b != size) {
+                    if check_readable_size(self, size, bytes).is_err() {
                         return Ok(Err(size));
                     }
                     r.bytes().await.map(Ok)
                 });
                 match got {
                     Ok(Ok(b)) => Ok(Some(b)),
-                    Ok(Err(size)) => check_recorded_size(self, size, bytes).map(|_| None),
+                    Ok(Err(size)) => check_readable_size(self, size, bytes).map(|_| None),
                     Err(object_store::Error::NotFound { .. }) => Ok(None),
                     Err(e) => Err(e).with_context(|| format!("{self}: cannot read")),
                 }
@@ -423,6 +427,29 @@ fn read_range(p: &Path, at: u64, end: u64) -> Result<Bytes> {
 }
 
 /// Refuses a file whose `size` is not the `recorded` one.
+/// The most [`Location::read_bounded`] reads of a file whose size nothing records (a
+/// manifest, a shard summary).
+pub const MAX_UNRECORDED_READ: u64 = 1 << 30;
+
+/// [`check_recorded_size`], and at most [`MAX_UNRECORDED_READ`] when nothing is recorded.
+fn check_readable_size(loc: &Location, size: u64, recorded: Option<u64>) -> Result<()> {
+    check_recorded_size(loc, size, recorded)?;
+    if recorded.is_none() && size > MAX_UNRECORDED_READ {
+        bail!("{loc}: is {size} bytes, more than the {MAX_UNRECORDED_READ} read of a file whose size nothing records");
+    }
+    Ok(())
+}
+
+/// Opens a file for reading without blocking on a named pipe (the flag changes nothing for
+/// the reads of a regular file).
+fn open_nonblocking(p: &Path) -> std::io::Result<std::fs::File> {
+    let mut o = std::fs::OpenOptions::new();
+    o.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut o, libc::O_NONBLOCK);
+    o.open(p)
+}
+
 fn check_recorded_size(loc: &Location, size: u64, recorded: Option<u64>) -> Result<()> {
     match recorded {
         Some(want) if want != size => {

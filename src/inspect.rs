@@ -5,7 +5,7 @@ use crate::shards::manifest::{shard_paths, TIMINGS};
 use crate::shards::reader::ShardReader;
 use crate::shards::{Row, ShardSchema};
 use crate::storage::Location;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use polars::prelude::*;
 use std::collections::HashMap;
 
@@ -71,10 +71,12 @@ pub fn print(dir: &Location, n: usize) -> Result<()> {
     for (k, d) in &m.diagnostics {
         println!("  {}", d.summary(k, m.num_labels == 1));
     }
-    if let Some(t) = dir.join(TIMINGS).read_opt()? {
+    let timings = dir.join(TIMINGS);
+    if let Some(t) = timings.read_bounded(None)? {
+        let t = serde_json::from_slice(&t).with_context(|| format!("{timings}: not JSON"))?;
         println!(
             "source examples/s per method (teacher time included): {}",
-            method_rates(&serde_json::from_slice(&t)?).join(", ")
+            method_rates(&t).join(", ")
         );
     }
     let task = crate::data::manifest_task(&m)?;

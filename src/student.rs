@@ -133,6 +133,8 @@ struct RowStream {
     rng: ChaCha8Rng,
     schema: ShardSchema,
     methods: Vec<String>,
+    /// Token ids must be below it (the student's and teacher's vocabulary size).
+    vocab: u32,
 }
 
 impl RowStream {
@@ -140,10 +142,11 @@ impl RowStream {
         paths: Vec<Location>,
         schema: ShardSchema,
         methods: Vec<String>,
-        cap: usize,
+        (cap, vocab): (usize, u32),
         seed: u64,
     ) -> Self {
         Self {
+            vocab,
             paths,
             next: 0,
             reader: None,
@@ -175,6 +178,7 @@ impl RowStream {
                 .next_rows(&self.schema)?
             {
                 Some(mut rows) => {
+                    self.check_ids(&rows)?;
                     rows.retain(|r| {
                         self.methods.is_empty() || self.methods.iter().any(|m| m == r.method)
                     });
@@ -184,6 +188,27 @@ impl RowStream {
                 None => self.reader = None,
             }
         }
+    }
+
+    /// Refuses a row with a token id outside the vocabulary, naming its file and row.
+    fn check_ids(&self, rows: &[Row]) -> Result<()> {
+        for r in rows {
+            let ids = r
+                .input_ids
+                .iter()
+                .chain(r.partner_input_ids.iter().flatten());
+            if let Some(id) = ids.copied().find(|&t| t >= self.vocab) {
+                bail!(
+                    "{}: the {} row of example {} (copy {}) has token id {id}, expected ids below the vocabulary size {}",
+                    self.paths[self.next - 1],
+                    r.method,
+                    r.idx,
+                    r.copy,
+                    self.vocab
+                );
+            }
+        }
+        Ok(())
     }
 
     fn next_row(&mut self) -> Result<Option<Row>> {
@@ -480,6 +505,7 @@ pub fn train(
         device,
         paths: &paths,
         schema: &schema,
+        vocab: u32::try_from(ck.config.vocab_size).unwrap_or(u32::MAX),
         total,
         eval_every: total.div_ceil(cfg.evals.max(1)).max(1),
     };
@@ -713,6 +739,8 @@ struct StepPlan<'a> {
     device: &'a Device,
     paths: &'a [Location],
     schema: &'a ShardSchema,
+    /// The vocabulary size every token id must be below.
+    vocab: u32,
     total: usize,
     eval_every: usize,
 }
@@ -738,7 +766,7 @@ impl StepPlan<'_> {
                 self.paths.to_vec(),
                 self.schema.clone(),
                 cfg.methods.clone(),
-                cfg.shuffle_buffer,
+                (cfg.shuffle_buffer, self.vocab),
                 derive_seed(cfg.seed, &["student-epoch", &epoch.to_string()]),
             );
             loop {

@@ -309,6 +309,32 @@ fn manifests_with_wrong_fields_get_one_clear_error() {
     );
 }
 
+/// A row whose token id is beyond the teacher's vocabulary: the student names its file and
+/// row instead of failing inside the embedding lookup.
+#[test]
+fn a_token_id_beyond_the_vocabulary_is_named() {
+    use augpro::shards::{reader::ShardReader, writer::ShardWriter, ShardSchema};
+    let fx = Fixture::new();
+    let schema = ShardSchema::new(augpro::shards::task::glue("sst2").unwrap());
+    let mut r = ShardReader::open(&fx.good.join(SHARD0).as_path().into(), &schema).unwrap();
+    let mut rows = Vec::new();
+    while let Some(b) = r.next_rows(&schema).unwrap() {
+        rows.extend(b);
+    }
+    rows[0].input_ids[1] = 999_999;
+    let scratch = fx.root.join("scratch");
+    let mut w = ShardWriter::create(&scratch.as_path().into(), 0, 2, &schema).unwrap();
+    w.write(&rows).unwrap();
+    w.finish().unwrap();
+    let bytes = std::fs::read(scratch.join(SHARD0)).unwrap();
+    let dir = fx.with_shard0("big-id", &bytes);
+    let e = fx.all_readers("big-id", &dir).pop().unwrap();
+    assert!(
+        e.contains(SHARD0) && e.contains("token id 999999") && e.contains("vocabulary size"),
+        "{e}"
+    );
+}
+
 /// A named pipe where a file should be is refused without waiting on it; a manifest
 /// larger than anything a writer makes is refused unread.
 #[test]
@@ -316,7 +342,10 @@ fn pipes_and_huge_files_are_refused_unread() {
     let fx = Fixture::new();
     let mkfifo = |p: &Path| {
         std::fs::remove_file(p).unwrap();
-        let o = std::process::Command::new("mkfifo").arg(p).output().unwrap();
+        let o = std::process::Command::new("mkfifo")
+            .arg(p)
+            .output()
+            .unwrap();
         assert!(o.status.success(), "mkfifo {}", p.display());
     };
     let dir = fx.copy("fifo-manifest");

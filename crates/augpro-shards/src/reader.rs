@@ -122,7 +122,7 @@ pub fn rows_from_batch(
         .map(|i| {
             let n = first_row + i;
             let row = cols.row(i).with_context(|| format!("row {n}"))?;
-            check_row(&row).with_context(|| format!("row {n}"))?;
+            check_row(&row, schema).with_context(|| format!("row {n}"))?;
             Ok(row)
         })
         .collect()
@@ -230,9 +230,12 @@ impl Columns {
     }
 }
 
-/// Checks what readers of a row rely on: consistent lengths; MixUp rows carry their partner
-/// and λ, FGSM rows their perturbation and ε, and no other row carries either.
-fn check_row(r: &Row) -> Result<()> {
+/// Checks what readers of a row rely on: values in range (token ids that were not negative,
+/// a label that is one of the task's classes or a finite score, finite teacher logits,
+/// perturbation signs), consistent lengths; MixUp rows carry their partner and λ, FGSM
+/// rows their perturbation and ε, and no other row carries either.
+fn check_row(r: &Row, schema: &ShardSchema) -> Result<()> {
+    check_values(r, schema)?;
     ensure!(
         !r.input_ids.is_empty() && r.token_type_ids.len() == r.input_ids.len(),
         "`token_type_ids` has {} values for {} `input_ids`",
@@ -287,6 +290,39 @@ fn check_row(r: &Row) -> Result<()> {
             r.partner_input_ids.is_none() && r.perturbation.is_none() && r.lambdas.is_none(),
             "{m} row with `partner_input_ids` or `perturbation` (only mixup and fgsm rows have them)"
         ),
+    }
+    Ok(())
+}
+
+/// The range checks of [`check_row`].
+fn check_values(r: &Row, schema: &ShardSchema) -> Result<()> {
+    // Ids are stored as int32: a negative one reads back at or above 2^31.
+    let negative = |ids: &[u32]| ids.iter().any(|&t| t > i32::MAX as u32);
+    ensure!(
+        !negative(&r.input_ids) && !r.partner_input_ids.as_deref().is_some_and(negative),
+        "a negative token id in `input_ids` or `partner_input_ids`"
+    );
+    match r.label {
+        Some(l) if schema.regression => {
+            ensure!(l.is_finite(), "`label` = {l}, expected a finite score")
+        }
+        Some(l) => ensure!(
+            l >= 0.0 && l < schema.num_labels as f32,
+            "`label` = {l}, expected a class in 0..{}",
+            schema.num_labels
+        ),
+        None => {}
+    }
+    if let Some(x) = r.teacher_logits.iter().find(|x| !x.is_finite()) {
+        bail!("`teacher_logits` holds {x}, expected finite values");
+    }
+    if let Some(v) = r
+        .perturbation
+        .iter()
+        .flatten()
+        .find(|v| !(-1..=1).contains(*v))
+    {
+        bail!("`perturbation` holds {v}, expected signs -1, 0 or 1");
     }
     Ok(())
 }
@@ -380,7 +416,29 @@ mod tests {
         no_signs.perturbation = None;
         let mut stray = row("augpro_mix");
         stray.perturbation = Some(vec![1; 4]);
+        let mut class_5 = row("original");
+        class_5.label = Some(5.0);
+        let mut class_minus_1 = row("original");
+        class_minus_1.label = Some(-1.0);
+        let mut nan_logit = row("original");
+        nan_logit.teacher_logits[1] = f32::NAN;
+        let mut sign_2 = fgsm();
+        sign_2.perturbation = Some(vec![1, 2, 0, 1]);
+        let mut negative_id = row("original");
+        negative_id.input_ids[1] = u32::MAX;
+        let mut negative_partner = mixup();
+        negative_partner.partner_input_ids = Some(vec![101, u32::MAX, 102]);
         for (good, bad, what) in [
+            (
+                row("original"),
+                class_5,
+                "`label` = 5, expected a class in 0..2",
+            ),
+            (row("original"), class_minus_1, "`label` = -1"),
+            (row("original"), nan_logit, "`teacher_logits` holds NaN"),
+            (fgsm(), sign_2, "`perturbation` holds 2"),
+            (row("original"), negative_id, "a negative token id"),
+            (mixup(), negative_partner, "a negative token id"),
             (mixup(), no_lambda, "without `lambda`"),
             (mixup(), no_partner, "without `partner_input_ids`"),
             (fgsm(), no_eps, "without `epsilon`"),

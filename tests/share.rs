@@ -806,13 +806,18 @@ fn s3_multipart_uploads_are_aborted_on_kill_and_signals() {
     assert_eq!(records("parts/"), Vec::<String>::new());
     same_as_a_local_run(&store, "parts/sst2/smoke/");
 
-    // SIGINT and SIGTERM in the middle of a multipart upload abort it before exiting.
-    for (signal, name) in [(libc::SIGINT, "int"), (libc::SIGTERM, "term")] {
+    // SIGINT and SIGTERM in the middle of a multipart upload abort it before exiting, as
+    // does SIGINT between its creation and the writing of its record.
+    for (signal, name, point) in [
+        (libc::SIGINT, "int", "upload-part"),
+        (libc::SIGTERM, "term", "upload-part"),
+        (libc::SIGINT, "int-unrecorded", "upload-record"),
+    ] {
         let url = store.url(name);
         let release = store.tmp.path().join(format!("release-{name}"));
         let mut child = augpro_faulty_cmd(&["augment", "pipelines/smoke.toml", "--out", &url])
             .envs(store.env())
-            .env("AUGPRO_FAILPOINT", "upload-part:hold")
+            .env("AUGPRO_FAILPOINT", format!("{point}:hold"))
             .env("AUGPRO_FAILPOINT_RELEASE", &release)
             .stderr(Stdio::null())
             .spawn()

@@ -371,9 +371,19 @@ impl Location {
                 match std::fs::hard_link(f.temp_path(), p) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
-                    // A file system without hard links: check, then rename (not race-free).
-                    Err(_) if p.exists() => return Ok(false),
-                    Err(_) => f.commit()?,
+                    // A file system without hard links: a rename that never replaces (the
+                    // temporary, renamed away, is then gone when `f` drops).
+                    Err(_) => match crate::atomic::rename_noreplace(f.temp_path(), p) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                            return Ok(false)
+                        }
+                        Err(e) => {
+                            return Err(e).with_context(|| {
+                                format!("{self}: cannot create it without replacing another")
+                            })
+                        }
+                    },
                 }
                 if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
                     if let Ok(d) = std::fs::File::open(dir) {
@@ -500,15 +510,25 @@ async fn upload(loc: &Location, bytes: Bytes) -> object_store::Result<()> {
     let Location::Remote { key: record, .. } = &up.record else {
         unreachable!()
     };
-    store
-        .put(record, PutPayload::from(up.id.clone().into_bytes()))
-        .await?;
+    // Registered before its record exists, so an interrupt from here on aborts it.
     in_flight(&up, true);
-    let res = upload_parts(parts.as_ref(), key, &up.id, &bytes, size).await;
-    if res.is_err() {
-        let _ = parts.abort_multipart(key, &up.id).await;
+    crate::failpoint::failpoint("upload-record");
+    let recorded = store
+        .put(record, PutPayload::from(up.id.clone().into_bytes()))
+        .await;
+    let res = match recorded {
+        Ok(_) => upload_parts(parts.as_ref(), key, &up.id, &bytes, size).await,
+        Err(e) => Err(e),
+    };
+    match &res {
+        Ok(()) => {
+            let _ = store.delete(record).await;
+        }
+        // The record stays when the abort fails, for a rerun to abort it.
+        Err(_) => {
+            let _ = abort(&up).await;
+        }
     }
-    let _ = store.delete(record).await;
     in_flight(&up, false);
     res
 }
@@ -591,7 +611,8 @@ pub fn abort_uploads_in_flight() {
     }
 }
 
-/// Aborts an upload and removes its record.
+/// Aborts an upload, then removes its record; a failed abort keeps the record and is the
+/// error (an upload or record already gone is not).
 async fn abort(up: &Upload) -> object_store::Result<()> {
     let (
         Location::Remote {
@@ -602,21 +623,29 @@ async fn abort(up: &Upload) -> object_store::Result<()> {
     else {
         return Ok(());
     };
-    let aborted = parts.abort_multipart(object, &up.id).await;
-    if let Err(e) = &aborted {
-        tracing::warn!(
-            "{}: abort of upload {} failed ({e}); its record goes",
-            up.object,
-            up.id
-        );
+    match parts.abort_multipart(object, &up.id).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+        Err(e) => {
+            tracing::warn!(
+                "{}: abort of upload {} failed ({e}); its record {} stays for a rerun to abort it",
+                up.object,
+                up.id,
+                up.record
+            );
+            return Err(e);
+        }
     }
-    store.delete(key).await
+    match store.delete(key).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 impl Location {
     /// Aborts the multipart uploads recorded in this directory (prefix) whose record names
     /// `doomed` accepts (see [`crate::atomic::is_dead_temporary`]), and removes the records;
-    /// returns how many. A local directory has none.
+    /// returns how many. An upload whose abort fails is warned of and keeps its record. A
+    /// local directory has none.
     pub fn abort_uploads(&self, doomed: impl Fn(&str) -> bool) -> Result<usize> {
         if !self.is_remote() {
             return Ok(0);
@@ -636,11 +665,9 @@ impl Location {
                 id: String::from_utf8_lossy(&id).into_owned(),
                 record,
             };
-            match block_on(abort(&up)) {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => n += 1,
-                Err(e) => {
-                    return Err(e).with_context(|| format!("{}: cannot abort upload", up.object))
-                }
+            // An abort that fails was warned of, and its record stays for the next rerun.
+            if block_on(abort(&up)).is_ok() {
+                n += 1;
             }
         }
         Ok(n)

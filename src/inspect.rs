@@ -12,19 +12,29 @@ use std::collections::HashMap;
 /// Per-method row counts and changed-token statistics over every shard of `dir`.
 pub fn method_table(dir: &Location) -> Result<DataFrame> {
     let (_, paths) = shard_paths(dir)?;
+    // Only the columns the table needs, from files opened here (the manifest's, checked by
+    // `shard_paths`): polars globbing or partition discovery never sees a path. polars is
+    // built without its cloud readers, so an object is fetched and read here.
+    let columns = Some(
+        ["method", "changed_tokens", "input_ids"]
+            .map(String::from)
+            .to_vec(),
+    );
     let frames = paths
         .iter()
         .map(|loc| -> Result<LazyFrame> {
-            Ok(match loc.as_local() {
-                Some(p) => LazyFrame::scan_parquet(
-                    PlRefPath::new(p.to_string_lossy().to_string()),
-                    ScanArgsParquet::default(),
-                )?,
-                // polars is built without its cloud readers: fetch the object, read it here.
+            let df = match loc.as_local() {
+                Some(p) => {
+                    let f = std::fs::File::open(p)
+                        .map_err(|e| anyhow::anyhow!("{loc}: cannot read: {e}"))?;
+                    ParquetReader::new(f).with_columns(columns.clone()).finish()
+                }
                 None => ParquetReader::new(std::io::Cursor::new(loc.read()?))
-                    .finish()?
-                    .lazy(),
-            })
+                    .with_columns(columns.clone())
+                    .finish(),
+            };
+            let df = df.map_err(|e| anyhow::anyhow!("{loc}: unreadable shard: {e}"))?;
+            Ok(df.lazy())
         })
         .collect::<Result<Vec<_>>>()?;
     let lf = concat(frames, UnionArgs::default())?;

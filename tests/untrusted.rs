@@ -335,6 +335,17 @@ fn a_token_id_beyond_the_vocabulary_is_named() {
     );
 }
 
+/// A dataset whose directory name holds glob characters is read as named, and only its
+/// manifest's files are read (traced).
+#[test]
+fn glob_characters_in_the_dataset_path_are_plain_characters() {
+    let fx = Fixture::new();
+    let dir = fx.copy("glob[12]*");
+    let o = fx.run("glob", &dir, &["inspect", dir.to_str().unwrap(), "-n", "1"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && out.contains("augpro_mix"), "{out}");
+}
+
 /// A named pipe where a file should be is refused without waiting on it; a manifest
 /// larger than anything a writer makes is refused unread.
 #[test]

@@ -36,7 +36,7 @@ pub fn fetch_config(
             continue;
         }
         let url = format!("{}/{}/{}", base_url.trim_end_matches('/'), task.name, name);
-        download(&url, &dest)?;
+        download(&url, &dest, None)?;
         out.push(dest);
     }
     Ok(out)
@@ -119,8 +119,8 @@ pub fn fetch_repo(
         download(
             &format!("{hub}/datasets/{repo}/resolve/main/{}", e.path),
             &dest,
+            e.lfs.as_ref().map(|l| l.oid.as_str()),
         )?;
-        check_sha256(&dest, e.lfs.as_ref().map(|l| l.oid.as_str()))?;
     }
     if out.is_empty() {
         bail!(
@@ -161,8 +161,9 @@ impl std::fmt::Display for FinalStatus {
 impl std::error::Error for FinalStatus {}
 
 /// Downloads `url` to `dest`, resuming a previous partial download, with up to 5 attempts;
-/// a final HTTP status (see [`FinalStatus`]) fails at once.
-pub fn download(url: &str, dest: &Path) -> Result<()> {
+/// a final HTTP status (see [`FinalStatus`]) fails at once. With `sha256`, the download is
+/// checked before it takes `dest`'s name (a mismatch removes it and fails).
+pub fn download(url: &str, dest: &Path, sha256: Option<&str>) -> Result<()> {
     let part = dest.with_extension("parquet.part");
     let mut last_err = None;
     for attempt in 1..=5 {
@@ -170,6 +171,7 @@ pub fn download(url: &str, dest: &Path) -> Result<()> {
             Ok(()) => {
                 let f = std::fs::File::open(&part)?;
                 f.sync_all()?;
+                check_sha256(&part, sha256)?;
                 std::fs::rename(&part, dest)
                     .with_context(|| format!("{}: rename failed", dest.display()))?;
                 return Ok(());

@@ -230,10 +230,15 @@ fn fetches_a_hub_repository_by_name() {
         .unwrap();
     let err = format!("{err:#}");
     assert!(err.contains("is not the 0000"), "{err}");
-    assert!(!dest
-        .path()
-        .join("acme/broken/main/validation-00000-of-00001.parquet")
-        .exists());
+    for f in [
+        "validation-00000-of-00001.parquet",
+        "validation-00000-of-00001.parquet.part",
+    ] {
+        assert!(
+            !dest.path().join("acme/broken/main").join(f).exists(),
+            "{f}"
+        );
+    }
     let err = augpro::fetch::fetch_repo("../up", None, dest.path(), &srv.base)
         .err()
         .unwrap();

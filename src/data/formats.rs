@@ -116,7 +116,30 @@ fn json_batches(path: &Path) -> Result<(Arc<Schema>, Batches)> {
         .with_batch_size(BATCH_ROWS)
         .build(BufReader::new(open(path)?))
         .with_context(|| format!("{}: cannot read", path.display()))?;
-    Ok((schema, Box::new(reader)))
+    // arrow's decoding errors name no line: find it (the file is read again only then).
+    let (file, types) = (path.to_path_buf(), schema.clone());
+    let batches = reader.map(move |b| {
+        b.map_err(|e| match first_bad_line(&file, &types) {
+            Some(n) => ArrowError::JsonError(format!("line {n}: {e}")),
+            None => e,
+        })
+    });
+    Ok((schema, Box::new(batches)))
+}
+
+/// The first line (counted from 1) of a JSON-lines file that does not decode as `schema`.
+fn first_bad_line(path: &Path, schema: &Arc<Schema>) -> Option<usize> {
+    use std::io::BufRead;
+    for (i, line) in BufReader::new(File::open(path).ok()?).lines().enumerate() {
+        let line = line.ok()?;
+        let mut d = arrow::json::ReaderBuilder::new(schema.clone())
+            .build_decoder()
+            .ok()?;
+        if d.decode(line.as_bytes()).is_err() || d.flush().is_err() {
+            return Some(i + 1);
+        }
+    }
+    None
 }
 
 fn is_text(dt: &DataType) -> bool {
@@ -196,4 +219,33 @@ fn check_label(path: &Path, task: &TaskSpec, t: &DataType) -> Result<()> {
         path.display(),
         task.label_column
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A value of another type after the rows the types are inferred from: the error names
+    /// its line.
+    #[test]
+    fn a_json_lines_type_error_names_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("train.jsonl");
+        let mut text = String::new();
+        for i in 0..INFER_ROWS + 5 {
+            text.push_str(&format!(
+                "{{\"text\": \"row {i}\", \"label\": {}}}\n",
+                i % 2
+            ));
+        }
+        text.push_str("{\"text\": \"bad\", \"label\": \"two\"}\n");
+        std::fs::write(&path, text).unwrap();
+        let (_, batches) = json_batches(&path).unwrap();
+        let err = batches
+            .filter_map(|b| b.err())
+            .next()
+            .expect("the last row does not decode");
+        let want = format!("line {}:", INFER_ROWS + 6);
+        assert!(err.to_string().contains(&want), "{err}");
+    }
 }

@@ -707,7 +707,7 @@ pub fn main() {
         tracing::debug!("no signal handler: {e}");
     }
     if let Err(e) = run(cli) {
-        eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+        eprintln!("error: {}", one_line(&format!("{e:#}")));
         std::process::exit(1);
     }
 }
@@ -736,4 +736,29 @@ fn init_logging(cli: &Cli) {
         )
         .with(crate::timing::SpanTimes)
         .init();
+}
+
+/// An error message as one printable line: a line break becomes a space, and any other
+/// control character (from a file name or a value in someone else's data) its escape, so
+/// nothing in it can move the cursor or rewrite the terminal.
+fn one_line(msg: &str) -> String {
+    msg.chars()
+        .map(|c| match c {
+            '\n' => " ".to_string(),
+            c if c.is_control() => c.escape_default().to_string(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn an_error_is_one_printable_line() {
+        assert_eq!(one_line("a\nb"), "a b");
+        assert_eq!(one_line("x\r\u{1b}[2Jy"), "x\\r\\u{1b}[2Jy");
+        assert_eq!(one_line("naïve — ok"), "naïve — ok");
+    }
 }

@@ -576,6 +576,9 @@ impl std::error::Error for Diverged {}
 /// Metric name to score.
 type Scores = BTreeMap<String, f64>;
 
+/// The kept checkpoint's dev scores and step.
+type KeptScores = (Scores, usize);
+
 /// Scores a student on the dev split the shards' source held out; `None` when the shards
 /// are not of the train split or held out nothing.
 fn shards_dev_scorer(
@@ -717,7 +720,7 @@ where
 
     /// Restores the best weights kept; returns their dev metrics and step (none and the
     /// last step without dev checks; `None` when every check scored NaN) and the curve.
-    fn restore_best(self, step: usize) -> Result<(Option<(Scores, usize)>, Vec<CurvePoint>)> {
+    fn restore_best(self, step: usize) -> Result<(Option<KeptScores>, Vec<CurvePoint>)> {
         let kept = match self.best {
             Some(k) => {
                 self.params.restore(&k.weights)?;

@@ -540,11 +540,14 @@ pub fn train(
         .into());
     };
     (m.dev, m.best_step) = (dev, best_step);
-    m.validation = plan.evaluate_and_save(&params, glue_dir, out)?;
+    // The checkpoint and its metrics move in together, metrics.json last; nothing on failure.
+    let staged = crate::util::StagedDir::create(out)?;
+    m.validation = plan.evaluate_and_save(&params, glue_dir, staged.path())?;
     atomic_write(
-        &out.join("metrics.json"),
+        &staged.path().join("metrics.json"),
         serde_json::to_string_pretty(&m)?.as_bytes(),
     )?;
+    staged.publish("metrics.json")?;
     Ok(m)
 }
 

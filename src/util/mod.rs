@@ -1,7 +1,9 @@
-//! Small shared helpers: thread and allocator set-up, the progress bar, and (from the
-//! shards crate) crash-safe file writes, fault-injection points, hashing and seed derivation.
+//! Small shared helpers: thread and allocator set-up, the progress bar, a directory written
+//! whole or not at all, and (from the shards crate) crash-safe file writes, fault-injection
+//! points, hashing and seed derivation.
 
 pub mod progress;
+pub mod staged_dir;
 pub mod threads;
 
 pub use augpro_shards::atomic::{
@@ -12,4 +14,5 @@ pub use augpro_shards::atomic::{
 pub use augpro_shards::failpoint::{failpoint, install_failpoint_hook};
 pub use augpro_shards::hash::{derive_seed, sha256_bytes, sha256_file};
 pub use progress::progress;
+pub use staged_dir::StagedDir;
 pub use threads::{init_threads, limit_native_threads, tune_allocator, with_one_native_thread};

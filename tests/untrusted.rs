@@ -238,6 +238,12 @@ fn manifests_naming_files_outside_the_dataset_are_refused() {
     std::fs::remove_file(dir.join(SHARD0)).unwrap();
     std::os::unix::fs::symlink(&decoy, dir.join(SHARD0)).unwrap();
     fx.refused("symlink", &dir, "outside the dataset");
+    // The manifest itself a link to a manifest outside: not followed out of the dataset.
+    let dir = fx.copy("manifest-symlink");
+    let elsewhere = fx.root.join("outside/manifest.json");
+    std::fs::rename(dir.join("manifest.json"), &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, dir.join("manifest.json")).unwrap();
+    fx.refused("manifest-symlink", &dir, "outside the dataset");
     // A described dataset whose source is the reader's directory holding the decoy: the
     // student reads none of it (traced) and asks for the reader's own copy instead.
     let outside = fx.root.join("outside");

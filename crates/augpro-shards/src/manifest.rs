@@ -316,7 +316,7 @@ impl Manifest {
 /// Reads `manifest.json` from a dataset (a directory or an object-store prefix), checking
 /// its format version first.
 pub fn read_manifest(dir: &Location) -> Result<Manifest> {
-    let p = dir.join(MANIFEST);
+    let p = inside_dataset(dir, dir.join(MANIFEST))?;
     let t = p
         .read_bounded(None)?
         .with_context(|| format!("{p}: missing manifest (was the run finalized?)"))?;
@@ -360,7 +360,12 @@ pub fn shard_paths(dir: &Location) -> Result<(Manifest, Vec<Location>)> {
 /// Where a file the manifest names is. Its name was checked to be the writer's; locally,
 /// the file (its symbolic links resolved) must also lie inside the dataset directory.
 fn dataset_file(dir: &Location, f: &ShardFile) -> Result<Location> {
-    let loc = dir.join(&f.file);
+    inside_dataset(dir, dir.join(&f.file))
+}
+
+/// `loc`, a file of the dataset `dir`; locally, refused when it (its symbolic links
+/// resolved) lies outside the dataset directory. A missing file passes (its reader says so).
+fn inside_dataset(dir: &Location, loc: Location) -> Result<Location> {
     let (Some(root), Some(path)) = (dir.as_local(), loc.as_local()) else {
         return Ok(loc);
     };

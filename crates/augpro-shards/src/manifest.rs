@@ -264,12 +264,9 @@ impl Manifest {
         &self,
         place: impl FnOnce(&str) -> Result<(PathBuf, Option<String>)>,
     ) -> Result<&'static TaskSpec> {
-        match self.config.get("data") {
-            None | Some(serde_json::Value::Null) => crate::task::glue(&self.task),
-            Some(v) => {
-                let d: DataConfig = serde_json::from_value(v.clone()).with_context(|| {
-                    format!("{MANIFEST}: field `config.data` is not a dataset description ({v})")
-                })?;
+        match self.data_config()? {
+            None => crate::task::glue(&self.task),
+            Some(d) => {
                 d.describe(&self.task, place, |_| {
                     self.label_names.clone().with_context(|| {
                         format!("{MANIFEST}: field `label_names`: a classification dataset records its class names")
@@ -283,14 +280,21 @@ impl Manifest {
     /// (`config.data.source`); `None` for GLUE. A reader should not read it: the location
     /// is on the writer's side.
     pub fn described_source(&self) -> Result<Option<String>> {
+        Ok(self
+            .data_config()?
+            .filter(|d| d.glue_config().is_none())
+            .map(|d| d.source))
+    }
+
+    /// The dataset description of `config.data`; `None` for GLUE shards.
+    fn data_config(&self) -> Result<Option<DataConfig>> {
         match self.config.get("data") {
             None | Some(serde_json::Value::Null) => Ok(None),
-            Some(v) => {
-                let d: DataConfig = serde_json::from_value(v.clone()).with_context(|| {
+            Some(v) => serde_json::from_value(v.clone())
+                .map(Some)
+                .with_context(|| {
                     format!("{MANIFEST}: field `config.data` is not a dataset description ({v})")
-                })?;
-                Ok(d.glue_config().is_none().then_some(d.source))
-            }
+                }),
         }
     }
 

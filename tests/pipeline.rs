@@ -594,6 +594,19 @@ fn verify_detects_damage(good: &Path, tmp: &Path) {
         "unknown file",
     );
     case(
+        "nested",
+        &|d| {
+            std::fs::create_dir(d.join("data/more")).unwrap();
+            std::fs::copy(d.join(shard), d.join("data/more/extra.parquet")).unwrap();
+        },
+        "data/more: unknown directory not listed in the manifest",
+    );
+    case(
+        "linked",
+        &|d| std::os::unix::fs::symlink("/etc/hostname", d.join("data/linked.parquet")).unwrap(),
+        "data/linked.parquet: unknown file not listed in the manifest",
+    );
+    case(
         "lying-manifest",
         &|d| {
             let p = d.join("manifest.json");

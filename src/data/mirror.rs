@@ -1,11 +1,13 @@
 //! A described dataset in an object store (`s3://`, `gs://`, `az://`): the objects a split's
 //! pattern matches are copied into a local mirror directory when the split is first listed,
-//! in ranges (memory stays flat in their size), and read from there like local files. An
-//! object already mirrored with the same size and entity tag is not fetched again.
+//! in ranges (memory stays flat in their size) each on condition that the object's entity
+//! tag is unchanged, and read from there like local files. An object already mirrored with
+//! the same size and entity tag is not fetched again; a mirrored file whose object is gone
+//! is removed.
 
 use crate::storage::Location;
 use crate::util::atomic_write;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -56,15 +58,36 @@ fn fetch_matching(origin: &str, dir: &Path, split: &str, pattern: &str) -> Resul
     if names.is_empty() {
         bail!("{folder}: no object matches `data.splits.{split}` = {pattern:?}");
     }
-    for n in names {
-        let tag = dir.join(".etags").join(sub).join(&n);
-        fetch(&folder.join(&n), &dir.join(sub).join(&n), &tag)?;
+    for n in &names {
+        let tag = dir.join(".etags").join(sub).join(n);
+        fetch(&folder.join(n), &dir.join(sub).join(n), &tag)?;
+    }
+    prune(&dir.join(sub), &dir.join(".etags").join(sub), name, &names)
+}
+
+/// Removes the mirrored files in `local` that `pattern` matches but the origin no longer
+/// holds (not in `kept`), with their entity-tag records: the split is read from the mirror
+/// by the same pattern, so a stale copy would be read as data.
+fn prune(local: &Path, tags: &Path, pattern: &str, kept: &[String]) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(local) else {
+        return Ok(());
+    };
+    for e in entries.filter_map(|e| e.ok()) {
+        let n = e.file_name().to_string_lossy().to_string();
+        let stale = !n.starts_with('.')
+            && super::wildcard_match(pattern.as_bytes(), n.as_bytes())
+            && !kept.contains(&n);
+        if stale {
+            std::fs::remove_file(e.path())
+                .with_context(|| format!("{}: cannot remove the stale copy", e.path().display()))?;
+            let _ = std::fs::remove_file(tags.join(&n));
+        }
     }
     Ok(())
 }
 
 /// Copies one object to `dest` unless the copy there has its size and entity tag
-/// (recorded in `tag_file`).
+/// (recorded in `tag_file`); every range is read on condition that the tag is unchanged.
 fn fetch(obj: &Location, dest: &Path, tag_file: &Path) -> Result<()> {
     let (size, tag) = obj.meta()?;
     let same_size = std::fs::metadata(dest).is_ok_and(|m| m.is_file() && m.len() == size);
@@ -72,7 +95,7 @@ fn fetch(obj: &Location, dest: &Path, tag_file: &Path) -> Result<()> {
     if same_size && tag.is_some() && recorded == tag {
         return Ok(());
     }
-    obj.download(dest, size)?;
+    obj.download(dest, size, tag.as_deref())?;
     if let Some(t) = tag {
         if let Some(d) = tag_file.parent() {
             std::fs::create_dir_all(d)?;

@@ -419,11 +419,17 @@ pub fn verify(dir: &Location) -> Result<Vec<String>> {
             ));
         }
     }
-    problems.extend(
-        unlisted_files(dir, &m)?
-            .into_iter()
-            .map(|n| format!("{}: unknown file not listed in the manifest", dir.join(&n))),
-    );
+    problems.extend(unlisted_files(dir, &m)?.into_iter().map(|n| {
+        let what = if n.ends_with('/') {
+            "directory"
+        } else {
+            "file"
+        };
+        format!(
+            "{}: unknown {what} not listed in the manifest",
+            dir.join(n.trim_end_matches('/'))
+        )
+    }));
     Ok(problems)
 }
 
@@ -456,8 +462,9 @@ fn shard_count_problems(
     problems
 }
 
-/// Files in the dataset directory and its `data/` that the manifest does not name (hidden
-/// files aside), sorted.
+/// Entries in the dataset directory and its `data/` that the manifest does not name (hidden
+/// ones aside), sorted: files, links and subdirectories (named with a trailing `/`), since
+/// readers that glob or recurse `data/` would read them all.
 fn unlisted_files(dir: &Location, m: &Manifest) -> Result<Vec<String>> {
     let mut known: Vec<String> = m
         .shards
@@ -466,12 +473,19 @@ fn unlisted_files(dir: &Location, m: &Manifest) -> Result<Vec<String>> {
         .map(|f| f.file.clone())
         .collect();
     known.extend([MANIFEST, CARD, TIMINGS].map(String::from));
-    let top = dir.list()?;
-    let data = dir.join(DATA_DIR).list()?;
+    known.push(format!("{DATA_DIR}/"));
+    let top = dir.list_entries()?;
+    let data = dir.join(DATA_DIR).list_entries()?;
     let mut extra: Vec<String> = top
         .into_iter()
         .chain(data.into_iter().map(|n| format!("{DATA_DIR}/{n}")))
-        .filter(|rel| !rel.rsplit('/').next().unwrap_or("").starts_with('.'))
+        .filter(|rel| {
+            !rel.trim_end_matches('/')
+                .rsplit('/')
+                .next()
+                .unwrap_or("")
+                .starts_with('.')
+        })
         .filter(|rel| !known.contains(rel))
         .collect();
     extra.sort();

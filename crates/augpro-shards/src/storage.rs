@@ -277,23 +277,31 @@ impl Location {
         }
     }
 
-    /// Copies the file (object) to the local path `dest` in ranges of [`PART_SIZE`], so
-    /// memory stays flat in its size; written under a temporary name, fsynced and renamed.
-    pub fn download(&self, dest: &Path, size: u64) -> Result<()> {
+    /// Copies the file (object) to the local path `dest` in ranges of [`PART_SIZE`] (or
+    /// `AUGPRO_PART_SIZE`), so memory stays flat in its size; written under a temporary
+    /// name, fsynced and renamed.
+    /// With `etag`, every range of an object is read on condition that its entity tag is
+    /// still that one, so a copy never mixes two versions of the object.
+    pub fn download(&self, dest: &Path, size: u64, etag: Option<&str>) -> Result<()> {
         if let Some(dir) = dest.parent() {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("{}: cannot create directory", dir.display()))?;
         }
         let mut out = AtomicFile::create(dest)?;
-        let step = PART_SIZE as u64;
+        let step = part_size() as u64;
         let mut at = 0u64;
         while at < size {
             let end = (at + step).min(size);
             let chunk = match self {
                 Location::Local(p) => read_range(p, at, end),
-                Location::Remote { store, key, .. } => {
-                    block_on(store.get_range(key, at..end)).map_err(anyhow::Error::from)
-                }
+                Location::Remote { store, key, .. } => get_range_if(store, key, at..end, etag)
+                    .map_err(|e| match e {
+                        object_store::Error::Precondition { .. } => anyhow::anyhow!(
+                            "changed while it was copied (entity tag no longer {})",
+                            etag.unwrap_or_default()
+                        ),
+                        e => e.into(),
+                    }),
             }
             .with_context(|| format!("{self}: cannot read bytes {at}..{end}"))?;
             if chunk.len() as u64 != end - at {
@@ -302,6 +310,7 @@ impl Location {
             std::io::Write::write_all(&mut out, &chunk)
                 .with_context(|| format!("{}: cannot write", dest.display()))?;
             at = end;
+            crate::failpoint::failpoint("download-range");
         }
         out.commit()
     }
@@ -338,6 +347,45 @@ impl Location {
                 .into_iter()
                 .filter_map(|o| o.location.filename().map(str::to_string))
                 .collect(),
+        };
+        names.sort();
+        Ok(names)
+    }
+
+    /// Every entry directly under this directory (prefix), sorted: files, links of any kind,
+    /// and subdirectories (common prefixes), a subdirectory's name ending in `/`. What a
+    /// reader that globs or recurses would see, for checks that nothing unlisted is there.
+    pub fn list_entries(&self) -> Result<Vec<String>> {
+        let mut names: Vec<String> = match self {
+            Location::Local(p) => match std::fs::read_dir(p) {
+                Ok(rd) => rd
+                    .filter_map(|e| e.ok())
+                    .map(|e| {
+                        let dir = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
+                        let name = e.file_name().to_string_lossy().to_string();
+                        if dir {
+                            format!("{name}/")
+                        } else {
+                            name
+                        }
+                    })
+                    .collect(),
+                Err(_) => Vec::new(),
+            },
+            Location::Remote { store, key, .. } => {
+                let listed = block_on(store.list_with_delimiter(Some(key)))
+                    .with_context(|| format!("{self}: cannot list"))?;
+                let dirs = listed
+                    .common_prefixes
+                    .into_iter()
+                    .filter_map(|d| d.filename().map(|n| format!("{n}/")));
+                listed
+                    .objects
+                    .into_iter()
+                    .filter_map(|o| o.location.filename().map(str::to_string))
+                    .chain(dirs)
+                    .collect()
+            }
         };
         names.sort();
         Ok(names)
@@ -426,6 +474,22 @@ impl Location {
     }
 }
 
+/// Bytes `range` of an object; with `etag`, on condition that the object's entity tag is
+/// still that one ([`object_store::Error::Precondition`] when it is not).
+fn get_range_if(
+    store: &Arc<dyn ObjectStore>,
+    key: &Key,
+    range: std::ops::Range<u64>,
+    etag: Option<&str>,
+) -> object_store::Result<Bytes> {
+    let opts = object_store::GetOptions {
+        range: Some(range.into()),
+        if_match: etag.map(str::to_string),
+        ..Default::default()
+    };
+    block_on(async { store.get_opts(key, opts).await?.bytes().await })
+}
+
 /// Bytes `at..end` of a local file.
 fn read_range(p: &Path, at: u64, end: u64) -> Result<Bytes> {
     use std::io::{Read, Seek, SeekFrom};
@@ -436,7 +500,6 @@ fn read_range(p: &Path, at: u64, end: u64) -> Result<Bytes> {
     Ok(Bytes::from(buf))
 }
 
-/// Refuses a file whose `size` is not the `recorded` one.
 /// The most [`Location::read_bounded`] reads of a file whose size nothing records (a
 /// manifest, a shard summary).
 pub const MAX_UNRECORDED_READ: u64 = 1 << 30;
@@ -460,6 +523,7 @@ fn open_nonblocking(p: &Path) -> std::io::Result<std::fs::File> {
     o.open(p)
 }
 
+/// Refuses a file whose `size` is not the `recorded` one.
 fn check_recorded_size(loc: &Location, size: u64, recorded: Option<u64>) -> Result<()> {
     match recorded {
         Some(want) if want != size => {

@@ -675,8 +675,8 @@ fn index_table(
     keep: impl Fn(u32) -> bool + Copy,
     cfg: &crate::config::ProjectionConfig,
 ) -> Result<(Projector, f32)> {
-    let mut exact = Projector::build(table, dim, keep, "Flat", Metric::L2)?;
-    let scale = median_nn_distance(table, dim, &mut exact, 2000)?;
+    let exact = Projector::build(table, dim, keep, "Flat", Metric::L2)?;
+    let scale = median_nn_distance(&exact, 2000)?;
     if cfg.index == "Flat" && cfg.metric == Metric::L2 {
         return Ok((exact, scale));
     }

@@ -2,7 +2,7 @@
 //! special and reserved tokens left out, searched in batches. Exact L2 (`Flat`) nearest and
 //! k-nearest search runs on [`FlatL2`], which gives brute force's answer exactly.
 
-use super::exact_search::{kept_rows, l2, rows_of, FlatL2, NONE};
+use super::exact_search::{kept_rows, l2, FlatL2, NONE};
 use anyhow::{bail, Context, Result};
 use faiss::{index_factory, Index, MetricType};
 
@@ -322,26 +322,52 @@ fn set_parameters(index: &mut faiss::index::IndexImpl, params: &str) -> Result<(
 }
 
 /// Median distance from an indexed token to its nearest other token, over up to
-/// `sample` tokens spread evenly over the index (L2 only; the scale for relative ε).
-pub fn median_nn_distance(
-    table: &[f32],
-    dim: usize,
-    p: &mut Projector,
-    sample: usize,
-) -> Result<f32> {
-    let n = p.token_ids.len();
+/// `sample` tokens spread evenly over the index (L2 only; the scale for relative ε). It
+/// comes from the exact search, its distances summed in `f64` in index order, so the scale
+/// and every ε drawn from it are the same on every CPU (a BLAS distance is not: its
+/// kernels differ between CPUs in the last bits).
+pub fn median_nn_distance(p: &Projector, sample: usize) -> Result<f32> {
+    let exact = p
+        .exact
+        .as_ref()
+        .context("the median nearest-neighbour distance needs the exact L2 index")?;
+    let n = exact.len();
     let step = (n / sample.max(1)).max(1);
-    let picks: Vec<u32> = p.token_ids.iter().step_by(step).copied().collect();
-    let q = rows_of(table, dim, &picks);
-    let (ids, d) = p.search(&q, 2)?;
-    let mut dists: Vec<f32> = picks
-        .iter()
-        .enumerate()
-        .map(|(i, &t)| {
-            let j = if ids[2 * i] == t { 2 * i + 1 } else { 2 * i };
-            d[j].max(0.0).sqrt()
-        })
-        .collect();
-    dists.sort_by(f32::total_cmp);
-    Ok(dists[dists.len() / 2])
+    let picks: Vec<u32> = (0..n as u32).step_by(step).collect();
+    let mut dists = exact.nn_distance2(&picks);
+    dists.sort_by(f64::total_cmp);
+    let median = dists.get(dists.len() / 2).context("no token is indexed")?;
+    Ok(median.max(0.0).sqrt() as f32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// The scale of relative ε is brute force's, bit for bit: nearest other row by `f64`
+    /// distances in index order, never a BLAS distance (whose bits depend on the CPU).
+    #[test]
+    fn median_nn_distance_is_brute_forces_bit_for_bit() {
+        let (n, d) = (1500usize, 24usize);
+        let mut r = ChaCha8Rng::seed_from_u64(11);
+        let table: Vec<f32> = (0..n * d).map(|_| r.gen_range(-1.0f32..1.0)).collect();
+        let p = Projector::build(&table, d, |t| t % 7 != 3, "Flat", Metric::L2).unwrap();
+        let got = median_nn_distance(&p, 100).unwrap();
+        let kept: Vec<usize> = (0..n).filter(|t| t % 7 != 3).collect();
+        let step = kept.len() / 100;
+        let row = |t: usize| &table[t * d..(t + 1) * d];
+        let mut want: Vec<f64> = (0..kept.len())
+            .step_by(step)
+            .map(|i| {
+                kept.iter()
+                    .filter(|&&j| j != kept[i])
+                    .map(|&j| l2(row(kept[i]), row(j)))
+                    .fold(f64::INFINITY, f64::min)
+            })
+            .collect();
+        want.sort_by(f64::total_cmp);
+        assert_eq!(got, want[want.len() / 2].sqrt() as f32);
+    }
 }

@@ -379,17 +379,14 @@ fn check_summaries(
     Ok(())
 }
 
-/// Removes every file of a dataset: its shards, summaries, manifest and card.
+/// Removes everything in a dataset's directory: its shards, summaries, manifest and card,
+/// and whatever else lies there at any depth (readers that recurse would take it for data).
 fn clear(out: &Location) -> Result<()> {
-    let data = out.join(DATA_DIR);
-    for n in data.list()? {
-        data.join(&n).remove()?;
-    }
-    for n in out.list()? {
-        out.join(&n).remove()?;
-    }
-    if let Some(d) = data.as_local() {
-        let _ = std::fs::remove_dir_all(d);
+    for n in out.list_entries()? {
+        match n.strip_suffix('/') {
+            Some(dir) => out.join(dir).remove_tree()?,
+            None => out.join(&n).remove()?,
+        }
     }
     Ok(())
 }
@@ -683,10 +680,11 @@ fn check_shard_data(out: &Location, s: &ShardSummary) -> Result<()> {
     Ok(())
 }
 
-/// Refuses shards made from different source files, teacher weights, devices or dtypes.
+/// Refuses shards made from different source files, teacher weights, devices or dtypes,
+/// or with different ε scales (a shard made by an augpro that measured it otherwise).
 fn check_same_inputs(out: &Location, shards: &[ShardSummary]) -> Result<()> {
     type Same = fn(&ShardSummary, &ShardSummary) -> bool;
-    let checks: [(&str, Same); 3] = [
+    let checks: [(&str, Same); 4] = [
         ("from different source files", |a, b| {
             a.source_sha256 == b.source_sha256
         }),
@@ -695,6 +693,9 @@ fn check_same_inputs(out: &Location, shards: &[ShardSummary]) -> Result<()> {
         }),
         ("on different devices or dtypes", |a, b| {
             (&a.device, &a.dtype) == (&b.device, &b.dtype)
+        }),
+        ("with different ε scales (median_nn_distance)", |a, b| {
+            a.median_nn_distance.to_bits() == b.median_nn_distance.to_bits()
         }),
     ];
     for (what, same) in checks {
@@ -899,8 +900,31 @@ fn existing_teacher_dir(cfg: &PipelineConfig) -> Result<PathBuf> {
 
 #[cfg(test)]
 mod tests {
-    use super::publish_teacher;
+    use super::{check_same_inputs, publish_teacher};
+    use augpro_shards::manifest::ShardSummary;
     use std::path::Path;
+
+    #[test]
+    fn shards_with_different_epsilon_scales_are_refused() {
+        let shard = |i: usize, scale: f32| ShardSummary {
+            index: i,
+            files: Vec::new(),
+            source_examples: 0,
+            truncated_examples: 0,
+            rows: 0,
+            source_sha256: Default::default(),
+            config_sha256: "c".into(),
+            teacher_sha256: "t".into(),
+            methods: Default::default(),
+            median_nn_distance: scale,
+            device: "cpu".into(),
+            dtype: "f32".into(),
+        };
+        let out = crate::storage::Location::parse("/tmp/dataset").unwrap();
+        assert!(check_same_inputs(&out, &[shard(0, 0.9947), shard(1, 0.9947)]).is_ok());
+        let e = check_same_inputs(&out, &[shard(0, 0.9947), shard(1, 0.994_700_1)]).unwrap_err();
+        assert!(e.to_string().contains("different ε scales"), "{e}");
+    }
 
     /// A worker's finished teacher in its temporary directory, marked with `who`.
     fn trained(root: &Path, who: &str) -> std::path::PathBuf {

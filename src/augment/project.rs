@@ -337,6 +337,10 @@ pub fn median_nn_distance(p: &Projector, sample: usize) -> Result<f32> {
     let mut dists = exact.nn_distance2(&picks);
     dists.sort_by(f64::total_cmp);
     let median = dists.get(dists.len() / 2).context("no token is indexed")?;
+    anyhow::ensure!(
+        median.is_finite(),
+        "{n} indexed token(s): no nearest-neighbour distance to scale relative ε by"
+    );
     Ok(median.max(0.0).sqrt() as f32)
 }
 

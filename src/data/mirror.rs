@@ -58,6 +58,8 @@ fn fetch_matching(origin: &str, dir: &Path, split: &str, pattern: &str) -> Resul
     if names.is_empty() {
         bail!("{folder}: no object matches `data.splits.{split}` = {pattern:?}");
     }
+    let mut names = names;
+    names.sort();
     for n in &names {
         let tag = dir.join(".etags").join(sub).join(n);
         fetch(&folder.join(n), &dir.join(sub).join(n), &tag)?;
@@ -66,18 +68,24 @@ fn fetch_matching(origin: &str, dir: &Path, split: &str, pattern: &str) -> Resul
 }
 
 /// Removes the mirrored files in `local` that `pattern` matches but the origin no longer
-/// holds (not in `kept`), with their entity-tag records: the split is read from the mirror
-/// by the same pattern, so a stale copy would be read as data.
+/// holds (not in `kept`, sorted), with their entity-tag records: the split is read from the
+/// mirror by the same pattern, so a stale copy would be read as data. Subdirectories (other
+/// splits' sub-prefixes) stay, and so do the temporaries of copies still running.
 fn prune(local: &Path, tags: &Path, pattern: &str, kept: &[String]) -> Result<()> {
     let Ok(entries) = std::fs::read_dir(local) else {
         return Ok(());
     };
     for e in entries.filter_map(|e| e.ok()) {
         let n = e.file_name().to_string_lossy().to_string();
-        let stale = !n.starts_with('.')
-            && super::wildcard_match(pattern.as_bytes(), n.as_bytes())
-            && !kept.contains(&n);
-        if stale {
+        let file = e.file_type().is_ok_and(|t| !t.is_dir());
+        let temporary = crate::util::temporary_target(&n).is_some();
+        let stale = if temporary {
+            crate::util::is_dead_temporary(&n)
+        } else {
+            super::wildcard_match(pattern.as_bytes(), n.as_bytes())
+                && kept.binary_search(&n).is_err()
+        };
+        if file && stale {
             std::fs::remove_file(e.path())
                 .with_context(|| format!("{}: cannot remove the stale copy", e.path().display()))?;
             let _ = std::fs::remove_file(tags.join(&n));
@@ -103,4 +111,44 @@ fn fetch(obj: &Location, dest: &Path, tag_file: &Path) -> Result<()> {
         atomic_write(tag_file, t.as_bytes())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prune;
+
+    /// Only this pattern's files that the origin no longer holds go, with their tag
+    /// records, and dead processes' temporaries; subdirectories, other splits' files and
+    /// live temporaries stay.
+    #[test]
+    fn prune_removes_only_stale_copies_and_dead_temporaries() {
+        let d = tempfile::tempdir().unwrap();
+        let (local, tags) = (d.path().join("m"), d.path().join("m/.etags"));
+        std::fs::create_dir_all(local.join("train-sub")).unwrap();
+        std::fs::create_dir_all(&tags).unwrap();
+        let live = crate::util::temporary_name("train-d.csv");
+        let dead = live.replace(&format!("-{}", std::process::id()), "-4000000000");
+        for n in ["train-a.csv", "train-b.csv", "validation.csv", &live, &dead] {
+            std::fs::write(local.join(n), n).unwrap();
+        }
+        for n in ["train-a.csv", "train-b.csv"] {
+            std::fs::write(tags.join(n), "etag").unwrap();
+        }
+        prune(&local, &tags, "train*", &["train-a.csv".to_string()]).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(&local)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        left.sort();
+        let mut want = vec![
+            ".etags",
+            "train-a.csv",
+            "train-sub",
+            "validation.csv",
+            &live,
+        ];
+        want.sort();
+        assert_eq!(left, want);
+        assert!(tags.join("train-a.csv").exists() && !tags.join("train-b.csv").exists());
+    }
 }

@@ -117,7 +117,8 @@ fn glue_split_files(dir: &Path, config: &str, split: &str) -> Result<Vec<PathBuf
 }
 
 /// The files under `dir` whose path matches `pattern` (`*` and `?` within a file name; a
-/// pattern with `/` names a subdirectory), sorted; none is an error.
+/// pattern with `/` names a subdirectory), sorted, augpro's temporaries aside; none is an
+/// error.
 fn matching_files(dir: &Path, split: &str, pattern: &str) -> Result<Vec<PathBuf>> {
     let (sub, name) = pattern.rsplit_once('/').unwrap_or(("", pattern));
     let folder = dir.join(sub);
@@ -131,8 +132,11 @@ fn matching_files(dir: &Path, split: &str, pattern: &str) -> Result<Vec<PathBuf>
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_file())
         .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| wildcard_match(name.as_bytes(), n.to_string_lossy().as_bytes()))
+            // A temporary is a copy under way (or one a killed process left), never data.
+            p.file_name().map(|n| n.to_string_lossy()).is_some_and(|n| {
+                wildcard_match(name.as_bytes(), n.as_bytes())
+                    && crate::util::temporary_target(&n).is_none()
+            })
         })
         .collect();
     files.sort();

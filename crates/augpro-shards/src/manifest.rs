@@ -419,7 +419,7 @@ pub fn verify(dir: &Location) -> Result<Vec<String>> {
             ));
         }
     }
-    problems.extend(unlisted_files(dir, &m)?.into_iter().map(|n| {
+    problems.extend(unlisted_entries(dir, &m)?.into_iter().map(|n| {
         let what = if n.ends_with('/') {
             "directory"
         } else {
@@ -465,7 +465,7 @@ fn shard_count_problems(
 /// Entries in the dataset directory and its `data/` that the manifest does not name (hidden
 /// ones aside), sorted: files, links and subdirectories (named with a trailing `/`), since
 /// readers that glob or recurse `data/` would read them all.
-fn unlisted_files(dir: &Location, m: &Manifest) -> Result<Vec<String>> {
+fn unlisted_entries(dir: &Location, m: &Manifest) -> Result<Vec<String>> {
     let mut known: Vec<String> = m
         .shards
         .iter()
@@ -473,7 +473,9 @@ fn unlisted_files(dir: &Location, m: &Manifest) -> Result<Vec<String>> {
         .map(|f| f.file.clone())
         .collect();
     known.extend([MANIFEST, CARD, TIMINGS].map(String::from));
-    known.push(format!("{DATA_DIR}/"));
+    // `data` itself, as a directory or a link to one (whose shards readers check lie
+    // inside the dataset once links are resolved).
+    known.extend([format!("{DATA_DIR}/"), DATA_DIR.to_string()]);
     let top = dir.list_entries()?;
     let data = dir.join(DATA_DIR).list_entries()?;
     let mut extra: Vec<String> = top

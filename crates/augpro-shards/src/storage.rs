@@ -24,8 +24,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-/// Objects up to this size are one PUT; larger ones a multipart upload of parts this size
-/// (`AUGPRO_PART_SIZE` overrides it, in bytes; S3 takes parts of 5 MiB or more).
+/// Objects up to this size are one PUT; larger ones a multipart upload of parts this size,
+/// and downloads read ranges of this size (`AUGPRO_PART_SIZE` overrides it, in bytes; S3
+/// takes parts of 5 MiB or more).
 pub const PART_SIZE: usize = 16 << 20;
 
 fn part_size() -> usize {
@@ -471,6 +472,26 @@ impl Location {
                 _ => Ok(()),
             },
         }
+    }
+
+    /// Removes this directory (prefix) and everything under it, at any depth; a link is
+    /// removed, never followed.
+    pub fn remove_tree(&self) -> Result<()> {
+        if let Location::Local(p) = self {
+            return match std::fs::remove_dir_all(p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(e).with_context(|| format!("{self}: cannot remove"))
+                }
+                _ => Ok(()),
+            };
+        }
+        for n in self.list_entries()? {
+            match n.strip_suffix('/') {
+                Some(dir) => self.join(dir).remove_tree()?,
+                None => self.join(&n).remove()?,
+            }
+        }
+        Ok(())
     }
 }
 

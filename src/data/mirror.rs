@@ -53,7 +53,7 @@ fn fetch_matching(origin: &str, dir: &Path, split: &str, pattern: &str) -> Resul
     let names: Vec<String> = folder
         .list()?
         .into_iter()
-        .filter(|n| super::wildcard_match(name.as_bytes(), n.as_bytes()))
+        .filter(|n| super::split_file_matches(name, n))
         .collect();
     if names.is_empty() {
         bail!("{folder}: no object matches `data.splits.{split}` = {pattern:?}");
@@ -82,8 +82,7 @@ fn prune(local: &Path, tags: &Path, pattern: &str, kept: &[String]) -> Result<()
         let stale = if temporary {
             crate::util::is_dead_temporary(&n)
         } else {
-            super::wildcard_match(pattern.as_bytes(), n.as_bytes())
-                && kept.binary_search(&n).is_err()
+            super::split_file_matches(pattern, &n) && kept.binary_search(&n).is_err()
         };
         if file && stale {
             std::fs::remove_file(e.path())

@@ -117,7 +117,7 @@ fn glue_split_files(dir: &Path, config: &str, split: &str) -> Result<Vec<PathBuf
 }
 
 /// The files under `dir` whose path matches `pattern` (`*` and `?` within a file name; a
-/// pattern with `/` names a subdirectory), sorted, augpro's temporaries aside; none is an
+/// pattern with `/` names a subdirectory; see [`split_file_matches`]), sorted; none is an
 /// error.
 fn matching_files(dir: &Path, split: &str, pattern: &str) -> Result<Vec<PathBuf>> {
     let (sub, name) = pattern.rsplit_once('/').unwrap_or(("", pattern));
@@ -132,11 +132,8 @@ fn matching_files(dir: &Path, split: &str, pattern: &str) -> Result<Vec<PathBuf>
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_file())
         .filter(|p| {
-            // A temporary is a copy under way (or one a killed process left), never data.
-            p.file_name().map(|n| n.to_string_lossy()).is_some_and(|n| {
-                wildcard_match(name.as_bytes(), n.as_bytes())
-                    && crate::util::temporary_target(&n).is_none()
-            })
+            p.file_name()
+                .is_some_and(|n| split_file_matches(name, &n.to_string_lossy()))
         })
         .collect();
     files.sort();
@@ -514,9 +511,28 @@ impl Rows<'_> {
     }
 }
 
+/// Whether the file `name` belongs to a split whose file-name pattern is `pattern`: `*` and
+/// `?` as a shell reads them, so a hidden name matches only a pattern that starts with `.`,
+/// and never one of augpro's temporaries (a copy under way, or one a killed process left).
+pub(crate) fn split_file_matches(pattern: &str, name: &str) -> bool {
+    (pattern.starts_with('.') || !name.starts_with('.'))
+        && crate::util::temporary_target(name).is_none()
+        && wildcard_match(pattern.as_bytes(), name.as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
-    use super::wildcard_match;
+    use super::{split_file_matches, wildcard_match};
+
+    #[test]
+    fn split_files_skip_hidden_names_and_temporaries() {
+        let tmp = crate::util::temporary_name("train.csv");
+        assert!(split_file_matches("*.csv", "train.csv"));
+        assert!(!split_file_matches("*.csv", ".old.csv"));
+        assert!(!split_file_matches("train*", &tmp));
+        assert!(split_file_matches(".old.csv", ".old.csv"));
+        assert!(!split_file_matches(".*", &tmp));
+    }
 
     #[test]
     fn split_patterns_match_file_names() {

@@ -402,6 +402,33 @@ fn check_fgsm_table(
     Ok(())
 }
 
+/// A bucket dataset's shard files, copied once into `dir` (in ranges, each read on
+/// condition that the object is unchanged) and checked against the manifest's sha256, so
+/// every epoch reads the same verified bytes, with one download per file per run.
+fn local_shard_copies(m: &Manifest, paths: Vec<Location>, dir: &Path) -> Result<Vec<Location>> {
+    let files = m.shards.iter().flat_map(|s| &s.files);
+    paths
+        .into_iter()
+        .zip(files)
+        .map(|(loc, f)| {
+            let (size, tag) = loc.meta()?;
+            if let Some(b) = f.bytes.filter(|&b| b != size) {
+                bail!("{loc}: {size} bytes, but the manifest records {b}");
+            }
+            let copy = dir.join(&f.file);
+            loc.download(&copy, size, tag.as_deref())?;
+            let h = sha256_file(&copy)?;
+            if h != f.sha256 {
+                bail!(
+                    "{loc}: sha256 {h} is not the {} the manifest records for it",
+                    f.sha256
+                );
+            }
+            Ok(Location::Local(copy))
+        })
+        .collect()
+}
+
 /// Refuses local source files other than those the shards were made from: the dev split is
 /// carved from the source split by row count, so another copy of the data would move it,
 /// possibly onto examples the shards augmented.
@@ -471,6 +498,18 @@ pub fn train(
 ) -> Result<StudentMetrics> {
     let setup = timing::stage("setup");
     let (manifest, paths) = shard_paths(shards_dir)?;
+    // Never published: removed when training ends, or by the next run if this one is killed.
+    let copies = if paths.iter().any(Location::is_remote) {
+        let mut beside = out.as_os_str().to_owned();
+        beside.push(".shard-copies");
+        Some(crate::util::StagedDir::create(Path::new(&beside))?)
+    } else {
+        None
+    };
+    let paths = match &copies {
+        Some(dir) => local_shard_copies(&manifest, paths, dir.path())?,
+        None => paths,
+    };
     let ck = check_student(&manifest, shards_dir, task, glue_dir, cfg)?;
     let tok = TextTokenizer::load(&cfg.model, 512)?;
     let schema = ShardSchema::new(task);

@@ -491,6 +491,48 @@ print("s3 consumers ok")
     );
     store.python(&code);
 
+    // train-student reads each shard object once and checks it against the manifest: one
+    // replaced by another of the same size is refused by name.
+    let prefix = "augpro/sst2/smoke/";
+    let key = store
+        .keys(prefix)
+        .into_iter()
+        .find(|k| k.starts_with("data/train-"))
+        .unwrap();
+    let copy = store.tmp.path().join("flipped");
+    store.download(prefix, std::slice::from_ref(&key), &copy);
+    let good = std::fs::read(copy.join(&key)).unwrap();
+    let mut bad = good.clone();
+    let at = bad.len() / 2;
+    bad[at] ^= 0x01;
+    std::fs::write(copy.join(&key), &bad).unwrap();
+    store.upload(&copy.join(&key), &format!("{prefix}{key}"));
+    let student = store.tmp.path().join("student-of-a-changed-shard");
+    let o = store.augpro(
+        &[
+            "train-student",
+            "--shards",
+            &dataset,
+            "--task",
+            "sst2",
+            "--out",
+            student.to_str().unwrap(),
+            "--max-steps",
+            "2",
+        ],
+        None,
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains(&key) && err.contains("the manifest records"),
+        "{err}"
+    );
+    assert!(!student.exists());
+    let left = files(store.tmp.path());
+    assert!(left.iter().all(|n| !n.contains("shard-copies")), "{left:?}");
+    std::fs::write(copy.join(&key), &good).unwrap();
+    store.upload(&copy.join(&key), &format!("{prefix}{key}"));
+
     // An object under a deeper prefix of data/, which a recursive reader would take as a
     // shard, fails verify.
     let shard = store

@@ -420,19 +420,24 @@ fn upload_resume_finalize_once_and_read_back(store: &Store) -> String {
     assert!(store.ok(&["verify", &dataset]).contains("ok"));
     assert!(store.ok(&["inspect", &dataset]).contains("augpro_mix"));
     let student = store.tmp.path().join("student");
-    let text = store.ok(&[
+    let text = store.ok(&two_student_steps(&dataset, student.to_str().unwrap()));
+    assert!(text.contains("accuracy"), "{text}");
+    dataset
+}
+
+/// `train-student` for two steps on the SST-2 dataset at `dataset`, into `out`.
+fn two_student_steps<'a>(dataset: &'a str, out: &'a str) -> [&'a str; 9] {
+    [
         "train-student",
         "--shards",
-        &dataset,
+        dataset,
         "--task",
         "sst2",
         "--out",
-        student.to_str().unwrap(),
+        out,
         "--max-steps",
         "2",
-    ]);
-    assert!(text.contains("accuracy"), "{text}");
-    dataset
+    ]
 }
 
 /// The smoke dataset under `prefix` in `store` holds exactly the files of an uninterrupted
@@ -509,17 +514,7 @@ print("s3 consumers ok")
     store.upload(&copy.join(&key), &format!("{prefix}{key}"));
     let student = store.tmp.path().join("student-of-a-changed-shard");
     let o = store.augpro(
-        &[
-            "train-student",
-            "--shards",
-            &dataset,
-            "--task",
-            "sst2",
-            "--out",
-            student.to_str().unwrap(),
-            "--max-steps",
-            "2",
-        ],
+        &two_student_steps(&dataset, student.to_str().unwrap()),
         None,
     );
     let err = String::from_utf8_lossy(&o.stderr);

@@ -528,29 +528,26 @@ print("s3 consumers ok")
     std::fs::write(copy.join(&key), &good).unwrap();
     store.upload(&copy.join(&key), &format!("{prefix}{key}"));
 
-    // An object under a deeper prefix of data/, which a recursive reader would take as a
-    // shard, fails verify.
-    let shard = store
-        .keys("augpro/sst2/smoke/")
-        .into_iter()
-        .find(|k| k.ends_with(".parquet"))
-        .unwrap();
-    store.copy(
-        &format!("augpro/sst2/smoke/{shard}"),
-        "augpro/sst2/smoke/data/more/extra.parquet",
-    );
-    let o = store.augpro(&["verify", &dataset], None);
+    nested_prefix_fails_verify_and_force_clears_it(&store, &dataset);
+}
+
+/// An object under a deeper prefix of `data/`, which a recursive reader would take as a
+/// shard, fails verify; another configuration with --force replaces the dataset whole, the
+/// deeper prefix included.
+fn nested_prefix_fails_verify_and_force_clears_it(store: &Store, dataset: &str) {
+    let extra = store.tmp.path().join("extra.parquet");
+    std::fs::write(&extra, b"not listed").unwrap();
+    store.upload(&extra, "augpro/sst2/smoke/data/more/extra.parquet");
+    let o = store.augpro(&["verify", dataset], None);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         !o.status.success() && out.contains("data/more: unknown directory"),
         "{out}"
     );
-    // Another configuration with --force replaces the dataset whole, the deeper prefix
-    // included.
     let url = store.url("augpro");
     let args = ["augment", "pipelines/smoke.toml", "--out", &url];
     store.ok(&[&args[..], &["--set", "seed=8", "--force"]].concat());
-    assert!(store.ok(&["verify", &dataset]).contains("ok"));
+    assert!(store.ok(&["verify", dataset]).contains("ok"));
     assert!(store
         .keys("augpro/sst2/smoke/")
         .iter()
@@ -568,7 +565,9 @@ fn gcs_upload_resume_finalize_once_and_read_back() {
 
 #[test]
 fn azure_upload_resume_finalize_once_and_read_back() {
-    upload_resume_finalize_once_and_read_back(&Store::start(Kind::Azure));
+    let store = Store::start(Kind::Azure);
+    let dataset = upload_resume_finalize_once_and_read_back(&store);
+    nested_prefix_fails_verify_and_force_clears_it(&store, &dataset);
 }
 
 /// A described dataset whose CSV files are in the bucket: `augment` mirrors the objects its

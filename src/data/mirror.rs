@@ -58,8 +58,7 @@ fn fetch_matching(origin: &str, dir: &Path, split: &str, pattern: &str) -> Resul
     if names.is_empty() {
         bail!("{folder}: no object matches `data.splits.{split}` = {pattern:?}");
     }
-    let mut names = names;
-    names.sort();
+    // `list` gives the names sorted, as `prune` needs them.
     for n in &names {
         let tag = dir.join(".etags").join(sub).join(n);
         fetch(&folder.join(n), &dir.join(sub).join(n), &tag)?;

@@ -144,6 +144,15 @@ pub struct MethodsConfig {
     pub fgsm: Option<FgsmConfig>,
 }
 
+/// A name that is one path component of its own: letters, digits, '-', '_' or '.', not empty
+/// and not starting with '.' (so never `.`, `..` or hidden).
+fn plain_name(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with('.')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
 impl MethodsConfig {
     /// Disables every method not named in `keep`.
     pub fn retain(&mut self, keep: &[String]) {
@@ -270,6 +279,9 @@ impl PipelineConfig {
 
     /// Shards, batch, lengths, example count and the split augmented.
     fn check_sizes(&self) -> Result<()> {
+        if !plain_name(&self.name) {
+            bail!("`name` = {:?}: a run's name is one directory, letters, digits, '-', '_' or '.', not starting with '.'", self.name);
+        }
         let (train, validation) = self.split_names()?;
         if self.shards == 0 {
             bail!("`shards` must be at least 1, got 0");
@@ -396,13 +408,7 @@ impl PipelineConfig {
             let t = crate::task::glue(&self.task)?;
             return Ok((t.train_split.clone(), t.validation_splits.clone()));
         };
-        let name_ok = !self.task.is_empty()
-            && !self.task.starts_with('.')
-            && self
-                .task
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-        if !name_ok {
+        if !plain_name(&self.task) {
             bail!("`task` = {:?}: a described dataset's name must be letters, digits, '-', '_' or '.'", self.task);
         }
         data.validate()?;

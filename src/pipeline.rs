@@ -8,8 +8,8 @@ use crate::data::{resolve_glue_dir, source_files, Part, SplitReader};
 use crate::model::Checkpoint;
 use crate::shards::card;
 use crate::shards::manifest::{
-    read_manifest, shard_files, shard_name, summary_name, Manifest, MethodDiagnostics,
-    ShardSummary, CARD, DATA_DIR, FORMAT_VERSION, MANIFEST, TIMINGS,
+    check_file_sha256, read_manifest, shard_files, shard_name, summary_name, Manifest,
+    MethodDiagnostics, ShardSummary, CARD, DATA_DIR, FORMAT_VERSION, MANIFEST, TIMINGS,
 };
 use crate::shards::writer::ShardWriter;
 use crate::shards::{MethodStats, ShardSchema};
@@ -381,14 +381,20 @@ fn check_summaries(
 
 /// Removes everything in a dataset's directory: its shards, summaries, manifest and card,
 /// and whatever else lies there at any depth (readers that recurse would take it for data).
+/// The manifest goes first and the shard summaries last, so a clear cut short leaves a
+/// directory that reads as unfinished and still holds what the next run finds different.
 fn clear(out: &Location) -> Result<()> {
-    for n in out.list_entries()? {
-        match n.strip_suffix('/') {
-            Some(dir) => out.join(dir).remove_tree()?,
-            None => out.join(&n).remove()?,
-        }
+    for n in clearing_order(out.list_entries()?) {
+        out.remove_entry(&n)?;
     }
     Ok(())
+}
+
+/// A dataset directory's entries in the order [`clear`] removes them: the manifest, then
+/// everything else, then the shard summaries.
+fn clearing_order(mut names: Vec<String>) -> Vec<String> {
+    names.sort_by_key(|n| (n != MANIFEST, n.ends_with(".done.json")));
+    names
 }
 
 /// Refuses to add shards made with different teacher weights (a checkpoint retrained in
@@ -672,10 +678,7 @@ fn check_shard_data(out: &Location, s: &ShardSummary) -> Result<()> {
         // The size first, so a file of another size is refused unread; a local file is
         // then hashed as it streams.
         loc.check_size(f.bytes)?;
-        let h = loc.sha256()?;
-        if h != f.sha256 {
-            bail!("{loc}: sha256 {h} is not the {} recorded for it", f.sha256);
-        }
+        check_file_sha256(&loc, &loc.sha256()?, f)?;
     }
     Ok(())
 }
@@ -900,9 +903,29 @@ fn existing_teacher_dir(cfg: &PipelineConfig) -> Result<PathBuf> {
 
 #[cfg(test)]
 mod tests {
-    use super::{check_same_inputs, publish_teacher};
+    use super::{check_same_inputs, clearing_order, publish_teacher};
     use augpro_shards::manifest::ShardSummary;
     use std::path::Path;
+
+    /// A clear cut short must never leave the old manifest beside removed shards (a rerun
+    /// would take the directory for finished), nor lose the summaries that tell the rerun
+    /// the directory holds another configuration's shards before the rest is gone.
+    #[test]
+    fn clearing_removes_the_manifest_first_and_the_summaries_last() {
+        let names = [
+            ".train-00000-of-00002.done.json",
+            "README.md",
+            "data/",
+            "manifest.json",
+            ".train-00001-of-00002.done.json",
+            "timings.json",
+        ];
+        let order = clearing_order(names.iter().map(|n| n.to_string()).collect());
+        assert_eq!(order[0], "manifest.json");
+        assert!(order[..4].iter().all(|n| !n.ends_with(".done.json")));
+        assert!(order[4..].iter().all(|n| n.ends_with(".done.json")));
+        assert_eq!(order.len(), names.len());
+    }
 
     #[test]
     fn shards_with_different_epsilon_scales_are_refused() {

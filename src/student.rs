@@ -10,7 +10,7 @@ use crate::augment::arith::mix;
 use crate::config::OptimConfig;
 use crate::model::checkpoint::{save_classifier, sketch_difference};
 use crate::model::{Checkpoint, Ctx, Params, SeqClassifier};
-use crate::shards::manifest::{shard_paths, Manifest};
+use crate::shards::manifest::{check_file_sha256, shard_paths, Manifest};
 use crate::shards::reader::ShardReader;
 use crate::shards::{Row, ShardSchema};
 use crate::storage::Location;
@@ -19,7 +19,7 @@ use crate::teacher::{dev_scorer, evaluate, label_names};
 use crate::timing;
 use crate::tokenize::TextTokenizer;
 use crate::train::{kd_loss, supervised_loss, Batch, Optim};
-use crate::util::{atomic_write, derive_seed, sha256_file};
+use crate::util::{atomic_write, derive_seed, sha256_file, StagedDir};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
@@ -402,31 +402,41 @@ fn check_fgsm_table(
     Ok(())
 }
 
-/// A bucket dataset's shard files, copied once into `dir` (in ranges, each read on
-/// condition that the object is unchanged) and checked against the manifest's sha256, so
-/// every epoch reads the same verified bytes, with one download per file per run.
-fn local_shard_copies(m: &Manifest, paths: Vec<Location>, dir: &Path) -> Result<Vec<Location>> {
+/// The dataset's shard files as training reads them, each checked against the manifest's
+/// sha256 first: local files in place; a bucket's copied once (in ranges, each read on
+/// condition that the object is unchanged, hashed as they stream) into a directory beside
+/// `out` that is never published and is removed when training ends, or by the next run if
+/// this one is killed. So every epoch reads verified bytes, downloaded once per run.
+fn verified_shards(
+    m: &Manifest,
+    paths: Vec<Location>,
+    shards_dir: &Location,
+    out: &Path,
+) -> Result<(Option<StagedDir>, Vec<Location>)> {
     let files = m.shards.iter().flat_map(|s| &s.files);
-    paths
+    if !shards_dir.is_remote() {
+        for (loc, f) in paths.iter().zip(files) {
+            check_file_sha256(loc, &loc.sha256()?, f)?;
+        }
+        return Ok((None, paths));
+    }
+    let mut name = out
+        .file_name()
+        .with_context(|| format!("{}: not a directory name", out.display()))?
+        .to_owned();
+    name.push(".shard-copies");
+    let dir = StagedDir::create(&out.with_file_name(name))?;
+    let copies = paths
         .into_iter()
         .zip(files)
         .map(|(loc, f)| {
             let (size, tag) = loc.meta()?;
-            if let Some(b) = f.bytes.filter(|&b| b != size) {
-                bail!("{loc}: {size} bytes, but the manifest records {b}");
-            }
-            let copy = dir.join(&f.file);
-            loc.download(&copy, size, tag.as_deref())?;
-            let h = sha256_file(&copy)?;
-            if h != f.sha256 {
-                bail!(
-                    "{loc}: sha256 {h} is not the {} the manifest records for it",
-                    f.sha256
-                );
-            }
+            let copy = dir.path().join(&f.file);
+            check_file_sha256(&loc, &loc.download(&copy, size, tag.as_deref())?, f)?;
             Ok(Location::Local(copy))
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok((Some(dir), copies))
 }
 
 /// Refuses local source files other than those the shards were made from: the dev split is
@@ -498,22 +508,11 @@ pub fn train(
 ) -> Result<StudentMetrics> {
     let setup = timing::stage("setup");
     let (manifest, paths) = shard_paths(shards_dir)?;
-    // Never published: removed when training ends, or by the next run if this one is killed.
-    let copies = if paths.iter().any(Location::is_remote) {
-        let mut beside = out.as_os_str().to_owned();
-        beside.push(".shard-copies");
-        Some(crate::util::StagedDir::create(Path::new(&beside))?)
-    } else {
-        None
-    };
-    let paths = match &copies {
-        Some(dir) => local_shard_copies(&manifest, paths, dir.path())?,
-        None => paths,
-    };
     let ck = check_student(&manifest, shards_dir, task, glue_dir, cfg)?;
     let tok = TextTokenizer::load(&cfg.model, 512)?;
     let schema = ShardSchema::new(task);
     let rows_available = rows_available(&manifest, shards_dir, cfg)?;
+    let (_copies, paths) = verified_shards(&manifest, paths, shards_dir, out)?;
     let per_epoch = rows_available.div_ceil(cfg.optim.batch_size);
     let total = cfg.max_steps.unwrap_or(per_epoch * cfg.epochs.max(1));
     let (model, params) = ck.load_classifier(

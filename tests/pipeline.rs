@@ -581,7 +581,7 @@ fn verify_detects_damage(good: &Path, tmp: &Path) {
             b[i] ^= 0x40;
             std::fs::write(&p, &b).unwrap();
         },
-        "does not match the manifest",
+        "is not the",
     );
     case(
         "missing",
@@ -647,6 +647,7 @@ fn bad_pipeline_files_are_refused_cleanly() {
         ("copies", "copies = 1\np", "copies = 0\np"),
         ("shards", "shards = 2", "shards = 0"),
         ("task", "task = \"sst2\"", "task = \"imdb\""),
+        ("name", "name = \"smoke\"", "name = \"smoke/tuned\""),
     ];
     let expect = [
         "colour",
@@ -659,6 +660,7 @@ fn bad_pipeline_files_are_refused_cleanly() {
         "copies",
         "`shards`",
         "unknown GLUE task",
+        "`name` = \"smoke/tuned\": a run's name is one directory",
     ];
     for ((name, from, to), want) in cases.iter().zip(expect) {
         assert!(base.contains(from), "{name}: fixture text not found");

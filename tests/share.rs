@@ -733,7 +733,6 @@ fn described_dataset_in_the_bucket(mut store: Store) {
     );
     let names = mirrored("mirror-3");
     assert!(names.iter().all(|f| !f.contains(".csv")), "{names:?}");
-    store.upload(&local.join("train.csv"), "exports/reviews/train.csv");
     store.upload(
         &local.join("validation.csv"),
         "exports/reviews/validation.csv",

@@ -113,7 +113,9 @@ impl Fixture {
         let errors = err.lines().filter(|l| l.starts_with("error:")).count();
         let want = usize::from(!o.status.success());
         assert_eq!(errors, want, "{what}: one error line expected:\n{err}");
-        let student = self.root.join("student");
+        // The student's output directory, and beside it its staging directory and the
+        // directory they are published in (opened to sync the rename).
+        let student = self.root.join("student-out");
         for path in opened(&trace) {
             let inside = path.starts_with(dataset) || path.starts_with(&student);
             assert!(
@@ -129,7 +131,7 @@ impl Fixture {
     /// (empty for a command that succeeded).
     fn all_readers(&self, case: &str, dataset: &Path) -> Vec<String> {
         let d = dataset.to_str().unwrap();
-        let student = self.root.join("student");
+        let student = self.root.join("student-out/student");
         let _ = std::fs::remove_dir_all(&student);
         let runs: [Vec<&str>; 3] = [
             vec!["verify", d],
@@ -384,6 +386,9 @@ fn mutated_manifests_and_shards_never_panic_or_read_outside() {
     let mut rng = ChaCha8Rng::seed_from_u64(24);
     let manifest = std::fs::read(fx.good.join("manifest.json")).unwrap();
     let shard = std::fs::read(fx.good.join(SHARD0)).unwrap();
+    // The dataset untouched: every reader succeeds, under the same watch.
+    let ok = fx.all_readers("good", &fx.copy("good-copy"));
+    assert!(ok.iter().all(String::is_empty), "{ok:?}");
     for k in 0..4 {
         let mut m = manifest.clone();
         m.truncate(rng.gen_range(0..m.len()));
@@ -432,6 +437,20 @@ fn mutated_manifests_and_shards_never_panic_or_read_outside() {
     let dir = fx.copy("stale-size");
     std::fs::write(dir.join(SHARD0), &shard[..shard.len() / 2]).unwrap();
     fx.refused("stale-size", &dir, "recorded for it");
+    // Of the size recorded but other bytes (say, a shard replaced after the manifest was
+    // written): `verify` and `train-student` refuse it by its sha256 before reading a row.
+    let dir = fx.copy("same-size");
+    let mut other = shard.clone();
+    let middle = other.len() / 2;
+    other[middle] ^= 1;
+    std::fs::write(dir.join(SHARD0), &other).unwrap();
+    let errs = fx.all_readers("same-size", &dir);
+    for k in [0, 2] {
+        assert!(
+            errs[k].contains("sha256") && errs[k].contains("recorded for it"),
+            "reader {k}: {errs:?}"
+        );
+    }
 }
 
 #[test]

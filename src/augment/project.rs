@@ -321,8 +321,9 @@ fn set_parameters(index: &mut faiss::index::IndexImpl, params: &str) -> Result<(
     Ok(())
 }
 
-/// Median distance from an indexed token to its nearest other token, over up to
-/// `sample` tokens spread evenly over the index (L2 only; the scale for relative ε). It
+/// Median distance from an indexed token to its nearest other token, over every
+/// ⌊n / `sample`⌋-th of the `n` indexed tokens (so `sample` to `2·sample` of them, or all
+/// when fewer; L2 only; the scale for relative ε). It
 /// comes from the exact search, its distances summed in `f64` in index order, so the scale
 /// and every ε drawn from it are the same on every CPU (a BLAS distance is not: its
 /// kernels differ between CPUs in the last bits).

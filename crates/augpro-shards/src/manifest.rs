@@ -361,6 +361,18 @@ pub fn shard_paths(dir: &Location) -> Result<(Manifest, Vec<Location>)> {
     Ok((m, paths))
 }
 
+/// Refuses the dataset file `loc` when `sha256`, the hash of its bytes as they were read, is
+/// not the one `f` records for it.
+pub fn check_file_sha256(loc: &Location, sha256: &str, f: &ShardFile) -> Result<()> {
+    if sha256 != f.sha256 {
+        bail!(
+            "{loc}: sha256 {sha256} is not the {} recorded for it",
+            f.sha256
+        );
+    }
+    Ok(())
+}
+
 /// Where a file the manifest names is. Its name was checked to be the writer's; locally,
 /// the file (its symbolic links resolved) must also lie inside the dataset directory.
 fn dataset_file(dir: &Location, f: &ShardFile) -> Result<Location> {
@@ -533,12 +545,8 @@ impl FileCheck {
         num_labels: usize,
         vocab: u64,
     ) {
-        let h = sha256_bytes(&bytes);
-        if h != f.sha256 {
-            self.problems.push(format!(
-                "{p}: sha256 {h} does not match the manifest's {}",
-                f.sha256
-            ));
+        if let Err(e) = check_file_sha256(p, &sha256_bytes(&bytes), f) {
+            self.problems.push(e.to_string());
         }
         let virtual_file = f.file.starts_with(&format!("{DATA_DIR}/virtual-"));
         match self.count_rows(bytes, p, schema, num_labels, vocab, virtual_file) {

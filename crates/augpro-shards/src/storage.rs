@@ -19,6 +19,7 @@ use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as Key;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use sha2::{Digest, Sha256};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -282,13 +283,15 @@ impl Location {
     /// `AUGPRO_PART_SIZE`), so memory stays flat in its size; written under a temporary
     /// name, fsynced and renamed.
     /// With `etag`, every range of an object is read on condition that its entity tag is
-    /// still that one, so a copy never mixes two versions of the object.
-    pub fn download(&self, dest: &Path, size: u64, etag: Option<&str>) -> Result<()> {
+    /// still that one, so a copy never mixes two versions of the object. Returns the hex
+    /// sha256 of the bytes copied, hashed as they stream.
+    pub fn download(&self, dest: &Path, size: u64, etag: Option<&str>) -> Result<String> {
         if let Some(dir) = dest.parent() {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("{}: cannot create directory", dir.display()))?;
         }
         let mut out = AtomicFile::create(dest)?;
+        let mut hash = Sha256::new();
         let step = part_size() as u64;
         let mut at = 0u64;
         while at < size {
@@ -310,10 +313,12 @@ impl Location {
             }
             std::io::Write::write_all(&mut out, &chunk)
                 .with_context(|| format!("{}: cannot write", dest.display()))?;
+            hash.update(&chunk);
             at = end;
             crate::failpoint::failpoint("download-range");
         }
-        out.commit()
+        out.commit()?;
+        Ok(hex::encode(hash.finalize()))
     }
 
     /// The file's bytes.
@@ -334,14 +339,11 @@ impl Location {
     /// does not exist.
     pub fn list(&self) -> Result<Vec<String>> {
         let mut names: Vec<String> = match self {
-            Location::Local(p) => match std::fs::read_dir(p) {
-                Ok(rd) => rd
-                    .filter_map(|e| e.ok())
-                    .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
-                    .map(|e| e.file_name().to_string_lossy().to_string())
-                    .collect(),
-                Err(_) => Vec::new(),
-            },
+            Location::Local(p) => local_entries(p)?
+                .into_iter()
+                .filter(|(_, t)| t.is_file())
+                .map(|(name, _)| name)
+                .collect(),
             Location::Remote { store, key, .. } => block_on(store.list_with_delimiter(Some(key)))
                 .with_context(|| format!("{self}: cannot list"))?
                 .objects
@@ -358,21 +360,10 @@ impl Location {
     /// reader that globs or recurses would see, for checks that nothing unlisted is there.
     pub fn list_entries(&self) -> Result<Vec<String>> {
         let mut names: Vec<String> = match self {
-            Location::Local(p) => match std::fs::read_dir(p) {
-                Ok(rd) => rd
-                    .filter_map(|e| e.ok())
-                    .map(|e| {
-                        let dir = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
-                        let name = e.file_name().to_string_lossy().to_string();
-                        if dir {
-                            format!("{name}/")
-                        } else {
-                            name
-                        }
-                    })
-                    .collect(),
-                Err(_) => Vec::new(),
-            },
+            Location::Local(p) => local_entries(p)?
+                .into_iter()
+                .map(|(name, t)| if t.is_dir() { format!("{name}/") } else { name })
+                .collect(),
             Location::Remote { store, key, .. } => {
                 let listed = block_on(store.list_with_delimiter(Some(key)))
                     .with_context(|| format!("{self}: cannot list"))?;
@@ -486,13 +477,38 @@ impl Location {
             };
         }
         for n in self.list_entries()? {
-            match n.strip_suffix('/') {
-                Some(dir) => self.join(dir).remove_tree()?,
-                None => self.join(&n).remove()?,
-            }
+            self.remove_entry(&n)?;
         }
         Ok(())
     }
+
+    /// Removes the entry `name` of this directory as [`list_entries`](Self::list_entries)
+    /// names it: a file or link, or (`name/`) a subdirectory with everything under it.
+    pub fn remove_entry(&self, name: &str) -> Result<()> {
+        match name.strip_suffix('/') {
+            Some(dir) => self.join(dir).remove_tree(),
+            None => self.join(name).remove(),
+        }
+    }
+}
+
+/// The entries of local directory `dir` with their types (a link's own type); none when
+/// `dir` does not exist or is not a directory, as a store lists an absent prefix. Any other
+/// failure to read it is an error, never an empty listing.
+fn local_entries(dir: &Path) -> Result<Vec<(String, std::fs::FileType)>> {
+    use std::io::ErrorKind::{NotADirectory, NotFound};
+    let rd = match std::fs::read_dir(dir) {
+        Err(e) if matches!(e.kind(), NotFound | NotADirectory) => return Ok(Vec::new()),
+        rd => rd.with_context(|| format!("{}: cannot list", dir.display()))?,
+    };
+    rd.map(|e| {
+        let e = e.with_context(|| format!("{}: cannot list", dir.display()))?;
+        let t = e
+            .file_type()
+            .with_context(|| format!("{}: cannot read", e.path().display()))?;
+        Ok((e.file_name().to_string_lossy().to_string(), t))
+    })
+    .collect()
 }
 
 /// Bytes `range` of an object; with `etag`, on condition that the object's entity tag is

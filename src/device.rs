@@ -25,14 +25,36 @@ pub fn parse_device(name: &str) -> Result<Device> {
     }
 }
 
-/// The name of a device as the manifest records it (`cpu` or `cuda`; the ordinal does not
-/// change results).
+/// The name of a device as the manifest records it: `cuda` (the ordinal does not change
+/// results), `metal`, or `cpu` with the vector instructions of its matmul kernels,
+/// `cpu (AVX-512)`, `cpu (AVX2)` or `cpu (scalar)` on x86-64: those kernels sum in
+/// different orders, so their f32 results, and the shards made from them, differ in the
+/// last bits.
 pub fn device_name(device: &Device) -> &'static str {
     if device.is_cuda() {
         "cuda"
     } else if device.is_metal() {
         "metal"
     } else {
+        cpu_name()
+    }
+}
+
+/// `cpu`, with the kernels the `gemm` crate chooses on this CPU (it takes AVX-512 where the
+/// CPU has AVX-512F, else AVX2 with FMA where it has FMA, else its scalar code).
+fn cpu_name() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            "cpu (AVX-512)"
+        } else if std::arch::is_x86_feature_detected!("fma") {
+            "cpu (AVX2)"
+        } else {
+            "cpu (scalar)"
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
         "cpu"
     }
 }

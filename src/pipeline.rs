@@ -233,9 +233,12 @@ pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Resul
         crate::device::device_name(device),
         crate::precision::name(dtype),
     );
-    check_summaries(&out, opts.force, "another device or dtype", |s| {
-        s.device != dev_name || s.dtype != dtype_name
-    })?;
+    check_summaries(
+        &out,
+        opts.force,
+        "another device, CPU kernels or dtype",
+        |s| s.device != dev_name || s.dtype != dtype_name,
+    )?;
     let pending = pending_shards(&cfg, &out, opts.shard_index)?;
     // The teacher, its index and the source count are only needed for shards left to run.
     if !pending.is_empty() {
@@ -694,7 +697,7 @@ fn check_same_inputs(out: &Location, shards: &[ShardSummary]) -> Result<()> {
         ("with different teacher weights", |a, b| {
             a.teacher_sha256 == b.teacher_sha256
         }),
-        ("on different devices or dtypes", |a, b| {
+        ("on different devices, CPU kernels or dtypes", |a, b| {
             (&a.device, &a.dtype) == (&b.device, &b.dtype)
         }),
         ("with different ε scales (median_nn_distance)", |a, b| {
@@ -947,6 +950,13 @@ mod tests {
         assert!(check_same_inputs(&out, &[shard(0, 0.9947), shard(1, 0.9947)]).is_ok());
         let e = check_same_inputs(&out, &[shard(0, 0.9947), shard(1, 0.994_700_1)]).unwrap_err();
         assert!(e.to_string().contains("different ε scales"), "{e}");
+        // Shards of one array job that ran on CPUs with different matmul kernels.
+        let mut avx2 = shard(1, 0.9947);
+        avx2.device = "cpu (AVX2)".into();
+        let mut avx512 = shard(0, 0.9947);
+        avx512.device = "cpu (AVX-512)".into();
+        let e = check_same_inputs(&out, &[avx512, avx2]).unwrap_err();
+        assert!(e.to_string().contains("CPU kernels"), "{e}");
     }
 
     /// A worker's finished teacher in its temporary directory, marked with `who`.

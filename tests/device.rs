@@ -261,6 +261,15 @@ fn encoder_matches_the_reference_in_each_dtype() {
     let f32_err = reference_error(&dev, DType::F32);
     eprintln!("max |hidden - reference| on {dev:?}: f32 {f32_err:.2e}");
     assert!(f32_err <= 2e-4, "f32 differs by {f32_err}");
+    if dev.is_cpu() && !augpro::precision::cpu_has_bf16() {
+        // bf16 cannot run on this CPU: loading the encoder in bf16 is one clear error.
+        let ck = Checkpoint::open(&common::model_dir()).unwrap();
+        let p = ck.params(&dev, false, 0).unwrap().with_dtype(DType::BF16);
+        let e = Bert::load(&p, &ck.config).err().expect("bf16 refused");
+        assert!(e.to_string().contains("needs AVX-512 BF16"), "{e}");
+        eprintln!("bf16 not compared: this CPU lacks AVX-512 BF16 ({e})");
+        return;
+    }
     let bf16_err = reference_error(&dev, DType::BF16);
     eprintln!("max |hidden - reference| on {dev:?}: bf16 {bf16_err:.2e}");
     assert!(

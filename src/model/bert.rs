@@ -243,8 +243,11 @@ impl Linear {
             _ => Init::Zeros,
         };
         let cpu = kernels::used_on(p.device(), p.dtype());
-        let w = p.get(&format!("{prefix}.weight"), &[out_dim, in_dim], init)?;
         let bf16 = (cpu && p.bf16_matmuls()).then(OnceLock::new);
+        if bf16.is_some() && !kernels::bf16::available() {
+            bail!("{prefix}: bf16 on the CPU needs AVX-512 BF16, which this CPU lacks; load the model in f32");
+        }
+        let w = p.get(&format!("{prefix}.weight"), &[out_dim, in_dim], init)?;
         Ok(Self {
             w,
             b: p.get(&format!("{prefix}.bias"), &[out_dim], bias_init)?,

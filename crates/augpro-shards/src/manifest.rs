@@ -131,7 +131,7 @@ pub fn reproducibility_note(m: &Manifest) -> String {
             .to_string()
     };
     format!(
-        "teacher ran on {} in {}; shards made on another device or in another dtype hold slightly different teacher logits (and can project to other tokens), so they are not byte-identical to these",
+        "teacher ran on {} in {}; shards made on another device, with other CPU kernels or in another dtype hold slightly different teacher logits (and can project to other tokens), so they are not byte-identical to these",
         get("device", "cpu"),
         get("dtype", "f32")
     )

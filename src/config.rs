@@ -144,15 +144,6 @@ pub struct MethodsConfig {
     pub fgsm: Option<FgsmConfig>,
 }
 
-/// A name that is one path component of its own: letters, digits, '-', '_' or '.', not empty
-/// and not starting with '.' (so never `.`, `..` or hidden).
-fn plain_name(s: &str) -> bool {
-    !s.is_empty()
-        && !s.starts_with('.')
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-}
-
 impl MethodsConfig {
     /// Disables every method not named in `keep`.
     pub fn retain(&mut self, keep: &[String]) {
@@ -279,8 +270,12 @@ impl PipelineConfig {
 
     /// Shards, batch, lengths, example count and the split augmented.
     fn check_sizes(&self) -> Result<()> {
-        if !plain_name(&self.name) {
-            bail!("`name` = {:?}: a run's name is one directory, letters, digits, '-', '_' or '.', not starting with '.'", self.name);
+        let one_directory = !self.name.starts_with('.')
+            && !self.name.is_empty()
+            && !self.name.contains(['/', '\\'])
+            && !self.name.contains(char::is_control);
+        if !one_directory {
+            bail!("`name` = {:?}: a run's name is one directory: no '/' or '\\', not empty and not starting with '.'", self.name);
         }
         let (train, validation) = self.split_names()?;
         if self.shards == 0 {
@@ -408,7 +403,13 @@ impl PipelineConfig {
             let t = crate::task::glue(&self.task)?;
             return Ok((t.train_split.clone(), t.validation_splits.clone()));
         };
-        if !plain_name(&self.task) {
+        let name_ok = !self.task.is_empty()
+            && !self.task.starts_with('.')
+            && self
+                .task
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !name_ok {
             bail!("`task` = {:?}: a described dataset's name must be letters, digits, '-', '_' or '.'", self.task);
         }
         data.validate()?;

@@ -519,7 +519,7 @@ print("s3 consumers ok")
     );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        !o.status.success() && err.contains(&key) && err.contains("the manifest records"),
+        !o.status.success() && err.contains(&key) && err.contains("recorded for it"),
         "{err}"
     );
     assert!(!student.exists());

@@ -99,7 +99,7 @@ fn protocol(o: &ReportOptions, r: &TaskResult) -> String {
     let m = &r.metric;
     format!(
         "# {} — student comparison ({} preset{})\n\nRegenerate: `{}`\n\n\
-         Protocol: teacher {m} on validation {}. {} source examples of the train split are augmented; \
+         Protocol: teacher {m} on validation {} (teacher and students on {}). {} source examples of the train split are augmented; \
          the dev split ({} examples carved from train, never augmented nor trained on) chooses each \
          student's checkpoint{}. The student is {} layers cut from the base encoder (its weights, not the teacher's), {} steps of batch 32 at peak \
          learning rate {} (6% warm-up, linear decay), trained on `original` + the method's rows. Final runs use seeds 0..{}; \
@@ -112,6 +112,7 @@ fn protocol(o: &ReportOptions, r: &TaskResult) -> String {
         if o.tune { ", tuned on dev" } else { "" },
         command(o),
         pct(r.teacher_validation),
+        r.teacher_ran_on,
         r.source_examples,
         r.dev_examples,
         if o.tune {

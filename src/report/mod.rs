@@ -278,6 +278,9 @@ pub struct TaskResult {
     pub metric: String,
     /// Teacher's validation metric.
     pub teacher_validation: f64,
+    /// Where and in which dtype the teacher ran (`cpu (AVX-512) in f32`): results made
+    /// with other kernels differ in their bits.
+    pub teacher_ran_on: String,
     /// Source examples augmented.
     pub source_examples: usize,
     /// Dev examples.
@@ -764,6 +767,7 @@ fn task_result(
         task: task.name.clone(),
         metric: task.primary_metric().into(),
         teacher_validation,
+        teacher_ran_on: kd.teacher_ran_on(),
         source_examples: kd.source_examples,
         dev_examples,
         steps: cx.steps,
@@ -912,6 +916,7 @@ mod tests {
             task: "sst2".into(),
             metric: "accuracy".into(),
             teacher_validation: 0.9,
+            teacher_ran_on: "cpu (AVX-512) in f32".into(),
             source_examples: 10,
             dev_examples: 10,
             steps: 1,

@@ -123,17 +123,9 @@ fn default_dtype() -> String {
 
 /// What `verify` adds about reproducing a directory: logits depend on the device and dtype.
 pub fn reproducibility_note(m: &Manifest) -> String {
-    let get = |k: &str, d: &str| {
-        m.teacher
-            .get(k)
-            .and_then(|v| v.as_str())
-            .unwrap_or(d)
-            .to_string()
-    };
     format!(
-        "teacher ran on {} in {}; shards made on another device, with other CPU kernels or in another dtype hold slightly different teacher logits (and can project to other tokens), so they are not byte-identical to these",
-        get("device", "cpu"),
-        get("dtype", "f32")
+        "teacher ran on {}; shards made on another device, with other CPU kernels or in another dtype hold slightly different teacher logits (and can project to other tokens), so they are not byte-identical to these",
+        m.teacher_ran_on()
     )
 }
 
@@ -240,6 +232,19 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// Where and in which dtype the teacher ran, as `cpu (AVX-512) in f32` (`cpu in f32`
+    /// when the manifest records neither).
+    pub fn teacher_ran_on(&self) -> String {
+        let get = |k: &str, d: &str| {
+            self.teacher
+                .get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or(d)
+                .to_string()
+        };
+        format!("{} in {}", get("device", "cpu"), get("dtype", "f32"))
+    }
+
     /// The dev split its configuration held out ([`DevConfig::NONE`] when it records none);
     /// a `dev` entry that does not parse is an error, not "no dev split".
     pub fn dev(&self) -> Result<DevConfig> {

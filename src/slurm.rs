@@ -6,7 +6,7 @@
 use crate::config::PipelineConfig;
 use crate::data::resolve_glue_dir;
 use crate::pipeline;
-use crate::shards::manifest::MANIFEST;
+use crate::shards::manifest::{JOBS_DIR, MANIFEST};
 use crate::storage::Location;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -123,7 +123,7 @@ pub fn plan(o: &SubmitOptions) -> Result<Plan> {
     let workdir = std::env::current_dir()?;
     // Scripts and job logs go next to the shards, or for a bucket to ./slurm/<task>/<name>.
     let (out, script_dir) = match loc.as_local() {
-        Some(p) => (p.to_path_buf(), p.join("slurm")),
+        Some(p) => (p.to_path_buf(), p.join(JOBS_DIR)),
         None => (
             PathBuf::from(loc.to_string()),
             workdir.join("slurm").join(&cfg.task).join(&cfg.name),

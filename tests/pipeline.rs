@@ -563,6 +563,14 @@ fn verify_detects_damage(good: &Path, tmp: &Path) {
             "{name}: expected `{expect}` in:\n{out}"
         );
     };
+    // The folder where `slurm submit` keeps a local dataset's job scripts and logs is
+    // augpro's own, not an unlisted directory.
+    let d = tmp.join("with-jobs");
+    copy_dir(good, &d);
+    std::fs::create_dir(d.join("slurm")).unwrap();
+    std::fs::write(d.join("slurm/shard-0-2.out"), "shard 0/4: 96 rows").unwrap();
+    let o = augpro(&["verify", d.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
     case(
         "truncated",
         &|d| {

@@ -27,6 +27,10 @@ pub const TIMINGS: &str = "timings.json";
 /// Folder of the Parquet files, as on the Hugging Face Hub.
 pub const DATA_DIR: &str = "data";
 
+/// Folder of a local dataset that holds the scripts and job logs of the Slurm jobs that
+/// made it (`augpro slurm submit`); no reader reads it.
+pub const JOBS_DIR: &str = "slurm";
+
 /// Path (relative to the dataset root) of shard `i` of `n`'s real token rows (the
 /// `default` config).
 pub fn shard_name(i: usize, n: usize) -> String {
@@ -480,8 +484,8 @@ fn shard_count_problems(
 }
 
 /// Entries in the dataset directory and its `data/` that the manifest does not name (hidden
-/// ones aside), sorted: files, links and subdirectories (named with a trailing `/`), since
-/// readers that glob or recurse `data/` would read them all.
+/// ones and the Slurm jobs' folder aside), sorted: files, links and subdirectories (named
+/// with a trailing `/`), since readers that glob or recurse `data/` would read them all.
 fn unlisted_entries(dir: &Location, m: &Manifest) -> Result<Vec<String>> {
     let mut known: Vec<String> = m
         .shards
@@ -492,7 +496,11 @@ fn unlisted_entries(dir: &Location, m: &Manifest) -> Result<Vec<String>> {
     known.extend([MANIFEST, CARD, TIMINGS].map(String::from));
     // `data` itself, as a directory or a link to one (whose shards readers check lie
     // inside the dataset once links are resolved).
-    known.extend([format!("{DATA_DIR}/"), DATA_DIR.to_string()]);
+    known.extend([
+        format!("{DATA_DIR}/"),
+        DATA_DIR.to_string(),
+        format!("{JOBS_DIR}/"),
+    ]);
     let top = dir.list_entries()?;
     let data = dir.join(DATA_DIR).list_entries()?;
     let mut extra: Vec<String> = top

@@ -617,7 +617,17 @@ pub fn finalize(cfg: &PipelineConfig, out: &Location) -> Result<Manifest> {
         return Err(already_finalized(out));
     }
     let shards = finished_shards(cfg, out, &cfg_hash)?;
+    // The summaries agree before any shard file is read and hashed.
     check_same_inputs(out, &shards)?;
+    for s in &shards {
+        check_shard_data(out, s).with_context(|| {
+            format!(
+                "{}: shard {} no longer matches its summary (rerun it with --force)",
+                out.join(&summary_name(s.index, cfg.shards)),
+                s.index
+            )
+        })?;
+    }
     sweep_worker_temporaries(out)?;
     let manifest = build_manifest(cfg, task, cfg_hash, shards)?;
     let created = out
@@ -637,9 +647,8 @@ fn already_finalized(out: &Location) -> anyhow::Error {
     anyhow::anyhow!("{out}: already finalized (manifest.json exists); nothing was written")
 }
 
-/// The summaries of every shard, each checked against the data it names: the layout the
-/// writer gives it, then each file's size and sha256 (objects in a store are fetched and
-/// hashed again, so an object replaced after its summary is refused).
+/// The summaries of every shard, each of the layout the writer gives it and of this
+/// configuration; an error naming the shards that have none.
 fn finished_shards(
     cfg: &PipelineConfig,
     out: &Location,
@@ -660,9 +669,6 @@ fn finished_shards(
         if s.config_sha256 != cfg_hash {
             bail!("{p}: shard was made by a different configuration");
         }
-        check_shard_data(out, &s).with_context(|| {
-            format!("{p}: shard {i} no longer matches its summary (rerun it with --force)")
-        })?;
         shards.push(s);
     }
     if !missing.is_empty() {
@@ -674,7 +680,9 @@ fn finished_shards(
     Ok(shards)
 }
 
-/// Checks each file of a shard against its summary: present, of its size, of its sha256.
+/// Checks each file of a shard against its summary: present, of its size, of its sha256
+/// (objects in a store are fetched and hashed again, so an object replaced after its
+/// summary is refused).
 fn check_shard_data(out: &Location, s: &ShardSummary) -> Result<()> {
     for f in &s.files {
         let loc = out.join(&f.file);

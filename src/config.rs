@@ -263,13 +263,14 @@ impl PipelineConfig {
 
     /// Checks ranges and consistency.
     pub fn validate(&self) -> Result<()> {
+        self.check_name()?;
         self.check_sizes()?;
         self.methods.validate()?;
         self.check_training()
     }
 
-    /// Shards, batch, lengths, example count and the split augmented.
-    fn check_sizes(&self) -> Result<()> {
+    /// The run's name, which is one directory of the output (`<output>/<task>/<name>`).
+    fn check_name(&self) -> Result<()> {
         let one_directory = !self.name.starts_with('.')
             && !self.name.is_empty()
             && !self.name.contains(['/', '\\'])
@@ -277,6 +278,11 @@ impl PipelineConfig {
         if !one_directory {
             bail!("`name` = {:?}: a run's name is one directory: no '/' or '\\', not empty and not starting with '.'", self.name);
         }
+        Ok(())
+    }
+
+    /// Shards, batch, lengths, example count and the split augmented.
+    fn check_sizes(&self) -> Result<()> {
         let (train, validation) = self.split_names()?;
         if self.shards == 0 {
             bail!("`shards` must be at least 1, got 0");

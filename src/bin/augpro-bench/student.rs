@@ -117,7 +117,50 @@ fn student_run(b: &Bench, task_name: &str) -> Result<Value> {
     );
     v["task"] = json!(task_name);
     v["layers"] = json!(layers);
+    let per_step = m.tokens_seen / m.steps.max(1);
+    let gemm = step_gemm_gflops(&student_cfg, per_step, &b.device)?;
+    v["step_gemm_tokens"] = json!(per_step);
+    v["step_gemm_gflops"] = json!(gemm);
+    v["step_gemm_share_of_limit"] = json!(gemm / b.peak_gflops());
     Ok(v)
+}
+
+/// The speed of the step's dense-layer GEMMs alone, at its mean batch of `tokens` real
+/// tokens: each of a layer's four dense layers forward (the engine's `linear`) and its two
+/// backward products (the input's and the weight's gradient, as the layer's backward computes
+/// them), on seeded inputs, best of 5; the ceiling for a step that did nothing but its GEMMs.
+fn step_gemm_gflops(
+    c: &augpro::model::BertConfig,
+    tokens: usize,
+    device: &candle_core::Device,
+) -> Result<f64> {
+    use candle_core::{DType, Tensor};
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let shapes = [(h, 3 * h), (h, h), (h, i), (i, h)];
+    let mut flops = 0.0;
+    let mut layers = Vec::new();
+    for (n_in, n_out) in shapes {
+        let x = Tensor::randn(0f32, 1.0, (tokens, n_in), device)?;
+        let w = Tensor::randn(0f32, 0.05, (n_out, n_in), device)?;
+        let bias = Tensor::zeros(n_out, DType::F32, device)?;
+        let g = Tensor::randn(0f32, 1.0, (tokens, n_out), device)?;
+        flops += 3.0 * 2.0 * (tokens * n_in * n_out) as f64;
+        layers.push((x, w, bias, g));
+    }
+    let pass = || -> Result<()> {
+        for (x, w, bias, g) in &layers {
+            augpro::model::kernels::linear(x, w, bias)?;
+            g.matmul(w)?;
+            g.t()?.matmul(x)?;
+        }
+        Ok(())
+    };
+    pass()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        best = best.min(secs(pass)?.1);
+    }
+    Ok(flops / best / 1e9)
 }
 
 /// A student run's figures: time by stage with shares, the step's and the evaluations'
@@ -153,7 +196,7 @@ pub(crate) fn markdown(s: &mut String, r: &Value) {
     let Some(st) = r.get("student").filter(|v| !v.is_null()) else {
         return;
     };
-    let _ = writeln!(s, "## Student: one `train-student` run of the low preset\n\nOriginal + AugPro-Mix rows of 1,000 training examples (the base encoder with a seeded head as teacher), the low preset's steps, learning rate and layers, 6 dev evaluations and one validation. Time by the trainer's stage spans; the step's limit is the matmul peak over 3× the forward FLOPs of its real tokens, the evaluations' the peak over 1× (validation includes reading and tokenizing its split).\n\n| task | layers | steps | seconds | step | data | dev | validation | checkpoint | setup | other | step examples/s | step % of limit | eval real tokens/s | eval % of limit |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "## Student: one `train-student` run of the low preset\n\nOriginal + AugPro-Mix rows of 1,000 training examples (the base encoder with a seeded head as teacher), the low preset's steps, learning rate and layers, 6 dev evaluations and one validation. Time by the trainer's stage spans; the step's limit is the matmul peak over 3× the forward FLOPs of its real tokens, the evaluations' the peak over 1× (validation includes reading and tokenizing its split). `step's GEMMs alone` times only the step's dense-layer products (a layer's four dense layers forward and their two backward products each) at the run's mean batch of real tokens: the ceiling of a step that did nothing else.\n\n| task | layers | steps | seconds | step | data | dev | validation | checkpoint | setup | other | step examples/s | step % of limit | step's GEMMs alone, % of limit | eval real tokens/s | eval % of limit |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for run in st["runs"].as_array().into_iter().flatten() {
         let share = |k: &str| {
             format!(
@@ -163,7 +206,7 @@ pub(crate) fn markdown(s: &mut String, r: &Value) {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1}% | {} | {:.0}% | {} | {:.0}% |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1}% | {} | {:.0}% | {} | {} | {:.0}% |",
             run["task"].as_str().unwrap_or(""),
             run["layers"],
             run["steps"],
@@ -177,6 +220,9 @@ pub(crate) fn markdown(s: &mut String, r: &Value) {
             100.0 * run["other_share"].as_f64().unwrap_or(f64::NAN),
             num(&run["step_examples_per_s"]),
             100.0 * run["step_share_of_limit"].as_f64().unwrap_or(f64::NAN),
+            run["step_gemm_share_of_limit"]
+                .as_f64()
+                .map_or("–".to_string(), |v| format!("{:.0}%", 100.0 * v)),
             num(&run["eval_real_tokens_per_s"]),
             100.0 * run["eval_share_of_limit"].as_f64().unwrap_or(f64::NAN)
         );

@@ -280,6 +280,7 @@ impl FlatL2 {
             .iter()
             .filter(|&&(_, v)| v <= kth + band)
             .map(|&(r, _)| (l2(self.row(r as usize), q), r))
+            .filter(|&(v, _)| v.is_finite())
             .collect();
         exact.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         let mut out: Vec<u32> = exact.iter().take(k).map(|&(_, r)| r).collect();
@@ -577,6 +578,13 @@ mod tests {
         assert_eq!(f.nearest_k(&q, 5), brute_k(&rows, d, &q, 5));
         assert_eq!(f.nearest_k(&q, 5)[3..], [NONE, NONE]);
         assert_eq!(f.nearest_k(&[f32::NAN; 4], 2), vec![NONE, NONE]);
+        // An infinite coordinate puts every row at an infinite distance, as for the 1-NN.
+        for inf in [f32::INFINITY, f32::NEG_INFINITY] {
+            let q = [inf, 0.0, 0.0, 0.0];
+            assert_eq!(f.nearest_k(&q, 2), vec![NONE, NONE], "{inf}");
+            assert_eq!(f.nearest_k(&q, 2), brute_k(&rows, d, &q, 2), "{inf}");
+            assert_eq!(f.nearest(&q), vec![NONE], "{inf}");
+        }
     }
 
     #[test]

@@ -98,6 +98,16 @@ pub struct RunKey {
     pub shards_data_sha256: String,
     /// The student configuration: seed, steps, learning rate, layers, methods, ….
     pub student: serde_json::Value,
+    /// Where the student trains, with the CPU's kernels ([`crate::device::device_name`]):
+    /// AVX-512, AVX2 and CUDA sum in different orders, so their f32 results differ.
+    #[serde(default = "recorded_before_devices")]
+    pub students_ran_on: String,
+}
+
+/// The device of a record written before keys named one: every such committed record was
+/// made on CPUs with AVX-512 (docs/comparison.md).
+fn recorded_before_devices() -> String {
+    "cpu (AVX-512)".into()
 }
 
 impl RunKey {
@@ -117,6 +127,7 @@ impl RunKey {
             shards_config_sha256: m.config_sha256.clone(),
             shards_data_sha256: sha256_bytes(data.join("\n").as_bytes()),
             student: serde_json::to_value(scfg)?,
+            students_ran_on: crate::device::device_name(cx.device).into(),
         })
     }
 }
@@ -596,6 +607,7 @@ mod tests {
             shards_config_sha256: "cc".into(),
             shards_data_sha256: "dd".into(),
             student: serde_json::to_value(scfg).unwrap(),
+            students_ran_on: "cpu (AVX-512)".into(),
         }
     }
 
@@ -663,6 +675,9 @@ mod tests {
             }),
             one("shards config", &|k| k.shards_config_sha256 = "cd".into()),
             one("shards data", &|k| k.shards_data_sha256 = "de".into()),
+            one("students' device", &|k| {
+                k.students_ran_on = "cpu (AVX2)".into()
+            }),
         ]);
         for (name, k) in &changed {
             assert_ne!(k, &base, "{name}");
@@ -671,6 +686,20 @@ mod tests {
             assert_ne!(back, base, "{name}");
             assert_eq!(&back, k, "{name} reads back");
         }
+    }
+
+    #[test]
+    fn a_key_recorded_before_devices_reads_as_avx512_only() {
+        let scfg = StudentConfig::default();
+        let mut stored = serde_json::to_value(key(&scfg)).unwrap();
+        stored.as_object_mut().unwrap().remove("students_ran_on");
+        let back: RunKey = serde_json::from_value(stored).unwrap();
+        assert_eq!(back, key(&scfg));
+        let avx2 = RunKey {
+            students_ran_on: "cpu (AVX2)".into(),
+            ..key(&scfg)
+        };
+        assert_ne!(back, avx2);
     }
 
     #[test]

@@ -54,7 +54,9 @@ pub struct Paired {
     /// Half-width of its 95% confidence interval.
     pub ci95: f64,
     /// Two-sided p-value of the paired t-test (NaN below two pairs; 1 when every
-    /// difference is 0).
+    /// difference is 0). When every difference is the same non-zero value the t statistic
+    /// is undefined, and p is the exact sign-flip test's, `2 / 2ⁿ`: the observed mean is
+    /// the most extreme of the `2ⁿ` equally likely sign patterns, with its mirror image.
     pub p: f64,
 }
 
@@ -68,7 +70,7 @@ pub fn paired(a: &[f64], b: &[f64]) -> Paired {
         if s.mean == 0.0 {
             1.0
         } else {
-            0.0
+            (2.0 / 2f64.powi(s.n as i32)).min(1.0)
         }
     } else {
         let t = s.mean / (s.std / (s.n as f64).sqrt());
@@ -232,6 +234,20 @@ mod tests {
         assert!((p.p - 0.0742).abs() < 1e-3, "{}", p.p);
         assert_eq!(paired(&[1.0, 2.0], &[1.0, 2.0]).p, 1.0);
         assert!(paired(&[1.0], &[0.0]).p.is_nan());
+    }
+
+    #[test]
+    fn identical_non_zero_differences_get_the_sign_flip_p() {
+        // Three seeds each 3/872 better: the spread is exactly 0, so no t statistic; of the
+        // 2³ sign patterns only these and their mirror are as extreme: p = 2/8.
+        let base = [0.80, 0.81, 0.79];
+        let better: Vec<f64> = base.iter().map(|v| v + 3.0 / 872.0).collect();
+        let d: Vec<f64> = better.iter().zip(&base).map(|(a, b)| a - b).collect();
+        assert_eq!(summary(&d).std, 0.0);
+        assert_eq!(paired(&better, &base).p, 0.25);
+        assert_eq!(paired(&[1.0, 1.0], &[0.0, 0.0]).p, 0.5);
+        assert_eq!(paired(&[1.0; 10], &[0.0; 10]).p, 2.0 / 1024.0);
+        assert_eq!(paired(&[-1.0; 4], &[0.0; 4]).p, 0.125);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The report's Markdown: one task's table (with its grid) and the GLUE-style table.
 
-use super::stats::Paired;
+use super::stats::{Paired, Summary};
 use super::{command, ReportOptions, TaskResult, Test, FIRST_ROUND};
 use crate::task;
 use std::cmp::Ordering;
@@ -104,7 +104,7 @@ fn protocol(o: &ReportOptions, r: &TaskResult) -> String {
          student's checkpoint{}. The student is {} layers cut from the base encoder (its weights, not the teacher's), {} steps of batch 32 at peak \
          learning rate {} (6% warm-up, linear decay), trained on `original` + the method's rows. Final runs use seeds 0..{}; \
          validation is scored once per final run and chooses nothing. Scores are ×100. Δ is the paired difference to plain KD over the same seeds (same \
-         initialisation and data order), with its 95% confidence interval and the paired t-test's p; p (Holm) is \
+         seed for the initialisation and the shuffling), with its 95% confidence interval and the paired t-test's p; p (Holm) is \
          Holm–Bonferroni adjusted over this task's paired tests (the rows below and projection alone), \
          and † marks an adjusted p below {ALPHA}. The reading is the unadjusted interval's.\n\n",
         r.task,
@@ -132,6 +132,15 @@ fn protocol(o: &ReportOptions, r: &TaskResult) -> String {
     )
 }
 
+/// The sample standard deviation ×100, or "–" for fewer than two values (no spread to show).
+fn spread(v: &Summary) -> String {
+    if v.n < 2 {
+        "–".into()
+    } else {
+        format!("{:.2}", 100.0 * v.std)
+    }
+}
+
 fn task_table(r: &TaskResult) -> String {
     let m = &r.metric;
     let mut s = format!(
@@ -157,12 +166,12 @@ fn task_table(r: &TaskResult) -> String {
             ),
         };
         s.push_str(&format!(
-            "| {} | {} | {} | {} ± {:.2} | {} | {d} | {dci} | {p} | {ph} | {read} | {} | {} |\n",
+            "| {} | {} | {} | {} ± {} | {} | {d} | {dci} | {p} | {ph} | {read} | {} | {} |\n",
             row.label,
             row.setting.label,
             pct(row.dev.mean),
             pct(v.mean),
-            100.0 * v.std,
+            spread(v),
             half(v.ci95),
             v.n,
             row.rows
@@ -193,10 +202,10 @@ fn notes(r: &TaskResult) -> String {
             projection(t)
         ));
     }
-    if let Some(kd) = r.rows.first() {
+    if let Some(kd) = r.rows.first().filter(|kd| kd.validation.n >= 2) {
         s.push_str(&format!(
-            "\nPlain KD's seed spread: std {:.2} points over {} seeds{}.\n",
-            100.0 * kd.validation.std,
+            "\nPlain KD's seed spread: std {} points over {} seeds{}.\n",
+            spread(&kd.validation),
             kd.validation.n,
             if 100.0 * kd.validation.std <= 1.5 {
                 ""
@@ -250,8 +259,8 @@ fn grid_table(r: &TaskResult) -> String {
 pub fn glue_table(o: &ReportOptions, rs: &[TaskResult]) -> String {
     let mut s = format!(
         "# GLUE student comparison ({} preset{})\n\nRegenerate: `{}`\n\n\
-         Validation scores ×100, mean ± 95% CI over seeds ({}), each method at its own dev-best setting \
-         (see each task's `results.md` for the grids, the dev scores and the paired tests). \
+         Validation scores ×100, mean ± 95% CI over seeds ({}), each method at {} \
+         (see each task's `results.md` for the settings, the dev scores and the paired tests). \
          Avg is the mean over the tasks of the means. † marks a paired difference to plain KD whose \
          Holm–Bonferroni adjusted p (over that task's paired tests) is below {ALPHA}; the others are \
          not established.\n\n| method |",
@@ -261,7 +270,12 @@ pub fn glue_table(o: &ReportOptions, rs: &[TaskResult]) -> String {
         rs.iter()
             .map(|r| format!("{} {}", r.task, r.seeds))
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", "),
+        if o.tune {
+            "its own dev-best setting"
+        } else {
+            "the pipeline's own setting"
+        }
     );
     for r in rs {
         s.push_str(&format!(" {} ({}) |", r.task, r.metric));
@@ -270,7 +284,7 @@ pub fn glue_table(o: &ReportOptions, rs: &[TaskResult]) -> String {
     s.push_str(&"---:|".repeat(rs.len() + 1));
     s.push('\n');
     s.push_str(&glue_rows(rs));
-    s.push_str(&glue_notes(rs));
+    s.push_str(&glue_notes(rs, o.tune));
     s
 }
 
@@ -311,7 +325,9 @@ fn glue_rows(rs: &[TaskResult]) -> String {
     s
 }
 
-fn glue_notes(rs: &[TaskResult]) -> String {
+/// The notes under the GLUE table: projection alone, each method's setting (chosen on dev
+/// when `tuned`) and each task's teacher and student budget.
+fn glue_notes(rs: &[TaskResult], tuned: bool) -> String {
     let mut s = String::new();
     for r in rs {
         if let Some(t) = &r.projection_effect {
@@ -322,7 +338,11 @@ fn glue_notes(rs: &[TaskResult]) -> String {
             ));
         }
     }
-    s.push_str("\n\nSettings chosen on dev:\n\n");
+    s.push_str(if tuned {
+        "\n\nSettings chosen on dev:\n\n"
+    } else {
+        "\n\nSettings (each the pipeline's own):\n\n"
+    });
     for r in rs {
         let picks: Vec<String> = r
             .rows
@@ -484,6 +504,13 @@ mod tests {
             },
             p_holm,
         }
+    }
+
+    #[test]
+    fn one_seed_shows_no_spread() {
+        use super::super::stats::summary;
+        assert_eq!(spread(&summary(&[0.5])), "–");
+        assert_eq!(spread(&summary(&[0.5, 0.52])), "1.41");
     }
 
     #[test]

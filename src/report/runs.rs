@@ -688,6 +688,132 @@ mod tests {
         }
     }
 
+    /// Report options over the GLUE copy in `glue`, writing under `out`.
+    fn options_over(glue: &Path, out: &Path) -> ReportOptions {
+        ReportOptions {
+            tasks: vec!["sst2".into()],
+            preset: "low".into(),
+            train_examples: None,
+            seeds: None,
+            tune: true,
+            tune_seeds: None,
+            steps: Default::default(),
+            lr: Default::default(),
+            layers: Default::default(),
+            pipeline: None,
+            out: out.into(),
+            glue_dir: Some(glue.into()),
+            methods: None,
+            overrides: Vec::new(),
+            tag: None,
+            scaling: None,
+            jobs: 1,
+        }
+    }
+
+    /// A manifest of one shard with the given config, shard file and teacher hashes.
+    fn manifest(config: &str, file: &str, teacher: &str) -> Manifest {
+        let shard = serde_json::json!({
+            "index": 0, "source_examples": 4, "truncated_examples": 0, "rows": 4,
+            "files": [{ "file": "data/train-00000-of-00001.parquet", "rows": 4, "sha256": file }],
+            "source_sha256": {}, "config_sha256": config, "teacher_sha256": teacher,
+            "methods": {}, "median_nn_distance": 1.0, "device": "cpu", "dtype": "f32"
+        });
+        serde_json::from_value(serde_json::json!({
+            "format_version": 2, "augpro_version": "0", "task": "sst2", "split": "train",
+            "source": {}, "seed": 0, "config": {}, "config_sha256": config, "teacher": {},
+            "tokenizer_sha256": "t", "projection": {}, "num_labels": 2, "source_examples": 4,
+            "truncated_examples": 0, "rows": 4, "method_rows": {}, "diagnostics": {},
+            "shards": [shard]
+        }))
+        .unwrap()
+    }
+
+    /// Writes a GLUE copy of SST-2 whose validation file holds `validation`, and a model
+    /// whose weights file holds `weights`, under `dir`; returns (GLUE dir, model dir).
+    fn inputs(dir: &Path, validation: &str, weights: &str) -> (PathBuf, PathBuf) {
+        let (glue, model) = (dir.join("glue"), dir.join("model"));
+        std::fs::create_dir_all(glue.join("sst2")).unwrap();
+        std::fs::create_dir_all(&model).unwrap();
+        let file = |split: &str| glue.join(format!("sst2/{split}-00000-of-00001.parquet"));
+        std::fs::write(file("train"), "train rows").unwrap();
+        std::fs::write(file("validation"), validation).unwrap();
+        std::fs::write(model.join("model.safetensors"), weights).unwrap();
+        (glue, model)
+    }
+
+    /// The key `RunKey::new` gives over the inputs in `dir`, for `m` and `scfg` (with the
+    /// model of `dir`).
+    fn key_over(dir: &Path, role: Role, m: &Manifest, scfg: &StudentConfig) -> RunKey {
+        let (glue, model) = (dir.join("glue"), dir.join("model"));
+        let o = options_over(&glue, &dir.join("reports"));
+        let budget = Budget {
+            examples: 1000,
+            seeds: 1,
+            tune_seeds: 1,
+            steps: Some(150),
+            lr: 1e-4,
+            layers: 3,
+        };
+        let (hashes, device) = (FileHashes::default(), Device::Cpu);
+        let task = crate::task::glue("sst2").unwrap();
+        let cx = TaskCtx::new(&o, task, budget, &hashes, &device).unwrap();
+        let scfg = StudentConfig {
+            model,
+            ..scfg.clone()
+        };
+        RunKey::new(&cx, role, m, &scfg).unwrap()
+    }
+
+    #[test]
+    fn the_key_run_key_new_builds_changes_with_every_input_it_reads() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        inputs(dir, "validation rows", "weights");
+        let m = manifest("c", "f", "t");
+        let scfg = StudentConfig::default();
+        let key = |role, m: &Manifest, s: &StudentConfig| key_over(dir, role, m, s);
+        let base = key(Role::Final, &m, &scfg);
+        assert_eq!(base, key(Role::Final, &m, &scfg), "deterministic");
+        assert_eq!(
+            base.students_ran_on,
+            crate::device::device_name(&Device::Cpu)
+        );
+        assert_eq!(base.source_sha256.len(), 2, "{:?}", base.source_sha256);
+        let student = |f: &dyn Fn(&mut StudentConfig)| {
+            let mut s = scfg.clone();
+            f(&mut s);
+            key(Role::Final, &m, &s)
+        };
+        let mut changed = vec![
+            ("role", key(Role::Tune, &m, &scfg)),
+            (
+                "shards config",
+                key(Role::Final, &manifest("d", "f", "t"), &scfg),
+            ),
+            (
+                "shard file",
+                key(Role::Final, &manifest("c", "g", "t"), &scfg),
+            ),
+            ("teacher", key(Role::Final, &manifest("c", "f", "u"), &scfg)),
+            ("seed", student(&|s| s.seed = 7)),
+            ("steps", student(&|s| s.max_steps = Some(77))),
+            ("lr", student(&|s| s.optim.lr *= 2.0)),
+            ("layers", student(&|s| s.layers = Some(5))),
+            ("methods", student(&|s| s.methods = vec!["mixup".into()])),
+        ];
+        // The same paths with other bytes: only the files' hashes can tell them apart.
+        inputs(dir, "other validation rows", "weights");
+        changed.push(("validation file", key(Role::Final, &m, &scfg)));
+        inputs(dir, "validation rows", "other weights");
+        changed.push(("base weights", key(Role::Final, &m, &scfg)));
+        for (name, k) in &changed {
+            assert_ne!(k, &base, "{name}");
+        }
+        inputs(dir, "validation rows", "weights");
+        assert_eq!(key(Role::Final, &m, &scfg), base, "the inputs restored");
+    }
+
     #[test]
     fn a_key_recorded_before_devices_reads_as_avx512_only() {
         let scfg = StudentConfig::default();

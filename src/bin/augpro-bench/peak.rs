@@ -39,9 +39,125 @@ pub(crate) fn matmul_peak(device: &Device, quick: bool) -> Result<Value> {
         })
         .cloned()
         .unwrap_or_default();
+    let portable = if device.is_cpu() {
+        portable_vs_gemm(reps)
+    } else {
+        vec![]
+    };
     Ok(
-        json!({ "gflops": best["gflops"], "best": format!("{}, {}³", best["gemm"].as_str().unwrap_or(""), best["size"]), "rows": rows }),
+        json!({ "gflops": best["gflops"], "best": format!("{}, {}³", best["gemm"].as_str().unwrap_or(""), best["size"]), "rows": rows, "portable": portable }),
     )
+}
+
+/// The encoder's products at 800 tokens (MiniLM-L6 sizes) in the layouts the dense layer
+/// uses: `x·Wᵀ` for the attention projections and the feed-forward up and down layers
+/// (`x` `[tokens, in]`, `W` `[out, in]`), and a weight gradient `dYᵀ·x`, each by the `gemm`
+/// crate and by the portable product (the same bits on every CPU), on every thread, best
+/// of `reps`.
+fn portable_vs_gemm(reps: usize) -> Vec<Value> {
+    use augpro::model::kernels::portable_gemm::{matmul, Strided};
+    let t = 800;
+    // (product, A's rows × inner, B's inner × columns, A transposed, B transposed)
+    let shapes = [
+        ("x·Wᵀ, 384 → 384", t, 384, 384, false, true),
+        ("x·Wᵀ, 384 → 1536", t, 384, 1536, false, true),
+        ("x·Wᵀ, 1536 → 384", t, 1536, 384, false, true),
+        (
+            "dYᵀ·x (weight gradient), 384 × 384",
+            384,
+            t,
+            384,
+            true,
+            false,
+        ),
+    ];
+    let threads = rayon::current_num_threads();
+    shapes
+        .iter()
+        .map(|&(what, m, k, n, at, bt)| {
+            let (a, b) = random_square(m.max(k).max(n));
+            let (a, b) = (&a[..m * k], &b[..k * n]);
+            // Stored as given (a transposed operand is its transpose, row-major).
+            let sa = if at {
+                Strided::row_major(a, k, m).t()
+            } else {
+                Strided::row_major(a, m, k)
+            };
+            let sb = if bt {
+                Strided::row_major(b, n, k).t()
+            } else {
+                Strided::row_major(b, k, n)
+            };
+            let flops = 2.0 * (m * k * n) as f64;
+            let (mut c1, mut c2) = (vec![0f32; m * n], vec![0f32; m * n]);
+            let (gemm_s, portable_s) = best_of_interleaved(
+                reps,
+                || gemm_product(sa, sb, &mut c1, threads),
+                || matmul(sa, sb, &mut c2, n, false, threads > 1),
+            );
+            json!({ "product": what, "m": m, "k": k, "n": n,
+                "gemm_gflops": flops / gemm_s / 1e9, "portable_gflops": flops / portable_s / 1e9 })
+        })
+        .collect()
+}
+
+/// The shortest of `reps` timed calls of `f` and of `g`, taken in turn (so that a drift in
+/// the machine's speed reaches both), after one untimed call of each.
+fn best_of_interleaved(reps: usize, mut f: impl FnMut(), mut g: impl FnMut()) -> (f64, f64) {
+    let time = |h: &mut dyn FnMut()| {
+        let t = Instant::now();
+        h();
+        t.elapsed().as_secs_f64()
+    };
+    f();
+    g();
+    (0..reps).fold((f64::INFINITY, f64::INFINITY), |(bf, bg), _| {
+        (bf.min(time(&mut f)), bg.min(time(&mut g)))
+    })
+}
+
+/// `c = a·b` by the `gemm` crate, `c` row-major `[a.rows, b.cols]`.
+fn gemm_product(
+    a: augpro::model::kernels::portable_gemm::Strided,
+    b: augpro::model::kernels::portable_gemm::Strided,
+    c: &mut [f32],
+    threads: usize,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let last = |x: &augpro::model::kernels::portable_gemm::Strided| {
+        (x.rows - 1) * x.rs + (x.cols - 1) * x.cs
+    };
+    assert!(b.rows == k && last(&a) < a.data.len() && last(&b) < b.data.len() && c.len() >= m * n);
+    let par = match threads {
+        1 => gemm::Parallelism::None,
+        t => gemm::Parallelism::Rayon(t),
+    };
+    // SAFETY: the strided operands lie within their buffers and `c` holds [m, n] (asserted
+    // above).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+    std::hint::black_box(c);
 }
 
 /// GFLOP/s of candle's `n³` matmul, the best of `reps`.
@@ -209,4 +325,37 @@ pub(crate) fn markdown(s: &mut String, r: &Value) {
         r["matmul_peak"]["best"].as_str().unwrap_or(""),
         older_limits(r, p)
     );
+    portable_markdown(s, r, p);
+}
+
+/// The table of the encoder's products, the `gemm` crate beside the portable product.
+fn portable_markdown(s: &mut String, r: &Value, limit: f64) {
+    let Some(rows) = r["matmul_peak"]["portable"]
+        .as_array()
+        .filter(|v| !v.is_empty())
+    else {
+        return;
+    };
+    let _ = writeln!(
+        s,
+        "The encoder's products at 800 tokens, by the `gemm` crate (whose sums depend on the CPU's instruction set and caches) and by the portable product (`src/model/kernels/portable_gemm.rs`: one fused multiply-add chain per element, the same bits on every CPU), on every thread:\n\n| product | m × k × n | gemm crate GFLOP/s | % of limit | portable GFLOP/s | % of limit | portable ÷ gemm |\n|---|---|---:|---:|---:|---:|---:|"
+    );
+    for x in rows {
+        let (g, p) = (
+            x["gemm_gflops"].as_f64().unwrap_or(f64::NAN),
+            x["portable_gflops"].as_f64().unwrap_or(f64::NAN),
+        );
+        let _ = writeln!(
+            s,
+            "| {} | {} × {} × {} | {g:.0} | {:.0}% | {p:.0} | {:.0}% | {:.2} |",
+            x["product"].as_str().unwrap_or(""),
+            x["m"],
+            x["k"],
+            x["n"],
+            100.0 * g / limit,
+            100.0 * p / limit,
+            p / g
+        );
+    }
+    s.push('\n');
 }

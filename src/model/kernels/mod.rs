@@ -2,7 +2,9 @@
 //! a dense layer whose backward computes only the gradients that are needed (none for
 //! frozen weights), attention split over (batch × head) across threads, a vectorised erf
 //! GELU and a fused LayerNorm. Each has a test against candle's plain ops. Other devices
-//! use candle's standard ops (the model chooses once, from the device).
+//! use candle's standard ops (the model chooses once, from the device). [`portable_gemm`]
+//! is an f32 product with the same bits on every x86-64 CPU, measured in `make bench`
+//! beside the `gemm` crate.
 
 mod adamw;
 mod attention;
@@ -11,6 +13,7 @@ mod gelu;
 mod linear;
 mod math;
 mod norm;
+pub mod portable_gemm;
 
 pub use adamw::AdamW;
 pub use attention::{attention, Seqs};

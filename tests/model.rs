@@ -89,6 +89,51 @@ fn encoder_matches_pytorch_reference() {
     }
 }
 
+/// With portable products the encoder's forward pass has the same bits on every
+/// instruction set this CPU has (scalar, AVX2, AVX-512), and still matches PyTorch.
+#[test]
+fn portable_forward_has_the_same_bits_on_every_instruction_set() {
+    use augpro::model::kernels::portable_gemm::{with_isa, Isa};
+    use augpro::model::kernels::with_portable_products;
+    let dev = Device::Cpu;
+    let ck = Checkpoint::open(&common::model_dir()).unwrap();
+    let bert = Bert::load(&ck.params(&dev, false, 0).unwrap(), &ck.config).unwrap();
+    let r = common::reference();
+    let case = &r["cases"][0];
+    let field = |k: &str| -> Vec<u32> {
+        let v = case[k].as_array().unwrap();
+        v.iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    };
+    let (ids, types) = (field("input_ids"), field("token_type_ids"));
+    let types: Vec<u8> = types.iter().map(|&t| t as u8).collect();
+    let b = Batch::new(&[(&ids, &types)], 0, &dev).unwrap();
+    let forward = |isa: Isa| -> Vec<Vec<f32>> {
+        with_isa(isa, || {
+            with_portable_products(|| {
+                let h = bert.forward_ids(&b.ids, &b.types, &b.mask, &mut Ctx::eval());
+                h.unwrap().squeeze(0).unwrap().to_vec2().unwrap()
+            })
+        })
+    };
+    let bits = |h: &[Vec<f32>]| -> Vec<u32> { h.iter().flatten().map(|v| v.to_bits()).collect() };
+    let scalar = forward(Isa::Scalar);
+    let h = bert.forward_ids(&b.ids, &b.types, &b.mask, &mut Ctx::eval());
+    let gemm: Vec<Vec<f32>> = h.unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+    assert_ne!(
+        bits(&gemm),
+        bits(&scalar),
+        "the portable products were not used"
+    );
+    for isa in Isa::available() {
+        assert_eq!(bits(&forward(isa)), bits(&scalar), "{isa:?} against scalar");
+    }
+    let want = case["last_hidden_state_first8"].as_array().unwrap();
+    for (pos, w) in want.iter().enumerate() {
+        let d = max_abs_diff(&scalar[pos][..8], &first8(w));
+        assert!(d < 2e-4, "position {pos} differs from PyTorch by {d}");
+    }
+}
+
 /// The padded batch of `minilm_l6_batch.json` (5 rows of mixed lengths, one of them a
 /// sentence pair, right-padded to 59 with an attention mask) through both attention code
 /// paths: query, key and value stacked (frozen weights) and separate (trainable weights).

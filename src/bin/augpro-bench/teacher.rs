@@ -193,10 +193,37 @@ pub(crate) fn measure(b: &Bench) -> Result<Value> {
     } else {
         None
     };
+    let portable = if device.is_cpu() {
+        Some(portable_section(&inputs, &models[0], best[1][0])?)
+    } else {
+        None
+    };
     Ok(
         json!({ "examples": inputs.examples(), "real_tokens": inputs.real_tokens(), "flops_per_token": fwd_flops,
-        "matmul_peak_gflops": peak_gflops, "rows": rows, "runtimes": runtimes, "bf16": bf16 }),
+        "matmul_peak_gflops": peak_gflops, "rows": rows, "runtimes": runtimes, "bf16": bf16, "portable": portable }),
     )
+}
+
+/// The f32 forward (batch 32) with portable products (the same bits on every CPU) beside
+/// the kernels' own (`f32_secs`, the best pass of the same run): speed, best of 3, and how
+/// far its logits are.
+fn portable_section(inputs: &Inputs, m: &SeqClassifier, f32_secs: f64) -> Result<Value> {
+    use augpro::model::kernels::with_portable_products;
+    let logits = with_portable_products(|| inputs.logits(m, 32))?;
+    let mut t = f64::INFINITY;
+    for _ in 0..3 {
+        t = t.min(with_portable_products(|| secs(|| inputs.forward(m, 32)))?.1);
+    }
+    let max_diff = inputs
+        .logits(m, 32)?
+        .iter()
+        .flatten()
+        .zip(logits.iter().flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    let tokens = inputs.real_tokens() as f64;
+    Ok(json!({ "batch": 32, "gemm_tokens_per_s": tokens / f32_secs,
+        "portable_tokens_per_s": tokens / t, "ratio": f32_secs / t, "max_abs_logit_diff": max_diff }))
 }
 
 /// The timed cases: forward at batch 8, 32 and 128, forward + backward at 32, and the
@@ -355,6 +382,32 @@ pub(crate) fn markdown(s: &mut String, r: &Value) {
     s.push('\n');
     runtimes_markdown(s, t);
     bf16_markdown(s, t);
+    portable_markdown(s, t);
+}
+
+/// The forward with portable products beside the kernels' own, when measured.
+fn portable_markdown(s: &mut String, t: &Value) {
+    let Some(p) = t.get("portable").filter(|p| !p.is_null()) else {
+        return;
+    };
+    let f = |k: &str| p[k].as_f64().unwrap_or(f64::NAN);
+    let _ = writeln!(
+        s,
+        "### Portable products
+
+The f32 forward, batch {}, with the dense layers' and attention's products from `portable_gemm.rs` (the same bits on CPUs with and without AVX-512) instead of the `gemm` crate, in the same run.
+
+| | gemm crate | portable |
+|---|---:|---:|
+| forward, real tokens/s | {:.0} | {:.0} ({:.2}×) |
+| max abs logit difference | | {:.2e} |
+",
+        p["batch"],
+        f("gemm_tokens_per_s"),
+        f("portable_tokens_per_s"),
+        f("ratio"),
+        f("max_abs_logit_diff"),
+    );
 }
 
 /// The teacher's other runtimes beside the engine's batch-32 rows of the same pass.

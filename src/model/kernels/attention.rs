@@ -39,6 +39,42 @@ unsafe fn small_gemm(
     (brs, bcs): (usize, usize),
     beta: f32,
 ) {
+    if super::portable() && dcs == 1 && m > 0 && n > 0 && k > 0 {
+        use super::portable_gemm::{matmul, Strided};
+        // The extent of a strided matrix: one past its last element.
+        let end =
+            |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs + 1;
+        // SAFETY: the caller guarantees the strided matrices are in bounds and `dst`
+        // unshared, so each extent is one allocation's, and `dst`'s is written by nobody else.
+        let (a, b, c) = unsafe {
+            (
+                std::slice::from_raw_parts(a, end(m, k, ars, acs)),
+                std::slice::from_raw_parts(b, end(k, n, brs, bcs)),
+                std::slice::from_raw_parts_mut(dst, end(m, n, drs, 1)),
+            )
+        };
+        let a = Strided {
+            data: a,
+            rows: m,
+            cols: k,
+            rs: ars,
+            cs: acs,
+        };
+        let b = Strided {
+            data: b,
+            rows: k,
+            cols: n,
+            rs: brs,
+            cs: bcs,
+        };
+        matmul(a, b, c, drs, false, false);
+        if beta != 1.0 {
+            for row in c.chunks_mut(drs) {
+                row.iter_mut().take(n).for_each(|v| *v *= beta);
+            }
+        }
+        return;
+    }
     // SAFETY: the caller guarantees the strided matrices are in bounds and `dst` unshared.
     unsafe {
         gemm::gemm(

@@ -53,7 +53,11 @@ impl CustomOp3 for Linear {
         for _ in 0..n {
             y.extend_from_slice(b);
         }
-        if n > 0 && m > 0 {
+        if n > 0 && m > 0 && super::portable() {
+            use super::portable_gemm::{matmul, Strided};
+            let (sx, sw) = (Strided::row_major(x, n, k), Strided::row_major(w, m, k).t());
+            matmul(sx, sw, &mut y, m, true, rayon::current_num_threads() > 1);
+        } else if n > 0 && m > 0 {
             // SAFETY: `dims` checked the shapes, and `contiguous` gives exactly their
             // elements: `y` holds [n, m], `x` [n, k] and `w` [m, k] (read as `w`ᵀ, [k, m]),
             // so the strides stay within each buffer; `y` is local, so unshared.

@@ -26,6 +26,28 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
+thread_local! {
+    /// Whether kernels called from this thread take their f32 products from
+    /// [`portable_gemm`] (see [`with_portable_products`]).
+    static PORTABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the forward pass's f32 products (the dense layers' and attention's) from
+/// [`portable_gemm`], whose bits do not depend on the CPU's instruction set, for kernels
+/// called from this thread; the backward pass keeps candle's products. `make bench`
+/// measures the forward both ways.
+pub fn with_portable_products<R>(f: impl FnOnce() -> R) -> R {
+    let before = PORTABLE.with(|p| p.replace(true));
+    let out = f();
+    PORTABLE.with(|p| p.set(before));
+    out
+}
+
+/// Whether this thread's kernels use [`portable_gemm`] (inside [`with_portable_products`]).
+fn portable() -> bool {
+    PORTABLE.with(|p| p.get())
+}
+
 /// Whether models loaded from now on use these kernels on the CPU (they do unless turned
 /// off, which `make bench` does to measure candle's plain ops side by side).
 pub fn set_enabled(on: bool) {

@@ -113,14 +113,30 @@ impl Isa {
     }
 }
 
+thread_local! {
+    /// The instruction set this thread's products run on, when one is chosen.
+    static CHOSEN: std::cell::Cell<Option<Isa>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with this thread's portable products on `isa` (to compare instruction sets);
+/// a product panics there when this CPU lacks it.
+pub fn with_isa<R>(isa: Isa, f: impl FnOnce() -> R) -> R {
+    let before = CHOSEN.with(|c| c.replace(Some(isa)));
+    let out = f();
+    CHOSEN.with(|c| c.set(before));
+    out
+}
+
 /// `C = A·B` (or `C += A·B` when `accumulate`) for `A` `[m, k]`, `B` `[k, n]` and `C`
-/// row-major `[m, n]` with row stride `ldc`, on the widest instruction set here, over
+/// row-major `[m, n]` with row stride `ldc`, on the widest instruction set here (or the one
+/// [`with_isa`] chose), over
 /// rayon's threads when `parallel`. Each element is `c + s` (or `s`), where `s` is the
 /// fused multiply-add chain `s ← a[i][p]·b[p][j] + s` from `s = 0` over `p = 0, 1, …`:
 /// the same bits on every CPU. Panics when the shapes disagree or an operand's strides
 /// reach past its data.
 pub fn matmul(a: Strided, b: Strided, c: &mut [f32], ldc: usize, accumulate: bool, parallel: bool) {
-    matmul_on(Isa::detect(), a, b, c, ldc, accumulate, parallel)
+    let isa = CHOSEN.with(|c| c.get()).unwrap_or_else(Isa::detect);
+    matmul_on(isa, a, b, c, ldc, accumulate, parallel)
 }
 
 /// [`matmul`] on a given instruction set; panics when this CPU lacks it.

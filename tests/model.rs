@@ -134,6 +134,52 @@ fn portable_forward_has_the_same_bits_on_every_instruction_set() {
     }
 }
 
+/// With portable products the gradients of a fine-tuning step (dropout on) have the same
+/// bits on every instruction set this CPU has, and differ from the `gemm` crate's.
+#[test]
+fn portable_gradients_have_the_same_bits_on_every_instruction_set() {
+    use augpro::model::kernels::portable_gemm::{with_isa, Isa};
+    use augpro::model::kernels::with_portable_products;
+    let dev = Device::Cpu;
+    let ck = Checkpoint::open(&common::model_dir()).unwrap();
+    let (m, params) = ck.load_classifier(&dev, true, 2, Some(2), 7).unwrap();
+    let r = common::reference();
+    let case = &r["cases"][1];
+    let field = |k: &str| -> Vec<u32> {
+        let v = case[k].as_array().unwrap();
+        v.iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    };
+    let (ids, types) = (field("input_ids"), field("token_type_ids"));
+    let types: Vec<u8> = types.iter().map(|&t| t as u8).collect();
+    let b = Batch::new(&[(&ids, &types)], 0, &dev).unwrap();
+    let gradients = || -> Vec<u32> {
+        let out = m.forward_ids(&b.ids, &b.types, &b.mask, &mut Ctx::train(3));
+        let loss = augpro::train::supervised_loss(&out.unwrap().logits, &[1.0], false);
+        let grads = loss.unwrap().backward().unwrap();
+        let used = params.used();
+        let vars = used.iter().filter_map(|(_, _, v)| v.as_ref());
+        let all: Vec<f32> = vars
+            .flat_map(|v| {
+                grads
+                    .get(v.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            })
+            .collect();
+        assert!(all.iter().any(|g| *g != 0.0), "no gradient");
+        all.iter().map(|g| g.to_bits()).collect()
+    };
+    let scalar = with_isa(Isa::Scalar, || with_portable_products(gradients));
+    assert!(gradients() != scalar, "the portable products were not used");
+    for isa in Isa::available() {
+        let got = with_isa(isa, || with_portable_products(gradients));
+        assert!(got == scalar, "{isa:?}: gradients differ from scalar");
+    }
+}
+
 /// The padded batch of `minilm_l6_batch.json` (5 rows of mixed lengths, one of them a
 /// sentence pair, right-padded to 59 with an attention mask) through both attention code
 /// paths: query, key and value stacked (frozen weights) and separate (trainable weights).

@@ -194,7 +194,20 @@ pub(crate) fn measure(b: &Bench) -> Result<Value> {
         None
     };
     let portable = if device.is_cpu() {
-        Some(portable_section(&inputs, &models[0], best[1][0])?)
+        let step = &cases[4];
+        debug_assert_eq!(step.pass, "fine-tuning step");
+        let gemm = GemmBest {
+            forward_secs: best[1][0],
+            step_secs: best[4][0],
+            step_tokens: step.tokens,
+        };
+        Some(portable_section(
+            &inputs,
+            &ck,
+            &models[0],
+            &train_batches,
+            gemm,
+        )?)
     } else {
         None
     };
@@ -204,16 +217,34 @@ pub(crate) fn measure(b: &Bench) -> Result<Value> {
     )
 }
 
-/// The f32 forward (batch 32) with portable products (the same bits on every CPU) beside
-/// the kernels' own (`f32_secs`, the best pass of the same run): speed, best of 3, and how
-/// far its logits are.
-fn portable_section(inputs: &Inputs, m: &SeqClassifier, f32_secs: f64) -> Result<Value> {
+/// The kernels' own best passes of the same run, for [`portable_section`].
+struct GemmBest {
+    forward_secs: f64,
+    step_secs: f64,
+    step_tokens: usize,
+}
+
+/// The f32 forward (batch 32) and fine-tuning step with portable products (the same bits
+/// on every CPU) beside the kernels' own (`gemm`, the best passes of the same run): speed,
+/// best of 3, and how far the forward's logits are.
+fn portable_section(
+    inputs: &Inputs,
+    ck: &Checkpoint,
+    m: &SeqClassifier,
+    train_batches: &[Vec<usize>],
+    gemm: GemmBest,
+) -> Result<Value> {
     use augpro::model::kernels::with_portable_products;
     let logits = with_portable_products(|| inputs.logits(m, 32))?;
-    let mut t = f64::INFINITY;
-    for _ in 0..3 {
-        t = t.min(with_portable_products(|| secs(|| inputs.forward(m, 32)))?.1);
-    }
+    let best = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
+        let mut t = f64::INFINITY;
+        for _ in 0..3 {
+            t = t.min(with_portable_products(|| secs(f))?.1);
+        }
+        Ok(t)
+    };
+    let forward = best(&|| inputs.forward(m, 32))?;
+    let step = best(&|| inputs.fine_tune(ck, true, train_batches))?;
     let max_diff = inputs
         .logits(m, 32)?
         .iter()
@@ -221,9 +252,14 @@ fn portable_section(inputs: &Inputs, m: &SeqClassifier, f32_secs: f64) -> Result
         .zip(logits.iter().flatten())
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
-    let tokens = inputs.real_tokens() as f64;
-    Ok(json!({ "batch": 32, "gemm_tokens_per_s": tokens / f32_secs,
-        "portable_tokens_per_s": tokens / t, "ratio": f32_secs / t, "max_abs_logit_diff": max_diff }))
+    let (tokens, step_tokens) = (inputs.real_tokens() as f64, gemm.step_tokens as f64);
+    Ok(
+        json!({ "batch": 32, "gemm_tokens_per_s": tokens / gemm.forward_secs,
+        "portable_tokens_per_s": tokens / forward, "ratio": gemm.forward_secs / forward,
+        "step_gemm_tokens_per_s": step_tokens / gemm.step_secs,
+        "step_portable_tokens_per_s": step_tokens / step, "step_ratio": gemm.step_secs / step,
+        "max_abs_logit_diff": max_diff }),
+    )
 }
 
 /// The timed cases: forward at batch 8, 32 and 128, forward + backward at 32, and the
@@ -393,19 +429,14 @@ fn portable_markdown(s: &mut String, t: &Value) {
     let f = |k: &str| p[k].as_f64().unwrap_or(f64::NAN);
     let _ = writeln!(
         s,
-        "### Portable products
-
-The f32 forward, batch {}, with the dense layers' and attention's products from `portable_gemm.rs` (the same bits on CPUs with and without AVX-512) instead of the `gemm` crate, in the same run.
-
-| | gemm crate | portable |
-|---|---:|---:|
-| forward, real tokens/s | {:.0} | {:.0} ({:.2}×) |
-| max abs logit difference | | {:.2e} |
-",
+        "### Portable products\n\nThe dense layers' and attention's products, forward and backward, from `portable_gemm.rs` (the same bits on CPUs with and without AVX-512) instead of the `gemm` crate, batch {}, in the same run (best of 3).\n\n| | gemm crate | portable |\n|---|---:|---:|\n| forward, real tokens/s | {:.0} | {:.0} ({:.2}×) |\n| fine-tuning step, real tokens/s | {:.0} | {:.0} ({:.2}×) |\n| max abs logit difference (forward) | | {:.2e} |\n",
         p["batch"],
         f("gemm_tokens_per_s"),
         f("portable_tokens_per_s"),
         f("ratio"),
+        f("step_gemm_tokens_per_s"),
+        f("step_portable_tokens_per_s"),
+        f("step_ratio"),
         f("max_abs_logit_diff"),
     );
 }

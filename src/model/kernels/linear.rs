@@ -3,7 +3,7 @@
 
 use super::bf16::{self, PackedWeight};
 use super::{contiguous, parallelism};
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -96,13 +96,58 @@ impl CustomOp3 for Linear {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let gx = x.track_op().then(|| g.matmul(w)).transpose()?;
-        let gw = w.track_op().then(|| g.t()?.matmul(x)).transpose()?;
+        let gx = x.track_op().then(|| product(g, w, false)).transpose()?;
+        let gw = w.track_op().then(|| product(g, x, true)).transpose()?;
         let gb = b
             .track_op()
             .then(|| g.contiguous()?.apply_op1_no_bwd(&ColumnSums))
             .transpose()?;
         Ok((gx, gw, gb))
+    }
+}
+
+/// `a·b` (`aᵀ·b` when `transpose_a`) of two matrices: candle's product, or the portable
+/// one inside [`super::with_portable_products`].
+fn product(a: &Tensor, b: &Tensor, transpose_a: bool) -> Result<Tensor> {
+    if super::portable() {
+        return a
+            .contiguous()?
+            .apply_op2_no_bwd(&b.contiguous()?, &PortableProduct { transpose_a });
+    }
+    match transpose_a {
+        true => a.t()?.matmul(b),
+        false => a.matmul(b),
+    }
+}
+
+/// The product of two contiguous matrices by [`super::portable_gemm`].
+struct PortableProduct {
+    transpose_a: bool,
+}
+
+impl CustomOp2 for PortableProduct {
+    fn name(&self) -> &'static str {
+        "portable-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sa: &CpuStorage,
+        la: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use super::portable_gemm::{matmul, Strided};
+        let ((ra, ca), (rb, cb)) = (la.shape().dims2()?, lb.shape().dims2()?);
+        let a = Strided::row_major(contiguous(sa, la)?, ra, ca);
+        let a = if self.transpose_a { a.t() } else { a };
+        if a.cols != rb {
+            candle_core::bail!("product: [{}, {}] by [{rb}, {cb}]", a.rows, a.cols);
+        }
+        let b = Strided::row_major(contiguous(sb, lb)?, rb, cb);
+        let mut c = vec![0f32; a.rows * cb];
+        matmul(a, b, &mut c, cb, false, rayon::current_num_threads() > 1);
+        Ok((CpuStorage::F32(c), Shape::from((a.rows, cb))))
     }
 }
 

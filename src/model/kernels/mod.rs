@@ -32,10 +32,10 @@ thread_local! {
     static PORTABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Runs `f` with the forward pass's f32 products (the dense layers' and attention's) from
-/// [`portable_gemm`], whose bits do not depend on the CPU's instruction set, for kernels
-/// called from this thread; the backward pass keeps candle's products. `make bench`
-/// measures the forward both ways.
+/// Runs `f` with the f32 products of the dense layers and attention, forward and backward,
+/// from [`portable_gemm`], whose bits do not depend on the CPU's instruction set, for
+/// kernels called from this thread. `make bench` measures the forward and a fine-tuning
+/// step both ways.
 pub fn with_portable_products<R>(f: impl FnOnce() -> R) -> R {
     let before = PORTABLE.with(|p| p.replace(true));
     let out = f();

@@ -37,10 +37,24 @@ thread_local! {
 /// kernels called from this thread. `make bench` measures the forward and a fine-tuning
 /// step both ways.
 pub fn with_portable_products<R>(f: impl FnOnce() -> R) -> R {
-    let before = PORTABLE.with(|p| p.replace(true));
-    let out = f();
-    PORTABLE.with(|p| p.set(before));
-    out
+    with_thread_local(&PORTABLE, true, f)
+}
+
+/// Runs `f` with this thread's `key` set to `value`, and puts the value before back after
+/// it, also when `f` panics.
+fn with_thread_local<T: Copy + 'static, R>(
+    key: &'static std::thread::LocalKey<std::cell::Cell<T>>,
+    value: T,
+    f: impl FnOnce() -> R,
+) -> R {
+    struct Restore<T: Copy + 'static>(&'static std::thread::LocalKey<std::cell::Cell<T>>, T);
+    impl<T: Copy + 'static> Drop for Restore<T> {
+        fn drop(&mut self) {
+            self.0.with(|c| c.set(self.1));
+        }
+    }
+    let _restore = Restore(key, key.with(|c| c.replace(value)));
+    f()
 }
 
 /// Whether this thread's kernels use [`portable_gemm`] (inside [`with_portable_products`]).

@@ -121,10 +121,7 @@ thread_local! {
 /// Runs `f` with this thread's portable products on `isa` (to compare instruction sets);
 /// a product panics there when this CPU lacks it.
 pub fn with_isa<R>(isa: Isa, f: impl FnOnce() -> R) -> R {
-    let before = CHOSEN.with(|c| c.replace(Some(isa)));
-    let out = f();
-    CHOSEN.with(|c| c.set(before));
-    out
+    super::with_thread_local(&CHOSEN, Some(isa), f)
 }
 
 /// `C = A·B` (or `C += A·B` when `accumulate`) for `A` `[m, k]`, `B` `[k, n]` and `C`
@@ -548,6 +545,17 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The chosen instruction set is put back after the call, nested or panicking.
+    #[test]
+    fn the_choice_is_put_back_after_the_call() {
+        let chosen = || CHOSEN.with(|c| c.get());
+        with_isa(Isa::Scalar, || {
+            let _ = std::panic::catch_unwind(|| with_isa(Isa::Avx2, || panic!("inside")));
+            assert_eq!(chosen(), Some(Isa::Scalar));
+        });
+        assert_eq!(chosen(), None);
     }
 
     /// Shapes that disagree and strides that reach past the data are refused.

@@ -89,6 +89,17 @@ fn encoder_matches_pytorch_reference() {
     }
 }
 
+/// The one-row batch of a case of the PyTorch reference.
+fn reference_batch(case: &serde_json::Value, dev: &Device) -> Batch {
+    let field = |k: &str| -> Vec<u32> {
+        let v = case[k].as_array().unwrap();
+        v.iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    };
+    let ids = field("input_ids");
+    let types: Vec<u8> = field("token_type_ids").iter().map(|&t| t as u8).collect();
+    Batch::new(&[(&ids, &types)], 0, dev).unwrap()
+}
+
 /// With portable products the encoder's forward pass has the same bits on every
 /// instruction set this CPU has (scalar, AVX2, AVX-512), and still matches PyTorch.
 #[test]
@@ -100,13 +111,7 @@ fn portable_forward_has_the_same_bits_on_every_instruction_set() {
     let bert = Bert::load(&ck.params(&dev, false, 0).unwrap(), &ck.config).unwrap();
     let r = common::reference();
     let case = &r["cases"][0];
-    let field = |k: &str| -> Vec<u32> {
-        let v = case[k].as_array().unwrap();
-        v.iter().map(|x| x.as_u64().unwrap() as u32).collect()
-    };
-    let (ids, types) = (field("input_ids"), field("token_type_ids"));
-    let types: Vec<u8> = types.iter().map(|&t| t as u8).collect();
-    let b = Batch::new(&[(&ids, &types)], 0, &dev).unwrap();
+    let b = reference_batch(case, &dev);
     let forward = |isa: Isa| -> Vec<Vec<f32>> {
         with_isa(isa, || {
             with_portable_products(|| {
@@ -143,15 +148,7 @@ fn portable_gradients_have_the_same_bits_on_every_instruction_set() {
     let dev = Device::Cpu;
     let ck = Checkpoint::open(&common::model_dir()).unwrap();
     let (m, params) = ck.load_classifier(&dev, true, 2, Some(2), 7).unwrap();
-    let r = common::reference();
-    let case = &r["cases"][1];
-    let field = |k: &str| -> Vec<u32> {
-        let v = case[k].as_array().unwrap();
-        v.iter().map(|x| x.as_u64().unwrap() as u32).collect()
-    };
-    let (ids, types) = (field("input_ids"), field("token_type_ids"));
-    let types: Vec<u8> = types.iter().map(|&t| t as u8).collect();
-    let b = Batch::new(&[(&ids, &types)], 0, &dev).unwrap();
+    let b = reference_batch(&common::reference()["cases"][1], &dev);
     let gradients = || -> Vec<u32> {
         let out = m.forward_ids(&b.ids, &b.types, &b.mask, &mut Ctx::train(3));
         let loss = augpro::train::supervised_loss(&out.unwrap().logits, &[1.0], false);

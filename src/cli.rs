@@ -2,7 +2,6 @@
 
 use crate::config::PipelineConfig;
 use crate::data::resolve_glue_dir;
-use crate::device::parse_device;
 use crate::pipeline::{self, RunOptions};
 use crate::storage::Location;
 use crate::{fetch, inspect, report, shards, student, task, teacher};
@@ -148,6 +147,23 @@ pub struct DeviceArgs {
     /// GLUE directory (else AUGPRO_GLUE_DIR, else data/glue).
     #[arg(long)]
     pub glue_dir: Option<PathBuf>,
+    /// CPU only: f32 products with one fixed summation order, so that teachers, shards and
+    /// students have the same bits on every x86-64 CPU (AVX-512, AVX2 or neither), at some
+    /// cost in speed (`make bench` measures it). The manifest names the device
+    /// `cpu (portable)`.
+    #[arg(long)]
+    pub portable: bool,
+    /// With --portable: run the products on this instruction set (avx512, avx2 or scalar)
+    /// instead of the widest here, to check that each gives the same bits.
+    #[arg(long, hide = true)]
+    pub portable_isa: Option<String>,
+}
+
+impl DeviceArgs {
+    /// The device, with the CPU's products made portable under `--portable`.
+    fn open(&self) -> Result<candle_core::Device> {
+        crate::device::open_device(&self.device, self.portable, self.portable_isa.as_deref())
+    }
 }
 
 /// `teacher` subcommands.
@@ -492,7 +508,7 @@ fn teacher_train(a: TeacherTrainArgs) -> Result<()> {
         fraction: dev_fraction,
         ..Default::default()
     };
-    let device = parse_device(&a.dev.device)?;
+    let device = a.dev.open()?;
     let cfg = crate::config::TeacherTrainConfig {
         epochs: a.epochs,
         max_train_examples: a.max_train_examples,
@@ -522,7 +538,7 @@ fn teacher_train(a: TeacherTrainArgs) -> Result<()> {
 fn teacher_eval(a: TeacherEvalArgs) -> Result<()> {
     let dir = a.teacher;
     let task = a.data.resolve()?;
-    let device = parse_device(&a.dev.device)?;
+    let device = a.dev.open()?;
     let t = teacher::Teacher::load(&dir, task, &device, teacher::EVAL_MAX_SEQ_LEN)?;
     let v = teacher::evaluate(
         &t.model,
@@ -540,7 +556,7 @@ fn teacher_eval(a: TeacherEvalArgs) -> Result<()> {
 /// `augment`: runs the pipeline (or one shard, the teacher or the finalizer of it).
 fn augment(a: AugmentArgs) -> Result<()> {
     let cfg = PipelineConfig::load_with(&a.pipeline, &a.set)?;
-    let device = parse_device(&a.dev.device)?;
+    let device = a.dev.open()?;
     let shard_index = a.shard_index.or_else(|| {
         if a.finalize || a.teacher_only {
             None
@@ -589,7 +605,7 @@ fn print_shards_summary(out: &Location, max_seq_len: usize) -> Result<()> {
 
 /// `slurm submit`: writes and submits the batch-job chain.
 fn slurm_submit(a: SlurmSubmitArgs) -> Result<()> {
-    parse_device(&a.dev.device)?;
+    a.dev.open()?;
     let o = crate::slurm::SubmitOptions {
         pipeline: a.pipeline,
         overrides: a.set,
@@ -597,6 +613,7 @@ fn slurm_submit(a: SlurmSubmitArgs) -> Result<()> {
         out: a.out,
         glue_dir: a.dev.glue_dir,
         device: a.dev.device,
+        portable: a.dev.portable,
         partition: a.partition,
         account: a.account,
         time: a.time,
@@ -613,7 +630,7 @@ fn slurm_submit(a: SlurmSubmitArgs) -> Result<()> {
 fn train_student(a: StudentArgs) -> Result<()> {
     let shards = Location::from_arg(&a.shards)?;
     let task = student::shards_task(&shards, &a.task, a.data_source.as_deref())?;
-    let device = parse_device(&a.dev.device)?;
+    let device = a.dev.open()?;
     let cfg = student::StudentConfig {
         model: a.model,
         layers: Some(a.layers),
@@ -649,7 +666,7 @@ fn train_student(a: StudentArgs) -> Result<()> {
 
 /// `report`: the method comparison; prints where `results.md` went.
 fn run_report(a: ReportArgs) -> Result<()> {
-    let device = parse_device(&a.dev.device)?;
+    let device = a.dev.open()?;
     let opts = report::ReportOptions {
         tasks: a.tasks,
         preset: a.preset,

@@ -25,16 +25,37 @@ pub fn parse_device(name: &str) -> Result<Device> {
     }
 }
 
+/// Opens the device of `--device`; with `--portable` (the CPU only) every f32 product of
+/// the encoder from then on comes from [`crate::model::kernels::portable_gemm`], on the
+/// instruction set `--portable-isa` names or the widest here.
+pub fn open_device(name: &str, portable: bool, isa: Option<&str>) -> Result<Device> {
+    if portable && name != "cpu" {
+        bail!("--portable: portable products are for the CPU, not --device {name}");
+    }
+    let device = parse_device(name)?;
+    if portable {
+        let isa = isa
+            .map(crate::model::kernels::portable_gemm::Isa::parse)
+            .transpose()?;
+        crate::model::kernels::set_portable(isa)?;
+    } else if isa.is_some() {
+        bail!("--portable-isa: only with --portable");
+    }
+    Ok(device)
+}
+
 /// The name of a device as the manifest records it: `cuda` (the ordinal does not change
 /// results), `metal`, or `cpu` with the vector instructions of its matmul kernels,
 /// `cpu (AVX-512)`, `cpu (AVX2)` or `cpu (scalar)` on x86-64: those kernels sum in
 /// different orders, so their f32 results, and the shards made from them, differ in the
-/// last bits.
+/// last bits. Under `--portable` the CPU is `cpu (portable)`: the same bits on each.
 pub fn device_name(device: &Device) -> &'static str {
     if device.is_cuda() {
         "cuda"
     } else if device.is_metal() {
         "metal"
+    } else if crate::model::kernels::portable_everywhere() {
+        "cpu (portable)"
     } else {
         cpu_name()
     }

@@ -213,6 +213,14 @@ pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Resul
     if !task.is_glue() {
         crate::data::check_splits(&glue_dir, task)?;
     }
+    if device.is_cpu() {
+        let teacher = cfg
+            .teacher
+            .checkpoint
+            .as_ref()
+            .unwrap_or(&cfg.teacher.model);
+        Checkpoint::open(teacher)?.config.check_portable()?;
+    }
     // The output location is not part of the configuration: moving a run elsewhere
     // changes nothing inside it.
     if opts.teacher_only {
@@ -876,8 +884,9 @@ fn complete_finalized(cfg: &PipelineConfig, out: &Location) -> Result<()> {
     write_card_and_timings(cfg, out, &manifest)
 }
 
-/// The cache directory of the teacher a pipeline trains, keyed by task, base weights and
-/// training configuration; also returns the key's source.
+/// The cache directory of the teacher a pipeline trains, keyed by task, base weights,
+/// training configuration and (under `--portable`) the portable products; also returns the
+/// key's source.
 pub fn teacher_cache_dir(cfg: &PipelineConfig) -> Result<(PathBuf, serde_json::Value)> {
     let base = Checkpoint::open(&cfg.teacher.model)?;
     let mut key_src = serde_json::json!({
@@ -889,6 +898,11 @@ pub fn teacher_cache_dir(cfg: &PipelineConfig) -> Result<(PathBuf, serde_json::V
     });
     if let Some(data) = &cfg.data {
         key_src["data"] = serde_json::to_value(data)?;
+    }
+    // A teacher trained with portable products is another checkpoint (the same on every
+    // CPU); the keys of the others stay as they were.
+    if crate::model::kernels::portable_everywhere() {
+        key_src["products"] = "portable".into();
     }
     let key = &sha256_bytes(key_src.to_string().as_bytes())[..12];
     Ok((

@@ -27,6 +27,8 @@ pub struct SubmitOptions {
     pub glue_dir: Option<PathBuf>,
     /// `cpu`, `cuda` or `cuda:N`, passed to every job.
     pub device: String,
+    /// `--portable`, passed to every job.
+    pub portable: bool,
     /// `--partition`.
     pub partition: Option<String>,
     /// `--account`.
@@ -143,6 +145,9 @@ pub fn plan(o: &SubmitOptions) -> Result<Plan> {
         "--device".into(),
         o.device.clone(),
     ];
+    if o.portable {
+        common.push("--portable".into());
+    }
     for s in &o.overrides {
         common.push("--set".into());
         common.push(s.clone());

@@ -398,3 +398,99 @@ fn bf16_on_the_cpu_keeps_the_f32_rows_or_names_what_is_missing() {
     assert!(same * 10 >= both * 9, "{same} of {both} rows identical");
     assert!(worst <= 0.1, "original rows' logits differ by {worst}");
 }
+
+/// `--portable`: the shards of a run on the widest instruction set and of one on the next
+/// (AVX2 after AVX-512, else scalar) are the same bytes, named `cpu (portable)`; both use
+/// the teacher the first run trained with portable products.
+#[test]
+fn portable_products_give_the_same_shards_on_every_instruction_set() {
+    use augpro::model::kernels::portable_gemm::Isa;
+    let isas = Isa::available();
+    let Some(other) = isas.get(1) else {
+        panic!("this CPU runs only {isas:?}: nothing to compare");
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let teachers = format!(
+        "teacher.cache_dir={}",
+        tmp.path().join("teachers").display()
+    );
+    let run = |name: &str, isa: &[&str]| {
+        let root = tmp.path().join(name);
+        let mut args = vec![
+            "augment",
+            "pipelines/smoke.toml",
+            "--portable",
+            "--out",
+            root.to_str().unwrap(),
+            "--set",
+            "max_examples=8",
+            "--set",
+            &teachers,
+        ];
+        args.extend(isa);
+        common::ok(&args);
+        root.join("sst2/smoke")
+    };
+    let widest = run("widest", &[]);
+    let next = run("next", &["--portable-isa", other.name()]);
+    assert!(common::ok(&["verify", widest.to_str().unwrap()]).contains("ok"));
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(widest.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["shards"][0]["device"], "cpu (portable)");
+    let shards = common::files(&widest.join("data"));
+    assert_eq!(shards.len(), 4, "{shards:?}");
+    for f in shards
+        .iter()
+        .map(|f| format!("data/{f}"))
+        .chain(["manifest.json".into()])
+    {
+        let (a, b) = (widest.join(&f), next.join(&f));
+        assert!(
+            std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
+            "{f} differs between {:?} and {other:?}",
+            isas[0]
+        );
+    }
+}
+
+/// `--portable` where it cannot hold: another device, an instruction set this CPU lacks or
+/// no such name, `--portable-isa` alone, and a DeBERTa teacher; each one error line, and no
+/// output directory.
+#[test]
+fn portable_products_are_refused_where_they_cannot_hold() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let refused = |extra: &[&str], expected: &str| {
+        let mut args = vec![
+            "augment",
+            "pipelines/smoke.toml",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let e = common::fail(&args);
+        assert!(e.contains(expected), "{extra:?}: {e}");
+        assert!(!out.exists(), "{extra:?} left {}", out.display());
+    };
+    refused(
+        &["--portable", "--device", "cuda"],
+        "portable products are for the CPU",
+    );
+    refused(
+        &["--portable", "--portable-isa", "sse9"],
+        "expected avx512, avx2 or scalar",
+    );
+    refused(&["--portable-isa", "scalar"], "only with --portable");
+    if !std::arch::is_x86_feature_detected!("avx512f") {
+        refused(
+            &["--portable", "--portable-isa", "avx512"],
+            "this CPU lacks it",
+        );
+    }
+    let deberta = common::root().join("tests/families/deberta-v3");
+    let model = format!("teacher.model={}", deberta.display());
+    refused(
+        &["--portable", "--set", &model],
+        "DeBERTa's relative attention",
+    );
+}

@@ -1339,6 +1339,26 @@ fn slurm_dry_run_and_pipeline_overrides() {
         "{text}"
     );
     assert!(!root.exists(), "a dry run writes nothing");
+    assert!(!text.contains("--portable"), "{text}");
+    // `--portable` reaches the teacher, every shard and finalize.
+    let portable = ok(&[
+        "slurm",
+        "submit",
+        "pipelines/smoke.toml",
+        "--shards",
+        "3",
+        "--out",
+        root.to_str().unwrap(),
+        "--set",
+        &cache,
+        "--portable",
+        "--dry-run",
+    ]);
+    assert_eq!(
+        portable.matches("--device cpu --portable ").count(),
+        3,
+        "{portable}"
+    );
 
     // A Kubernetes Indexed Job gives the shard in JOB_COMPLETION_INDEX.
     let k8s = tmp.path().join("k8s");

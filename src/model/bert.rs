@@ -120,6 +120,18 @@ impl BertConfig {
             .map_or(default, |v| v as usize)
     }
 
+    /// Under `--portable`, an error for relative attention (DeBERTa), which multiplies with
+    /// candle's products, not the portable ones.
+    pub fn check_portable(&self) -> Result<()> {
+        if kernels::portable_everywhere() && self.relative()?.is_some() {
+            bail!(
+                "--portable: DeBERTa's relative attention multiplies with candle's products, \
+                 whose bits depend on the CPU; run it without --portable"
+            );
+        }
+        Ok(())
+    }
+
     /// Checks the fields this implementation depends on.
     pub fn validate(&self) -> Result<()> {
         if self.hidden_size == 0
@@ -610,6 +622,9 @@ impl Bert {
     pub fn load(p: &Params, c: &BertConfig) -> Result<Self> {
         c.validate()?;
         let embeddings = Embeddings::load(p, c)?;
+        if p.device().is_cpu() {
+            c.check_portable()?;
+        }
         let rel = c.relative()?;
         let layers = (0..c.num_hidden_layers)
             .map(|i| Layer::load(p, c, i, rel.as_ref()))

@@ -103,6 +103,25 @@ impl Isa {
             .collect()
     }
 
+    /// The name `--portable-isa` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2",
+            Isa::Scalar => "scalar",
+        }
+    }
+
+    /// The instruction set of a [`Isa::name`].
+    pub fn parse(name: &str) -> anyhow::Result<Self> {
+        [Isa::Avx512, Isa::Avx2, Isa::Scalar]
+            .into_iter()
+            .find(|i| i.name() == name)
+            .ok_or_else(|| {
+                anyhow::anyhow!("--portable-isa {name}: expected avx512, avx2 or scalar")
+            })
+    }
+
     /// `(MR, NR)`: rows and columns of one tile.
     fn tile(self) -> (usize, usize) {
         match self {
@@ -116,6 +135,34 @@ impl Isa {
 thread_local! {
     /// The instruction set this thread's products run on, when one is chosen.
     static CHOSEN: std::cell::Cell<Option<Isa>> = const { std::cell::Cell::new(None) };
+}
+
+/// The instruction set every thread's products run on, when one is chosen for the process
+/// ([`limit_isa`]).
+static LIMIT: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+
+/// Runs every thread's products on `isa` for the rest of the process (a thread's own
+/// [`with_isa`] still comes first); an error when this CPU lacks it or another was chosen.
+pub fn limit_isa(isa: Isa) -> anyhow::Result<()> {
+    if !Isa::available().contains(&isa) {
+        anyhow::bail!(
+            "--portable-isa {}: this CPU lacks it (it has {})",
+            isa.name(),
+            Isa::available()
+                .iter()
+                .map(|i| i.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    match *LIMIT.get_or_init(|| isa) {
+        chosen if chosen == isa => Ok(()),
+        chosen => anyhow::bail!(
+            "--portable-isa {}: {} was chosen already",
+            isa.name(),
+            chosen.name()
+        ),
+    }
 }
 
 /// Runs `f` with this thread's portable products on `isa` (to compare instruction sets);
@@ -132,7 +179,10 @@ pub fn with_isa<R>(isa: Isa, f: impl FnOnce() -> R) -> R {
 /// the same bits on every CPU. Panics when the shapes disagree or an operand's strides
 /// reach past its data.
 pub fn matmul(a: Strided, b: Strided, c: &mut [f32], ldc: usize, accumulate: bool, parallel: bool) {
-    let isa = CHOSEN.with(|c| c.get()).unwrap_or_else(Isa::detect);
+    let isa = CHOSEN
+        .with(|c| c.get())
+        .or_else(|| LIMIT.get().copied())
+        .unwrap_or_else(Isa::detect);
     matmul_on(isa, a, b, c, ldc, accumulate, parallel)
 }
 

@@ -239,6 +239,9 @@ pub struct Linear {
     /// Multiply in bf16 (CPU inference under `--dtype bf16`): the weight packed for the
     /// bf16 kernel on first use, so a layer only ever used stacked is never packed.
     bf16: Option<OnceLock<Arc<PackedWeight>>>,
+    /// A frozen weight's packing for the portable product (CPU kernels, weights that are
+    /// not trained).
+    frozen: Option<Arc<kernels::PortablePack>>,
 }
 
 impl Linear {
@@ -261,6 +264,7 @@ impl Linear {
         }
         let w = p.get(&format!("{prefix}.weight"), &[out_dim, in_dim], init)?;
         Ok(Self {
+            frozen: (cpu && !w.is_variable()).then(Default::default),
             w,
             b: p.get(&format!("{prefix}.bias"), &[out_dim], bias_init)?,
             cpu,
@@ -284,7 +288,7 @@ impl Linear {
             };
             kernels::linear_bf16(&x, &self.w, &self.b, packed)?
         } else if self.cpu {
-            kernels::linear(&x, &self.w, &self.b)?
+            kernels::linear(&x, &self.w, &self.b, self.frozen.as_ref())?
         } else {
             x.matmul(&self.w.t()?)?.broadcast_add(&self.b)?
         };
@@ -299,10 +303,12 @@ impl Linear {
         let w = Tensor::cat(&parts.iter().map(|l| &l.w).collect::<Vec<_>>(), 0)?;
         let b = Tensor::cat(&parts.iter().map(|l| &l.b).collect::<Vec<_>>(), 0)?;
         let bf16 = parts.iter().all(|l| l.bf16.is_some()).then(OnceLock::new);
+        let cpu = parts.iter().all(|l| l.cpu);
         Ok(Self {
+            frozen: (cpu && !w.is_variable()).then(Default::default),
             w,
             b,
-            cpu: parts.iter().all(|l| l.cpu),
+            cpu,
             bf16,
         })
     }

@@ -149,7 +149,7 @@ fn step_gemm_gflops(
     }
     let pass = || -> Result<()> {
         for (x, w, bias, g) in &layers {
-            augpro::model::kernels::linear(x, w, bias)?;
+            augpro::model::kernels::linear(x, w, bias, None)?;
             g.matmul(w)?;
             g.t()?.matmul(x)?;
         }

@@ -2,13 +2,25 @@
 //! weights (the teacher under FGSM) that is one GEMM instead of two.
 
 use super::bf16::{self, PackedWeight};
+use super::portable_gemm::PackedB;
 use super::{contiguous, parallelism};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-/// The op: f32, or with the weight's bf16 packing (forward in bf16, backward in f32).
-struct Linear(Option<Arc<PackedWeight>>);
+/// The op: f32 (with a frozen weight's portable packing, when it has one), or with the
+/// weight's bf16 packing (forward in bf16, backward in f32).
+enum Linear {
+    F32(Option<Arc<PortablePack>>),
+    Bf16(Arc<PackedWeight>),
+}
+
+/// A frozen weight's packing for the portable product ([`super::with_portable_products`],
+/// `--portable`), made on its first portable use and reused by every later forward pass
+/// (packing is about a tenth of a product of the encoder's sizes). Only for a weight that
+/// never changes: a trained one is packed afresh at each product.
+#[derive(Default)]
+pub struct PortablePack(OnceLock<PackedB>);
 
 /// `(n, in, out)` for `x` `[n, in]`, `w` `[out, in]` and `b` `[out]`; an error for other shapes.
 fn dims(x: &Shape, w: &Shape, b: &Shape) -> Result<(usize, usize, usize)> {
@@ -40,23 +52,31 @@ impl CustomOp3 for Linear {
             contiguous(sw, lw)?,
             contiguous(sb, lb)?,
         );
-        if let Some(packed) = &self.0 {
-            if packed.dims() != (m, k) {
-                candle_core::bail!("linear: packed weight {:?}, not [{m}, {k}]", packed.dims());
+        let frozen = match self {
+            Linear::F32(frozen) => frozen,
+            Linear::Bf16(packed) => {
+                if packed.dims() != (m, k) {
+                    candle_core::bail!("linear: packed weight {:?}, not [{m}, {k}]", packed.dims());
+                }
+                let y = bf16::linear(x, packed, b);
+                return Ok((CpuStorage::F32(y), Shape::from((n, m))));
             }
-            return Ok((
-                CpuStorage::F32(bf16::linear(x, packed, b)),
-                Shape::from((n, m)),
-            ));
-        }
+        };
         let mut y = Vec::with_capacity(n * m);
         for _ in 0..n {
             y.extend_from_slice(b);
         }
         if n > 0 && m > 0 && super::portable() {
-            use super::portable_gemm::{matmul, Strided};
+            use super::portable_gemm::{matmul, matmul_packed, Strided};
             let (sx, sw) = (Strided::row_major(x, n, k), Strided::row_major(w, m, k).t());
-            matmul(sx, sw, &mut y, m, true, rayon::current_num_threads() > 1);
+            let parallel = rayon::current_num_threads() > 1;
+            match frozen {
+                Some(pack) => {
+                    let packed = pack.0.get_or_init(|| PackedB::new(sw, parallel));
+                    matmul_packed(sx, (sw, packed), &mut y, m, true, parallel)
+                }
+                None => matmul(sx, sw, &mut y, m, true, parallel),
+            }
         } else if n > 0 && m > 0 {
             // SAFETY: `dims` checked the shapes, and `contiguous` gives exactly their
             // elements: `y` holds [n, m], `x` [n, k] and `w` [m, k] (read as `w`ᵀ, [k, m]),
@@ -182,11 +202,18 @@ impl CustomOp1 for ColumnSums {
 }
 
 /// `x·Wᵀ + b` for `x` of shape `[n, in]`, `W` `[out, in]`, `b` `[out]` (CPU, `f32`); an
-/// error for other shapes.
-pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+/// error for other shapes. `frozen`: where a weight that never changes keeps its portable
+/// packing.
+pub fn linear(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    frozen: Option<&Arc<PortablePack>>,
+) -> Result<Tensor> {
     dims(x.shape(), w.shape(), b.shape())?;
+    let op = Linear::F32(frozen.cloned());
     x.contiguous()?
-        .apply_op3(&w.contiguous()?, &b.contiguous()?, Linear(None))
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, op)
 }
 
 /// [`linear`] with the forward product in bf16 (f32 accumulation) from `packed`, `W`
@@ -201,7 +228,7 @@ pub fn linear_bf16(
     x.contiguous()?.apply_op3(
         &w.contiguous()?,
         &b.contiguous()?,
-        Linear(Some(packed.clone())),
+        Linear::Bf16(packed.clone()),
     )
 }
 
@@ -225,7 +252,7 @@ mod tests {
         let w = Var::from_tensor(&randn(&mut r, 0.0, 0.2, (70, 48)))?;
         let b = Var::from_tensor(&randn(&mut r, 0.0, 0.2, 70))?;
         let g = randn(&mut r, 0.0, 1.0, (50, 70));
-        let ours = linear(x.as_tensor(), w.as_tensor(), b.as_tensor())?;
+        let ours = linear(x.as_tensor(), w.as_tensor(), b.as_tensor(), None)?;
         let theirs = x
             .as_tensor()
             .matmul(&w.as_tensor().t()?)?
@@ -268,7 +295,7 @@ mod tests {
         let x = Var::from_tensor(&randn(&mut r, 0.0, 1.0, (5, 8)))?;
         let w = randn(&mut r, 0.0, 0.2, (3, 8));
         let b = Tensor::zeros(3, DType::F32, &Device::Cpu)?;
-        let grads = linear(x.as_tensor(), &w, &b)?.sum_all()?.backward()?;
+        let grads = linear(x.as_tensor(), &w, &b, None)?.sum_all()?.backward()?;
         assert!(grads.get(&w).is_none() && grads.get(&b).is_none());
         let want = w.sum(0)?.unsqueeze(0)?.broadcast_as((5, 8))?;
         assert_close(grads.get(&x).unwrap(), &want, 1e-6, 1e-6, "gradient of x")
@@ -287,8 +314,45 @@ mod tests {
             (x.flatten_all()?, w.clone(), b.clone()),
         ];
         for (x, w, b) in cases {
-            let e = linear(&x, &w, &b).unwrap_err().to_string();
+            let e = linear(&x, &w, &b, None).unwrap_err().to_string();
             assert!(e.contains("are not [n, in], [out, in] and [out]"), "{e}");
+        }
+        Ok(())
+    }
+
+    /// A frozen weight's portable packing, made once and reused, gives the bits of the
+    /// portable product packed afresh, on every instruction set (one packed for another
+    /// is packed again), and is not made outside the portable products.
+    #[test]
+    fn a_kept_portable_packing_gives_the_same_bits() -> Result<()> {
+        use super::super::portable_gemm::{with_isa, Isa};
+        use super::super::with_portable_products;
+        let mut r = rng(11);
+        let x = randn(&mut r, 0.0, 1.0, (37, 96));
+        let (w, b) = (
+            randn(&mut r, 0.0, 0.2, (70, 96)),
+            randn(&mut r, 0.0, 0.2, 70),
+        );
+        let bits = |t: Tensor| -> Result<Vec<u32>> {
+            Ok(t.flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|v| v.to_bits())
+                .collect())
+        };
+        let pack = Arc::new(PortablePack::default());
+        linear(&x, &w, &b, Some(&pack))?;
+        assert!(
+            pack.0.get().is_none(),
+            "packed outside the portable products"
+        );
+        let fresh = with_portable_products(|| linear(&x, &w, &b, None)).map(bits)??;
+        for isa in Isa::available().into_iter().chain(Isa::available()) {
+            let kept = with_isa(isa, || {
+                with_portable_products(|| linear(&x, &w, &b, Some(&pack)))
+            });
+            assert!(bits(kept?)? == fresh, "{isa:?}");
+            assert!(pack.0.get().is_some());
         }
         Ok(())
     }
@@ -301,7 +365,7 @@ mod tests {
             Tensor::zeros((3, 0), DType::F32, &d)?,
         );
         let b = Tensor::new(&[1f32, -2.0, 3.0], &d)?;
-        let y = linear(&x, &w, &b)?;
+        let y = linear(&x, &w, &b, None)?;
         assert_eq!(y.to_vec2::<f32>()?, vec![vec![1.0, -2.0, 3.0]; 4]);
         Ok(())
     }

@@ -18,7 +18,7 @@ pub mod portable_gemm;
 pub use adamw::AdamW;
 pub use attention::{attention, Seqs};
 pub use gelu::gelu_erf;
-pub use linear::{linear, linear_bf16, pack_bf16};
+pub use linear::{linear, linear_bf16, pack_bf16, PortablePack};
 pub use norm::layer_norm;
 
 use candle_core::{CpuStorage, DType, Device, Layout};

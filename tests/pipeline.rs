@@ -1299,22 +1299,19 @@ fn slurm_dry_run_and_pipeline_overrides() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("o");
     let cache = format!("teacher.cache_dir={}", tmp.path().join("t").display());
-    let text = ok(&[
-        "slurm",
-        "submit",
-        "pipelines/smoke.toml",
-        "--shards",
-        "3",
-        "--out",
-        root.to_str().unwrap(),
-        "--set",
-        &cache,
-        "--partition",
-        "gpu",
-        "--cpus-per-task",
-        "4",
-        "--dry-run",
-    ]);
+    let dry_run = |extra: &[&str]| {
+        let mut args = vec!["slurm", "submit", "pipelines/smoke.toml", "--shards", "3"];
+        args.extend([
+            "--out",
+            root.to_str().unwrap(),
+            "--set",
+            &cache,
+            "--dry-run",
+        ]);
+        args.extend(extra);
+        ok(&args)
+    };
+    let text = dry_run(&["--partition", "gpu", "--cpus-per-task", "4"]);
     // No teacher yet in the fresh cache: three stages, chained with afterok.
     assert!(
         text.contains("# teacher: sbatch --parsable") && text.contains("--teacher-only"),
@@ -1341,19 +1338,7 @@ fn slurm_dry_run_and_pipeline_overrides() {
     assert!(!root.exists(), "a dry run writes nothing");
     assert!(!text.contains("--portable"), "{text}");
     // `--portable` reaches the teacher, every shard and finalize.
-    let portable = ok(&[
-        "slurm",
-        "submit",
-        "pipelines/smoke.toml",
-        "--shards",
-        "3",
-        "--out",
-        root.to_str().unwrap(),
-        "--set",
-        &cache,
-        "--portable",
-        "--dry-run",
-    ]);
+    let portable = dry_run(&["--portable"]);
     assert_eq!(
         portable.matches("--device cpu --portable ").count(),
         3,

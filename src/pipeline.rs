@@ -234,9 +234,8 @@ pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Resul
         finalize(&cfg, &out)?;
         return Ok(out);
     }
-    let teacher_dir = ensure_teacher(&cfg, &glue_dir, device)?;
-    let teacher_sha = Checkpoint::open(&teacher_dir)?.weights_sha256()?;
-    check_same_teacher(&out, &teacher_sha, opts.force)?;
+    // Before the teacher, which may take long to train: shards of another device, CPU
+    // kernels or dtype are refused first.
     let (dev_name, dtype_name) = (
         crate::device::device_name(device),
         crate::precision::name(dtype),
@@ -247,6 +246,9 @@ pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Resul
         "another device, CPU kernels or dtype",
         |s| s.device != dev_name || s.dtype != dtype_name,
     )?;
+    let teacher_dir = ensure_teacher(&cfg, &glue_dir, device)?;
+    let teacher_sha = Checkpoint::open(&teacher_dir)?.weights_sha256()?;
+    check_same_teacher(&out, &teacher_sha, opts.force)?;
     let pending = pending_shards(&cfg, &out, opts.shard_index)?;
     // The teacher, its index and the source count are only needed for shards left to run.
     if !pending.is_empty() {

@@ -451,6 +451,21 @@ fn portable_products_give_the_same_shards_on_every_instruction_set() {
             isas[0]
         );
     }
+    // Without `--portable` the directory is refused before a teacher is trained for it.
+    let root = tmp.path().join("widest");
+    let e = common::fail(&[
+        "augment",
+        "pipelines/smoke.toml",
+        "--out",
+        root.to_str().unwrap(),
+        "--set",
+        "max_examples=8",
+        "--set",
+        &teachers,
+    ]);
+    assert!(e.contains("another device, CPU kernels or dtype"), "{e}");
+    let cached = common::files(&tmp.path().join("teachers"));
+    assert_eq!(cached.len(), 1, "teachers: {cached:?}");
 }
 
 /// `--portable` where it cannot hold: another device, an instruction set this CPU lacks or

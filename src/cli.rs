@@ -162,7 +162,14 @@ pub struct DeviceArgs {
 impl DeviceArgs {
     /// The device, with the CPU's products made portable under `--portable`.
     fn open(&self) -> Result<candle_core::Device> {
-        crate::device::open_device(&self.device, self.portable, self.portable_isa.as_deref())
+        use crate::model::kernels::portable_gemm::{limit_isa, Isa};
+        let device = crate::device::open_device(&self.device, self.portable)?;
+        match &self.portable_isa {
+            Some(_) if !self.portable => bail!("--portable-isa: only with --portable"),
+            Some(name) => limit_isa(Isa::parse(name)?)?,
+            None => {}
+        }
+        Ok(device)
     }
 }
 

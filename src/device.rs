@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Result};
 use candle_core::Device;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Parses a device name: `cpu`, `cuda` or `cuda:N`.
 pub fn parse_device(name: &str) -> Result<Device> {
@@ -25,23 +26,27 @@ pub fn parse_device(name: &str) -> Result<Device> {
     }
 }
 
+/// Whether every f32 product of the encoder on the CPU comes from the portable product
+/// (`--portable`, [`open_device`]).
+static PORTABLE: AtomicBool = AtomicBool::new(false);
+
 /// Opens the device of `--device`; with `--portable` (the CPU only) every f32 product of
-/// the encoder from then on comes from [`crate::model::kernels::portable_gemm`], on the
-/// instruction set `--portable-isa` names or the widest here.
-pub fn open_device(name: &str, portable: bool, isa: Option<&str>) -> Result<Device> {
+/// the encoder on the CPU, from then on, comes from the portable product
+/// (`model::kernels::portable_gemm`), whose bits do not depend on the instruction set.
+pub fn open_device(name: &str, portable: bool) -> Result<Device> {
     if portable && name != "cpu" {
         bail!("--portable: portable products are for the CPU, not --device {name}");
     }
     let device = parse_device(name)?;
     if portable {
-        let isa = isa
-            .map(crate::model::kernels::portable_gemm::Isa::parse)
-            .transpose()?;
-        crate::model::kernels::set_portable(isa)?;
-    } else if isa.is_some() {
-        bail!("--portable-isa: only with --portable");
+        PORTABLE.store(true, Ordering::SeqCst);
     }
     Ok(device)
+}
+
+/// Whether this process runs under `--portable`.
+pub fn portable_products() -> bool {
+    PORTABLE.load(Ordering::SeqCst)
 }
 
 /// The name of a device as the manifest records it: `cuda` (the ordinal does not change
@@ -54,7 +59,7 @@ pub fn device_name(device: &Device) -> &'static str {
         "cuda"
     } else if device.is_metal() {
         "metal"
-    } else if crate::model::kernels::portable_everywhere() {
+    } else if portable_products() {
         "cpu (portable)"
     } else {
         cpu_name()

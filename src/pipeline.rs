@@ -903,7 +903,7 @@ pub fn teacher_cache_dir(cfg: &PipelineConfig) -> Result<(PathBuf, serde_json::V
     }
     // A teacher trained with portable products is another checkpoint (the same on every
     // CPU); the keys of the others stay as they were.
-    if crate::model::kernels::portable_everywhere() {
+    if crate::device::portable_products() {
         key_src["products"] = "portable".into();
     }
     let key = &sha256_bytes(key_src.to_string().as_bytes())[..12];

@@ -123,7 +123,7 @@ impl BertConfig {
     /// Under `--portable`, an error for relative attention (DeBERTa), which multiplies with
     /// candle's products, not the portable ones.
     pub fn check_portable(&self) -> Result<()> {
-        if kernels::portable_everywhere() && self.relative()?.is_some() {
+        if crate::device::portable_products() && self.relative()?.is_some() {
             bail!(
                 "--portable: DeBERTa's relative attention multiplies with candle's products, \
                  whose bits depend on the CPU; run it without --portable"

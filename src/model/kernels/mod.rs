@@ -26,9 +26,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
-/// Whether every thread's kernels use [`portable_gemm`] (`--portable`, see [`set_portable`]).
-static PORTABLE_EVERYWHERE: AtomicBool = AtomicBool::new(false);
-
 thread_local! {
     /// Whether kernels called from this thread take their f32 products from
     /// [`portable_gemm`] (see [`with_portable_products`]).
@@ -60,27 +57,10 @@ fn with_thread_local<T: Copy + 'static, R>(
     f()
 }
 
-/// Makes the kernels of every thread take their f32 products from [`portable_gemm`], for
-/// the rest of the process (`--portable`): shards and students then have the same bits on
-/// every x86-64 CPU. `isa` limits the products to one instruction set (to compare them);
-/// an error when this CPU lacks it.
-pub fn set_portable(isa: Option<portable_gemm::Isa>) -> anyhow::Result<()> {
-    if let Some(isa) = isa {
-        portable_gemm::limit_isa(isa)?;
-    }
-    PORTABLE_EVERYWHERE.store(true, Ordering::SeqCst);
-    Ok(())
-}
-
-/// Whether [`set_portable`] has made every thread's products portable.
-pub fn portable_everywhere() -> bool {
-    PORTABLE_EVERYWHERE.load(Ordering::SeqCst)
-}
-
 /// Whether this thread's kernels use [`portable_gemm`] (inside [`with_portable_products`]
-/// or after [`set_portable`]).
+/// or in a process under `--portable`, [`crate::device::portable_products`]).
 fn portable() -> bool {
-    portable_everywhere() || PORTABLE.with(|p| p.get())
+    crate::device::portable_products() || PORTABLE.with(|p| p.get())
 }
 
 /// Whether models loaded from now on use these kernels on the CPU (they do unless turned

@@ -414,22 +414,27 @@ fn portable_products_give_the_same_shards_on_every_instruction_set() {
         "teacher.cache_dir={}",
         tmp.path().join("teachers").display()
     );
-    let run = |name: &str, isa: &[&str]| {
+    // `augment` of 8 smoke examples into `<tmp>/<name>`, with the teachers cached in the test's
+    // own directory.
+    let augment = |name: &str, extra: &[&str]| -> Vec<String> {
         let root = tmp.path().join(name);
         let mut args = vec![
             "augment",
             "pipelines/smoke.toml",
-            "--portable",
             "--out",
             root.to_str().unwrap(),
-            "--set",
-            "max_examples=8",
-            "--set",
-            &teachers,
         ];
-        args.extend(isa);
-        common::ok(&args);
-        root.join("sst2/smoke")
+        args.extend(["--set", "max_examples=8", "--set", &teachers]);
+        args.extend(extra);
+        args.into_iter().map(String::from).collect()
+    };
+    fn strs(args: &[String]) -> Vec<&str> {
+        args.iter().map(String::as_str).collect()
+    }
+    let run = |name: &str, isa: &[&str]| {
+        let portable = [&["--portable"], isa].concat();
+        common::ok(&strs(&augment(name, &portable)));
+        tmp.path().join(name).join("sst2/smoke")
     };
     let widest = run("widest", &[]);
     let next = run("next", &["--portable-isa", other.name()]);
@@ -452,17 +457,7 @@ fn portable_products_give_the_same_shards_on_every_instruction_set() {
         );
     }
     // Without `--portable` the directory is refused before a teacher is trained for it.
-    let root = tmp.path().join("widest");
-    let e = common::fail(&[
-        "augment",
-        "pipelines/smoke.toml",
-        "--out",
-        root.to_str().unwrap(),
-        "--set",
-        "max_examples=8",
-        "--set",
-        &teachers,
-    ]);
+    let e = common::fail(&strs(&augment("widest", &[])));
     assert!(e.contains("another device, CPU kernels or dtype"), "{e}");
     let cached = common::files(&tmp.path().join("teachers"));
     assert_eq!(cached.len(), 1, "teachers: {cached:?}");

@@ -213,7 +213,7 @@ pub fn run(cfg_in: &PipelineConfig, opts: &RunOptions, device: &Device) -> Resul
     if !task.is_glue() {
         crate::data::check_splits(&glue_dir, task)?;
     }
-    if device.is_cpu() {
+    if crate::device::portable_products() {
         let teacher = cfg
             .teacher
             .checkpoint

@@ -414,30 +414,16 @@ fn portable_products_give_the_same_shards_on_every_instruction_set() {
         "teacher.cache_dir={}",
         tmp.path().join("teachers").display()
     );
-    // `augment` of 8 smoke examples into `<tmp>/<name>`, with the teachers cached in the test's
-    // own directory.
-    let augment = |name: &str, extra: &[&str]| -> Vec<String> {
-        let root = tmp.path().join(name);
-        let mut args = vec![
-            "augment",
-            "pipelines/smoke.toml",
-            "--out",
-            root.to_str().unwrap(),
-        ];
-        args.extend(["--set", "max_examples=8", "--set", &teachers]);
-        args.extend(extra);
-        args.into_iter().map(String::from).collect()
+    // 8 smoke examples, with the teachers cached in the test's own directory.
+    let small = ["--set", "max_examples=8", "--set", &teachers];
+    let (widest_root, next_root) = (tmp.path().join("widest"), tmp.path().join("next"));
+    let run = |root: &std::path::Path, isa: &[&str]| {
+        let extra = [&["--portable"], &small[..], isa].concat();
+        common::ok(&common::augment_args(root, &extra));
+        root.join("sst2/smoke")
     };
-    fn strs(args: &[String]) -> Vec<&str> {
-        args.iter().map(String::as_str).collect()
-    }
-    let run = |name: &str, isa: &[&str]| {
-        let portable = [&["--portable"], isa].concat();
-        common::ok(&strs(&augment(name, &portable)));
-        tmp.path().join(name).join("sst2/smoke")
-    };
-    let widest = run("widest", &[]);
-    let next = run("next", &["--portable-isa", other.name()]);
+    let widest = run(&widest_root, &[]);
+    let next = run(&next_root, &["--portable-isa", other.name()]);
     assert!(common::ok(&["verify", widest.to_str().unwrap()]).contains("ok"));
     let m: serde_json::Value =
         serde_json::from_slice(&std::fs::read(widest.join("manifest.json")).unwrap()).unwrap();
@@ -457,7 +443,7 @@ fn portable_products_give_the_same_shards_on_every_instruction_set() {
         );
     }
     // Without `--portable` the directory is refused before a teacher is trained for it.
-    let e = common::fail(&strs(&augment("widest", &[])));
+    let e = common::fail(&common::augment_args(&widest_root, &small));
     assert!(e.contains("another device, CPU kernels or dtype"), "{e}");
     let cached = common::files(&tmp.path().join("teachers"));
     assert_eq!(cached.len(), 1, "teachers: {cached:?}");
@@ -471,14 +457,7 @@ fn portable_products_are_refused_where_they_cannot_hold() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     let refused = |extra: &[&str], expected: &str| {
-        let mut args = vec![
-            "augment",
-            "pipelines/smoke.toml",
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        args.extend(extra);
-        let e = common::fail(&args);
+        let e = common::fail(&common::augment_args(&out, extra));
         assert!(e.contains(expected), "{extra:?}: {e}");
         assert!(!out.exists(), "{extra:?} left {}", out.display());
     };

@@ -11,19 +11,8 @@ use std::process::{Command, Stdio};
 
 const SMOKE: &str = "sst2/smoke";
 
-fn augment_args<'a>(out_root: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        "augment",
-        "pipelines/smoke.toml",
-        "--out",
-        out_root.to_str().unwrap(),
-    ];
-    args.extend(extra);
-    args
-}
-
 fn augment_cmd(out_root: &Path, extra: &[&str]) -> Command {
-    common::augpro_cmd(&augment_args(out_root, extra))
+    common::augpro_cmd(&common::augment_args(out_root, extra))
 }
 
 /// Asserts no temporary (`*.tmp-PID`) is left in `dir` or its `data/`.
@@ -91,7 +80,7 @@ fn sigkill_at_every_stage_then_resume_is_byte_identical() {
     let root = tmp.path().join("killed");
     let out = root.join(SMOKE);
     let kill_at = |point: &str| {
-        let o = common::augpro_faulty_cmd(&augment_args(&root, &["--set", &set]))
+        let o = common::augpro_faulty_cmd(&common::augment_args(&root, &["--set", &set]))
             .env("AUGPRO_FAILPOINT", point)
             .output()
             .unwrap();

@@ -264,12 +264,18 @@ impl Linear {
         }
         let w = p.get(&format!("{prefix}.weight"), &[out_dim, in_dim], init)?;
         Ok(Self {
-            frozen: (cpu && !w.is_variable()).then(Default::default),
+            frozen: Self::frozen_pack(cpu, &w),
             w,
             b: p.get(&format!("{prefix}.bias"), &[out_dim], bias_init)?,
             cpu,
             bf16,
         })
+    }
+
+    /// Where the CPU kernel keeps `w`'s portable packing: only for a weight that is never
+    /// trained (not a variable).
+    fn frozen_pack(cpu: bool, w: &Tensor) -> Option<Arc<kernels::PortablePack>> {
+        (cpu && !w.is_variable()).then(Default::default)
     }
 
     /// Applies the layer to the last dimension of `x`.
@@ -305,7 +311,7 @@ impl Linear {
         let bf16 = parts.iter().all(|l| l.bf16.is_some()).then(OnceLock::new);
         let cpu = parts.iter().all(|l| l.cpu);
         Ok(Self {
-            frozen: (cpu && !w.is_variable()).then(Default::default),
+            frozen: Self::frozen_pack(cpu, &w),
             w,
             b,
             cpu,
@@ -628,9 +634,7 @@ impl Bert {
     pub fn load(p: &Params, c: &BertConfig) -> Result<Self> {
         c.validate()?;
         let embeddings = Embeddings::load(p, c)?;
-        if p.device().is_cpu() {
-            c.check_portable()?;
-        }
+        c.check_portable()?;
         let rel = c.relative()?;
         let layers = (0..c.num_hidden_layers)
             .map(|i| Layer::load(p, c, i, rel.as_ref()))

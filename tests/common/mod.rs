@@ -100,6 +100,18 @@ pub fn fail(args: &[&str]) -> String {
     lines[0].to_string()
 }
 
+/// `augment pipelines/smoke.toml --out <out_root>` followed by `extra`.
+pub fn augment_args<'a>(out_root: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "augment",
+        "pipelines/smoke.toml",
+        "--out",
+        out_root.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    args
+}
+
 /// Sorted file names in a directory.
 pub fn files(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)

@@ -421,6 +421,11 @@ pub struct ReportArgs {
     /// methods at each count, written to `<out>/scaling[-<tag>]/`.
     #[arg(long, value_delimiter = ',')]
     pub scaling: Option<Vec<usize>>,
+    /// The GLUE table of `--tasks` from each task's own `results.json` (under
+    /// `<out>/<task>[-<tag>]/`, made by separate commands, on other days or CPUs), training
+    /// nothing; written to `<out>/glue[-<tag>]/`.
+    #[arg(long, conflicts_with_all = ["scaling", "pipeline"])]
+    pub collect: bool,
     /// Student runs trained side by side, the threads shared among them; the results are
     /// the same, the wall time shorter (small students use many threads poorly)
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
@@ -691,6 +696,7 @@ fn run_report(a: ReportArgs) -> Result<()> {
         overrides: a.set,
         tag: a.tag,
         scaling: a.scaling,
+        collect: a.collect,
         jobs: a.jobs.into(),
     };
     let dir = report::run(&opts, &device)?;

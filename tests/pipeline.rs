@@ -928,6 +928,50 @@ fn report_tunes_on_dev_and_writes_a_glue_table() {
         assert!(md.contains("| p | p (Holm) |"), "{md}");
         assert!(std::fs::metadata(dir.join("forest.png")).unwrap().len() > 200);
     }
+    collecting_the_tasks_gives_the_same_table(tmp.path(), &shards);
+}
+
+/// `--collect` rebuilds the GLUE table of the tuned sst2 and mrpc reports under `out` from
+/// their `results.json`, training nothing: the same columns and the same figures, with
+/// each task's command. A task without results, or results of another preset, stop it
+/// with one line naming the file, and the table is left as it was.
+fn collecting_the_tasks_gives_the_same_table(out: &Path, shards: &str) {
+    let glue = out.join("glue-token_replace");
+    let read = |f: &str| std::fs::read_to_string(glue.join(f)).unwrap();
+    let (trained_md, trained_json) = (read("results.md"), read("results.json"));
+    let (o, preset) = (out.to_str().unwrap(), "smoke");
+    let args = |tasks: &'static str, preset: &'static str| {
+        let mut a = vec!["report", "--tasks", tasks, "--preset", preset, "--tune"];
+        a.extend(["--methods", "token_replace", "--out", o, "--set", shards]);
+        a.push("--collect");
+        a
+    };
+    let line = fail(&args("sst2,stsb", preset));
+    assert!(
+        line.contains("stsb-token_replace/results.json: cannot read"),
+        "{line}"
+    );
+    let line = fail(&args("sst2,mrpc", "low"));
+    assert!(
+        line.contains("sst2-token_replace/results.json: preset `smoke`, expected `low`"),
+        "{line}"
+    );
+    assert_eq!(
+        read("results.md"),
+        trained_md,
+        "a failed collection writes nothing"
+    );
+    let text = ok(&args("sst2,mrpc", preset));
+    assert!(!text.contains("student:"), "nothing is trained:\n{text}");
+    let collected_md = read("results.md");
+    assert!(collected_md.contains("--collect`"), "{collected_md}");
+    let made_by = "- sst2: `augpro report --tasks sst2,mrpc --preset smoke --tune --seeds 2";
+    assert!(collected_md.contains(made_by), "{collected_md}");
+    let table = |md: &str| md[md.find("| method |").unwrap()..].to_string();
+    assert_eq!(table(&collected_md), table(&trained_md));
+    let tasks =
+        |json: &str| serde_json::from_str::<serde_json::Value>(json).unwrap()["tasks"].clone();
+    assert_eq!(tasks(&read("results.json")), tasks(&trained_json));
 }
 
 /// The seed a finished student run recorded.

@@ -1,5 +1,6 @@
 //! The report's Markdown: one task's table (with its grid) and the GLUE-style table.
 
+use super::collect::Source;
 use super::stats::{Paired, Summary};
 use super::{command, ReportOptions, TaskResult, Test, FIRST_ROUND};
 use crate::task;
@@ -256,9 +257,9 @@ fn grid_table(r: &TaskResult) -> String {
 }
 
 /// The GLUE-style table over several tasks.
-pub fn glue_table(o: &ReportOptions, rs: &[TaskResult]) -> String {
+pub fn glue_table(o: &ReportOptions, rs: &[TaskResult], sources: &[Source]) -> String {
     let mut s = format!(
-        "# GLUE student comparison ({} preset{})\n\nRegenerate: `{}`\n\n\
+        "# GLUE student comparison ({} preset{})\n\nRegenerate: `{}`\n\n{}\
          Validation scores ×100, mean ± 95% CI over seeds ({}), each method at {} \
          (see each task's `results.md` for the settings, the dev scores and the paired tests). \
          Avg is the mean over the tasks of the means. † marks a paired difference to plain KD whose \
@@ -267,6 +268,7 @@ pub fn glue_table(o: &ReportOptions, rs: &[TaskResult]) -> String {
         o.preset,
         if o.tune { ", tuned on dev" } else { "" },
         command(o),
+        collected_from(sources),
         rs.iter()
             .map(|r| format!("{} {}", r.task, r.seeds))
             .collect::<Vec<_>>()
@@ -285,6 +287,28 @@ pub fn glue_table(o: &ReportOptions, rs: &[TaskResult]) -> String {
     s.push('\n');
     s.push_str(&glue_rows(rs));
     s.push_str(&glue_notes(rs, o.tune));
+    s
+}
+
+/// ` (on cpu (AVX2) in f32)`, or nothing where results did not record it.
+fn ran_on(device: &str) -> String {
+    match device {
+        "" => String::new(),
+        d => format!(" (on {d})"),
+    }
+}
+
+/// For a collected table, the command that made each task's column.
+fn collected_from(sources: &[Source]) -> String {
+    if sources.is_empty() {
+        return String::new();
+    }
+    let mut s = "Collected from each task's own comparison, training nothing; each made by:\n\n"
+        .to_string();
+    for src in sources {
+        s.push_str(&format!("- {}: `{}`\n", src.task, src.command));
+    }
+    s.push('\n');
     s
 }
 
@@ -355,10 +379,11 @@ fn glue_notes(rs: &[TaskResult], tuned: bool) -> String {
     s.push_str("\nTeacher and student budget per task (each sized on the task's dev split):\n\n");
     for r in rs {
         s.push_str(&format!(
-            "- {}: teacher {} {}; {} source examples, dev {}; student {} layers, {} steps at lr {}\n",
+            "- {}: teacher {} {}{}; {} source examples, dev {}; student {} layers, {} steps at lr {}\n",
             r.task,
             r.metric,
             pct(r.teacher_validation),
+            ran_on(&r.teacher_ran_on),
             r.source_examples,
             r.dev_examples,
             r.layers,

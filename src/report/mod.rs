@@ -7,6 +7,7 @@
 //! (a run only for the same role, seed and key, see [`runs`]), so a long comparison can be
 //! built up over several sittings.
 
+mod collect;
 mod markdown;
 mod plots;
 mod runs;
@@ -79,6 +80,8 @@ pub struct ReportOptions {
     pub tag: Option<String>,
     /// Source-example counts of the scaling comparison (`--scaling`, ascending).
     pub scaling: Option<Vec<usize>>,
+    /// Build the GLUE table from each task's own `results.json`, training nothing.
+    pub collect: bool,
     /// Student runs trained side by side, each with its share of the threads (the results
     /// do not change).
     pub jobs: usize,
@@ -218,17 +221,18 @@ pub fn grid(method: &str) -> Vec<Setting> {
 }
 
 /// A paired test with its Holm–Bonferroni adjusted p over the task's paired tests.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Test {
     /// The paired t-test (raw p).
     #[serde(flatten)]
     pub paired: Paired,
     /// p adjusted by Holm–Bonferroni over every paired test of the task's report.
+    #[serde(deserialize_with = "stats::nan_as_null::score")]
     pub p_holm: f64,
 }
 
 /// A method's line in the final comparison.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
     /// Row label (a method, or `mixup @ augpro_mix setting`).
     pub label: String,
@@ -243,23 +247,26 @@ pub struct Row {
     /// Paired validation difference to plain KD (same seeds).
     pub vs_kd: Option<Test>,
     /// Per-seed validation values.
+    #[serde(deserialize_with = "stats::nan_as_null::scores")]
     pub values: Vec<f64>,
     /// Rows the student had (original + the method's).
     pub rows: usize,
     /// Mean student training seconds.
+    #[serde(deserialize_with = "stats::nan_as_null::score")]
     pub train_seconds: f64,
     /// The final runs' directories (relative to the task's report directory), by seed.
     pub runs: Vec<String>,
 }
 
 /// A grid point's tuning result.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GridPoint {
     /// Method.
     pub method: String,
     /// Setting.
     pub setting: Setting,
     /// Mean dev metric over the tuning seeds.
+    #[serde(deserialize_with = "stats::nan_as_null::score")]
     pub dev: f64,
     /// Rows of the method (augmented rows kept).
     pub method_rows: u64,
@@ -270,16 +277,19 @@ pub struct GridPoint {
 }
 
 /// One task's results.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TaskResult {
     /// Task.
     pub task: String,
     /// Primary metric.
     pub metric: String,
     /// Teacher's validation metric.
+    #[serde(deserialize_with = "stats::nan_as_null::score")]
     pub teacher_validation: f64,
     /// Where and in which dtype the teacher ran (`cpu (AVX-512) in f32`): results made
-    /// with other kernels differ in their bits.
+    /// with other kernels differ in their bits. Empty in results written before it was
+    /// recorded.
+    #[serde(default)]
     pub teacher_ran_on: String,
     /// Source examples augmented.
     pub source_examples: usize,
@@ -288,6 +298,7 @@ pub struct TaskResult {
     /// Student steps per run.
     pub steps: usize,
     /// Students' peak learning rate.
+    #[serde(deserialize_with = "stats::nan_as_null::score")]
     pub lr: f64,
     /// Encoder layers the student keeps.
     pub layers: usize,
@@ -452,6 +463,9 @@ pub fn run(o: &ReportOptions, device: &Device) -> Result<PathBuf> {
         .iter()
         .map(|t| report_task(o, t))
         .collect::<Result<_>>()?;
+    if o.collect {
+        return collect::run(o);
+    }
     // Every task's budget before any run: a task without one stops the command at once.
     let budgets: Vec<Budget> = tasks.iter().map(|t| budget(o, t)).collect::<Result<_>>()?;
     let hashes = FileHashes::default();
@@ -471,7 +485,7 @@ pub fn run(o: &ReportOptions, device: &Device) -> Result<PathBuf> {
     let dir = o.out.join(format!("glue{}", suffix(o)));
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("{}: cannot create report directory", dir.display()))?;
-    let md = markdown::glue_table(o, &results);
+    let md = markdown::glue_table(o, &results, &[]);
     let json = serde_json::json!({
         "command": command(o), "preset": o.preset, "tuned": o.tune, "tasks": results,
     });
@@ -541,6 +555,12 @@ fn command(o: &ReportOptions) -> String {
     if let Some(sizes) = &o.scaling {
         let v: Vec<String> = sizes.iter().map(|n| n.to_string()).collect();
         c.push_str(&format!(" --scaling {}", v.join(",")));
+    }
+    if o.collect {
+        c.push_str(" --collect");
+    }
+    if crate::device::portable_products() {
+        c.push_str(" --portable");
     }
     c
 }
@@ -858,6 +878,7 @@ mod tests {
             overrides: Vec::new(),
             tag: None,
             scaling: None,
+            collect: false,
             jobs: 1,
         }
     }

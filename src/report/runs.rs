@@ -132,23 +132,6 @@ impl RunKey {
     }
 }
 
-/// Reads back the `null` that JSON writes for a NaN score as NaN.
-mod nan_as_null {
-    use serde::{Deserialize, Deserializer};
-
-    pub fn score<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
-        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
-    }
-
-    pub fn curve<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(usize, f64)>, D::Error> {
-        let points = Vec::<(usize, Option<f64>)>::deserialize(d)?;
-        Ok(points
-            .into_iter()
-            .map(|(step, v)| (step, v.unwrap_or(f64::NAN)))
-            .collect())
-    }
-}
-
 fn teacher_sha(m: &Manifest) -> &str {
     m.shards.first().map_or("", |s| s.teacher_sha256.as_str())
 }
@@ -160,15 +143,15 @@ pub struct Run {
     pub setting: String,
     pub seed: u64,
     /// NaN (JSON `null`) for a diverged tuning run.
-    #[serde(deserialize_with = "nan_as_null::score")]
+    #[serde(deserialize_with = "super::stats::nan_as_null::score")]
     pub dev: f64,
-    #[serde(deserialize_with = "nan_as_null::score")]
+    #[serde(deserialize_with = "super::stats::nan_as_null::score")]
     pub validation: f64,
     pub rows: usize,
     pub steps: usize,
     pub best_step: usize,
     pub train_seconds: f64,
-    #[serde(deserialize_with = "nan_as_null::curve")]
+    #[serde(deserialize_with = "super::stats::nan_as_null::curve")]
     pub curve: Vec<(usize, f64)>,
     /// Directory, relative to the task's report directory.
     #[serde(default)]
@@ -707,6 +690,7 @@ mod tests {
             overrides: Vec::new(),
             tag: None,
             scaling: None,
+            collect: false,
             jobs: 1,
         }
     }

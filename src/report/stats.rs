@@ -1,16 +1,44 @@
 //! Small-sample statistics for the comparison: mean, sample standard deviation, Student-t
 //! 95% confidence intervals, the paired t-test and Holm–Bonferroni adjusted p-values.
 
+/// Reads back the `null` that JSON writes for a NaN score as NaN.
+pub mod nan_as_null {
+    use serde::{Deserialize, Deserializer};
+
+    /// A score, `null` read as NaN.
+    pub fn score<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
+
+    /// A dev curve of `(step, score)` points, `null` scores read as NaN.
+    pub fn curve<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(usize, f64)>, D::Error> {
+        let points = Vec::<(usize, Option<f64>)>::deserialize(d)?;
+        Ok(points
+            .into_iter()
+            .map(|(step, v)| (step, v.unwrap_or(f64::NAN)))
+            .collect())
+    }
+
+    /// Values, `null` read as NaN.
+    pub fn scores<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+        let values = Vec::<Option<f64>>::deserialize(d)?;
+        Ok(values.into_iter().map(|v| v.unwrap_or(f64::NAN)).collect())
+    }
+}
+
 /// Mean, sample standard deviation and the 95% confidence interval of the mean.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Summary {
     /// Values.
     pub n: usize,
     /// Mean.
+    #[serde(deserialize_with = "nan_as_null::score")]
     pub mean: f64,
     /// Sample standard deviation (0 for one value).
+    #[serde(deserialize_with = "nan_as_null::score")]
     pub std: f64,
     /// Half-width of the 95% confidence interval of the mean (NaN for one value).
+    #[serde(deserialize_with = "nan_as_null::score")]
     pub ci95: f64,
 }
 
@@ -50,13 +78,16 @@ pub struct Paired {
     /// Pairs.
     pub n: usize,
     /// Mean of `a - b`.
+    #[serde(deserialize_with = "nan_as_null::score")]
     pub mean: f64,
     /// Half-width of its 95% confidence interval.
+    #[serde(deserialize_with = "nan_as_null::score")]
     pub ci95: f64,
     /// Two-sided p-value of the paired t-test (NaN below two pairs; 1 when every
     /// difference is 0). When every difference is the same non-zero value the t statistic
     /// is undefined, and p is the exact sign-flip test's, `2 / 2ⁿ`: the observed mean is
     /// the most extreme of the `2ⁿ` equally likely sign patterns, with its mirror image.
+    #[serde(deserialize_with = "nan_as_null::score")]
     pub p: f64,
 }
 

@@ -3,7 +3,7 @@
 //! give other bits, so that no one command could reuse every task's runs) still make one
 //! table; each task keeps the command that made it.
 
-use super::{command, markdown, suffix, write_results, ReportOptions, TaskResult};
+use super::{suffix, write_glue, ReportOptions, TaskResult};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -38,16 +38,7 @@ pub fn run(o: &ReportOptions) -> Result<PathBuf> {
         results.push(r);
         sources.push(source);
     }
-    let dir = o.out.join(format!("glue{}", suffix(o)));
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("{}: cannot create report directory", dir.display()))?;
-    let md = markdown::glue_table(o, &results, &sources);
-    let json = serde_json::json!({
-        "command": command(o), "preset": o.preset, "tuned": o.tune,
-        "collected_from": sources, "tasks": results,
-    });
-    write_results(&dir, &json, &md)?;
-    Ok(dir)
+    write_glue(o, &results, &sources)
 }
 
 /// One task's results, checked against the options: the same preset, tuned or not, and

@@ -482,13 +482,27 @@ pub fn run(o: &ReportOptions, device: &Device) -> Result<PathBuf> {
     if results.len() == 1 {
         return Ok(last);
     }
+    write_glue(o, &results, &[])
+}
+
+/// The GLUE table over `results` in `<out>/glue[-<tag>]/results.{json,md}`, naming the
+/// `sources` it was collected from (none when this command made every column); returns
+/// that directory.
+fn write_glue(
+    o: &ReportOptions,
+    results: &[TaskResult],
+    sources: &[collect::Source],
+) -> Result<PathBuf> {
     let dir = o.out.join(format!("glue{}", suffix(o)));
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("{}: cannot create report directory", dir.display()))?;
-    let md = markdown::glue_table(o, &results, &[]);
-    let json = serde_json::json!({
+    let md = markdown::glue_table(o, results, sources);
+    let mut json = serde_json::json!({
         "command": command(o), "preset": o.preset, "tuned": o.tune, "tasks": results,
     });
+    if !sources.is_empty() {
+        json["collected_from"] = serde_json::json!(sources);
+    }
     write_results(&dir, &json, &md)?;
     Ok(dir)
 }

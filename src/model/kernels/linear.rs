@@ -78,32 +78,7 @@ impl CustomOp3 for Linear {
                 None => matmul(sx, sw, &mut y, m, true, parallel),
             }
         } else if n > 0 && m > 0 {
-            // SAFETY: `dims` checked the shapes, and `contiguous` gives exactly their
-            // elements: `y` holds [n, m], `x` [n, k] and `w` [m, k] (read as `w`ᵀ, [k, m]),
-            // so the strides stay within each buffer; `y` is local, so unshared.
-            unsafe {
-                gemm::gemm(
-                    n,
-                    m,
-                    k,
-                    y.as_mut_ptr(),
-                    1,
-                    m as isize,
-                    true,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    w.as_ptr(),
-                    k as isize,
-                    1,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    parallelism(),
-                );
-            }
+            dense_product(&mut y, x, w, (n, k, m));
         }
         Ok((CpuStorage::F32(y), Shape::from((n, m))))
     }
@@ -124,6 +99,78 @@ impl CustomOp3 for Linear {
             .transpose()?;
         Ok((gx, gw, gb))
     }
+}
+
+/// `y += x·Wᵀ` by the `gemm` crate for `x` `[n, k]`, `W` `[m, k]` and `y` `[n, m]`, all
+/// row-major. Where [`transposed_weight`] says so, `W` goes in as `Wᵀ` `[k, m]` (transposed
+/// in parallel): `gemm` then packs it in its worker threads instead of on the calling
+/// thread, which otherwise leaves the other threads idle; the products are the same, and
+/// so are the bits.
+fn dense_product(y: &mut [f32], x: &[f32], w: &[f32], (n, k, m): (usize, usize, usize)) {
+    assert!(
+        y.len() == n * m && x.len() == n * k && w.len() == m * k,
+        "dense_product: buffers do not hold [{n}, {m}], [{n}, {k}] and [{m}, {k}]"
+    );
+    let wt;
+    let (rhs, rhs_cs, rhs_rs) = if transposed_weight(n, k, m) {
+        wt = transpose(w, m, k);
+        (&wt[..], 1, m as isize)
+    } else {
+        (w, k as isize, 1)
+    };
+    // SAFETY: asserted above: `y` holds [n, m], `x` [n, k] and `rhs` `W` [m, k] read as
+    // `W`ᵀ [k, m] (element (i, j) at i·rhs_rs + j·rhs_cs, within either layout), so the
+    // strides stay within each buffer; `y` is borrowed mutably, so unshared.
+    unsafe {
+        gemm::gemm(
+            n,
+            m,
+            k,
+            y.as_mut_ptr(),
+            1,
+            m as isize,
+            true,
+            x.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            rhs_cs,
+            rhs_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(),
+        );
+    }
+}
+
+/// Whether [`dense_product`] gives `gemm` the weight transposed: where `gemm` would pack it
+/// on the calling thread (at most 512 outputs), and only where both layouts take `gemm`'s
+/// blocked path, whose arithmetic does not depend on the layout (its small-product, gemv
+/// and gevv paths, for at most 256 outputs in all, one row or column, or `k` ≤ 2, would
+/// differ).
+fn transposed_weight(n: usize, k: usize, m: usize) -> bool {
+    n >= 2 && m >= 2 && k > 2 && n * m > 256 && m <= 512
+}
+
+/// `W` `[m, k]` as `Wᵀ` `[k, m]`, blocks of rows of `Wᵀ` in parallel.
+fn transpose(w: &[f32], m: usize, k: usize) -> Vec<f32> {
+    const ROWS: usize = 16;
+    let mut wt = vec![0f32; k * m];
+    wt.par_chunks_mut(ROWS * m)
+        .enumerate()
+        .for_each(|(block, dst)| {
+            let first = block * ROWS;
+            let rows = dst.len() / m;
+            for (j, row) in w.chunks_exact(k).enumerate() {
+                for (r, &v) in row[first..first + rows].iter().enumerate() {
+                    dst[r * m + j] = v;
+                }
+            }
+        });
+    wt
 }
 
 /// `a·b` (`aᵀ·b` when `transpose_a`) of two matrices: candle's product, or the portable
@@ -267,6 +314,60 @@ mod tests {
             let (a, b) = (g1.get(v).unwrap(), g2.get(v).unwrap());
             assert_close(a, b, 1e-5, 1e-4, &format!("gradient of {what}"))?;
         }
+        Ok(())
+    }
+
+    /// The weight given to `gemm` transposed gives the bits of the plain layout, at the
+    /// encoder's shapes and around the bounds of [`transposed_weight`].
+    #[test]
+    fn a_transposed_weight_gives_the_same_bits() -> Result<()> {
+        let mut r = rng(12);
+        let shapes = [
+            (384, 1152),
+            (384, 384),
+            (384, 1536),
+            (1536, 384),
+            (384, 2),
+            (96, 16),
+            (3, 130),
+        ];
+        for (k, m) in shapes {
+            for n in [1, 2, 7, 16, 17, 33, 421, 1687] {
+                let x: Vec<f32> = randn(&mut r, 0.0, 1.0, (n, k)).flatten_all()?.to_vec1()?;
+                let w: Vec<f32> = randn(&mut r, 0.0, 0.05, (m, k)).flatten_all()?.to_vec1()?;
+                let start: Vec<f32> = randn(&mut r, 0.0, 0.05, (n, m)).flatten_all()?.to_vec1()?;
+                let mut got = start.clone();
+                dense_product(&mut got, &x, &w, (n, k, m));
+                let mut want = start;
+                // SAFETY: as in `dense_product`, with `W` in its own layout.
+                unsafe {
+                    gemm::gemm(
+                        n,
+                        m,
+                        k,
+                        want.as_mut_ptr(),
+                        1,
+                        m as isize,
+                        true,
+                        x.as_ptr(),
+                        1,
+                        k as isize,
+                        w.as_ptr(),
+                        k as isize,
+                        1,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        parallelism(),
+                    );
+                }
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert!(bits(&got) == bits(&want), "n {n}, k {k}, m {m}");
+            }
+        }
+        assert!(transposed_weight(421, 384, 384) && !transposed_weight(421, 384, 1152));
         Ok(())
     }
 

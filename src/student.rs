@@ -554,7 +554,7 @@ pub fn train(
         let _t = timing::stage("checkpoint");
         keeper.restore_best(step)?
     };
-    let mut m = StudentMetrics {
+    let m = StudentMetrics {
         task: task.name.clone(),
         methods: trained_methods(&manifest, cfg),
         validation: BTreeMap::new(),
@@ -568,25 +568,7 @@ pub fn train(
         train_seconds: secs,
         eval_max_seq_len: crate::teacher::EVAL_MAX_SEQ_LEN,
     };
-    let Some((dev, best_step)) = kept else {
-        let (out, metric) = (out.to_path_buf(), task.primary_metric());
-        return Err(Diverged {
-            out,
-            metric,
-            metrics: m,
-        }
-        .into());
-    };
-    (m.dev, m.best_step) = (dev, best_step);
-    // The checkpoint and its metrics move in together, metrics.json last; nothing on failure.
-    let staged = crate::util::StagedDir::create(out)?;
-    m.validation = plan.evaluate_and_save(&params, glue_dir, staged.path())?;
-    atomic_write(
-        &staged.path().join("metrics.json"),
-        serde_json::to_string_pretty(&m)?.as_bytes(),
-    )?;
-    staged.publish("metrics.json")?;
-    Ok(m)
+    plan.publish(&params, m, kept, glue_dir, out)
 }
 
 /// A student whose every dev checkpoint scored NaN: it diverged. Its metrics have no dev or
@@ -861,6 +843,38 @@ impl StepPlan<'_> {
 }
 
 impl StepPlan<'_> {
+    /// Publishes the kept (dev-best) student in `out`: its checkpoint, validation scores and
+    /// `metrics.json`, staged so that they appear together or not at all; a [`Diverged`]
+    /// error, writing nothing, when no checkpoint was kept.
+    fn publish(
+        &self,
+        params: &Params,
+        mut m: StudentMetrics,
+        kept: Option<KeptScores>,
+        glue_dir: &Path,
+        out: &Path,
+    ) -> Result<StudentMetrics> {
+        let Some((dev, best_step)) = kept else {
+            let (out, metric) = (out.to_path_buf(), self.task.primary_metric());
+            return Err(Diverged {
+                out,
+                metric,
+                metrics: m,
+            }
+            .into());
+        };
+        (m.dev, m.best_step) = (dev, best_step);
+        // The checkpoint and its metrics move in together, metrics.json last.
+        let staged = StagedDir::create(out)?;
+        m.validation = self.evaluate_and_save(params, glue_dir, staged.path())?;
+        atomic_write(
+            &staged.path().join("metrics.json"),
+            serde_json::to_string_pretty(&m)?.as_bytes(),
+        )?;
+        staged.publish("metrics.json")?;
+        Ok(m)
+    }
+
     /// Evaluates the student on the validation splits, then saves it as a checkpoint in
     /// `out`; returns the validation metrics.
     fn evaluate_and_save(

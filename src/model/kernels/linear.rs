@@ -107,20 +107,30 @@ impl CustomOp3 for Linear {
 /// thread, which otherwise leaves the other threads idle; the products are the same, and
 /// so are the bits.
 fn dense_product(y: &mut [f32], x: &[f32], w: &[f32], (n, k, m): (usize, usize, usize)) {
-    assert!(
-        y.len() == n * m && x.len() == n * k && w.len() == m * k,
-        "dense_product: buffers do not hold [{n}, {m}], [{n}, {k}] and [{m}, {k}]"
-    );
-    let wt;
-    let (rhs, rhs_cs, rhs_rs) = if transposed_weight(n, k, m) {
-        wt = transpose(w, m, k);
-        (&wt[..], 1, m as isize)
+    if transposed_weight(n, k, m) {
+        gemm_into(y, x, (&transpose(w, m, k), 1, m as isize), (n, k, m));
     } else {
-        (w, k as isize, 1)
-    };
-    // SAFETY: asserted above: `y` holds [n, m], `x` [n, k] and `rhs` `W` [m, k] read as
-    // `W`ᵀ [k, m] (element (i, j) at i·rhs_rs + j·rhs_cs, within either layout), so the
-    // strides stay within each buffer; `y` is borrowed mutably, so unshared.
+        gemm_into(y, x, (w, k as isize, 1), (n, k, m));
+    }
+}
+
+/// `y += x·B` by the `gemm` crate for `x` `[n, k]` and `y` `[n, m]` row-major, and `B`
+/// `[k, m]` as a buffer of `m·k` values with its column and row strides: `(1, m)` (row-major,
+/// `Wᵀ`) or `(k, 1)` (`W` `[m, k]` read transposed).
+fn gemm_into(
+    y: &mut [f32],
+    x: &[f32],
+    (b, b_cs, b_rs): (&[f32], isize, isize),
+    (n, k, m): (usize, usize, usize),
+) {
+    let layouts = [(1, m as isize), (k as isize, 1)];
+    assert!(
+        y.len() == n * m && x.len() == n * k && b.len() == m * k && layouts.contains(&(b_cs, b_rs)),
+        "gemm_into: buffers do not hold [{n}, {m}], [{n}, {k}] and [{k}, {m}] with strides ({b_cs}, {b_rs})"
+    );
+    // SAFETY: asserted above: `y` holds [n, m], `x` [n, k] and `b` [k, m] (element (i, j) at
+    // i·b_rs + j·b_cs < m·k in either layout), so the strides stay within each buffer; `y`
+    // is borrowed mutably, so unshared.
     unsafe {
         gemm::gemm(
             n,
@@ -133,9 +143,9 @@ fn dense_product(y: &mut [f32], x: &[f32], w: &[f32], (n, k, m): (usize, usize, 
             x.as_ptr(),
             1,
             k as isize,
-            rhs.as_ptr(),
-            rhs_cs,
-            rhs_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
             1.0,
             1.0,
             false,
@@ -339,30 +349,7 @@ mod tests {
                 let mut got = start.clone();
                 dense_product(&mut got, &x, &w, (n, k, m));
                 let mut want = start;
-                // SAFETY: as in `dense_product`, with `W` in its own layout.
-                unsafe {
-                    gemm::gemm(
-                        n,
-                        m,
-                        k,
-                        want.as_mut_ptr(),
-                        1,
-                        m as isize,
-                        true,
-                        x.as_ptr(),
-                        1,
-                        k as isize,
-                        w.as_ptr(),
-                        k as isize,
-                        1,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        parallelism(),
-                    );
-                }
+                gemm_into(&mut want, &x, (&w, k as isize, 1), (n, k, m));
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert!(bits(&got) == bits(&want), "n {n}, k {k}, m {m}");
             }

@@ -251,8 +251,9 @@ fn student_embeds(
     rows: &[Row],
     batch: &Batch,
     tok: &TextTokenizer,
+    ctx: &mut Ctx,
 ) -> Result<Tensor> {
-    let base = model.bert.embed_ids(&batch.ids)?;
+    let base = model.bert.embed_ids(&batch.ids, ctx)?;
     if rows
         .iter()
         .all(|r| r.partner_input_ids.is_none() && r.perturbation.is_none())
@@ -299,7 +300,7 @@ fn student_embeds(
     let dev = base.device();
     let lam = Tensor::from_vec(lam, (b, s, 1), dev)?;
     let pids = Tensor::from_vec(pid, (b, s), dev)?;
-    let partner = model.bert.embed_ids(&pids)?;
+    let partner = model.bert.embed_ids(&pids, ctx)?;
     let pert = Tensor::from_vec(pert, (b, s, h), dev)?;
     let one_minus = (1.0 - &lam)?;
     Ok(((base.broadcast_mul(&lam)? + partner.broadcast_mul(&one_minus)?)? + pert)?)
@@ -319,7 +320,7 @@ fn batch_loss(
         .map(|r| (r.input_ids.as_slice(), r.token_type_ids.as_slice()))
         .collect();
     let batch = Batch::new(&pairs, tok.pad_id, device)?;
-    let emb = student_embeds(model, rows, &batch, tok)?;
+    let emb = student_embeds(model, rows, &batch, tok, ctx)?;
     let logits = model
         .forward_embeds(&emb, &batch.types, &batch.mask, ctx)?
         .logits;
@@ -523,7 +524,7 @@ pub fn train(
         derive_seed(cfg.seed, &["student-init"]),
     )?;
     let mut opt = Optim::new(&params, &cfg.optim, total)?;
-    let mut ctx = Ctx::train(derive_seed(cfg.seed, &["student-dropout"]));
+    let mut ctx = Ctx::train(derive_seed(cfg.seed, &["student-dropout"])).with_table_rows();
     let pb = crate::util::progress(total as u64, "student");
     let start = Instant::now();
     drop(setup);
@@ -818,7 +819,7 @@ impl StepPlan<'_> {
                             self.device,
                             ctx,
                         )?;
-                        opt.backward_step(&loss)?;
+                        opt.backward_step(&loss, ctx)?;
                         loss
                     };
                     step += 1;

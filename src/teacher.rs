@@ -265,7 +265,7 @@ fn fine_tune(
     let pb = crate::util::progress(total as u64, "teacher");
     let start = Instant::now();
     let (mut step, mut seen) = (0usize, 0usize);
-    let mut ctx = Ctx::train(derive_seed(cfg.seed, &["teacher-dropout"]));
+    let mut ctx = Ctx::train(derive_seed(cfg.seed, &["teacher-dropout"])).with_table_rows();
     'outer: for epoch in 0..cfg.epochs.max(1) {
         let seed = derive_seed(cfg.seed, &["teacher-epoch", &epoch.to_string()]);
         for b in bucketed_batches(&lens, cfg.optim.batch_size, seed) {
@@ -277,7 +277,7 @@ fn fine_tune(
             let y: Vec<f32> = b.iter().map(|&i| set.labels[i]).collect();
             let out = model.forward_ids(&batch.ids, &batch.types, &batch.mask, &mut ctx)?;
             let loss = supervised_loss(&out.logits, &y, set.regression)?;
-            opt.backward_step(&loss)?;
+            opt.backward_step(&loss, &mut ctx)?;
             step += 1;
             crate::util::failpoint("teacher-step");
             seen += b.len();
@@ -399,7 +399,7 @@ impl Teacher {
 
     /// Word embeddings of the batch's tokens `[b, s, hidden]`.
     pub fn word_embeds(&self, b: &Batch) -> Result<Tensor> {
-        self.model.bert.embed_ids(&b.ids)
+        self.model.bert.embed_ids(&b.ids, &mut Ctx::eval())
     }
 
     /// The word-embedding table `[vocab, hidden]`.
@@ -422,7 +422,7 @@ pub fn embedding_grad(
     loss: GradLoss,
     regression: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let emb = model.bert.embed_ids(&b.ids)?.detach();
+    let emb = model.bert.embed_ids(&b.ids, &mut Ctx::eval())?.detach();
     let var = Var::from_tensor(&emb)?;
     let out = model.forward_embeds(var.as_tensor(), &b.types, &b.mask, &mut Ctx::eval_grad())?;
     // The loss is taken in f32 whatever the model's dtype (a no-op for an f32 model).

@@ -2,6 +2,7 @@
 //! bucketing, AdamW with warm-up and linear decay, gradient clipping, losses, prediction.
 
 use crate::config::OptimConfig;
+use crate::model::kernels::RowGrad;
 use crate::model::{Ctx, Params, SeqClassifier};
 use crate::tokenize::Encoded;
 use anyhow::Result;
@@ -146,18 +147,25 @@ impl Optim {
         schedule(&self.cfg, self.total_steps, self.step)
     }
 
-    /// Back-propagates `loss`, clips, and applies one update.
-    pub fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
+    /// Back-propagates `loss`, clips, and applies one update. The word-embedding lookups
+    /// recorded in `ctx` give the table its gradient as rows.
+    pub fn backward_step(&mut self, loss: &Tensor, ctx: &mut Ctx) -> Result<()> {
         let mut grads = loss.backward()?;
+        let mut rows = ctx.take_lookups().row_grads(loss, &mut grads)?;
+        if let Update::Candle { .. } = self.update {
+            for r in rows.drain(..) {
+                grads.insert(r.table(), r.to_dense()?);
+            }
+        }
         let scale = if self.cfg.max_grad_norm > 0.0 {
-            clip_scale(&grads, &self.vars, self.cfg.max_grad_norm)?
+            clip_scale(&grads, &rows, &self.vars, self.cfg.max_grad_norm)?
         } else {
             None
         };
         let lr = self.lr();
         match &mut self.update {
             // The kernel scales each gradient as it reads it.
-            Update::Fused(a) => a.step_scaled(&grads, lr, scale.map(|s| s as f32))?,
+            Update::Fused(a) => a.step_scaled(&grads, &rows, lr, scale.map(|s| s as f32))?,
             Update::Candle { decay, no_decay } => {
                 if let Some(s) = scale {
                     scale_grads(&mut grads, &self.vars, s)?;
@@ -186,11 +194,19 @@ fn schedule(cfg: &OptimConfig, total_steps: usize, step: usize) -> f64 {
 }
 
 /// The factor that brings the global L2 norm of the gradients of `vars` down to
-/// `max_norm`; `None` when it is within it.
-fn clip_scale(grads: &GradStore, vars: &[Var], max_norm: f64) -> Result<Option<f64>> {
+/// `max_norm`; `None` when it is within it. A variable with a gradient in `rows` takes it
+/// from there.
+fn clip_scale(
+    grads: &GradStore,
+    rows: &[RowGrad],
+    vars: &[Var],
+    max_norm: f64,
+) -> Result<Option<f64>> {
     let mut sq = Vec::new();
     for v in vars {
-        if let Some(g) = grads.get(v.as_tensor()) {
+        if let Some(r) = rows.iter().find(|r| r.is_for(v)) {
+            sq.push(r.sum_of_squares()?);
+        } else if let Some(g) = grads.get(v.as_tensor()) {
             sq.push(g.sqr()?.sum_all()?);
         }
     }
@@ -333,7 +349,7 @@ mod tests {
     #[test]
     fn clipping_scales_to_the_global_norm() {
         let clip = |g: &mut candle_core::backprop::GradStore, vars: &[Var], max: f64| {
-            if let Some(s) = clip_scale(g, vars, max)? {
+            if let Some(s) = clip_scale(g, &[], vars, max)? {
                 scale_grads(g, vars, s)?;
             }
             anyhow::Ok(())

@@ -197,7 +197,11 @@ fn run_reference_loss(
     r: &serde_json::Value,
     what: &str,
 ) -> Outputs {
-    let emb = model.bert.embed_ids(&b.ids).unwrap().detach();
+    let emb = model
+        .bert
+        .embed_ids(&b.ids, &mut Ctx::eval())
+        .unwrap()
+        .detach();
     let var = Var::from_tensor(&emb).unwrap();
     let out = model
         .forward_embeds(var.as_tensor(), &b.types, &b.mask, &mut Ctx::eval_grad())

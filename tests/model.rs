@@ -77,7 +77,11 @@ fn encoder_matches_pytorch_reference() {
             let d = max_abs_diff(&pooled[0][..8], &first8(&case["pooler_output_first8"]));
             assert!(d < 2e-4, "pooler output differs by {d}");
         }
-        let we: Vec<Vec<Vec<f32>>> = bert.embed_ids(&b.ids).unwrap().to_vec3().unwrap();
+        let we: Vec<Vec<Vec<f32>>> = bert
+            .embed_ids(&b.ids, &mut Ctx::eval())
+            .unwrap()
+            .to_vec3()
+            .unwrap();
         let d = max_abs_diff(
             &we[0][1][..8],
             &first8(&case["word_embedding_first_token_first8"]),
@@ -177,6 +181,53 @@ fn portable_gradients_have_the_same_bits_on_every_instruction_set() {
     }
 }
 
+/// Fine-tuning steps that gather the word table's gradient as rows leave every parameter
+/// with the bits of steps on candle's dense table gradient (MiniLM, dropout on, clipping).
+#[test]
+fn table_rows_gradient_steps_give_the_dense_gradient_steps_bits() {
+    let dev = Device::Cpu;
+    let ck = Checkpoint::open(&common::model_dir()).unwrap();
+    let cases = common::reference();
+    let batches: Vec<_> = (0..2)
+        .map(|i| reference_batch(&cases["cases"][i], &dev))
+        .collect();
+    let train = |ctx: Ctx, lookups: usize| -> Vec<Vec<u32>> {
+        let (m, params) = ck.load_classifier(&dev, true, 2, Some(2), 7).unwrap();
+        let cfg = augpro::config::OptimConfig::default();
+        let mut opt = augpro::train::Optim::new(&params, &cfg, 4).unwrap();
+        let mut ctx = ctx;
+        for b in batches.iter().chain(&batches) {
+            let out = m.forward_ids(&b.ids, &b.types, &b.mask, &mut ctx).unwrap();
+            let loss = augpro::train::supervised_loss(&out.logits, &[1.0], false).unwrap();
+            assert_eq!(ctx.recorded_lookups(), lookups);
+            opt.backward_step(&loss, &mut ctx).unwrap();
+            assert_eq!(ctx.recorded_lookups(), 0, "the step took the lookups");
+        }
+        let used = params.used();
+        let vars = used.iter().filter_map(|(_, _, v)| v.as_ref());
+        vars.map(|v| {
+            let x: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            x.iter().map(|x| x.to_bits()).collect()
+        })
+        .collect()
+    };
+    let dense = train(Ctx::train(3), 0);
+    let rows = train(Ctx::train(3).with_table_rows(), 1);
+    let before = ck.load_classifier(&dev, true, 2, Some(2), 7).unwrap().1;
+    assert_eq!(before.used()[0].0, "embeddings.word_embeddings.weight");
+    let table: Vec<f32> = before.used()[0].1.flatten_all().unwrap().to_vec1().unwrap();
+    assert!(
+        rows[0].iter().zip(&table).any(|(a, b)| *a != b.to_bits()),
+        "the table moved"
+    );
+    for (i, (a, b)) in rows.iter().zip(&dense).enumerate() {
+        assert!(
+            a == b,
+            "parameter {i} differs from the dense-gradient steps"
+        );
+    }
+}
+
 /// The padded batch of `minilm_l6_batch.json` (5 rows of mixed lengths, one of them a
 /// sentence pair, right-padded to 59 with an attention mask) through both attention code
 /// paths: query, key and value stacked (frozen weights) and separate (trainable weights).
@@ -255,7 +306,7 @@ fn padded_batch_matches_pytorch_reference_on_both_attention_paths() {
         }
         // Gradient of sum(real last_hidden_state[..., :4]) + sum(pooler_output) with respect
         // to the input word embeddings.
-        let emb = bert.embed_ids(&b.ids).unwrap().detach();
+        let emb = bert.embed_ids(&b.ids, &mut Ctx::eval()).unwrap().detach();
         let var = candle_core::Var::from_tensor(&emb).unwrap();
         let h = bert
             .forward_embeds(var.as_tensor(), &b.types, &b.mask, &mut Ctx::eval_grad())

@@ -166,6 +166,9 @@ pub struct Ctx {
     /// Use differentiable ops throughout.
     pub grad: bool,
     rng: ChaCha8Rng,
+    /// Word-embedding lookups since the last [`Ctx::take_lookups`], whose gradients reach
+    /// the table as rows; `None` unless asked for with [`Ctx::with_table_rows`].
+    lookups: Option<kernels::Lookups>,
 }
 
 impl Ctx {
@@ -175,6 +178,7 @@ impl Ctx {
             train: false,
             grad: false,
             rng: ChaCha8Rng::seed_from_u64(0),
+            lookups: None,
         }
     }
     /// Evaluation mode with gradients (for FGSM).
@@ -183,6 +187,7 @@ impl Ctx {
             train: false,
             grad: true,
             rng: ChaCha8Rng::seed_from_u64(0),
+            lookups: None,
         }
     }
     /// Training: seeded dropout and gradients.
@@ -191,7 +196,30 @@ impl Ctx {
             train: true,
             grad: true,
             rng: ChaCha8Rng::seed_from_u64(seed),
+            lookups: None,
         }
+    }
+
+    /// Records word-embedding lookups (on the CPU kernels) so that the table's gradient is
+    /// gathered as rows ([`kernels::Lookups`]) rather than by candle's backward pass: the
+    /// optimiser (`train::Optim::backward_step`) takes them from the context.
+    pub fn with_table_rows(mut self) -> Self {
+        self.lookups = Some(kernels::Lookups::default());
+        self
+    }
+
+    /// How many word-embedding lookups are recorded (see [`Ctx::with_table_rows`]).
+    pub fn recorded_lookups(&self) -> usize {
+        self.lookups.as_ref().map_or(0, |l| l.len())
+    }
+
+    /// The word-embedding lookups recorded since the last call (none unless
+    /// [`Ctx::with_table_rows`]).
+    pub fn take_lookups(&mut self) -> kernels::Lookups {
+        self.lookups
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// A seed for a kernel's own dropout masks, from the context's seeded generator.
@@ -377,6 +405,8 @@ fn softmax_last(x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
 /// table for them; with one token type (RoBERTa) every token gets it.
 pub struct Embeddings {
     word: Tensor,
+    /// Gradients of `word` are gathered as rows (CPU kernels, a trainable table).
+    word_rows_grad: bool,
     position: Option<Tensor>,
     token_type: Option<Tensor>,
     /// Where the first real token's position counts from: 0, or the padding index + 1
@@ -418,6 +448,8 @@ impl Embeddings {
             })
             .transpose()?;
         Ok(Self {
+            word_rows_grad: kernels::used_on(p.device(), p.dtype())
+                && kernels::Lookups::applies_to(&word),
             word,
             position,
             token_type,
@@ -653,14 +685,18 @@ impl Bert {
         &self.embeddings.word
     }
 
-    /// Looks up word embeddings `[b, s, hidden]` for ids `[b, s]`.
-    pub fn embed_ids(&self, ids: &Tensor) -> Result<Tensor> {
+    /// Looks up word embeddings `[b, s, hidden]` for ids `[b, s]`, recorded in `ctx` when it
+    /// gathers the table's gradient as rows ([`Ctx::with_table_rows`]).
+    pub fn embed_ids(&self, ids: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
-        Ok(self
-            .embeddings
-            .word
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, s, self.config.hidden_size))?)
+        let (table, ids) = (&self.embeddings.word, &ids.flatten_all()?);
+        let rows = match &mut ctx.lookups {
+            Some(lookups) if ctx.grad && self.embeddings.word_rows_grad => {
+                lookups.select(table, ids)?
+            }
+            _ => table.index_select(ids, 0)?,
+        };
+        Ok(rows.reshape((b, s, self.config.hidden_size))?)
     }
 
     /// Runs the encoder from token ids; returns the last hidden state `[b, s, hidden]`.
@@ -671,7 +707,7 @@ impl Bert {
         mask: &Tensor,
         ctx: &mut Ctx,
     ) -> Result<Tensor> {
-        self.forward_embeds(&self.embed_ids(ids)?, type_ids, mask, ctx)
+        self.forward_embeds(&self.embed_ids(ids, ctx)?, type_ids, mask, ctx)
     }
 
     /// Runs the encoder from input word embeddings `[b, s, hidden]` (positions and token

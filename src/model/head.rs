@@ -80,7 +80,8 @@ impl SeqClassifier {
         mask: &Tensor,
         ctx: &mut Ctx,
     ) -> Result<Output> {
-        self.forward_embeds(&self.bert.embed_ids(ids)?, type_ids, mask, ctx)
+        let embeds = self.bert.embed_ids(ids, ctx)?;
+        self.forward_embeds(&embeds, type_ids, mask, ctx)
     }
 
     /// Forward from input word embeddings `[b, s, hidden]`.

@@ -101,12 +101,12 @@ impl<'a> Inputs<'a> {
         let (m, params) = loaded?;
         let cfg = augpro::config::OptimConfig::default();
         let mut opt = augpro::train::Optim::new(&params, &cfg, batches.len())?;
-        let mut ctx = Ctx::train(0);
+        let mut ctx = Ctx::train(0).with_table_rows();
         for b in batches {
             let batch = self.batch(b)?;
             let out = m.forward_ids(&batch.ids, &batch.types, &batch.mask, &mut ctx)?;
             let loss = augpro::train::supervised_loss(&out.logits, &self.labels_of(b), false)?;
-            opt.backward_step(&loss)?;
+            opt.backward_step(&loss, &mut ctx)?;
         }
         Ok(())
     }

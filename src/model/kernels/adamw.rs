@@ -2,8 +2,9 @@
 //! update as `candle_nn::AdamW`, without a dozen single-threaded tensor ops (and their
 //! allocations) per parameter per step, and without copying parameters or gradients.
 
+use super::sparse_embedding::RowGrad;
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, InplaceOp2, Layout, Result, Var};
+use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, Layout, Result, Var};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -51,14 +52,16 @@ impl AdamW {
     /// error, before any parameter changes, for a learning rate that is not finite or a
     /// gradient whose shape is not its parameter's.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
-        self.step_scaled(grads, lr, None)
+        self.step_scaled(grads, &[], lr, None)
     }
 
     /// [`AdamW::step`] on the gradients times `grad_scale` (as `g * scale + 0`, the bits of
-    /// candle's `g * scale`), without writing the scaled gradients out.
+    /// candle's `g * scale`), without writing the scaled gradients out. A parameter with a
+    /// gradient in `rows` takes it from there (zero outside its rows) instead of `grads`.
     pub fn step_scaled(
         &mut self,
         grads: &GradStore,
+        rows: &[RowGrad],
         lr: f64,
         grad_scale: Option<f32>,
     ) -> Result<()> {
@@ -66,6 +69,16 @@ impl AdamW {
             candle_core::bail!("AdamW: learning rate {lr} is not finite");
         }
         for (var, _) in &self.params {
+            if let Some(r) = rows.iter().find(|r| r.is_for(var)) {
+                if var.dims().len() != 2 || var.dims()[1] != r.width() {
+                    candle_core::bail!(
+                        "AdamW: row gradient of width {} for a parameter {:?}",
+                        r.width(),
+                        var.shape()
+                    );
+                }
+                continue;
+            }
             match grads.get(var.as_tensor()) {
                 Some(g) if g.shape() != var.shape() => candle_core::bail!(
                     "AdamW: gradient {:?} is not the shape of its parameter {:?}",
@@ -83,9 +96,6 @@ impl AdamW {
         let scale_v = (1.0 / (1.0 - self.beta2.powi(self.step))) as f32;
         let (lr, eps) = (lr as f32, self.eps as f32);
         for ((var, wd), (m, v)) in self.params.iter().zip(&mut self.moments) {
-            let Some(g) = grads.get(var.as_tensor()) else {
-                continue;
-            };
             let k = Coeffs {
                 b1,
                 b2,
@@ -98,11 +108,17 @@ impl AdamW {
                 decay: 1.0 - lr * wd,
                 grad_scale,
             };
-            let op = InPlace {
-                k,
-                moments: RefCell::new((m, v)),
-            };
-            var.as_tensor().inplace_op2(g, &op)?;
+            let moments = RefCell::new((m, v));
+            if let Some(r) = rows.iter().find(|r| r.is_for(var)) {
+                let op = RowsInPlace {
+                    k,
+                    moments,
+                    rows: r,
+                };
+                var.as_tensor().inplace_op1(&op)?;
+            } else if let Some(g) = grads.get(var.as_tensor()) {
+                var.as_tensor().inplace_op2(g, &InPlace { k, moments })?;
+            }
         }
         Ok(())
     }
@@ -185,6 +201,52 @@ impl InplaceOp2 for InPlace<'_> {
             .zip(m.par_chunks_mut(CHUNK))
             .zip(v.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)))
             .for_each(|((t, m), (v, g))| k.apply(t, m, v, g));
+        Ok(())
+    }
+}
+
+/// One table's update from a gradient given as rows, applied in place: every row is
+/// updated, a row without gradient as with a zero one (its moments decay, as on the dense
+/// gradient).
+struct RowsInPlace<'a> {
+    k: Coeffs,
+    moments: RefCell<(&'a mut Vec<f32>, &'a mut Vec<f32>)>,
+    rows: &'a RowGrad,
+}
+
+impl InplaceOp1 for RowsInPlace<'_> {
+    fn name(&self) -> &'static str {
+        "adamw-rows"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        let CpuStorage::F32(theta) = s else {
+            candle_core::bail!("AdamW: parameters must be f32");
+        };
+        let Some((t0, t1)) = l.contiguous_offsets() else {
+            candle_core::bail!("AdamW: parameters must be contiguous");
+        };
+        let (theta, k, w) = (&mut theta[t0..t1], self.k, self.rows.width());
+        let zero = vec![0f32; w];
+        let chunk = (CHUNK / w).max(1) * w;
+        let mut moments = self.moments.borrow_mut();
+        let (m, v) = &mut *moments;
+        theta
+            .par_chunks_mut(chunk)
+            .zip(m.par_chunks_mut(chunk))
+            .zip(v.par_chunks_mut(chunk))
+            .enumerate()
+            .for_each(|(c, ((t, m), v))| {
+                let first = c * chunk / w;
+                for (i, ((t, m), v)) in t
+                    .chunks_mut(w)
+                    .zip(m.chunks_mut(w))
+                    .zip(v.chunks_mut(w))
+                    .enumerate()
+                {
+                    k.apply(t, m, v, self.rows.row(first + i).unwrap_or(&zero));
+                }
+            });
         Ok(())
     }
 }
@@ -316,7 +378,7 @@ mod tests {
             let g = randn(&mut r, 0.0, 3.0, (4099,));
             let scale = 0.37 + 0.1 * step as f64;
             let ga = a.as_tensor().mul(&g)?.sum_all()?.backward()?;
-            fused.step_scaled(&ga, 1e-2, Some(scale as f32))?;
+            fused.step_scaled(&ga, &[], 1e-2, Some(scale as f32))?;
             let mut gb = b.as_tensor().mul(&g)?.sum_all()?.backward()?;
             let scaled = (gb.get(b.as_tensor()).expect("gradient") * scale)?;
             gb.insert(b.as_tensor(), scaled);

@@ -4,7 +4,8 @@
 //! GELU and a fused LayerNorm. Each has a test against candle's plain ops. Other devices
 //! use candle's standard ops (the model chooses once, from the device). [`portable_gemm`]
 //! is an f32 product with the same bits on every x86-64 CPU, measured in `make bench`
-//! beside the `gemm` crate.
+//! beside the `gemm` crate. [`Lookups`] keeps a trained embedding table's gradient as the
+//! rows a step used.
 
 mod adamw;
 mod attention;
@@ -14,12 +15,14 @@ mod linear;
 mod math;
 mod norm;
 pub mod portable_gemm;
+mod sparse_embedding;
 
 pub use adamw::AdamW;
 pub use attention::{attention, Seqs};
 pub use gelu::gelu_erf;
 pub use linear::{linear, linear_bf16, pack_bf16, PortablePack};
 pub use norm::layer_norm;
+pub use sparse_embedding::{Lookups, RowGrad};
 
 use candle_core::{CpuStorage, DType, Device, Layout};
 use std::sync::atomic::{AtomicBool, Ordering};

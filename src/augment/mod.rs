@@ -597,30 +597,10 @@ impl Space<'_> {
         logits: &[f32],
         variant: Option<Variant>,
     ) -> Result<Row> {
-        let (ex, enc) = (&src.examples[i], &src.encs[i]);
-        let mut row = Row {
-            texts: Vec::new(),
-            label: None,
-            idx: ex.idx,
-            method,
-            copy,
-            partner_idx: None,
-            lambda: None,
-            epsilon: None,
-            input_ids: enc.ids.clone(),
-            token_type_ids: enc.type_ids.clone(),
-            changed_tokens: None,
-            teacher_logits: logits.to_vec(),
-            partner_input_ids: None,
-            partner_token_type_ids: None,
-            perturbation: None,
-            lambdas: None,
-        };
-        let (recipe, is_virtual) = match variant {
-            None => {
-                row.label = ex.label;
-                (None, false)
-            }
+        let ex = &src.examples[i];
+        let mut row = source_row(ex.idx, method, copy, &src.encs[i], logits);
+        match variant {
+            None => row.label = ex.label,
             Some(Variant::Tokens {
                 ids,
                 changed,
@@ -628,42 +608,76 @@ impl Space<'_> {
             }) => {
                 row.input_ids = ids;
                 row.changed_tokens = Some(changed);
-                (Some(recipe), false)
+                record_recipe(&mut row, recipe, false, src);
             }
-            Some(Variant::Virtual { recipe, .. }) => (Some(recipe), true),
-        };
-        match recipe {
-            Some(Recipe::Mix {
-                partner,
-                lambda,
-                lambdas,
-            }) => {
-                row.partner_idx = Some(src.examples[partner].idx);
-                row.lambda = lambda;
-                if is_virtual {
-                    row.lambdas = lambdas;
-                    row.partner_input_ids = Some(src.encs[partner].ids.clone());
-                    row.partner_token_type_ids = Some(src.encs[partner].type_ids.clone());
-                }
-            }
-            Some(Recipe::Step { epsilon, signs }) => {
-                row.epsilon = Some(epsilon);
-                row.perturbation = signs;
-            }
-            Some(Recipe::Replace) | None => {}
+            Some(Variant::Virtual { recipe, .. }) => record_recipe(&mut row, recipe, true, src),
         }
+        self.decode_texts(&mut row)?;
+        Ok(row)
+    }
+
+    /// Fills `row.texts` from its tokens: one text, or two for a sentence-pair task.
+    fn decode_texts(&self, row: &mut Row) -> Result<()> {
         let (a, b) = {
             let _t = timing::stage("decode");
             self.teacher
                 .tokenizer
                 .decode_segments(&row.input_ids, &row.token_type_ids)
-                .with_context(|| format!("source idx {}: {method} row", ex.idx))?
+                .with_context(|| format!("source idx {}: {} row", row.idx, row.method))?
         };
         row.texts.push(a);
         if self.teacher.task.is_pair() {
             row.texts.push(b.unwrap_or_default());
         }
-        Ok(row)
+        Ok(())
+    }
+}
+
+/// A row of source example `idx` as it stands before augmentation: its tokens and the
+/// teacher's logits, no label, text or recipe yet.
+fn source_row(idx: i64, method: &'static str, copy: u32, enc: &Encoded, logits: &[f32]) -> Row {
+    Row {
+        texts: Vec::new(),
+        label: None,
+        idx,
+        method,
+        copy,
+        partner_idx: None,
+        lambda: None,
+        epsilon: None,
+        input_ids: enc.ids.clone(),
+        token_type_ids: enc.type_ids.clone(),
+        changed_tokens: None,
+        teacher_logits: logits.to_vec(),
+        partner_input_ids: None,
+        partner_token_type_ids: None,
+        perturbation: None,
+        lambdas: None,
+    }
+}
+
+/// Records how a variant was made: the partner and λ of a mix (and, for a virtual row, the
+/// partner's tokens and per-position λ), or the ε and signs of a gradient step.
+fn record_recipe(row: &mut Row, recipe: Recipe, is_virtual: bool, src: &Sources) {
+    match recipe {
+        Recipe::Mix {
+            partner,
+            lambda,
+            lambdas,
+        } => {
+            row.partner_idx = Some(src.examples[partner].idx);
+            row.lambda = lambda;
+            if is_virtual {
+                row.lambdas = lambdas;
+                row.partner_input_ids = Some(src.encs[partner].ids.clone());
+                row.partner_token_type_ids = Some(src.encs[partner].type_ids.clone());
+            }
+        }
+        Recipe::Step { epsilon, signs } => {
+            row.epsilon = Some(epsilon);
+            row.perturbation = signs;
+        }
+        Recipe::Replace => {}
     }
 }
 

@@ -409,43 +409,19 @@ impl<'a> TaskCtx<'a> {
         let reused = reusable(&done, &key)
             .filter(|_| !keeps_weights || out.join("model.safetensors").is_file());
         let status = if reused.is_some() {
+            eprintln!("{what}: reusing");
             "reused"
         } else {
+            eprintln!("{what} ({} steps)", self.steps);
             "trained"
         };
-        if reused.is_some() {
-            eprintln!("{what}: reusing");
-        } else {
-            eprintln!("{what} ({} steps)", self.steps);
-        }
         let run = match reused {
             Some(run) => run,
             None => {
-                let trained = student::train(
-                    &shards.0,
-                    self.task,
-                    &self.glue_dir,
-                    &out,
-                    &scfg,
-                    self.device,
-                );
-                let m = match trained {
-                    Ok(m) => m,
-                    // A diverged tuning run scores NaN on dev, which no choice picks; a
-                    // diverged final run stops the report.
-                    Err(e) if role == Role::Tune => {
-                        let d = e.downcast::<student::Diverged>()?;
-                        eprintln!("{what}: {d}; recorded with a NaN dev score");
-                        d.metrics
-                    }
-                    Err(e) => return Err(e),
-                };
+                let m = self.train_student(role, &what, &shards.0, &out, &scfg)?;
                 let run = self.finished(method, setting, seed, &rel, &m);
-                atomic_write(
-                    &done,
-                    serde_json::to_string_pretty(&serde_json::json!({ "key": key, "run": run }))?
-                        .as_bytes(),
-                )?;
+                let record = serde_json::json!({ "key": key, "run": run });
+                atomic_write(&done, serde_json::to_string_pretty(&record)?.as_bytes())?;
                 if !keeps_weights {
                     drop_weights(&out)?;
                 }
@@ -461,6 +437,27 @@ impl<'a> TaskCtx<'a> {
             status,
         };
         Ok((run, entry))
+    }
+
+    /// Trains one student into `out`. A diverged tuning run scores NaN on dev, which no
+    /// choice picks; a diverged final run stops the report.
+    fn train_student(
+        &self,
+        role: Role,
+        what: &str,
+        shards: &Location,
+        out: &Path,
+        scfg: &StudentConfig,
+    ) -> Result<StudentMetrics> {
+        let trained = student::train(shards, self.task, &self.glue_dir, out, scfg, self.device);
+        match trained {
+            Err(e) if role == Role::Tune => {
+                let d = e.downcast::<student::Diverged>()?;
+                eprintln!("{what}: {d}; recorded with a NaN dev score");
+                Ok(d.metrics)
+            }
+            other => other,
+        }
     }
 
     fn finished(

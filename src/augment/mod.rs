@@ -35,6 +35,7 @@ use project_device::DeviceProjector;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 use std::rc::Rc;
 
 /// One augmentation method.
@@ -198,6 +199,46 @@ pub struct StudentSpace {
     nn_scale: f32,
 }
 
+impl StudentSpace {
+    /// The student checkpoint in `dir` and its embedding table indexed for projection (as
+    /// configured, without the rows `keep` leaves out); its vocabulary must be the
+    /// teacher's (`vocab` tokens).
+    fn load(
+        dir: &Path,
+        teacher: &Teacher,
+        vocab: usize,
+        keep: impl Fn(u32) -> bool + Copy,
+        cfg: &PipelineConfig,
+    ) -> Result<Self> {
+        let ck = Checkpoint::open(dir)?;
+        if ck.config.vocab_size != vocab {
+            bail!(
+                "{}: student vocabulary has {} tokens, the teacher's has {vocab}; they must \
+                 share the vocabulary",
+                dir.display(),
+                ck.config.vocab_size,
+            );
+        }
+        let (model, _) =
+            ck.load_classifier(&teacher.device, false, teacher.task.num_labels, None, 0)?;
+        let st = model
+            .bert
+            .word_embeddings()
+            .to_device(&candle_core::Device::Cpu)?
+            .to_dtype(DType::F32)?;
+        let dim = st.dim(1)?;
+        let table: Vec<f32> = st.flatten_all()?.to_vec1()?;
+        let (projector, nn_scale) = index_table(&table, dim, keep, &cfg.projection)?;
+        Ok(Self {
+            model,
+            table,
+            dim,
+            projector,
+            nn_scale,
+        })
+    }
+}
+
 /// Makes augmented rows for batches of source examples.
 pub struct Engine<'a> {
     space: Space<'a>,
@@ -254,35 +295,13 @@ impl<'a> Engine<'a> {
             .as_ref()
             .and_then(|c| c.student.as_ref())
         {
-            Some(dir) => {
-                let ck = Checkpoint::open(dir)?;
-                if ck.config.vocab_size != table.len() / dim {
-                    bail!(
-                        "{}: student vocabulary has {} tokens, the teacher's has {}; they must \
-                         share the vocabulary",
-                        dir.display(),
-                        ck.config.vocab_size,
-                        table.len() / dim
-                    );
-                }
-                let (model, _) =
-                    ck.load_classifier(&teacher.device, false, teacher.task.num_labels, None, 0)?;
-                let st = model
-                    .bert
-                    .word_embeddings()
-                    .to_device(&candle_core::Device::Cpu)?
-                    .to_dtype(DType::F32)?;
-                let sdim = st.dim(1)?;
-                let stable: Vec<f32> = st.flatten_all()?.to_vec1()?;
-                let (projector, nn_scale) = index_table(&stable, sdim, keep, &cfg.projection)?;
-                Some(StudentSpace {
-                    model,
-                    table: stable,
-                    dim: sdim,
-                    projector,
-                    nn_scale,
-                })
-            }
+            Some(dir) => Some(StudentSpace::load(
+                dir,
+                teacher,
+                table.len() / dim,
+                keep,
+                cfg,
+            )?),
             None => None,
         };
         Ok(Self {
